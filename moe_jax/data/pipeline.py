@@ -231,8 +231,9 @@ def _load_tfds_source(
     def column(split: str) -> _TfdsTextColumn:
         # Plain split names are already open; specs like "train[:5%]" are
         # resolved by TFDS.
-        source = sources[split] if split in sources else tfds.data_source(name, split=split, **kwargs)
-        return _TfdsTextColumn(source, key)
+        if split in sources:
+            return _TfdsTextColumn(sources[split], key)
+        return _TfdsTextColumn(tfds.data_source(name, split=split, **kwargs), key)
 
     return TextSource(
         name=name,
@@ -260,7 +261,9 @@ def _split_bytes_at_tail(data: bytes, fraction: float) -> tuple[bytes, bytes]:
     return data[:cut], data[cut:]
 
 
-def _load_local_text_source(name: str, train_split: str | None, eval_split: str | None) -> TextSource:
+def _load_local_text_source(
+    name: str, train_split: str | None, eval_split: str | None
+) -> TextSource:
     pattern = name[len(TEXT_PREFIX):]
     if not pattern:
         raise _unknown_name_error(name, f"'{TEXT_PREFIX}' needs a glob pattern")
@@ -286,7 +289,9 @@ def _load_local_text_source(name: str, train_split: str | None, eval_split: str 
         num_eval = max(1, round(len(paths) * TEXT_VALIDATION_FRACTION))
         train_docs = [read(p) for p in paths[:-num_eval]]
         eval_docs = [read(p) for p in paths[-num_eval:]]
-    return TextSource(name=name, train_split="train", eval_split="validation", train=train_docs, eval=eval_docs)
+    return TextSource(
+        name=name, train_split="train", eval_split="validation", train=train_docs, eval=eval_docs
+    )
 
 
 def load_text_source(
@@ -579,7 +584,8 @@ class LmData:
             process_count=self.process_count,
             shuffle_seed=_derive_shuffle_seed(self.seed),
         ).repeat()
-        return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), self._fingerprint(self.train_split, True))
+        fingerprint = self._fingerprint(self.train_split, shuffled=True)
+        return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), fingerprint)
 
     def eval_iter(self, num_steps: int | None = None) -> LmIterator:
         """Returns a finite eval iterator, in corpus order (no shuffling).
@@ -609,7 +615,8 @@ class LmData:
             if num_steps < 0:
                 raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
             ds = ds[:num_steps]
-        return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), self._fingerprint(self.eval_split, False))
+        fingerprint = self._fingerprint(self.eval_split, shuffled=False)
+        return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), fingerprint)
 
 
 def _check_positive(**values: int) -> None:
@@ -658,7 +665,10 @@ def make_lm_datasets(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     _check_positive(
-        seq_len=seq_len, batch_size=batch_size, eval_batch_size=eval_batch_size, process_count=process_count
+        seq_len=seq_len,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        process_count=process_count,
     )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
@@ -671,7 +681,9 @@ def make_lm_datasets(
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
 
-    source = load_text_source(name, data_dir=data_dir, train_split=train_split, eval_split=eval_split)
+    source = load_text_source(
+        name, data_dir=data_dir, train_split=train_split, eval_split=eval_split
+    )
     tokenizer = ByteTokenizer()
     data = LmData(
         name=name,

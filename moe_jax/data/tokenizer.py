@@ -40,7 +40,9 @@ class ByteTokenizer:
     def special_ids(self) -> tuple[int, ...]:
         return (self.pad_id, self.bos_id, self.eos_id)
 
-    def encode(self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
+    def encode(
+        self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False
+    ) -> np.ndarray:
         """Encodes text (or already UTF-8 encoded bytes) to an ``int32`` array.
 
         Args:
