@@ -1,0 +1,330 @@
+"""Decoder-only causal Transformer whose feed-forward blocks are (some of them) MoE layers.
+
+``logits, moe_aux = Transformer(cfg, rngs=rngs)(tokens)`` maps ``i32[B, L]`` tokens to
+``f32[B, L, V]`` next-token logits and a dict ``{layer index: MoeAux}`` with one entry
+per MoE block (empty for a dense model).
+
+Architecture (nanoGPT-sized, T5/Switch conventions):
+
+* pre-norm residual blocks ``x + attn(norm(x))``, ``x + ffn(norm(x))``, final norm;
+  RMSNorm by default (T5), LayerNorm optional;
+* multi-head causal self-attention with rotary positions (RoFormer) or learned
+  absolute positions;
+* block ``i`` (0-based) uses an :class:`~moe_jax.moe_layer.MoeLayer` when
+  ``moe_every > 0 and (i + 1) % moe_every == 0``, otherwise a
+  :class:`~moe_jax.experts.DenseFfn` with the same ``d_ff`` and activation. Switch
+  (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
+  A dense model is the same network with ``moe_every=0``;
+* tied input/output embeddings by default.
+
+Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
+(inside MoeLayer) and the logits stay float32.
+
+Parameters defined here carry logical axis names in their ``logical_axes`` metadata;
+the experts, dense FFNs and router get theirs from :mod:`moe_jax.sharding`'s per-module
+defaults (``EXPERT_AXES``/``DENSE_AXES`` of experts.py). ``sharding.shard_model`` maps
+them onto a mesh; ``sharding.format_sharding`` prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.experts import DenseFfn, scaled_init
+from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer, Router
+
+POSITIONS = ("rotary", "learned")
+NORMS = ("rmsnorm", "layernorm")
+
+# Logical axis names of the parameters defined in this file (experts.py has the FFNs').
+EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
+              "unembed": ("embed", "vocab")}
+ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "heads", "kv"),
+                  "value": ("embed", "heads", "kv"), "out": ("heads", "kv", "embed")}
+NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the language model.
+
+  Attributes:
+    vocab_size: V.
+    num_layers: number of blocks.
+    d_model: M.
+    num_heads: attention heads; ``d_model % num_heads == 0``.
+    d_ff: H, hidden width of the dense FFN and of each expert.
+    max_len: longest sequence (learned positions only need it).
+    moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
+    moe: the MoE layer's settings (its ``d_model``/``d_ff`` must match); None if dense.
+    activation: FFN activation, shared by the dense FFN and the experts.
+    position: "rotary" | "learned".
+    norm: "rmsnorm" | "layernorm".
+    dropout: dropout on attention output and FFN output (residual branches).
+    init_scale: fan-in variance scale of the dense weights.
+    tie_embeddings: output projection is the transposed input embedding.
+    dtype: compute dtype, "float32" | "bfloat16".
+    rope_base: rotary base frequency.
+  """
+
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  d_ff: int
+  max_len: int = 2048
+  moe_every: int = 0
+  moe: MoeConfig | None = None
+  activation: str = "gelu"
+  position: str = "rotary"
+  norm: str = "rmsnorm"
+  dropout: float = 0.0
+  init_scale: float = 1.0
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  rope_base: float = 10000.0
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} must be divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.moe_every and self.moe is None:
+      raise ValueError("moe_every > 0 needs a MoeConfig in `moe`.")
+    if self.position not in POSITIONS:
+      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def is_moe_block(self, index: int) -> bool:
+    return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+
+  @property
+  def moe_blocks(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_moe_block(i))
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(value, logical_axes=axes)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (T5) or LayerNorm over the last axis, computed in float32."""
+
+  def __init__(self, d_model: int, kind: str = "rmsnorm", eps: float = 1e-6):
+    self.kind = kind
+    self.eps = eps
+    self.scale = _param(jnp.ones((d_model,), jnp.float32), NORM_AXES["scale"])
+    self.bias = (_param(jnp.zeros((d_model,), jnp.float32), NORM_AXES["bias"])
+                 if kind == "layernorm" else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., M] -> [..., M] in x's dtype."""
+    h = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      h = h - jnp.mean(h, axis=-1, keepdims=True)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    h = h * self.scale[...]
+    if self.bias is not None:
+      h = h + self.bias[...]
+    return h.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """RoFormer rotary embedding (rotate-half form). x: [B, L, N, D], positions: i32[L]."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # f32[D/2]
+  angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # f32[L, D/2]
+  sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]  # [L, 1, D/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention; kernels ``[M, N, D]`` and ``[N, D, M]``."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+    init = scaled_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
+    for name in ("query", "key", "value"):
+      setattr(self, name, _param(init(rngs.params(), shape, jnp.float32),
+                                 ATTENTION_AXES[name]))
+    out_init = scaled_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
+    self.out = _param(out_init(rngs.params(), (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                               jnp.float32), ATTENTION_AXES["out"])
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [B, L, M] -> [B, L, M]; positions: i32[L]."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    x = x.astype(dtype)
+    q, k, v = (jnp.einsum("BLM,MND->BLND", x, p[...].astype(dtype))
+               for p in (self.query, self.key, self.value))
+    if cfg.position == "rotary":
+      q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+    # Softmax in float32 whatever the compute dtype.
+    scores = jnp.einsum("BQND,BKND->BNQK", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+    length = x.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    h = jnp.einsum("BNQK,BKND->BQND", probs, v)
+    return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
+
+
+class Block(nnx.Module):
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; ffn dense or MoE."""
+
+  def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
+    self.index = index
+    self.attn_norm = Norm(cfg.d_model, cfg.norm)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ffn_norm = Norm(cfg.d_model, cfg.norm)
+    self.is_moe = cfg.is_moe_block(index)
+    if self.is_moe:
+      self.ffn = MoeLayer(cfg.moe, rngs=rngs)
+    else:
+      self.ffn = DenseFfn(cfg.d_model, cfg.d_ff, activation=cfg.activation,
+                          init_scale=cfg.init_scale, dtype=cfg.compute_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *,
+               deterministic: bool) -> tuple[jax.Array, MoeAux | None]:
+    """x: [B, L, M] -> ([B, L, M], MoeAux or None)."""
+    h = self.attn(self.attn_norm(x), positions)
+    x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
+    h = self.ffn_norm(x)
+    aux = None
+    if self.is_moe:
+      h, aux = self.ffn(h, deterministic=deterministic)
+    else:
+      h = self.ffn(h, deterministic=deterministic)
+    x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
+    return x, aux
+
+
+class Transformer(nnx.Module):
+  """Decoder-only causal LM: ``logits, moe_aux = model(tokens)``."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    if cfg.moe is not None and (cfg.moe.d_model, cfg.moe.d_ff) != (cfg.d_model, cfg.d_ff):
+      raise ValueError("moe.d_model/d_ff must equal the model's d_model/d_ff.")
+    self.cfg = cfg
+    # Embedding std 1 (T5); logits are scaled by 1/sqrt(M) when tied, below.
+    self.embedding = _param(
+        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
+        EMBED_AXES["embedding"])
+    self.positions = None
+    if cfg.position == "learned":
+      self.positions = _param(
+          0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
+          EMBED_AXES["positions"])
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg.d_model, cfg.norm)
+    self.unembed = None
+    if not cfg.tie_embeddings:
+      self.unembed = _param(
+          scaled_init(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
+          EMBED_AXES["unembed"])
+
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = False
+               ) -> tuple[jax.Array, dict[int, MoeAux]]:
+    """tokens: i32[B, L] -> (f32[B, L, V] logits, {block index: MoeAux})."""
+    cfg = self.cfg
+    length = tokens.shape[1]
+    positions = jnp.arange(length, dtype=jnp.int32)
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    if self.positions is not None:
+      x = x + self.positions[...][:length]
+    x = x.astype(cfg.compute_dtype)
+    moe_aux = {}
+    for block in self.blocks:
+      x, aux = block(x, positions, deterministic=deterministic)
+      if aux is not None:
+        moe_aux[block.index] = aux
+    x = self.final_norm(x)
+    if self.unembed is None:
+      kernel = self.embedding[...].T / jnp.sqrt(cfg.d_model)
+    else:
+      kernel = self.unembed[...]
+    logits = jnp.einsum("BLM,MV->BLV", x, kernel.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits, moe_aux
+
+
+# ---------------------------------------------------------------------------------
+# Size and cost, read off the model's modules (not from the config).
+# ---------------------------------------------------------------------------------
+
+
+def _size(module: nnx.Module) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def count_params(model: Transformer) -> dict[str, int]:
+  """Parameter counts.
+
+  ``total`` is every parameter. ``active`` is what one token touches: experts count
+  ``top_k / E`` of their weights (top-k routing, an upper bound when a second-choice
+  policy drops choices), everything else fully.
+  """
+  total = _size(model)
+  expert_total = expert_active = router = 0
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, MoeLayer):
+      n = _size(module.experts)
+      expert_total += n
+      expert_active += n * module.cfg.top_k // module.cfg.num_experts
+    elif isinstance(module, Router):
+      router += _size(module)
+  return {"total": total, "active": total - expert_total + expert_active,
+          "experts": expert_total, "router": router}
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
+  """Forward FLOPs per token (2 per multiply-add), counted module by module.
+
+  * dense matmuls: 2 x weights (attention projections, dense FFN, output projection;
+    the embedding lookup is free);
+  * attention scores and mixing: ``4 * seq_len * M`` per block (QK^T and PV over the
+    full context, the Kaplan et al. 2020 convention; causal masking is not discounted);
+  * experts: ``2 x top_k / E`` of their weights per token (``active``) or all of them
+    (``total``, every expert applied to every token);
+  * the router, ``2 * M * E`` per MoE block, is reported on its own as ``router`` and
+    left out of ``active``/``total``, as Switch does when it calls a model
+    "FLOP-matched" to its dense baseline (it is < 1% here).
+
+  Training costs about 3x the forward FLOPs.
+  """
+  cfg = model.cfg
+  active = total = router = 0
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, Attention):
+      n = 2 * _size(module) + 4 * seq_len * cfg.d_model
+      active, total = active + n, total + n
+    elif isinstance(module, DenseFfn):
+      n = 2 * _size(module)
+      active, total = active + n, total + n
+    elif isinstance(module, MoeLayer):
+      n = 2 * _size(module.experts)
+      active += n * module.cfg.top_k // module.cfg.num_experts
+      total += n
+      router += 2 * _size(module.router)
+  head = 2 * cfg.d_model * cfg.vocab_size  # output projection, tied or not
+  return {"active": active + head, "total": total + head, "router": router}
