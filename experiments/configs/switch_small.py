@@ -1,0 +1,17 @@
+"""Switch Transformer (Fedus et al. 2021): top-1 routing to 8 experts in every other block.
+
+Same active FLOPs per token as ``dense_small``; ~3.3x its parameters. Train capacity
+factor 1.25, eval 2.0, load-balancing loss 0.01, z-loss 0.001 (ST-MoE).
+"""
+
+from moe_jax.config import default_config
+
+
+def get_config():
+  config = default_config()
+  config.model.moe_every = 2
+  config.moe.num_experts = 8
+  config.moe.top_k = 1
+  config.moe.capacity_factor = 1.25
+  config.moe.eval_capacity_factor = 2.0
+  return config

