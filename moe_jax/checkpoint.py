@@ -1,0 +1,146 @@
+"""Checkpoints of a training run: orbax CheckpointManager in ``DIR/checkpoints``.
+
+Each step directory holds three items:
+
+* ``state``: the train-state pytree (params, optimizer state, step, rng key data);
+* ``data``: the data iterator's position (grain's own handler, one JSON file per
+  process, so each process resumes its own shard);
+* ``meta``: a small JSON dict (metric accumulators, elapsed time, config summary).
+
+Orbax writes a step into a temporary directory and renames it when complete, so a save
+cut short by a crash or a kill never looks like a checkpoint. A checkpoint that is
+complete but unreadable (damaged files) is moved to ``DIR/checkpoints_corrupt/`` with a
+warning and the previous one is tried; if none can be read, :class:`CheckpointError`
+refuses to start over a directory that holds saved progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+try:
+  import grain.checkpoint as grain_checkpoint
+  _GRAIN_ITERATORS: tuple[type, ...] = ()
+  import grain
+  _GRAIN_ITERATORS = tuple(t for t in (getattr(grain, "DatasetIterator", None),
+                                       getattr(grain, "DataLoaderIterator", None)) if t)
+except ImportError:  # pragma: no cover - grain is a dependency
+  grain_checkpoint = None
+  _GRAIN_ITERATORS = ()
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint where one was expected."""
+
+
+def _data_save_args(iterator):
+  if iterator is None:
+    return None
+  if grain_checkpoint is not None and isinstance(iterator, _GRAIN_ITERATORS):
+    return grain_checkpoint.CheckpointSave(iterator)
+  # Any other iterator with a JSON-able get_state()/set_state() (single process).
+  return ocp.args.JsonSave(iterator.get_state())
+
+
+def _data_restore_args(iterator):
+  if grain_checkpoint is not None and isinstance(iterator, _GRAIN_ITERATORS):
+    return grain_checkpoint.CheckpointRestore(iterator)
+  return ocp.args.JsonRestore()
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator, meta) triples by step."""
+
+  def __init__(self, directory: str, *, keep: int):
+    self.directory = os.path.abspath(directory)
+    self._keep = keep
+    self.manager = self._make_manager()
+
+  def _make_manager(self) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self._keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, *, data_iterator=None,
+           meta: dict[str, Any] | None = None) -> None:
+    """Saves synchronously (collective: every process calls it)."""
+    items = {"state": ocp.args.StandardSave(state),
+             "meta": ocp.args.JsonSave(meta or {})}
+    data = _data_save_args(data_iterator)
+    if data is not None:
+      items["data"] = data
+    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, abstract_state: Any, *, data_iterator=None
+              ) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest readable checkpoint, falling back to older ones.
+
+    Args:
+      abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) describing
+        the state to restore.
+      data_iterator: restored in place to the saved position.
+
+    Returns:
+      ``(step, state, meta)``, or None when the directory holds no checkpoint.
+
+    Raises:
+      CheckpointError: checkpoints exist but none can be read.
+    """
+    steps = self.all_steps()
+    failures = []
+    for step in reversed(steps):
+      items = {"state": ocp.args.StandardRestore(abstract_state),
+               "meta": ocp.args.JsonRestore()}
+      if data_iterator is not None:
+        items["data"] = _data_restore_args(data_iterator)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        failures.append(f"step {step} ({reason})")
+        log.warning("Checkpoint at step %d in %s is unreadable (%s); falling back to "
+                    "the previous one.", step, self.directory, reason)
+        self._quarantine(step)
+        continue
+      if data_iterator is not None and "data" in items and isinstance(
+          items["data"], ocp.args.JsonRestore):
+        data_iterator.set_state(restored["data"])
+      return step, restored["state"], dict(restored["meta"] or {})
+    if failures:
+      raise CheckpointError(
+          f"No checkpoint in {self.directory} could be restored: {'; '.join(failures)}. "
+          "Refusing to start from scratch over saved progress; move the work directory "
+          "away (or delete it) to start a new run.")
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step out of the manager's way (kept for inspection)."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst_dir = self.directory.rstrip(os.sep) + "_corrupt"
+      os.makedirs(dst_dir, exist_ok=True)
+      dst = os.path.join(dst_dir, str(step))
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      if os.path.exists(src):
+        shutil.move(src, dst)
+    self.manager.close()
+    self.manager = self._make_manager()
+
+  def close(self) -> None:
+    self.manager.close()
