@@ -44,7 +44,11 @@ class MoeConfig:
     group_size: S, tokens routed together. The B*L tokens are split into groups of S in
       row-major order; if B*L < S one group of B*L tokens is used, and if B*L is not a
       multiple of S the last group is padded with masked tokens that are never routed
-      and never enter a loss or a metric.
+      and never enter a loss or a metric. On a mesh (see :mod:`moe_jax.sharding`) each
+      group must come from one device's slice of the batch: B*L must be a multiple of
+      S and G = B*L / S a multiple of the data-parallel device count D = data*expert,
+      i.e. S must divide the B*L / D tokens of a device. The grouping never depends on
+      the mesh, so a sharded run routes exactly like a single-device one.
     min_capacity: lower bound on C.
     second_policy, second_threshold, normalize_gates, batch_priority: see
       :func:`moe_jax.routing.route`.
@@ -241,8 +245,41 @@ def group_tokens(num_tokens: int, group_size: int) -> tuple[int, int]:
   return -(-num_tokens // size), size
 
 
-def _no_constraint(x, _name):
-  return x
+class Layout:
+  """Where MoeLayer's activations live; this default is one device and does nothing.
+
+  :class:`moe_jax.sharding.MeshLayout` subclasses it. ``constrain`` pins the two layouts
+  between which the tokens move: ``"groups"`` ``[G, S, M]`` with G over the
+  data-parallel devices, and ``"expert_buffers"`` ``[E, G, C, M]`` with E over the
+  expert axis. Pinning both makes XLA emit an all-to-all at dispatch and at combine.
+  A layout is static module data, so it must be hashable.
+
+  Attributes:
+    group_shards: D, the number of devices the G axis is split over.
+  """
+
+  group_shards: int = 1
+
+  def constrain(self, x: jax.Array, name: str) -> jax.Array:
+    del name
+    return x
+
+
+SINGLE_DEVICE = Layout()
+
+
+def check_groups(num_tokens: int, group_size: int, group_shards: int) -> None:
+  """Raises unless the groups of ``num_tokens`` tokens split evenly over the devices."""
+  if group_shards <= 1:
+    return
+  num_groups, size = group_tokens(num_tokens, group_size)
+  if num_tokens % size or num_groups % group_shards:
+    per_device = num_tokens / group_shards
+    raise ValueError(
+        f"MoE groups must not straddle devices: {num_tokens} tokens (B*L) in groups of "
+        f"group_size={size} give G={num_tokens / size:g} groups, which is not a "
+        f"multiple of the {group_shards} data-parallel devices (data*expert). Set "
+        f"moe.group_size to a divisor of the {per_device:g} tokens per device.")
 
 
 class MoeLayer(nnx.Module):
@@ -263,8 +300,13 @@ class MoeLayer(nnx.Module):
                            rngs=rngs)
     self.rngs = rngs
     self.deterministic = False
-    # Set by moe_jax.sharding to pin the layouts that make XLA emit all-to-alls.
-    self.constrain: Callable[[jax.Array, str], jax.Array] = _no_constraint
+    # moe_jax.sharding.shard_model swaps in a MeshLayout for the model's mesh.
+    self.layout: Layout = SINGLE_DEVICE
+
+  def constrain(self, x: jax.Array, name: str) -> jax.Array:
+    """Sharding hook: ``"groups"`` for ``[G, S, M]``, ``"expert_buffers"`` for
+    ``[E, G, C, M]``."""
+    return self.layout.constrain(x, name)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     cf = self.cfg.eval_capacity_factor if deterministic else self.cfg.capacity_factor
@@ -280,6 +322,7 @@ class MoeLayer(nnx.Module):
     batch, length, d_model = x.shape
     num_tokens = batch * length
     num_groups, group_size = group_tokens(num_tokens, cfg.group_size)
+    check_groups(num_tokens, cfg.group_size, self.layout.group_shards)
     pad = num_groups * group_size - num_tokens
     tokens = x.reshape(num_tokens, d_model)
     token_mask = None

@@ -1,0 +1,686 @@
+"""Expert parallelism on a ``jax.sharding.Mesh`` with axes ``("data", "expert", "model")``.
+
+Layout (flaxformer / t5x style, see ``docs/sharding.md``):
+
+* The batch, and with it the MoE groups ``[G, S, M]``, is split over every
+  data-parallel device: ``data`` and ``expert`` together, D = data*expert shards.
+* Expert weights ``[E, M, H]`` are split along E over ``expert`` (E / expert experts
+  per device) and along H over ``model``; everything else is replicated or split over
+  ``model`` where that is natural (Megatron-style ``mlp``, ``heads``, ``vocab``).
+* Inside :class:`~moe_jax.moe_layer.MoeLayer` the expert buffers ``[E, G, C, M]`` are
+  pinned to E over ``expert`` and G over ``data``. Going from the group layout to the
+  buffer layout and back is an all-to-all within each ``expert`` row of the mesh.
+* With fewer experts than the expert axis (E < expert, expert % E == 0) every device
+  holds all E experts and computes them for its own groups: the expert axis then acts
+  as extra data parallelism for that layer and no all-to-all is needed.
+
+Parameters carry *logical* axis names (:data:`LOGICAL_AXES`). They come from Variable
+metadata ``logical_axes`` when present (``nnx.Param(w, logical_axes=("vocab",
+"embed"))``), otherwise from per-module defaults (``EXPERT_AXES`` of
+:class:`~moe_jax.experts.Experts`, ``DENSE_AXES`` of
+:class:`~moe_jax.experts.DenseFfn`, the router, ``nnx.Embed`` and the norms). The
+rules table :data:`LOGICAL_RULES` maps them to mesh axes. ``shard_model`` writes the
+resolved spec into flax's ``out_sharding`` metadata as well, so ``nnx.get_partition_spec``
+and ``nnx.Optimizer`` (which builds its state from the parameters' metadata) follow it.
+
+Nothing here changes the numbers: every constraint only moves data, and the grouping of
+tokens never depends on the mesh, so a sharded run equals a single-device run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax import experts as experts_lib
+from moe_jax import moe_layer
+
+MESH_AXES = ("data", "expert", "model")
+# The batch (and the MoE groups) is split over all data-parallel devices.
+BATCH_AXES = ("data", "expert")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),   # B of activations, G of MoE groups
+    ("expert", "expert"),    # E of expert weights
+    ("mlp", "model"),        # H, hidden width of experts and dense FFNs
+    ("heads", "model"),      # attention heads (Megatron: q/k/v column-, out row-split)
+    ("vocab", "model"),      # V of embeddings and output projection
+    ("embed", None),         # M, model width
+    ("kv", None),            # per-head width
+    ("norm", None),          # scale / bias of LayerNorm and RMSNorm
+    ("length", None),        # L
+)
+LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
+
+# Defaults for modules that do not annotate their parameters, by module type.
+ROUTER_AXES = {"kernel": ("embed", None)}  # [M, E]: E of the logits stays replicated
+EMBED_AXES = {"embedding": ("vocab", "embed")}
+NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------
+# Mesh
+# ------------------------------------------------------------------------------------
+
+
+def validate_mesh(
+    num_devices: int,
+    data: int = 1,
+    expert: int = 1,
+    model: int = 1,
+    num_experts: int | None = None,
+    global_batch: int | None = None,
+    *,
+    seq_len: int | None = None,
+    group_size: int | None = None,
+    d_ff: int | None = None,
+    num_processes: int = 1,
+) -> list[str]:
+  """Every problem with a mesh for a model and batch, one sentence each.
+
+  Runs on plain integers, so config validation can call it before anything is traced.
+
+  Args:
+    num_devices: devices available (``jax.device_count()``).
+    data, expert, model: mesh axis sizes (``mesh.data``, ``mesh.expert``,
+      ``mesh.model``).
+    num_experts: E; must be a multiple of ``expert`` (E / expert experts per device)
+      or divide it (the experts are then replicated over the expert axis).
+    global_batch: B; must be a multiple of the data-parallel devices data*expert.
+    seq_len, group_size: L and the MoE group size S; with ``global_batch`` they check
+      that the G = B*L / S groups split evenly over data*expert devices.
+    d_ff: H of the experts; must be a multiple of ``model``.
+    num_processes: with more than one process the mesh must span all devices.
+
+  Returns:
+    A list of one-line errors naming the keys and numbers involved (empty if valid).
+  """
+  errors = []
+  sizes = {"mesh.data": data, "mesh.expert": expert, "mesh.model": model}
+  for key, v in sizes.items():
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      errors.append(f"{key}={v!r} must be a positive integer.")
+  if errors:
+    return errors
+  total = data * expert * model
+  if total > num_devices:
+    errors.append(
+        f"mesh.data*mesh.expert*mesh.model = {data}*{expert}*{model} = {total} devices, "
+        f"but only {num_devices} are available; shrink the mesh to at most "
+        f"{num_devices} devices.")
+  elif num_processes > 1 and total != num_devices:
+    errors.append(
+        f"mesh.data*mesh.expert*mesh.model = {total} devices, but a run over "
+        f"{num_processes} processes must use all {num_devices} devices.")
+  dp = data * expert
+  if num_experts is not None:
+    if num_experts % expert and expert % num_experts:
+      errors.append(
+          f"num_experts={num_experts} does not fit mesh.expert={expert}: E must be a "
+          f"multiple of the expert axis ({num_experts} % {expert} = "
+          f"{num_experts % expert}) or divide it (experts are then replicated); use "
+          f"e.g. mesh.expert={math.gcd(num_experts, expert)}.")
+  if global_batch is not None and global_batch % dp:
+    errors.append(
+        f"global batch size {global_batch} is not divisible by the {dp} data-parallel "
+        f"devices (mesh.data*mesh.expert = {data}*{expert}); use a multiple of {dp}.")
+  if (global_batch is not None and seq_len is not None and group_size is not None
+      and not global_batch % dp):
+    tokens = global_batch * seq_len
+    size = min(group_size, tokens)
+    if tokens % size or (tokens // size) % dp:
+      errors.append(
+          f"moe.group_size={group_size} does not split the {tokens} tokens (B*L = "
+          f"{global_batch}*{seq_len}) into a multiple of the {dp} data-parallel devices' "
+          f"worth of groups; use a divisor of the {tokens // dp} tokens per device.")
+  if d_ff is not None and d_ff % model:
+    errors.append(
+        f"moe.d_ff={d_ff} is not divisible by mesh.model={model}; the expert hidden "
+        f"width H is split over the model axis.")
+  return errors
+
+
+def _auto_axis_types(n: int):
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  return None if axis_type is None else (axis_type.Auto,) * n
+
+
+def make_mesh(data: int = 1, expert: int = 1, model: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``(data, expert, model)`` mesh with Auto axes (sharding by constraints).
+
+  Args:
+    data, expert, model: axis sizes.
+    devices: the devices to use; their number must equal data*expert*model. By default
+      the first data*expert*model of ``jax.devices()`` (all of them when the run spans
+      several processes).
+
+  Raises:
+    ValueError: naming both numbers when the product does not match the devices.
+  """
+  shape = (data, expert, model)
+  for name, v in zip(MESH_AXES, shape):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"mesh.{name}={v!r} must be a positive integer.")
+  total = math.prod(shape)
+  if devices is None:
+    available = jax.devices()
+    if total > len(available):
+      raise ValueError(
+          f"mesh data*expert*model = {data}*{expert}*{model} = {total} devices, but "
+          f"only {len(available)} devices are available.")
+    if jax.process_count() > 1 and total != len(available):
+      raise ValueError(
+          f"a multi-process mesh must span all devices: data*expert*model = {total}, "
+          f"but the {jax.process_count()} processes have {len(available)} devices.")
+    devices = available[:total]
+  elif total != len(devices):
+    raise ValueError(
+        f"mesh data*expert*model = {data}*{expert}*{model} = {total} devices, but "
+        f"{len(devices)} devices were given.")
+  devices = list(devices)
+  axis_types = _auto_axis_types(len(shape))
+  try:
+    if axis_types is None:
+      return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except TypeError:  # make_mesh without devices= / axis_types=
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices)
+    if axis_types is None:
+      return Mesh(grid, MESH_AXES)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _check_mesh(mesh: Mesh) -> None:
+  missing = [a for a in MESH_AXES if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(
+        f"mesh axes {mesh.axis_names} lack {missing}; build the mesh with "
+        "moe_jax.sharding.make_mesh (axes data, expert, model; size 1 is fine).")
+  axis_types = getattr(mesh, "axis_types", None)
+  explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+  if explicit is not None and axis_types and explicit in axis_types:
+    raise ValueError(
+        "moe_jax shards with sharding constraints and needs Auto mesh axes, got "
+        f"{axis_types}; build the mesh with moe_jax.sharding.make_mesh.")
+
+
+# ------------------------------------------------------------------------------------
+# MoE layout
+# ------------------------------------------------------------------------------------
+
+
+def experts_are_sharded(num_experts: int, mesh: Mesh) -> bool:
+  """True when E is split over the expert axis, False when experts are replicated.
+
+  Raises:
+    ValueError: naming both numbers when E neither is a multiple of the expert axis
+      nor divides it.
+  """
+  size = mesh.shape["expert"]
+  if num_experts % size == 0:
+    return True
+  if size % num_experts == 0:
+    return False
+  raise ValueError(
+      f"num_experts={num_experts} does not fit mesh.expert={size}: E must be a multiple "
+      f"of the expert axis or divide it.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout(moe_layer.Layout):
+  """MoeLayer activations on a mesh: groups over data*expert, buffers over expert.
+
+  Attributes:
+    mesh: a mesh with axes ``data``, ``expert``, ``model`` (Auto axis types).
+    experts_sharded: E is split over ``expert`` (else experts are replicated and the
+      buffers stay split along G like the groups, so no all-to-all happens).
+  """
+
+  mesh: Mesh
+  experts_sharded: bool = True
+
+  @property
+  def group_shards(self) -> int:  # type: ignore[override]
+    return _axis_size(self.mesh, BATCH_AXES)
+
+  def spec(self, name: str) -> P:
+    if name == "groups":  # [G, S, M]
+      return P(BATCH_AXES, None, None)
+    if name == "expert_buffers":  # [E, G, C, M]
+      if self.experts_sharded:
+        return P("expert", "data", None, None)
+      return P(None, BATCH_AXES, None, None)
+    raise ValueError(f"unknown MoE layout name {name!r}; use 'groups' or "
+                     "'expert_buffers'.")
+
+  def constrain(self, x: jax.Array, name: str) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(name)))
+
+
+def moe_layout(mesh: Mesh, num_experts: int) -> MeshLayout:
+  _check_mesh(mesh)
+  return MeshLayout(mesh, experts_are_sharded(num_experts, mesh))
+
+
+# ------------------------------------------------------------------------------------
+# Parameters
+# ------------------------------------------------------------------------------------
+
+
+def default_logical_axes(module: Any, name: str) -> tuple[str | None, ...] | None:
+  """Logical axes of parameter ``name`` of ``module`` when it carries none itself."""
+  if isinstance(module, experts_lib.Experts):
+    return experts_lib.EXPERT_AXES.get(name)
+  if isinstance(module, experts_lib.DenseFfn):
+    return experts_lib.DENSE_AXES.get(name)
+  if isinstance(module, moe_layer.Router):
+    return ROUTER_AXES.get(name)
+  if isinstance(module, nnx.Embed):
+    return EMBED_AXES.get(name)
+  if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)):
+    return NORM_AXES.get(name)
+  return None
+
+
+def logical_to_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Iterable[tuple[str, Any]] = LOGICAL_RULES,
+    *,
+    where: str = "",
+) -> P:
+  """Maps logical axis names of an array of ``shape`` to a PartitionSpec on ``mesh``.
+
+  A dimension is split only if its mesh axes divide it and no earlier dimension uses
+  them. An ``expert`` dimension smaller than the expert axis that divides it is
+  replicated; any other misfit of ``expert`` is an error, and misfits of other axes
+  are replicated with a warning.
+  """
+  rules = dict(rules)
+  where = where or "array"
+  if len(names) != len(shape):
+    raise ValueError(f"{where}: logical axes {tuple(names)} do not match its shape "
+                     f"{tuple(shape)}.")
+  used: set[str] = set()
+  out = []
+  for dim, name in zip(shape, names):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise ValueError(f"{where}: unknown logical axis {name!r}; known: "
+                       f"{', '.join(rules)}.")
+    axes = rules[name]
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.axis_names and a not in used)
+    size = _axis_size(mesh, axes)
+    if not axes or size == 1:
+      out.append(None)
+      continue
+    if dim % size:
+      if name == "expert" and size % dim:
+        raise ValueError(f"{where}: E={dim} experts do not fit the expert axis of size "
+                         f"{size}; E must be a multiple of it or divide it.")
+      if name != "expert":
+        log.warning("%s: dimension %d (%s) is not divisible by mesh axes %s of size %d; "
+                    "replicating it.", where, dim, name, axes, size)
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def _variables(model) -> list[tuple[tuple, Any, nnx.Variable]]:
+  """(path, parent, variable) of every array Variable of ``model``."""
+  nodes = dict(nnx.iter_graph(model))
+  out = []
+  for path, node in nodes.items():
+    if isinstance(node, nnx.Variable) and hasattr(node.get_value(), "shape"):
+      out.append((path, nodes.get(path[:-1]), node))
+  return out
+
+
+def logical_axes_of(parent: Any, name: Any, var: nnx.Variable):
+  """The logical axes of ``var``: its ``logical_axes`` metadata, else the default."""
+  names = var.get_metadata("logical_axes", None)
+  if names is None and isinstance(var, nnx.Param):
+    names = default_logical_axes(parent, name)
+  return names
+
+
+def shard_model(model: Any, mesh: Mesh,
+                rules: Iterable[tuple[str, Any]] = LOGICAL_RULES) -> Any:
+  """Places ``model``'s state on ``mesh`` in place and wires MoeLayer constraints.
+
+  Every MoeLayer gets a :class:`MeshLayout` for ``mesh``. Every array Variable is
+  moved to the NamedSharding of its logical axes (parameters without logical axes,
+  RNG state and other variables are replicated), and gets ``logical_axes``,
+  ``out_sharding`` and ``mesh`` metadata so that ``nnx.get_partition_spec`` and an
+  ``nnx.Optimizer`` created afterwards follow the same layout.
+
+  Args:
+    model: any nnx graph node (a Module, or an ``nnx.Optimizer`` created before).
+    mesh: a mesh from :func:`make_mesh`.
+    rules: logical -> mesh axis rules.
+
+  Returns:
+    ``model``, for chaining.
+
+  Raises:
+    ValueError: before anything is compiled, when a MoE layer's E does not fit the
+      expert axis (naming both numbers) or an annotation does not match its shape.
+  """
+  _check_mesh(mesh)
+  rules = tuple(rules)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, moe_layer.MoeLayer):
+      node.layout = moe_layout(mesh, node.cfg.num_experts)
+  for path, parent, var in _variables(model):
+    value = var.get_value()
+    names = logical_axes_of(parent, path[-1], var)
+    if names is None:
+      spec = P()
+    else:
+      spec = logical_to_spec(names, value.shape, mesh, rules, where=_path_str(path))
+      var.set_metadata(logical_axes=tuple(names))
+    var.set_metadata(out_sharding=tuple(spec), mesh=mesh)
+    var.set_value(_place(value, NamedSharding(mesh, spec)))
+  return model
+
+
+def _place(value: Any, sharding: NamedSharding) -> jax.Array:
+  """``device_put`` that also works when the mesh spans several processes.
+
+  Across processes every process must hold the same ``value`` (the same seed), and
+  each one copies its devices' pieces of it.
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(value, sharding)
+  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    data_sharding = NamedSharding(sharding.mesh, P(*sharding.spec))
+    data = _place(jax.random.key_data(value), data_sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+  host = np.asarray(jax.device_get(value))
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def describe_sharding(model: Any) -> dict[str, P]:
+  """``{parameter path: PartitionSpec}`` of every array Variable, for start-up logs.
+
+  Arrays not on a mesh (a single device) report ``PartitionSpec()``.
+  """
+  out = {}
+  for path, _, var in _variables(model):
+    sharding = getattr(var.get_value(), "sharding", None)
+    out[_path_str(path)] = sharding.spec if isinstance(sharding, NamedSharding) else P()
+  return out
+
+
+def format_sharding(model: Any) -> str:
+  """A table of path, shape, logical axes and PartitionSpec, one line per array."""
+  rows = [("path", "shape", "logical axes", "spec")]
+  specs = describe_sharding(model)
+  for path, parent, var in _variables(model):
+    names = logical_axes_of(parent, path[-1], var)
+    rows.append((_path_str(path), str(tuple(var.get_value().shape)),
+                 "-" if names is None else str(tuple(names)),
+                 str(specs[_path_str(path)])))
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                   for r in rows)
+
+
+# ------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """NamedSharding of ``[B, ...]`` batches: B over ``("data", "expert")``."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def process_batch_rows(mesh: Mesh, global_batch: int) -> slice:
+  """The rows ``[start, stop)`` of the global batch that this process must supply.
+
+  Each process reads only these rows (its devices' shards) and passes them to
+  :func:`shard_batch`. With one process this is the whole batch.
+  """
+  dp = _axis_size(mesh, BATCH_AXES)
+  if global_batch % dp:
+    raise ValueError(f"global batch size {global_batch} is not divisible by the {dp} "
+                     "data-parallel devices (mesh.data*mesh.expert).")
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop
+           for idx in index_map.values()]
+  rows = slice(min(starts), max(stops))
+  covered = set()
+  for a, b in zip(starts, stops):
+    covered.update(range(a, b))
+  if len(covered) != rows.stop - rows.start:
+    raise ValueError("this process's devices do not hold a contiguous block of the "
+                     "batch; build the mesh with moe_jax.sharding.make_mesh.")
+  return rows
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's host arrays ``[b, ...]`` -> global ``jax.Array`` s ``[B, ...]``.
+
+  ``b`` is the process's share of the global batch B (all of it with one process;
+  see :func:`process_batch_rows`). Works across hosts through
+  ``jax.make_array_from_process_local_data``.
+
+  Raises:
+    ValueError: naming both numbers when B is not a multiple of data*expert.
+  """
+  sharding = batch_sharding(mesh)
+  dp = _axis_size(mesh, BATCH_AXES)
+  num_procs = len({d.process_index for d in mesh.devices.flat})
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    global_batch = value.shape[0] * num_procs
+    if global_batch % dp:
+      raise ValueError(
+          f"batch[{key!r}]: global batch size {global_batch} is not divisible by the "
+          f"{dp} data-parallel devices (mesh.data*mesh.expert); use a multiple of {dp}.")
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, value, (global_batch,) + value.shape[1:])
+  return out
+
+
+# ------------------------------------------------------------------------------------
+# Multi-host
+# ------------------------------------------------------------------------------------
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    timeout_s: int = 300,
+) -> tuple[int, int]:
+  """Calls ``jax.distributed.initialize`` once; returns (process_index, process_count).
+
+  Must run before any other JAX call. Arguments left as None are read from
+  ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``,
+  ``JAX_PROCESS_ID`` and ``JAX_LOCAL_DEVICE_IDS`` (comma-separated); if none of them
+  is set, JAX detects the cluster itself (Cloud TPU, SLURM, Open MPI).
+  """
+  is_init = getattr(jax.distributed, "is_initialized", None)
+  if is_init is not None and is_init():
+    return jax.process_index(), jax.process_count()
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  if local_device_ids is None and env.get("JAX_LOCAL_DEVICE_IDS"):
+    local_device_ids = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id, local_device_ids=local_device_ids,
+      initialization_timeout=timeout_s)
+  return jax.process_index(), jax.process_count()
+
+
+def is_primary() -> bool:
+  """True on process 0, the one that writes logs and metrics."""
+  return jax.process_index() == 0
+
+
+# ------------------------------------------------------------------------------------
+# A sharded train step, end to end
+# ------------------------------------------------------------------------------------
+
+
+class DemoModel(nnx.Module):
+  """Embedding -> MoE blocks (residual) -> RMSNorm -> vocabulary logits.
+
+  One MoE block per entry of ``num_experts``, so a single compiled step covers several
+  expert counts. Small enough to compile in seconds on fake CPU devices, yet every
+  parameter kind of the layout (experts, router, embedding, norm, output projection)
+  is in it.
+  """
+
+  def __init__(self, cfg: moe_layer.MoeConfig, vocab_size: int,
+               num_experts: Sequence[int], *, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(vocab_size, cfg.d_model, rngs=rngs)
+    self.moe = nnx.List([
+        moe_layer.MoeLayer(dataclasses.replace(cfg, num_experts=e), rngs=rngs)
+        for e in num_experts])
+    self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+    self.head = nnx.Param(
+        jax.random.normal(rngs.params(), (cfg.d_model, vocab_size)) / cfg.d_model**0.5,
+        logical_axes=("embed", "vocab"))
+
+  def __call__(self, tokens: jax.Array):
+    """tokens: i32[B, L] -> (f32[B, L, V] logits, summed aux loss, summed z-loss)."""
+    x = self.embed(tokens)
+    aux_loss = z_loss = 0.0
+    for layer in self.moe:
+      y, aux = layer(x)
+      x = x + y
+      aux_loss, z_loss = aux_loss + aux.aux_loss, z_loss + aux.z_loss
+    logits = jnp.einsum("BLM,MV->BLV", self.norm(x), self.head[...])
+    return logits, aux_loss, z_loss
+
+
+def train_demo(
+    data: int = 1,
+    expert: int = 1,
+    model: int = 1,
+    *,
+    num_experts: int | Sequence[int] = 8,
+    steps: int = 3,
+    batch_size: int = 16,
+    seq_len: int = 8,
+    d_model: int = 16,
+    d_ff: int = 32,
+    vocab_size: int = 32,
+    group_size: int = 8,
+    dispatch: str = "einsum",
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+) -> dict[str, Any]:
+  """Trains :class:`DemoModel` with Adam for ``steps`` steps on a (data, expert, model)
+  mesh and returns what a test compares with the 1x1x1 run.
+
+  ``num_experts`` is E of the single MoE block, or a sequence with one E per block.
+
+  The loss is next-token cross-entropy on random tokens plus 0.01 times the Switch
+  load-balancing loss and 0.001 times the z-loss.
+
+  Returns:
+    ``losses`` (one float per step), ``logits`` (the first step's forward pass, numpy),
+    ``grads`` (the first step's gradients, ``{path: numpy}``) and ``specs``
+    (:func:`describe_sharding` of the model).
+  """
+  import optax
+
+  num_experts = (num_experts,) if isinstance(num_experts, int) else tuple(num_experts)
+  for e in num_experts:
+    for msg in validate_mesh(jax.device_count(), data, expert, model, e, batch_size,
+                             seq_len=seq_len, group_size=group_size, d_ff=d_ff,
+                             num_processes=jax.process_count()):
+      raise ValueError(msg)
+  cfg = moe_layer.MoeConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts[0],
+                            group_size=group_size, dispatch=dispatch)
+  net = DemoModel(cfg, vocab_size, num_experts, rngs=nnx.Rngs(seed))
+  mesh = make_mesh(data, expert, model)
+  shard_model(net, mesh)
+  # Placing the optimizer too puts its step counters on the mesh; left on one device,
+  # their sharding would change after the first step and force a second compile.
+  opt = shard_model(nnx.Optimizer(net, optax.adam(learning_rate), wrt=nnx.Param), mesh)
+  rng = np.random.default_rng(seed)
+
+  def loss_fn(net, tokens):
+    logits, aux_loss, z_loss = net(tokens[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return ce + 0.01 * aux_loss + 0.001 * z_loss, logits
+
+  @nnx.jit
+  def step(net, opt, tokens):
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(net, tokens)
+    opt.update(net, grads)
+    return loss, logits, grads
+
+  losses, first = [], None
+  for i in range(steps):
+    tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    rows = process_batch_rows(mesh, batch_size)
+    tokens = shard_batch({"tokens": tokens[rows]}, mesh)["tokens"]
+    loss, logits, grads = step(net, opt, tokens)
+    losses.append(float(loss))
+    if i == 0:
+      first = (logits, grads)
+  logits, grads = first
+  flat = {_path_str(path): to_host(v.get_value())
+          for path, v in nnx.to_flat_state(grads)}
+  return {"losses": losses, "logits": to_host(logits), "grads": flat,
+          "specs": describe_sharding(net)}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) global array as numpy, on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

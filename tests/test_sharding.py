@@ -1,0 +1,331 @@
+"""Expert parallelism: sharded runs equal single-device runs on 8 fake CPU devices.
+
+conftest.py sets ``--xla_force_host_platform_device_count=8``. The reference for every
+comparison is the same model, data and config on a 1x1x1 mesh; MoE grouping never
+depends on the mesh, so routing, losses and gradients must agree to float32 rounding.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from moe_jax import MoeConfig, MoeLayer, sharding
+
+REPO = Path(__file__).resolve().parents[1]
+MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]  # (data, expert)
+# One MoE block per E, so one compile per mesh covers E < expert axis (replicated
+# experts), E = expert axis and E > expert axis (E / expert experts per device).
+NUM_EXPERTS = (4, 8, 16)
+STEPS = 2
+
+_reference_cache = {}
+
+
+def reference(num_experts=NUM_EXPERTS, **kw):
+  """train_demo on one device, computed once per setting."""
+  key = (num_experts, tuple(sorted(kw.items())))
+  if key not in _reference_cache:
+    _reference_cache[key] = sharding.train_demo(1, 1, 1, num_experts=num_experts,
+                                                steps=STEPS, **kw)
+  return _reference_cache[key]
+
+
+def assert_same_run(got, want, tol=1e-5):
+  np.testing.assert_allclose(got["losses"], want["losses"], rtol=tol, atol=tol)
+  np.testing.assert_allclose(got["logits"], want["logits"], rtol=tol, atol=tol)
+  assert got["grads"].keys() == want["grads"].keys()
+  for path, g in want["grads"].items():
+    np.testing.assert_allclose(got["grads"][path], g, rtol=tol, atol=tol,
+                               err_msg=path)
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_sharded_run_equals_single_device(data, expert):
+  # Forward (logits), loss and gradients of the first step, and the loss after an Adam
+  # step, for E = 4, 8 and 16 at once.
+  got = sharding.train_demo(data, expert, 1, num_experts=NUM_EXPERTS, steps=STEPS)
+  assert_same_run(got, reference())
+  for i, e in enumerate(NUM_EXPERTS):
+    want = P("expert") if e % expert == 0 and expert > 1 else P()
+    assert got["specs"][f"moe/{i}/experts/wi"] == want
+
+
+def test_model_axis_splits_hidden_width_and_vocab():
+  got = sharding.train_demo(2, 2, 2, num_experts=NUM_EXPERTS, steps=STEPS)
+  assert_same_run(got, reference())
+  specs = got["specs"]
+  assert specs["moe/1/experts/wi"] == P("expert", None, "model")  # [E, M, H]
+  assert specs["moe/1/experts/wo"] == P("expert", "model")  # [E, H, M]
+  assert specs["embed/embedding"] == P("model")  # [V, M]
+  assert specs["head"] == P(None, "model")  # [M, V]
+  assert specs["moe/1/router/kernel"] == P()
+
+
+def test_index_dispatch_sharded_equals_single_device():
+  # The two dispatch paths compute the same numbers, so the einsum run is the reference.
+  got = sharding.train_demo(2, 4, 1, num_experts=NUM_EXPERTS, steps=STEPS,
+                            dispatch="indices")
+  assert_same_run(got, reference())
+
+
+def _layer(num_experts, group_size=8):
+  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=num_experts, group_size=group_size)
+  return MoeLayer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("num_experts", NUM_EXPERTS)
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_each_device_holds_its_experts(data, expert, num_experts):
+  layer = sharding.shard_model(_layer(num_experts), sharding.make_mesh(data, expert))
+  per_device = num_experts // expert if num_experts >= expert else num_experts
+  for w in (layer.experts.wi, layer.experts.wo):
+    shards = w.get_value().addressable_shards
+    assert len(shards) == 8
+    assert {s.data.shape[0] for s in shards} == {per_device}
+  if num_experts >= expert:
+    # Device (d, x) of the mesh holds experts [x*E/X, (x+1)*E/X), whatever d is.
+    mesh = layer.layout.mesh
+    for s in layer.experts.wi.get_value().addressable_shards:
+      _, x, _ = np.argwhere(mesh.devices == s.device)[0]
+      assert s.index[0].indices(num_experts)[:2] == (x * per_device,
+                                                      (x + 1) * per_device)
+
+
+def _compiled_forward_hlo(layer, mesh, batch=8, length=8):
+  x = np.random.default_rng(0).normal(size=(batch, length, 8)).astype(np.float32)
+  x = sharding.shard_batch({"x": x}, mesh)["x"]
+  graphdef, state = nnx.split(layer)
+  fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+  return fwd.lower(state, x).compile().as_text()
+
+
+@pytest.mark.parametrize("data,expert,num_experts,all_to_all", [
+    (2, 4, 8, True),
+    (1, 8, 16, True),
+    (4, 2, 4, True),
+    (8, 1, 8, False),  # no expert axis: pure data parallelism
+    (1, 8, 4, False),  # E < expert axis: experts replicated, each device runs all
+])
+def test_forward_hlo_has_all_to_all_iff_experts_are_split(data, expert, num_experts,
+                                                          all_to_all):
+  mesh = sharding.make_mesh(data, expert)
+  layer = sharding.shard_model(_layer(num_experts), mesh)
+  assert ("all-to-all" in _compiled_forward_hlo(layer, mesh)) == all_to_all
+
+
+def test_invalid_combinations_fail_before_compiling_naming_both_numbers():
+  errs = sharding.validate_mesh(num_devices=8, data=1, expert=4, num_experts=6)
+  assert len(errs) == 1 and "num_experts=6" in errs[0] and "mesh.expert=4" in errs[0]
+  errs = sharding.validate_mesh(num_devices=8, data=4, expert=4)
+  assert len(errs) == 1 and "16 devices" in errs[0] and "only 8" in errs[0]
+  errs = sharding.validate_mesh(num_devices=8, data=2, expert=4, global_batch=12)
+  assert len(errs) == 1 and "12" in errs[0] and "8 data-parallel" in errs[0]
+  errs = sharding.validate_mesh(num_devices=8, data=2, expert=4, global_batch=8,
+                                seq_len=4, group_size=8)
+  assert len(errs) == 1 and "group_size=8" in errs[0] and "4 tokens per device" in errs[0]
+  errs = sharding.validate_mesh(num_devices=8, data=2, expert=1, model=4, d_ff=6)
+  assert len(errs) == 1 and "d_ff=6" in errs[0] and "mesh.model=4" in errs[0]
+  errs = sharding.validate_mesh(num_devices=8, data=1, expert=4, num_processes=2)
+  assert len(errs) == 1 and "all 8 devices" in errs[0]
+  assert sharding.validate_mesh(num_devices=8, data=2, expert=4, model=1, num_experts=4,
+                                global_batch=16, seq_len=8, group_size=8, d_ff=32) == []
+
+  with pytest.raises(ValueError, match=r"16 devices, but only 8"):
+    sharding.make_mesh(4, 4)
+  with pytest.raises(ValueError, match=r"4 devices, but 2 devices were given"):
+    sharding.make_mesh(2, 2, devices=jax.devices()[:2])
+  with pytest.raises(ValueError, match=r"num_experts=12 does not fit mesh.expert=8"):
+    sharding.shard_model(_layer(12), sharding.make_mesh(1, 8))
+  mesh = sharding.make_mesh(2, 4)
+  with pytest.raises(ValueError, match=r"global batch size 12 is not divisible by the 8"):
+    sharding.shard_batch({"tokens": np.zeros((12, 4), np.int32)}, mesh)
+  # 8 examples of 4 tokens in groups of 8: G=4 groups cannot cover 8 devices. Raised
+  # while tracing, before XLA compiles anything.
+  layer = sharding.shard_model(_layer(8, group_size=8), mesh)
+  x = sharding.shard_batch({"x": np.zeros((8, 4, 8), np.float32)}, mesh)["x"]
+  with pytest.raises(ValueError, match=r"G=4 groups, which is not a multiple of the 8"):
+    jax.eval_shape(lambda x: layer(x), x)
+
+
+def test_describe_sharding_metadata_and_optimizer_follow_the_rules():
+  mesh = sharding.make_mesh(2, 4)
+  layer = _layer(8)
+  assert sharding.describe_sharding(layer)["experts/wi"] == P()  # not placed yet
+  sharding.shard_model(layer, mesh)
+  specs = sharding.describe_sharding(layer)
+  assert specs["experts/wi"] == P("expert") and specs["experts/wo"] == P("expert")
+  assert specs["router/kernel"] == P()
+  assert layer.experts.wi.get_metadata("logical_axes") == ("expert", "embed", "mlp")
+  # flax's own view agrees, and an optimizer built afterwards shards its moments alike.
+  assert nnx.get_partition_spec(nnx.state(layer, nnx.Param))["experts"]["wi"].get_value() \
+      == P("expert")
+  opt = nnx.Optimizer(layer, optax.adam(1e-3), wrt=nnx.Param)
+  opt_specs = sharding.describe_sharding(opt)
+  assert opt_specs["opt_state/0/mu/experts/wi"] == P("expert")
+  assert opt_specs["opt_state/0/nu/experts/wo"] == P("expert")
+  table = sharding.format_sharding(layer)
+  assert "experts/wi" in table and "('expert', 'embed', 'mlp')" in table
+
+
+def test_logical_rules():
+  mesh = sharding.make_mesh(2, 2, 2)
+  spec = sharding.logical_to_spec(("expert", "embed", "mlp"), (4, 8, 16), mesh)
+  assert spec == P("expert", None, "model")
+  assert sharding.logical_to_spec(("batch", "length"), (8, 5), mesh) == \
+      P(("data", "expert"))
+  # One mesh axis is used at most once per array; a misfit is replicated.
+  assert sharding.logical_to_spec(("vocab", "mlp"), (6, 4), mesh) == P("model")
+  assert sharding.logical_to_spec(("vocab",), (7,), mesh) == P()
+  assert sharding.logical_to_spec(("expert",), (1,), mesh) == P()  # 1 divides 2
+  with pytest.raises(ValueError, match="E=3 experts do not fit the expert axis of size 2"):
+    sharding.logical_to_spec(("expert",), (3,), mesh)
+  with pytest.raises(ValueError, match="unknown logical axis 'banana'"):
+    sharding.logical_to_spec(("banana",), (4,), mesh)
+  with pytest.raises(ValueError, match="do not match its shape"):
+    sharding.logical_to_spec(("embed",), (4, 4), mesh)
+
+
+def test_batch_sharding_and_process_rows():
+  mesh = sharding.make_mesh(2, 2, 2)
+  tokens = np.arange(8 * 3).reshape(8, 3)
+  arr = sharding.shard_batch({"tokens": tokens}, mesh)["tokens"]
+  assert arr.sharding == sharding.batch_sharding(mesh)
+  assert arr.sharding.spec == P(("data", "expert"))
+  np.testing.assert_array_equal(np.asarray(arr), tokens)
+  # Rows are split over data*expert = 4 shards and replicated over model.
+  assert {s.data.shape for s in arr.addressable_shards} == {(2, 3)}
+  assert sharding.process_batch_rows(mesh, 8) == slice(0, 8)  # one process: everything
+
+
+def test_one_device_mesh_uses_the_first_device():
+  mesh = sharding.make_mesh()
+  assert mesh.devices.size == 1 and mesh.axis_names == sharding.MESH_AXES
+  assert list(mesh.devices.flat) == jax.devices()[:1]
+
+
+# ----------------------------------------------------------------------------------
+# Two processes on one machine, over loopback: the multi-host path end to end.
+# ----------------------------------------------------------------------------------
+
+_WORKER = textwrap.dedent("""
+    import json, os, sys
+    from moe_jax import sharding
+    sharding.initialize_distributed(timeout_s=60)  # address, count and id from env
+    import jax
+    out = sharding.train_demo(2, 4, 1, num_experts=%r, steps=%d)
+    rows = sharding.process_batch_rows(sharding.make_mesh(2, 4), 16)
+    print("RESULT " + json.dumps({
+        "process": [jax.process_index(), jax.process_count(), jax.local_device_count()],
+        "rows": [rows.start, rows.stop],
+        "losses": out["losses"],
+        "logits_sum": float(out["logits"].sum()),
+        "wi_grad_sum": float(out["grads"]["moe/2/experts/wi"].sum()),
+    }), flush=True)
+""" % (NUM_EXPERTS, STEPS))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_over_loopback_equal_single_device():
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(pid),
+    })
+    procs.append(subprocess.Popen([sys.executable, "-c", _WORKER], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=150)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    results.append(json.loads(line[len("RESULT "):]))
+  assert [r["process"] for r in results] == [[0, 2, 4], [1, 2, 4]]
+  assert [r["rows"] for r in results] == [[0, 8], [8, 16]]  # each reads its half
+  want = reference()
+  for r in results:
+    np.testing.assert_allclose(r["losses"], want["losses"], rtol=1e-5)
+    np.testing.assert_allclose(r["logits_sum"], want["logits"].sum(), rtol=1e-4)
+    np.testing.assert_allclose(r["wi_grad_sum"], want["grads"]["moe/2/experts/wi"].sum(),
+                               rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------
+# Acceptance: the tiny Switch run of experiments/train.py logs the same losses on
+# every mesh as on one device.
+# ----------------------------------------------------------------------------------
+
+# Each run costs ~30-60 s of compilation on two CPU cores, so by default only the mesh
+# that uses both axes runs; MOE_JAX_ALL_MESHES=1 runs all four.
+TRAIN_MESHES = MESHES if os.environ.get("MOE_JAX_ALL_MESHES") == "1" else [(2, 4)]
+_train_runs = {}
+
+
+def _switch_run(data, expert, tmp_path_factory):
+  if (data, expert) not in _train_runs:
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+      from configs import switch_small  # pylint: disable=import-outside-toplevel
+    finally:
+      sys.path.remove(str(REPO / "experiments"))
+    from moe_jax import train  # pylint: disable=import-outside-toplevel
+
+    c = switch_small.get_config()
+    c.steps, c.warmup_steps, c.log_every = 3, 1, 1
+    c.eval_every, c.eval_steps, c.checkpoint_every = 1000, 1, 1000
+    c.sample.length, c.progress_bar = 0, False
+    c.batch_size, c.data.seq_len = 8, 16
+    c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 32, 2, 64
+    c.moe.group_size = 16  # 8*16 tokens -> G = 8 groups: one per device on 8 devices
+    c.mesh.data, c.mesh.expert = data, expert
+    workdir = tmp_path_factory.mktemp(f"switch_{data}x{expert}")
+    train.train_and_evaluate(c, str(workdir))
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+      lines = [json.loads(line) for line in f]
+    _train_runs[(data, expert)] = {
+        "train": [l["loss"] for l in lines if l.get("split") == "train"],
+        "eval": [l["eval_loss"] for l in lines if l.get("split") == "eval"],
+    }
+  return _train_runs[(data, expert)]
+
+
+@pytest.mark.skipif(not (REPO / "experiments" / "train.py").exists(),
+                    reason="experiments/train.py is not in this checkout")
+@pytest.mark.parametrize("data,expert", TRAIN_MESHES)
+def test_switch_training_run_logs_same_losses_on_every_mesh(data, expert,
+                                                            tmp_path_factory):
+  want = _switch_run(1, 1, tmp_path_factory)
+  got = _switch_run(data, expert, tmp_path_factory)
+  assert len(want["train"]) == 3 and len(want["eval"]) == 1
+  np.testing.assert_allclose(got["train"], want["train"], rtol=2e-4)
+  np.testing.assert_allclose(got["eval"], want["eval"], rtol=2e-4)
