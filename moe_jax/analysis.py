@@ -9,8 +9,9 @@ to train a model; everything works on the public API of the other modules:
   :class:`~moe_jax.moe_layer.MoeLayer` in it, which expert each token went to
   (``[B, L, K]`` arrays), read from the router logits with ``nnx.capture``.
 * :func:`char_labels`, :func:`word_class_labels`, :func:`script_role_labels`,
-  :func:`speaker_labels`, :func:`routing_table`: per-byte categories of a play script
-  and the expert distribution of each category.
+  :func:`speaker_labels`, :func:`routing_table`, :func:`mutual_information`: per-byte
+  categories of a play script, the expert distribution of each category, and how
+  much a category tells about the expert.
 * :func:`load_history`: per-layer expert load over training, from ``metrics.jsonl``.
 * :func:`experts_by_device`, :func:`placed_bytes_per_device`,
   :func:`planned_bytes_per_device`: where experts and parameters live on a mesh.
@@ -325,13 +326,23 @@ _DIRECTION_RE = re.compile(r"^\s*(\[|Enter\b|Exit\b|Exeunt\b|Re-enter\b|Manet\b|
 _HEADING_RE = re.compile(r"^\s*(ACT|SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b")
 
 
+_LOWER_NAME_WORDS = frozenset("of the and de la le du to".split())
+_DIRECTION_WORD_RE = re.compile(r"\b(Enter|Exit|Exeunt|Re-enter)\b")
+
+
 def _is_speaker_line(line: str) -> bool:
-  """``MACBETH``, ``First Witch``, ``KING HENRY V``: short, capitalised, no final
-  punctuation, not a direction or heading."""
+  """``MACBETH``, ``First Witch``, ``KING HENRY V``, ``Duke of Venice``: short,
+  capitalised words, no final punctuation, not a direction or heading."""
   line = line.strip()
-  return (0 < len(line) <= 40 and len(line.split()) <= 5 and line[0].isupper()
-          and line[-1].isalnum() and not _DIRECTION_RE.match(line)
+  words = line.split()
+  return (0 < len(line) <= 40 and len(words) <= 5 and line[-1].isalnum()
+          and all(w[0].isupper() or w in _LOWER_NAME_WORDS for w in words)
+          and words[0][0].isupper() and not _DIRECTION_RE.match(line)
           and not _HEADING_RE.match(line))
+
+
+def _is_direction_line(line: str) -> bool:
+  return bool(_DIRECTION_RE.match(line) or _DIRECTION_WORD_RE.search(line))
 
 
 def _script_lines(text: str):
@@ -339,15 +350,18 @@ def _script_lines(text: str):
 
   A speech is a paragraph of two or more lines whose first line is a speaker's name;
   its other lines are speech, except lines that look like directions (``[Aside]``).
-  Other paragraphs are stage directions, except ACT/SCENE headings.
+  A speech interrupted by a stage direction goes on, without the name, in the next
+  paragraph of two or more lines. Other paragraphs are stage directions, except
+  ACT/SCENE headings, which also end the current speech.
   """
   lines = []
   start = 0
   for line in text.split("\n"):
     end = min(start + len(line) + 1, len(text))  # with its newline
-    lines.append([start, end, line])
+    lines.append((start, end, line))
     start = end
   out = []
+  speaker = None
   i = 0
   while i < len(lines):
     if not lines[i][2].strip():
@@ -358,16 +372,22 @@ def _script_lines(text: str):
     while j < len(lines) and lines[j][2].strip():
       j += 1
     para = lines[i:j]
-    if j - i >= 2 and _is_speaker_line(para[0][2]):
-      speaker = para[0][2].strip()
+    first = para[0][2]
+    if _HEADING_RE.match(first):
+      speaker, in_speech = None, False
+    elif len(para) >= 2 and _is_speaker_line(first):
+      speaker, in_speech = first.strip(), True
       out.append((para[0][0], para[0][1], "speaker name", speaker))
-      for s, e, line in para[1:]:
+      para = para[1:]
+    else:  # a speech going on after a direction, or a direction
+      in_speech = (speaker is not None and len(para) >= 2
+                   and not _is_direction_line(first))
+    for s, e, line in para:
+      if in_speech:
         role = "stage direction" if _DIRECTION_RE.match(line) else "speech"
-        out.append((s, e, role, speaker))
-    else:
-      for s, e, line in para:
+      else:
         role = "heading" if _HEADING_RE.match(line) else "stage direction"
-        out.append((s, e, role, None))
+      out.append((s, e, role, speaker if in_speech else None))
     i = j
   return out
 
@@ -445,6 +465,29 @@ def normalize_rows(table: np.ndarray) -> np.ndarray:
   table = np.asarray(table, float)
   sums = table.sum(axis=-1, keepdims=True)
   return np.divide(table, sums, out=np.zeros_like(table), where=sums > 0)
+
+
+def mutual_information(table: np.ndarray, *, normalize: bool = False) -> float:
+  """I(label; expert) in nats from a count table ``[num_labels, num_experts]``.
+
+  With ``normalize`` it is divided by the entropy of the expert marginal H(expert):
+  the share of the uncertainty about a token's expert that its label removes (0: the
+  label says nothing, 1: it decides the expert).
+  """
+  p = np.asarray(table, float)
+  total = p.sum()
+  if total <= 0:
+    return 0.0
+  p = p / total
+  pl = p.sum(axis=1, keepdims=True)
+  pe = p.sum(axis=0, keepdims=True)
+  nz = p > 0
+  mi = float(np.sum(p[nz] * np.log(p[nz] / (pl @ pe)[nz])))
+  if not normalize:
+    return mi
+  pe = pe[pe > 0]
+  h = float(-np.sum(pe * np.log(pe)))
+  return mi / h if h > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------

@@ -162,6 +162,11 @@ So foul and fair a day.
 First Witch
 Hail!
 
+Exit Second Witch
+
+The raven himself is hoarse
+That croaks the fatal entrance
+
 Exeunt
 """
 
@@ -181,13 +186,16 @@ def test_script_role_and_speaker_labels():
   assert role_at("[Aside]") == "stage direction"
   assert role_at("MACBETH") == "speaker name"
   assert role_at("So foul") == "speech"
+  assert role_at("Exit Second") == "stage direction"
+  assert role_at("The raven") == "speech"  # the speech goes on after a direction
   assert role_at("Exeunt") == "stage direction"
 
   speakers, names = analysis.speaker_labels(SCRIPT, top=1)
-  # First Witch speaks 31 + 5 bytes, MACBETH 24: First Witch first, MACBETH "others".
+  # First Witch speaks 31 + 5 + 59 bytes, MACBETH 24: MACBETH is one of "others".
   assert names == ("First Witch", "others")
   assert names[speakers[SCRIPT.index("When shall")]] == "First Witch"
   assert names[speakers[SCRIPT.index("Hail")]] == "First Witch"
+  assert names[speakers[SCRIPT.index("That croaks")]] == "First Witch"
   assert names[speakers[SCRIPT.index("So foul")]] == "others"
   assert speakers[SCRIPT.index("MACBETH")] == -1  # the name itself is not speech
   assert speakers[SCRIPT.index("[Aside]")] == -1
@@ -206,6 +214,23 @@ def test_routing_table_and_normalize_rows():
   np.testing.assert_array_equal(weighted, [[0, 1, 0], [1, 0, 1], [1, 0, 0]])
   with pytest.raises(ValueError, match="same size"):
     analysis.routing_table(labels, experts[:1], 3, 3)
+
+
+def test_mutual_information():
+  # Label decides the expert: I = H(expert) = log 2, normalised 1.
+  decided = np.array([[5, 0], [0, 5]])
+  np.testing.assert_allclose(analysis.mutual_information(decided), np.log(2))
+  np.testing.assert_allclose(analysis.mutual_information(decided, normalize=True), 1.0)
+  # Independent label and expert: 0.
+  independent = np.array([[1, 3], [2, 6]])
+  np.testing.assert_allclose(analysis.mutual_information(independent), 0.0, atol=1e-12)
+  # Half the tokens of label 0 go to each expert, label 1 always to expert 1:
+  # p = [[1/4, 1/4], [0, 1/2]], p(e) = [1/4, 3/4], p(l) = [1/2, 1/2];
+  # I = 1/4 log(1/4 / (1/8)) + 1/4 log(1/4 / (3/8)) + 1/2 log(1/2 / (3/8)).
+  mixed = np.array([[1, 1], [0, 2]])
+  expected = 0.25 * np.log(2) + 0.25 * np.log(2 / 3) + 0.5 * np.log(4 / 3)
+  np.testing.assert_allclose(analysis.mutual_information(mixed), expected)
+  assert analysis.mutual_information(np.zeros((2, 2))) == 0.0
 
 
 def test_load_history():
