@@ -405,19 +405,23 @@ def shard_model(model: Any, mesh: Mesh,
   """
   _check_mesh(mesh)
   rules = tuple(rules)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, moe_layer.MoeLayer):
-      node.layout = moe_layout(mesh, node.cfg.num_experts)
+  # Resolve everything first, so a bad layer leaves the model untouched.
+  layouts = [(node, moe_layout(mesh, node.cfg.num_experts))
+             for _, node in nnx.iter_graph(model)
+             if isinstance(node, moe_layer.MoeLayer)]
+  placements = []
   for path, parent, var in _variables(model):
-    value = var.get_value()
     names = logical_axes_of(parent, path[-1], var)
-    if names is None:
-      spec = P()
-    else:
-      spec = logical_to_spec(names, value.shape, mesh, rules, where=_path_str(path))
+    spec = P() if names is None else logical_to_spec(
+        names, var.get_value().shape, mesh, rules, where=_path_str(path))
+    placements.append((var, names, spec))
+  for layer, layout in layouts:
+    layer.layout = layout
+  for var, names, spec in placements:
+    if names is not None:
       var.set_metadata(logical_axes=tuple(names))
     var.set_metadata(out_sharding=tuple(spec), mesh=mesh)
-    var.set_value(_place(value, NamedSharding(mesh, spec)))
+    var.set_value(_place(var.get_value(), NamedSharding(mesh, spec)))
   return model
 
 

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import MoeConfig, MoeLayer, sharding
+from moe_jax import MoeConfig, MoeLayer, moe_layer, sharding
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]  # (data, expert)
@@ -146,8 +146,11 @@ def test_invalid_combinations_fail_before_compiling_naming_both_numbers():
     sharding.make_mesh(4, 4)
   with pytest.raises(ValueError, match=r"4 devices, but 2 devices were given"):
     sharding.make_mesh(2, 2, devices=jax.devices()[:2])
+  bad = _layer(12)
   with pytest.raises(ValueError, match=r"num_experts=12 does not fit mesh.expert=8"):
-    sharding.shard_model(_layer(12), sharding.make_mesh(1, 8))
+    sharding.shard_model(bad, sharding.make_mesh(1, 8))
+  assert bad.layout is moe_layer.SINGLE_DEVICE  # left untouched
+  assert sharding.describe_sharding(bad)["experts/wi"] == P()
   mesh = sharding.make_mesh(2, 4)
   with pytest.raises(ValueError, match=r"global batch size 12 is not divisible by the 8"):
     sharding.shard_batch({"tokens": np.zeros((12, 4), np.int32)}, mesh)
