@@ -648,8 +648,8 @@ def _group_size(line: str) -> int:
   m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)  # iota form [a,b]<=[n]
   if m:
     return int(m.group(1).split(",")[-1])
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-  if m:  # mesh form: mesh['axis_0'=2,...] {'axis_1'}
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)
+  if m:  # mesh form: mesh['axis_0'=2,...] [device_ids=(...)] {'axis_1'}
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
     named = re.findall(r"'([^']+)'", m.group(2))
     return math.prod(int(sizes[a]) for a in named)

@@ -295,6 +295,7 @@ ENTRY %main {
   %all-to-all.1 = (f32[2,1,1,2,4,16]{5,4,3,2,1,0}, f32[2,1,1,2,4,16]{5,4,3,2,1,0}, f32[2,1,1,2,4,16]{5,4,3,2,1,0}, f32[2,1,1,2,4,16]{5,4,3,2,1,0}) all-to-all(%a, %b, %c, %d), channel_id=5, replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=4,'axis_3'=1,'axis_4'=1] {'axis_2'}, metadata={op_name="jit(f)/GSEC,EGCM->GSM/dot_general" stack_frame_id=67}
   %get-tuple-element.2 = f32[2,1,1,2,4,16]{5,4,3,2,1,0} get-tuple-element(%all-to-all.1), index=0
   %all-reduce = bf16[10]{0} all-reduce(%x), channel_id=6, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  %all-to-all.7 = (f32[1,2,3]{2,1,0}, f32[1,2,3]{2,1,0}) all-to-all(%p, %q), channel_id=1, replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] , device_ids=([2,4]T(1,0)) {'axis_1'}, metadata={op_name="jit(f)/sharding_constraint"}
   ROOT %all-to-all-start.2 = f32[4,6]{1,0} all-to-all-start(%y), replica_groups=[4,2]<=[8], dimensions={0}
   %all-to-all-done.2 = f32[4,6]{1,0} all-to-all-done(%all-to-all-start.2)
 }
@@ -307,9 +308,10 @@ def test_hlo_collectives_parses_ops_shapes_groups_and_sources():
       ("all-gather.3", "all-gather", 4),
       ("all-to-all.1", "all-to-all", 4),
       ("all-reduce", "all-reduce", 2),
+      ("all-to-all.7", "all-to-all", 2),
       ("all-to-all-start.2", "all-to-all", 2),
   ]
-  gather, a2a, reduce, started = ops
+  gather, a2a, reduce, _, started = ops
   assert gather.shapes == (("f32", (8, 16, 16)),)
   assert gather.source == "jit(f)/GSEC,GSM->EGCM/dot_general"
   assert gather.result_bytes == 8 * 16 * 16 * 4
@@ -345,3 +347,21 @@ def test_moe_comm_bytes():
   with pytest.raises(ValueError, match="group_size"):
     analysis.moe_comm_bytes(tokens_per_device=60, d_model=16, num_experts=8,
                             expert_axis=4, group_size=32, capacity_factor=1.0)
+
+
+def test_planned_bytes_per_device_matches_the_placed_model():
+  from moe_jax import sharding
+
+  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8)
+  mesh = sharding.make_mesh(data=2, expert=4)
+  # Experts wi [8, 8, 16] and wo [8, 16, 8]: 2048 floats split over expert=4 -> 2048
+  # bytes per device; the router [8, 8] is replicated: 256 bytes.
+  abstract = nnx.eval_shape(lambda: MoeLayer(cfg, rngs=nnx.Rngs(0)))
+  planned = analysis.planned_bytes_per_device(abstract, mesh)
+  assert planned == {"experts": 2048, "other": 256, "total": 2304}
+  layer = sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
+  placed = analysis.placed_bytes_per_device(layer)
+  assert set(placed.values()) == {2304} and len(placed) == 8
+  for device, experts in analysis.experts_by_device(layer).items():
+    _, x, _ = np.argwhere(mesh.devices == device)[0]
+    assert experts == [2 * x, 2 * x + 1]
