@@ -32,11 +32,11 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """A dense 4-block, d_model 256 byte-level LM on the embedded Shakespeare corpus.
 
-  Sized to train on a 2-core CPU: batch 32 x 128 tokens, 600 steps (~2.5M tokens).
+  Sized to train on a 2-core CPU: batch 16 x 128 tokens, 600 steps (~1.2M tokens).
   """
   c = ml_collections.ConfigDict()
   c.steps = 600  # ~30 min for switch_small on a 2-core CPU
-  c.batch_size = 32  # global, over all processes
+  c.batch_size = 16  # global, over all processes
   c.seed = 0
   c.learning_rate = 2e-3
   c.warmup_steps = 50
@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm = "rmsnorm"
   c.model.dropout = 0.0
   c.model.init_scale = 1.0
-  c.model.tie_embeddings = True
+  c.model.tie_embeddings = False
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 8
@@ -119,24 +119,31 @@ class _MoeView:
     self.d_model = config.model.d_model
     self.d_ff = config.model.d_ff
     self.activation = config.model.activation
-    self.dtype = config.model.dtype
+    # A bad model.dtype is reported once, as a model key.
+    self.dtype = config.model.dtype if config.model.dtype in DTYPES else "float32"
 
   def __getattr__(self, name):
     return getattr(self._moe, name)
 
 
-def available_datasets() -> list[str] | None:
-  """Names the data module can build, or None if it does not say."""
+def dataset_name_error(name) -> str | None:
+  """Why the data module cannot serve ``name`` (listing what is available), or None."""
   try:
-    from moe_jax import data  # pylint: disable=import-outside-toplevel
-  except ImportError:
+    from moe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # pragma: no cover - the data package is part of moe_jax
+    return f"the data package cannot be imported ({e})"
+  if not isinstance(name, str) or not name:
+    return ("must name a dataset; available: "
+            f"{', '.join(pipeline.AVAILABLE_BUILTIN)}, a TFDS text dataset, or "
+            f"'{pipeline.TEXT_PREFIX}<glob>'.")
+  if name in pipeline.AVAILABLE_BUILTIN or name.startswith(pipeline.TEXT_PREFIX):
     return None
-  for attr in ("available_datasets", "list_datasets"):
-    fn = getattr(data, attr, None)
-    if callable(fn):
-      return sorted(fn())
-  names = getattr(data, "DATASETS", None)
-  return sorted(names) if names is not None else None
+  check = getattr(pipeline, "check_dataset_name", None) or pipeline._check_tfds_name  # pylint: disable=protected-access
+  try:
+    check(name)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def validate_config(config, *, num_devices: int | None = None,
@@ -148,7 +155,8 @@ def validate_config(config, *, num_devices: int | None = None,
     config: a ConfigDict shaped like :func:`default_config`.
     num_devices: devices the mesh must fit (None: skip the mesh-size checks).
     process_count: processes that share the global batch.
-    datasets: known dataset names (None: ask the data module).
+    datasets: known dataset names (None: ask the data module, which also accepts TFDS
+      catalog names and ``text:<glob>``).
   """
   errors: list[str] = []
 
@@ -215,11 +223,10 @@ def validate_config(config, *, num_devices: int | None = None,
   need("model.init_scale", _is_real(m.init_scale) and m.init_scale > 0, "must be > 0.")
 
   # MoE section: the MoE layer's own rules, with the keys prefixed as in the config.
-  if m.dtype in DTYPES:
-    model_keys = {"d_model", "d_ff", "activation", "dtype"}
-    for msg in validate_moe_config(_MoeView(config)):
-      key = msg.split("=", 1)[0]
-      errors.append(("model." if key in model_keys else "moe.") + msg)
+  model_keys = {"d_model", "d_ff", "activation", "dtype"}
+  for msg in validate_moe_config(_MoeView(config)):
+    key = msg.split("=", 1)[0]
+    errors.append(("model." if key in model_keys else "moe.") + msg)
   for key in ("aux_loss_coef", "z_loss_coef"):
     need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
          "must be a finite number >= 0.")
@@ -227,13 +234,14 @@ def validate_config(config, *, num_devices: int | None = None,
   d = config.data
   positive_int("data.seq_len", d.seq_len,
                "must be a positive integer (e.g. --config.data.seq_len=256).")
-  if datasets is None:
-    datasets = available_datasets()
-  if not isinstance(d.name, str) or not d.name:
-    errors.append(f"data.name={d.name!r} must be a dataset name.")
-  elif datasets is not None and d.name not in datasets:
-    errors.append(f"data.name={d.name!r} is not a known dataset; available: "
-                  f"{', '.join(datasets)}.")
+  if datasets is not None:
+    if d.name not in datasets:
+      errors.append(f"data.name={d.name!r} is not a known dataset; available: "
+                    f"{', '.join(datasets)}.")
+  else:
+    why = dataset_name_error(d.name)
+    if why:
+      errors.append(f"data.name={d.name!r}: {why}")
   if d.data_dir:
     parent = d.data_dir
     while parent and not os.path.exists(parent):
@@ -256,13 +264,13 @@ def validate_config(config, *, num_devices: int | None = None,
   need("sample.temperature", _is_real(s.temperature) and s.temperature >= 0,
        "must be >= 0 (0 is greedy).")
   need("sample.top_k", _is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
-  return errors
+  return list(dict.fromkeys(errors))  # model.d_model etc. are also checked as MoE keys
 
 
 def _mesh_errors(config, num_devices, process_count) -> list[str]:
   mesh = config.mesh
   num_experts = config.moe.num_experts if config.model.moe_every else None
-  batch = config.batch_size if _is_int(config.batch_size) else None
+  batch = config.batch_size if _is_int(config.batch_size) and config.batch_size > 0 else None
   try:
     from moe_jax import sharding  # pylint: disable=import-outside-toplevel
     validate_mesh = sharding.validate_mesh
@@ -270,9 +278,15 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
     validate_mesh = None
   errors = []
   if num_devices is not None and validate_mesh is not None:
+    seq_len = config.data.seq_len
+    seq_len = seq_len if _is_int(seq_len) and seq_len > 0 else None
+    group_size = config.moe.group_size if num_experts else None
+    if not (_is_int(group_size) and group_size >= 1):
+      group_size = None  # reported by the MoE rules
     for msg in validate_mesh(num_devices=num_devices, data=mesh.data, expert=mesh.expert,
                              model=mesh.model, num_experts=num_experts,
-                             global_batch=batch):
+                             global_batch=batch, seq_len=seq_len, group_size=group_size,
+                             d_ff=config.model.d_ff):
       errors.append(msg if msg.startswith("mesh.") else f"mesh: {msg}")
   elif num_devices is not None:
     size = mesh.data * mesh.expert * mesh.model

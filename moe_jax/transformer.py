@@ -15,7 +15,7 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   :class:`~moe_jax.experts.DenseFfn` with the same ``d_ff`` and activation. Switch
   (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
   A dense model is the same network with ``moe_every=0``;
-* tied input/output embeddings by default.
+* separate input and output embeddings by default (tying is an option).
 
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
 (inside MoeLayer) and the logits stay float32.
@@ -84,7 +84,7 @@ class TransformerConfig:
   norm: str = "rmsnorm"
   dropout: float = 0.0
   init_scale: float = 1.0
-  tie_embeddings: bool = True
+  tie_embeddings: bool = False
   dtype: str = "float32"
   rope_base: float = 10000.0
 
@@ -226,22 +226,20 @@ class Transformer(nnx.Module):
     if cfg.moe is not None and (cfg.moe.d_model, cfg.moe.d_ff) != (cfg.d_model, cfg.d_ff):
       raise ValueError("moe.d_model/d_ff must equal the model's d_model/d_ff.")
     self.cfg = cfg
-    # Embedding std 1 (T5); logits are scaled by 1/sqrt(M) when tied, below.
+    # Embedding std 1 (T5); logits are scaled by 1/sqrt(M) when tied, below. Untied
+    # (the default of the experiment configs) starts from uniform predictions instead
+    # of favouring the input token, which a tied embedding does at init.
     self.embedding = _param(
         jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
         EMBED_AXES["embedding"])
-    self.positions = None
-    if cfg.position == "learned":
-      self.positions = _param(
-          0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
-          EMBED_AXES["positions"])
+    self.positions = (_param(
+        0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
+        EMBED_AXES["positions"]) if cfg.position == "learned" else None)
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg.d_model, cfg.norm)
-    self.unembed = None
-    if not cfg.tie_embeddings:
-      self.unembed = _param(
-          scaled_init(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
-          EMBED_AXES["unembed"])
+    self.unembed = (_param(
+        scaled_init(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
+        EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = False
                ) -> tuple[jax.Array, dict[int, MoeAux]]:
