@@ -51,7 +51,7 @@ from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
 
 __all__ = [
     "TrainState", "TrainingError", "count_params", "evaluate", "flops_per_token",
-    "generate", "make_eval_step", "make_model", "make_optimizer", "make_train_step",
+    "generate", "load_model", "make_eval_step", "make_model", "make_optimizer", "make_train_step",
     "train_and_evaluate",
 ]
 
@@ -225,6 +225,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["update_norm"] = optax.global_norm(updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -346,6 +347,38 @@ def _gather_to_host(x):
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     x = jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.device_put(x, jax.local_devices()[0])
+
+
+def load_config(workdir: str):
+  """The ConfigDict a run in ``workdir`` was started with (``workdir/config.json``)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TrainingError(f"--workdir={workdir!r} holds no run (no config.json); train "
+                        "first with experiments/train.py.")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_model(workdir: str, *, vocab_size: int = 259) -> tuple[Transformer, Any, int]:
+  """``(model, config, step)`` from the latest readable checkpoint of a run."""
+  config = load_config(workdir)
+  model = make_model(config, vocab_size=vocab_size)
+  tx, _ = make_optimizer(config)
+  graphdef, params, rest = _split_model(model)
+  abstract = jax.eval_shape(lambda p: TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+      rng=jax.random.key_data(jax.random.key(0))), params)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.keep_checkpoints)
+  try:
+    restored = checkpointer.restore(abstract)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
+  step, state, _ = restored
+  return nnx.merge(graphdef, state.params, rest), config, step
 
 
 # ------------------------------------------------------------------------------------
@@ -581,11 +614,13 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
       state, metrics = train_step(state, batch)
       metrics = jax.device_get(metrics)
       dt = time.perf_counter() - t0
-      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      # A finite loss with a non-finite update would save NaN parameters next.
+      if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
         good = checkpointer.latest_step()
         raise TrainingError(
             f"Non-finite loss at step {step} (loss={float(metrics['loss'])}, "
-            f"grad_norm={float(metrics['grad_norm'])}); stopping. "
+            f"grad_norm={float(metrics['grad_norm'])}, "
+            f"update_norm={float(metrics['update_norm'])}); stopping. "
             + (f"The last good checkpoint (step {good}) is kept; "
                if good is not None else "No checkpoint was saved yet; ")
             + "lower --config.learning_rate or enable --config.grad_clip.")
