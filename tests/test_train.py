@@ -1,0 +1,241 @@
+"""End-to-end tests of the training loop on tiny models and the real corpus.
+
+Compilation dominates, so one module-scoped 20-step run serves several tests (loss goes
+down, metrics.jsonl schema, TensorBoard files, sampling), and the others use the same
+tiny shapes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moe_jax import train
+from moe_jax.checkpoint import Checkpointer
+from moe_jax.config import default_config
+from moe_jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every train_and_evaluate call builds fresh jitted closures; a persistent compilation
+# cache lets the later runs (and the command-line subprocesses) reuse the executables.
+JIT_CACHE = os.path.join(tempfile.gettempdir(), "moe_jax_test_jit_cache")
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+SUBPROCESS_ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": JIT_CACHE,
+                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
+
+# Overrides that make any experiment config tiny (also used on the command line).
+TINY = {
+    "steps": 20, "log_every": 5, "eval_every": 10, "eval_steps": 2,
+    "checkpoint_every": 10, "warmup_steps": 2, "learning_rate": 3e-3,
+    "batch_size": 4, "progress_bar": False,
+    "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,
+    "model.d_ff": 64, "moe.num_experts": 4, "moe.group_size": 64,
+    "data.seq_len": 32, "sample.length": 16,
+}
+
+
+def tiny_config(**overrides):
+  """switch_small shrunk to 2 blocks of width 32 (one MoE block, 4 experts)."""
+  config = default_config()
+  config.model.moe_every = 2
+  for key, value in {**TINY, **overrides}.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def cli_overrides(**overrides):
+  return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_tiny_run_lowers_the_loss(tiny_run):
+  workdir, summary = tiny_run
+  losses = [r["loss"] for r in read_metrics(workdir, "train")]
+  assert [r["step"] for r in read_metrics(workdir, "train")] == [5, 10, 15, 20]
+  assert losses[-1] < losses[0] - 0.5, losses
+  evals = read_metrics(workdir, "eval")
+  assert [r["step"] for r in evals] == [10, 20]
+  assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+  assert summary["step"] == 20 and not summary["preempted"]
+  assert summary["sample"].startswith("ROMEO:")
+
+
+def test_metrics_jsonl_schema(tiny_run):
+  workdir, _ = tiny_run
+  rows = read_metrics(workdir)
+  train_rows = [r for r in rows if r["split"] == "train"]
+  eval_rows = [r for r in rows if r["split"] == "eval"]
+  assert len(train_rows) + len(eval_rows) == len(rows)
+  for r in train_rows:
+    for key in ("step", "loss", "aux_loss", "z_loss", "dropped_fraction",
+                "tokens_per_sec", "elapsed_sec", "learning_rate"):
+      assert isinstance(r[key], (int, float)), (key, r)
+    assert r["tokens_per_sec"] > 0 and r["elapsed_sec"] > 0
+    # Per-layer expert load: the one MoE block is block 1; loads sum to 1.
+    assert list(r["expert_load"]) == ["layer_1"]
+    assert len(r["expert_load"]["layer_1"]) == 4
+    assert sum(r["expert_load"]["layer_1"]) == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= r["dropped_fraction"] <= 1.0
+  # Warmup then cosine: the logged rate rises over the first steps, then falls.
+  assert train_rows[0]["learning_rate"] < 3e-3
+  assert train_rows[-1]["learning_rate"] < train_rows[1]["learning_rate"]
+  for r in eval_rows:
+    for key in ("step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"):
+      assert isinstance(r[key], (int, float)), (key, r)
+    assert r["eval_perplexity"] == pytest.approx(np.exp(r["eval_loss"]), rel=1e-6)
+  tb = os.path.join(workdir, "tb")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tb))
+  info = json.load(open(os.path.join(workdir, "model_info.json")))
+  assert info["params_total"] > info["params_active"] > 0
+
+
+def test_rerun_of_a_finished_run_resumes_and_does_nothing(tiny_run):
+  workdir, _ = tiny_run
+  before = read_metrics(workdir)
+  summary = train.train_and_evaluate(tiny_config(**{"sample.length": 0}), workdir)
+  assert summary["step"] == 20
+  assert read_metrics(workdir) == before
+
+
+def test_sample_cli_prints_text_from_the_latest_checkpoint(tiny_run):
+  workdir, _ = tiny_run
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "sample.py"),
+       f"--workdir={workdir}", "--prompt=KING:", "--length=20", "--top_k=5"],
+      capture_output=True, text=True, timeout=300, check=False, env=SUBPROCESS_ENV)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith("KING:")
+  assert "step 20" in out.stderr
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+  # Jitter and dropout on, so the per-step RNG must be restored too; the stop at step
+  # 7 falls inside a logging interval (log_every=5) and between checkpoints.
+  overrides = {"steps": 12, "eval_every": 6, "checkpoint_every": 4,
+               "moe.jitter_noise": 0.01, "model.dropout": 0.1, "sample.length": 0}
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  train.train_and_evaluate(tiny_config(**overrides), full)
+  first = train.train_and_evaluate(tiny_config(**overrides), split, stop_at_step=7)
+  assert first["preempted"] and first["step"] == 7
+  assert Checkpointer(os.path.join(split, "checkpoints"), keep=3).latest_step() == 7
+  train.train_and_evaluate(tiny_config(**overrides), split)
+
+  def losses(workdir):
+    return [(r["split"], r["step"], r.get("loss"), r.get("aux_loss"), r.get("eval_loss"))
+            for r in read_metrics(workdir)]
+
+  assert losses(split) == losses(full)  # exactly equal, step for step
+
+
+def _nan_after(step):
+  """An optax transformation that turns the updates of update ``step`` into NaN."""
+  def init(params):
+    del params
+    return jnp.zeros((), jnp.int32)
+
+  def update(updates, count, params=None):
+    del params
+    poison = jnp.where(count + 1 >= step, jnp.nan, 1.0)
+    return jax.tree.map(lambda u: u * poison, updates), count + 1
+  return optax.GradientTransformation(init, update)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
+    tmp_path, monkeypatch):
+  make_optimizer = train.make_optimizer
+
+  def poisoned(config):
+    tx, schedule = make_optimizer(config)
+    return optax.chain(tx, _nan_after(5)), schedule
+
+  monkeypatch.setattr(train, "make_optimizer", poisoned)
+  workdir = str(tmp_path)
+  with pytest.raises(train.TrainingError, match=r"Non-finite loss at step 5\b.*step 4"):
+    train.train_and_evaluate(tiny_config(checkpoint_every=2, steps=10), workdir)
+  assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).all_steps() == [2, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+       f"--config={os.path.join(CONFIGS, 'switch_small.py')}", f"--workdir={workdir}",
+       *cli_overrides(steps=100000, checkpoint_every=100000, eval_every=100000,
+                      log_every=1)],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.communicate()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err
+  assert "Preempted (SIGTERM)" in out
+  steps = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).all_steps()
+  assert len(steps) == 1 and steps[0] >= 1
+
+
+def test_dense_and_switch_configs_have_equal_active_flops():
+  sys.path.insert(0, CONFIGS)
+  try:
+    import dense_small  # pylint: disable=import-outside-toplevel
+    import switch_small  # pylint: disable=import-outside-toplevel
+    import top2_small  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(CONFIGS)
+  seq_len = dense_small.get_config().data.seq_len
+  sizes = {}
+  for name, module in (("dense", dense_small), ("switch", switch_small),
+                       ("top2", top2_small)):
+    config = module.get_config()
+    model = nnx.eval_shape(lambda c=config: train.make_model(c))  # shapes only
+    sizes[name] = (train.flops_per_token(model, seq_len), train.count_params(model))
+  (dense_f, dense_p), (switch_f, switch_p), (top2_f, _) = (
+      sizes["dense"], sizes["switch"], sizes["top2"])
+  assert switch_f["active"] == dense_f["active"]
+  assert switch_f["total"] > 2 * dense_f["total"]
+  assert switch_f["router"] < 0.01 * switch_f["active"]
+  # Active parameters differ only by the router.
+  assert switch_p["active"] - dense_p["active"] == switch_p["router"]
+  assert switch_p["total"] > 3 * dense_p["total"]
+  assert top2_f["active"] > switch_f["active"]
+
+
+def test_mesh_run_matches_single_device(tmp_path):
+  # 2 x 2 (data x expert) of the 8 test devices: the batch of 4 splits over 4
+  # data-parallel shards, the 4 experts over 2 expert shards (G = 128 / 32 = 4 groups).
+  overrides = {"steps": 4, "log_every": 1, "eval_every": 4, "eval_steps": 1,
+               "checkpoint_every": 4, "moe.group_size": 32, "sample.length": 0}
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  single, meshed = str(tmp_path / "single"), str(tmp_path / "mesh")
+  train.train_and_evaluate(tiny_config(**overrides), single)
+  train.train_and_evaluate(tiny_config(**overrides, **{"mesh.data": 2,
+                                                       "mesh.expert": 2}), meshed)
+  a = [r.get("loss", r.get("eval_loss")) for r in read_metrics(single)]
+  b = [r.get("loss", r.get("eval_loss")) for r in read_metrics(meshed)]
+  np.testing.assert_allclose(a, b, rtol=2e-5)
