@@ -36,9 +36,9 @@ def main(_, workdir):
   model, config, step = train.load_model(workdir, vocab_size=tokenizer.vocab_size)
   prompt = (tokenizer.encode(f.prompt) if f.prompt
             else [tokenizer.eos_id])  # documents start after an EOS
+  print(f"[{os.path.abspath(workdir)}, step {step}]", file=sys.stderr, flush=True)
   ids = train.generate(model, prompt, f.length, temperature=f.temperature,
                        top_k=f.top_k, seed=f.seed, window=config.data.seq_len)
-  print(f"[{os.path.abspath(workdir)}, step {step}]", file=sys.stderr)
   print(f.prompt + tokenizer.decode(ids))
 
 
