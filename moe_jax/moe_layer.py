@@ -196,40 +196,50 @@ def einsum_dispatch(x, out, experts_fn, constrain):
   """Reference path with one-hot ``[G, S, E, C]`` tensors (GShard / flaxformer)."""
   dispatch = out.dispatch_mask.astype(x.dtype)
   combine = out.combine_weights.astype(x.dtype)
-  buffers = jnp.einsum("GSEC,GSM->EGCM", dispatch, x)
-  buffers = constrain(buffers, "expert_buffers")
-  y = experts_fn(buffers)
-  y = constrain(y, "expert_buffers")
+  # Each device fills the buffers of its own groups, then one all-to-all moves them to
+  # the devices that hold their experts; the reverse happens before the combine.
+  buffers = constrain(jnp.einsum("GSEC,GSM->EGCM", dispatch, x), "group_buffers")
+  y = experts_fn(constrain(buffers, "expert_buffers"))
+  y = constrain(constrain(y, "expert_buffers"), "group_buffers")
   return jnp.einsum("GSEC,EGCM->GSM", combine, y)
+
+
+def _slot_table(slot: jax.Array, group_size: int, num_slots: int) -> jax.Array:
+  """i32[S, K] flat slot of each choice -> i32[E*C] token of each slot (S if empty)."""
+  token = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], slot.shape)
+  table = jnp.full((num_slots,), group_size, jnp.int32)
+  return table.at[slot].set(token, mode="drop")
+
+
+def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
+  """[N, M] rows with a zero row appended, picked by i32[...] (N picks the zero row)."""
+  padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)], axis=0)
+  return jnp.take(padded, index, axis=0)
 
 
 def indices_dispatch(x, out, experts_fn, constrain):
   """Scatter token ids into ``[G, E*C]`` slot tables, then gather.
 
   Empty slots and dropped choices point at a zero row appended after the S tokens (for
-  dispatch) or after the E*C slots (for combine), so both gathers are dense.
+  dispatch) or after the E*C slots (for combine), so both gathers are dense. The
+  per-group work is written for one group and vmapped over G, so that the gathers and
+  the scatter carry G as a batch dimension and stay local to the device that holds the
+  group (explicit group indices would make the partitioner all-gather the tokens).
   """
   num_groups, group_size, d_model = x.shape
   num_experts, capacity = out.num_experts, out.capacity
   num_slots = num_experts * capacity
   # Flat slot of each kept choice; dropped choices get num_slots (out of range).
   slot = jnp.where(out.kept, out.expert_index * capacity + out.position, num_slots)
-  token = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[None, :, None],
-                           slot.shape)
-  group = jnp.broadcast_to(jnp.arange(num_groups, dtype=jnp.int32)[:, None, None],
-                           slot.shape)
-  table = jnp.full((num_groups, num_slots), group_size, jnp.int32)
-  table = table.at[group, slot].set(token, mode="drop")  # i32[G, E*C]
-  x_pad = jnp.concatenate([x, jnp.zeros((num_groups, 1, d_model), x.dtype)], axis=1)
-  buffers = jnp.take_along_axis(x_pad, table[..., None], axis=1)  # [G, E*C, M]
+  table = jax.vmap(_slot_table, in_axes=(0, None, None))(
+      slot, group_size, num_slots)  # i32[G, E*C]
+  buffers = jax.vmap(_gather_rows)(x, table)  # [G, E*C, M]
   buffers = buffers.reshape(num_groups, num_experts, capacity, d_model)
-  buffers = constrain(buffers.transpose(1, 0, 2, 3), "expert_buffers")  # [E, G, C, M]
-  y = constrain(experts_fn(buffers), "expert_buffers")
+  buffers = constrain(buffers.transpose(1, 0, 2, 3), "group_buffers")  # [E, G, C, M]
+  y = experts_fn(constrain(buffers, "expert_buffers"))
+  y = constrain(constrain(y, "expert_buffers"), "group_buffers")
   y = y.transpose(1, 0, 2, 3).reshape(num_groups, num_slots, d_model)
-  y_pad = jnp.concatenate([y, jnp.zeros((num_groups, 1, d_model), y.dtype)], axis=1)
-  picked = jnp.take_along_axis(
-      y_pad, slot.reshape(num_groups, -1)[..., None], axis=1)  # [G, S*K, M]
-  picked = picked.reshape(num_groups, group_size, -1, d_model)  # [G, S, K, M]
+  picked = jax.vmap(_gather_rows)(y, slot)  # [G, S, K, M]
   return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
 
 
@@ -248,10 +258,13 @@ def group_tokens(num_tokens: int, group_size: int) -> tuple[int, int]:
 class Layout:
   """Where MoeLayer's activations live; this default is one device and does nothing.
 
-  :class:`moe_jax.sharding.MeshLayout` subclasses it. ``constrain`` pins the two layouts
-  between which the tokens move: ``"groups"`` ``[G, S, M]`` with G over the
-  data-parallel devices, and ``"expert_buffers"`` ``[E, G, C, M]`` with E over the
-  expert axis. Pinning both makes XLA emit an all-to-all at dispatch and at combine.
+  :class:`moe_jax.sharding.MeshLayout` subclasses it. ``constrain`` pins the layouts
+  between which the tokens move: ``"groups"`` ``[G, S, M]`` and ``"group_buffers"``
+  ``[E, G, C, M]`` with G over the data-parallel devices (each device dispatches its own
+  groups locally), and ``"expert_buffers"`` ``[E, G, C, M]`` with E over the expert axis.
+  Pinning the buffers on both sides of the expert computation makes XLA emit one
+  all-to-all at dispatch and one at combine (without the ``"group_buffers"`` step it
+  may all-gather the tokens instead).
   A layout is static module data, so it must be hashable.
 
   Attributes:

@@ -268,12 +268,14 @@ class MeshLayout(moe_layer.Layout):
   def spec(self, name: str) -> P:
     if name == "groups":  # [G, S, M]
       return P(BATCH_AXES, None, None)
+    if name == "group_buffers":  # [E, G, C, M] as filled locally, before the all-to-all
+      return P(None, BATCH_AXES, None, None)
     if name == "expert_buffers":  # [E, G, C, M]
       if self.experts_sharded:
         return P("expert", "data", None, None)
       return P(None, BATCH_AXES, None, None)
-    raise ValueError(f"unknown MoE layout name {name!r}; use 'groups' or "
-                     "'expert_buffers'.")
+    raise ValueError(f"unknown MoE layout name {name!r}; use 'groups', "
+                     "'group_buffers' or 'expert_buffers'.")
 
   def constrain(self, x: jax.Array, name: str) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(name)))

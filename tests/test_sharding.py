@@ -7,6 +7,7 @@ depends on the mesh, so routing, losses and gradients must agree to float32 roun
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,8 +80,9 @@ def test_index_dispatch_sharded_equals_single_device():
   assert_same_run(got, reference())
 
 
-def _layer(num_experts, group_size=8):
-  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=num_experts, group_size=group_size)
+def _layer(num_experts, group_size=8, dispatch="einsum"):
+  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=num_experts, group_size=group_size,
+                  dispatch=dispatch)
   return MoeLayer(cfg, rngs=nnx.Rngs(0))
 
 
@@ -122,6 +124,19 @@ def test_forward_hlo_has_all_to_all_iff_experts_are_split(data, expert, num_expe
   mesh = sharding.make_mesh(data, expert)
   layer = sharding.shard_model(_layer(num_experts), mesh)
   assert ("all-to-all" in _compiled_forward_hlo(layer, mesh)) == all_to_all
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "indices"])
+@pytest.mark.parametrize("data,expert", [(2, 4), (1, 8)])
+def test_tokens_move_by_all_to_all_not_all_gather(data, expert, dispatch):
+  # Dispatch and combine are each one all-to-all; an all-gather would mean every device
+  # receives tokens it never processes (regression: the partitioner all-gathered the
+  # tokens when the buffers went straight from the local einsum to the expert layout).
+  mesh = sharding.make_mesh(data, expert)
+  layer = sharding.shard_model(_layer(8, dispatch=dispatch), mesh)
+  hlo = _compiled_forward_hlo(layer, mesh)
+  assert len(re.findall(r"\ball-to-all(-start)?\(", hlo)) == 2
+  assert "all-gather" not in hlo
 
 
 def test_invalid_combinations_fail_before_compiling_naming_both_numbers():
