@@ -58,7 +58,9 @@ class MoeConfig:
     activation: "relu" | "gelu" | "swiglu".
     init_scale: variance scale of the truncated-normal fan-in init (Switch: 0.1).
     dtype: compute dtype of dispatch and experts; the router is always float32.
-    dispatch: "einsum" | "indices".
+    dispatch: "einsum" | "indices" | "auto". "auto" picks, per backend, the path that
+      measured faster (docs/benchmarks.md): "indices" on CPU and GPU, "einsum" on TPU,
+      where the one-hot matmuls run on the MXU.
   """
 
   d_model: int
@@ -78,7 +80,7 @@ class MoeConfig:
   activation: str = "relu"
   init_scale: float = 0.1
   dtype: str = "float32"
-  dispatch: str = "einsum"
+  dispatch: str = "auto"
 
   def __post_init__(self):
     for msg in validate_moe_config(self):
@@ -136,9 +138,9 @@ def validate_moe_config(cfg) -> list[str]:
     errors.append(f"init_scale={cfg.init_scale!r} must be > 0.")
   if cfg.dtype not in DTYPES:
     errors.append(f"dtype={cfg.dtype!r} is unknown; use one of {', '.join(DTYPES)}.")
-  if cfg.dispatch not in DISPATCHERS:
+  if cfg.dispatch not in DISPATCHERS and cfg.dispatch != "auto":
     errors.append(f"dispatch={cfg.dispatch!r} is unknown; use one of "
-                  f"{', '.join(DISPATCHERS)}.")
+                  f"{', '.join(DISPATCHERS)} or auto.")
   return errors
 
 
@@ -247,6 +249,14 @@ DISPATCHERS: dict[str, Dispatcher] = {
     "einsum": einsum_dispatch,
     "indices": indices_dispatch,
 }
+
+
+def resolve_dispatch(name: str, backend: str | None = None) -> str:
+  """The dispatch path ``name`` stands for on ``backend`` (default: jax's)."""
+  if name != "auto":
+    return name
+  backend = backend or jax.default_backend()
+  return "einsum" if backend == "tpu" else "indices"
 
 
 def group_tokens(num_tokens: int, group_size: int) -> tuple[int, int]:
@@ -358,8 +368,8 @@ class MoeLayer(nnx.Module):
     def experts_fn(buffers):
       return self.experts(buffers, deterministic=deterministic)
 
-    y = DISPATCHERS[cfg.dispatch](grouped.astype(cfg.compute_dtype), out, experts_fn,
-                                  self.constrain)
+    dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
+    y = dispatch(grouped.astype(cfg.compute_dtype), out, experts_fn, self.constrain)
     y = self.constrain(y, "groups")
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=out.metrics)

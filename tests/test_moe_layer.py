@@ -249,3 +249,12 @@ def test_validate_moe_config_lists_every_problem():
   assert len(errors) == 2
   assert any("top_k=9" in e for e in errors)
   assert any("capacity_factor=0" in e for e in errors)
+
+
+def test_auto_dispatch_resolves_per_backend():
+  from moe_jax.moe_layer import resolve_dispatch
+  assert resolve_dispatch("auto", "tpu") == "einsum"
+  assert resolve_dispatch("auto", "cpu") == "indices"
+  assert resolve_dispatch("auto", "gpu") == "indices"
+  assert resolve_dispatch("einsum", "cpu") == "einsum"
+  assert MoeConfig(**_GOOD).dispatch == "auto"
