@@ -1,0 +1,104 @@
+r"""Training tokens/s of switch_small and top2_small against dense_small.
+
+All models are built and compiled in one process, then their jitted train steps run
+interleaved (dense, switch, top2, dense, ...) on the same fixed batch, so machine noise
+hits every model alike. Reports the median step time, tokens/s and the ratio to dense.
+Data loading is left out: this measures the model step.
+
+  python benchmarks/train_throughput.py
+  python benchmarks/train_throughput.py --repeats=20 --config_overrides=moe.dispatch=einsum
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import train as train_lib
+from moe_jax.transformer import flops_per_token
+
+CONFIGS = ("dense_small", "switch_small", "top2_small")
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed interleaved rounds.")
+_OVERRIDES = flags.DEFINE_list(
+    "config_overrides", [], "KEY=VALUE overrides applied to every config, e.g. "
+    "batch_size=32,data.seq_len=256,moe.dispatch=einsum.")
+_JSON = flags.DEFINE_string("json", None, "Write the rows as JSON to this file.")
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in _OVERRIDES.value:
+    key, value = item.split("=", 1)
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+  return config
+
+
+def build(config):
+  """A compiled train step and its state for ``config``, on one device."""
+  model = train_lib.make_model(config)
+  tx, _ = train_lib.make_optimizer(config)
+  _, params, _ = train_lib._split_model(model)  # pylint: disable=protected-access
+  state = train_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(config.seed)))
+  step = train_lib.make_train_step(model, tx, config)
+  b, l = config.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, size=(b, l + 1), dtype=np.int32)
+  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+  state, metrics = step(state, batch)  # compile
+  jax.block_until_ready(metrics)
+  flops = flops_per_token(model, l)
+  return {"step": step, "state": state, "batch": batch, "tokens": b * l,
+          "flops": flops}
+
+
+def main(argv):
+  del argv
+  runs = {name: build(load_config(name)) for name in CONFIGS}
+  times = {name: [] for name in CONFIGS}
+  for _ in range(_REPEATS.value):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run["state"], metrics = run["step"](run["state"], run["batch"])
+      jax.block_until_ready(metrics)
+      times[name].append(time.perf_counter() - start)
+  print(f"# backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
+        f"jax={jax.__version__} repeats={_REPEATS.value} "
+        f"overrides={','.join(_OVERRIDES.value) or 'none'}")
+  print(f"{'config':>14} | {'step ms':>8} {'tokens/s':>9} {'vs dense':>8} | "
+        f"{'active GFLOP/tok':>16}")
+  rows = []
+  for name, run in runs.items():
+    med = statistics.median(times[name])
+    # Per-round ratio, then the median: robust to drift across rounds.
+    ratio = statistics.median(d / t for d, t in zip(times["dense_small"], times[name]))
+    print(f"{name:>14} | {med * 1e3:8.1f} {run['tokens'] / med:9.0f} {ratio:8.2f} | "
+          f"{run['flops']['active'] / 1e9:16.4f}")
+    rows.append(dict(config=name, step_ms=med * 1e3, tokens_per_sec=run["tokens"] / med,
+                     throughput_vs_dense=ratio, active_flops=run["flops"]["active"]))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(dict(backend=jax.default_backend(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
