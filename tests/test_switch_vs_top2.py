@@ -41,12 +41,13 @@ def test_smoke_report_structure(smoke):
   workdir, log = smoke
   assert "[run 1/3] dense_s0" in log and "[run 3/3] switch_cf1.0_s0" in log
   assert "ETA" in log and "Grid wall-clock" in log
+  assert "Throughput round 1/1: dense" in log
   report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
   table = [l for l in report.splitlines() if l.startswith("| ")]
   header = table[0]
   for col in ("Model", "Capacity factor", "Quality after 8 steps",
               "Time to quality threshold", "Steps to threshold", "examples/s",
-              "Tokens/s", "Dropped tokens"):
+              "Tokens/s", "Dropped tokens", "interleaved benchmark"):
     assert col in header
   rows = [l for l in table if l.startswith(("| Dense", "| Top-2", "| Switch (top-1)"))]
   assert len(rows) == 3
@@ -54,12 +55,13 @@ def test_smoke_report_structure(smoke):
   # last evaluation (1 seed), so its time cell is a number.
   dense = rows[0].split("|")
   assert float(dense[4]) >= 0 and float(dense[5]) <= 8
+  assert float(dense[7]) > 0  # interleaved benchmark speed
   # The paper's table sits beside ours, and the closing paragraph is computed.
   assert "Fedus et al. 2021, Table 1" in report
   assert "| Switch-Base | 1.0 | -1.561 | 62.8 | 1000 |" in report
   assert "| T5-Base | — | -1.731 | Not achieved | 1600 |" in report
   assert "pairwise orderings checked here" in report
-  assert "load average" in report and "total training wall-clock" in report
+  assert "load average" in report and "total wall-clock" in report
 
 
 def test_smoke_csv_and_plots(smoke):
@@ -89,6 +91,7 @@ def test_rerun_trains_nothing(smoke):
   before = [os.stat(p).st_mtime_ns for p in metrics]
   log = _run_script(workdir, "--threshold=-4.5")
   assert "3 of 3 runs already finished" in log and "[run" not in log
+  assert "Throughput round" not in log  # the benchmark is kept too
   assert [os.stat(p).st_mtime_ns for p in metrics] == before
   report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
   assert "eval loss 4.5000 nats/token" in report and "set with --threshold" in report
@@ -167,13 +170,20 @@ def test_orderings_follow_the_paper():
            for c in compare.orderings(aggs) for p in c["pairs"]}
   # Paper: Switch cf 1.0 -1.561 beats MoE cf 1.0 -1.572 in quality; here it does not,
   # but the gap (0.05) is below the seeds' spread (std 0.141), so it is marked as noise.
-  q = pairs[("Switch (top-1) cf 1", "Top-2 MoE cf 1", "quality")]
+  q = pairs[("Switch (top-1) cf 1.0", "Top-2 MoE cf 1.0", "quality")]
   assert not q["holds"] and q["within_noise"]
-  assert pairs[("Switch (top-1) cf 1", "Top-2 MoE cf 1", "time")]["holds"]
-  assert pairs[("Switch (top-1) cf 1", "Top-2 MoE cf 1", "speed")]["holds"]
+  assert pairs[("Switch (top-1) cf 1.0", "Top-2 MoE cf 1.0", "time")]["holds"]
+  assert pairs[("Switch (top-1) cf 1.0", "Top-2 MoE cf 1.0", "speed")]["holds"]
   # Dense never reaches the threshold here, as T5-Base in the paper: the sparse rows
   # win on time to threshold.
-  assert pairs[("Switch (top-1) cf 1", "Dense", "time")]["holds"]
-  assert pairs[("Top-2 MoE cf 1", "Dense", "quality")]["holds"]
+  assert pairs[("Switch (top-1) cf 1.0", "Dense", "time")]["holds"]
+  assert pairs[("Top-2 MoE cf 1.0", "Dense", "quality")]["holds"]
   text = compare.orderings_paragraph(aggs)
   assert text.startswith("Of the paper's ") and "not reproduced for" in text
+
+
+@pytest.mark.parametrize("preset", sorted(compare.PRESETS))
+def test_every_preset_builds_valid_configs(preset):
+  from moe_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  for run in compare.build_grid(compare.resolve_settings(preset)):
+    assert validate_config(run.config, num_devices=1) == [], run.name
