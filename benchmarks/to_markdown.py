@@ -1,0 +1,42 @@
+"""Turns the JSON of ``benchmarks/moe_layer.py --json`` into a Markdown table.
+
+Every row is printed, the losing ones too; rows that miss the goal of the issue
+(top-1 at cf 1.0 <= 1.25x, top-2 at cf 1.0 <= 2.4x) are marked.
+
+  python benchmarks/to_markdown.py layer.json > table.md
+"""
+
+import json
+import sys
+
+GOALS = {1: 1.25, 2: 2.4}  # top_k -> max ratio at capacity factor 1.0
+
+
+def main(path: str) -> None:
+  with open(path) as f:
+    data = json.load(f)
+  meta = data["meta"]
+  print(f"backend `{meta['backend']}` ({meta['device']}), jax {meta['jax']}, "
+        f"M={meta['d_model']}, H={meta['d_ff']}, {meta['tokens']} tokens, "
+        f"{meta['dtype']}, median of {meta['repeats']} alternating repeats.\n")
+  print("| E | K | cf | S | dispatch | dense ms | MoE ms | ratio | goal | dense MiB | "
+        "MoE MiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in data["rows"]:
+    if "error" in r:
+      print(f"| {r['num_experts']} | {r['top_k']} | {r['capacity_factor']} | "
+            f"{r['group_size']} | {r['dispatch']} | failed: {r['error'][:60]} |"
+            " | | | | |")
+      continue
+    goal = ""
+    if r["capacity_factor"] == 1.0 and r["top_k"] in GOALS:
+      goal = "met" if r["ratio"] <= GOALS[r["top_k"]] else "**missed**"
+    mib = lambda v: f"{v / 2**20:.0f}" if v is not None else "n/a"
+    print(f"| {r['num_experts']} | {r['top_k']} | {r['capacity_factor']} | "
+          f"{r['group_size']} | {r['dispatch']} | {r['dense_ms']:.0f} | "
+          f"{r['moe_ms']:.0f} | {r['ratio']:.2f} | {goal} | {mib(r['dense_bytes'])} | "
+          f"{mib(r['moe_bytes'])} |")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
