@@ -775,7 +775,7 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       f"Quality threshold: eval loss {threshold:.4f} nats/token (quality "
       f"{-threshold:.4f}), {threshold_source}.",
       "",
-      f"## Measured (mean ± std over seeds)",
+      "## Measured (mean ± std over seeds)",
       "",
       "| Model | Capacity factor (train) | Quality after "
       f"{steps} steps (↑, neg. log perp.) | Time to quality threshold (↓, s) | "

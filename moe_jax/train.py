@@ -23,7 +23,6 @@ draws.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from flax import nnx
 
 from moe_jax import moe_layer
 from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config, validate_config
+from moe_jax.config import ConfigError, check_config
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
 from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
