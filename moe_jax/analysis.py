@@ -167,21 +167,10 @@ def _trace(model, inputs, rng, deterministic, call_kwargs):
                        "forward pass; trace_routing needs exactly one call per layer.")
     y, _ = calls[0]
     logits = logits_calls[0]  # f32[G, S, E]
-    cfg = layer.cfg
     batch_shape = y.shape[:-1]
     num_tokens = math.prod(batch_shape)
-    num_groups, group_size = moe_layer.group_tokens(num_tokens, cfg.group_size)
-    token_mask = None
-    if num_groups * group_size != num_tokens:
-      token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
-          num_groups, group_size)
-    capacity = layer.capacity(group_size, deterministic)
-    r = routing.route(
-        logits, top_k=cfg.top_k, capacity=capacity, second_policy=cfg.second_policy,
-        second_threshold=cfg.second_threshold, normalize_gates=cfg.normalize_gates,
-        batch_priority=cfg.batch_priority,
-        rng=rng if cfg.top_k > 1 and cfg.second_policy == "random" else None,
-        token_mask=token_mask)
+    num_groups, group_size = logits.shape[:2]
+    r = layer.route(logits, num_tokens, deterministic=deterministic, rng=rng)
 
     def per_token(a):
       a = a.reshape((num_groups * group_size,) + a.shape[2:])[:num_tokens]
@@ -190,7 +179,7 @@ def _trace(model, inputs, rng, deterministic, call_kwargs):
     out[_path_str(path)] = {
         "logits": per_token(logits), "expert_index": per_token(r.expert_index),
         "kept": per_token(r.kept), "gates": per_token(r.gates),
-        "capacity": jnp.asarray(capacity, jnp.int32)}
+        "capacity": jnp.asarray(r.capacity, jnp.int32)}
   return out
 
 

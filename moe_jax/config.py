@@ -277,6 +277,12 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
   except (ImportError, AttributeError):
     validate_mesh = None
   errors = []
+  size = mesh.data * mesh.expert * mesh.model
+  if num_experts and config.moe.dispatch == "dropless" and size > 1:
+    errors.append(f"moe.dispatch='dropless' runs on one device, but the mesh has "
+                  f"{size} (data={mesh.data}, expert={mesh.expert}, model={mesh.model}); "
+                  "use --config.moe.dispatch=indices (or einsum) on a mesh, or a 1x1x1 "
+                  "mesh for dropless.")
   if num_devices is not None and validate_mesh is not None:
     seq_len = config.data.seq_len
     seq_len = seq_len if _is_int(seq_len) and seq_len > 0 else None
@@ -289,7 +295,6 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
                              d_ff=config.model.d_ff):
       errors.append(msg if msg.startswith("mesh.") else f"mesh: {msg}")
   elif num_devices is not None:
-    size = mesh.data * mesh.expert * mesh.model
     if size != num_devices:
       errors.append(f"mesh.data*mesh.expert*mesh.model={size} must equal the "
                     f"{num_devices} available device(s); change --config.mesh.*.")

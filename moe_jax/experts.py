@@ -91,6 +91,30 @@ class Experts(nnx.Module):
     h = self.dropout(h, deterministic=deterministic)
     return jnp.einsum("EGCH,EHM->EGCM", h, wo)
 
+  def ragged(self, x: jax.Array, group_sizes: jax.Array, *,
+             deterministic: bool | None = None) -> jax.Array:
+    """Runs the experts on rows sorted by expert, as grouped matmuls.
+
+    Args:
+      x: [N, M] rows; the first ``group_sizes[0]`` belong to expert 0, the next
+        ``group_sizes[1]`` to expert 1, and so on.
+      group_sizes: i32[E] rows per expert; rows past ``sum(group_sizes)`` get output 0.
+
+    Returns:
+      [N, M] expert outputs, in the compute dtype.
+    """
+    x = x.astype(self.dtype)
+
+    def grouped(a, w):
+      return jax.lax.ragged_dot(a, w[...].astype(self.dtype), group_sizes,
+                                preferred_element_type=self.dtype)
+
+    h = grouped(x, self.wi)  # [N, H]
+    gate = grouped(x, self.wi_gate) if self.wi_gate is not None else None
+    h = activate(self.activation, h, gate)
+    h = self.dropout(h, deterministic=deterministic)
+    return grouped(h, self.wo)  # [N, M]
+
 
 class DenseFfn(nnx.Module):
   """The dense feed-forward block an MoE layer replaces: same M, H and activation."""

@@ -12,6 +12,10 @@ Dispatch paths share one interface (:data:`DISPATCHERS`) and are chosen by
 * ``"indices"``: scatters token ids into ``[G, E, C]`` slot tables and gathers, never
   building the one-hot tensors. Same numbers, work proportional to ``S*K*M`` per group
   instead of ``S*E*C*M``.
+* ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
+  as grouped matmuls (``jax.lax.ragged_dot``, as in MegaBlocks and MaxText), so the work
+  is exactly the routed tokens, however unbalanced. Equal to the other paths with
+  ``C = S``. One device only: see :func:`dropless_dispatch`.
 """
 
 from __future__ import annotations
@@ -58,9 +62,12 @@ class MoeConfig:
     activation: "relu" | "gelu" | "swiglu".
     init_scale: variance scale of the truncated-normal fan-in init (Switch: 0.1).
     dtype: compute dtype of dispatch and experts; the router is always float32.
-    dispatch: "einsum" | "indices" | "auto". "auto" picks, per backend, the path that
-      measured faster (docs/benchmarks.md): "indices" on CPU and GPU, "einsum" on TPU,
-      where the one-hot matmuls run on the MXU.
+    dispatch: "einsum" | "indices" | "dropless" | "auto". "auto" picks, per backend,
+      the capacity-based path that measured faster (docs/benchmarks.md): "indices" on
+      CPU and GPU, "einsum" on TPU, where the one-hot matmuls run on the MXU.
+      "dropless" ignores ``capacity_factor``, ``eval_capacity_factor`` and
+      ``min_capacity`` (no token is dropped for capacity; the second-expert policy
+      still applies).
   """
 
   d_model: int
@@ -186,22 +193,22 @@ class Router(nnx.Module):
 
 
 class Dispatcher(Protocol):
-  """Moves grouped tokens into expert buffers, runs ``experts_fn`` and combines."""
+  """Moves grouped tokens to the experts, runs them and combines their outputs."""
 
-  def __call__(self, x: jax.Array, out: routing.RoutingOutput,
-               experts_fn: Callable[[jax.Array], jax.Array],
-               constrain: Callable[[jax.Array, str], jax.Array]) -> jax.Array:
+  def __call__(self, x: jax.Array, out: routing.RoutingOutput, experts: Experts,
+               constrain: Callable[[jax.Array, str], jax.Array], *,
+               deterministic: bool) -> jax.Array:
     """x: [G, S, M] -> [G, S, M]."""
 
 
-def einsum_dispatch(x, out, experts_fn, constrain):
+def einsum_dispatch(x, out, experts, constrain, *, deterministic):
   """Reference path with one-hot ``[G, S, E, C]`` tensors (GShard / flaxformer)."""
   dispatch = out.dispatch_mask.astype(x.dtype)
   combine = out.combine_weights.astype(x.dtype)
   # Each device fills the buffers of its own groups, then one all-to-all moves them to
   # the devices that hold their experts; the reverse happens before the combine.
   buffers = constrain(jnp.einsum("GSEC,GSM->EGCM", dispatch, x), "group_buffers")
-  y = experts_fn(constrain(buffers, "expert_buffers"))
+  y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
   y = constrain(constrain(y, "expert_buffers"), "group_buffers")
   return jnp.einsum("GSEC,EGCM->GSM", combine, y)
 
@@ -219,7 +226,7 @@ def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take(padded, index, axis=0)
 
 
-def indices_dispatch(x, out, experts_fn, constrain):
+def indices_dispatch(x, out, experts, constrain, *, deterministic):
   """Scatter token ids into ``[G, E*C]`` slot tables, then gather.
 
   Empty slots and dropped choices point at a zero row appended after the S tokens (for
@@ -238,16 +245,47 @@ def indices_dispatch(x, out, experts_fn, constrain):
   buffers = jax.vmap(_gather_rows)(x, table)  # [G, E*C, M]
   buffers = buffers.reshape(num_groups, num_experts, capacity, d_model)
   buffers = constrain(buffers.transpose(1, 0, 2, 3), "group_buffers")  # [E, G, C, M]
-  y = experts_fn(constrain(buffers, "expert_buffers"))
+  y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
   y = constrain(constrain(y, "expert_buffers"), "group_buffers")
   y = y.transpose(1, 0, 2, 3).reshape(num_groups, num_slots, d_model)
   picked = jax.vmap(_gather_rows)(y, slot)  # [G, S, K, M]
   return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
 
 
+def dropless_dispatch(x, out, experts, constrain, *, deterministic):
+  """Sorts every kept choice by expert and runs the experts as grouped matmuls.
+
+  ``out`` must come from routing with ``C = S`` (:meth:`MoeLayer.capacity` does this
+  for ``dispatch="dropless"``), so that only padding and the second-expert policy
+  leave a choice unrouted. The ``N = G*S*K`` choices are stably sorted by expert
+  (unrouted ones last, past ``sum(group_sizes)``, where ``ragged_dot`` outputs 0), the
+  rows are gathered in that order, and the outputs are gathered back per choice.
+
+  The sort runs over all groups at once. On a mesh the partitioner would gather every
+  device's tokens (and the experts' weights) to sort them, so that each device did
+  the whole batch's work; data and expert parallelism need a per-device sort and a
+  ragged all-to-all, which are not built. So this path runs on one device only:
+  :class:`MoeLayer` and the config check refuse it on a mesh of more than one device.
+  """
+  del constrain
+  num_groups, group_size, d_model = x.shape
+  top_k = out.expert_index.shape[-1]
+  num_experts = out.num_experts
+  expert = jnp.where(out.kept, out.expert_index, num_experts).reshape(-1)  # i32[N]
+  order = jnp.argsort(expert, stable=True)  # choices grouped by expert, token order
+  group_sizes = jnp.bincount(expert, length=num_experts + 1)[:num_experts]
+  tokens = x.reshape(num_groups * group_size, d_model)
+  rows = jnp.take(tokens, order // top_k, axis=0)  # [N, M]
+  y = experts.ragged(rows, group_sizes.astype(jnp.int32), deterministic=deterministic)
+  inverse = jnp.argsort(order)  # the sorted row of each choice
+  picked = jnp.take(y, inverse, axis=0).reshape(num_groups, group_size, top_k, d_model)
+  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
+
+
 DISPATCHERS: dict[str, Dispatcher] = {
     "einsum": einsum_dispatch,
     "indices": indices_dispatch,
+    "dropless": dropless_dispatch,
 }
 
 
@@ -279,9 +317,11 @@ class Layout:
 
   Attributes:
     group_shards: D, the number of devices the G axis is split over.
+    num_devices: devices of the layout's mesh.
   """
 
   group_shards: int = 1
+  num_devices: int = 1
 
   def constrain(self, x: jax.Array, name: str) -> jax.Array:
     del name
@@ -332,9 +372,33 @@ class MoeLayer(nnx.Module):
     return self.layout.constrain(x, name)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
+    """C for groups of ``group_size`` tokens; S for ``dispatch="dropless"``."""
+    if self.cfg.dispatch == "dropless":
+      return group_size
     cf = self.cfg.eval_capacity_factor if deterministic else self.cfg.capacity_factor
     return routing.expert_capacity(group_size, self.cfg.num_experts, cf,
                                    self.cfg.min_capacity)
+
+  def route(self, logits: jax.Array, num_tokens: int, *, deterministic: bool,
+            rng: jax.Array | None = None) -> routing.RoutingOutput:
+    """Routes f32[G, S, E] router logits with this layer's settings.
+
+    ``num_tokens`` is B*L: when it is less than G*S, the trailing tokens of the last
+    group are padding and are masked out. ``rng`` is needed only for
+    ``second_policy="random"``.
+    """
+    cfg = self.cfg
+    num_groups, group_size, _ = logits.shape
+    token_mask = None
+    if num_groups * group_size != num_tokens:
+      token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
+          num_groups, group_size)
+    return routing.route(
+        logits, top_k=cfg.top_k, capacity=self.capacity(group_size, deterministic),
+        second_policy=cfg.second_policy, second_threshold=cfg.second_threshold,
+        normalize_gates=cfg.normalize_gates, batch_priority=cfg.batch_priority,
+        rng=rng if cfg.top_k > 1 and cfg.second_policy == "random" else None,
+        token_mask=token_mask)
 
   def __call__(self, x: jax.Array, *,
                deterministic: bool | None = None) -> tuple[jax.Array, MoeAux]:
@@ -346,30 +410,24 @@ class MoeLayer(nnx.Module):
     num_tokens = batch * length
     num_groups, group_size = group_tokens(num_tokens, cfg.group_size)
     check_groups(num_tokens, cfg.group_size, self.layout.group_shards)
+    if cfg.dispatch == "dropless" and self.layout.num_devices > 1:
+      raise ValueError(
+          f"dispatch='dropless' runs on one device, but this layer is laid out over "
+          f"{self.layout.num_devices}; use dispatch='indices' or 'einsum' on a mesh.")
     pad = num_groups * group_size - num_tokens
     tokens = x.reshape(num_tokens, d_model)
-    token_mask = None
     if pad:
       tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
-      token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
-          num_groups, group_size)
     grouped = self.constrain(tokens.reshape(num_groups, group_size, d_model), "groups")
 
     logits = self.router(grouped, deterministic=deterministic)  # f32[G, S, E]
     policy_rng = None
     if cfg.top_k > 1 and cfg.second_policy == "random":
       policy_rng = self.rngs.routing()
-    out = routing.route(
-        logits, top_k=cfg.top_k, capacity=self.capacity(group_size, deterministic),
-        second_policy=cfg.second_policy, second_threshold=cfg.second_threshold,
-        normalize_gates=cfg.normalize_gates, batch_priority=cfg.batch_priority,
-        rng=policy_rng, token_mask=token_mask)
-
-    def experts_fn(buffers):
-      return self.experts(buffers, deterministic=deterministic)
-
+    out = self.route(logits, num_tokens, deterministic=deterministic, rng=policy_rng)
     dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
-    y = dispatch(grouped.astype(cfg.compute_dtype), out, experts_fn, self.constrain)
+    y = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts, self.constrain,
+                 deterministic=deterministic)
     y = self.constrain(y, "groups")
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=out.metrics)

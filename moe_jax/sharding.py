@@ -265,6 +265,10 @@ class MeshLayout(moe_layer.Layout):
   def group_shards(self) -> int:  # type: ignore[override]
     return _axis_size(self.mesh, BATCH_AXES)
 
+  @property
+  def num_devices(self) -> int:  # type: ignore[override]
+    return self.mesh.devices.size
+
   def spec(self, name: str) -> P:
     if name == "groups":  # [G, S, M]
       return P(BATCH_AXES, None, None)

@@ -147,6 +147,14 @@ def test_batch_must_split_over_the_data_parallel_devices():
   assert any("6" in e and "divisible" in e for e in errors), errors
 
 
+def test_dropless_is_refused_on_a_mesh():
+  assert errors_for(**{"moe.dispatch": "dropless"}) == []
+  errors = errors_for(num_devices=8, **{"mesh.data": 8, "moe.group_size": 256,
+                                        "moe.dispatch": "dropless"})
+  assert len(errors) == 1, errors
+  assert "moe.dispatch='dropless'" in errors[0] and "indices" in errors[0]
+
+
 def test_all_problems_are_reported_at_once():
   errors = errors_for(**{"moe.top_k": 9, "batch_size": 0, "model.dtype": "int8"})
   assert len(errors) == 3

@@ -29,7 +29,7 @@ def _x(shape=(2, 8, 8), seed=1):
   return jax.random.normal(jax.random.key(seed), shape)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "indices"])
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
 @pytest.mark.parametrize("top_k, capacity_factor", [(1, 0.5), (1, 1.0), (1, 4.0),
                                                     (2, 0.5), (2, 1.0), (2, 2.0)])
 def test_layer_matches_per_token_loop(dispatch, top_k, capacity_factor):
@@ -38,7 +38,8 @@ def test_layer_matches_per_token_loop(dispatch, top_k, capacity_factor):
   layer.router.kernel[...] = layer.router.kernel[...] * 20
   x = _x()
   y, _ = _apply(layer, x)
-  capacity = layer.capacity(8, deterministic=False)
+  capacity = layer.capacity(8, deterministic=False)  # dropless: C = S = 8
+  assert (capacity == 8) == (dispatch == "dropless" or capacity_factor == 4.0)
   ref = moe_layer_loop(x.reshape(-1, 8), layer.router.kernel[...],
                        layer.experts.wi[...], layer.experts.wo[...], top_k=top_k,
                        capacity=capacity, group_size=8)
@@ -60,7 +61,7 @@ def test_dropped_token_output_is_exactly_zero():
   assert float(aux.metrics["dropped_fraction"]) == pytest.approx(14 / 16)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "indices"])
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
 def test_gradients_reach_router_and_experts(dispatch):
   layer = _layer(top_k=2, capacity_factor=1.0, dispatch=dispatch)
   x = _x()
@@ -93,6 +94,70 @@ def test_einsum_and_indices_agree_in_value_and_gradient():
   np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k, policy, length", [(1, "all", 12), (2, "all", 12),
+                                                    (2, "threshold", 12),
+                                                    (2, "threshold", 11)])
+def test_dropless_equals_capacity_paths_with_capacity_s(top_k, policy, length):
+  # With C = S nothing is dropped for capacity, so "indices" at capacity_factor = E is
+  # the same function as "dropless": values and gradients of every parameter and of
+  # the input. The threshold policy leaves some second choices unrouted, and length 11
+  # pads the last group of 6 with masked tokens.
+  x = _x((2, length, 8))
+  results = {}
+  for dispatch, cf in (("indices", 4.0), ("dropless", 0.25)):
+    layer = _layer(top_k=top_k, capacity_factor=cf, group_size=6, dispatch=dispatch,
+                   second_policy=policy, second_threshold=0.3)
+    layer.router.kernel[...] = layer.router.kernel[...] * 10
+    assert layer.capacity(6, deterministic=False) == 6
+
+    def loss_fn(model, x):
+      y, aux = model(x)
+      return jnp.sum(jnp.sin(y)) + aux.aux_loss + aux.z_loss, (y, aux)
+
+    (loss, (y, aux)), (grads, gx) = nnx.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(layer, x)
+    results[dispatch] = (loss, y, aux, gx,
+                         jax.tree.leaves(nnx.state(grads, nnx.Param)))
+  (l1, y1, a1, gx1, g1), (l2, y2, a2, gx2, g2) = results["indices"], results["dropless"]
+  if policy == "threshold":
+    assert 0 < float(a2.metrics["second_kept_fraction"]) < 1
+  assert float(a2.metrics["dropped_fraction"]) == 0.0
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gx1, gx2, rtol=1e-4, atol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dropless_keeps_every_token_when_all_pick_one_expert():
+  # All 16 tokens choose expert 0: capacity paths at cf 1.0 (C = 16 / 4 = 4) drop 12
+  # of the 16, dropless runs all of them through expert 0 and scales by the gate.
+  kernel = np.zeros((8, 4), np.float32)
+  kernel[:, 0] = 1.0
+  x = jnp.abs(_x((1, 16, 8))) + 0.1
+  outs = {}
+  for dispatch in ("indices", "dropless"):
+    layer = _layer(group_size=16, min_capacity=1, dispatch=dispatch)
+    layer.router.kernel[...] = jnp.asarray(kernel)
+    outs[dispatch] = _apply(layer, x)
+  assert float(outs["indices"][1].metrics["dropped_fraction"]) == pytest.approx(12 / 16)
+  y, aux = outs["dropless"]
+  assert float(aux.metrics["dropped_fraction"]) == 0.0
+  wi, wo = layer.experts.wi[...][0], layer.experts.wo[...][0]
+  gate = jax.nn.softmax(x[0] @ jnp.asarray(kernel), axis=-1)[:, 0]
+  expected = (jax.nn.relu(x[0] @ wi) @ wo) * gate[:, None]
+  np.testing.assert_allclose(y[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dropless_bfloat16_runs_in_bfloat16():
+  layer = _layer(top_k=2, dispatch="dropless", dtype="bfloat16")
+  ref = _layer(top_k=2, dispatch="dropless")
+  y16, aux16 = _apply(layer, _x())
+  y32, _ = _apply(ref, _x())
+  assert y16.dtype == jnp.bfloat16 and aux16.aux_loss.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
 
 
 def test_jitter_only_in_training():
@@ -257,4 +322,5 @@ def test_auto_dispatch_resolves_per_backend():
   assert resolve_dispatch("auto", "cpu") == "indices"
   assert resolve_dispatch("auto", "gpu") == "indices"
   assert resolve_dispatch("einsum", "cpu") == "einsum"
+  assert resolve_dispatch("dropless", "tpu") == "dropless"
   assert MoeConfig(**_GOOD).dispatch == "auto"

@@ -80,6 +80,13 @@ def test_index_dispatch_sharded_equals_single_device():
   assert_same_run(got, reference())
 
 
+def test_dropless_layer_refuses_a_mesh():
+  layer = sharding.shard_model(_layer(8, dispatch="dropless"), sharding.make_mesh(8, 1))
+  x = np.zeros((8, 8, 8), np.float32)
+  with pytest.raises(ValueError, match="dropless.*over 8.*indices"):
+    layer(x)
+
+
 def _layer(num_experts, group_size=8, dispatch="einsum"):
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=num_experts, group_size=group_size,
                   dispatch=dispatch)
