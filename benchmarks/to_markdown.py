@@ -1,7 +1,8 @@
 """Turns the JSON of ``benchmarks/moe_layer.py --json`` into a Markdown table.
 
 Every row is printed, the losing ones too; rows that miss the goal of the issue
-(top-1 at cf 1.0 <= 1.25x, top-2 at cf 1.0 <= 2.4x) are marked.
+(top-1 at cf 1.0 <= 1.25x, top-2 at cf 1.0 <= 2.4x) are marked. ``dropless`` rows
+have no capacity factor ("-") and are not marked.
 
   python benchmarks/to_markdown.py layer.json > table.md
 """
@@ -20,23 +21,24 @@ def main(path: str) -> None:
         f"M={meta['d_model']}, H={meta['d_ff']}, {meta['tokens']} tokens, "
         f"{meta['dtype']}, median of {meta['repeats']} alternating repeats.\n")
   print("| E | K | cf | S | dispatch | dense ms | MoE ms | ratio | goal | dense MiB | "
-        "MoE MiB |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+        "MoE MiB | dense faults | MoE faults |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in data["rows"]:
-    if "error" in r:
-      print(f"| {r['num_experts']} | {r['top_k']} | {r['capacity_factor']} | "
-            f"{r['group_size']} | {r['dispatch']} | failed: {r['error'][:60]} |"
-            " | | | | |")
+    cf = "-" if r["capacity_factor"] is None else r["capacity_factor"]
+    head = (f"| {r['num_experts']} | {r['top_k']} | {cf} | {r['group_size']} | "
+            f"{r['dispatch']} |")
+    if "error" in r or "skipped" in r:
+      why = f"failed: {r['error'][:60]}" if "error" in r else f"skipped: {r['skipped']}"
+      print(f"{head} {why} | | | | | | | |")
       continue
     goal = ""
     if r["capacity_factor"] == 1.0 and r["top_k"] in GOALS:
       goal = "met" if r["ratio"] <= GOALS[r["top_k"]] else "**missed**"
     mib = lambda v: f"{v / 2**20:.0f}" if v is not None else "n/a"
-    print(f"| {r['num_experts']} | {r['top_k']} | {r['capacity_factor']} | "
-          f"{r['group_size']} | {r['dispatch']} | {r['dense_ms']:.0f} | "
-          f"{r['moe_ms']:.0f} | {r['ratio']:.2f} | {goal} | {mib(r['dense_bytes'])} | "
-          f"{mib(r['moe_bytes'])} |")
-
+    flt = lambda v: f"{v:.0f}" if v is not None else "n/a"
+    print(f"{head} {r['dense_ms']:.0f} | {r['moe_ms']:.0f} | {r['ratio']:.2f} | {goal} | "
+          f"{mib(r['dense_bytes'])} | {mib(r['moe_bytes'])} | "
+          f"{flt(r.get('dense_page_faults'))} | {flt(r.get('moe_page_faults'))} |")
 
 if __name__ == "__main__":
   main(sys.argv[1])
