@@ -69,8 +69,12 @@ class TooBig(Exception):
   pass
 
 
-def _fwd_bwd(module, x):
-  """A jitted forward+backward step of ``module`` on ``x`` (grads wrt params and x)."""
+def _fwd_bwd(module, x, max_bytes=None):
+  """A jitted forward+backward step of ``module`` on ``x`` (grads wrt params and x).
+
+  Raises TooBig, before running anything, if the compiled step needs more than
+  ``max_bytes`` of temporary + output memory.
+  """
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
   def loss(params, x):
@@ -87,8 +91,8 @@ def _fwd_bwd(module, x):
     mem = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
   except Exception:  # not every backend reports it
     pass
-  if mem is not None and mem > _MAX_GIB.value * 2**30:
-    raise TooBig(f"needs {mem / 2**30:.1f} GiB > --max_gib={_MAX_GIB.value:g}")
+  if mem is not None and max_bytes is not None and mem > max_bytes:
+    raise TooBig(f"needs {mem / 2**30:.2f} GiB > --max_gib={max_bytes / 2**30:g}")
 
   def run():
     jax.block_until_ready(compiled(params, x))
@@ -152,7 +156,8 @@ def main(argv):
     row = dict(num_experts=e, top_k=k, capacity_factor=cf, group_size=s,
                dispatch=dispatch)
     try:
-      moe_run, moe_mem = _fwd_bwd(MoeLayer(cfg, rngs=nnx.Rngs(1)), x)
+      moe_run, moe_mem = _fwd_bwd(MoeLayer(cfg, rngs=nnx.Rngs(1)), x,
+                                  max_bytes=_MAX_GIB.value * 2**30)
     except TooBig as err:
       print(f"{key} skipped: {err}")
       rows.append(dict(row, skipped=str(err)))

@@ -1,0 +1,48 @@
+"""The layer benchmark runs end to end on a tiny grid and writes what it measured."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tmp_path, *flags):
+  out = tmp_path / "layer.json"
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "moe_layer.py"),
+         "--experts=4", "--top_k=1,2", "--capacity_factors=1.0,2.0",
+         "--group_sizes=64", "--dispatch=indices,dropless", "--d_model=16",
+         "--d_ff=32", "--tokens=512", "--repeats=2", f"--json={out}", *flags]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out) as f:
+    return json.load(f), proc.stdout
+
+
+def test_layer_benchmark_rows_and_markdown(tmp_path):
+  data, stdout = _run(tmp_path)
+  rows = data["rows"]
+  # indices: 2 top_k x 2 cf; dropless ignores cf: one row per top_k.
+  assert [(r["top_k"], r["capacity_factor"], r["dispatch"]) for r in rows] == [
+      (1, 1.0, "indices"), (1, None, "dropless"), (1, 2.0, "indices"),
+      (2, 1.0, "indices"), (2, None, "dropless"), (2, 2.0, "indices")]
+  for r in rows:
+    assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["ratio"] > 0
+    assert r["moe_page_faults"] >= 0
+  assert data["meta"]["tokens"] == 512
+  assert "dropless" in stdout
+  md = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
+                                                    "to_markdown.py"),
+                       str(tmp_path / "layer.json")], capture_output=True, text=True,
+                      check=True).stdout
+  assert md.count("| 4 | ") == 6 and "| 4 | 1 | - | 64 | dropless |" in md
+
+
+def test_layer_benchmark_skips_what_does_not_fit(tmp_path):
+  data, stdout = _run(tmp_path, "--max_gib=0")
+  assert all("skipped" in r and "GiB" in r["skipped"] for r in data["rows"])
+  assert "skipped: needs" in stdout
