@@ -67,7 +67,8 @@ class MoeConfig:
       CPU and GPU, "einsum" on TPU, where the one-hot matmuls run on the MXU.
       "dropless" ignores ``capacity_factor``, ``eval_capacity_factor`` and
       ``min_capacity`` (no token is dropped for capacity; the second-expert policy
-      still applies).
+      still applies), and its ``expert_fill`` metric counts kept choices per ``S``
+      tokens of a group.
   """
 
   d_model: int
