@@ -62,7 +62,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed alternations per configurat
 _JSON = flags.DEFINE_string("json", None, "Write all rows as JSON to this file.")
 _MAX_GIB = flags.DEFINE_float("max_gib", 8.0,
                               "Skip configurations whose compiled step needs more "
-                              "temporary + output memory than this (GiB).")
+                              "temporary + output memory than this (GiB).",
+                              lower_bound=0.0)
 
 
 class TooBig(Exception):

@@ -46,3 +46,13 @@ def test_layer_benchmark_skips_what_does_not_fit(tmp_path):
   data, stdout = _run(tmp_path, "--max_gib=0")
   assert all("skipped" in r and "GiB" in r["skipped"] for r in data["rows"])
   assert "skipped: needs" in stdout
+
+
+def test_negative_memory_cap_is_refused_before_anything_runs():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "moe_layer.py"),
+       "--max_gib=-1"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert "--max_gib=-1" in proc.stderr and "non-negative" in proc.stderr
+  assert "Traceback" not in proc.stderr
