@@ -56,16 +56,30 @@ def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=
   return dispatch, combine
 
 
+def activation_loop(activation, h, gate=None):
+  """One token's hidden activation, written out from the papers' formulas."""
+  if activation == "relu":
+    return np.maximum(h, 0)
+  if activation == "gelu":  # tanh approximation (Hendrycks & Gimpel 2016), jax's default
+    return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+  if activation == "swiglu":  # Shazeer 2020: silu(x W_gate) * (x W_in)
+    return gate / (1 + np.exp(-gate)) * h
+  raise NotImplementedError(activation)
+
+
 def moe_layer_loop(x, router_kernel, wi, wo, *, top_k, capacity, group_size,
-                   activation="relu", **route_kwargs):
+                   activation="relu", wi_gate=None, **route_kwargs):
   """Reference MoE layer: route with :func:`route_loop`, then run each kept
   (token, expert) pair through its expert one token at a time.
 
-  x: [T, M] with T a multiple of group_size. Returns [T, M].
+  x: [T, M] with T a multiple of group_size. ``wi_gate`` [E, M, H] is needed for
+  swiglu only. Returns [T, M].
   """
   x = np.asarray(x, np.float64)
   router_kernel = np.asarray(router_kernel, np.float64)
   wi, wo = np.asarray(wi, np.float64), np.asarray(wo, np.float64)
+  if activation == "swiglu":
+    wi_gate = np.asarray(wi_gate, np.float64)
   num_tokens, d_model = x.shape
   logits = (x @ router_kernel).reshape(num_tokens // group_size, group_size, -1)
   logits = logits - logits.max(-1, keepdims=True)
@@ -78,10 +92,7 @@ def moe_layer_loop(x, router_kernel, wi, wo, *, top_k, capacity, group_size,
       gate = combine[g, s, e].sum()
       if gate == 0:
         continue
-      h = x[t] @ wi[e]
-      if activation == "relu":
-        h = np.maximum(h, 0)
-      else:
-        raise NotImplementedError(activation)
+      h = activation_loop(activation, x[t] @ wi[e],
+                          x[t] @ wi_gate[e] if activation == "swiglu" else None)
       y[t] += gate * (h @ wo[e])
   return y

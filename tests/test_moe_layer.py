@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoeConfig, MoeLayer, routing
+from moe_jax import MoeConfig, MoeLayer, moe_layer, routing
 from moe_jax.moe_layer import validate_moe_config
 from tests.reference import moe_layer_loop
 
@@ -29,6 +29,15 @@ def _x(shape=(2, 8, 8), seed=1):
   return jax.random.normal(jax.random.key(seed), shape)
 
 
+def _reference(layer, x, capacity, group_size=8):
+  experts = layer.experts
+  return moe_layer_loop(
+      x.reshape(-1, x.shape[-1]), layer.router.kernel[...], experts.wi[...],
+      experts.wo[...], top_k=layer.cfg.top_k, capacity=capacity, group_size=group_size,
+      activation=layer.cfg.activation,
+      wi_gate=None if experts.wi_gate is None else experts.wi_gate[...])
+
+
 @pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
 @pytest.mark.parametrize("top_k, capacity_factor", [(1, 0.5), (1, 1.0), (1, 4.0),
                                                     (2, 0.5), (2, 1.0), (2, 2.0)])
@@ -40,9 +49,7 @@ def test_layer_matches_per_token_loop(dispatch, top_k, capacity_factor):
   y, _ = _apply(layer, x)
   capacity = layer.capacity(8, deterministic=False)  # dropless: C = S = 8
   assert (capacity == 8) == (dispatch == "dropless" or capacity_factor == 4.0)
-  ref = moe_layer_loop(x.reshape(-1, 8), layer.router.kernel[...],
-                       layer.experts.wi[...], layer.experts.wo[...], top_k=top_k,
-                       capacity=capacity, group_size=8)
+  ref = _reference(layer, x, capacity)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 8), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -212,10 +219,23 @@ def test_padding_when_tokens_do_not_fill_groups():
 
 
 def test_single_small_batch_uses_one_group():
-  # Fewer tokens than group_size: one group of B*L tokens, no padding.
+  # Fewer tokens than group_size: one group of the B*L = 3 tokens, no padding. All three
+  # prefer expert 0, and C = max(1, ceil(1.0 * 3 / 4)) = 1 for S = 3, so only token 0
+  # is kept. Padded to a group of 1024, C would be 256 and nothing would drop.
+  assert moe_layer.group_tokens(3, 1024) == (1, 3)
   layer = _layer(group_size=1024)
-  y, _ = _apply(layer, _x((1, 3, 8)))
+  assert layer.capacity(3, deterministic=False) == 1
+  kernel = np.zeros((8, 4), np.float32)
+  kernel[:, 0] = 1.0
+  layer.router.kernel[...] = jnp.asarray(kernel)
+  x = jnp.abs(_x((1, 3, 8))) + 0.1  # positive inputs -> logit of e0 is the largest
+  y, aux = _apply(layer, x)
   assert y.shape == (1, 3, 8)
+  assert np.all(np.asarray(y)[0, 1:] == 0.0) and np.any(np.asarray(y)[0, 0] != 0.0)
+  assert float(aux.metrics["dropped_fraction"]) == pytest.approx(2 / 3)
+  np.testing.assert_allclose(np.asarray(y).reshape(3, 8),
+                             _reference(layer, x, capacity=1, group_size=3),
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_bfloat16_compute_keeps_router_in_float32():
@@ -229,16 +249,40 @@ def test_bfloat16_compute_keeps_router_in_float32():
   y16, aux16 = _apply(layer16, x)
   assert y16.dtype == jnp.bfloat16
   assert aux16.aux_loss.dtype == jnp.float32
-  # Same routing decisions (router in f32 on the same inputs up to bf16 input cast).
-  np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
+  # The router sees the same f32 tokens in both layers, so every routing decision (and
+  # with it every loss and metric) is identical; only the experts run in bfloat16.
+  grouped = x.reshape(2, 8, 8)
+  out32, out16 = (layer.route(layer.router(grouped, deterministic=False), 16,
+                              deterministic=False) for layer in (layer32, layer16))
+  for name in ("expert_index", "position", "kept", "gates"):
+    np.testing.assert_array_equal(getattr(out16, name), getattr(out32, name), name)
+  assert float(aux16.aux_loss) == float(aux32.aux_loss)
+  assert float(aux16.z_loss) == float(aux32.z_loss)
+  np.testing.assert_array_equal(aux16.metrics["expert_load"], aux32.metrics["expert_load"])
+  # Values: tokens dropped in f32 are exactly 0 in bf16 too; the rest agree to a few
+  # bf16 roundings (eps 2**-8) of the output's scale. An all-zero output is off by
+  # 256 eps.
+  y16 = np.asarray(y16, np.float32).reshape(16, 8)
+  y32 = np.asarray(y32).reshape(16, 8)
+  np.testing.assert_array_equal(np.all(y16 == 0, -1), np.all(y32 == 0, -1))
+  scale = np.abs(y32).max()
+  assert scale > 0.01  # the layer is not silent
+  # Measured on CPU: max error 2.0 eps*scale, relative norm error 1.3 eps.
+  np.testing.assert_allclose(y16, y32, rtol=0, atol=6 * 2**-8 * scale)
+  assert np.linalg.norm(y16 - y32) <= 3 * 2**-8 * np.linalg.norm(y32)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_other_activations(activation):
-  layer = _layer(activation=activation)
-  y, _ = _apply(layer, _x())
-  assert y.shape == (2, 8, 8) and bool(jnp.all(jnp.isfinite(y)))
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_every_activation_matches_per_token_loop(activation, dispatch):
+  layer = _layer(activation=activation, top_k=2, dispatch=dispatch)
+  layer.router.kernel[...] = layer.router.kernel[...] * 20
+  x = _x()
+  y, _ = _apply(layer, x)
   assert (layer.experts.wi_gate is not None) == (activation == "swiglu")
+  ref = _reference(layer, x, layer.capacity(8, deterministic=False))
+  assert np.abs(ref).max() > 0.01
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 8), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_expert_dropout_only_in_training():
