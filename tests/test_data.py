@@ -430,7 +430,7 @@ def test_generic_tfds_dataset(tmp_path):
 
 
 def test_state_survives_orbax_checkpoint(data_dir, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     lm = data.make_lm_datasets(data_dir=data_dir, seq_len=64, batch_size=8, seed=1)
     it = lm.train_iter()
     _take(it, 3)

@@ -248,7 +248,7 @@ _WORKER = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     from moe_jax import sharding
-    sharding.initialize_distributed(timeout_s=60)  # address, count and id from env
+    sharding.initialize_distributed(timeout_s=600)  # address, count, id from env
     import jax
     from tests.sharding_demo import train_demo
     out = train_demo(2, 4, 1, num_experts=%r, steps=%d)
