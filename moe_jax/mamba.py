@@ -158,6 +158,11 @@ class MambaState:
 # ---------------------------------------------------------------------------------
 
 
+# The scan's products and its contraction over N stay float32 on every backend (no
+# bf16/TF32 passes), so the state accumulates in float32 as Mamba's reference does.
+_EXACT = jax.lax.Precision.HIGHEST
+
+
 def _combine(earlier, later):
   # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2.
   a1, b1 = earlier
@@ -206,12 +211,12 @@ def selective_scan(dt: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array,
   @jax.checkpoint
   def body(h, inputs):
     dt_c, b_c, c_c, x_c = inputs
-    da = jnp.exp(jnp.einsum("BTD,DN->BTDN", dt_c, a))
-    dbx = jnp.einsum("BTD,BTN->BTDN", dt_c * x_c, b_c)
+    da = jnp.exp(jnp.einsum("BTD,DN->BTDN", dt_c, a, precision=_EXACT))
+    dbx = jnp.einsum("BTD,BTN->BTDN", dt_c * x_c, b_c, precision=_EXACT)
     # Every token's state as an affine map of the chunk's initial state h.
     a_cum, b_cum = jax.lax.associative_scan(_combine, (da, dbx), axis=1)
     hs = a_cum * h[:, None] + b_cum  # [B, T, D_in, N]
-    y = jnp.einsum("BTDN,BTN->BTD", hs, c_c)
+    y = jnp.einsum("BTDN,BTN->BTD", hs, c_c, precision=_EXACT)
     return hs[:, -1], y
 
   h_last, ys = jax.lax.scan(body, h0, tuple(chunks(v) for v in (dt, b, c, x)))
@@ -232,7 +237,7 @@ def selective_step(dt: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array,
   acc = jnp.promote_types(h.dtype, jnp.float32)
   dt, a, b, c, x, h = (v.astype(acc) for v in (dt, a, b, c, x, h))
   h = jnp.exp(dt[:, :, None] * a) * h + (dt * x)[:, :, None] * b[:, None, :]
-  return jnp.einsum("BDN,BN->BD", h, c), h
+  return jnp.einsum("BDN,BN->BD", h, c, precision=_EXACT), h
 
 
 # ---------------------------------------------------------------------------------
