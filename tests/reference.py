@@ -5,6 +5,8 @@ choice at a time, with no cumsum tricks, so a bug in the vectorised code cannot 
 a shared helper.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -303,3 +305,41 @@ def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=Non
           combine[g, s, e, slot] = gates[k]
   return dict(dispatch=dispatch, combine=combine, aux_loss=aux, importance=importance,
               load=load)
+def mamba_loop(p, u, *, d_state, dt_rank, d_conv, inner_norms=True, eps=1e-6):
+  """Reference Mamba mixer: a ``lax.scan`` over tokens, one token at a time.
+
+  Written from the equations (Gu & Dao 2023, Alg. 2; Jamba's norms) on the raw
+  parameter arrays ``p`` (name -> array, as the mixer names them), with the conv as an
+  explicit window of the last ``d_conv`` inputs. u: [B, L, M] -> (y [B, L, M], the SSM
+  state h [B, D_in, N] after the last token), in u's dtype.
+  """
+  batch, _, _ = u.shape
+  d_inner = p["D"].shape[0]
+
+  def rms(v, scale):
+    return v / jnp.sqrt(jnp.mean(v * v, axis=-1, keepdims=True) + eps) * scale
+
+  def token(carry, u_t):  # u_t: [B, M]
+    window, h = carry  # [B, d_conv, D_in] (newest last), [B, D_in, N]
+    xz = u_t @ p["in_proj"]
+    x, z = xz[:, :d_inner], xz[:, d_inner:]
+    window = jnp.concatenate([window[:, 1:], x[:, None]], axis=1)
+    conv = p["conv_bias"] + jnp.sum(window * p["conv_kernel"][None], axis=1)
+    x = conv * jax.nn.sigmoid(conv)
+    proj = x @ p["x_proj"]
+    dt = proj[:, :dt_rank]
+    bm = proj[:, dt_rank:dt_rank + d_state]
+    cm = proj[:, dt_rank + d_state:]
+    if inner_norms:
+      dt, bm, cm = rms(dt, p["dt_norm"]), rms(bm, p["b_norm"]), rms(cm, p["c_norm"])
+    dt = jnp.log1p(jnp.exp(dt @ p["dt_proj"] + p["dt_bias"]))  # softplus
+    a = -jnp.exp(p["A_log"])
+    h = jnp.exp(dt[:, :, None] * a[None]) * h + (dt * x)[:, :, None] * bm[:, None, :]
+    y = jnp.sum(h * cm[:, None, :], axis=-1) + p["D"] * x
+    y = y * (z * jax.nn.sigmoid(z))
+    return (window, h), y @ p["out_proj"]
+
+  init = (jnp.zeros((batch, d_conv, d_inner), u.dtype),
+          jnp.zeros((batch, d_inner, d_state), u.dtype))
+  (_, h), ys = jax.lax.scan(token, init, u.swapaxes(0, 1))
+  return ys.swapaxes(0, 1), h
