@@ -305,6 +305,8 @@ def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=Non
           combine[g, s, e, slot] = gates[k]
   return dict(dispatch=dispatch, combine=combine, aux_loss=aux, importance=importance,
               load=load)
+
+
 def mamba_loop(p, u, *, d_state, dt_rank, d_conv, inner_norms=True, eps=1e-6):
   """Reference Mamba mixer: a ``lax.scan`` over tokens, one token at a time.
 
