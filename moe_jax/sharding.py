@@ -63,7 +63,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
 
 # Defaults for modules that do not annotate their parameters, by module type.
-ROUTER_AXES = {"kernel": ("embed", None)}  # [M, E]: E of the logits stays replicated
+# [M, E]: E of the logits stays replicated; W_noise of noisy top-k alike.
+ROUTER_AXES = {"kernel": ("embed", None), "noise_kernel": ("embed", None)}
 EMBED_AXES = {"embedding": ("vocab", "embed")}
 NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
 
@@ -629,11 +630,14 @@ def train_demo(
     dispatch: str = "einsum",
     learning_rate: float = 1e-2,
     seed: int = 0,
+    moe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Trains :class:`DemoModel` with Adam for ``steps`` steps on a (data, expert, model)
   mesh and returns what a test compares with the 1x1x1 run.
 
   ``num_experts`` is E of the single MoE block, or a sequence with one E per block.
+  ``moe`` overrides more :class:`~moe_jax.moe_layer.MoeConfig` fields (the router
+  family and its settings, shared experts, dtype, ...).
 
   The loss is next-token cross-entropy on random tokens plus 0.01 times the Switch
   load-balancing loss and 0.001 times the z-loss.
@@ -652,7 +656,7 @@ def train_demo(
                              num_processes=jax.process_count()):
       raise ValueError(msg)
   cfg = moe_layer.MoeConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts[0],
-                            group_size=group_size, dispatch=dispatch)
+                            group_size=group_size, dispatch=dispatch, **dict(moe or {}))
   net = DemoModel(cfg, vocab_size, num_experts, rngs=nnx.Rngs(seed))
   mesh = make_mesh(data, expert, model)
   shard_model(net, mesh)
