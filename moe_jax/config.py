@@ -252,10 +252,9 @@ def validate_config(config, *, num_devices: int | None = None,
          "must be a finite number >= 0.")
   need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
        "must be an integer >= 0 (0 is model.d_ff).")
-  allow = config.moe.allow_noncausal_routing
-  need("moe.allow_noncausal_routing", isinstance(allow, bool), "must be True or False.")
   family = ROUTERS.get(config.moe.router)
-  if m.moe_every and family is not None and not family.causal and allow is not True:
+  if (m.moe_every and family is not None and not family.causal
+      and not config.moe.allow_noncausal_routing):
     errors.append(
         f"moe.router={config.moe.router!r} is not causal: each expert picks its tokens "
         "among the whole group, so routing sees later tokens of the sequence and a "

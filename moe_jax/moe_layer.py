@@ -232,8 +232,9 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
   if family is None:
     return errors
   for name, default in ROUTER_OPTIONS.items():
-    value = getattr(cfg, name)
-    if name not in family.options and value != default:
+    value = getattr(cfg, name, default)  # an LM config has no batch_priority
+    reported = any(e.startswith(f"{name}=") for e in errors)
+    if name not in family.options and value != default and not reported:
       users = [r for r, f in ROUTERS.items() if name in f.options]
       errors.append(f"{name}={value!r} has no effect with router={cfg.router!r}; leave "
                     f"it at {default!r} or use router={' or '.join(map(repr, users))}.")

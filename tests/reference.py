@@ -8,27 +8,49 @@ a shared helper.
 import numpy as np
 
 
-def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=0.2,
-               normalize_gates=True, batch_priority=False, token_mask=None):
-  """Reference routing on f32[G, S, E] probabilities.
+def _group_limited(u, expert_groups, top_groups):
+  """u: f64[E] selection scores of one token -> u with the experts outside the
+  ``top_groups`` best groups at -inf (a group scores the sum of its two best u)."""
+  per_group = len(u) // expert_groups
+  group_scores = []
+  for j in range(expert_groups):
+    members = sorted(u[j * per_group:(j + 1) * per_group], reverse=True)
+    group_scores.append(sum(members[:2]))
+  kept = sorted(range(expert_groups), key=lambda j: (-group_scores[j], j))[:top_groups]
+  out = np.full_like(u, -np.inf)
+  for j in kept:
+    out[j * per_group:(j + 1) * per_group] = u[j * per_group:(j + 1) * per_group]
+  return out
 
+
+def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=0.2,
+               normalize_gates=True, batch_priority=False, token_mask=None,
+               selection_bias=None, expert_groups=1, top_groups=None, gate_scale=1.0):
+  """Reference routing on f32[G, S, E] scores (softmax or sigmoid of the logits).
+
+  The selection bias and the group limit change which experts are chosen, never the
+  gates, which are the unbiased scores (renormalised, then scaled by ``gate_scale``).
   Returns (dispatch bool[G, S, E, C], combine f32[G, S, E, C]). The "random" policy is
   not covered here (it needs the fast path's random numbers).
   """
   probs = np.asarray(probs, np.float64)
   num_groups, group_size, num_experts = probs.shape
+  bias = (np.zeros(num_experts) if selection_bias is None
+          else np.asarray(selection_bias, np.float64))
   dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
   combine = np.zeros((num_groups, group_size, num_experts, capacity), np.float64)
   for g in range(num_groups):
     choices = []  # per token: list of (expert, gate, wanted)
     for s in range(group_size):
-      p = probs[g, s].copy()
+      u = probs[g, s] + bias
+      if expert_groups > 1:
+        u = _group_limited(u, expert_groups, top_groups)
       experts, gates = [], []
       for _ in range(top_k):
-        e = int(np.argmax(p))  # first occurrence on ties
+        e = int(np.argmax(u))  # first occurrence on ties
         experts.append(e)
         gates.append(probs[g, s, e])
-        p[e] = -np.inf
+        u[e] = -np.inf
       if normalize_gates and top_k > 1:
         total = sum(gates)
         gates = [x / total for x in gates]
@@ -37,9 +59,11 @@ def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=
       for k in range(1, top_k):
         if second_policy == "threshold":
           wanted[k] = valid and gates[k] > second_threshold
+      gates = [x * gate_scale for x in gates]
       choices.append(list(zip(experts, gates, wanted)))
     if batch_priority:
-      order = sorted(range(group_size), key=lambda s: (-probs[g, s].max(), s))
+      order = sorted(range(group_size),
+                     key=lambda s: (-probs[g, s, choices[s][0][0]], s))
     else:
       order = list(range(group_size))
     queue_len = [0] * num_experts
@@ -56,21 +80,117 @@ def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=
   return dispatch, combine
 
 
-def moe_layer_loop(x, router_kernel, wi, wo, *, top_k, capacity, group_size,
-                   activation="relu", **route_kwargs):
-  """Reference MoE layer: route with :func:`route_loop`, then run each kept
-  (token, expert) pair through its expert one token at a time.
+def noisy_top_k_loop(noisy_logits, *, top_k, capacity, token_mask=None):
+  """Reference routing of noisy top-k gating on f32[G, S, E] noisy logits: the top k
+  noisy logits, gated by their softmax, queued as :func:`route_loop` with policy
+  "all". Returns (dispatch, combine) like :func:`route_loop`."""
+  noisy = np.asarray(noisy_logits, np.float64)
+  num_groups, group_size, num_experts = noisy.shape
+  dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
+  combine = np.zeros((num_groups, group_size, num_experts, capacity), np.float64)
+  for g in range(num_groups):
+    choices = []
+    for s in range(group_size):
+      h = noisy[g, s].copy()
+      experts = []
+      for _ in range(top_k):
+        e = int(np.argmax(h))
+        experts.append(e)
+        h[e] = -np.inf
+      chosen = np.array([noisy[g, s, e] for e in experts])
+      gates = np.exp(chosen - chosen.max())
+      gates = gates / gates.sum()
+      choices.append(list(zip(experts, gates)))
+    queue_len = [0] * num_experts
+    for k in range(top_k):
+      for s in range(group_size):
+        if token_mask is not None and not token_mask[g, s]:
+          continue
+        e, gate = choices[s][k]
+        slot = queue_len[e]
+        queue_len[e] += 1
+        if slot < capacity:
+          dispatch[g, s, e, slot] = True
+          combine[g, s, e, slot] = gate
+  return dispatch, combine
 
-  x: [T, M] with T a multiple of group_size. Returns [T, M].
+
+def expert_choice_loop(probs, *, capacity, token_mask=None):
+  """Reference expert choice on f32[G, S, E] probabilities: each expert takes the
+  ``min(capacity, valid tokens)`` valid tokens it scores highest (ties to the lower
+  token), slot = rank, gate = the token's probability for that expert."""
+  probs = np.asarray(probs, np.float64)
+  num_groups, group_size, num_experts = probs.shape
+  dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
+  combine = np.zeros((num_groups, group_size, num_experts, capacity), np.float64)
+  for g in range(num_groups):
+    valid = [s for s in range(group_size)
+             if token_mask is None or bool(token_mask[g, s])]
+    for e in range(num_experts):
+      ranked = sorted(valid, key=lambda s: (-probs[g, s, e], s))
+      for slot, s in enumerate(ranked[:capacity]):
+        dispatch[g, s, e, slot] = True
+        combine[g, s, e, slot] = probs[g, s, e]
+  return dispatch, combine
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def _ffn(x, wi, wo, wi_gate, activation):
+  """One FFN on one token, in float64."""
+  h = x @ wi
+  if activation == "relu":
+    h = np.maximum(h, 0)
+  elif activation == "gelu":  # tanh approximation, as jax.nn.gelu
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  elif activation == "swiglu":
+    gate = x @ wi_gate
+    h = gate / (1 + np.exp(-gate)) * h
+  else:
+    raise NotImplementedError(activation)
+  return h @ wo
+
+
+def moe_layer_loop(x, router_kernel, wi, wo, *, top_k=1, capacity, group_size,
+                   activation="relu", wi_gate=None, router="topk", score_fn="softmax",
+                   noise_kernel=None, noise=None, noise_scale=1.0, shared=None,
+                   **route_kwargs):
+  """Reference MoE layer: route with the loop reference of ``router``, then run each
+  kept (token, expert) pair through its expert one token at a time, and add the shared
+  experts' output of every token.
+
+  Args:
+    x: [T, M] with T a multiple of group_size.
+    router_kernel: [M, E]; wi, wo (and wi_gate for SwiGLU): the stacked experts.
+    router: "topk" (scores by ``score_fn``, :func:`route_loop` with ``route_kwargs``),
+      "noisy_topk" (``noise``: f32[G, S, E] standard normal draws, scaled by
+      ``(softplus(x noise_kernel) + 1e-2) * noise_scale``; None routes the clean
+      logits) or "expert_choice".
+    shared: None or ``(wi, wo, wi_gate)`` of the shared experts' dense FFN.
+
+  Returns [T, M].
   """
-  x = np.asarray(x, np.float64)
-  router_kernel = np.asarray(router_kernel, np.float64)
-  wi, wo = np.asarray(wi, np.float64), np.asarray(wo, np.float64)
+  f64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
+  x, router_kernel, wi, wo, wi_gate = map(f64, (x, router_kernel, wi, wo, wi_gate))
   num_tokens, d_model = x.shape
-  logits = (x @ router_kernel).reshape(num_tokens // group_size, group_size, -1)
-  logits = logits - logits.max(-1, keepdims=True)
-  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  _, combine = route_loop(probs, top_k=top_k, capacity=capacity, **route_kwargs)
+  shape = (num_tokens // group_size, group_size, -1)
+  logits = (x @ router_kernel).reshape(shape)
+  if router == "topk":
+    scores = _softmax(logits) if score_fn == "softmax" else 1 / (1 + np.exp(-logits))
+    _, combine = route_loop(scores, top_k=top_k, capacity=capacity, **route_kwargs)
+  elif router == "noisy_topk":
+    noisy = logits
+    if noise is not None:
+      std = np.logaddexp(0.0, x @ f64(noise_kernel)).reshape(shape) + 1e-2
+      noisy = logits + f64(noise) * std * noise_scale
+    _, combine = noisy_top_k_loop(noisy, top_k=top_k, capacity=capacity, **route_kwargs)
+  elif router == "expert_choice":
+    _, combine = expert_choice_loop(_softmax(logits), capacity=capacity, **route_kwargs)
+  else:
+    raise NotImplementedError(router)
   y = np.zeros_like(x)
   for t in range(num_tokens):
     g, s = divmod(t, group_size)
@@ -78,10 +198,9 @@ def moe_layer_loop(x, router_kernel, wi, wo, *, top_k, capacity, group_size,
       gate = combine[g, s, e].sum()
       if gate == 0:
         continue
-      h = x[t] @ wi[e]
-      if activation == "relu":
-        h = np.maximum(h, 0)
-      else:
-        raise NotImplementedError(activation)
-      y[t] += gate * (h @ wo[e])
+      y[t] += gate * _ffn(x[t], wi[e], wo[e], None if wi_gate is None else wi_gate[e],
+                          activation)
+    if shared is not None:
+      s_wi, s_wo, s_gate = map(f64, shared)
+      y[t] += _ffn(x[t], s_wi, s_wo, s_gate, activation)
   return y

@@ -181,8 +181,6 @@ RULES = [
     ({"moe.router": "expert_choice"}, "moe.router='expert_choice'", "later tokens"),
     ({"moe.router": "expert_choice", "moe.allow_noncausal_routing": True,
       "moe.dispatch": "dropless"}, "dispatch='dropless'", "capacity-free"),
-    ({"moe.allow_noncausal_routing": "yes"}, "moe.allow_noncausal_routing='yes'",
-     "True or False"),
     ({"moe.d_ff": -1}, "moe.d_ff=-1", ">= 0"),
     ({"sample.temperature": -1.0}, "sample.temperature=-1.0", ">= 0"),
 ]
