@@ -204,3 +204,210 @@ def moe_layer_loop(x, router_kernel, wi, wo, *, top_k=1, capacity, group_size,
       s_wi, s_wo, s_gate = map(f64, shared)
       y[t] += _ffn(x[t], s_wi, s_wo, s_gate, activation)
   return y
+
+
+# ----------------------------------------------------------------------------
+# Router zoo references (token choice with scores/bias/groups, expert choice, noisy)
+# ----------------------------------------------------------------------------
+
+
+def _softmax(x):
+  x = np.asarray(x, np.float64)
+  e = np.exp(x - x.max())
+  return e / e.sum()
+
+
+def _argmax_first(values, allowed):
+  """Index of the largest allowed value; the lowest index on ties."""
+  best = None
+  for i, v in enumerate(values):
+    if allowed[i] and (best is None or v > values[best]):
+      best = i
+  return best
+
+
+def route_zoo_loop(logits, *, top_k, capacity, score_fn="softmax", selection_bias=None,
+                   expert_groups=1, top_groups=None, gate_scale=1.0,
+                   balance_choices="first", normalize_gates=True, second_policy="all",
+                   second_threshold=0.2, batch_priority=False, token_mask=None):
+  """Reference token-choice routing, one token at a time, from the issue's steps 1-9.
+
+  Returns a dict with ``dispatch`` bool[G, S, E, C], ``combine`` f64[G, S, E, C],
+  ``aux_loss``, ``choice_counts`` f64[E] and ``expert_index`` int[G, S, K].
+  """
+  logits = np.asarray(logits, np.float64)
+  num_groups, group_size, num_experts = logits.shape
+  per_group = num_experts // expert_groups
+  dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
+  combine = np.zeros((num_groups, group_size, num_experts, capacity))
+  counts = np.zeros(num_experts)
+  all_index = np.zeros((num_groups, group_size, top_k), int)
+  group_losses = []
+  num_choices = 1 if balance_choices == "first" else top_k
+  for g in range(num_groups):
+    tokens = []  # per token: (experts, gates, wanted, first score)
+    c = np.zeros(num_experts)
+    p_sum = np.zeros(num_experts)
+    num_valid = 0
+    for s in range(group_size):
+      valid = token_mask is None or bool(token_mask[g, s])
+      if score_fn == "softmax":
+        score = _softmax(logits[g, s])
+        p = score
+      else:
+        score = 1.0 / (1.0 + np.exp(-logits[g, s]))
+        p = score / score.sum()
+      u = [score[e] + (0.0 if selection_bias is None else float(selection_bias[e]))
+           for e in range(num_experts)]
+      allowed = [True] * num_experts
+      if expert_groups > 1:
+        group_scores = []
+        for q in range(expert_groups):
+          members = sorted((u[e] for e in range(q * per_group, (q + 1) * per_group)),
+                           reverse=True)
+          group_scores.append(members[0] + (members[1] if per_group > 1 else 0.0))
+        kept_groups = []
+        for _ in range(top_groups):
+          kept_groups.append(_argmax_first(
+              group_scores, [q not in kept_groups for q in range(expert_groups)]))
+        allowed = [e // per_group in kept_groups for e in range(num_experts)]
+      experts = []
+      for _ in range(top_k):
+        e = _argmax_first(u, [allowed[i] and i not in experts
+                              for i in range(num_experts)])
+        experts.append(e)
+      gates = [score[e] for e in experts]
+      if normalize_gates and top_k > 1:
+        total = sum(gates)
+        gates = [x / total for x in gates]
+      wanted = [valid] + [valid and (second_policy != "threshold"
+                                     or gates[k] > second_threshold)
+                          for k in range(1, top_k)]
+      tokens.append((experts, gates, wanted, score[experts[0]]))
+      all_index[g, s] = experts
+      if valid:
+        num_valid += 1
+        p_sum += p
+        for k, e in enumerate(experts):
+          counts[e] += 1
+          if k < num_choices:
+            c[e] += 1
+    if num_valid:
+      group_losses.append(num_experts / (num_choices * num_valid)
+                          * sum(c[e] * p_sum[e] / num_valid for e in range(num_experts)))
+    if batch_priority:
+      order = sorted(range(group_size), key=lambda s: (-tokens[s][3], s))
+    else:
+      order = list(range(group_size))
+    queue_len = [0] * num_experts
+    for k in range(top_k):
+      for s in order:
+        experts, gates, wanted, _ = tokens[s]
+        if not wanted[k]:
+          continue
+        e = experts[k]
+        slot = queue_len[e]
+        queue_len[e] += 1
+        if slot < capacity:
+          dispatch[g, s, e, slot] = True
+          combine[g, s, e, slot] = gates[k] * gate_scale
+  aux = float(np.mean(group_losses)) if group_losses else 0.0
+  return dict(dispatch=dispatch, combine=combine, aux_loss=aux, choice_counts=counts,
+              expert_index=all_index)
+
+
+def expert_choice_loop(logits, *, capacity, token_mask=None):
+  """Reference expert choice: each expert sorts its group's valid tokens by score.
+
+  Returns a dict with ``dispatch`` bool[G, S, E, C], ``combine`` f64[G, S, E, C],
+  ``dropped_fraction``, ``experts_per_token`` and ``z_loss``.
+  """
+  logits = np.asarray(logits, np.float64)
+  num_groups, group_size, num_experts = logits.shape
+  dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
+  combine = np.zeros((num_groups, group_size, num_experts, capacity))
+  picked = np.zeros((num_groups, group_size), int)
+  z, n = 0.0, 0
+  for g in range(num_groups):
+    scores = [_softmax(logits[g, s]) for s in range(group_size)]
+    valid = [token_mask is None or bool(token_mask[g, s]) for s in range(group_size)]
+    for e in range(num_experts):
+      candidates = sorted((s for s in range(group_size) if valid[s]),
+                          key=lambda s: (-scores[s][e], s))
+      for slot, s in enumerate(candidates[:capacity]):
+        dispatch[g, s, e, slot] = True
+        combine[g, s, e, slot] = scores[s][e]
+        picked[g, s] += 1
+    for s in range(group_size):
+      if valid[s]:
+        m = logits[g, s].max()
+        z += (m + np.log(np.exp(logits[g, s] - m).sum())) ** 2
+        n += 1
+  mask = np.ones((num_groups, group_size), bool) if token_mask is None else (
+      np.asarray(token_mask, bool))
+  return dict(dispatch=dispatch, combine=combine,
+              dropped_fraction=float(np.sum((picked == 0) & mask) / max(n, 1)),
+              experts_per_token=float(np.sum(picked * mask) / max(n, 1)),
+              z_loss=z / max(n, 1))
+
+
+def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=None):
+  """Reference noisy top-k gating (Shazeer et al. 2017) for a given standard-normal
+  ``noise`` sample (None: no noise, load by counts).
+
+  Returns a dict with ``dispatch``, ``combine``, ``aux_loss``, ``importance`` and
+  ``load`` (both f64[G, E]).
+  """
+  import math
+  clean = np.asarray(clean, np.float64)
+  std = np.asarray(noise_std, np.float64)
+  num_groups, group_size, num_experts = clean.shape
+  noisy = clean if noise is None else clean + np.asarray(noise, np.float64) * std
+  dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
+  combine = np.zeros((num_groups, group_size, num_experts, capacity))
+  importance = np.zeros((num_groups, num_experts))
+  load = np.zeros((num_groups, num_experts))
+
+  def cv2(x):
+    mean = sum(x) / len(x)
+    var = sum((v - mean) ** 2 for v in x) / len(x)
+    return var / (mean ** 2 + 1e-10)
+
+  aux = 0.0
+  for g in range(num_groups):
+    tokens = []
+    for s in range(group_size):
+      valid = token_mask is None or bool(token_mask[g, s])
+      experts = []
+      for _ in range(top_k):
+        experts.append(_argmax_first(noisy[g, s], [i not in experts
+                                                   for i in range(num_experts)]))
+      gates = _softmax([noisy[g, s, e] for e in experts])
+      tokens.append((experts, gates, valid))
+      if not valid:
+        continue
+      for e, gate in zip(experts, gates):
+        importance[g, e] += gate
+      ranked = sorted(noisy[g, s], reverse=True)
+      for e in range(num_experts):
+        if noise is not None and top_k < num_experts:
+          thr = ranked[top_k] if e in experts else ranked[top_k - 1]
+          z = (clean[g, s, e] - thr) / std[g, s, e]
+          load[g, e] += 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+        elif e in experts:
+          load[g, e] += 1
+    aux += (cv2(importance[g]) + cv2(load[g])) / num_groups
+    queue_len = [0] * num_experts
+    for k in range(top_k):
+      for s in range(group_size):
+        experts, gates, valid = tokens[s]
+        if not valid:
+          continue
+        e = experts[k]
+        slot = queue_len[e]
+        queue_len[e] += 1
+        if slot < capacity:
+          dispatch[g, s, e, slot] = True
+          combine[g, s, e, slot] = gates[k]
+  return dict(dispatch=dispatch, combine=combine, aux_loss=aux, importance=importance,
+              load=load)

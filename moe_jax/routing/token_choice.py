@@ -18,8 +18,8 @@ Conventions (and where the anchors differ, see docs/routing.md):
 * Mixtral's "softmax over the top-k logits" equals the softmax over all experts
   renormalised over the top k, so it is ``score_fn="softmax", normalize_gates=True``.
 * The selection bias changes which experts are chosen, never the gates (DeepSeek-V3).
-* Other groups are masked with ``-inf`` after the bias is added (DeepSeek-V3's
-  ``Gate`` masks with ``-inf`` too; V2's reference code uses 0).
+* Other groups are masked with ``-inf`` after the bias is added, as DeepSeek-V3's
+  inference ``Gate`` does (the HF modeling code of V2 and V3 fills them with 0).
 """
 
 from __future__ import annotations
