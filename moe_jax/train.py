@@ -3,8 +3,8 @@
 ``train_and_evaluate(config, workdir)`` runs (or resumes) a run in ``workdir``:
 
 * ``workdir/metrics.jsonl`` and ``workdir/tb``: see :mod:`moe_jax.metrics`;
-* ``workdir/checkpoints``: see :mod:`moe_jax.checkpoint` (params, optimizer state, step,
-  rng and the data iterator's position; re-running resumes);
+* ``workdir/checkpoints``: see :mod:`moe_jax.checkpoint` (params, optimizer state,
+  selection biases, step, rng and the data iterator's position; re-running resumes);
 * ``workdir/config.json``, ``workdir/model_info.json``: the run's config and sizes.
 
 Loss (what is differentiated)::
@@ -164,6 +164,31 @@ class TrainState:
   model_state: dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
+@flax.struct.dataclass
+class _StateWithoutModelState:
+  """The checkpoint layout of a :class:`TrainState` with an empty ``model_state``, the
+  layout every checkpoint had before selection biases existed, so those still resume."""
+
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: Any
+  rng: jax.Array
+
+
+def _to_checkpoint(state: TrainState):
+  if state.model_state:
+    return state
+  return _StateWithoutModelState(step=state.step, params=state.params,
+                                 opt_state=state.opt_state, rng=state.rng)
+
+
+def _from_checkpoint(saved) -> TrainState:
+  if isinstance(saved, TrainState):
+    return saved
+  return TrainState(step=saved.step, params=saved.params, opt_state=saved.opt_state,
+                    rng=saved.rng)
+
+
 def _path_salt(path) -> int:
   # Stable across processes (str hash() is salted per interpreter).
   return zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF
@@ -275,8 +300,8 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   model's selection biases."""
   graphdef, _, rest = _split_model(model)
 
-  def eval_step(params, batch, model_state_=None):
-    m = _merge(graphdef, params, rest, model_state_)
+  def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
+    m = _merge(graphdef, params, rest, model_state)
     logits, moe_aux = m(batch["inputs"], deterministic=True)
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     is_byte = (batch["targets"] < 256).astype(jnp.float32)
@@ -420,12 +445,13 @@ def load_model(workdir: str, *, vocab_size: int = 259) -> tuple[Transformer, Any
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = checkpointer.restore(abstract)
+    restored = checkpointer.restore(_to_checkpoint(abstract))
   finally:
     checkpointer.close()
   if restored is None:
     raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
   step, state, _ = restored
+  state = _from_checkpoint(state)
   return _merge(graphdef, state.params, rest, state.model_state), config, step
 
 
@@ -612,10 +638,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   train_iter = data.train_iter()
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpointer.restore(abstract, data_iterator=train_iter)
+  restored = checkpointer.restore(_to_checkpoint(abstract), data_iterator=train_iter)
   meta: dict[str, Any] = {}
   if restored is not None:
     step0, state, meta = restored
+    state = _from_checkpoint(state)
     _print(f"Resuming from the checkpoint at step {step0} in {checkpointer.directory}.")
   else:
     step0 = 0
@@ -636,14 +663,14 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
                              "eval": None, "sample": None}
 
   def save(step: int) -> None:
-    checkpointer.save(step, state, data_iterator=train_iter, meta={
+    checkpointer.save(step, _to_checkpoint(state), data_iterator=train_iter, meta={
         "accumulator": acc.state(),
         "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
 
   def run_eval(step: int) -> None:
     batches = (sharding.shard_batch(b, mesh)
                for b in data.eval_iter(num_steps=config.eval_steps))
-    values = evaluate(functools.partial(eval_step, model_state_=state.model_state),
+    values = evaluate(functools.partial(eval_step, model_state=state.model_state),
                       state.params, batches)
     summary["eval"] = writer.write("eval", step, values)
     if primary:

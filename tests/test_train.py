@@ -385,3 +385,34 @@ def test_deepseek_config_has_the_active_ffn_flops_of_dense():
   shared = 2 * (256 * 256 + 256 * 256)
   assert ds_p["experts"] == sw_p["experts"]
   assert ds_p["total"] - sw_p["total"] == shared + ds_p["router"] - sw_p["router"]
+
+
+def test_checkpoints_without_model_state_still_restore(tmp_path):
+  # A model without selection biases saves the TrainState layout that every checkpoint
+  # had before model_state existed, so runs saved then still resume.
+  import flax.struct  # pylint: disable=import-outside-toplevel
+
+  @flax.struct.dataclass
+  class TrainState:  # the layout before model_state
+    step: jax.Array
+    params: dict
+    opt_state: dict
+    rng: jax.Array
+
+  def make(cls, **kw):
+    return cls(step=jnp.asarray(3, jnp.int32), params={"w": jnp.arange(3.0)},
+               opt_state={"m": jnp.ones(3)}, rng=jnp.zeros(2, jnp.uint32), **kw)
+
+  checkpointer = Checkpointer(str(tmp_path), keep=2)
+  checkpointer.save(3, make(TrainState))
+  abstract = jax.eval_shape(lambda: make(train.TrainState))
+  step, saved, _ = checkpointer.restore(train._to_checkpoint(abstract))  # pylint: disable=protected-access
+  state = train._from_checkpoint(saved)  # pylint: disable=protected-access
+  assert step == 3 and state.model_state == {}
+  np.testing.assert_array_equal(state.params["w"], [0.0, 1.0, 2.0])
+  # With biases, the state is saved as it is and comes back with them.
+  biased = make(train.TrainState, model_state={"b": jnp.full(4, 0.5)})
+  checkpointer.save(4, train._to_checkpoint(biased))  # pylint: disable=protected-access
+  _, saved, _ = checkpointer.restore(jax.eval_shape(lambda: biased))
+  np.testing.assert_array_equal(saved.model_state["b"], np.full(4, 0.5))
+  checkpointer.close()
