@@ -226,9 +226,10 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
                   f"expert_groups={groups}].")
   elif sizes_ok and _is_int(cfg.top_k) and (
       cfg.top_k > top_groups * (cfg.num_experts // groups)):
-    errors.append(f"top_k={cfg.top_k} must be <= the {top_groups * (cfg.num_experts // groups)} "
-                  f"experts of top_groups={top_groups} groups of "
-                  f"{cfg.num_experts // groups}; raise top_groups or lower top_k.")
+    per_group = cfg.num_experts // groups
+    errors.append(f"top_k={cfg.top_k} must be <= the {top_groups * per_group} experts "
+                  f"of top_groups={top_groups} groups of {per_group}; raise top_groups "
+                  "or lower top_k.")
   if family is None:
     return errors
   for name, default in ROUTER_OPTIONS.items():

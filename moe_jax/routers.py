@@ -9,7 +9,7 @@ noise scale, which config keys it reads) is data in its :class:`RouterFamily`.
 
 | ``router`` | paper | routing function |
 |---|---|---|
-| ``"topk"`` | Switch, GShard, Mixtral, DeepSeek-MoE/V2/V3 | :func:`moe_jax.routing.route` |
+| ``"topk"`` | Switch, GShard, Mixtral, DeepSeek | :func:`moe_jax.routing.route` |
 | ``"noisy_topk"`` | Shazeer et al. 2017 | :func:`moe_jax.routing.noisy_top_k` |
 | ``"expert_choice"`` | Zhou et al. 2022 | :func:`moe_jax.routing.expert_choice` |
 

@@ -88,7 +88,8 @@ def _load(name):
 def test_router_zoo_settings():
   mixtral, deepseek, noisy = (_load(n) for n in ("mixtral_small", "deepseek_small",
                                                   "noisy_topk_small"))
-  assert (mixtral.moe.router, mixtral.moe.top_k, mixtral.moe.num_experts) == ("topk", 2, 8)
+  assert (mixtral.moe.router, mixtral.moe.top_k,
+          mixtral.moe.num_experts) == ("topk", 2, 8)
   assert (mixtral.model.activation, mixtral.moe.dispatch,
           mixtral.moe.balance_choices) == ("swiglu", "dropless", "all")
   m = deepseek.moe

@@ -406,13 +406,14 @@ def test_checkpoints_without_model_state_still_restore(tmp_path):
   checkpointer = Checkpointer(str(tmp_path), keep=2)
   checkpointer.save(3, make(TrainState))
   abstract = jax.eval_shape(lambda: make(train.TrainState))
-  step, saved, _ = checkpointer.restore(train._to_checkpoint(abstract))  # pylint: disable=protected-access
-  state = train._from_checkpoint(saved)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  step, saved, _ = checkpointer.restore(train._to_checkpoint(abstract))
+  state = train._from_checkpoint(saved)
   assert step == 3 and state.model_state == {}
   np.testing.assert_array_equal(state.params["w"], [0.0, 1.0, 2.0])
   # With biases, the state is saved as it is and comes back with them.
   biased = make(train.TrainState, model_state={"b": jnp.full(4, 0.5)})
-  checkpointer.save(4, train._to_checkpoint(biased))  # pylint: disable=protected-access
+  checkpointer.save(4, train._to_checkpoint(biased))
   _, saved, _ = checkpointer.restore(jax.eval_shape(lambda: biased))
   np.testing.assert_array_equal(saved.model_state["b"], np.full(4, 0.5))
   checkpointer.close()

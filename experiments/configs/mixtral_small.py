@@ -1,4 +1,4 @@
-"""Mixtral 8x7B (Jiang et al. 2024) routing, scaled down: top-2 of 8 SwiGLU experts, no capacity.
+"""Mixtral 8x7B (Jiang et al. 2024), scaled down: top-2 of 8 SwiGLU experts, no capacity.
 
 As in Mixtral: 8 experts, each token goes to its top 2 with gates renormalised over the
 two (equal to a softmax over the two chosen logits), SwiGLU experts, and no token is
