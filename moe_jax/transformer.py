@@ -12,7 +12,7 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   absolute positions;
 * block ``i`` (0-based) uses an :class:`~moe_jax.moe_layer.MoeLayer` when
   ``moe_every > 0 and (i + 1) % moe_every == 0``, otherwise a
-  :class:`~moe_jax.experts.DenseFfn` with the same ``d_ff`` and activation. Switch
+  :class:`~moe_jax.experts.DenseFfn` of width ``d_ff`` and the same activation. Switch
   (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
   A dense model is the same network with ``moe_every=0``;
 * separate input and output embeddings by default (tying is an option).
@@ -57,10 +57,11 @@ class TransformerConfig:
     num_layers: number of blocks.
     d_model: M.
     num_heads: attention heads; ``d_model % num_heads == 0``.
-    d_ff: H, hidden width of the dense FFN and of each expert.
+    d_ff: H, hidden width of the dense FFN (each expert's is ``moe.d_ff``).
     max_len: longest sequence (learned positions only need it).
     moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
-    moe: the MoE layer's settings (its ``d_model``/``d_ff`` must match); None if dense.
+    moe: the MoE layer's settings (its ``d_model`` must match; its ``d_ff`` is each
+      expert's width, below ``d_ff`` for fine-grained experts); None if dense.
     activation: FFN activation, shared by the dense FFN and the experts.
     position: "rotary" | "learned".
     norm: "rmsnorm" | "layernorm".
@@ -223,8 +224,8 @@ class Transformer(nnx.Module):
   """Decoder-only causal LM: ``logits, moe_aux = model(tokens)``."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    if cfg.moe is not None and (cfg.moe.d_model, cfg.moe.d_ff) != (cfg.d_model, cfg.d_ff):
-      raise ValueError("moe.d_model/d_ff must equal the model's d_model/d_ff.")
+    if cfg.moe is not None and cfg.moe.d_model != cfg.d_model:
+      raise ValueError("moe.d_model must equal the model's d_model.")
     self.cfg = cfg
     # Embedding std 1 (T5); logits are scaled by 1/sqrt(M) when tied, below. Untied
     # (the default of the experiment configs) starts from uniform predictions instead
@@ -265,6 +266,13 @@ class Transformer(nnx.Module):
                         preferred_element_type=jnp.float32)
     return logits, moe_aux
 
+  def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
+    """Moves each MoE block's selection bias (if it has one) by its f32[E] choice
+    counts, ``{block index: MoeAux.metrics["choice_counts"]}`` of one training step."""
+    for block in self.blocks:
+      if block.is_moe and block.index in choice_counts:
+        block.ffn.update_selection_bias(choice_counts[block.index])
+
 
 # ---------------------------------------------------------------------------------
 # Size and cost, read off the model's modules (not from the config).
@@ -275,12 +283,22 @@ def _size(module: nnx.Module) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+def _active(n: int, layer: MoeLayer) -> int:
+  """The part of a routed-expert count ``n`` that one token uses."""
+  k = layer.experts_per_token
+  if float(k).is_integer():
+    return n * int(k) // layer.cfg.num_experts
+  return round(n * k / layer.cfg.num_experts)
+
+
 def count_params(model: Transformer) -> dict[str, int]:
   """Parameter counts.
 
-  ``total`` is every parameter. ``active`` is what one token touches: experts count
-  ``top_k / E`` of their weights (top-k routing, an upper bound when a second-choice
-  policy drops choices), everything else fully.
+  ``total`` is every parameter. ``active`` is what one token touches: routed experts
+  count ``k / E`` of their weights, with ``k`` the experts a token visits
+  (:attr:`MoeLayer.experts_per_token`: ``top_k``, an upper bound when a second-choice
+  policy drops choices; ``capacity_factor`` on average for expert choice); everything
+  else fully, shared experts included.
   """
   total = _size(model)
   expert_total = expert_active = router = 0
@@ -288,7 +306,7 @@ def count_params(model: Transformer) -> dict[str, int]:
     if isinstance(module, MoeLayer):
       n = _size(module.experts)
       expert_total += n
-      expert_active += n * module.cfg.top_k // module.cfg.num_experts
+      expert_active += _active(n, module)
     elif isinstance(module, Router):
       router += _size(module)
   return {"total": total, "active": total - expert_total + expert_active,
@@ -302,8 +320,9 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
     the embedding lookup is free);
   * attention scores and mixing: ``4 * seq_len * M`` per block (QK^T and PV over the
     full context, the Kaplan et al. 2020 convention; causal masking is not discounted);
-  * experts: ``2 x top_k / E`` of their weights per token (``active``) or all of them
-    (``total``, every expert applied to every token);
+  * routed experts: ``2 x k / E`` of their weights per token (``active``, ``k`` as in
+    :func:`count_params`) or all of them (``total``, every expert applied to every
+    token); shared experts are a dense FFN that every token passes;
   * the router, ``2 * M * E`` per MoE block, is reported on its own as ``router`` and
     left out of ``active``/``total``, as Switch does when it calls a model
     "FLOP-matched" to its dense baseline (it is < 1% here).
@@ -321,7 +340,7 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
       active, total = active + n, total + n
     elif isinstance(module, MoeLayer):
       n = 2 * _size(module.experts)
-      active += n * module.cfg.top_k // module.cfg.num_experts
+      active += _active(n, module)
       total += n
       router += 2 * _size(module.router)
   head = 2 * cfg.d_model * cfg.vocab_size  # output projection, tied or not

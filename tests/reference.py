@@ -10,27 +10,49 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=0.2,
-               normalize_gates=True, batch_priority=False, token_mask=None):
-  """Reference routing on f32[G, S, E] probabilities.
+def _group_limited(u, expert_groups, top_groups):
+  """u: f64[E] selection scores of one token -> u with the experts outside the
+  ``top_groups`` best groups at -inf (a group scores the sum of its two best u)."""
+  per_group = len(u) // expert_groups
+  group_scores = []
+  for j in range(expert_groups):
+    members = sorted(u[j * per_group:(j + 1) * per_group], reverse=True)
+    group_scores.append(sum(members[:2]))
+  kept = sorted(range(expert_groups), key=lambda j: (-group_scores[j], j))[:top_groups]
+  out = np.full_like(u, -np.inf)
+  for j in kept:
+    out[j * per_group:(j + 1) * per_group] = u[j * per_group:(j + 1) * per_group]
+  return out
 
+
+def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=0.2,
+               normalize_gates=True, batch_priority=False, token_mask=None,
+               selection_bias=None, expert_groups=1, top_groups=None, gate_scale=1.0):
+  """Reference routing on f32[G, S, E] scores (softmax or sigmoid of the logits).
+
+  The selection bias and the group limit change which experts are chosen, never the
+  gates, which are the unbiased scores (renormalised, then scaled by ``gate_scale``).
   Returns (dispatch bool[G, S, E, C], combine f32[G, S, E, C]). The "random" policy is
   not covered here (it needs the fast path's random numbers).
   """
   probs = np.asarray(probs, np.float64)
   num_groups, group_size, num_experts = probs.shape
+  bias = (np.zeros(num_experts) if selection_bias is None
+          else np.asarray(selection_bias, np.float64))
   dispatch = np.zeros((num_groups, group_size, num_experts, capacity), bool)
   combine = np.zeros((num_groups, group_size, num_experts, capacity), np.float64)
   for g in range(num_groups):
     choices = []  # per token: list of (expert, gate, wanted)
     for s in range(group_size):
-      p = probs[g, s].copy()
+      u = probs[g, s] + bias
+      if expert_groups > 1:
+        u = _group_limited(u, expert_groups, top_groups)
       experts, gates = [], []
       for _ in range(top_k):
-        e = int(np.argmax(p))  # first occurrence on ties
+        e = int(np.argmax(u))  # first occurrence on ties
         experts.append(e)
         gates.append(probs[g, s, e])
-        p[e] = -np.inf
+        u[e] = -np.inf
       if normalize_gates and top_k > 1:
         total = sum(gates)
         gates = [x / total for x in gates]
@@ -39,9 +61,11 @@ def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=
       for k in range(1, top_k):
         if second_policy == "threshold":
           wanted[k] = valid and gates[k] > second_threshold
+      gates = [x * gate_scale for x in gates]
       choices.append(list(zip(experts, gates, wanted)))
     if batch_priority:
-      order = sorted(range(group_size), key=lambda s: (-probs[g, s].max(), s))
+      order = sorted(range(group_size),
+                     key=lambda s: (-probs[g, s, choices[s][0][0]], s))
     else:
       order = list(range(group_size))
     queue_len = [0] * num_experts
@@ -69,24 +93,53 @@ def activation_loop(activation, h, gate=None):
   raise NotImplementedError(activation)
 
 
-def moe_layer_loop(x, router_kernel, wi, wo, *, top_k, capacity, group_size,
-                   activation="relu", wi_gate=None, **route_kwargs):
-  """Reference MoE layer: route with :func:`route_loop`, then run each kept
-  (token, expert) pair through its expert one token at a time.
+def _ffn(x, wi, wo, wi_gate, activation):
+  """One FFN on one token, in float64."""
+  h = activation_loop(activation, x @ wi,
+                      x @ wi_gate if activation == "swiglu" else None)
+  return h @ wo
 
-  x: [T, M] with T a multiple of group_size. ``wi_gate`` [E, M, H] is needed for
-  swiglu only. Returns [T, M].
+
+def moe_layer_loop(x, router_kernel, wi, wo, *, top_k=1, capacity, group_size,
+                   activation="relu", wi_gate=None, router="topk", score_fn="softmax",
+                   noise_kernel=None, noise=None, noise_scale=1.0, shared=None,
+                   **route_kwargs):
+  """Reference MoE layer: route with the loop reference of ``router``, then run each
+  kept (token, expert) pair through its expert one token at a time, and add the shared
+  experts' output of every token.
+
+  Args:
+    x: [T, M] with T a multiple of group_size.
+    router_kernel: [M, E]; wi, wo (and wi_gate for SwiGLU): the stacked experts.
+    router: "topk" (scores by ``score_fn``, :func:`route_loop` with ``route_kwargs``),
+      "noisy_topk" (``noise``: f32[G, S, E] standard normal draws, scaled by
+      ``(softplus(x noise_kernel) + 1e-2) * noise_scale``; None routes the clean
+      logits) or "expert_choice".
+    shared: None or ``(wi, wo, wi_gate)`` of the shared experts' dense FFN.
+
+  Returns [T, M].
   """
-  x = np.asarray(x, np.float64)
-  router_kernel = np.asarray(router_kernel, np.float64)
-  wi, wo = np.asarray(wi, np.float64), np.asarray(wo, np.float64)
-  if activation == "swiglu":
-    wi_gate = np.asarray(wi_gate, np.float64)
+  f64 = lambda a: None if a is None else np.asarray(a, np.float64)  # noqa: E731
+  x, router_kernel, wi, wo, wi_gate = map(f64, (x, router_kernel, wi, wo, wi_gate))
   num_tokens, d_model = x.shape
-  logits = (x @ router_kernel).reshape(num_tokens // group_size, group_size, -1)
-  logits = logits - logits.max(-1, keepdims=True)
-  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  _, combine = route_loop(probs, top_k=top_k, capacity=capacity, **route_kwargs)
+  shape = (num_tokens // group_size, group_size, -1)
+  logits = (x @ router_kernel).reshape(shape)
+  if router == "topk":
+    scores = (np.exp(logits - logits.max(-1, keepdims=True)) if score_fn == "softmax"
+              else 1 / (1 + np.exp(-logits)))
+    if score_fn == "softmax":
+      scores = scores / scores.sum(-1, keepdims=True)
+    _, combine = route_loop(scores, top_k=top_k, capacity=capacity, **route_kwargs)
+  elif router == "noisy_topk":
+    std = np.ones_like(logits)
+    if noise is not None:
+      std = (np.logaddexp(0.0, x @ f64(noise_kernel)).reshape(shape) + 1e-2) * noise_scale
+    combine = noisy_top_k_loop(logits, std, noise, top_k=top_k, capacity=capacity,
+                               **route_kwargs)["combine"]
+  elif router == "expert_choice":
+    combine = expert_choice_loop(logits, capacity=capacity, **route_kwargs)["combine"]
+  else:
+    raise NotImplementedError(router)
   y = np.zeros_like(x)
   for t in range(num_tokens):
     g, s = divmod(t, group_size)
@@ -94,9 +147,11 @@ def moe_layer_loop(x, router_kernel, wi, wo, *, top_k, capacity, group_size,
       gate = combine[g, s, e].sum()
       if gate == 0:
         continue
-      h = activation_loop(activation, x[t] @ wi[e],
-                          x[t] @ wi_gate[e] if activation == "swiglu" else None)
-      y[t] += gate * (h @ wo[e])
+      y[t] += gate * _ffn(x[t], wi[e], wo[e], None if wi_gate is None else wi_gate[e],
+                          activation)
+    if shared is not None:
+      s_wi, s_wo, s_gate = map(f64, shared)
+      y[t] += _ffn(x[t], s_wi, s_wo, s_gate, activation)
   return y
 
 

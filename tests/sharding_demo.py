@@ -6,7 +6,7 @@ two-process test's worker processes (``from tests.sharding_demo import train_dem
 """
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +65,14 @@ def train_demo(
     dispatch: str = "einsum",
     learning_rate: float = 1e-2,
     seed: int = 0,
+    moe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Trains :class:`DemoModel` with Adam for ``steps`` steps on a (data, expert, model)
   mesh and returns what a test compares with the 1x1x1 run.
 
   ``num_experts`` is E of the single MoE block, or a sequence with one E per block.
+  ``moe`` overrides more :class:`~moe_jax.moe_layer.MoeConfig` fields (the router
+  family and its settings, shared experts, dtype, ...).
 
   The loss is next-token cross-entropy on random tokens plus 0.01 times the Switch
   load-balancing loss and 0.001 times the z-loss.
@@ -86,7 +89,7 @@ def train_demo(
         group_size=group_size, d_ff=d_ff, num_processes=jax.process_count()):
       raise ValueError(msg)
   cfg = moe_layer.MoeConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts[0],
-                            group_size=group_size, dispatch=dispatch)
+                            group_size=group_size, dispatch=dispatch, **dict(moe or {}))
   net = DemoModel(cfg, vocab_size, num_experts, rngs=nnx.Rngs(seed))
   mesh = sharding.make_mesh(data, expert, model)
   sharding.shard_model(net, mesh)

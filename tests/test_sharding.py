@@ -35,9 +35,12 @@ _reference_cache = {}
 
 
 def reference(num_experts=NUM_EXPERTS, **kw):
-  """train_demo on one device, computed once per setting."""
+  """train_demo on one device, computed once per setting (``moe``: a tuple of
+  items)."""
   key = (num_experts, tuple(sorted(kw.items())))
   if key not in _reference_cache:
+    if "moe" in kw:
+      kw = dict(kw, moe=dict(kw["moe"]))
     _reference_cache[key] = train_demo(1, 1, 1, num_experts=num_experts,
                                                 steps=STEPS, **kw)
   return _reference_cache[key]
@@ -79,6 +82,33 @@ def test_index_dispatch_sharded_equals_single_device():
   got = train_demo(2, 4, 1, num_experts=NUM_EXPERTS, steps=STEPS,
                             dispatch="indices")
   assert_same_run(got, reference())
+
+
+# Every router family on data x expert meshes: DeepSeek's knobs (sigmoid, selection
+# bias, expert groups, gate scale, a shared expert), noisy top-k (its noise is drawn
+# from the same key whatever the mesh) and expert choice.
+ZOO = {
+    "deepseek": dict(top_k=2, score_fn="sigmoid", bias_update_rate=1e-2,
+                     expert_groups=2, top_groups=1, gate_scale=2.5,
+                     num_shared_experts=1, balance_choices="all"),
+    "noisy_topk": dict(router="noisy_topk", top_k=2),
+    "expert_choice": dict(router="expert_choice"),
+}
+ZOO_EXPERTS = (4, 8)
+
+
+@pytest.mark.parametrize("router,data,expert,dispatch", [
+    ("deepseek", 2, 4, "einsum"), ("noisy_topk", 1, 8, "indices"),
+    ("expert_choice", 4, 2, "indices")])
+def test_every_router_sharded_equals_single_device(router, data, expert, dispatch):
+  moe = tuple(sorted(ZOO[router].items()))
+  want = reference(num_experts=ZOO_EXPERTS, moe=moe)
+  got = train_demo(data, expert, 1, num_experts=ZOO_EXPERTS, steps=STEPS,
+                            dispatch=dispatch, moe=dict(moe))
+  assert_same_run(got, want)
+  if router == "noisy_topk":
+    assert "moe/0/router/noise_kernel" in got["grads"]
+    assert got["specs"]["moe/0/router/noise_kernel"] == P()
 
 
 def test_dropless_layer_refuses_a_mesh():
