@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=8, seeds=1, capacity_factors=(1.0,), families=FAMILIES,
         num_layers=2, large_layers=4, d_model=32, num_heads=2, d_ff=64,
         num_experts=4, group_size=128, seq_len=32, batch_size=4,
-        learning_rate=3e-3, warmup_steps=2, eval_every=4, eval_steps=1, log_every=4,
+        learning_rate=3e-3, warmup_steps=2, eval_every=4, eval_steps=2, log_every=4,
         checkpoint_every=8, eval_capacity_factor=2.0, aux_loss_coef=0.01,
         z_loss_coef=0.001, bench_steps=1, bench_rounds=1),
     # The full grid (8 models x 2 seeds) on the embedded corpus on a 2-core CPU.
