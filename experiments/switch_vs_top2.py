@@ -40,6 +40,8 @@ flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps.")
 flags.DEFINE_integer("eval_every", None, "Steps between evaluations.")
 flags.DEFINE_integer("eval_steps", None,
                      "Batches per evaluation (0: the whole validation split).")
+flags.DEFINE_integer("final_eval_steps", None,
+                     "Batches of the final evaluation (0: the whole validation split).")
 flags.DEFINE_integer("log_every", None, "Steps between train metric lines.")
 flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
 flags.DEFINE_float("eval_capacity_factor", None, "Eval capacity factor of all MoE rows.")
@@ -65,8 +67,8 @@ FLAGS = flags.FLAGS
 OVERRIDES = ("steps", "seeds", "capacity_factors", "families", "num_experts",
              "num_layers", "large_layers", "d_model", "num_heads", "d_ff", "group_size",
              "seq_len", "batch_size", "learning_rate", "warmup_steps", "eval_every",
-             "eval_steps", "log_every", "checkpoint_every", "eval_capacity_factor",
-             "aux_loss_coef", "z_loss_coef", "dataset", "threshold",
+             "eval_steps", "final_eval_steps", "log_every", "checkpoint_every",
+             "eval_capacity_factor", "aux_loss_coef", "z_loss_coef", "dataset", "threshold",
              "init_scale", "expert_init_scale", "router_init_scale", "loss_reduction",
              "normalize_gates")
 

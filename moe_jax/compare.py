@@ -92,7 +92,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=300, seeds=2, capacity_factors=(2.0, 1.25, 1.0), families=FAMILIES,
         num_layers=4, large_layers=8, d_model=128, num_heads=4, d_ff=512,
         num_experts=8, group_size=1024, seq_len=64, batch_size=16,
-        learning_rate=2e-3, warmup_steps=30, eval_every=25, eval_steps=0,
+        learning_rate=2e-3, warmup_steps=30, eval_every=25, eval_steps=10,
+        final_eval_steps=0,
         log_every=25, checkpoint_every=100, eval_capacity_factor=2.0,
         aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=3,
         init_scale=1.0, expert_init_scale=1.0, router_init_scale=1.0),
@@ -110,7 +111,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Unset: the config default (model.init_scale 1.0; moe.init_scale and
 # moe.router_init_scale 0.1, relative to it; moe.loss_reduction; moe.normalize_gates).
-OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "init_scale": None,
+OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "final_eval_steps": None,
+                     "init_scale": None,
                      "expert_init_scale": None, "router_init_scale": None,
                      "loss_reduction": None, "normalize_gates": None}
 
@@ -191,6 +193,7 @@ def make_config(settings: dict[str, Any], family: str, capacity_factor: float | 
   c.log_every = s["log_every"]
   c.eval_every = s["eval_every"]
   c.eval_steps = s["eval_steps"]
+  c.final_eval_steps = s.get("final_eval_steps")
   c.checkpoint_every = s["checkpoint_every"]
   c.keep_checkpoints = 1
   c.progress_bar = False
@@ -776,11 +779,19 @@ def init_and_loss_sentence(config) -> str:
 
 def eval_sentence(config) -> str:
   """Which eval data a run's config scores, in words, for reports."""
-  steps = config.eval_steps
-  what = ("the whole validation split (every target token once)" if not steps else
-          f"a fixed sample of {steps} batches of {config.batch_size} windows drawn "
-          "uniformly from the whole validation split")
-  return (f"Eval: {what}, the same batches for every row and seed, at eval capacity "
+
+  def what(steps):
+    return ("the whole validation split (every target token once)" if not steps else
+            f"a fixed sample of {steps} batches of {config.batch_size} windows drawn "
+            "uniformly from the whole validation split")
+
+  final = config.get("final_eval_steps")
+  if final is None or final == config.eval_steps:
+    scope = f"every eval scores {what(config.eval_steps)}"
+  else:
+    scope = (f"the final eval (the quality column) scores {what(final)}; the evals "
+             f"every {config.eval_every} steps (the curves) score {what(config.eval_steps)}")
+  return (f"Eval: {scope}; the same batches for every row and seed, at eval capacity "
           f"factor {_cf_name(config.moe.eval_capacity_factor)}.")
 
 

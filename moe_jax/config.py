@@ -50,6 +50,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 25
   c.eval_every = 200
   c.eval_steps = 0  # 0: the whole validation split; N: a fixed sample of N batches
+  # The eval at the last step (what reports use); None: as eval_steps.
+  c.final_eval_steps = config_dict.placeholder(int)
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.distributed = False
@@ -180,6 +182,10 @@ def validate_config(config, *, num_devices: int | None = None,
                  "with N >= 1.")
   need("eval_steps", _is_int(config.eval_steps) and config.eval_steps >= 0,
        "must be an integer >= 0 (0 evaluates the whole validation split).")
+  final = config.get("final_eval_steps")
+  need("final_eval_steps", final is None or (_is_int(final) and final >= 0),
+       "must be None (as eval_steps) or an integer >= 0 (0: the whole validation "
+       "split).")
   need("seed", _is_int(config.seed), "must be an integer.")
   need("learning_rate", _is_real(config.learning_rate) and config.learning_rate > 0,
        "must be a finite number > 0 (e.g. --config.learning_rate=1e-3).")

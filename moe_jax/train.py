@@ -643,8 +643,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
         "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
 
   def run_eval(step: int) -> None:
+    num_steps = config.eval_steps
+    if step == config.steps and config.get("final_eval_steps") is not None:
+      num_steps = config.final_eval_steps
     batches = (sharding.shard_batch(b, mesh)
-               for b in data.eval_iter(num_steps=config.eval_steps or None))
+               for b in data.eval_iter(num_steps=num_steps or None))
     values = evaluate(eval_step, state.params, batches)
     summary["eval"] = writer.write("eval", step, values)
     if primary:

@@ -117,6 +117,7 @@ RULES = [
     ({"steps": -3}, "steps=-3", "positive"),
     ({"log_every": 0}, "log_every=0", "positive"),
     ({"eval_steps": -1}, "eval_steps=-1", "0 evaluates the whole validation split"),
+    ({"final_eval_steps": -2}, "final_eval_steps=-2", "None (as eval_steps)"),
     ({"keep_checkpoints": 0}, "keep_checkpoints=0", "positive"),
     ({"learning_rate": 0.0}, "learning_rate=0.0", "> 0"),
     ({"learning_rate": float("inf")}, "learning_rate=inf", "finite"),
@@ -157,7 +158,9 @@ def test_new_keys_have_valid_defaults():
   c = default_config()
   assert (c.eval_steps, c.moe.loss_reduction) == (0, "sum")
   assert (c.model.init_scale, c.moe.init_scale, c.moe.router_init_scale) == (1.0, 0.1, 0.1)
-  assert errors_for(**{"moe.loss_reduction": "mean", "eval_steps": 3}) == []
+  assert c.final_eval_steps is None  # as eval_steps
+  assert errors_for(**{"moe.loss_reduction": "mean", "eval_steps": 3,
+                       "final_eval_steps": 0}) == []
 
 
 def test_experts_must_fit_the_expert_axis():

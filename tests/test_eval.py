@@ -9,6 +9,7 @@ import pytest
 
 from moe_jax import data, sharding, train
 from moe_jax.config import default_config
+from moe_jax.metrics import read_metrics
 
 
 def test_batch_stderr_hand_example():
@@ -143,12 +144,16 @@ def test_padding_is_never_routed():
 
 
 def test_train_writes_eval_tokens_and_stderr(corpus, tmp_path):
+  # On a 2x2 mesh: a 1-batch sample at step 1, the whole split at the last step.
   config = _config(data=2, expert=2)
   config.data.name = corpus
   config.steps, config.warmup_steps, config.log_every = 2, 1, 1
-  config.eval_every, config.checkpoint_every = 2, 2
+  config.eval_every, config.checkpoint_every = 1, 2
+  config.eval_steps, config.final_eval_steps = 1, 0
   config.sample.length, config.progress_bar = 0, False
-  summary = train.train_and_evaluate(config, str(tmp_path))
-  ev = summary["eval"]
-  assert ev["eval_tokens"] == 173 and ev["eval_batches"] == 3
-  assert ev["eval_loss_stderr"] > 0
+  train.train_and_evaluate(config, str(tmp_path))
+  lines = [l for l in read_metrics(str(tmp_path), "eval")]
+  assert [(l["step"], l["eval_batches"], l["eval_tokens"]) for l in lines] == [
+      (1, 1, 4 * SEQ_LEN), (2, 3, 173)]
+  assert lines[-1]["eval_loss_stderr"] > 0
+  assert lines[0]["eval_loss_stderr"] == "nan"  # one batch: no standard error
