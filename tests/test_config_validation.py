@@ -44,7 +44,9 @@ eval_steps checkpoint_every keep_checkpoints distributed model.num_layers model.
 model.num_heads model.d_ff model.moe_every model.dtype moe.num_experts moe.top_k
 moe.capacity_factor moe.eval_capacity_factor moe.group_size moe.second_policy
 moe.second_threshold moe.jitter_noise moe.aux_loss_coef moe.z_loss_coef
-moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert""".split()
+moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert
+final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
+moe.loss_reduction""".split()
 
 
 @pytest.mark.parametrize("name", ["dense_small", "switch_small", "top2_small"])
