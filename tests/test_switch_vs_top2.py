@@ -61,7 +61,7 @@ def test_smoke_report_structure(smoke):
   assert "Init (every row alike): model-wide scale `model.init_scale=1`" in report
   assert "`moe.router_init_scale=0.1`" in report
   assert 'Loss convention: `moe.loss_reduction="sum"`' in report
-  assert "Eval: a fixed sample of 2 batches" in report
+  assert "Eval: every eval scores a fixed sample of 2 batches" in report
   # The paper's table sits beside ours, and the closing paragraph is computed.
   assert "Fedus et al. 2021, Table 1" in report
   assert "| Switch-Base | 1.0 | -1.561 | 62.8 | 1000 |" in report
