@@ -43,7 +43,9 @@ class MoeConfig:
     top_k: K, experts per token (1 Switch, 2 GShard).
     capacity_factor: train capacity factor; ``C = ceil(cf * S / E)`` (no factor of K).
     eval_capacity_factor: capacity factor when ``deterministic``.
-    group_size: S, tokens routed together. The B*L tokens are split into groups of S in
+    group_size: S, tokens routed together; 0 means one group per sequence (S = L, as
+      in MaxText's and DeepSeek's per-sequence balance), whatever B and the mesh. The
+      B*L tokens are split into groups of S in
       row-major order; if B*L < S one group of B*L tokens is used, and if B*L is not a
       multiple of S the last group is padded with masked tokens that are never routed
       and never enter a loss or a metric. On a mesh (see :mod:`moe_jax.sharding`) each
@@ -58,7 +60,10 @@ class MoeConfig:
       training only (Switch uses 0.01 in some setups; default off).
     expert_dropout: dropout rate on the experts' hidden layer, training only.
     activation: "relu" | "gelu" | "swiglu".
-    init_scale: variance scale of the truncated-normal fan-in init (Switch: 0.1).
+    init_scale: variance scale of the experts' truncated-normal fan-in init (Switch:
+      0.1).
+    router_init_scale: the same for the router's kernel (Switch: 0.1). It sets the
+      spread of the router logits, and so the router's confidence, at init.
     dtype: compute dtype of dispatch and experts; the router is always float32.
     dispatch: "einsum" | "indices" | "dropless" | "auto". "auto" picks, per backend,
       the capacity-based path that measured faster (docs/benchmarks.md): "indices" on
@@ -104,6 +109,7 @@ class MoeConfig:
   expert_dropout: float = 0.0
   activation: str = "relu"
   init_scale: float = 0.1
+  router_init_scale: float = 0.1
   dtype: str = "float32"
   dispatch: str = "auto"
   router: str = "topk"
@@ -142,8 +148,11 @@ def validate_moe_config(cfg) -> list[str]:
     return True
 
   ok = all([positive_int("d_model"), positive_int("d_ff"),
-            positive_int("num_experts"), positive_int("group_size"),
-            positive_int("min_capacity")])
+            positive_int("num_experts"), positive_int("min_capacity")])
+  group_size = cfg.group_size
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+    errors.append(f"group_size={group_size!r} must be an integer >= 0 (0: one group per "
+                  "sequence).")
   top_k = cfg.top_k
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
     errors.append(f"top_k={top_k!r} must be an integer >= 1 (1 Switch, 2 GShard).")
@@ -168,8 +177,10 @@ def validate_moe_config(cfg) -> list[str]:
   if cfg.activation not in ACTIVATIONS:
     errors.append(f"activation={cfg.activation!r} is unknown; use one of "
                   f"{', '.join(ACTIVATIONS)}.")
-  if not cfg.init_scale > 0:
-    errors.append(f"init_scale={cfg.init_scale!r} must be > 0.")
+  for name in ("init_scale", "router_init_scale"):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+      errors.append(f"{name}={v!r} must be a number > 0 (Switch: 0.1).")
   if cfg.dtype not in DTYPES:
     errors.append(f"dtype={cfg.dtype!r} is unknown; use one of {', '.join(DTYPES)}.")
   if cfg.dispatch not in DISPATCHERS and cfg.dispatch != "auto":
@@ -352,7 +363,8 @@ def check_groups(num_tokens: int, group_size: int, group_shards: int) -> None:
         f"MoE groups must not straddle devices: {num_tokens} tokens (B*L) in groups of "
         f"group_size={size} give G={num_tokens / size:g} groups, which is not a "
         f"multiple of the {group_shards} data-parallel devices (data*expert). Set "
-        f"moe.group_size to a divisor of the {per_device:g} tokens per device.")
+        f"moe.group_size to a divisor of the {per_device:g} tokens per device, or to 0 "
+        "(one group per sequence).")
 
 
 class MoeLayer(nnx.Module):
@@ -377,8 +389,8 @@ class MoeLayer(nnx.Module):
     self.cfg = cfg
     family = ROUTERS[cfg.router]
     self.router = Router(cfg.d_model, cfg.num_experts, jitter_noise=cfg.jitter_noise,
-                         init_scale=cfg.init_scale, learned_noise=family.learned_noise,
-                         rngs=rngs)
+                         init_scale=cfg.router_init_scale,
+                         learned_noise=family.learned_noise, rngs=rngs)
     self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff,
                            activation=cfg.activation, dropout_rate=cfg.expert_dropout,
                            init_scale=cfg.init_scale, dtype=cfg.compute_dtype,
@@ -431,19 +443,20 @@ class MoeLayer(nnx.Module):
 
   def route(self, logits: jax.Array, num_tokens: int, *, deterministic: bool,
             rng: jax.Array | None = None,
-            noise_std: jax.Array | None = None) -> routing.RoutingOutput:
+            noise_std: jax.Array | None = None,
+            token_mask: jax.Array | None = None) -> routing.RoutingOutput:
     """Routes f32[G, S, E] router logits with this layer's router family and settings.
 
     ``num_tokens`` is B*L: when it is less than G*S, the trailing tokens of the last
-    group are padding and are masked out. ``rng`` is the key of the family's
+    group are padding and are masked out. ``token_mask`` (bool[G, S], False for
+    padding) replaces that mask when given. ``rng`` is the key of the family's
     randomness (``second_policy="random"``, the noise of "noisy_topk"; unused
     otherwise). ``noise_std`` is :meth:`Router.noise_std` of the grouped inputs
     ("noisy_topk" when training; without it the routing has no noise).
     """
     cfg = self.cfg
     num_groups, group_size, _ = logits.shape
-    token_mask = None
-    if num_groups * group_size != num_tokens:
+    if token_mask is None and num_groups * group_size != num_tokens:
       token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
           num_groups, group_size)
     family = ROUTERS[cfg.router]
@@ -466,16 +479,21 @@ class MoeLayer(nnx.Module):
     self.selection_bias[...] = routing.update_selection_bias(
         self.selection_bias[...], choice_counts, self.cfg.bias_update_rate)
 
-  def __call__(self, x: jax.Array, *,
-               deterministic: bool | None = None) -> tuple[jax.Array, MoeAux]:
-    """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux)."""
+  def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux]:
+    """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
+
+    ``token_mask`` (bool[B, L], optional) marks padding with False: padded tokens are
+    never routed (their output is 0), take no expert slot and enter no loss or metric.
+    """
     if deterministic is None:
       deterministic = self.deterministic
     cfg = self.cfg
     batch, length, d_model = x.shape
     num_tokens = batch * length
-    num_groups, group_size = group_tokens(num_tokens, cfg.group_size)
-    check_groups(num_tokens, cfg.group_size, self.layout.group_shards)
+    requested = cfg.group_size or length  # 0: one group per sequence
+    num_groups, group_size = group_tokens(num_tokens, requested)
+    check_groups(num_tokens, requested, self.layout.group_shards)
     if cfg.dispatch == "dropless" and self.layout.num_devices > 1:
       raise ValueError(
           f"dispatch='dropless' runs on one device, but this layer is laid out over "
@@ -491,8 +509,12 @@ class MoeLayer(nnx.Module):
     rng = None
     if ROUTERS[cfg.router].uses_rng(cfg, deterministic):
       rng = self.rngs.routing()
+    mask = None
+    if token_mask is not None:
+      mask = jnp.pad(token_mask.reshape(num_tokens).astype(jnp.bool_), (0, pad))
+      mask = mask.reshape(num_groups, group_size)
     out = self.route(logits, num_tokens, deterministic=deterministic, rng=rng,
-                     noise_std=noise_std)
+                     noise_std=noise_std, token_mask=mask)
     dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
     y = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts, self.constrain,
                  deterministic=deterministic)

@@ -9,11 +9,12 @@
 
 Loss (what is differentiated)::
 
-    loss = CE + aux_loss_coef * mean_l(aux_l) + z_loss_coef * mean_l(z_l)
+    loss = CE + aux_loss_coef * R_l(aux_l) + z_loss_coef * R_l(z_l)
 
-with the mean over the MoE blocks ``l`` (not the sum), so the coefficients mean the same
-whatever the depth; ``metrics.jsonl`` reports CE as ``loss`` and the two layer means
-unscaled as ``aux_loss`` / ``z_loss``.
+with ``R_l`` the sum over the MoE blocks ``l`` for ``moe.loss_reduction="sum"`` (Switch
+and ST-MoE: every layer's loss carries the coefficient) or their mean for ``"mean"`` (the
+coefficient is shared out over the layers). ``metrics.jsonl`` reports CE as ``loss``
+and the two layer means, unscaled, as ``aux_loss`` / ``z_loss``, whatever the reduction.
 
 Randomness (jitter, second-expert sampling, dropout) is a pure function of
 ``(seed, step)``: every step reseeds the model's RNG streams from
@@ -32,7 +33,7 @@ import signal
 import sys
 import time
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -51,7 +52,8 @@ from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
                                  flops_per_token)
 
 __all__ = [
-    "TrainState", "TrainingError", "count_params", "evaluate", "flops_per_token",
+    "TrainState", "TrainingError", "batch_stderr", "count_params", "evaluate",
+    "flops_per_token",
     "generate", "load_model", "make_eval_step", "make_model", "make_optimizer", "make_train_step",
     "train_and_evaluate",
 ]
@@ -59,6 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RNG_STREAMS = ("default", "dropout", "jitter", "routing")
+
+# How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
+LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
 
 
 class TrainingError(RuntimeError):
@@ -71,7 +76,11 @@ class TrainingError(RuntimeError):
 
 
 def moe_config(config) -> MoeConfig | None:
-  """The MoeConfig of the model's MoE blocks, or None for a dense model."""
+  """The MoeConfig of the model's MoE blocks, or None for a dense model.
+
+  The config's ``moe.init_scale`` and ``moe.router_init_scale`` are relative to the
+  model-wide ``model.init_scale``; the MoeConfig gets their products (absolute scales).
+  """
   if not config.model.moe_every:
     return None
   m = config.moe
@@ -82,7 +91,11 @@ def moe_config(config) -> MoeConfig | None:
       min_capacity=m.min_capacity, second_policy=m.second_policy,
       second_threshold=m.second_threshold, normalize_gates=m.normalize_gates,
       jitter_noise=m.jitter_noise, expert_dropout=m.expert_dropout,
-      activation=config.model.activation, init_scale=m.init_scale,
+      activation=config.model.activation,
+      init_scale=config.model.init_scale * m.init_scale,
+      # Runs from before router_init_scale existed drew the router at moe.init_scale.
+      router_init_scale=config.model.init_scale * m.get("router_init_scale",
+                                                        m.init_scale),
       dtype=config.model.dtype, dispatch=m.dispatch, router=m.router,
       score_fn=m.score_fn, expert_groups=m.expert_groups, top_groups=m.top_groups,
       gate_scale=m.gate_scale, balance_choices=m.balance_choices,
@@ -256,6 +269,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   graphdef, _, rest = _split_model(model)
   initial_model_state = model_state(model)
   aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
+  reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
   def loss_fn(params, model_state_, batch, key, step):
     m = _merge(graphdef, params, rest, model_state_)
@@ -265,7 +279,11 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count, 1.0)
     moe = _moe_summary(moe_aux)
-    total = ce + aux_coef * moe["aux_loss"] + z_coef * moe["z_loss"]
+    total = ce
+    if moe_aux:
+      layers = [moe_aux[i] for i in sorted(moe_aux)]
+      total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
+               + z_coef * reduce(jnp.stack([a.z_loss for a in layers])))
     choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
     return total, (dict(moe, loss=ce), choice_counts)
 
@@ -297,12 +315,16 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   """``sums = eval_step(params, batch, model_state=None)``: summed CE (nats), token and
   byte counts, MoE metrics; deterministic (no jitter or dropout;
   ``eval_capacity_factor``). ``model_state`` (``TrainState.model_state``) replaces the
-  model's selection biases."""
+  model's selection biases.
+
+  A batch's ``weights`` (f32[B, L], optional) weight the targets; tokens of weight 0
+  are padding, which the MoE layers neither route nor count."""
   graphdef, _, rest = _split_model(model)
 
   def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
     m = _merge(graphdef, params, rest, model_state)
-    logits, moe_aux = m(batch["inputs"], deterministic=True)
+    mask = batch["weights"] > 0 if "weights" in batch else None
+    logits, moe_aux = m(batch["inputs"], deterministic=True, token_mask=mask)
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     is_byte = (batch["targets"] < 256).astype(jnp.float32)
     if "weights" in batch:
@@ -316,30 +338,60 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   return jax.jit(eval_step)
 
 
+def batch_stderr(nats: Sequence[float], tokens: Sequence[float]) -> float:
+  """Standard error of the token-weighted mean loss, over batches.
+
+  With batch ``b``'s summed CE ``n_b`` over ``w_b`` tokens, mean ``x_b = n_b / w_b``
+  and overall mean ``x = sum_b n_b / sum_b w_b`` (the eval loss), this is the
+  ratio-estimator (cluster) standard error
+
+      SE = sqrt(B / (B - 1) * sum_b w_b^2 (x_b - x)^2) / sum_b w_b
+
+  over the ``B`` batches with ``w_b > 0``; with equal ``w_b`` it is the familiar
+  ``std(x_b) / sqrt(B)`` (std with ``B - 1``). NaN with fewer than 2 batches.
+  """
+  pairs = [(n, w) for n, w in zip(nats, tokens) if w > 0]
+  if len(pairs) < 2:
+    return float("nan")
+  total_w = sum(w for _, w in pairs)
+  mean = sum(n for n, _ in pairs) / total_w
+  ss = sum((n - w * mean) ** 2 for n, w in pairs)  # w_b^2 (x_b - x)^2
+  return math.sqrt(len(pairs) / (len(pairs) - 1) * ss) / total_w
+
+
 def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   """Runs ``eval_step`` over ``batches``; returns the eval line's values.
 
-  ``eval_loss`` is the mean CE (nats) over all target tokens, ``eval_perplexity`` its
-  exp, and ``eval_bits_per_byte`` the CE over byte targets only (the EOS separators
-  are not bytes) in bits.
+  ``eval_loss`` is the mean CE (nats) over all ``eval_tokens`` target tokens (weighted
+  by the batches' ``weights``), ``eval_loss_stderr`` its standard error over batches
+  (:func:`batch_stderr`), ``eval_perplexity`` its exp, and ``eval_bits_per_byte`` the
+  CE over byte targets only (the EOS separators are not bytes) in bits. The MoE
+  metrics are token-weighted means over batches.
   """
-  totals: dict[str, float] = {}
-  n = 0
+  per_batch: list[dict[str, float]] = []
   for batch in batches:
     out = jax.device_get(eval_step(params, batch))
-    for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    n += 1
-  if not n:
+    per_batch.append({k: float(v) for k, v in out.items()})
+  if not per_batch:
     return {}
-  loss = totals["nats"] / max(totals["tokens"], 1.0)
+  tokens = [b["tokens"] for b in per_batch]
+  total_tokens = sum(tokens)
+  loss = sum(b["nats"] for b in per_batch) / max(total_tokens, 1.0)
+  byte_nats = sum(b["byte_nats"] for b in per_batch)
+  num_bytes = sum(b["bytes"] for b in per_batch)
+
+  def token_mean(key):
+    return sum(b[key] * b["tokens"] for b in per_batch) / max(total_tokens, 1.0)
+
   return {
       "eval_loss": loss,
+      "eval_loss_stderr": batch_stderr([b["nats"] for b in per_batch], tokens),
+      "eval_tokens": int(round(total_tokens)),
       "eval_perplexity": math.exp(min(loss, 700.0)),
-      "eval_bits_per_byte": totals["byte_nats"] / max(totals["bytes"], 1.0) / math.log(2),
-      "eval_aux_loss": totals["aux_loss"] / n,
-      "eval_dropped_fraction": totals["dropped_fraction"] / n,
-      "eval_batches": n,
+      "eval_bits_per_byte": byte_nats / max(num_bytes, 1.0) / math.log(2),
+      "eval_aux_loss": token_mean("aux_loss"),
+      "eval_dropped_fraction": token_mean("dropped_fraction"),
+      "eval_batches": len(per_batch),
   }
 
 
@@ -671,13 +723,17 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
         "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
 
   def run_eval(step: int) -> None:
+    num_steps = config.eval_steps
+    if step == config.steps and config.get("final_eval_steps") is not None:
+      num_steps = config.final_eval_steps
     batches = (sharding.shard_batch(b, mesh)
-               for b in data.eval_iter(num_steps=config.eval_steps))
+               for b in data.eval_iter(num_steps=num_steps or None))
     values = evaluate(functools.partial(eval_step, model_state=state.model_state),
                       state.params, batches)
     summary["eval"] = writer.write("eval", step, values)
     if primary:
-      pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f}, "
+      pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f} ± "
+                 f"{values['eval_loss_stderr']:.4f} over {values['eval_tokens']:,} tokens, "
                  f"bits/byte {values['eval_bits_per_byte']:.3f}")
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel

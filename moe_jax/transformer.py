@@ -66,7 +66,13 @@ class TransformerConfig:
     position: "rotary" | "learned".
     norm: "rmsnorm" | "layernorm".
     dropout: dropout on attention output and FFN output (residual branches).
-    init_scale: fan-in variance scale of the dense weights.
+    init_scale: the model-wide init scale s. Every weight matrix is drawn from a
+      truncated normal of variance ``s / fan_in`` (attention, dense FFN, output
+      projection), the embedding from a normal of variance ``s`` and learned positions
+      with std ``0.02 * sqrt(s)``; norm scales start at 1. The MoE layer's experts and
+      router take their own absolute scales from ``moe`` (``moe_jax.train`` passes
+      ``s`` times the config's relative ``moe.init_scale`` / ``moe.router_init_scale``).
+      Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
     tie_embeddings: output projection is the transposed input embedding.
     dtype: compute dtype, "float32" | "bfloat16".
     rope_base: rotary base frequency.
@@ -205,15 +211,15 @@ class Block(nnx.Module):
                           init_scale=cfg.init_scale, dtype=cfg.compute_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, *,
-               deterministic: bool) -> tuple[jax.Array, MoeAux | None]:
-    """x: [B, L, M] -> ([B, L, M], MoeAux or None)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux | None]:
+    """x: [B, L, M] -> ([B, L, M], MoeAux or None); token_mask: bool[B, L] or None."""
     h = self.attn(self.attn_norm(x), positions)
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
     h = self.ffn_norm(x)
     aux = None
     if self.is_moe:
-      h, aux = self.ffn(h, deterministic=deterministic)
+      h, aux = self.ffn(h, deterministic=deterministic, token_mask=token_mask)
     else:
       h = self.ffn(h, deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
@@ -230,21 +236,29 @@ class Transformer(nnx.Module):
     # Embedding std 1 (T5); logits are scaled by 1/sqrt(M) when tied, below. Untied
     # (the default of the experiment configs) starts from uniform predictions instead
     # of favouring the input token, which a tied embedding does at init.
+    std = cfg.init_scale ** 0.5
     self.embedding = _param(
-        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
+        std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
         EMBED_AXES["embedding"])
     self.positions = (_param(
-        0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
+        0.02 * std * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
         EMBED_AXES["positions"]) if cfg.position == "learned" else None)
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg.d_model, cfg.norm)
     self.unembed = (_param(
-        scaled_init(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
+        scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
+                                    jnp.float32),
         EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
 
-  def __call__(self, tokens: jax.Array, *, deterministic: bool = False
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = False,
+               token_mask: jax.Array | None = None
                ) -> tuple[jax.Array, dict[int, MoeAux]]:
-    """tokens: i32[B, L] -> (f32[B, L, V] logits, {block index: MoeAux})."""
+    """tokens: i32[B, L] -> (f32[B, L, V] logits, {block index: MoeAux}).
+
+    ``token_mask`` (bool[B, L], optional) marks padding with False; MoE layers neither
+    route it nor count it in their losses and metrics (causal attention already keeps
+    trailing padding from affecting real tokens).
+    """
     cfg = self.cfg
     length = tokens.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)
@@ -254,7 +268,7 @@ class Transformer(nnx.Module):
     x = x.astype(cfg.compute_dtype)
     moe_aux = {}
     for block in self.blocks:
-      x, aux = block(x, positions, deterministic=deterministic)
+      x, aux = block(x, positions, deterministic=deterministic, token_mask=token_mask)
       if aux is not None:
         moe_aux[block.index] = aux
     x = self.final_norm(x)

@@ -51,7 +51,9 @@ moe.second_threshold moe.jitter_noise moe.aux_loss_coef moe.z_loss_coef
 moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert
 moe.router moe.score_fn moe.expert_groups moe.top_groups moe.gate_scale
 moe.balance_choices moe.bias_update_rate moe.num_shared_experts moe.noise_anneal_steps
-moe.d_ff moe.allow_noncausal_routing""".split()
+moe.d_ff moe.allow_noncausal_routing
+final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
+moe.loss_reduction""".split()
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -126,7 +128,11 @@ RULES = [
     ({"moe.second_policy": "random", "moe.second_threshold": 0.0},
      "moe.second_threshold=0.0", "> 0"),
     ({"moe.num_experts": 0}, "moe.num_experts=0", "positive"),
-    ({"moe.group_size": 0}, "moe.group_size=0", "positive"),
+    ({"moe.group_size": -1}, "moe.group_size=-1", "0: one group per sequence"),
+    ({"moe.init_scale": 0.0}, "moe.init_scale=0.0", "> 0"),
+    ({"moe.router_init_scale": -0.1}, "moe.router_init_scale=-0.1", "> 0"),
+    ({"moe.loss_reduction": "max"}, "moe.loss_reduction='max'", "'sum'"),
+    ({"model.init_scale": 0.0}, "model.init_scale=0.0", "> 0"),
     ({"moe.jitter_noise": 1.5}, "moe.jitter_noise=1.5", "[0, 1)"),
     ({"moe.expert_dropout": -0.1}, "moe.expert_dropout=-0.1", "[0, 1)"),
     ({"moe.dispatch": "magic"}, "moe.dispatch='magic'", "einsum"),
@@ -146,7 +152,8 @@ RULES = [
     ({"steps": 0}, "steps=0", "positive"),
     ({"steps": -3}, "steps=-3", "positive"),
     ({"log_every": 0}, "log_every=0", "positive"),
-    ({"eval_steps": 0}, "eval_steps=0", "positive"),
+    ({"eval_steps": -1}, "eval_steps=-1", "0 evaluates the whole validation split"),
+    ({"final_eval_steps": -2}, "final_eval_steps=-2", "None (as eval_steps)"),
     ({"keep_checkpoints": 0}, "keep_checkpoints=0", "positive"),
     ({"learning_rate": 0.0}, "learning_rate=0.0", "> 0"),
     ({"learning_rate": float("inf")}, "learning_rate=inf", "finite"),
@@ -195,6 +202,27 @@ def test_each_rule_gives_one_error_naming_the_key(overrides, key, fix):
   assert len(errors) == 1, errors
   assert key in errors[0] and fix in errors[0], errors[0]
   assert "\n" not in errors[0]
+
+
+@pytest.mark.parametrize("data,expert", [(8, 1), (4, 2), (2, 4), (1, 8), (2, 2)])
+def test_default_grouping_fits_every_mesh_that_divides_the_batch(data, expert):
+  # moe.group_size=0 (the default): one group per sequence, so any mesh whose
+  # data-parallel size divides the batch of 16 splits the groups evenly.
+  assert default_config().moe.group_size == 0
+  assert errors_for(num_devices=8, **{"mesh.data": data, "mesh.expert": expert}) == []
+  # An explicit group larger than a device's tokens is still refused, naming the fix.
+  errors = errors_for(num_devices=8, **{"mesh.data": data, "mesh.expert": expert,
+                                        "moe.group_size": 2048})
+  assert data * expert == 1 or any("moe.group_size=2048" in e for e in errors), errors
+
+
+def test_new_keys_have_valid_defaults():
+  c = default_config()
+  assert (c.eval_steps, c.moe.loss_reduction) == (0, "sum")
+  assert (c.model.init_scale, c.moe.init_scale, c.moe.router_init_scale) == (1.0, 0.1, 0.1)
+  assert c.final_eval_steps is None  # as eval_steps
+  assert errors_for(**{"moe.loss_reduction": "mean", "eval_steps": 3,
+                       "final_eval_steps": 0}) == []
 
 
 def test_experts_must_fit_the_expert_axis():

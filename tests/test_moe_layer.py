@@ -238,6 +238,22 @@ def test_single_small_batch_uses_one_group():
                              rtol=1e-4, atol=1e-6)
 
 
+def test_group_size_zero_is_one_group_per_sequence():
+  # group_size=0 routes each row of [B, L] as its own group: the same as group_size=L,
+  # and each row routes as it would alone (capacity ceil(1.0 * 6 / 4) = 2 per row).
+  x = _x((3, 6, 8))
+  per_seq, explicit = _layer(group_size=0), _layer(group_size=6)
+  y0, aux0 = _apply(per_seq, x)
+  y6, aux6 = _apply(explicit, x)
+  np.testing.assert_array_equal(y0, y6)
+  np.testing.assert_array_equal(aux0.aux_loss, aux6.aux_loss)
+  alone, _ = _apply(per_seq, x[1:2])
+  np.testing.assert_allclose(y0[1:2], alone, rtol=1e-6, atol=1e-7)
+  # A group of the whole batch (18 tokens, C = 5) routes differently.
+  whole, _ = _apply(_layer(group_size=18), x)
+  assert not np.allclose(whole, y0)
+
+
 def test_bfloat16_compute_keeps_router_in_float32():
   layer32 = _layer(top_k=2)
   layer16 = _layer(top_k=2, dtype="bfloat16")
@@ -329,7 +345,8 @@ _GOOD = dict(d_model=8, d_ff=16, num_experts=4)
     (dict(eval_capacity_factor=-1.0), "eval_capacity_factor"),
     (dict(second_policy="maybe"), "second_policy"),
     (dict(second_policy="random", second_threshold=0.0), "second_threshold"),
-    (dict(group_size=0), "group_size"),
+    (dict(group_size=-1), "group_size"),
+    (dict(router_init_scale=0.0), "router_init_scale"),
     (dict(d_model=0), "d_model"),
     (dict(activation="tanh"), "activation"),
     (dict(dtype="int8"), "dtype"),

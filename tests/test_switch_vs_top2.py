@@ -46,7 +46,7 @@ def test_smoke_report_structure(smoke):
   report = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
   table = [l for l in report.splitlines() if l.startswith("| ")]
   header = table[0]
-  for col in ("Model", "Capacity factor", "Quality after 8 steps",
+  for col in ("Model", "Capacity factor", "Quality after 8 steps", "Eval stderr",
               "Time to quality threshold", "Steps to threshold", "examples/s",
               "Tokens/s", "Dropped tokens", "interleaved benchmark"):
     assert col in header
@@ -55,11 +55,17 @@ def test_smoke_report_structure(smoke):
   # The threshold is the dense baseline's final loss: the dense row reaches it at its
   # last evaluation (1 seed), so its time cell is a number.
   dense = [c.strip() for c in rows[0].split("|")]
-  assert float(dense[5]) <= 8  # steps to threshold
-  # Measured cells (time to threshold in s, interleaved benchmark speed): numbers,
-  # whatever their values.
-  assert "(↓, s)" in header.split("|")[4] and "examples/s" in header.split("|")[7]
-  float(dense[4]), float(dense[7])
+  assert float(dense[6]) <= 8  # steps to threshold
+  # Measured cells (eval stderr over 2 batches, time to threshold in s, interleaved
+  # benchmark speed): numbers, whatever their values.
+  cols = header.split("|")
+  assert "Eval stderr" in cols[4] and "(↓, s)" in cols[5] and "examples/s" in cols[8]
+  float(dense[4]), float(dense[5]), float(dense[8])
+  # Every row's init rule, loss convention and eval data are stated.
+  assert "Init (every row alike): model-wide scale `model.init_scale=1`" in report
+  assert "`moe.router_init_scale=0.1`" in report
+  assert 'Loss convention: `moe.loss_reduction="sum"`' in report
+  assert "Eval: every eval scores a fixed sample of 2 batches" in report
   # The paper's table sits beside ours, and the closing paragraph is computed.
   assert "Fedus et al. 2021, Table 1" in report
   assert "| Switch-Base | 1.0 | -1.561 | 62.8 | 1000 |" in report
