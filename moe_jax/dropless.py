@@ -170,8 +170,9 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
     buffer_factor: ``moe.ragged_buffer_factor``.
 
   Returns:
-    (y [G, S, M], lost bool[G, S, K]: kept choices the static buffers could not hold,
-    whose output is 0).
+    (y [G, S, M], lost): ``lost`` bool[G, S, K] marks the kept choices the static
+    buffers could not hold (their output is 0); None when buffers are worst-case or
+    no row travels, so that nothing can be lost.
   """
   mesh = layout.mesh
   num_experts = out.num_experts
@@ -251,7 +252,9 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
       body, mesh=mesh,
       in_specs=(groups_spec, groups_spec, groups_spec, groups_spec, w_specs, P()),
       out_specs=(groups_spec, groups_spec))
-  return fn(x, out.expert_index, out.kept, out.gates, weights, key)
+  y, lost = fn(x, out.expert_index, out.kept, out.gates, weights, key)
+  can_lose = peers > 1 and rows_per_peer < buffer_rows(tokens, top_k, per_peer, peers)
+  return y, (lost if can_lose else None)
 
 
 def apply_lost(out: routing.RoutingOutput, lost: jax.Array,

@@ -134,6 +134,23 @@ def test_small_buffer_drops_and_reports_exactly(top_k, factor, lost_tokens, lost
     np.testing.assert_allclose(y[:, kept], y_ref[:, kept], rtol=1e-5, atol=1e-6)
 
 
+def test_expert_dropout_on_a_mesh_masks_hidden_units():
+  # Training draws a dropout key outside shard_map and folds in each device's mesh
+  # position: outputs change against eval, stay finite, and two calls differ.
+  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=2,
+                  dispatch="dropless", expert_dropout=0.5)
+  mesh = sharding.make_mesh(2, 4)
+  layer = sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
+  x = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+  x = sharding.shard_batch({"x": x}, mesh)["x"]
+  step = nnx.jit(lambda layer, x, det: layer(x, deterministic=det)[0],
+                 static_argnums=2)
+  y_eval = np.asarray(step(layer, x, True))
+  y1, y2 = np.asarray(step(layer, x, False)), np.asarray(step(layer, x, False))
+  assert np.all(np.isfinite(y1)) and not np.allclose(y1, y_eval)
+  assert not np.allclose(y1, y2)
+
+
 def test_buffer_rows_formula():
   # T = 8 tokens, K = 2, E_l = 2 experts per shard, X = 4 shards.
   assert dropless.buffer_rows(8, 2, 2, 4) == 16  # worst case: 8 * min(2, 2)
@@ -222,3 +239,41 @@ def test_no_exchange_on_data_only_or_replicated_experts():
   # 8x1: one expert shard, so each device computes its own tokens; nothing travels.
   hlo = _step_hlo(1, 8, 1)
   assert _all_to_alls(hlo) == [] and "all-gather" not in hlo
+
+
+# ----------------------------------------------------------------------------------
+# The router-zoo configs that use dropless train on every mesh like on one device.
+# ----------------------------------------------------------------------------------
+
+_zoo_runs = {}
+
+
+def _zoo_losses(name, data, expert, tmp_path_factory):
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from tests.test_train import _zoo_config  # pylint: disable=import-outside-toplevel
+
+  if (name, data, expert) not in _zoo_runs:
+    # 8 x 16 tokens in groups of 16: G = 8, one group per device on 8 devices.
+    config = _zoo_config(name, **{
+        "steps": 2, "log_every": 1, "eval_every": 2, "eval_steps": 1,
+        "checkpoint_every": 2, "warmup_steps": 1, "batch_size": 8,
+        "data.seq_len": 16, "moe.group_size": 16, "mesh.data": data,
+        "mesh.expert": expert})
+    assert config.moe.dispatch == "dropless"
+    workdir = tmp_path_factory.mktemp(f"{name}_{data}x{expert}")
+    train.train_and_evaluate(config, str(workdir))
+    _zoo_runs[(name, data, expert)] = [r.get("loss", r.get("eval_loss"))
+                                       for r in read_metrics(str(workdir))]
+  return _zoo_runs[(name, data, expert)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data,expert", MESHES)
+@pytest.mark.parametrize("name", ["mixtral_small", "deepseek_small"])
+def test_dropless_zoo_configs_train_on_every_mesh(name, data, expert,
+                                                  tmp_path_factory):
+  want = _zoo_losses(name, 1, 1, tmp_path_factory)
+  got = _zoo_losses(name, data, expert, tmp_path_factory)
+  assert len(want) == 3 and np.all(np.isfinite(want))  # 2 train steps, 1 eval
+  np.testing.assert_allclose(got, want, rtol=2e-4)
