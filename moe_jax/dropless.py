@@ -194,8 +194,10 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
 
   def run_experts(rows, group_sizes, weights, key):
     rng = None
-    if use_rng:  # a different mask on every device (and H slice)
-      for axis in (*BATCH_AXES, MODEL_AXIS):
+    if use_rng:
+      # A different mask on every device's rows and every H slice; replicas of the
+      # same slice over `model` must draw the same mask.
+      for axis in BATCH_AXES + ((MODEL_AXIS,) if split_h else ()):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
       rng = key
     y = experts.ragged(rows, group_sizes.astype(jnp.int32), deterministic=deterministic,

@@ -16,21 +16,21 @@ from moe_jax import MoeConfig, MoeLayer, dropless, sharding
 from tests.test_sharding import assert_same_run
 
 MESHES = [(8, 1), (2, 4), (4, 2), (1, 8)]  # (data, expert)
-# E = 4 is replicated on 1x8 and one expert per device on 2x4; E = 16 is 2 to 8 per
-# device: more devices than experts and more experts than devices in one compile.
-NUM_EXPERTS = (4, 16)
+# E = 8: one expert per device on 1x8, 2 on 2x4, 4 on 4x2, all 8 (no exchange) on 8x1.
+# One MoE block keeps each compile small; the model-axis test adds E < expert axis.
+NUM_EXPERTS = (8,)
 _refs = {}
 
 
-def _demo(data, expert, model=1, **moe):
-  return sharding.train_demo(data, expert, model, num_experts=NUM_EXPERTS, steps=2,
+def _demo(data, expert, model=1, num_experts=NUM_EXPERTS, **moe):
+  return sharding.train_demo(data, expert, model, num_experts=num_experts, steps=2,
                              dispatch="dropless", moe=moe)
 
 
-def _reference(**moe):
-  key = tuple(sorted(moe.items()))
+def _reference(num_experts=NUM_EXPERTS, **moe):
+  key = (num_experts, tuple(sorted(moe.items())))
   if key not in _refs:
-    _refs[key] = _demo(1, 1, **moe)
+    _refs[key] = _demo(1, 1, num_experts=num_experts, **moe)
   return _refs[key]
 
 
@@ -43,10 +43,12 @@ def test_sharded_dropless_equals_single_device(data, expert, top_k):
 
 
 def test_sharded_dropless_with_model_axis_and_swiglu():
-  # H split over `model`: each device computes its half of the hidden units and the
-  # partial outputs are summed over `model` before they travel back.
+  # 1x4x2: H split over `model`, so each device computes its half of the hidden units
+  # and the partial outputs are summed over `model` before they travel back. E = 2 is
+  # replicated over the expert axis of 4 (no exchange), E = 8 has 2 per device.
   moe = dict(top_k=2, activation="swiglu")
-  assert_same_run(_demo(2, 2, 2, **moe), _reference(**moe))
+  assert_same_run(_demo(1, 4, 2, num_experts=(2, 8), **moe),
+                  _reference(num_experts=(2, 8), **moe))
 
 
 # ----------------------------------------------------------------------------------
