@@ -605,8 +605,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
 
   model = make_model(config, vocab_size=tokenizer.vocab_size)
   info = model_info(model, config.data.seq_len)
+  routed = (f"top-{config.moe.top_k}" if config.moe.router == "topk" else
+            f"{config.moe.router}, {_moe_layers(model)[0].experts_per_token:g} "
+            "experts per token")
   kind = (f"MoE ({len(info['moe_blocks'])} of {config.model.num_layers} blocks, "
-          f"{config.moe.num_experts} experts, top-{config.moe.top_k})"
+          f"{config.moe.num_experts} experts, {routed})"
           if info["moe_blocks"] else "dense")
   _print(f"Model: {kind}; params {_fmt(info['params_total'])} total / "
          f"{_fmt(info['params_active'])} active per token; forward FLOPs/token "
@@ -761,6 +764,10 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
              f"\n{text}")
   writer.close()
   return summary
+
+
+def _moe_layers(model: nnx.Module) -> list[MoeLayer]:
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, MoeLayer)]
 
 
 def _merge_parts(model: nnx.Module, params: dict):

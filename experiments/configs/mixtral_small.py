@@ -4,7 +4,7 @@ As in Mixtral: 8 experts, each token goes to its top 2 with gates renormalised o
 two (equal to a softmax over the two chosen logits), SwiGLU experts, and no token is
 dropped (``dispatch="dropless"``, grouped matmuls as in MegaBlocks). The balance loss
 counts all k choices (``balance_choices="all"``); Hugging Face's Mixtral loss is k = 2
-times this one (docs/routing.md), so its coefficient is half of theirs for the same pull.
+times this one (docs/routing.md), so a coefficient here pulls like half of it there.
 
 Scaled down: the 4-block, d_model 256 byte-level LM of ``dense_small`` (Mixtral: 32
 blocks of 4096), MoE in every other block as in ``switch_small`` (Mixtral: every block),
