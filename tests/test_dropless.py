@@ -279,3 +279,30 @@ def test_dropless_zoo_configs_train_on_every_mesh(name, data, expert,
   got = _zoo_losses(name, data, expert, tmp_path_factory)
   assert len(want) == 3 and np.all(np.isfinite(want))  # 2 train steps, 1 eval
   np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_train_cli_runs_mixtral_dropless_on_a_mesh(tmp_path):
+  # The command line, end to end: no refusal, and the run logs finite losses. The
+  # subprocess sees 8 fake devices through XLA_FLAGS (conftest.py sets them).
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from tests.test_train import (CONFIGS, ROOT, SUBPROCESS_ENV,  # pylint: disable=import-outside-toplevel
+                                cli_overrides)
+
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+       f"--config={os.path.join(CONFIGS, 'mixtral_small.py')}",
+       f"--workdir={tmp_path}",
+       *cli_overrides(**{"steps": 2, "log_every": 1, "eval_every": 2, "eval_steps": 1,
+                         "checkpoint_every": 2, "warmup_steps": 1, "batch_size": 8,
+                         "data.seq_len": 16, "moe.group_size": 16, "sample.length": 0,
+                         "mesh.data": 2, "mesh.expert": 4,
+                         "moe.dispatch": "dropless"})],
+      capture_output=True, text=True, timeout=600, check=False, env=SUBPROCESS_ENV)
+  assert out.returncode == 0, out.stderr[-2000:]
+  losses = [r["loss"] for r in read_metrics(str(tmp_path), "train")]
+  assert len(losses) == 2 and np.all(np.isfinite(losses))
