@@ -1,4 +1,4 @@
-"""Dropless MoE across devices: per-device sort, all-to-all of routed rows, grouped matmuls.
+"""Dropless MoE across devices: per-device sort, all-to-all of rows, grouped matmuls.
 
 ``dispatch="dropless"`` on a mesh runs this path inside one ``jax.shard_map`` over the
 mesh's ``data``, ``expert`` and ``model`` axes (MegaBlocks' dropless MoE, laid out as
@@ -134,7 +134,8 @@ def exchange_bytes(layout_peers: int, rows_per_peer: int, d_model: int, itemsize
 def _weight_specs(layout, experts) -> dict[str, P]:
   """Where each expert weight lives: E over ``expert`` when split, H over ``model``."""
   mesh = layout.mesh
-  e_axis = EXPERT_AXIS if layout.experts_sharded and mesh.shape[EXPERT_AXIS] > 1 else None
+  split_e = layout.experts_sharded and mesh.shape[EXPERT_AXIS] > 1
+  e_axis = EXPERT_AXIS if split_e else None
   model = mesh.shape[MODEL_AXIS]
   h_axis = MODEL_AXIS if model > 1 and experts.wi.shape[-1] % model == 0 else None
   specs = {"wi": P(e_axis, None, h_axis), "wo": P(e_axis, h_axis, None)}
@@ -240,7 +241,8 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
       local_rows, local_order = _sort_by(local, got.reshape(num_slots, width))
       y_local = run_experts(local_rows, jnp.sum(recv_counts, axis=0), weights, key)
       y_got = _unsort(y_local, local_order).reshape(peers, rows_per_peer, width)
-      back = exchange_rows(y_got, recv, sent, EXPERT_AXIS, how).reshape(num_slots, width)
+      back = exchange_rows(y_got, recv, sent, EXPERT_AXIS, how)
+      back = back.reshape(num_slots, width)
       back = jnp.concatenate([back, jnp.zeros((1, width), back.dtype)], axis=0)
       y_sorted = jnp.take(back, slot, axis=0)  # dropped and unrouted rows read 0
       lost_sorted = (peer < peers) & ~fits
@@ -274,8 +276,8 @@ def apply_lost(out: routing.RoutingOutput, lost: jax.Array,
   metrics["dropped_fraction"] = (metrics["dropped_fraction"]
                                  + jnp.sum(newly_dropped) / max(num_tokens, 1))
   num_groups, _, top_k = lost.shape
-  lost_per_expert = jnp.sum(
-      jax.nn.one_hot(out.expert_index, out.num_experts) * lost[..., None], axis=(0, 1, 2))
+  lost_hot = jax.nn.one_hot(out.expert_index, out.num_experts) * lost[..., None]
+  lost_per_expert = jnp.sum(lost_hot, axis=(0, 1, 2))
   if "expert_fill" in metrics:
     metrics["expert_fill"] = (metrics["expert_fill"]
                               - lost_per_expert / (num_groups * out.capacity))

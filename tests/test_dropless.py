@@ -290,8 +290,8 @@ def test_train_cli_runs_mixtral_dropless_on_a_mesh(tmp_path):
   import sys  # pylint: disable=import-outside-toplevel
 
   from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
-  from tests.test_train import (CONFIGS, ROOT, SUBPROCESS_ENV,  # pylint: disable=import-outside-toplevel
-                                cli_overrides)
+  from tests.test_train import (  # pylint: disable=import-outside-toplevel
+      CONFIGS, ROOT, SUBPROCESS_ENV, cli_overrides)
 
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
