@@ -102,6 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.num_shared_experts = 0  # DeepSeek-MoE shared experts of width moe.d_ff
   c.moe.noise_anneal_steps = 0  # noisy_topk: noise x max(0, 1 - step / N); 0 is off
   c.moe.d_ff = 0  # width of each expert; 0 is model.d_ff (fine-grained experts: less)
+  # dispatch="dropless" on a mesh: how rows move between expert shards, buffer size.
+  c.moe.ragged_exchange = "auto"  # ragged (GPU/TPU) | padded (any backend) | auto
+  c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
   c.moe.allow_noncausal_routing = False  # expert_choice sees later tokens of its group
 
   c.data = ml_collections.ConfigDict()
@@ -322,11 +325,6 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
     validate_mesh = None
   errors = []
   size = mesh.data * mesh.expert * mesh.model
-  if num_experts and config.moe.dispatch == "dropless" and size > 1:
-    errors.append(f"moe.dispatch='dropless' runs on one device, but the mesh has "
-                  f"{size} (data={mesh.data}, expert={mesh.expert}, model={mesh.model}); "
-                  "use --config.moe.dispatch=indices (or einsum) on a mesh, or a 1x1x1 "
-                  "mesh for dropless.")
   if num_devices is not None and validate_mesh is not None:
     seq_len = config.data.seq_len
     seq_len = seq_len if _is_int(seq_len) and seq_len > 0 else None

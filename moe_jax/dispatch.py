@@ -13,17 +13,22 @@ dispatch paths combine freely. :class:`~moe_jax.moe_layer.MoeLayer` picks one by
 * ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
   as grouped matmuls (``jax.lax.ragged_dot``, as in MegaBlocks and MaxText), so the work
   is exactly the routed tokens, however unbalanced. Equal to the other paths with
-  ``C = S``. One device only: see :func:`dropless_dispatch`.
+  ``C = S``. On a mesh each device sorts its own choices and the rows travel to their
+  experts' devices by all-to-all (:mod:`moe_jax.dropless`).
+
+Every path returns ``(y, lost)``: ``lost`` marks the kept choices the path could not
+compute (bool[G, S, K]; only dropless on a mesh with ``moe.ragged_buffer_factor > 0``
+loses any, None elsewhere), so the layer counts them as dropped.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax import routing
+from moe_jax import dropless, routing
 from moe_jax.experts import Experts
 
 
@@ -31,13 +36,19 @@ class Dispatcher(Protocol):
   """Moves grouped tokens to the experts, runs them and combines their outputs."""
 
   def __call__(self, x: jax.Array, out: routing.RoutingOutput, experts: Experts,
-               constrain: Callable[[jax.Array, str], jax.Array], *,
-               deterministic: bool) -> jax.Array:
-    """x: [G, S, M] -> [G, S, M]."""
+               layout: Any, *, cfg: Any,
+               deterministic: bool) -> tuple[jax.Array, jax.Array | None]:
+    """x: [G, S, M] -> (y [G, S, M], lost bool[G, S, K] or None).
+
+    ``layout`` is the layer's :class:`~moe_jax.moe_layer.Layout` (``constrain`` pins
+    activations; ``mesh`` is None on one device) and ``cfg`` its MoeConfig.
+    """
 
 
-def einsum_dispatch(x, out, experts, constrain, *, deterministic):
+def einsum_dispatch(x, out, experts, layout, *, cfg, deterministic):
   """Reference path with one-hot ``[G, S, E, C]`` tensors (GShard / flaxformer)."""
+  del cfg
+  constrain = layout.constrain
   dispatch = out.dispatch_mask.astype(x.dtype)
   combine = out.combine_weights.astype(x.dtype)
   # Each device fills the buffers of its own groups, then one all-to-all moves them to
@@ -45,7 +56,7 @@ def einsum_dispatch(x, out, experts, constrain, *, deterministic):
   buffers = constrain(jnp.einsum("GSEC,GSM->EGCM", dispatch, x), "group_buffers")
   y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
   y = constrain(constrain(y, "expert_buffers"), "group_buffers")
-  return jnp.einsum("GSEC,EGCM->GSM", combine, y)
+  return jnp.einsum("GSEC,EGCM->GSM", combine, y), None
 
 
 def _slot_table(slot: jax.Array, group_size: int, num_slots: int) -> jax.Array:
@@ -61,7 +72,7 @@ def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take(padded, index, axis=0)
 
 
-def indices_dispatch(x, out, experts, constrain, *, deterministic):
+def indices_dispatch(x, out, experts, layout, *, cfg, deterministic):
   """Scatter token ids into ``[G, E*C]`` slot tables, then gather.
 
   Empty slots and dropped choices point at a zero row appended after the S tokens (for
@@ -70,6 +81,8 @@ def indices_dispatch(x, out, experts, constrain, *, deterministic):
   the scatter carry G as a batch dimension and stay local to the device that holds the
   group (explicit group indices would make the partitioner all-gather the tokens).
   """
+  del cfg
+  constrain = layout.constrain
   num_groups, group_size, d_model = x.shape
   num_experts, capacity = out.num_experts, out.capacity
   num_slots = num_experts * capacity
@@ -84,10 +97,10 @@ def indices_dispatch(x, out, experts, constrain, *, deterministic):
   y = constrain(constrain(y, "expert_buffers"), "group_buffers")
   y = y.transpose(1, 0, 2, 3).reshape(num_groups, num_slots, d_model)
   picked = jax.vmap(_gather_rows)(y, slot)  # [G, S, K, M]
-  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
+  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype)), None
 
 
-def dropless_dispatch(x, out, experts, constrain, *, deterministic):
+def dropless_dispatch(x, out, experts, layout, *, cfg, deterministic):
   """Sorts every kept choice by expert and runs the experts as grouped matmuls.
 
   ``out`` must come from routing with ``C = S`` (:meth:`MoeLayer.capacity` does this
@@ -96,13 +109,17 @@ def dropless_dispatch(x, out, experts, constrain, *, deterministic):
   (unrouted ones last, past ``sum(group_sizes)``, where ``ragged_dot`` outputs 0), the
   rows are gathered in that order, and the outputs are gathered back per choice.
 
-  The sort runs over all groups at once. On a mesh the partitioner would gather every
-  device's tokens (and the experts' weights) to sort them, so that each device did
-  the whole batch's work; data and expert parallelism need a per-device sort and a
-  ragged all-to-all, which are not built. So this path runs on one device only:
-  :class:`MoeLayer` and the config check refuse it on a mesh of more than one device.
+  On one device the sort runs over all groups at once. On a mesh (``layout.mesh``
+  with more than one device) a global sort would make the partitioner gather every
+  device's tokens and the experts' weights, so there each device sorts its own
+  choices and exchanges rows with the devices that hold their experts
+  (:func:`moe_jax.dropless.dropless_on_mesh`, configured by ``moe.ragged_exchange``
+  and ``moe.ragged_buffer_factor``).
   """
-  del constrain
+  if getattr(layout, "mesh", None) is not None and layout.num_devices > 1:
+    return dropless.dropless_on_mesh(
+        x, out, experts, layout, deterministic=deterministic,
+        exchange=cfg.ragged_exchange, buffer_factor=cfg.ragged_buffer_factor)
   num_groups, group_size, d_model = x.shape
   top_k = out.expert_index.shape[-1]
   num_experts = out.num_experts
@@ -114,7 +131,7 @@ def dropless_dispatch(x, out, experts, constrain, *, deterministic):
   y = experts.ragged(rows, group_sizes.astype(jnp.int32), deterministic=deterministic)
   inverse = jnp.argsort(order)  # the sorted row of each choice
   picked = jnp.take(y, inverse, axis=0).reshape(num_groups, group_size, top_k, d_model)
-  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
+  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype)), None
 
 
 DISPATCHERS: dict[str, Dispatcher] = {

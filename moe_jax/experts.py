@@ -92,28 +92,38 @@ class Experts(nnx.Module):
     return jnp.einsum("EGCH,EHM->EGCM", h, wo)
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array, *,
-             deterministic: bool | None = None) -> jax.Array:
+             deterministic: bool | None = None,
+             weights: dict[str, jax.Array] | None = None,
+             rng: jax.Array | None = None) -> jax.Array:
     """Runs the experts on rows sorted by expert, as grouped matmuls.
 
     Args:
       x: [N, M] rows; the first ``group_sizes[0]`` belong to expert 0, the next
         ``group_sizes[1]`` to expert 1, and so on.
       group_sizes: i32[E] rows per expert; rows past ``sum(group_sizes)`` get output 0.
+      weights: ``{"wi", "wo"[, "wi_gate"]}`` to use instead of the module's own, e.g.
+        one device's shard ``[E_l, M, H_l]`` inside ``shard_map``
+        (:mod:`moe_jax.dropless`); E is then their leading size.
+      rng: dropout key to use instead of the module's stream.
 
     Returns:
       [N, M] expert outputs, in the compute dtype.
     """
     x = x.astype(self.dtype)
+    if weights is None:
+      weights = {"wi": self.wi[...], "wo": self.wo[...]}
+      if self.wi_gate is not None:
+        weights["wi_gate"] = self.wi_gate[...]
 
     def grouped(a, w):
-      return jax.lax.ragged_dot(a, w[...].astype(self.dtype), group_sizes,
+      return jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes,
                                 preferred_element_type=self.dtype)
 
-    h = grouped(x, self.wi)  # [N, H]
-    gate = grouped(x, self.wi_gate) if self.wi_gate is not None else None
+    h = grouped(x, weights["wi"])  # [N, H]
+    gate = grouped(x, weights["wi_gate"]) if "wi_gate" in weights else None
     h = activate(self.activation, h, gate)
-    h = self.dropout(h, deterministic=deterministic)
-    return grouped(h, self.wo)  # [N, M]
+    h = self.dropout(h, deterministic=deterministic, rngs=rng)
+    return grouped(h, weights["wo"])  # [N, M]
 
 
 class DenseFfn(nnx.Module):

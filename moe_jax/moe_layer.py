@@ -25,6 +25,7 @@ from flax import nnx
 from moe_jax import routing
 from moe_jax.dispatch import (DISPATCHERS, Dispatcher, dropless_dispatch,  # noqa: F401
                               einsum_dispatch, indices_dispatch, resolve_dispatch)
+from moe_jax.dropless import EXCHANGES, apply_lost
 from moe_jax.experts import ACTIVATIONS, DenseFfn, Experts, scaled_init
 from moe_jax.routers import (ROUTER_OPTIONS, ROUTERS, RouterInputs, SelectionBias,
                              TrainingStep)
@@ -71,7 +72,16 @@ class MoeConfig:
       "dropless" ignores ``capacity_factor``, ``eval_capacity_factor`` and
       ``min_capacity`` (no token is dropped for capacity; the second-expert policy
       still applies), and its ``expert_fill`` metric counts kept choices per ``S``
-      tokens of a group.
+      tokens of a group. It runs on one device and on any mesh (per-device sort and
+      all-to-all of the routed rows, :mod:`moe_jax.dropless`).
+    ragged_exchange: dropless on a mesh: how rows move between the expert shards.
+      "ragged" (``jax.lax.ragged_all_to_all``, only the routed rows; GPU and TPU),
+      "padded" (``all_to_all`` of the static buffers; every backend) or "auto"
+      ("ragged" on GPU and TPU, "padded" elsewhere). Both give the same numbers.
+    ragged_buffer_factor: dropless on a mesh: the static rows a device may send to
+      each expert shard. -1 is the worst case (nothing is dropped); f > 0 is f times
+      the balanced share ``T*K/X`` (MaxText's convention), and rows past it are
+      dropped and counted in ``dropped_fraction``.
     router: the router family, a key of :data:`moe_jax.routers.ROUTERS`: "topk"
       (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
       "expert_choice" (Zhou et al. 2022; each expert takes ``C = ceil(cf * S / E)``
@@ -121,6 +131,8 @@ class MoeConfig:
   bias_update_rate: float = 0.0
   num_shared_experts: int = 0
   noise_anneal_steps: int = 0
+  ragged_exchange: str = "auto"
+  ragged_buffer_factor: float = -1.0
 
   def __post_init__(self):
     for msg in validate_moe_config(self):
@@ -187,6 +199,27 @@ def validate_moe_config(cfg) -> list[str]:
     errors.append(f"dispatch={cfg.dispatch!r} is unknown; use one of "
                   f"{', '.join(DISPATCHERS)} or auto.")
   errors.extend(_router_errors(cfg, ok))
+  errors.extend(_dropless_errors(cfg))
+  return errors
+
+
+def _dropless_errors(cfg) -> list[str]:
+  """The keys of the dropless path across devices (:mod:`moe_jax.dropless`)."""
+  errors = []
+  exchange = getattr(cfg, "ragged_exchange", "auto")
+  factor = getattr(cfg, "ragged_buffer_factor", -1.0)
+  if exchange not in EXCHANGES:
+    errors.append(f"ragged_exchange={exchange!r} is unknown; use one of "
+                  f"{', '.join(EXCHANGES)}.")
+  if not (_is_real(factor) and (factor == -1 or factor > 0)):
+    errors.append(f"ragged_buffer_factor={factor!r} must be -1 (worst-case buffers, "
+                  "nothing dropped) or a finite number > 0 (times the balanced share).")
+  if cfg.dispatch in DISPATCHERS and cfg.dispatch != "dropless":
+    for name, value, default in (("ragged_exchange", exchange, "auto"),
+                                 ("ragged_buffer_factor", factor, -1.0)):
+      if value != default and not any(e.startswith(f"{name}=") for e in errors):
+        errors.append(f"{name}={value!r} has no effect with dispatch={cfg.dispatch!r}; "
+                      f"leave it at {default!r} or use dispatch='dropless'.")
   return errors
 
 
@@ -339,10 +372,15 @@ class Layout:
   Attributes:
     group_shards: D, the number of devices the G axis is split over.
     num_devices: devices of the layout's mesh.
+    mesh: the ``jax.sharding.Mesh`` (None on one device); ``dispatch="dropless"``
+      runs its per-device work in a ``shard_map`` over it.
+    experts_sharded: E is split over the mesh's ``expert`` axis.
   """
 
   group_shards: int = 1
   num_devices: int = 1
+  mesh = None
+  experts_sharded: bool = False
 
   def constrain(self, x: jax.Array, name: str) -> jax.Array:
     del name
@@ -494,10 +532,6 @@ class MoeLayer(nnx.Module):
     requested = cfg.group_size or length  # 0: one group per sequence
     num_groups, group_size = group_tokens(num_tokens, requested)
     check_groups(num_tokens, requested, self.layout.group_shards)
-    if cfg.dispatch == "dropless" and self.layout.num_devices > 1:
-      raise ValueError(
-          f"dispatch='dropless' runs on one device, but this layer is laid out over "
-          f"{self.layout.num_devices}; use dispatch='indices' or 'einsum' on a mesh.")
     pad = num_groups * group_size - num_tokens
     tokens = x.reshape(num_tokens, d_model)
     if pad:
@@ -516,8 +550,10 @@ class MoeLayer(nnx.Module):
     out = self.route(logits, num_tokens, deterministic=deterministic, rng=rng,
                      noise_std=noise_std, token_mask=mask)
     dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
-    y = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts, self.constrain,
-                 deterministic=deterministic)
+    y, lost = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts,
+                       self.layout, cfg=cfg, deterministic=deterministic)
+    if lost is not None:
+      out = apply_lost(out, lost, num_tokens)
     y = self.constrain(y, "groups")
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     y = y.reshape(batch, length, d_model)

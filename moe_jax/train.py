@@ -100,7 +100,8 @@ def moe_config(config) -> MoeConfig | None:
       score_fn=m.score_fn, expert_groups=m.expert_groups, top_groups=m.top_groups,
       gate_scale=m.gate_scale, balance_choices=m.balance_choices,
       bias_update_rate=m.bias_update_rate, num_shared_experts=m.num_shared_experts,
-      noise_anneal_steps=m.noise_anneal_steps)
+      noise_anneal_steps=m.noise_anneal_steps, ragged_exchange=m.ragged_exchange,
+      ragged_buffer_factor=m.ragged_buffer_factor)
 
 
 def transformer_config(config, vocab_size: int) -> TransformerConfig:

@@ -249,12 +249,32 @@ def test_moe_d_ff_sets_the_expert_width():
   assert errors_for(**{"moe.d_ff": 256}) == []
 
 
-def test_dropless_is_refused_on_a_mesh():
+@pytest.mark.parametrize("data,expert", [(8, 1), (2, 4), (1, 8)])
+def test_dropless_is_accepted_on_every_mesh(data, expert):
   assert errors_for(**{"moe.dispatch": "dropless"}) == []
-  errors = errors_for(num_devices=8, **{"mesh.data": 8, "moe.group_size": 256,
-                                        "moe.dispatch": "dropless"})
+  assert errors_for(num_devices=8, **{"mesh.data": data, "mesh.expert": expert,
+                                      "batch_size": 8, "moe.group_size": 128,
+                                      "moe.dispatch": "dropless",
+                                      "moe.ragged_buffer_factor": 1.5,
+                                      "moe.ragged_exchange": "padded"}) == []
+
+
+@pytest.mark.parametrize("overrides,key,fix", [
+    ({"moe.dispatch": "dropless", "moe.ragged_exchange": "nccl"},
+     "moe.ragged_exchange='nccl'", "ragged, padded"),
+    ({"moe.dispatch": "dropless", "moe.ragged_buffer_factor": 0.0},
+     "moe.ragged_buffer_factor=0.0", "-1"),
+    ({"moe.dispatch": "dropless", "moe.ragged_buffer_factor": -2.0},
+     "moe.ragged_buffer_factor=-2.0", "> 0"),
+    ({"moe.dispatch": "indices", "moe.ragged_buffer_factor": 2.0},
+     "moe.ragged_buffer_factor=2.0", "dispatch='dropless'"),
+    ({"moe.dispatch": "einsum", "moe.ragged_exchange": "ragged"},
+     "moe.ragged_exchange='ragged'", "no effect with dispatch='einsum'"),
+])
+def test_ragged_exchange_keys_are_checked(overrides, key, fix):
+  errors = errors_for(**overrides)
   assert len(errors) == 1, errors
-  assert "moe.dispatch='dropless'" in errors[0] and "indices" in errors[0]
+  assert key in errors[0] and fix in errors[0], errors[0]
 
 
 def test_all_problems_are_reported_at_once():

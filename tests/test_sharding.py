@@ -111,13 +111,6 @@ def test_every_router_sharded_equals_single_device(router, data, expert, dispatc
     assert got["specs"]["moe/0/router/noise_kernel"] == P()
 
 
-def test_dropless_layer_refuses_a_mesh():
-  layer = sharding.shard_model(_layer(8, dispatch="dropless"), sharding.make_mesh(8, 1))
-  x = np.zeros((8, 8, 8), np.float32)
-  with pytest.raises(ValueError, match="dropless.*over 8.*indices"):
-    layer(x)
-
-
 def _layer(num_experts, group_size=8, dispatch="einsum"):
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=num_experts, group_size=group_size,
                   dispatch=dispatch)
@@ -376,8 +369,8 @@ TRAIN_MESHES = [(2, 4)] if os.environ.get("MOE_JAX_QUICK") == "1" else MESHES
 _train_runs = {}
 
 
-def _switch_run(data, expert, tmp_path_factory):
-  if (data, expert) not in _train_runs:
+def _switch_run(data, expert, tmp_path_factory, dispatch="auto"):
+  if (data, expert, dispatch) not in _train_runs:
     sys.path.insert(0, str(REPO / "experiments"))
     try:
       from configs import switch_small  # pylint: disable=import-outside-toplevel
@@ -393,23 +386,27 @@ def _switch_run(data, expert, tmp_path_factory):
     c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 32, 2, 64
     c.moe.group_size = 16  # 8*16 tokens -> G = 8 groups: one per device on 8 devices
     c.mesh.data, c.mesh.expert = data, expert
-    workdir = tmp_path_factory.mktemp(f"switch_{data}x{expert}")
+    c.moe.dispatch = dispatch
+    workdir = tmp_path_factory.mktemp(f"switch_{dispatch}_{data}x{expert}")
     train.train_and_evaluate(c, str(workdir))
     with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
       lines = [json.loads(line) for line in f]
-    _train_runs[(data, expert)] = {
+    _train_runs[(data, expert, dispatch)] = {
         "train": [l["loss"] for l in lines if l.get("split") == "train"],
         "eval": [l["eval_loss"] for l in lines if l.get("split") == "eval"],
     }
-  return _train_runs[(data, expert)]
+  return _train_runs[(data, expert, dispatch)]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["auto", "dropless"])
 @pytest.mark.parametrize("data,expert", TRAIN_MESHES)
-def test_switch_training_run_logs_same_losses_on_every_mesh(data, expert,
+def test_switch_training_run_logs_same_losses_on_every_mesh(data, expert, dispatch,
                                                             tmp_path_factory):
-  want = _switch_run(1, 1, tmp_path_factory)
-  got = _switch_run(data, expert, tmp_path_factory)
+  # "dropless" on a mesh: per-device sort and all-to-all of the routed rows; on one
+  # device: the global sort. Both log the same losses.
+  want = _switch_run(1, 1, tmp_path_factory, dispatch)
+  got = _switch_run(data, expert, tmp_path_factory, dispatch)
   assert len(want["train"]) == 3 and len(want["eval"]) == 1
   np.testing.assert_allclose(got["train"], want["train"], rtol=2e-4)
   np.testing.assert_allclose(got["eval"], want["eval"], rtol=2e-4)

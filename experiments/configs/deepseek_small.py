@@ -18,7 +18,7 @@ Scaled down: the 4-block, d_model 256 byte-level LM of ``dense_small`` with MoE 
 every other block (V3: 61 blocks of 7168, the first 3 dense; 256 routed experts of width
 2048, top-8, 1 shared), ``gate_scale`` 1.0 (V3's routed scaling factor is 2.5 for
 top-8 of 256). Kept from ``switch_small`` (not in the papers): z-loss 0.001, GELU.
-Dropless runs on one device (a 1x1x1 mesh).
+Dropless runs on one device and on any mesh (docs/sharding.md).
 """
 
 from moe_jax.config import default_config

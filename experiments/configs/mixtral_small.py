@@ -11,7 +11,7 @@ blocks of 4096), MoE in every other block as in ``switch_small`` (Mixtral: every
 expert width d_ff 1024 (Mixtral: 14336). SwiGLU is the activation of the whole model, the
 dense blocks included, so the FFN weights are 1.5x those of the GELU configs. Kept from
 ``switch_small`` (not in the paper): aux loss coefficient 0.01, z-loss 0.001.
-Dropless runs on one device (a 1x1x1 mesh).
+Dropless runs on one device and on any mesh (docs/sharding.md).
 """
 
 from moe_jax.config import default_config
