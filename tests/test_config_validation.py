@@ -249,6 +249,20 @@ def test_moe_d_ff_sets_the_expert_width():
   assert errors_for(**{"moe.d_ff": 256}) == []
 
 
+def test_both_ffn_widths_must_split_over_the_model_axis():
+  # mesh.model = 8 splits every FFN's hidden width H. The experts' width is moe.d_ff
+  # (100 = 8 * 12 + 4), the dense blocks' model.d_ff (1020 = 8 * 127 + 4): each is
+  # reported under its own key, and a valid pair passes.
+  mesh = {"mesh.model": 8, "batch_size": 8}
+  errors = errors_for(num_devices=8, **mesh, **{"moe.d_ff": 100})
+  assert len(errors) == 1 and "moe.d_ff=100" in errors[0], errors
+  errors = errors_for(num_devices=8, **mesh, **{"moe.d_ff": 256, "model.d_ff": 1020})
+  assert len(errors) == 1 and "model.d_ff=1020" in errors[0], errors
+  errors = errors_for(num_devices=8, **mesh, **{"model.d_ff": 1020})  # experts too
+  assert len(errors) == 1 and "model.d_ff=1020" in errors[0], errors
+  assert errors_for(num_devices=8, **mesh, **{"moe.d_ff": 256}) == []
+
+
 def test_dropless_is_refused_on_a_mesh():
   assert errors_for(**{"moe.dispatch": "dropless"}) == []
   errors = errors_for(num_devices=8, **{"mesh.data": 8, "moe.group_size": 256,
