@@ -98,7 +98,13 @@ def test_router_zoo_settings():
   assert (m.num_experts, m.d_ff, m.num_shared_experts, m.top_k) == (32, 256, 1, 3)
   assert deepseek.model.d_ff == 4 * m.d_ff
   assert (m.score_fn, m.bias_update_rate, m.balance_choices) == ("sigmoid", 1e-3, "all")
-  assert m.group_size == deepseek.data.seq_len  # one group per sequence
+  # One group per sequence, also when data.seq_len is overridden after get_config:
+  # group_size 0 (S = L); a number fixed at data.seq_len would then put two
+  # sequences of 64 in a group of 128.
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  deepseek.data.seq_len = 64
+  model_cfg = train.transformer_config(deepseek, vocab_size=259)
+  assert model_cfg.moe.group_size in (0, deepseek.data.seq_len)
   assert (m.expert_groups, m.top_groups) == (4, 2)
   assert 0 < m.aux_loss_coef < 0.01
   assert (noisy.moe.router, noisy.moe.top_k) == ("noisy_topk", 2)
