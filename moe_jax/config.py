@@ -333,11 +333,19 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
       group_size = seq_len  # one group per sequence
     if not (_is_int(group_size) and group_size >= 1):
       group_size = None  # reported by the MoE rules
+    # Both hidden widths are split over the model axis: the dense FFNs' model.d_ff
+    # and, when set, the experts' moe.d_ff (0: the experts use model.d_ff).
+    d_ff, expert_width = config.model.d_ff, config.moe.get("d_ff", 0)
+    d_ff_ok = _is_int(d_ff) and d_ff >= 1
+    expert_width_set = num_experts and _is_int(expert_width) and expert_width >= 1
     for msg in validate_mesh(num_devices=num_devices, data=mesh.data, expert=mesh.expert,
                              model=mesh.model, num_experts=num_experts,
                              global_batch=batch, seq_len=seq_len, group_size=group_size,
-                             d_ff=config.model.d_ff):
+                             d_ff=expert_width if expert_width_set else None):
       errors.append(msg if msg.startswith("mesh.") else f"mesh: {msg}")
+    if d_ff_ok and d_ff % mesh.model:
+      errors.append(f"mesh: model.d_ff={d_ff} is not divisible by mesh.model="
+                    f"{mesh.model}; the FFN hidden width is split over the model axis.")
   elif num_devices is not None:
     if size != num_devices:
       errors.append(f"mesh.data*mesh.expert*mesh.model={size} must equal the "

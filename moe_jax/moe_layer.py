@@ -522,7 +522,8 @@ class MoeLayer(nnx.Module):
     """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
 
     ``token_mask`` (bool[B, L], optional) marks padding with False: padded tokens are
-    never routed (their output is 0), take no expert slot and enter no loss or metric.
+    never routed (their routed output is 0), take no expert slot and enter no loss or
+    metric. Shared experts, like a dense FFN, still run on every position.
     """
     if deterministic is None:
       deterministic = self.deterministic

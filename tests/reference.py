@@ -25,6 +25,24 @@ def _group_limited(u, expert_groups, top_groups):
   return out
 
 
+def _queue(dispatch, combine, g, choices, order, capacity):
+  """Fills group g's slots: choices[s] is token s's list of (expert, gate, wanted);
+  choice-major (every wanted first choice in ``order``, then every second one, ...),
+  each expert's slots in arrival order, arrivals past ``capacity`` dropped."""
+  num_experts = dispatch.shape[2]
+  queue_len = [0] * num_experts
+  for k in range(len(choices[0])):
+    for s in order:
+      e, gate, wanted = choices[s][k]
+      if not wanted:
+        continue
+      slot = queue_len[e]
+      queue_len[e] += 1
+      if slot < capacity:
+        dispatch[g, s, e, slot] = True
+        combine[g, s, e, slot] = gate
+
+
 def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=0.2,
                normalize_gates=True, batch_priority=False, token_mask=None,
                selection_bias=None, expert_groups=1, top_groups=None, gate_scale=1.0):
@@ -68,17 +86,7 @@ def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=
                      key=lambda s: (-probs[g, s, choices[s][0][0]], s))
     else:
       order = list(range(group_size))
-    queue_len = [0] * num_experts
-    for k in range(top_k):
-      for s in order:
-        e, gate, wanted = choices[s][k]
-        if not wanted:
-          continue
-        slot = queue_len[e]
-        queue_len[e] += 1
-        if slot < capacity:
-          dispatch[g, s, e, slot] = True
-          combine[g, s, e, slot] = gate
+    _queue(dispatch, combine, g, choices, order, capacity)
   return dispatch, combine
 
 
@@ -248,18 +256,9 @@ def route_zoo_loop(logits, *, top_k, capacity, score_fn="softmax", selection_bia
       order = sorted(range(group_size), key=lambda s: (-tokens[s][3], s))
     else:
       order = list(range(group_size))
-    queue_len = [0] * num_experts
-    for k in range(top_k):
-      for s in order:
-        experts, gates, wanted, _ = tokens[s]
-        if not wanted[k]:
-          continue
-        e = experts[k]
-        slot = queue_len[e]
-        queue_len[e] += 1
-        if slot < capacity:
-          dispatch[g, s, e, slot] = True
-          combine[g, s, e, slot] = gates[k] * gate_scale
+    choices = [list(zip(experts, [x * gate_scale for x in gates], wanted))
+               for experts, gates, wanted, _ in tokens]
+    _queue(dispatch, combine, g, choices, order, capacity)
   aux = float(np.mean(group_losses)) if group_losses else 0.0
   return dict(dispatch=dispatch, combine=combine, aux_loss=aux, choice_counts=counts,
               expert_index=all_index)
@@ -346,18 +345,9 @@ def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=Non
         elif e in experts:
           load[g, e] += 1
     aux += (cv2(importance[g]) + cv2(load[g])) / num_groups
-    queue_len = [0] * num_experts
-    for k in range(top_k):
-      for s in range(group_size):
-        experts, gates, valid = tokens[s]
-        if not valid:
-          continue
-        e = experts[k]
-        slot = queue_len[e]
-        queue_len[e] += 1
-        if slot < capacity:
-          dispatch[g, s, e, slot] = True
-          combine[g, s, e, slot] = gates[k]
+    choices = [list(zip(experts, gates, [valid] * top_k))
+               for experts, gates, valid in tokens]
+    _queue(dispatch, combine, g, choices, range(group_size), capacity)
   return dict(dispatch=dispatch, combine=combine, aux_loss=aux, importance=importance,
               load=load)
 

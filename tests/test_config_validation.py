@@ -98,7 +98,13 @@ def test_router_zoo_settings():
   assert (m.num_experts, m.d_ff, m.num_shared_experts, m.top_k) == (32, 256, 1, 3)
   assert deepseek.model.d_ff == 4 * m.d_ff
   assert (m.score_fn, m.bias_update_rate, m.balance_choices) == ("sigmoid", 1e-3, "all")
-  assert m.group_size == deepseek.data.seq_len  # one group per sequence
+  # One group per sequence, also when data.seq_len is overridden after get_config:
+  # group_size 0 (S = L); a number fixed at data.seq_len would then put two
+  # sequences of 64 in a group of 128.
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  deepseek.data.seq_len = 64
+  model_cfg = train.transformer_config(deepseek, vocab_size=259)
+  assert model_cfg.moe.group_size in (0, deepseek.data.seq_len)
   assert (m.expert_groups, m.top_groups) == (4, 2)
   assert 0 < m.aux_loss_coef < 0.01
   assert (noisy.moe.router, noisy.moe.top_k) == ("noisy_topk", 2)
@@ -247,6 +253,20 @@ def test_moe_d_ff_sets_the_expert_width():
   assert train.moe_config(switch_config()).d_ff == 1024  # 0: model.d_ff
   assert train.moe_config(switch_config(**{"moe.d_ff": 256})).d_ff == 256
   assert errors_for(**{"moe.d_ff": 256}) == []
+
+
+def test_both_ffn_widths_must_split_over_the_model_axis():
+  # mesh.model = 8 splits every FFN's hidden width H. The experts' width is moe.d_ff
+  # (100 = 8 * 12 + 4), the dense blocks' model.d_ff (1020 = 8 * 127 + 4): each is
+  # reported under its own key, and a valid pair passes.
+  mesh = {"mesh.model": 8, "batch_size": 8}
+  errors = errors_for(num_devices=8, **mesh, **{"moe.d_ff": 100})
+  assert len(errors) == 1 and "moe.d_ff=100" in errors[0], errors
+  errors = errors_for(num_devices=8, **mesh, **{"moe.d_ff": 256, "model.d_ff": 1020})
+  assert len(errors) == 1 and "model.d_ff=1020" in errors[0], errors
+  errors = errors_for(num_devices=8, **mesh, **{"model.d_ff": 1020})  # experts too
+  assert len(errors) == 1 and "model.d_ff=1020" in errors[0], errors
+  assert errors_for(num_devices=8, **mesh, **{"moe.d_ff": 256}) == []
 
 
 @pytest.mark.parametrize("data,expert", [(8, 1), (2, 4), (1, 8)])

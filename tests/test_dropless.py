@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoeConfig, MoeLayer, dropless, sharding
+from tests.sharding_demo import train_demo
 from tests.test_sharding import assert_same_run
 
 MESHES = [(8, 1), (2, 4), (4, 2), (1, 8)]  # (data, expert)
@@ -23,7 +24,7 @@ _refs = {}
 
 
 def _demo(data, expert, model=1, num_experts=NUM_EXPERTS, **moe):
-  return sharding.train_demo(data, expert, model, num_experts=num_experts, steps=2,
+  return train_demo(data, expert, model, num_experts=num_experts, steps=2,
                              dispatch="dropless", moe=moe)
 
 

@@ -9,8 +9,8 @@ sigmoid gates, auxiliary-loss-free balancing and group-limited routing.
 * DeepSeek-V3 (2024) routing: sigmoid affinities, top-k gates renormalised over the k
   choices, a selection bias moved by ``bias_update_rate`` 1e-3 after every step
   (auxiliary-loss-free balancing, V3's gamma), a small sequence-wise balance loss
-  (``balance_choices="all"`` over groups of one sequence, ``group_size`` =
-  ``data.seq_len``, coefficient 1e-4 as V3's alpha), and group-limited routing: the 32
+  (``balance_choices="all"`` over groups of one sequence, ``group_size=0``, so also
+  when ``data.seq_len`` is overridden; coefficient 1e-4 as V3's alpha), and group-limited routing: the 32
   experts form 4 groups of 8 and each token keeps the 2 groups whose two best scores sum
   highest (V3: 8 groups, 4 kept). No token is dropped (``dispatch="dropless"``).
 
@@ -36,7 +36,7 @@ def get_config():
   config.moe.gate_scale = 1.0
   config.moe.bias_update_rate = 1e-3
   config.moe.balance_choices = "all"
-  config.moe.group_size = config.data.seq_len  # one routing group per sequence
+  config.moe.group_size = 0  # one routing group per sequence, whatever data.seq_len
   config.moe.aux_loss_coef = 1e-4
   config.moe.expert_groups = 4
   config.moe.top_groups = 2
