@@ -7,7 +7,8 @@ r"""Switch vs top-2 MoE vs dense: the grid of Switch Transformer Table 1, one co
 Trains dense, dense-large (2x FLOPs), top-2 and top-1 (Switch) models at each train
 capacity factor, for each seed, in WORKDIR/runs/NAME, then writes WORKDIR/report.md,
 results.csv and plots. Re-running the same command skips finished runs and resumes
-unfinished ones. See docs/switch_vs_top2.md and moe_jax/compare.py.
+unfinished ones. See docs/switch_vs_top2.md and
+moe_jax/compare/switch_vs_top2.py.
 """
 
 import os

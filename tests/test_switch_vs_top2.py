@@ -1,4 +1,4 @@
-"""The Switch-vs-top-2 grid (moe_jax/compare.py, experiments/switch_vs_top2.py).
+"""The Switch-vs-top-2 grid (moe_jax/compare/, experiments/switch_vs_top2.py).
 
 One smoke run of the command (3 tiny rows, 8 steps, 1 seed) checks the whole pipeline:
 report, CSV and plots, and that re-running the same command trains nothing. The rest
