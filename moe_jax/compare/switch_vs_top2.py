@@ -3,16 +3,19 @@
 Fedus, Zoph and Shazeer (2021), Table 1, compare T5-Base and T5-Large with top-2
 MoE-Base and top-1 Switch-Base at train capacity factors 2.0, 1.25 and 1.0 on quality
 after a fixed number of steps (negative log perplexity), time to a quality threshold and
-examples per second. This module runs the same grid through :mod:`moe_jax.train` and
-writes a report in the paper's layout:
+examples per second. This module defines the same grid and runs it through
+:mod:`moe_jax.train` with the grid-independent runner, aggregation, report and plots of
+:mod:`moe_jax.compare`, and writes a report in the paper's layout:
 
 * :func:`resolve_settings` -- a preset (``smoke``, ``cpu_small``, ``base``) plus
   overrides;
-* :func:`build_grid` -- one :class:`RunSpec` (a full training config) per model and seed;
-* :func:`run_grid` -- trains every run in ``WORKDIR/runs/NAME``; finished runs are
-  skipped, unfinished ones resume from their checkpoints;
-* :func:`summarize_run` / :func:`write_outputs` -- ``results.csv`` (one row per run),
-  ``report.md`` and three plots.
+* :func:`build_grid` -- one :class:`~moe_jax.compare.runner.RunSpec` (a full training
+  config) per model and seed;
+* :func:`run_comparison` -- trains every run in ``WORKDIR/runs/NAME``
+  (:func:`~moe_jax.compare.runner.run_grid`: finished runs are skipped, unfinished ones
+  resume from their checkpoints), benchmarks throughput, then :func:`write_outputs`:
+  ``results.csv`` (one row per run), ``report.md`` and three plots;
+* :func:`orderings` -- the paper's headline orderings, each checked on the results.
 
 Conventions (see also ``experiments/configs``):
 
@@ -35,15 +38,18 @@ Conventions (see also ``experiments/configs``):
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import math
 import os
-import statistics
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
+from moe_jax.compare import plots, runner
+from moe_jax.compare.aggregation import (add_threshold, aggregate, default_threshold,
+                                         summarize_run)
+from moe_jax.compare.report import (claims_paragraph, eval_sentence,
+                                    init_and_loss_sentence, stderr_cell,
+                                    threshold_cell, write_csv)
+from moe_jax.compare.runner import RunSpec, cf_name, fmt_duration
 from moe_jax.config import default_config
 
 # Fedus et al. 2021, Table 1 (T5-Base / T5-Large / MoE-Base / Switch-Base on C4, 100k
@@ -153,33 +159,6 @@ def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """One training run of the grid.
-
-  Attributes:
-    name: directory name under ``WORKDIR/runs`` (e.g. ``switch_cf1.25_s0``).
-    family: one of :data:`FAMILIES`.
-    capacity_factor: train capacity factor (None for dense rows).
-    seed: the run's seed (init, data order, routing noise).
-    config: the full training ConfigDict.
-  """
-
-  name: str
-  family: str
-  capacity_factor: float | None
-  seed: int
-  config: Any
-
-  @property
-  def model_key(self) -> tuple[str, float | None]:
-    return (self.family, self.capacity_factor)
-
-
-def _cf_name(cf: float) -> str:
-  return f"{cf:g}" if cf != int(cf) else f"{cf:.1f}"
-
-
 def make_config(settings: dict[str, Any], family: str, capacity_factor: float | None,
                 seed: int):
   """The training config of one grid run (dense, dense_large, top2 or switch)."""
@@ -248,326 +227,11 @@ def build_grid(settings: dict[str, Any]) -> list[RunSpec]:
   runs = []
   for seed in range(settings["seeds"]):
     for family, cf in models:
-      name = family if cf is None else f"{family}_cf{_cf_name(cf)}"
+      name = family if cf is None else f"{family}_cf{cf_name(cf)}"
       runs.append(RunSpec(f"{name}_s{seed}", family, cf, seed,
-                          make_config(settings, family, cf, seed)))
+                          make_config(settings, family, cf, seed),
+                          paper_model=PAPER_NAME[family]))
   return runs
-
-
-# ------------------------------------------------------------------------------------
-# Running
-# ------------------------------------------------------------------------------------
-
-DONE_FILE = "done.json"
-
-
-def run_dir(workdir: str, run: RunSpec) -> str:
-  return os.path.join(workdir, "runs", run.name)
-
-
-def is_done(workdir: str, run: RunSpec) -> bool:
-  """True when the run finished with this grid's number of steps."""
-  path = os.path.join(run_dir(workdir, run), DONE_FILE)
-  if not os.path.exists(path):
-    return False
-  with open(path, encoding="utf-8") as f:
-    return json.load(f).get("steps") == run.config.steps
-
-
-def _fmt_duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def _estimate_seconds(run: RunSpec, per_step: dict[tuple, float]) -> float | None:
-  """Expected seconds for ``run`` from runs of the same model (or the mean of all)."""
-  if run.model_key in per_step:
-    return per_step[run.model_key] * run.config.steps
-  if per_step:
-    return statistics.fmean(per_step.values()) * run.config.steps
-  return None
-
-
-def run_grid(runs: Sequence[RunSpec], workdir: str, *,
-             train_fn: Callable | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Trains every unfinished run of ``runs`` in ``workdir/runs/NAME``.
-
-  Finished runs (``done.json`` with the same number of steps) are skipped; unfinished
-  ones resume from their checkpoints (:func:`moe_jax.train.train_and_evaluate`). Before
-  each run a progress line gives its index, the elapsed time and an ETA from the
-  measured seconds per step of the models trained so far. Stops early, leaving the rest
-  for the next invocation, when a run is preempted (SIGTERM).
-
-  Returns:
-    ``{"trained": [...names], "skipped": [...], "preempted": bool, "wall_sec": float}``.
-  """
-  if train_fn is None:
-    from moe_jax import train  # pylint: disable=import-outside-toplevel
-    train_fn = train.train_and_evaluate
-  t0 = time.time()
-  per_step: dict[tuple, float] = {}
-  for run in runs:  # seconds per step of runs finished by earlier invocations
-    if is_done(workdir, run):
-      with open(os.path.join(run_dir(workdir, run), DONE_FILE), encoding="utf-8") as f:
-        sec = json.load(f).get("train_sec")
-      if sec:
-        per_step.setdefault(run.model_key, sec / run.config.steps)
-  todo = [r for r in runs if not is_done(workdir, r)]
-  out = {"trained": [], "skipped": [r.name for r in runs if r not in todo],
-         "preempted": False, "wall_sec": 0.0}
-  if out["skipped"]:
-    log(f"{len(out['skipped'])} of {len(runs)} runs already finished; skipping them.")
-  for i, run in enumerate(todo):
-    remaining = [_estimate_seconds(r, per_step) for r in todo[i:]]
-    eta = ("ETA unknown until the first run finishes" if None in remaining
-           else f"ETA {_fmt_duration(sum(remaining))}")
-    index = runs.index(run) + 1
-    log(f"[run {index}/{len(runs)}] {run.name} ({len(todo) - i} left; elapsed "
-        f"{_fmt_duration(time.time() - t0)}, {eta})")
-    t_run = time.time()
-    summary = train_fn(run.config, run_dir(workdir, run))
-    if summary.get("preempted"):
-      out["preempted"] = True
-      log(f"Stopped during {run.name}; re-run the same command to resume.")
-      break
-    sec = time.time() - t_run
-    per_step[run.model_key] = sec / run.config.steps
-    with open(os.path.join(run_dir(workdir, run), DONE_FILE), "w",
-              encoding="utf-8") as f:
-      json.dump({"steps": run.config.steps, "train_sec": sec}, f)
-    out["trained"].append(run.name)
-  out["wall_sec"] = time.time() - t0
-  return out
-
-
-BENCH_FILE = "throughput_bench.json"
-
-
-def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
-                       log: Callable[[str], None] = print) -> dict[str, list[float]]:
-  """Training tokens/s of each model, measured in interleaved rounds.
-
-  The runs' own throughput is measured hours apart, under whatever else the machine
-  runs then; here every model (the seed-0 config of each) is compiled first and then
-  timed for ``steps`` steps once per round, all models in turn, so a slow phase of the
-  machine hits every model alike. Batches are random token ids: the step's cost does
-  not depend on the data (capacity fixes the shapes).
-
-  Returns:
-    ``{model_name: [tokens/s of each round]}``.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
-
-  models: dict[str, tuple] = {}
-  for run in runs:
-    name = run.name.rsplit("_s", 1)[0]
-    if name in models:
-      continue
-    c = run.config
-    model = train.make_model(c)
-    tx, _ = train.make_optimizer(c)
-    _, params, _ = train._split_model(model)  # pylint: disable=protected-access
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=jax.jit(tx.init)(params),
-                             rng=jax.random.key_data(jax.random.key(c.seed)))
-    step_fn = train.make_train_step(model, tx, c)
-    tokens = np.random.default_rng(0).integers(
-        0, 256, (c.batch_size, c.data.seq_len + 1), dtype=np.int32)
-    batch = {"inputs": jnp.asarray(tokens[:, :-1]),
-             "targets": jnp.asarray(tokens[:, 1:])}
-    state, metrics = step_fn(state, batch)  # compile
-    jax.block_until_ready(metrics)
-    models[name] = [state, step_fn, batch, c.batch_size * c.data.seq_len]
-  out: dict[str, list[float]] = {name: [] for name in models}
-  for r in range(rounds):
-    for name, entry in models.items():
-      state, step_fn, batch, tokens_per_step = entry
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = step_fn(state, batch)
-      jax.block_until_ready(metrics)
-      out[name].append(steps * tokens_per_step / (time.perf_counter() - t0))
-      entry[0] = state
-    log(f"Throughput round {r + 1}/{rounds}: " + ", ".join(
-        f"{n} {v[-1]:,.0f} tok/s" for n, v in out.items()))
-  return out
-
-
-# ------------------------------------------------------------------------------------
-# Summaries
-# ------------------------------------------------------------------------------------
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def steps_to_threshold(curve: Sequence[tuple[int, float]], threshold: float
-                       ) -> float | None:
-  """First step at which eval loss reaches ``threshold``, interpolated linearly
-  between the evaluations around the crossing (None if never reached).
-
-  ``curve`` is ``[(step, eval_loss), ...]`` in step order; a crossing before the first
-  evaluation interpolates from ``(0, first_loss)``, i.e. it returns the first step.
-  """
-  prev = None
-  for step, loss in curve:
-    if loss <= threshold:
-      if prev is None or prev[1] == loss:
-        return float(step)
-      (s0, l0) = prev
-      return s0 + (step - s0) * (l0 - threshold) / (l0 - loss)
-    prev = (step, loss)
-  return None
-
-
-def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
-                  ) -> dict[str, Any] | None:
-  """One row of ``results.csv`` for a finished run (None if it has no final eval)."""
-  rdir = run_dir(workdir, run)
-  lines = _read_jsonl(os.path.join(rdir, "metrics.jsonl"))
-  train = [l for l in lines if l.get("split") == "train"]
-  evals = [l for l in lines if l.get("split") == "eval"]
-  if not evals or evals[-1]["step"] < run.config.steps or not train:
-    return None
-  with open(os.path.join(rdir, "model_info.json"), encoding="utf-8") as f:
-    info = json.load(f)
-  c = run.config
-  tokens_per_step = c.batch_size * c.data.seq_len
-  tps = [float(l["tokens_per_sec"]) for l in train
-         if isinstance(l.get("tokens_per_sec"), (int, float))
-         and math.isfinite(l["tokens_per_sec"])]
-  tokens_per_sec = statistics.median(tps) if tps else float("nan")
-  final = evals[-1]
-  row = {
-      "run": run.name, "family": run.family, "paper_model": PAPER_NAME[run.family],
-      "top_k": c.moe.top_k if c.model.moe_every else 0,
-      "train_capacity_factor": run.capacity_factor if run.capacity_factor else "",
-      "eval_capacity_factor": c.moe.eval_capacity_factor if c.model.moe_every else "",
-      "seed": run.seed, "steps": final["step"],
-      "params_total": info["params_total"], "params_active": info["params_active"],
-      "flops_per_token_active": info["flops_per_token_active"],
-      "final_eval_loss": final["eval_loss"], "quality": -final["eval_loss"],
-      # Lines written before eval_loss_stderr existed read as unknown (NaN).
-      "eval_loss_stderr": float(final.get("eval_loss_stderr", "nan")),
-      "eval_tokens": final.get("eval_tokens", ""),
-      "eval_bits_per_byte": final["eval_bits_per_byte"],
-      "tokens_per_sec": tokens_per_sec,
-      "examples_per_sec": tokens_per_sec / c.data.seq_len,
-      "dropped_fraction_train": statistics.fmean(
-          float(l["dropped_fraction"]) for l in train),
-      "dropped_fraction_eval": float(final.get("eval_dropped_fraction", 0.0)),
-      "elapsed_sec": float(train[-1]["elapsed_sec"]),
-      "curve": [(l["step"], float(l["eval_loss"])) for l in evals],
-      "elapsed_curve": [(l["step"], float(l["elapsed_sec"])) for l in train],
-      "tokens_per_step": tokens_per_step, "seq_len": c.data.seq_len,
-  }
-  if threshold is not None:
-    add_threshold(row, threshold)
-  return row
-
-
-def add_threshold(row: dict[str, Any], threshold: float) -> None:
-  """Sets the row's threshold, steps and training seconds to reach it (None: never)."""
-  steps = steps_to_threshold(row["curve"], threshold)
-  steps_per_sec = row["tokens_per_sec"] / row["tokens_per_step"]
-  row["threshold_loss"] = threshold
-  row["steps_to_threshold"] = steps
-  row["time_to_threshold_sec"] = None if steps is None else steps / steps_per_sec
-  row["elapsed_to_threshold_sec"] = None if steps is None else _interp(
-      row.get("elapsed_curve", []), steps)
-
-
-def _interp(curve: Sequence[tuple[int, float]], step: float) -> float | None:
-  """Linear interpolation of ``[(step, value), ...]`` at ``step`` (from (0, 0))."""
-  prev = (0, 0.0)
-  for s, v in curve:
-    if s >= step:
-      return prev[1] + (v - prev[1]) * (step - prev[0]) / max(s - prev[0], 1e-9)
-    prev = (s, v)
-  return None
-
-
-def default_threshold(rows: Sequence[dict[str, Any]]) -> float | None:
-  """The dense baseline's final eval loss, averaged over seeds."""
-  dense = [r["final_eval_loss"] for r in rows if r["family"] == "dense"]
-  return statistics.fmean(dense) if dense else None
-
-
-@dataclasses.dataclass
-class Stat:
-  """Mean and sample standard deviation over seeds (std None with one seed)."""
-
-  values: list[float]
-
-  @property
-  def mean(self) -> float:
-    return statistics.fmean(self.values)
-
-  @property
-  def std(self) -> float | None:
-    return statistics.stdev(self.values) if len(self.values) > 1 else None
-
-  def fmt(self, spec: str) -> str:
-    if self.std is None:
-      return format(self.mean, spec)
-    return f"{format(self.mean, spec)} ± {format(self.std, spec)}"
-
-
-def aggregate(rows: Sequence[dict[str, Any]],
-              bench: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
-  """Rows grouped by model (family, capacity factor) in grid order.
-
-  ``bench`` (from :func:`measure_throughput`) adds ``bench_examples_per_sec``.
-  """
-  groups: dict[tuple, list[dict]] = {}
-  for r in rows:
-    key = (r["family"], r["train_capacity_factor"] or None)
-    groups.setdefault(key, []).append(r)
-
-  def order(key):
-    family, cf = key
-    return (FAMILIES.index(family) if family in ("dense", "dense_large") else 2,
-            -(cf or 0), FAMILIES.index(family))
-
-  out = []
-  for key in sorted(groups, key=order):
-    g = groups[key]
-    reached = [r for r in g if r.get("steps_to_threshold") is not None]
-    model = g[0]["run"].rsplit("_s", 1)[0]
-    tokens = (bench or {}).get(model)
-    out.append({
-        "family": key[0], "capacity_factor": key[1], "n": len(g),
-        "steps": g[0]["steps"], "paper_model": g[0]["paper_model"],
-        "quality": Stat([r["quality"] for r in g]),
-        "eval_stderr": Stat([r["eval_loss_stderr"] for r in g]),
-        "bits_per_byte": Stat([r["eval_bits_per_byte"] for r in g]),
-        "examples_per_sec": Stat([r["examples_per_sec"] for r in g]),
-        "tokens_per_sec": Stat([r["tokens_per_sec"] for r in g]),
-        "bench_examples_per_sec": (Stat([t / g[0]["seq_len"] for t in tokens])
-                                   if tokens else None),
-        "dropped_train": Stat([r["dropped_fraction_train"] for r in g]),
-        "dropped_eval": Stat([r["dropped_fraction_eval"] for r in g]),
-        "reached": len(reached),
-        "time_to_threshold": Stat([r["time_to_threshold_sec"] for r in reached])
-                             if reached else None,
-        "steps_to_threshold": Stat([r["steps_to_threshold"] for r in reached])
-                              if reached else None,
-        "params_total": g[0]["params_total"],
-        "flops_per_token_active": g[0]["flops_per_token_active"],
-        "curves": [r["curve"] for r in g],
-        "rows": g,
-    })
-  return out
 
 
 def paper_row(family: str, cf: float | None):
@@ -600,7 +264,7 @@ def _ours(agg: dict[str, Any], metric: str) -> tuple[float, float | None]:
 
 def _name(agg: dict[str, Any]) -> str:
   cf = agg["capacity_factor"]
-  return LABEL[agg["family"]] + (f" cf {_cf_name(cf)}" if cf else "")
+  return LABEL[agg["family"]] + (f" cf {cf_name(cf)}" if cf else "")
 
 
 def _fmt_ours(value: float, metric: str) -> str:
@@ -698,118 +362,14 @@ def orderings_paragraph(aggs: Sequence[dict[str, Any]]) -> str:
   One sentence per claim of :func:`orderings`; a pair already checked under an earlier
   claim is not repeated.
   """
-  seen = set()
-  sentences, held_total, total, noisy = [], 0, 0, 0
-  for c in orderings(aggs):
-    pairs = []
-    for p in c["pairs"]:
-      key = (p["winner"], p["loser"], p["metric"])
-      if key not in seen:
-        seen.add(key)
-        pairs.append(p)
-    if not pairs:
-      continue
-    held = [p for p in pairs if p["holds"]]
-    total += len(pairs)
-    held_total += len(held)
-    noisy += sum(p["within_noise"] for p in pairs)
-
-    def text(p):
-      return (f"{p['winner']} vs {p['loser']}: paper {p['paper'][0]} vs "
-              f"{p['paper'][1]}, here {p['ours'][0]} vs {p['ours'][1]}"
-              + (" (within seed noise)" if p["within_noise"] else ""))
-
-    parts = []
-    if held:
-      parts.append("reproduced for " + "; ".join(text(p) for p in held))
-    failed = [p for p in pairs if not p["holds"]]
-    if failed:
-      parts.append("not reproduced for " + "; ".join(text(p) for p in failed))
-    sentences.append(f"{c['claim'][0].upper()}{c['claim'][1:]} ({len(held)} of "
-                     f"{len(pairs)} pairs): " + ", and ".join(parts) + ".")
-  if not total:
-    return "No row of this grid has a counterpart in the paper's Table 1."
-  return (f"Of the paper's {total} pairwise orderings checked here, {held_total} "
-          f"reproduced and {total - held_total} did not; {noisy} of the {total} "
-          "differ here by less than the seeds' combined standard deviation. "
-          + " ".join(sentences))
+  return claims_paragraph(
+      orderings(aggs),
+      none_text="No row of this grid has a counterpart in the paper's Table 1.")
 
 
 # ------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------
-
-CSV_COLUMNS = (
-    "run", "family", "paper_model", "top_k", "train_capacity_factor",
-    "eval_capacity_factor", "seed", "steps", "params_total", "params_active",
-    "flops_per_token_active", "final_eval_loss", "eval_loss_stderr", "eval_tokens",
-    "quality", "eval_bits_per_byte",
-    "threshold_loss", "steps_to_threshold", "time_to_threshold_sec",
-    "elapsed_to_threshold_sec",
-    "examples_per_sec", "tokens_per_sec", "dropped_fraction_train",
-    "dropped_fraction_eval", "elapsed_sec")
-
-
-def write_csv(path: str, rows: Iterable[dict[str, Any]]) -> None:
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else
-                      (repr(float(f"{r[k]:.6g}")) if isinstance(r[k], float) else r[k]))
-                  for k in CSV_COLUMNS})
-
-
-def init_and_loss_sentence(config) -> str:
-  """The init rule and loss convention of a run's config, in words, for reports."""
-  s, moe = config.model.init_scale, config.moe
-  reduction = moe.loss_reduction
-  how = ("summed over the MoE blocks, each block's loss carrying the full coefficient "
-         "as in the Switch and ST-MoE papers" if reduction == "sum" else
-         "averaged over the MoE blocks, the coefficient shared out over them")
-  return (f"Init (every row alike): model-wide scale `model.init_scale={s:g}`: every "
-          f"weight matrix, dense FFNs and attention included, is drawn with variance "
-          f"{s:g}/fan_in (the embedding with variance {s:g}); experts at "
-          f"`moe.init_scale={moe.init_scale:g}` and the router at "
-          f"`moe.router_init_scale={moe.router_init_scale:g}` relative to it, i.e. "
-          f"{s * moe.init_scale:g}/fan_in and {s * moe.router_init_scale:g}/fan_in. "
-          f"Loss convention: `moe.loss_reduction=\"{reduction}\"`, the aux and z losses "
-          f"{how}.")
-
-
-def eval_sentence(config) -> str:
-  """Which eval data a run's config scores, in words, for reports."""
-
-  def what(steps):
-    return ("the whole validation split (every target token once)" if not steps else
-            f"a fixed sample of {steps} batches of {config.batch_size} windows drawn "
-            "uniformly from the whole validation split")
-
-  final = config.get("final_eval_steps")
-  if final is None or final == config.eval_steps:
-    scope = f"every eval scores {what(config.eval_steps)}"
-  else:
-    scope = (f"the final eval (the quality column) scores {what(final)}; the evals "
-             f"every {config.eval_every} steps (the curves) score {what(config.eval_steps)}")
-  return (f"Eval: {scope}; the same batches for every row and seed, at eval capacity "
-          f"factor {_cf_name(config.moe.eval_capacity_factor)}.")
-
-
-def _stderr_cell(stat: Stat) -> str:
-  values = [v for v in stat.values if math.isfinite(v)]
-  return f"{statistics.fmean(values):.4f}" if values else "—"
-
-
-def _threshold_cell(agg: dict[str, Any], fmt_time: Callable[[Stat], str]) -> tuple:
-  steps = agg["steps"]
-  if not agg["reached"]:
-    return (f"not reached in {steps} steps", "—")
-  time_s, steps_s = fmt_time(agg["time_to_threshold"]), agg["steps_to_threshold"].fmt(
-      ".0f")
-  if agg["reached"] < agg["n"]:
-    note = f" ({agg['reached']}/{agg['n']} seeds; others not reached in {steps} steps)"
-    return (time_s + note, steps_s)
-  return (time_s, steps_s)
 
 
 def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
@@ -829,7 +389,7 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       f"{s['large_layers']}), d_model {s['d_model']}, d_ff {s['d_ff']}; MoE models: "
       f"{s['num_experts']} experts in every other block, aux loss coef "
       f"{s['aux_loss_coef']}, z-loss coef {s['z_loss_coef']}, eval capacity factor "
-      f"{_cf_name(s['eval_capacity_factor'])}. AdamW, peak learning rate "
+      f"{cf_name(s['eval_capacity_factor'])}. AdamW, peak learning rate "
       f"{s['learning_rate']:g}, "
       f"{s['warmup_steps']} warmup steps, cosine decay.",
       "",
@@ -849,17 +409,17 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       "over seeds) | Time to quality threshold (↓, s) | "
       "Steps to threshold (↓) | Speed (↑, examples/s) | Speed, interleaved benchmark "
       "(↑, examples/s) | Tokens/s | Dropped tokens (train) | Dropped tokens (eval, cf "
-      f"{_cf_name(s['eval_capacity_factor'])}) | Params | Active FLOPs/token |",
+      f"{cf_name(s['eval_capacity_factor'])}) | Params | Active FLOPs/token |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for a in aggs:
-    t, st = _threshold_cell(a, lambda x: x.fmt(".1f"))
-    cf = _cf_name(a["capacity_factor"]) if a["capacity_factor"] else "—"
+    t, st = threshold_cell(a, lambda x: x.fmt(".1f"))
+    cf = cf_name(a["capacity_factor"]) if a["capacity_factor"] else "—"
     moe = a["capacity_factor"] is not None
     bench = a.get("bench_examples_per_sec")
     lines.append(
         f"| {LABEL[a['family']]} | {cf} | {a['quality'].fmt('.4f')} | "
-        f"{_stderr_cell(a['eval_stderr'])} | {t} | {st} | "
+        f"{stderr_cell(a['eval_stderr'])} | {t} | {st} | "
         f"{a['examples_per_sec'].fmt('.1f')} | "
         f"{bench.fmt('.1f') if bench else '—'}"
         f" | {a['tokens_per_sec'].fmt('.0f')} | "
@@ -914,8 +474,17 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
   return "\n".join(lines)
 
 
-def _color(family: str, cf: float | None):
+def model_order(key: tuple[str, float | None]) -> tuple:
+  """The report's row order: dense, dense-large, then the sparse models by capacity
+  factor (largest first), top-2 before Switch at each."""
+  family, cf = key
+  return (FAMILIES.index(family) if family in ("dense", "dense_large") else 2,
+          -(cf or 0), FAMILIES.index(family))
+
+
+def _color(agg: dict[str, Any]):
   import matplotlib  # pylint: disable=import-outside-toplevel
+  family, cf = agg["family"], agg["capacity_factor"]
   base = {"dense": "black", "dense_large": "dimgray", "top2": "Blues",
           "switch": "Oranges"}[family]
   if cf is None:
@@ -924,85 +493,15 @@ def _color(family: str, cf: float | None):
   return matplotlib.colormaps[base](shade)
 
 
+def _linestyle(agg: dict[str, Any]) -> str:
+  return "--" if agg["family"] == "top2" else "-"
+
+
 def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float
                 ) -> list[str]:
-  """eval_loss_vs_step.png, eval_loss_vs_time.png and throughput.png in ``outdir``."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  paths = []
-  for xkind in ("step", "time"):
-    # Left: the whole run; right: the last 40% of each run's x range, where the
-    # models separate (mean over seeds, so the ordering is readable).
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
-    zoom_values = []
-    for a in aggs:
-      color, style = _color(a["family"], a["capacity_factor"]), (
-          "--" if a["family"] == "top2" else "-")
-      runs_xy = []
-      for i, (curve, row) in enumerate(zip(a["curves"], a["rows"])):
-        xs = [s for s, _ in curve]
-        if xkind == "time":
-          xs = [s * row["tokens_per_step"] / row["tokens_per_sec"] for s in xs]
-        ys = [l for _, l in curve]
-        runs_xy.append((xs, ys))
-        ax.plot(xs, ys, style, color=color, lw=1.2,
-                label=_name(a) if i == 0 else None, alpha=0.85)
-      n = min(len(ys) for _, ys in runs_xy)
-      mean_x = [statistics.fmean(xs[j] for xs, _ in runs_xy) for j in range(n)]
-      mean_y = [statistics.fmean(ys[j] for _, ys in runs_xy) for j in range(n)]
-      keep = [j for j in range(n) if j >= int(0.6 * n)]
-      zoom.plot([mean_x[j] for j in keep], [mean_y[j] for j in keep], style + "o",
-                color=color, lw=1.4, ms=3, label=_name(a))
-      zoom_values += [mean_y[j] for j in keep]
-    for axis in (ax, zoom):
-      axis.axhline(threshold, color="red", lw=0.8, ls=":", label="threshold")
-      axis.set_xlabel("training step" if xkind == "step"
-                      else "training time (s; steps / measured steps per second)")
-      axis.set_ylabel("eval loss (nats / token)")
-      axis.grid(alpha=0.3)
-    lo = min(min(l for c in a["curves"] for _, l in c) for a in aggs)
-    ax.set_ylim(lo - 0.05, lo + 1.0)
-    pad = 0.1 * (max(zoom_values + [threshold]) - min(zoom_values + [threshold]) or 1.0)
-    zoom.set_ylim(min(zoom_values + [threshold]) - pad,
-                  max(zoom_values + [threshold]) + pad)
-    ax.legend(fontsize=7, ncol=2)
-    what = "step" if xkind == "step" else "training time"
-    ax.set_title(f"Eval loss vs {what} (one line per seed)")
-    zoom.set_title("Last 40% of training (mean over seeds)")
-    fig.tight_layout()
-    path = os.path.join(outdir, f"eval_loss_vs_{xkind}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  names = [_name(a) for a in aggs]
-  colors = [_color(a["family"], a["capacity_factor"]) for a in aggs]
-  has_bench = all(a.get("bench_examples_per_sec") for a in aggs)
-  width = 0.4 if has_bench else 0.8
-  xs = [i - (width / 2 if has_bench else 0) for i in range(len(aggs))]
-  ax.bar(xs, [a["examples_per_sec"].mean for a in aggs], width,
-         yerr=[a["examples_per_sec"].std or 0.0 for a in aggs], capsize=3,
-         color=colors, label="during the runs (mean ± std over seeds)")
-  if has_bench:
-    ax.bar([i + width / 2 for i in range(len(aggs))],
-           [a["bench_examples_per_sec"].mean for a in aggs], width,
-           yerr=[a["bench_examples_per_sec"].std or 0.0 for a in aggs], capsize=3,
-           color=colors, hatch="//", edgecolor="white",
-           label="interleaved benchmark (mean ± std over rounds)")
-    ax.legend(fontsize=7)
-  ax.set_xticks(range(len(aggs)), names, rotation=30, ha="right", fontsize=8)
-  ax.set_ylabel("examples / s (training)")
-  ax.set_title("Training throughput per model")
-  ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  path = os.path.join(outdir, "throughput.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  paths.append(path)
-  return paths
+  """:func:`moe_jax.compare.plots.write_plots` with this grid's names and colours."""
+  return plots.write_plots(outdir, aggs, threshold, label=_name, color=_color,
+                           linestyle=_linestyle)
 
 
 def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any],
@@ -1028,11 +527,7 @@ def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any
       source = "no dense run, so the best final eval loss of any run"
   for r in rows:
     add_threshold(r, threshold)
-  bench = None
-  if os.path.exists(os.path.join(workdir, BENCH_FILE)):
-    with open(os.path.join(workdir, BENCH_FILE), encoding="utf-8") as f:
-      bench = json.load(f)
-  aggs = aggregate(rows, bench)
+  aggs = aggregate(rows, runner.read_benchmark(workdir), order=model_order)
   meta = dict(meta)
   if not complete:
     meta["PARTIAL"] = (f"only {len(rows)} of {len(runs)} runs have finished; the "
@@ -1056,36 +551,24 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
   os.makedirs(workdir, exist_ok=True)
   runs = build_grid(settings)
   load0, t0 = os.getloadavg(), time.time()
-  result = run_grid(runs, workdir, train_fn=train_fn, log=log)
-  bench_path = os.path.join(workdir, BENCH_FILE)
-  benched = False
-  if (settings.get("bench_rounds") and not result["preempted"]
-      and not os.path.exists(bench_path)
-      and all(is_done(workdir, r) for r in runs)):
-    log(f"Interleaved throughput benchmark: {settings['bench_rounds']} rounds of "
-        f"{settings['bench_steps']} steps per model.")
-    bench = measure_throughput(runs, steps=settings["bench_steps"],
-                               rounds=settings["bench_rounds"], log=log)
-    with open(bench_path, "w", encoding="utf-8") as f:
-      json.dump(bench, f, indent=1)
-    benched = True
+  result = runner.run_grid(runs, workdir, train_fn=train_fn, log=log)
+  benched = not result["preempted"] and runner.benchmark_once(
+      runs, workdir, steps=settings["bench_steps"],
+      rounds=settings.get("bench_rounds"), log=log)
   load1, wall = os.getloadavg(), time.time() - t0
-  inv_path = os.path.join(workdir, "invocations.jsonl")
   if result["trained"] or result["preempted"] or benched:
-    with open(inv_path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S",
-                                                 time.localtime(t0)),
-                          "wall_sec": wall, "trained": result["trained"],
-                          "benchmark": benched, "loadavg_start": load0,
-                          "loadavg_end": load1}) + "\n")
-  invocations = _read_jsonl(inv_path)
+    runner.record_invocation(workdir, {
+        "start": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+        "wall_sec": wall, "trained": result["trained"], "benchmark": benched,
+        "loadavg_start": load0, "loadavg_end": load1})
+  invocations = runner.read_invocations(workdir)
   total = sum(i["wall_sec"] for i in invocations)
   meta = {
       "command": command,
       "runs": (f"{len(runs)} ("
                + ", ".join(sorted({r.name.rsplit("_s", 1)[0] for r in runs})) + ")"),
       "total wall-clock (training and benchmark)": (
-          f"{_fmt_duration(total)} over {len(invocations)} invocation(s) that trained "
+          f"{fmt_duration(total)} over {len(invocations)} invocation(s) that trained "
           "or benchmarked"),
       "load average (1 min) at start / end of each invocation": "; ".join(
           f"{i['loadavg_start'][0]:.1f} / {i['loadavg_end'][0]:.1f}"
@@ -1094,8 +577,8 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
   }
   out = write_outputs(workdir, runs, settings, meta)
   out.update(result, total_wall_sec=total)
-  log(f"Grid wall-clock this invocation: {_fmt_duration(wall)} "
-      f"(all invocations: {_fmt_duration(total)}); load average "
+  log(f"Grid wall-clock this invocation: {fmt_duration(wall)} "
+      f"(all invocations: {fmt_duration(total)}); load average "
       f"{load0[0]:.1f} -> {load1[0]:.1f}.")
   if out["rows"]:
     log(f"Wrote {os.path.join(workdir, 'report.md')}, results.csv and plots"
