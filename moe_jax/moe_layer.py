@@ -372,6 +372,13 @@ class MoeLayer(nnx.Module):
     ``[E, G, C, M]``."""
     return self.layout.constrain(x, name)
 
+  @property
+  def is_causal(self) -> bool:
+    """Whether no token's routing depends on a later token, so that it can decode one
+    token at a time. Batch Prioritized Routing fills capacity by confidence over the
+    whole group, later tokens included."""
+    return not self.cfg.batch_priority
+
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for groups of ``group_size`` tokens; S for ``dispatch="dropless"``."""
     if self.cfg.dispatch == "dropless":
@@ -381,36 +388,47 @@ class MoeLayer(nnx.Module):
                                    self.cfg.min_capacity)
 
   def route(self, logits: jax.Array, num_tokens: int, *, deterministic: bool,
-            rng: jax.Array | None = None) -> routing.RoutingOutput:
+            rng: jax.Array | None = None, token_mask: jax.Array | None = None,
+            capacity: int | None = None) -> routing.RoutingOutput:
     """Routes f32[G, S, E] router logits with this layer's settings.
 
     ``num_tokens`` is B*L: when it is less than G*S, the trailing tokens of the last
-    group are padding and are masked out. ``rng`` is needed only for
-    ``second_policy="random"``.
+    group are padding and are masked out, as are the tokens where the optional
+    ``token_mask`` bool[G, S] is False. ``rng`` is needed only for
+    ``second_policy="random"``. ``capacity`` overrides :meth:`capacity`.
     """
     cfg = self.cfg
     num_groups, group_size, _ = logits.shape
-    token_mask = None
     if num_groups * group_size != num_tokens:
-      token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
+      padding = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
           num_groups, group_size)
+      token_mask = padding if token_mask is None else token_mask & padding
+    if capacity is None or cfg.dispatch == "dropless":
+      capacity = self.capacity(group_size, deterministic)
     return routing.route(
-        logits, top_k=cfg.top_k, capacity=self.capacity(group_size, deterministic),
+        logits, top_k=cfg.top_k, capacity=capacity,
         second_policy=cfg.second_policy, second_threshold=cfg.second_threshold,
         normalize_gates=cfg.normalize_gates, batch_priority=cfg.batch_priority,
         rng=rng if cfg.top_k > 1 and cfg.second_policy == "random" else None,
         token_mask=token_mask)
 
-  def __call__(self, x: jax.Array, *,
-               deterministic: bool | None = None) -> tuple[jax.Array, MoeAux]:
-    """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux)."""
+  def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
+               token_mask: jax.Array | None = None, group_size: int | None = None,
+               capacity: int | None = None) -> tuple[jax.Array, MoeAux]:
+    """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
+
+    The optional arguments serve decoding (:meth:`decode`): ``token_mask`` bool[B, L]
+    (False: padding, never routed, output 0), and ``group_size`` and ``capacity``
+    overriding the config's S and C.
+    """
     if deterministic is None:
       deterministic = self.deterministic
     cfg = self.cfg
     batch, length, d_model = x.shape
     num_tokens = batch * length
-    num_groups, group_size = group_tokens(num_tokens, cfg.group_size)
-    check_groups(num_tokens, cfg.group_size, self.layout.group_shards)
+    group_size = group_size or cfg.group_size
+    num_groups, group_size = group_tokens(num_tokens, group_size)
+    check_groups(num_tokens, group_size, self.layout.group_shards)
     if cfg.dispatch == "dropless" and self.layout.num_devices > 1:
       raise ValueError(
           f"dispatch='dropless' runs on one device, but this layer is laid out over "
@@ -425,7 +443,11 @@ class MoeLayer(nnx.Module):
     policy_rng = None
     if cfg.top_k > 1 and cfg.second_policy == "random":
       policy_rng = self.rngs.routing()
-    out = self.route(logits, num_tokens, deterministic=deterministic, rng=policy_rng)
+    if token_mask is not None:
+      token_mask = jnp.pad(token_mask.reshape(num_tokens), (0, pad)).reshape(
+          num_groups, group_size)
+    out = self.route(logits, num_tokens, deterministic=deterministic, rng=policy_rng,
+                     token_mask=token_mask, capacity=capacity)
     dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
     y = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts, self.constrain,
                  deterministic=deterministic)
@@ -433,3 +455,19 @@ class MoeLayer(nnx.Module):
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=out.metrics)
     return y.reshape(batch, length, d_model), aux
+
+  def decode(self, x: jax.Array, token_mask: jax.Array, *, prefill: bool) -> jax.Array:
+    """The layer at decode time (evaluation mode): x: [B, L, M] -> [B, L, M].
+
+    Padding (``token_mask`` False) takes no capacity. Prefill routes like evaluation
+    (``eval_capacity_factor``). A step routes the B new tokens in groups of the
+    tokens of one data-parallel device with ``C = S``, so no token is dropped for
+    capacity: each token picks K distinct experts, so at most S choices reach one.
+    """
+    if prefill:
+      return self(x, deterministic=True, token_mask=token_mask)[0]
+    num_tokens = x.shape[0] * x.shape[1]
+    shards = self.layout.group_shards
+    size = num_tokens // shards if num_tokens % shards == 0 else num_tokens
+    return self(x, deterministic=True, token_mask=token_mask, group_size=size,
+                capacity=size)[0]
