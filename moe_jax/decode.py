@@ -278,6 +278,7 @@ class Decoder:
         ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, "must be >= 0")):
       if not ok:
         raise ValueError(f"{name}={value!r} {fix}.")
+    self._pad_rows(prompts)  # checks the batch size
     num = len(prompts)
     if max_new_tokens == 0:
       return [[] for _ in range(num)]
