@@ -19,7 +19,7 @@ in by implementing the same two methods.
 
 A token sits in the cache slot of its position, so left and right padding give the
 same cache, and a row's positions are its own (rotary angles and learned positions are
-those of the unpadded row). When a row reaches ``max_len``, every row is re-prefilled
+those of the unpadded row). When a row reaches ``max_len`` it alone is re-prefilled
 from its last ``min(prefill_len, max_len // 2)`` tokens, at positions from 0, as the
 uncached sampler's window does at every token; one prefill then serves many steps.
 
@@ -50,7 +50,8 @@ class DecodeBlock(Protocol):
   """What a block of ``model.blocks`` implements to be decoded with a cache."""
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
-    """Preallocates this block's decode state as nnx ``Cache`` variables (emptied).
+    """Preallocates this block's decode state as nnx ``Cache`` variables (emptied),
+    each with the batch as its leading axis (the decoder empties single rows).
 
     Raises :class:`moe_jax.config.ConfigError` if the block cannot decode causally.
     """
@@ -124,17 +125,22 @@ class PromptLayout:
   lengths: np.ndarray
 
 
-def layout_prompts(prompts: Sequence[Sequence[int]], prefill_len: int, *,
+def layout_prompts(prompts: Sequence[Sequence[int] | None], prefill_len: int, *,
                    padding: str = "right", pad_id: int = 0) -> PromptLayout:
-  """Pads ``prompts`` (each 1 to ``prefill_len`` tokens) on the left or the right."""
+  """Pads ``prompts`` (each 1 to ``prefill_len`` tokens) on the left or the right.
+
+  A ``None`` prompt is a row of padding only (a row that is not being prefilled).
+  """
   if padding not in PADDINGS:
     raise ValueError(f"padding={padding!r} must be one of {PADDINGS}.")
   batch = len(prompts)
   tokens = np.full((batch, prefill_len), pad_id, np.int32)
   positions = np.zeros((batch, prefill_len), np.int32)
   mask = np.zeros((batch, prefill_len), bool)
-  lengths = np.array([len(p) for p in prompts], np.int32)
+  lengths = np.array([0 if p is None else len(p) for p in prompts], np.int32)
   for b, prompt in enumerate(prompts):
+    if prompt is None:
+      continue
     n = len(prompt)
     if not 1 <= n <= prefill_len:
       raise ValueError(f"prompt {b} has {n} tokens; prompts need 1 to prefill_len="
@@ -143,7 +149,8 @@ def layout_prompts(prompts: Sequence[Sequence[int]], prefill_len: int, *,
     tokens[b, cols] = prompt
     positions[b, cols] = np.arange(n)
     mask[b, cols] = True
-  last = lengths - 1 if padding == "right" else np.full(batch, prefill_len - 1)
+  last = np.maximum(lengths - 1, 0) if padding == "right" else np.full(
+      batch, prefill_len - 1)
   return PromptLayout(tokens, positions, mask, last.astype(np.int32), lengths)
 
 
@@ -154,11 +161,15 @@ class Decoder:
   (teacher forcing); ``decoder.generate(prompts, n)`` samples. ``traces`` counts how
   often each function was traced (1 each, whatever the prompts).
 
+  Rows are independent: a row that fills the cache is re-prefilled on its own while
+  the others step, so a row's tokens do not depend on the other prompts of the batch
+  (beyond MoE capacity at prefill, as in evaluation).
+
   Args:
     model: a :class:`moe_jax.transformer.Transformer` (left unchanged: the decoder
       works on a view of its arrays with caches added).
     batch_size: B, rows of the cache; smaller batches are filled with idle rows.
-    max_len: cache length, the longest row before the window slides.
+    max_len: cache length, the longest row before its window slides.
     prefill_len: P, the fixed padded prompt length (default ``max_len``).
     dtype: cache dtype (default the model's compute dtype).
     pad_id: token written on padding and after a row stops.
@@ -188,13 +199,17 @@ class Decoder:
     self._step = jax.jit(self._step_fn, donate_argnums=(2,))
     self.layout: PromptLayout | None = None
     self._cache = None
-    self._positions = None
+    self._positions = None  # i32[B], each row's next position
 
   # -- the two jitted functions -----------------------------------------------------
 
-  def _prefill_fn(self, params, rest, cache, tokens, positions, mask, last, key,
-                  sampling, *, all_logits):
+  def _prefill_fn(self, params, rest, cache, empty, reset, tokens, positions, mask,
+                  last, key, sampling, *, all_logits):
     self.traces["prefill"] += 1
+    # Every Cache variable has the batch as its leading axis: reset rows start empty.
+    cache = jax.tree.map(
+        lambda c, e: jnp.where(reset.reshape((-1,) + (1,) * (c.ndim - 1)), e, c),
+        cache, empty)
     model = nnx.merge(self._graphdef, params, cache, rest)
     x = forward(model, tokens, positions, mask, prefill=True)
     rows = jnp.arange(x.shape[0])
@@ -203,15 +218,16 @@ class Decoder:
     out = model.head(x) if all_logits else logits
     return out, token, nnx.state(model, nnx.Cache)
 
-  def _step_fn(self, params, rest, cache, tokens, positions, done, stop_ids, key,
-               sampling):
+  def _step_fn(self, params, rest, cache, tokens, positions, active, done, stop_ids,
+               key, sampling):
     self.traces["step"] += 1
     model = nnx.merge(self._graphdef, params, cache, rest)
-    x = forward(model, tokens[:, None], positions[:, None],
-                jnp.ones(tokens.shape + (1,), jnp.bool_), prefill=False)
+    x = forward(model, tokens[:, None], positions[:, None], active[:, None],
+                prefill=False)
     logits = model.head(x)[:, 0]
-    token = jnp.where(done, self.pad_id, sample_logits(logits, key, *sampling))
-    done = done | (token == stop_ids)
+    token = sample_logits(logits, key, *sampling)
+    token = jnp.where(done | ~active, self.pad_id, token)
+    done = done | (active & (token == stop_ids))
     return logits, token, done, nnx.state(model, nnx.Cache)
 
   # -- teacher forcing --------------------------------------------------------------
@@ -223,41 +239,50 @@ class Decoder:
     idle = self.batch_size - len(prompts)
     return list(prompts) + [[self.pad_id]] * idle
 
-  def prefill(self, prompts: Sequence[Sequence[int]], *, padding: str = "right",
+  def prefill(self, prompts: Sequence[Sequence[int] | None], *, padding: str = "right",
               all_logits: bool = False, key: jax.Array | None = None,
-              sampling=(0.0, 0, 1.0)):
-    """Empties the cache and runs the prompts. Returns ``(logits, first_tokens)``.
+              sampling=(0.0, 0, 1.0), rows: np.ndarray | None = None):
+    """Runs the prompts into an emptied cache. Returns ``(logits, first_tokens)``.
 
     ``logits`` is f32[B, V] at each row's last prompt token, or with ``all_logits``
     f32[B, P, V] at every column of :attr:`layout`. ``first_tokens`` i32[B] are sampled
-    from the former with ``sampling = (temperature, top_k, top_p)``.
+    from the former with ``sampling = (temperature, top_k, top_p)``. With ``rows``
+    (bool[B]) only those rows are emptied and prefilled (``prompts`` has B entries,
+    None for the other rows, which keep their state).
     """
-    layout = layout_prompts(self._pad_rows(prompts), self.prefill_len,
-                            padding=padding, pad_id=self.pad_id)
+    if rows is None:
+      prompts = self._pad_rows(prompts)
+      rows = np.ones(self.batch_size, bool)
+    layout = layout_prompts(prompts, self.prefill_len, padding=padding,
+                            pad_id=self.pad_id)
     self.layout = layout
     key = jax.random.key(0) if key is None else key
+    cache = self._empty if self._cache is None else self._cache
     out, token, self._cache = self._prefill(
-        self._params, self._rest, self._empty, layout.tokens, layout.positions,
-        layout.mask, layout.last, key, _sampling(*sampling), all_logits=all_logits)
-    self._positions = jnp.asarray(layout.lengths)
+        self._params, self._rest, cache, self._empty, rows, layout.tokens,
+        layout.positions, layout.mask, layout.last, key, _sampling(*sampling),
+        all_logits=all_logits)
+    lengths = jnp.asarray(layout.lengths)
+    self._positions = (lengths if self._positions is None
+                       else jnp.where(rows, lengths, self._positions))
     return out, token
 
-  def step(self, tokens, *, key: jax.Array | None = None,
-           sampling=(0.0, 0, 1.0), done=None, stop_ids=None):
-    """Feeds i32[B] tokens at each row's next position. Returns
-    ``(logits f32[B, V], next_tokens i32[B], done bool[B])``."""
+  def step(self, tokens, *, key: jax.Array | None = None, sampling=(0.0, 0, 1.0),
+           active=None, done=None, stop_ids=None):
+    """Feeds i32[B] tokens at each row's next position (rows where ``active`` is
+    False are left alone). Returns ``(logits f32[B, V], next_tokens i32[B], done
+    bool[B])``; a row is done once it has sampled its stop id."""
     if self._cache is None:
       raise ValueError("Decoder.step needs a prefill first.")
-    if int(jnp.max(self._positions)) >= self.max_len:
-      raise ValueError(f"a row is full (max_len={self.max_len}); prefill again.")
     batch = self.batch_size
+    active = np.ones(batch, bool) if active is None else active
     done = jnp.zeros(batch, jnp.bool_) if done is None else done
     stop_ids = jnp.full(batch, -1, jnp.int32) if stop_ids is None else stop_ids
     key = jax.random.key(0) if key is None else key
     logits, token, done, self._cache = self._step(
         self._params, self._rest, self._cache, jnp.asarray(tokens, jnp.int32),
-        self._positions, done, stop_ids, key, _sampling(*sampling))
-    self._positions = self._positions + 1
+        self._positions, active, done, stop_ids, key, _sampling(*sampling))
+    self._positions = self._positions + jnp.asarray(active, jnp.int32)
     return logits, token, done
 
   # -- sampling ---------------------------------------------------------------------
@@ -269,7 +294,9 @@ class Decoder:
     """Samples up to ``max_new_tokens`` tokens after each prompt.
 
     ``stop_ids``: one id for every row, or one per row (None: no stop); a row ends
-    with its stop id included. Returns one list of new tokens per prompt.
+    with its stop id included. A row that reaches ``max_len`` continues from its last
+    ``min(prefill_len, max_len // 2)`` tokens, re-prefilled at positions from 0.
+    Returns one list of new tokens per prompt.
     """
     for name, value, ok, fix in (
         ("temperature", temperature, temperature >= 0, "must be >= 0 (0 is greedy)"),
@@ -279,26 +306,26 @@ class Decoder:
       if not ok:
         raise ValueError(f"{name}={value!r} {fix}.")
     self._pad_rows(prompts)  # checks the batch size
-    num = len(prompts)
+    num, batch = len(prompts), self.batch_size
     if max_new_tokens == 0:
       return [[] for _ in range(num)]
     if not isinstance(stop_ids, (list, tuple)):
       stop_ids = [stop_ids] * num
     if len(stop_ids) != num:
       raise ValueError(f"{len(stop_ids)} stop ids for {num} prompts.")
-    stops = np.full(self.batch_size, -1, np.int32)
+    stops = np.full(batch, -1, np.int32)
     stops[:num] = [-1 if s is None else s for s in stop_ids]
     stops = jnp.asarray(stops)
     sampling = (temperature, top_k, top_p)
     key = jax.random.key(seed)
     history = [list(map(int, p)) for p in prompts]
     keep = min(self.prefill_len, self.max_len // 2)
+    idle = np.arange(batch) >= num
 
     _, token = self.prefill(prompts, padding=padding, key=jax.random.fold_in(key, 0),
                             sampling=sampling)
-    idle = jnp.arange(self.batch_size) >= num
-    done = idle | (token == stops)
-    next_pos = int(self.layout.lengths[:num].max())  # the longest row's next position
+    done = jnp.asarray(idle) | (token == stops)
+    next_pos = self.layout.lengths.copy()  # host copy of each row's next position
     pending = [token]  # device arrays not yet copied into ``history``
     new = [[] for _ in range(num)]
 
@@ -311,17 +338,25 @@ class Decoder:
         pending.clear()
 
     for t in range(1, max_new_tokens):
-      if next_pos >= self.max_len:  # slide: re-prefill every row from its last tokens
+      step_key = jax.random.fold_in(key, t)
+      full = (next_pos >= self.max_len) & ~idle
+      if full.any():  # slide: those rows restart from their last ``keep`` tokens
         flush()
-        _, token = self.prefill([h[-keep:] for h in history], padding=padding,
-                                key=jax.random.fold_in(key, t), sampling=sampling)
-        token = jnp.where(done, self.pad_id, token)
-        done = done | (token == stops)
-        next_pos = keep
+        _, fresh = self.prefill(
+            [history[b][-keep:] if full[b] else None for b in range(batch)],
+            padding=padding, key=step_key, sampling=sampling, rows=full)
+        fresh = jnp.where(done, self.pad_id, fresh)
+        fresh_done = done | (fresh == stops)
+        if (~full & ~idle).any():
+          _, token, done = self.step(token, key=step_key, sampling=sampling,
+                                     active=~full, done=done, stop_ids=stops)
+        token = jnp.where(full, fresh, token)
+        done = jnp.where(full, fresh_done, done)
+        next_pos = np.where(full, keep, next_pos + 1)
       else:
-        _, token, done = self.step(token, key=jax.random.fold_in(key, t),
-                                   sampling=sampling, done=done, stop_ids=stops)
-        next_pos += 1
+        _, token, done = self.step(token, key=step_key, sampling=sampling, done=done,
+                                   stop_ids=stops)
+        next_pos = next_pos + 1
       pending.append(token)
       if t % check_every == 0 and bool(jnp.all(done)):
         break

@@ -119,6 +119,12 @@ def test_sliding_window_re_prefills_the_last_tokens():
   assert out[:3] == decoder.generate([prompt], 3, temperature=0.0)[0]
   history = prompt + out[:3]
   assert out[3:] == decoder.generate([history[-4:]], 3, temperature=0.0)[0]
+  # Rows slide on their own: next to a longer prompt (which slides earlier), the row
+  # decodes as it does alone.
+  batched = decode.Decoder(model, batch_size=2, max_len=8)
+  both = batched.generate([[2, 7, 1, 8, 2, 8, 1], prompt], 6, temperature=0.0)
+  assert both[1] == out
+  assert both[0] == decoder.generate([[2, 7, 1, 8, 2, 8, 1]], 6, temperature=0.0)[0]
 
 
 def test_stop_ids_end_each_row_and_leave_the_others_alone():
@@ -197,8 +203,7 @@ def test_bfloat16_compute_decodes_close_to_the_full_forward():
     np.testing.assert_allclose(cached[b], expected[b], atol=0.1, rtol=0)
 
 
-@pytest.mark.parametrize("data,expert", [(2, 4), (8, 1)])
-def test_sharded_decoding_equals_one_device(data, expert):
+def test_sharded_decoding_equals_one_device(data=2, expert=4):
   # 8 rows x prefill 12 = 96 tokens, 12 per data-parallel device: groups of 12.
   overrides = {**MODELS["top2"], "moe.group_size": 12, "moe.dispatch": "indices"}
   prompts = [PROMPTS[b % 3][: 1 + b] for b in range(8)]
