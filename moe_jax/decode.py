@@ -36,6 +36,7 @@ window for every token (the method before the cache); benchmarks compare against
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol, Sequence
 
 import jax
@@ -285,6 +286,26 @@ class Decoder:
     self._positions = self._positions + jnp.asarray(active, jnp.int32)
     return logits, token, done
 
+  def step_memory(self) -> dict[str, int]:
+    """Bytes of the compiled step from XLA's memory analysis: ``arguments`` (weights,
+    cache, inputs), ``outputs``, ``temp`` and ``peak`` = arguments + outputs + temp -
+    aliased (the donated cache is updated in place)."""
+    batch = self.batch_size
+    zeros = np.zeros(batch, np.int32)
+    compiled = self._step.lower(
+        self._params, self._rest, self._empty, zeros, zeros, np.ones(batch, bool),
+        np.zeros(batch, bool), zeros, jax.random.key(0), _sampling(0.0, 0, 1.0)).compile()
+    m = compiled.memory_analysis()
+    out = {"arguments": int(m.argument_size_in_bytes),
+           "outputs": int(m.output_size_in_bytes), "temp": int(m.temp_size_in_bytes),
+           "aliased": int(m.alias_size_in_bytes)}
+    out["peak"] = out["arguments"] + out["outputs"] + out["temp"] - out["aliased"]
+    return out
+
+  def cache_bytes(self) -> int:
+    """Bytes of every block's decode state for ``batch_size`` rows of ``max_len``."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(self._empty)))
+
   # -- sampling ---------------------------------------------------------------------
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -396,13 +417,6 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = jax.device_get(params)
-
-  @jax.jit
-  def next_logits(params, tokens, pos):
-    m = nnx.merge(graphdef, params, rest, copy=True)
-    logits, _ = m(tokens, deterministic=True)
-    return logits[0, pos]
-
   rng = np.random.default_rng(seed)
   ids = [int(t) for t in prompt]
   out = []
@@ -410,7 +424,8 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
     ctx = ids[-window:]
     buf = np.zeros((1, window), np.int32)
     buf[0, :len(ctx)] = ctx
-    logits = np.asarray(next_logits(params, buf, len(ctx) - 1), np.float64)
+    logits = np.asarray(_window_logits(graphdef, params, rest, buf, len(ctx) - 1),
+                        np.float64)
     if temperature <= 0:
       tok = int(np.argmax(logits))
     else:
@@ -425,3 +440,11 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
     if stop_id is not None and tok == stop_id:
       break
   return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _window_logits(graphdef, params, rest, tokens, pos):
+  """f32[V] logits at ``pos`` of the full forward pass over ``tokens`` i32[1, W]."""
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  logits, _ = model(tokens, deterministic=True)
+  return logits[0, pos]
