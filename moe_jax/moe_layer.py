@@ -468,6 +468,10 @@ class MoeLayer(nnx.Module):
       return self(x, deterministic=True, token_mask=token_mask)[0]
     num_tokens = x.shape[0] * x.shape[1]
     shards = self.layout.group_shards
-    size = num_tokens // shards if num_tokens % shards == 0 else num_tokens
+    if num_tokens % shards:
+      raise ValueError(f"a decode step of {num_tokens} rows cannot be split over the "
+                       f"{shards} data-parallel devices; use a batch size that is a "
+                       f"multiple of {shards}.")
+    size = num_tokens // shards
     return self(x, deterministic=True, token_mask=token_mask, group_size=size,
                 capacity=size)[0]

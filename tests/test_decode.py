@@ -218,3 +218,40 @@ def test_sharded_decoding_equals_one_device(data=2, expert=4):
   mask = sharded.layout.mask
   np.testing.assert_allclose(np.asarray(logits)[mask], np.asarray(ref_logits)[mask],
                              atol=1e-5, rtol=0)
+
+
+def _one_expert_layer():
+  """2 experts, top-1, eval capacity C = max(ceil(0.5 * S / 2), 1): 1 slot for S <= 4.
+  The router sends every token with positive features to expert 0."""
+  from moe_jax.moe_layer import MoeConfig, MoeLayer  # pylint: disable=import-outside-toplevel
+  layer = MoeLayer(MoeConfig(d_model=4, d_ff=8, num_experts=2, top_k=1,
+                             eval_capacity_factor=0.5, min_capacity=1, group_size=8,
+                             activation="gelu"),
+                   rngs=nnx.Rngs(0))
+  layer.router.kernel.set_value(jnp.array([[1.0, -1.0]] * 4))
+  x = jax.random.uniform(jax.random.key(1), (4, 1, 4), minval=0.5, maxval=1.5)
+  alone = jnp.concatenate([layer(x[b:b + 1], deterministic=True)[0] for b in range(4)])
+  return layer, x, alone
+
+
+def test_a_decode_step_drops_no_token_for_capacity():
+  # 4 rows' new tokens all pick expert 0. Evaluation (S = 4, C = 1) keeps the first
+  # and drops 3 (output exactly 0); the step routes with C = S = 4 and keeps all 4, each
+  # equal to the token routed alone.
+  layer, x, alone = _one_expert_layer()
+  y_eval, aux = layer(x, deterministic=True)
+  assert float(aux.metrics["dropped_fraction"]) == 0.75
+  assert np.count_nonzero(np.abs(np.asarray(y_eval)).sum(-1)) == 1
+  y_step = layer.decode(x, jnp.ones((4, 1), bool), prefill=False)
+  np.testing.assert_allclose(y_step, alone, atol=1e-6)
+  assert np.all(np.abs(np.asarray(y_step)).sum(-1) > 0)
+
+
+def test_padding_takes_no_capacity_at_prefill():
+  # One row of 4 tokens, the first two padding: with C = 1 the single slot goes to the
+  # first real token (position 2), not to padding; padding outputs exactly 0.
+  layer, x, alone = _one_expert_layer()
+  row = x.reshape(1, 4, 4)
+  y = layer.decode(row, jnp.array([[False, False, True, True]]), prefill=True)
+  np.testing.assert_allclose(y[0, 2], alone[2, 0], atol=1e-6)
+  assert np.all(np.asarray(y[0, [0, 1, 3]]) == 0)
