@@ -283,6 +283,25 @@ def dropless_dispatch(x, out, experts, constrain, *, deterministic):
   return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
 
 
+def gather_dispatch(x, out, experts, constrain, *, deterministic):
+  """Runs each token through its own chosen experts, gathering their weights.
+
+  Same numbers as the other paths for the same routing (dropped choices add 0), but it
+  reads T*K experts' weights rather than all E, so it suits decode steps of a few
+  tokens on one device (:meth:`MoeLayer.decode`). Not a config choice: the gathered
+  weights grow with the tokens.
+  """
+  del constrain
+  num_groups, group_size, d_model = x.shape
+  top_k = out.expert_index.shape[-1]
+  tokens = num_groups * group_size
+  y = experts.gathered(x.reshape(tokens, d_model),
+                       out.expert_index.reshape(tokens, top_k),
+                       deterministic=deterministic)  # [T, K, M]
+  gates = jnp.where(out.kept, out.gates, 0.0).reshape(tokens, top_k).astype(y.dtype)
+  return jnp.einsum("TKM,TK->TM", y, gates).reshape(num_groups, group_size, d_model)
+
+
 DISPATCHERS: dict[str, Dispatcher] = {
     "einsum": einsum_dispatch,
     "indices": indices_dispatch,
@@ -414,12 +433,13 @@ class MoeLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                token_mask: jax.Array | None = None, group_size: int | None = None,
-               capacity: int | None = None) -> tuple[jax.Array, MoeAux]:
+               capacity: int | None = None,
+               dispatcher: Dispatcher | None = None) -> tuple[jax.Array, MoeAux]:
     """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
 
     The optional arguments serve decoding (:meth:`decode`): ``token_mask`` bool[B, L]
-    (False: padding, never routed, output 0), and ``group_size`` and ``capacity``
-    overriding the config's S and C.
+    (False: padding, never routed, output 0), ``group_size`` and ``capacity``
+    overriding the config's S and C, and ``dispatcher`` the config's dispatch path.
     """
     if deterministic is None:
       deterministic = self.deterministic
@@ -448,7 +468,7 @@ class MoeLayer(nnx.Module):
           num_groups, group_size)
     out = self.route(logits, num_tokens, deterministic=deterministic, rng=policy_rng,
                      token_mask=token_mask, capacity=capacity)
-    dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
+    dispatch = dispatcher or DISPATCHERS[resolve_dispatch(cfg.dispatch)]
     y = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts, self.constrain,
                  deterministic=deterministic)
     y = self.constrain(y, "groups")
@@ -462,7 +482,9 @@ class MoeLayer(nnx.Module):
     Padding (``token_mask`` False) takes no capacity. Prefill routes like evaluation
     (``eval_capacity_factor``). A step routes the B new tokens in groups of the
     tokens of one data-parallel device with ``C = S``, so no token is dropped for
-    capacity: each token picks K distinct experts, so at most S choices reach one.
+    capacity: each token picks K distinct experts, so at most S choices reach one. On
+    one device, a step whose B*K choices are fewer than E gathers just the chosen
+    experts' weights (:func:`gather_dispatch`) instead of running all E.
     """
     if prefill:
       return self(x, deterministic=True, token_mask=token_mask)[0]
@@ -473,5 +495,6 @@ class MoeLayer(nnx.Module):
                        f"{shards} data-parallel devices; use a batch size that is a "
                        f"multiple of {shards}.")
     size = num_tokens // shards
+    few = self.layout.num_devices == 1 and num_tokens * self.cfg.top_k < self.cfg.num_experts
     return self(x, deterministic=True, token_mask=token_mask, group_size=size,
-                capacity=size)[0]
+                capacity=size, dispatcher=gather_dispatch if few else None)[0]

@@ -255,3 +255,17 @@ def test_padding_takes_no_capacity_at_prefill():
   y = layer.decode(row, jnp.array([[False, False, True, True]]), prefill=True)
   np.testing.assert_allclose(y[0, 2], alone[2, 0], atol=1e-6)
   assert np.all(np.asarray(y[0, [0, 1, 3]]) == 0)
+
+
+def test_a_step_of_few_tokens_gathers_only_the_chosen_experts():
+  # 2 tokens x top-2 = 4 choices < 8 experts: the step takes gather_dispatch, which must
+  # equal the capacity path (indices, C = S = 2) for the same routing.
+  from moe_jax.moe_layer import MoeConfig, MoeLayer  # pylint: disable=import-outside-toplevel
+  layer = MoeLayer(MoeConfig(d_model=8, d_ff=16, num_experts=8, top_k=2,
+                             activation="swiglu", dispatch="indices"), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (2, 1, 8))
+  mask = jnp.array([[True], [False]])
+  gathered = layer.decode(x, mask, prefill=False)
+  capacity, _ = layer(x, deterministic=True, token_mask=mask, group_size=2, capacity=2)
+  np.testing.assert_allclose(gathered, capacity, atol=1e-6, rtol=0)
+  assert np.all(np.asarray(gathered[1]) == 0)  # the masked row
