@@ -198,6 +198,7 @@ class Decoder:
     self.traces = {"prefill": 0, "step": 0}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("all_logits",))
     self._step = jax.jit(self._step_fn, donate_argnums=(2,))
+    self.chunk = 32  # steps one call of the step function can run on the device
     self.layout: PromptLayout | None = None
     self._cache = None
     self._positions = None  # i32[B], each row's next position
@@ -220,16 +221,34 @@ class Decoder:
     return out, token, nnx.state(model, nnx.Cache)
 
   def _step_fn(self, params, rest, cache, tokens, positions, active, done, stop_ids,
-               key, sampling):
+               key, start, num_steps, sampling):
+    """Runs ``num_steps`` (<= ``chunk``, traced) steps in a device loop, feeding each
+    sampled token back; the first step feeds ``tokens``. Rows that are not ``active``
+    or are ``done`` write nothing and emit ``pad_id``."""
     self.traces["step"] += 1
-    model = nnx.merge(self._graphdef, params, cache, rest)
-    x = forward(model, tokens[:, None], positions[:, None], active[:, None],
-                prefill=False)
-    logits = model.head(x)[:, 0]
-    token = sample_logits(logits, key, *sampling)
-    token = jnp.where(done | ~active, self.pad_id, token)
-    done = done | (active & (token == stop_ids))
-    return logits, token, done, nnx.state(model, nnx.Cache)
+    batch = tokens.shape[0]
+    last = self.max_len - 1
+
+    def body(i, carry):
+      cache, token, positions, done, _, out = carry
+      model = nnx.merge(self._graphdef, params, cache, rest)
+      live = active & ~done
+      x = forward(model, token[:, None], jnp.minimum(positions, last)[:, None],
+                  live[:, None], prefill=False)
+      logits = model.head(x)[:, 0]
+      sampled = sample_logits(logits, jax.random.fold_in(key, start + i), *sampling)
+      token = jnp.where(live, sampled, self.pad_id)
+      done = done | (live & (token == stop_ids))
+      positions = positions + active.astype(jnp.int32)
+      out = out.at[i].set(token)
+      return nnx.state(model, nnx.Cache), token, positions, done, logits, out
+
+    vocab = self._params["embedding"].shape[0]
+    init = (cache, tokens, positions, done, jnp.zeros((batch, vocab), jnp.float32),
+            jnp.full((self.chunk, batch), self.pad_id, jnp.int32))
+    cache, token, positions, done, logits, out = jax.lax.fori_loop(
+        0, num_steps, body, init)
+    return logits, out, token, positions, done, cache
 
   # -- teacher forcing --------------------------------------------------------------
 
@@ -273,18 +292,28 @@ class Decoder:
     """Feeds i32[B] tokens at each row's next position (rows where ``active`` is
     False are left alone). Returns ``(logits f32[B, V], next_tokens i32[B], done
     bool[B])``; a row is done once it has sampled its stop id."""
+    logits, _, token, done = self._run(tokens, 1, key=key, sampling=sampling,
+                                       active=active, done=done, stop_ids=stop_ids)
+    return logits, token, done
+
+  def _run(self, tokens, num_steps, *, key=None, start=0, sampling=(0.0, 0, 1.0),
+           active=None, done=None, stop_ids=None):
+    """``num_steps`` steps in one call. Returns (last logits, i32[chunk, B] tokens of
+    which the first ``num_steps`` rows are new, last tokens, done)."""
     if self._cache is None:
       raise ValueError("Decoder.step needs a prefill first.")
+    if not 1 <= num_steps <= self.chunk:
+      raise ValueError(f"num_steps={num_steps} must be in [1, {self.chunk}].")
     batch = self.batch_size
     active = np.ones(batch, bool) if active is None else active
     done = jnp.zeros(batch, jnp.bool_) if done is None else done
     stop_ids = jnp.full(batch, -1, jnp.int32) if stop_ids is None else stop_ids
     key = jax.random.key(0) if key is None else key
-    logits, token, done, self._cache = self._step(
+    logits, out, token, self._positions, done, self._cache = self._step(
         self._params, self._rest, self._cache, jnp.asarray(tokens, jnp.int32),
-        self._positions, active, done, stop_ids, key, _sampling(*sampling))
-    self._positions = self._positions + jnp.asarray(active, jnp.int32)
-    return logits, token, done
+        self._positions, active, done, stop_ids, key, np.int32(start),
+        np.int32(num_steps), _sampling(*sampling))
+    return logits, out, token, done
 
   def step_memory(self) -> dict[str, int]:
     """Bytes of the compiled step from XLA's memory analysis: ``arguments`` (weights,
@@ -294,7 +323,8 @@ class Decoder:
     zeros = np.zeros(batch, np.int32)
     compiled = self._step.lower(
         self._params, self._rest, self._empty, zeros, zeros, np.ones(batch, bool),
-        np.zeros(batch, bool), zeros, jax.random.key(0), _sampling(0.0, 0, 1.0)).compile()
+        np.zeros(batch, bool), zeros, jax.random.key(0), np.int32(0), np.int32(1),
+        _sampling(0.0, 0, 1.0)).compile()
     m = compiled.memory_analysis()
     out = {"arguments": int(m.argument_size_in_bytes),
            "outputs": int(m.output_size_in_bytes), "temp": int(m.temp_size_in_bytes),
@@ -311,7 +341,7 @@ class Decoder:
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0, stop_ids: Sequence[int | None] | int | None = None,
-               padding: str = "right", check_every: int = 16) -> list[list[int]]:
+               padding: str = "right") -> list[list[int]]:
     """Samples up to ``max_new_tokens`` tokens after each prompt.
 
     ``stop_ids``: one id for every row, or one per row (None: no stop); a row ends
@@ -347,21 +377,25 @@ class Decoder:
                             sampling=sampling)
     done = jnp.asarray(idle) | (token == stops)
     next_pos = self.layout.lengths.copy()  # host copy of each row's next position
-    pending = [token]  # device arrays not yet copied into ``history``
+    # Device arrays not yet copied into ``history``: (i32[B] or i32[chunk, B], rows).
+    # Sliced on the host, so that no shape-dependent op is compiled per length.
+    pending = [(token, None)]
     new = [[] for _ in range(num)]
 
     def flush():
       if pending:
-        block = np.asarray(jnp.stack(pending))  # [T, B]
+        block = np.concatenate([np.asarray(a)[None] if n is None else np.asarray(a)[:n]
+                                for a, n in pending])  # [T, B]
         for b in range(num):
           new[b].extend(block[:, b].tolist())
           history[b].extend(block[:, b].tolist())
         pending.clear()
 
-    for t in range(1, max_new_tokens):
-      step_key = jax.random.fold_in(key, t)
+    t = 1  # tokens generated per row so far
+    while t < max_new_tokens:
       full = (next_pos >= self.max_len) & ~idle
       if full.any():  # slide: those rows restart from their last ``keep`` tokens
+        step_key = jax.random.fold_in(key, t)
         flush()
         _, fresh = self.prefill(
             [history[b][-keep:] if full[b] else None for b in range(batch)],
@@ -369,17 +403,22 @@ class Decoder:
         fresh = jnp.where(done, self.pad_id, fresh)
         fresh_done = done | (fresh == stops)
         if (~full & ~idle).any():
-          _, token, done = self.step(token, key=step_key, sampling=sampling,
-                                     active=~full, done=done, stop_ids=stops)
+          _, _, token, done = self._run(token, 1, key=key, start=t, sampling=sampling,
+                                        active=~full, done=done, stop_ids=stops)
         token = jnp.where(full, fresh, token)
         done = jnp.where(full, fresh_done, done)
         next_pos = np.where(full, keep, next_pos + 1)
-      else:
-        _, token, done = self.step(token, key=step_key, sampling=sampling, done=done,
-                                   stop_ids=stops)
-        next_pos = next_pos + 1
-      pending.append(token)
-      if t % check_every == 0 and bool(jnp.all(done)):
+        pending.append((token, None))
+        t += 1
+      else:  # as many steps as fit before the next slide, in one call
+        room = self.max_len - int(next_pos[~idle].max())
+        n = min(self.chunk, max_new_tokens - t, room)
+        _, out, token, done = self._run(token, n, key=key, start=t, sampling=sampling,
+                                        done=done, stop_ids=stops)
+        next_pos = next_pos + n
+        pending.append((out, n))
+        t += n
+      if bool(jnp.all(done)):
         break
     flush()
     return [_cut(row, stop) for row, stop in zip(new, stop_ids)]
