@@ -108,8 +108,11 @@ def measure_batch(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
   def steps():  # after an untimed prefill
     token = prefill()
     start = time.perf_counter()
-    for _ in range(new_tokens):
-      _, token, _ = decoder.step(token)
+    done = 0
+    while done < new_tokens:  # as Decoder.generate runs them: chunks of device steps
+      n = min(decoder.chunk, new_tokens - done)
+      _, _, token, _ = decoder.run_steps(token, n)
+      done += n
     jax.block_until_ready(token)
     return time.perf_counter() - start
 

@@ -292,14 +292,16 @@ class Decoder:
     """Feeds i32[B] tokens at each row's next position (rows where ``active`` is
     False are left alone). Returns ``(logits f32[B, V], next_tokens i32[B], done
     bool[B])``; a row is done once it has sampled its stop id."""
-    logits, _, token, done = self._run(tokens, 1, key=key, sampling=sampling,
+    logits, _, token, done = self.run_steps(tokens, 1, key=key, sampling=sampling,
                                        active=active, done=done, stop_ids=stop_ids)
     return logits, token, done
 
-  def _run(self, tokens, num_steps, *, key=None, start=0, sampling=(0.0, 0, 1.0),
+  def run_steps(self, tokens, num_steps, *, key=None, start=0, sampling=(0.0, 0, 1.0),
            active=None, done=None, stop_ids=None):
-    """``num_steps`` steps in one call. Returns (last logits, i32[chunk, B] tokens of
-    which the first ``num_steps`` rows are new, last tokens, done)."""
+    """Runs ``num_steps`` (1 to ``chunk``) steps in one call on the device, feeding
+    ``tokens`` and then each sampled token back (fold ``start + i`` into ``key`` at
+    step i). Returns ``(logits f32[B, V] of the last step, i32[chunk, B] tokens whose
+    first num_steps rows are new, the last tokens i32[B], done bool[B])``."""
     if self._cache is None:
       raise ValueError("Decoder.step needs a prefill first.")
     if not 1 <= num_steps <= self.chunk:
@@ -403,8 +405,9 @@ class Decoder:
         fresh = jnp.where(done, self.pad_id, fresh)
         fresh_done = done | (fresh == stops)
         if (~full & ~idle).any():
-          _, _, token, done = self._run(token, 1, key=key, start=t, sampling=sampling,
-                                        active=~full, done=done, stop_ids=stops)
+          _, _, token, done = self.run_steps(token, 1, key=key, start=t,
+                                             sampling=sampling, active=~full, done=done,
+                                             stop_ids=stops)
         token = jnp.where(full, fresh, token)
         done = jnp.where(full, fresh_done, done)
         next_pos = np.where(full, keep, next_pos + 1)
@@ -413,8 +416,8 @@ class Decoder:
       else:  # as many steps as fit before the next slide, in one call
         room = self.max_len - int(next_pos[~idle].max())
         n = min(self.chunk, max_new_tokens - t, room)
-        _, out, token, done = self._run(token, n, key=key, start=t, sampling=sampling,
-                                        done=done, stop_ids=stops)
+        _, out, token, done = self.run_steps(token, n, key=key, start=t,
+                                             sampling=sampling, done=done, stop_ids=stops)
         next_pos = next_pos + n
         pending.append((out, n))
         t += n
