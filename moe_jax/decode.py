@@ -230,7 +230,9 @@ class Decoder:
     last = self.max_len - 1
 
     def body(i, carry):
-      cache, token, positions, done, _, out = carry
+      # ``rest`` (RNG counts among it, e.g. of second_policy="random") is carried too:
+      # a module state cannot be updated across the loop's trace boundary.
+      cache, rest, token, positions, done, _, out = carry
       model = nnx.merge(self._graphdef, params, cache, rest)
       live = active & ~done
       x = forward(model, token[:, None], jnp.minimum(positions, last)[:, None],
@@ -241,12 +243,14 @@ class Decoder:
       done = done | (live & (token == stop_ids))
       positions = positions + active.astype(jnp.int32)
       out = out.at[i].set(token)
-      return nnx.state(model, nnx.Cache), token, positions, done, logits, out
+      _, _, cache, rest = nnx.split(model, nnx.Param, nnx.Cache, ...)
+      return cache, rest, token, positions, done, logits, out
 
     vocab = self._params["embedding"].shape[0]
-    init = (cache, tokens, positions, done, jnp.zeros((batch, vocab), jnp.float32),
+    init = (cache, rest, tokens, positions, done,
+            jnp.zeros((batch, vocab), jnp.float32),
             jnp.full((self.chunk, batch), self.pad_id, jnp.int32))
-    cache, token, positions, done, logits, out = jax.lax.fori_loop(
+    cache, _, token, positions, done, logits, out = jax.lax.fori_loop(
         0, num_steps, body, init)
     return logits, out, token, positions, done, cache
 

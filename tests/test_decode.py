@@ -94,7 +94,8 @@ def test_cached_decoding_equals_the_full_forward_and_the_uncached_sampler(name):
 
 
 def test_one_compilation_for_prefill_and_one_for_the_step():
-  model = make_model(MODELS["switch"])
+  # top2_small's random second-expert policy draws from an RNG stream in the step loop.
+  model = make_model(MODELS["top2"], **{"moe.second_policy": "random"})
   decoder = decode.Decoder(model, batch_size=4, max_len=16, prefill_len=8)
   decoder.generate([[1], [2, 3, 4]], 5, temperature=0.0)
   decoder.generate([[1, 2, 3, 4, 5, 6, 7, 8], [9, 9], [3], [4, 4, 4]], 9,
