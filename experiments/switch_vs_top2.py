@@ -38,14 +38,24 @@ flags.DEFINE_integer("batch_size", None, "Global batch size.")
 flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
 flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps.")
 flags.DEFINE_integer("eval_every", None, "Steps between evaluations.")
-flags.DEFINE_integer("eval_steps", None, "Batches per evaluation.")
+flags.DEFINE_integer("eval_steps", None,
+                     "Batches per evaluation (0: the whole validation split).")
+flags.DEFINE_integer("final_eval_steps", None,
+                     "Batches of the final evaluation (0: the whole validation split).")
 flags.DEFINE_integer("log_every", None, "Steps between train metric lines.")
 flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
 flags.DEFINE_float("eval_capacity_factor", None, "Eval capacity factor of all MoE rows.")
 flags.DEFINE_float("aux_loss_coef", None, "Load-balancing loss coefficient.")
 flags.DEFINE_float("z_loss_coef", None, "Router z-loss coefficient.")
+flags.DEFINE_float("init_scale", None,
+                   "Model-wide init scale of every weight, every row alike (default 1.0; "
+                   "Switch: 0.1).")
 flags.DEFINE_float("expert_init_scale", None,
-                   "Init scale of experts and router (default 0.1, Switch).")
+                   "Init scale of the experts, relative to --init_scale (default 0.1).")
+flags.DEFINE_float("router_init_scale", None,
+                   "Init scale of the router, relative to --init_scale (default 0.1).")
+flags.DEFINE_enum("loss_reduction", None, ["sum", "mean"],
+                  "Per-layer aux/z losses summed (Switch) or averaged over MoE blocks.")
 flags.DEFINE_bool("normalize_gates", None,
                   "Renormalise top-2 gates to sum to 1 (default true, GShard).")
 flags.DEFINE_string("dataset", None, "Dataset name (default: the embedded corpus).")
@@ -57,9 +67,10 @@ FLAGS = flags.FLAGS
 OVERRIDES = ("steps", "seeds", "capacity_factors", "families", "num_experts",
              "num_layers", "large_layers", "d_model", "num_heads", "d_ff", "group_size",
              "seq_len", "batch_size", "learning_rate", "warmup_steps", "eval_every",
-             "eval_steps", "log_every", "checkpoint_every", "eval_capacity_factor",
-             "aux_loss_coef", "z_loss_coef", "dataset", "threshold",
-             "expert_init_scale", "normalize_gates")
+             "eval_steps", "final_eval_steps", "log_every", "checkpoint_every",
+             "eval_capacity_factor", "aux_loss_coef", "z_loss_coef", "dataset", "threshold",
+             "init_scale", "expert_init_scale", "router_init_scale", "loss_reduction",
+             "normalize_gates")
 
 
 def main(argv):

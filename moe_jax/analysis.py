@@ -170,7 +170,11 @@ def _trace(model, inputs, rng, deterministic, call_kwargs):
     batch_shape = y.shape[:-1]
     num_tokens = math.prod(batch_shape)
     num_groups, group_size = logits.shape[:2]
-    r = layer.route(logits, num_tokens, deterministic=deterministic, rng=rng)
+    noise_std = None
+    if not deterministic:  # noisy top-k: the learned noise scale of this call
+      noise_std = _captured(intermediates, tuple(path) + ("router", "noise_std"))[0]
+    r = layer.route(logits, num_tokens, deterministic=deterministic, rng=rng,
+                    noise_std=noise_std)
 
     def per_token(a):
       a = a.reshape((num_groups * group_size,) + a.shape[2:])[:num_tokens]
@@ -206,7 +210,8 @@ def trace_routing(model: nnx.Module, *inputs: Any, deterministic: bool = True,
       input ``[B, L, M]`` become the ``[B, L]`` of the result.
     deterministic: evaluation mode (``eval_capacity_factor``, no jitter), the default.
       With ``False`` the jittered logits of this call are the ones recorded.
-    rng: key for ``second_policy="random"`` (its draws differ from the forward pass).
+    rng: key for ``second_policy="random"`` and the gating noise of "noisy_topk"
+      (its draws differ from the forward pass).
     **call_kwargs: more keyword arguments for the model (hashable values).
 
   Returns:

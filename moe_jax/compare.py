@@ -20,7 +20,13 @@ Conventions (see also ``experiments/configs``):
   here, SentencePiece pieces in the paper, so the scales differ).
 * Capacity has no factor of k (Mesh-TF, as Switch used it), so top-2 at cf 1.0 has the
   same slots per expert as top-1 at cf 1.0 and drops more.
-* Every run evaluates at capacity factor ``eval_capacity_factor`` (2.0, as in the paper).
+* Every run evaluates at capacity factor ``eval_capacity_factor`` (2.0, as in the paper),
+  on the same batches (``eval_steps=0``: the whole validation split; see
+  ``LmData.eval_iter``); the report gives each model's eval standard error next to its
+  seed spread.
+* Every row, dense ones included, uses the same init rule (``init_scale`` for every
+  weight, experts and router relative to it) and the same loss convention
+  (``moe.loss_reduction``); the report states both.
 * Time to threshold is training time, ``steps_to_threshold / (steps per second)``, with
   the run's median measured throughput (compilation, evaluation and checkpoints are left
   out, so the number does not depend on how often a run evaluates); the steps are
@@ -72,24 +78,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=8, seeds=1, capacity_factors=(1.0,), families=FAMILIES,
         num_layers=2, large_layers=4, d_model=32, num_heads=2, d_ff=64,
         num_experts=4, group_size=128, seq_len=32, batch_size=4,
-        learning_rate=3e-3, warmup_steps=2, eval_every=4, eval_steps=1, log_every=4,
+        learning_rate=3e-3, warmup_steps=2, eval_every=4, eval_steps=2, log_every=4,
         checkpoint_every=8, eval_capacity_factor=2.0, aux_loss_coef=0.01,
         z_loss_coef=0.001, bench_steps=1, bench_rounds=1),
     # The full grid (8 models x 2 seeds) on the embedded corpus on a 2-core CPU.
     # Byte-level, 4 blocks of width 128 (Switch: 8 experts in blocks 1 and 3),
     # 16 x 64 tokens per step; the dense-large row doubles the depth (~1.96x FLOPs).
-    # Experts start at the dense FFN's init scale (1.0): the config default 0.1
-    # (Switch's stability remedy, which the paper applies to the whole model) shrinks
-    # only the experts here, and cost the MoE rows quality in 300 steps
-    # (docs/switch_vs_top2.md).
+    # Every weight starts at scale 1.0, experts and router included: the config
+    # default 0.1 for experts and router (Switch's stability remedy, which the paper
+    # applies to the whole model) shrinks only the MoE weights, and cost the MoE rows
+    # quality in 300 steps (docs/switch_vs_top2.md).
     "cpu_small": dict(
         steps=300, seeds=2, capacity_factors=(2.0, 1.25, 1.0), families=FAMILIES,
         num_layers=4, large_layers=8, d_model=128, num_heads=4, d_ff=512,
         num_experts=8, group_size=1024, seq_len=64, batch_size=16,
         learning_rate=2e-3, warmup_steps=30, eval_every=25, eval_steps=10,
+        final_eval_steps=0,
         log_every=25, checkpoint_every=100, eval_capacity_factor=2.0,
         aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=3,
-        expert_init_scale=1.0),
+        init_scale=1.0, expert_init_scale=1.0, router_init_scale=1.0),
     # Accelerator-sized, following the paper's ratios: T5-Base shapes (12 blocks,
     # d_model 768, d_ff 3072), 128 experts in every other block, 512-token sequences,
     # the large row at twice the depth (2x FLOPs), 100k steps. Use a larger corpus
@@ -102,9 +109,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         log_every=100, checkpoint_every=1_000, eval_capacity_factor=2.0,
         aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=0),
 }
-# Unset: the config default (moe.init_scale 0.1, Switch; moe.normalize_gates True).
-OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "expert_init_scale": None,
-                     "normalize_gates": None}
+# Unset: the config default (model.init_scale 1.0; moe.init_scale and
+# moe.router_init_scale 0.1, relative to it; moe.loss_reduction; moe.normalize_gates).
+OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "final_eval_steps": None,
+                     "init_scale": None,
+                     "expert_init_scale": None, "router_init_scale": None,
+                     "loss_reduction": None, "normalize_gates": None}
 
 
 def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
@@ -183,6 +193,7 @@ def make_config(settings: dict[str, Any], family: str, capacity_factor: float | 
   c.log_every = s["log_every"]
   c.eval_every = s["eval_every"]
   c.eval_steps = s["eval_steps"]
+  c.final_eval_steps = s.get("final_eval_steps")
   c.checkpoint_every = s["checkpoint_every"]
   c.keep_checkpoints = 1
   c.progress_bar = False
@@ -210,8 +221,15 @@ def make_config(settings: dict[str, Any], family: str, capacity_factor: float | 
     moe.second_threshold = 0.2
   if capacity_factor is not None:
     moe.capacity_factor = capacity_factor
+  # One init rule and one loss convention for every row, dense ones included.
+  if s.get("init_scale") is not None:
+    m.init_scale = s["init_scale"]
   if s.get("expert_init_scale") is not None:
     moe.init_scale = s["expert_init_scale"]
+  if s.get("router_init_scale") is not None:
+    moe.router_init_scale = s["router_init_scale"]
+  if s.get("loss_reduction") is not None:
+    moe.loss_reduction = s["loss_reduction"]
   if s.get("normalize_gates") is not None:
     moe.normalize_gates = s["normalize_gates"]
   return c
@@ -439,6 +457,9 @@ def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
       "params_total": info["params_total"], "params_active": info["params_active"],
       "flops_per_token_active": info["flops_per_token_active"],
       "final_eval_loss": final["eval_loss"], "quality": -final["eval_loss"],
+      # Lines written before eval_loss_stderr existed read as unknown (NaN).
+      "eval_loss_stderr": float(final.get("eval_loss_stderr", "nan")),
+      "eval_tokens": final.get("eval_tokens", ""),
       "eval_bits_per_byte": final["eval_bits_per_byte"],
       "tokens_per_sec": tokens_per_sec,
       "examples_per_sec": tokens_per_sec / c.data.seq_len,
@@ -528,6 +549,7 @@ def aggregate(rows: Sequence[dict[str, Any]],
         "family": key[0], "capacity_factor": key[1], "n": len(g),
         "steps": g[0]["steps"], "paper_model": g[0]["paper_model"],
         "quality": Stat([r["quality"] for r in g]),
+        "eval_stderr": Stat([r["eval_loss_stderr"] for r in g]),
         "bits_per_byte": Stat([r["eval_bits_per_byte"] for r in g]),
         "examples_per_sec": Stat([r["examples_per_sec"] for r in g]),
         "tokens_per_sec": Stat([r["tokens_per_sec"] for r in g]),
@@ -720,7 +742,8 @@ def orderings_paragraph(aggs: Sequence[dict[str, Any]]) -> str:
 CSV_COLUMNS = (
     "run", "family", "paper_model", "top_k", "train_capacity_factor",
     "eval_capacity_factor", "seed", "steps", "params_total", "params_active",
-    "flops_per_token_active", "final_eval_loss", "quality", "eval_bits_per_byte",
+    "flops_per_token_active", "final_eval_loss", "eval_loss_stderr", "eval_tokens",
+    "quality", "eval_bits_per_byte",
     "threshold_loss", "steps_to_threshold", "time_to_threshold_sec",
     "elapsed_to_threshold_sec",
     "examples_per_sec", "tokens_per_sec", "dropped_fraction_train",
@@ -735,6 +758,46 @@ def write_csv(path: str, rows: Iterable[dict[str, Any]]) -> None:
       w.writerow({k: ("" if r.get(k) is None else
                       (repr(float(f"{r[k]:.6g}")) if isinstance(r[k], float) else r[k]))
                   for k in CSV_COLUMNS})
+
+
+def init_and_loss_sentence(config) -> str:
+  """The init rule and loss convention of a run's config, in words, for reports."""
+  s, moe = config.model.init_scale, config.moe
+  reduction = moe.loss_reduction
+  how = ("summed over the MoE blocks, each block's loss carrying the full coefficient "
+         "as in the Switch and ST-MoE papers" if reduction == "sum" else
+         "averaged over the MoE blocks, the coefficient shared out over them")
+  return (f"Init (every row alike): model-wide scale `model.init_scale={s:g}`: every "
+          f"weight matrix, dense FFNs and attention included, is drawn with variance "
+          f"{s:g}/fan_in (the embedding with variance {s:g}); experts at "
+          f"`moe.init_scale={moe.init_scale:g}` and the router at "
+          f"`moe.router_init_scale={moe.router_init_scale:g}` relative to it, i.e. "
+          f"{s * moe.init_scale:g}/fan_in and {s * moe.router_init_scale:g}/fan_in. "
+          f"Loss convention: `moe.loss_reduction=\"{reduction}\"`, the aux and z losses "
+          f"{how}.")
+
+
+def eval_sentence(config) -> str:
+  """Which eval data a run's config scores, in words, for reports."""
+
+  def what(steps):
+    return ("the whole validation split (every target token once)" if not steps else
+            f"a fixed sample of {steps} batches of {config.batch_size} windows drawn "
+            "uniformly from the whole validation split")
+
+  final = config.get("final_eval_steps")
+  if final is None or final == config.eval_steps:
+    scope = f"every eval scores {what(config.eval_steps)}"
+  else:
+    scope = (f"the final eval (the quality column) scores {what(final)}; the evals "
+             f"every {config.eval_every} steps (the curves) score {what(config.eval_steps)}")
+  return (f"Eval: {scope}; the same batches for every row and seed, at eval capacity "
+          f"factor {_cf_name(config.moe.eval_capacity_factor)}.")
+
+
+def _stderr_cell(stat: Stat) -> str:
+  values = [v for v in stat.values if math.isfinite(v)]
+  return f"{statistics.fmean(values):.4f}" if values else "—"
 
 
 def _threshold_cell(agg: dict[str, Any], fmt_time: Callable[[Stat], str]) -> tuple:
@@ -755,6 +818,7 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
   """``report.md``: the measured table, the paper's Table 1 and the orderings."""
   s = settings
   steps = s["steps"]
+  probe = make_config(s, "switch", 1.0, 0)  # the init and loss keys every row shares
   lines = [
       "# Switch vs top-2 MoE vs dense (Switch Transformer Table 1, reproduced small)",
       "",
@@ -763,12 +827,15 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       f"{steps} steps of {s['batch_size']} x {s['seq_len']} tokens, {s['seeds']} "
       f"seed(s) per model. Blocks: {s['num_layers']} (dense-large: "
       f"{s['large_layers']}), d_model {s['d_model']}, d_ff {s['d_ff']}; MoE models: "
-      f"{s['num_experts']} experts in every other block, expert init scale "
-      f"{s.get('expert_init_scale') or default_config().moe.init_scale:g}, aux loss coef "
+      f"{s['num_experts']} experts in every other block, aux loss coef "
       f"{s['aux_loss_coef']}, z-loss coef {s['z_loss_coef']}, eval capacity factor "
       f"{_cf_name(s['eval_capacity_factor'])}. AdamW, peak learning rate "
       f"{s['learning_rate']:g}, "
       f"{s['warmup_steps']} warmup steps, cosine decay.",
+      "",
+      init_and_loss_sentence(probe),
+      "",
+      eval_sentence(probe),
       "",
       f"Command (plus `--workdir`): `{meta.get('command', '')}`",
       "",
@@ -778,11 +845,12 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
       "## Measured (mean ± std over seeds)",
       "",
       "| Model | Capacity factor (train) | Quality after "
-      f"{steps} steps (↑, neg. log perp.) | Time to quality threshold (↓, s) | "
+      f"{steps} steps (↑, neg. log perp.; ± seed std) | Eval stderr (per run, mean "
+      "over seeds) | Time to quality threshold (↓, s) | "
       "Steps to threshold (↓) | Speed (↑, examples/s) | Speed, interleaved benchmark "
       "(↑, examples/s) | Tokens/s | Dropped tokens (train) | Dropped tokens (eval, cf "
       f"{_cf_name(s['eval_capacity_factor'])}) | Params | Active FLOPs/token |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for a in aggs:
     t, st = _threshold_cell(a, lambda x: x.fmt(".1f"))
@@ -790,7 +858,8 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
     moe = a["capacity_factor"] is not None
     bench = a.get("bench_examples_per_sec")
     lines.append(
-        f"| {LABEL[a['family']]} | {cf} | {a['quality'].fmt('.4f')} | {t} | {st} | "
+        f"| {LABEL[a['family']]} | {cf} | {a['quality'].fmt('.4f')} | "
+        f"{_stderr_cell(a['eval_stderr'])} | {t} | {st} | "
         f"{a['examples_per_sec'].fmt('.1f')} | "
         f"{bench.fmt('.1f') if bench else '—'}"
         f" | {a['tokens_per_sec'].fmt('.0f')} | "
@@ -800,7 +869,11 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
   lines += [
       "",
       "Quality is minus the eval cross-entropy in nats per byte-level token (the paper's "
-      "tokens are SentencePiece pieces, so only orderings compare, not values). Time "
+      "tokens are SentencePiece pieces, so only orderings compare, not values). The "
+      "eval stderr is each run's standard error of its eval loss over eval batches "
+      "(the sampling error of the eval set, see docs/training.md), the ± after the "
+      "quality the spread over seeds (training noise and eval noise together): a "
+      "difference between rows smaller than both says nothing. Time "
       "to threshold is training time: the steps to the threshold (interpolated "
       "between evaluations every "
       f"{s['eval_every']} steps) divided by the run's median measured steps per second "

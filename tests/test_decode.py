@@ -30,6 +30,12 @@ MODELS = {
     # Mixtral (Jiang et al. 2024): top-2 of 8 SwiGLU experts in every block, dropless.
     "mixtral": {"model.moe_every": 1, "moe.top_k": 2, "model.activation": "swiglu",
                 "moe.num_experts": 8, "moe.dispatch": "dropless"},
+    # DeepSeek-MoE/V3 (as deepseek_small): fine-grained routed experts plus a shared one,
+    # sigmoid scores, selection bias, group-limited top-3, dropless.
+    "deepseek": {"model.moe_every": 2, "moe.num_experts": 8, "moe.d_ff": 16,
+                 "moe.num_shared_experts": 1, "moe.top_k": 3, "moe.score_fn": "sigmoid",
+                 "moe.bias_update_rate": 1e-3, "moe.expert_groups": 4,
+                 "moe.top_groups": 2, "moe.dispatch": "dropless"},
 }
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
@@ -172,12 +178,15 @@ def test_sampling_rules_by_hand():
   assert draws(1.0, 3, 0.5) == {1, 0}
 
 
-def test_non_causal_router_is_refused():
+def test_non_causal_routers_are_refused():
   model = make_model(MODELS["switch"])
   cfg = model.cfg
   bpr = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, batch_priority=True))
   with pytest.raises(ConfigError, match="block 1: this MoE router is not causal"):
     decode.Decoder(Transformer(bpr, rngs=nnx.Rngs(0)), batch_size=1, max_len=8)
+  expert_choice = make_model(MODELS["switch"], **{"moe.router": "expert_choice"})
+  with pytest.raises(ConfigError, match="block 1: this MoE router is not causal"):
+    decode.Decoder(expert_choice, batch_size=1, max_len=8)
 
 
 def test_bad_decoder_arguments_are_refused():

@@ -1,13 +1,14 @@
 """Executes every notebook in notebooks/ from scratch, so that none of them can rot.
 
 Each notebook runs top to bottom in a fresh kernel of this interpreter, with the Agg
-matplotlib backend (no figures are rendered to the outputs) and 8 fake CPU devices,
-and must finish within ``TIME_LIMIT_S``. A new notebook is picked up by the glob.
+matplotlib backend (no figures are rendered to the outputs) and 8 fake CPU devices.
+A new notebook is picked up by the glob. The run time is never asserted: the
+executor's per-cell timeout ``HANG_GUARD_S`` only stops a hung kernel, and is set far
+above what any cell needs on a loaded two-core machine.
 """
 
 import os
 import pathlib
-import time
 
 import nbformat
 import pytest
@@ -15,7 +16,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
-TIME_LIMIT_S = 300
+HANG_GUARD_S = 1800  # per cell
 
 
 def _kernel_env():
@@ -41,13 +42,11 @@ def test_notebooks_are_committed_without_large_outputs():
     assert size < 20_000, f"{path.name} has {size} characters of outputs; clear them."
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
-  client = NotebookClient(nb, timeout=TIME_LIMIT_S, startup_timeout=120,
+  client = NotebookClient(nb, timeout=HANG_GUARD_S, startup_timeout=600,
                           kernel_name="python3",
                           resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
-  start = time.perf_counter()
   client.execute(env=_kernel_env())  # raises CellExecutionError on any failing cell
-  elapsed = time.perf_counter() - start
-  assert elapsed < TIME_LIMIT_S, f"{path.name} took {elapsed:.0f}s (> {TIME_LIMIT_S}s)"

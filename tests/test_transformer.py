@@ -120,3 +120,42 @@ def test_flops_per_token_switch_equals_dense():
   assert switch["total"] - dense["total"] == 2 * (E - 1) * 2 * 2 * M * H
   assert top2["active"] - switch["active"] == 2 * 2 * 2 * M * H
   assert switch["router"] == 2 * 2 * M * E and dense["router"] == 0
+
+
+def _zoo_config(**moe_kw):
+  moe = MoeConfig(d_model=M, d_ff=H // 4, num_experts=E, capacity_factor=2.0,
+                  group_size=64, activation="gelu", **moe_kw)
+  return TransformerConfig(vocab_size=V, num_layers=2, d_model=M, num_heads=2, d_ff=H,
+                           moe_every=2, moe=moe, max_len=32, tie_embeddings=True)
+
+
+def test_counts_include_shared_experts_and_fine_grained_widths():
+  # Experts of width H / 4 = 8; top-3 plus one shared expert of width 8 use
+  # 3 * 8 + 8 = 32 = H hidden units per token, the dense FFN's.
+  model = nnx.eval_shape(lambda: Transformer(
+      _zoo_config(top_k=3, num_shared_experts=1), rngs=nnx.Rngs(0)))
+  dense = make_abstract(moe_every=0, num_layers=2, tie_embeddings=True)
+  counts, dense_counts = count_params(model), count_params(dense)
+  experts = E * 2 * M * (H // 4)  # 4 * 2 * 16 * 8 = 1024
+  shared = 2 * M * (H // 4)  # 256
+  router = M * E
+  assert counts["experts"] == experts and counts["router"] == router
+  assert counts["total"] == (dense_counts["total"] - 2 * M * H + experts + shared
+                             + router)
+  assert counts["active"] == counts["total"] - experts + 3 * experts // E
+  f, dense_f = flops_per_token(model, 16), flops_per_token(dense, 16)
+  assert f["active"] == dense_f["active"]  # 2 x (3/4 of 1024 + 256) = 2 x 2 M H
+  assert f["total"] == dense_f["total"] - 2 * 2 * M * H + 2 * (experts + shared)
+  assert f["router"] == 2 * router
+
+
+def test_counts_of_noisy_and_expert_choice_routers():
+  noisy = count_params(nnx.eval_shape(lambda: Transformer(
+      _zoo_config(router="noisy_topk", top_k=2), rngs=nnx.Rngs(0))))
+  assert noisy["router"] == 2 * M * E  # W_g and W_noise
+  # Expert choice at capacity factor 2: a token visits 2 experts on average.
+  ec_model = nnx.eval_shape(lambda: Transformer(_zoo_config(router="expert_choice"),
+                                                rngs=nnx.Rngs(0)))
+  ec = count_params(ec_model)
+  assert ec_model.blocks[1].ffn.experts_per_token == 2.0
+  assert ec["active"] == ec["total"] - ec["experts"] + 2 * ec["experts"] // E

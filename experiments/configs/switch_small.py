@@ -1,7 +1,8 @@
 """Switch Transformer (Fedus et al. 2021): top-1 routing to 8 experts in every other block.
 
 Same active FLOPs per token as ``dense_small``; ~3.3x its parameters. Train capacity
-factor 1.25, eval 2.0, load-balancing loss 0.01, z-loss 0.001 (ST-MoE).
+factor 1.25, eval 2.0, load-balancing loss 0.01 and z-loss 0.001 (ST-MoE) per MoE block
+(``moe.loss_reduction="sum"``), one routing group per sequence (``moe.group_size=0``).
 """
 
 from moe_jax.config import default_config

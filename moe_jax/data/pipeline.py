@@ -436,6 +436,44 @@ def _epoch_dataset(
     return ds.map(_GatherWindows(tokens, seq_len))
 
 
+#: Seed of the fixed eval order. It is a constant, not the run's seed, so every run
+#: and every model evaluates the same windows in the same batches.
+EVAL_ORDER_SEED = 0x0E7A1
+
+
+def _num_eval_windows(num_tokens: int, seq_len: int) -> int:
+    # Every target (stream positions 1 .. N-1) once: the last window may be partial.
+    return max(0, -(-(num_tokens - 1) // seq_len))
+
+
+class _GatherEvalWindows:
+    """Maps eval window indices (-1: an empty row) to inputs, targets and weights.
+
+    ``weights`` is 1 on real targets and 0 on padding: the tail of the last, partial
+    window and the empty rows that fill the last batch.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, pad_id: int):
+        self._num_tokens = tokens.size
+        self._tokens = np.concatenate(
+            [tokens.astype(np.int32), np.full(seq_len + 1, pad_id, np.int32)])
+        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
+        self._seq_len = seq_len
+        self._pad_id = pad_id
+
+    def __call__(self, window_indices: np.ndarray) -> dict[str, np.ndarray]:
+        empty = window_indices < 0
+        positions = np.where(empty, 0, window_indices)[:, None] * self._seq_len + self._offsets
+        windows = self._tokens[positions]
+        valid = (positions[:, 1:] < self._num_tokens) & ~empty[:, None]
+        windows[empty] = self._pad_id
+        return {
+            "inputs": np.ascontiguousarray(windows[:, :-1]),
+            "targets": np.ascontiguousarray(windows[:, 1:]),
+            "weights": valid.astype(np.float32),
+        }
+
+
 def _derive_shuffle_seed(seed: int) -> int:
     """Maps a user seed to the 32-bit seed of the window shuffle.
 
@@ -555,9 +593,31 @@ class LmData:
         return _num_windows(self.num_train_tokens, self.seq_len) // self.batch_size
 
     @property
+    def num_eval_windows(self) -> int:
+        """Eval windows that cover every target of the eval split once (the last may be
+        partial)."""
+        return _num_eval_windows(self.num_eval_tokens, self.seq_len)
+
+    @property
+    def num_eval_targets(self) -> int:
+        """Target tokens of the eval split: the total ``weights`` of a full eval pass."""
+        return max(0, self.num_eval_tokens - 1)
+
+    @property
     def num_eval_batches(self) -> int:
         """Batches in one full pass of :meth:`eval_iter` (the same on every process)."""
-        return _num_windows(self.num_eval_tokens, self.seq_len) // self.eval_batch_size
+        return -(-self.num_eval_windows // self.eval_batch_size)
+
+    def eval_window_order(self) -> np.ndarray:
+        """The global eval order: window indices, -1 for the empty rows of the last batch.
+
+        A fixed permutation (:data:`EVAL_ORDER_SEED`, not the run's seed) of all
+        :attr:`num_eval_windows` windows, padded with -1 to whole batches. Global batch
+        ``k`` is ``order[k * eval_batch_size:(k + 1) * eval_batch_size]``.
+        """
+        order = np.random.default_rng(EVAL_ORDER_SEED).permutation(self.num_eval_windows)
+        pad = self.num_eval_batches * self.eval_batch_size - order.size
+        return np.concatenate([order, np.full(pad, -1, order.dtype)])
 
     def _fingerprint(self, split: str, shuffled: bool) -> dict[str, int | str]:
         return {
@@ -588,33 +648,40 @@ class LmData:
         return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), fingerprint)
 
     def eval_iter(self, num_steps: int | None = None) -> LmIterator:
-        """Returns a finite eval iterator, in corpus order (no shuffling).
+        """Returns a finite eval iterator over a fixed, shuffled order of the eval split.
+
+        The windows (``seq_len + 1`` tokens every ``seq_len``, as in training, plus a
+        last, partial window) cover every target token of the split exactly once. Their
+        order is a fixed permutation that does not depend on the run's seed
+        (:meth:`eval_window_order`), so a full pass is the whole split, and the first
+        ``num_steps`` batches are the same uniform sample of windows from the whole
+        split for every run and model. Batches carry ``weights`` f32[b, L]: 1 on real
+        targets, 0 on the padded tail of the partial window and on the empty rows that
+        fill the last batch. Each process reads only its rows of each global batch
+        (strided, as in :meth:`train_iter`).
 
         Args:
-          num_steps: Stop after this many batches; ``None`` for one full pass
+          num_steps: Stop after this many batches; ``None`` or 0 for one full pass
             (:attr:`num_eval_batches` batches). The same batches every call.
 
         Raises:
-          ValueError: If the eval split is smaller than one global batch.
+          ValueError: If the eval split has no target token, or ``num_steps < 0``.
         """
-        if self.num_eval_batches == 0:
+        if self.num_eval_windows == 0:
             raise ValueError(
                 f"Eval split {self.eval_split!r} of {self.name!r} has "
-                f"{self.num_eval_tokens} tokens, fewer than one global batch of "
-                f"{self.eval_batch_size} x {self.seq_len + 1}."
+                f"{self.num_eval_tokens} tokens, no target to evaluate."
             )
-        ds = _epoch_dataset(
-            self.eval_tokens,
-            seq_len=self.seq_len,
-            batch_size=self.per_process_eval_batch_size,
-            process_index=self.process_index,
-            process_count=self.process_count,
-            shuffle_seed=None,
+        if num_steps is not None and num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+        order = self.eval_window_order()
+        if num_steps:
+            order = order[: num_steps * self.eval_batch_size]
+        ds = grain.MapDataset.source(order[self.process_index :: self.process_count])
+        ds = ds.batch(
+            self.per_process_eval_batch_size, drop_remainder=True, batch_fn=_stack_indices
         )
-        if num_steps is not None:
-            if num_steps < 0:
-                raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
-            ds = ds[:num_steps]
+        ds = ds.map(_GatherEvalWindows(self.eval_tokens, self.seq_len, self.tokenizer.pad_id))
         fingerprint = self._fingerprint(self.eval_split, shuffled=False)
         return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), fingerprint)
 

@@ -1,0 +1,151 @@
+"""Dispatch paths: move grouped tokens to the experts, run them, combine the outputs.
+
+Every path has the :class:`Dispatcher` interface and consumes whatever
+:class:`~moe_jax.routing.RoutingOutput` a router family returns, so routers and
+dispatch paths combine freely. :class:`~moe_jax.moe_layer.MoeLayer` picks one by
+``MoeConfig.dispatch``:
+
+* ``"einsum"``: one-hot ``[G, S, E, C]`` dispatch/combine tensors (Mesh-TF, GShard,
+  flaxformer). The reference path; under a mesh the two einsums become all-to-alls.
+* ``"indices"``: scatters token ids into ``[G, E, C]`` slot tables and gathers, never
+  building the one-hot tensors. Same numbers, work proportional to ``S*K*M`` per group
+  instead of ``S*E*C*M``.
+* ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
+  as grouped matmuls (``jax.lax.ragged_dot``, as in MegaBlocks and MaxText), so the work
+  is exactly the routed tokens, however unbalanced. Equal to the other paths with
+  ``C = S``. One device only: see :func:`dropless_dispatch`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax import routing
+from moe_jax.experts import Experts
+
+
+class Dispatcher(Protocol):
+  """Moves grouped tokens to the experts, runs them and combines their outputs."""
+
+  def __call__(self, x: jax.Array, out: routing.RoutingOutput, experts: Experts,
+               constrain: Callable[[jax.Array, str], jax.Array], *,
+               deterministic: bool) -> jax.Array:
+    """x: [G, S, M] -> [G, S, M]."""
+
+
+def einsum_dispatch(x, out, experts, constrain, *, deterministic):
+  """Reference path with one-hot ``[G, S, E, C]`` tensors (GShard / flaxformer)."""
+  dispatch = out.dispatch_mask.astype(x.dtype)
+  combine = out.combine_weights.astype(x.dtype)
+  # Each device fills the buffers of its own groups, then one all-to-all moves them to
+  # the devices that hold their experts; the reverse happens before the combine.
+  buffers = constrain(jnp.einsum("GSEC,GSM->EGCM", dispatch, x), "group_buffers")
+  y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
+  y = constrain(constrain(y, "expert_buffers"), "group_buffers")
+  return jnp.einsum("GSEC,EGCM->GSM", combine, y)
+
+
+def _slot_table(slot: jax.Array, group_size: int, num_slots: int) -> jax.Array:
+  """i32[S, K] flat slot of each choice -> i32[E*C] token of each slot (S if empty)."""
+  token = jnp.broadcast_to(jnp.arange(group_size, dtype=jnp.int32)[:, None], slot.shape)
+  table = jnp.full((num_slots,), group_size, jnp.int32)
+  return table.at[slot].set(token, mode="drop")
+
+
+def _gather_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
+  """[N, M] rows with a zero row appended, picked by i32[...] (N picks the zero row)."""
+  padded = jnp.concatenate([rows, jnp.zeros((1, rows.shape[-1]), rows.dtype)], axis=0)
+  return jnp.take(padded, index, axis=0)
+
+
+def indices_dispatch(x, out, experts, constrain, *, deterministic):
+  """Scatter token ids into ``[G, E*C]`` slot tables, then gather.
+
+  Empty slots and dropped choices point at a zero row appended after the S tokens (for
+  dispatch) or after the E*C slots (for combine), so both gathers are dense. The
+  per-group work is written for one group and vmapped over G, so that the gathers and
+  the scatter carry G as a batch dimension and stay local to the device that holds the
+  group (explicit group indices would make the partitioner all-gather the tokens).
+  """
+  num_groups, group_size, d_model = x.shape
+  num_experts, capacity = out.num_experts, out.capacity
+  num_slots = num_experts * capacity
+  # Flat slot of each kept choice; dropped choices get num_slots (out of range).
+  slot = jnp.where(out.kept, out.expert_index * capacity + out.position, num_slots)
+  table = jax.vmap(_slot_table, in_axes=(0, None, None))(
+      slot, group_size, num_slots)  # i32[G, E*C]
+  buffers = jax.vmap(_gather_rows)(x, table)  # [G, E*C, M]
+  buffers = buffers.reshape(num_groups, num_experts, capacity, d_model)
+  buffers = constrain(buffers.transpose(1, 0, 2, 3), "group_buffers")  # [E, G, C, M]
+  y = experts(constrain(buffers, "expert_buffers"), deterministic=deterministic)
+  y = constrain(constrain(y, "expert_buffers"), "group_buffers")
+  y = y.transpose(1, 0, 2, 3).reshape(num_groups, num_slots, d_model)
+  picked = jax.vmap(_gather_rows)(y, slot)  # [G, S, K, M]
+  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
+
+
+def dropless_dispatch(x, out, experts, constrain, *, deterministic):
+  """Sorts every kept choice by expert and runs the experts as grouped matmuls.
+
+  ``out`` must come from routing with ``C = S`` (:meth:`MoeLayer.capacity` does this
+  for ``dispatch="dropless"``), so that only padding and the second-expert policy
+  leave a choice unrouted. The ``N = G*S*K`` choices are stably sorted by expert
+  (unrouted ones last, past ``sum(group_sizes)``, where ``ragged_dot`` outputs 0), the
+  rows are gathered in that order, and the outputs are gathered back per choice.
+
+  The sort runs over all groups at once. On a mesh the partitioner would gather every
+  device's tokens (and the experts' weights) to sort them, so that each device did
+  the whole batch's work; data and expert parallelism need a per-device sort and a
+  ragged all-to-all, which are not built. So this path runs on one device only:
+  :class:`MoeLayer` and the config check refuse it on a mesh of more than one device.
+  """
+  del constrain
+  num_groups, group_size, d_model = x.shape
+  top_k = out.expert_index.shape[-1]
+  num_experts = out.num_experts
+  expert = jnp.where(out.kept, out.expert_index, num_experts).reshape(-1)  # i32[N]
+  order = jnp.argsort(expert, stable=True)  # choices grouped by expert, token order
+  group_sizes = jnp.bincount(expert, length=num_experts + 1)[:num_experts]
+  tokens = x.reshape(num_groups * group_size, d_model)
+  rows = jnp.take(tokens, order // top_k, axis=0)  # [N, M]
+  y = experts.ragged(rows, group_sizes.astype(jnp.int32), deterministic=deterministic)
+  inverse = jnp.argsort(order)  # the sorted row of each choice
+  picked = jnp.take(y, inverse, axis=0).reshape(num_groups, group_size, top_k, d_model)
+  return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype))
+
+
+def gather_dispatch(x, out, experts, constrain, *, deterministic):
+  """Runs each token through its own chosen experts, gathering their weights.
+
+  Same numbers as the other paths for the same routing (dropped choices add 0), but it
+  reads T*K experts' weights rather than all E, so it suits decode steps of a few
+  tokens on one device (:meth:`moe_jax.moe_layer.MoeLayer.decode`). Not a config
+  choice: the gathered weights grow with the tokens.
+  """
+  del constrain
+  num_groups, group_size, d_model = x.shape
+  top_k = out.expert_index.shape[-1]
+  tokens = num_groups * group_size
+  y = experts.gathered(x.reshape(tokens, d_model),
+                       out.expert_index.reshape(tokens, top_k),
+                       deterministic=deterministic)  # [T, K, M]
+  gates = jnp.where(out.kept, out.gates, 0.0).reshape(tokens, top_k).astype(y.dtype)
+  return jnp.einsum("TKM,TK->TM", y, gates).reshape(num_groups, group_size, d_model)
+
+
+DISPATCHERS: dict[str, Dispatcher] = {
+    "einsum": einsum_dispatch,
+    "indices": indices_dispatch,
+    "dropless": dropless_dispatch,
+}
+
+
+def resolve_dispatch(name: str, backend: str | None = None) -> str:
+  """The dispatch path ``name`` stands for on ``backend`` (default: jax's)."""
+  if name != "auto":
+    return name
+  backend = backend or jax.default_backend()
+  return "einsum" if backend == "tpu" else "indices"

@@ -1,0 +1,188 @@
+"""Router families behind one registry, and the routing state a layer carries.
+
+Each family is one pure function ``(cfg, RouterInputs) -> RoutingOutput`` in
+:data:`ROUTERS` (flaxformer's router subclasses, vmoe's dispatchers): the MoE layer
+computes float32 logits, gathers what the family may need into :class:`RouterInputs`,
+and hands the result to whichever dispatch path the config names. The layer never asks
+which router it has; what differs between families (causality, whether it learns a
+noise scale, which config keys it reads) is data in its :class:`RouterFamily`.
+
+| ``router`` | paper | routing function |
+|---|---|---|
+| ``"topk"`` | Switch, GShard, Mixtral, DeepSeek | :func:`moe_jax.routing.route` |
+| ``"noisy_topk"`` | Shazeer et al. 2017 | :func:`moe_jax.routing.noisy_top_k` |
+| ``"expert_choice"`` | Zhou et al. 2022 | :func:`moe_jax.routing.expert_choice` |
+
+Routing state that is not learned by gradient descent lives in :class:`RoutingState`
+variables (not ``nnx.Param``), so optimizers and ``nnx.grad`` never see it:
+
+* :class:`SelectionBias` f32[E]: DeepSeek-V3's auxiliary-loss-free balancing bias, updated
+  by the training step with :func:`moe_jax.routing.update_selection_bias`;
+* :class:`TrainingStep` i32[]: the step the noise annealing of ``noisy_topk`` reads,
+  set by the training step (not checkpointed: it is a copy of the train state's step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import routing
+
+
+class RoutingState(nnx.Variable):
+  """Non-trainable routing state: no gradient, no optimizer; the training step sets it."""
+
+
+class SelectionBias(RoutingState):
+  """f32[E] bias added to the scores for the choice of experts only (DeepSeek-V3)."""
+
+
+class TrainingStep(RoutingState):
+  """i32[] completed training steps, for schedules inside the layer (noise annealing)."""
+
+
+def set_training_step(model: Any, step: jax.Array) -> None:
+  """Writes ``step`` into every :class:`TrainingStep` variable of ``model``."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, TrainingStep):
+      node.set_value(jnp.asarray(step, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterInputs:
+  """What a layer hands its router family, besides its config.
+
+  Attributes:
+    logits: f32[G, S, E] clean router logits (after Switch jitter, when training).
+    capacity: C, slots per expert and group.
+    token_mask: bool[G, S] or None; False marks padding.
+    rng: PRNG key for the family's randomness (second-expert sampling, gating noise),
+      or None: no randomness (evaluation).
+    noise_std: f32[G, S, E] learned noise scale of ``noisy_topk`` when training, else
+      None.
+    noise_scale: f32[] annealing factor of the noise in [0, 1], or None (1).
+    selection_bias: f32[E] or None.
+  """
+
+  logits: jax.Array
+  capacity: int
+  token_mask: jax.Array | None = None
+  rng: jax.Array | None = None
+  noise_std: jax.Array | None = None
+  noise_scale: jax.Array | None = None
+  selection_bias: jax.Array | None = None
+
+
+def top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
+  """Token choice: :func:`moe_jax.routing.route` with the layer's settings."""
+  random_policy = cfg.top_k > 1 and cfg.second_policy == "random"
+  return routing.route(
+      inputs.logits, top_k=cfg.top_k, capacity=inputs.capacity,
+      second_policy=cfg.second_policy, second_threshold=cfg.second_threshold,
+      normalize_gates=cfg.normalize_gates, batch_priority=cfg.batch_priority,
+      rng=inputs.rng if random_policy else None, token_mask=inputs.token_mask,
+      score_fn=cfg.score_fn, selection_bias=inputs.selection_bias,
+      expert_groups=cfg.expert_groups, top_groups=cfg.top_groups,
+      gate_scale=cfg.gate_scale, balance_choices=cfg.balance_choices)
+
+
+def noisy_top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
+  """Shazeer et al. (2017) noisy top-k gating; noise only with a key and a noise scale.
+
+  The annealed noise is ``noise_std * noise_scale``. A scale of exactly 0 (the end of
+  the annealing) routes without noise, where the load loss counts choices instead of
+  dividing by a zero standard deviation.
+  """
+  def run(rng, noise_std):
+    return routing.noisy_top_k(inputs.logits, noise_std, top_k=cfg.top_k,
+                               capacity=inputs.capacity, rng=rng,
+                               token_mask=inputs.token_mask)
+
+  if inputs.rng is None or inputs.noise_std is None:
+    return run(None, jnp.ones_like(inputs.logits))
+  if inputs.noise_scale is None:
+    return run(inputs.rng, inputs.noise_std)
+  scale = inputs.noise_scale
+  return jax.lax.cond(scale > 0, lambda: run(inputs.rng, inputs.noise_std * scale),
+                      lambda: run(None, inputs.noise_std))
+
+
+def expert_choice_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
+  """Zhou et al. (2022): each expert picks its C best tokens of the group."""
+  del cfg
+  return routing.expert_choice(inputs.logits, capacity=inputs.capacity,
+                               token_mask=inputs.token_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterFamily:
+  """One entry of :data:`ROUTERS`.
+
+  Attributes:
+    route: ``(cfg, RouterInputs) -> RoutingOutput``.
+    paper: where the family comes from (for messages and docs).
+    causal: a token's routing never depends on later tokens of its group (with
+      position-ordered queues), so the family can run in a causal LM.
+    dropless: works without capacity (``dispatch="dropless"``).
+    learned_noise: the router learns a noise projection ``W_noise [M, E]``.
+    options: the router-specific config keys (of :data:`ROUTER_OPTIONS`) it reads.
+    uses_rng: ``(cfg, deterministic) -> bool``: whether ``route`` needs a key.
+    experts_per_token: ``cfg -> float``: experts a token visits on average when
+      training (for active parameter and FLOP counts).
+  """
+
+  route: Callable[[Any, RouterInputs], routing.RoutingOutput]
+  paper: str
+  causal: bool
+  dropless: bool
+  learned_noise: bool
+  options: frozenset[str]
+  uses_rng: Callable[[Any, bool], bool]
+  experts_per_token: Callable[[Any], float]
+
+
+# Router-specific config keys and their defaults. A key left at its default means the
+# same thing to every family; a family refuses a changed key it does not read.
+ROUTER_OPTIONS: dict[str, Any] = {
+    "top_k": 1,
+    "second_policy": "all",
+    "normalize_gates": True,
+    "batch_priority": False,
+    "score_fn": "softmax",
+    "expert_groups": 1,
+    "top_groups": None,
+    "gate_scale": 1.0,
+    "balance_choices": "first",
+    "bias_update_rate": 0.0,
+    "noise_anneal_steps": 0,
+}
+
+ROUTERS: dict[str, RouterFamily] = {
+    "topk": RouterFamily(
+        route=top_k_router, paper="Switch / GShard / Mixtral / DeepSeek", causal=True,
+        dropless=True, learned_noise=False,
+        options=frozenset({"top_k", "second_policy", "normalize_gates", "batch_priority",
+                           "score_fn", "expert_groups", "top_groups", "gate_scale",
+                           "balance_choices", "bias_update_rate"}),
+        uses_rng=lambda cfg, deterministic: (cfg.top_k > 1
+                                             and cfg.second_policy == "random"),
+        experts_per_token=lambda cfg: cfg.top_k),
+    "noisy_topk": RouterFamily(
+        route=noisy_top_k_router, paper="Shazeer et al. 2017", causal=True,
+        dropless=True, learned_noise=True,
+        options=frozenset({"top_k", "noise_anneal_steps"}),
+        uses_rng=lambda cfg, deterministic: not deterministic,
+        experts_per_token=lambda cfg: cfg.top_k),
+    # Each expert takes C = ceil(cf * S / E) tokens, so a token visits cf experts on
+    # average (Zhou et al. 2022, Sec. 3.1).
+    "expert_choice": RouterFamily(
+        route=expert_choice_router, paper="Zhou et al. 2022", causal=False,
+        dropless=False, learned_noise=False, options=frozenset(),
+        uses_rng=lambda cfg, deterministic: False,
+        experts_per_token=lambda cfg: cfg.capacity_factor),
+}

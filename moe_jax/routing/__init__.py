@@ -1,0 +1,44 @@
+"""Routing math: pure functions from router logits to a :class:`RoutingOutput`.
+
+Nothing here holds parameters or state, so a test or a notebook can feed logits by
+hand and read the masks back. One module per family, all returning the same typed
+result in per-choice form, so every dispatch path consumes any of them:
+
+* :mod:`~moe_jax.routing.token_choice`: :func:`route`, tokens pick their top-k experts
+  (Switch, GShard, Mixtral, DeepSeek: sigmoid scores, selection bias, group-limited
+  routing, gate scale).
+* :mod:`~moe_jax.routing.expert_choice`: :func:`expert_choice`, experts pick their
+  tokens (Zhou et al. 2022).
+* :mod:`~moe_jax.routing.noisy`: :func:`noisy_top_k`, noisy top-k gating with the
+  importance and load losses (Shazeer et al. 2017).
+* :mod:`~moe_jax.routing.balance`: the auxiliary losses, DeepSeek-V3's
+  :func:`update_selection_bias` and :func:`cv2`.
+* :mod:`~moe_jax.routing.common`: :class:`RoutingOutput`, :func:`expert_capacity`,
+  queueing, metrics and the z-loss, shared by all of them.
+
+See docs/routing.md for the formulas as built and where the anchors differ.
+"""
+
+from moe_jax.routing.balance import (BALANCE_CHOICES, cv2, load_balance_summary,
+                                     load_balancing_loss, update_selection_bias)
+from moe_jax.routing.common import SECOND_POLICIES, RoutingOutput, expert_capacity
+from moe_jax.routing.expert_choice import expert_choice
+from moe_jax.routing.noisy import noisy_top_k, smooth_load
+from moe_jax.routing.token_choice import SCORE_FNS, mask_to_top_groups, route
+
+__all__ = [
+    "BALANCE_CHOICES",
+    "SCORE_FNS",
+    "SECOND_POLICIES",
+    "RoutingOutput",
+    "cv2",
+    "expert_capacity",
+    "expert_choice",
+    "load_balance_summary",
+    "load_balancing_loss",
+    "mask_to_top_groups",
+    "noisy_top_k",
+    "route",
+    "smooth_load",
+    "update_selection_bias",
+]

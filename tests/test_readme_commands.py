@@ -1,0 +1,108 @@
+"""The README's multi-device commands run as printed on the 8 fake CPU devices.
+
+The commands are read from README.md, not copied here, so an edit to the README is
+what gets run. Only the length of the run is cut (appended ``--config.steps=2`` and
+friends) and the work directory is a temporary one; the config, the mesh and the batch
+are the README's.
+"""
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--config.steps=2", "--config.warmup_steps=1", "--config.log_every=1",
+         "--config.eval_every=2", "--config.eval_steps=1", "--config.checkpoint_every=2",
+         "--config.sample.length=0", "--config.progress_bar=False"]
+
+
+def readme_commands() -> list[list[str]]:
+  """Every ``python experiments/train.py`` command in README.md's bash blocks."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  commands = []
+  for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    joined = re.sub(r"\\\n\s*", " ", block)
+    for line in joined.splitlines():
+      line = line.split("#", 1)[0].strip()
+      if line.startswith("python experiments/train.py"):
+        commands.append(shlex.split(line))
+  return commands
+
+
+def _with_workdir(argv, workdir):
+  return [a if not a.startswith("--workdir=") else f"--workdir={workdir}" for a in argv]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  return env
+
+
+def _eval_lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [l for l in map(json.loads, f) if l["split"] == "eval"]
+
+
+def test_readme_lists_the_mesh_commands():
+  mesh = [c for c in readme_commands() if any(a.startswith("--config.mesh.") for a in c)]
+  single = [c for c in mesh if "--config.distributed=True" not in c]
+  multi = [c for c in mesh if "--config.distributed=True" in c]
+  assert single and multi, readme_commands()
+
+
+@pytest.mark.slow
+def test_single_host_mesh_command_runs_as_printed(tmp_path):
+  commands = [c for c in readme_commands()
+              if any(a.startswith("--config.mesh.") for a in c)
+              and "--config.distributed=True" not in c]
+  for i, argv in enumerate(commands):
+    workdir = tmp_path / f"run{i}"
+    argv = [sys.executable] + _with_workdir(argv, workdir)[1:] + SHORT
+    out = subprocess.run(argv, cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, (argv, out.stdout[-2000:], out.stderr[-3000:])
+    assert _eval_lines(workdir)[-1]["step"] == 2
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_host_command_runs_as_printed_on_two_processes(tmp_path):
+  # The GPU-cluster recipe (2 nodes x 8 devices) as two local processes with 8 fake
+  # devices each; the coordinator is on the loopback address instead of 10.0.0.1.
+  argv = next(c for c in readme_commands() if "--config.distributed=True" in c)
+  port = _free_port()
+  workdir = tmp_path / "multi"
+  procs = []
+  for pid in range(2):
+    env = _env(8)
+    env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(pid)})
+    cmd = [sys.executable] + _with_workdir(argv, workdir)[1:] + [
+        "--config.steps=1", "--config.warmup_steps=0", "--config.log_every=1",
+        "--config.eval_every=1", "--config.eval_steps=1", "--config.checkpoint_every=1",
+        "--config.sample.length=0", "--config.progress_bar=False"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  try:
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert [l["step"] for l in _eval_lines(workdir)] == [1]
