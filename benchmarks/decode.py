@@ -1,7 +1,8 @@
 r"""Serving cost of each model: prefill and decode speed with the KV cache, the cache
 against the uncached sampler, weight and cache bytes, and the step's peak memory.
 
-For each config (``experiments/configs/NAME.py``, random init: speed does not depend
+For each config (``experiments/configs/NAME.py``; dense_small, switch_small,
+top2_small and deepseek_small by default; random init: speed does not depend
 on the weights):
 
 * prefill tokens/s and decode tokens/s at each ``--batch_sizes`` (prompts of
@@ -39,9 +40,10 @@ from moe_jax.transformer import count_params
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
-_CONFIGS = flags.DEFINE_list("configs", ["dense_small", "switch_small", "top2_small"],
-                             "Configs of experiments/configs/ to measure (add "
-                             "e.g. deepseek_small).")
+_CONFIGS = flags.DEFINE_list("configs", ["dense_small", "switch_small", "top2_small",
+                                         "deepseek_small"],
+                             "Configs of experiments/configs/ to measure "
+                             "(any of them, e.g. mixtral_small).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Decode batch sizes.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per row for the "
                                    "prefill/decode rows.", lower_bound=1)
