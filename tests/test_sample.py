@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from moe_jax import train
-from tests.test_train import SUBPROCESS_ENV, tiny_config
+from tests.test_train import HANG_GUARD_S, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "experiments", "sample.py")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _sample(*flags):
   return subprocess.run([sys.executable, SAMPLE, *flags], capture_output=True,
-                        text=True, timeout=300, check=False, env=SUBPROCESS_ENV)
+                        text=True, timeout=HANG_GUARD_S, check=False)
 
 
 @pytest.fixture(scope="module")
