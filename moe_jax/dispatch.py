@@ -134,6 +134,26 @@ def dropless_dispatch(x, out, experts, layout, *, cfg, deterministic):
   return jnp.einsum("GSKM,GSK->GSM", picked, out.gates.astype(y.dtype)), None
 
 
+def gather_dispatch(x, out, experts, layout, *, cfg, deterministic):
+  """Runs each token through its own chosen experts, gathering their weights.
+
+  Same numbers as the other paths for the same routing (dropped choices add 0), but it
+  reads T*K experts' weights rather than all E, so it suits decode steps of a few
+  tokens on one device (:meth:`moe_jax.moe_layer.MoeLayer.decode`). Not a config
+  choice: the gathered weights grow with the tokens.
+  """
+  del layout, cfg
+  num_groups, group_size, d_model = x.shape
+  top_k = out.expert_index.shape[-1]
+  tokens = num_groups * group_size
+  y = experts.gathered(x.reshape(tokens, d_model),
+                       out.expert_index.reshape(tokens, top_k),
+                       deterministic=deterministic)  # [T, K, M]
+  gates = jnp.where(out.kept, out.gates, 0.0).reshape(tokens, top_k).astype(y.dtype)
+  y = jnp.einsum("TKM,TK->TM", y, gates).reshape(num_groups, group_size, d_model)
+  return y, None
+
+
 DISPATCHERS: dict[str, Dispatcher] = {
     "einsum": einsum_dispatch,
     "indices": indices_dispatch,

@@ -125,6 +125,31 @@ class Experts(nnx.Module):
     h = self.dropout(h, deterministic=deterministic, rngs=rng)
     return grouped(h, weights["wo"])  # [N, M]
 
+  def gathered(self, x: jax.Array, expert_index: jax.Array, *,
+               deterministic: bool | None = None) -> jax.Array:
+    """Runs each token through its chosen experts, gathering only their weights.
+
+    Args:
+      x: [T, M] tokens.
+      expert_index: i32[T, K] the experts of each token.
+
+    Returns:
+      [T, K, M] expert outputs, in the compute dtype. Reads T*K experts' weights
+      instead of E, which is what a decode step of a few tokens wants (T*K < E).
+    """
+    x = x.astype(self.dtype)
+
+    def pick(w):
+      return jnp.take(w[...], expert_index, axis=0).astype(self.dtype)  # [T, K, ...]
+
+    h = jnp.einsum("TM,TKMH->TKH", x, pick(self.wi))
+    gate = None
+    if self.wi_gate is not None:
+      gate = jnp.einsum("TM,TKMH->TKH", x, pick(self.wi_gate))
+    h = activate(self.activation, h, gate)
+    h = self.dropout(h, deterministic=deterministic)
+    return jnp.einsum("TKH,TKHM->TKM", h, pick(self.wo))
+
 
 class DenseFfn(nnx.Module):
   """The dense feed-forward block an MoE layer replaces: same M, H and activation."""

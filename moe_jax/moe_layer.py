@@ -24,7 +24,8 @@ from flax import nnx
 
 from moe_jax import routing
 from moe_jax.dispatch import (DISPATCHERS, Dispatcher, dropless_dispatch,  # noqa: F401
-                              einsum_dispatch, indices_dispatch, resolve_dispatch)
+                              einsum_dispatch, gather_dispatch, indices_dispatch,
+                              resolve_dispatch)
 from moe_jax.dropless import EXCHANGES, apply_lost
 from moe_jax.experts import ACTIVATIONS, DenseFfn, Experts, scaled_init
 from moe_jax.routers import (ROUTER_OPTIONS, ROUTERS, RouterInputs, SelectionBias,
@@ -482,7 +483,8 @@ class MoeLayer(nnx.Module):
   def route(self, logits: jax.Array, num_tokens: int, *, deterministic: bool,
             rng: jax.Array | None = None,
             noise_std: jax.Array | None = None,
-            token_mask: jax.Array | None = None) -> routing.RoutingOutput:
+            token_mask: jax.Array | None = None,
+            capacity: int | None = None) -> routing.RoutingOutput:
     """Routes f32[G, S, E] router logits with this layer's router family and settings.
 
     ``num_tokens`` is B*L: when it is less than G*S, the trailing tokens of the last
@@ -490,7 +492,8 @@ class MoeLayer(nnx.Module):
     padding) replaces that mask when given. ``rng`` is the key of the family's
     randomness (``second_policy="random"``, the noise of "noisy_topk"; unused
     otherwise). ``noise_std`` is :meth:`Router.noise_std` of the grouped inputs
-    ("noisy_topk" when training; without it the routing has no noise).
+    ("noisy_topk" when training; without it the routing has no noise). ``capacity``
+    overrides :meth:`capacity` (decode steps; ignored by ``dispatch="dropless"``).
     """
     cfg = self.cfg
     num_groups, group_size, _ = logits.shape
@@ -501,8 +504,10 @@ class MoeLayer(nnx.Module):
     bias = None
     if self.selection_bias is not None:
       bias = jax.lax.stop_gradient(self.selection_bias[...])
+    if capacity is None or cfg.dispatch == "dropless":
+      capacity = self.capacity(group_size, deterministic)
     inputs = RouterInputs(
-        logits=logits, capacity=self.capacity(group_size, deterministic),
+        logits=logits, capacity=capacity,
         token_mask=token_mask,
         rng=rng if family.uses_rng(cfg, deterministic) else None,
         noise_std=None if deterministic else noise_std,
@@ -518,19 +523,23 @@ class MoeLayer(nnx.Module):
         self.selection_bias[...], choice_counts, self.cfg.bias_update_rate)
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
-               token_mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux]:
+               token_mask: jax.Array | None = None, group_size: int | None = None,
+               capacity: int | None = None,
+               dispatcher: Dispatcher | None = None) -> tuple[jax.Array, MoeAux]:
     """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
 
     ``token_mask`` (bool[B, L], optional) marks padding with False: padded tokens are
     never routed (their routed output is 0), take no expert slot and enter no loss or
     metric. Shared experts, like a dense FFN, still run on every position.
+    ``group_size``, ``capacity`` and ``dispatcher`` override the config's S, C and
+    dispatch path; they serve decoding (:meth:`decode`).
     """
     if deterministic is None:
       deterministic = self.deterministic
     cfg = self.cfg
     batch, length, d_model = x.shape
     num_tokens = batch * length
-    requested = cfg.group_size or length  # 0: one group per sequence
+    requested = group_size or cfg.group_size or length  # 0: one group per sequence
     num_groups, group_size = group_tokens(num_tokens, requested)
     check_groups(num_tokens, requested, self.layout.group_shards)
     pad = num_groups * group_size - num_tokens
@@ -549,8 +558,8 @@ class MoeLayer(nnx.Module):
       mask = jnp.pad(token_mask.reshape(num_tokens).astype(jnp.bool_), (0, pad))
       mask = mask.reshape(num_groups, group_size)
     out = self.route(logits, num_tokens, deterministic=deterministic, rng=rng,
-                     noise_std=noise_std, token_mask=mask)
-    dispatch = DISPATCHERS[resolve_dispatch(cfg.dispatch)]
+                     noise_std=noise_std, token_mask=mask, capacity=capacity)
+    dispatch = dispatcher or DISPATCHERS[resolve_dispatch(cfg.dispatch)]
     y, lost = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts,
                        self.layout, cfg=cfg, deterministic=deterministic)
     if lost is not None:
@@ -563,3 +572,27 @@ class MoeLayer(nnx.Module):
       y = y + self.shared_experts(x, deterministic=deterministic).astype(y.dtype)
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=out.metrics)
     return y, aux
+
+  def decode(self, x: jax.Array, token_mask: jax.Array, *, prefill: bool) -> jax.Array:
+    """The layer at decode time (evaluation mode): x: [B, L, M] -> [B, L, M].
+
+    Padding (``token_mask`` False) takes no capacity. Prefill routes like evaluation
+    (``eval_capacity_factor``). A step routes the B new tokens in groups of the
+    tokens of one data-parallel device with ``C = S``, so no token is dropped for
+    capacity: each token picks K distinct experts, so at most S choices reach one. On
+    one device, a step whose B*K choices are fewer than E gathers just the chosen
+    experts' weights (:func:`moe_jax.dispatch.gather_dispatch`) instead of running all E.
+    """
+    if prefill:
+      return self(x, deterministic=True, token_mask=token_mask)[0]
+    num_tokens = x.shape[0] * x.shape[1]
+    shards = self.layout.group_shards
+    if num_tokens % shards:
+      raise ValueError(f"a decode step of {num_tokens} rows cannot be split over the "
+                       f"{shards} data-parallel devices; use a batch size that is a "
+                       f"multiple of {shards}.")
+    size = num_tokens // shards
+    few = (self.layout.num_devices == 1
+           and num_tokens * self.cfg.top_k < self.cfg.num_experts)
+    return self(x, deterministic=True, token_mask=token_mask, group_size=size,
+                capacity=size, dispatcher=gather_dispatch if few else None)[0]

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import moe_layer
+from moe_jax import decode, moe_layer
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import ConfigError, check_config, default_config, expert_d_ff
 from moe_jax.metrics import MetricsWriter
@@ -54,7 +54,7 @@ from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
 __all__ = [
     "TrainState", "TrainingError", "batch_stderr", "count_params", "evaluate",
     "flops_per_token",
-    "generate", "load_model", "make_eval_step", "make_model", "make_optimizer", "make_train_step",
+    "load_model", "make_eval_step", "make_model", "make_optimizer", "make_train_step",
     "train_and_evaluate",
 ]
 
@@ -394,53 +394,6 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
       "eval_dropped_fraction": token_mean("dropped_fraction"),
       "eval_batches": len(per_batch),
   }
-
-
-# ------------------------------------------------------------------------------------
-# Sampling
-# ------------------------------------------------------------------------------------
-
-
-def generate(model: Transformer, prompt: list[int] | np.ndarray, length: int, *,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0,
-             window: int = 256, stop_id: int | None = None) -> list[int]:
-  """Samples ``length`` tokens after ``prompt`` (temperature / top-k; 0 is greedy).
-
-  Each token re-runs the model on the last ``window`` tokens, padded to a fixed
-  ``[1, window]`` shape so one compilation serves every position (causal attention and
-  position-ordered MoE queues keep the padding from affecting real tokens).
-  """
-  graphdef, params, rest = _split_model(model)
-  params = jax.device_get(params)
-
-  @jax.jit
-  def next_logits(params, tokens, pos):
-    m = nnx.merge(graphdef, params, rest, copy=True)
-    logits, _ = m(tokens, deterministic=True)
-    return logits[0, pos]
-
-  rng = np.random.default_rng(seed)
-  ids = [int(t) for t in prompt]
-  out = []
-  for _ in range(length):
-    ctx = ids[-window:]
-    buf = np.zeros((1, window), np.int32)
-    buf[0, :len(ctx)] = ctx
-    logits = np.asarray(next_logits(params, buf, len(ctx) - 1), np.float64)
-    if temperature <= 0:
-      tok = int(np.argmax(logits))
-    else:
-      logits = logits / temperature
-      if 0 < top_k < logits.size:
-        cut = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits >= cut, logits, -np.inf)
-      p = np.exp(logits - logits.max())
-      tok = int(rng.choice(p.size, p=p / p.sum()))
-    ids.append(tok)
-    out.append(tok)
-    if stop_id is not None and tok == stop_id:
-      break
-  return out
 
 
 def single_device_copy(model: Transformer) -> Transformer:
@@ -811,13 +764,19 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
                                         state.model_state))
     if primary:
       prompt = tokenizer.encode(s.prompt) if s.prompt else np.array([tokenizer.eos_id])
-      ids = generate(sampler, prompt, s.length, temperature=s.temperature,
-                     top_k=s.top_k, seed=config.seed, window=config.data.seq_len)
-      text = s.prompt + tokenizer.decode(ids)
-      summary["sample"] = text
-      writer.write_text("sample", text, step)
-      _print(f"\nSample at step {step} (temperature {s.temperature}, top-k {s.top_k}):"
-             f"\n{text}")
+      window = max(config.data.seq_len, 2)
+      try:
+        ids = decode.generate(sampler, [prompt[-window:]], s.length, max_len=window,
+                              temperature=s.temperature, top_k=s.top_k,
+                              seed=config.seed)[0]
+      except ConfigError as e:  # a model that cannot decode (a non-causal router)
+        _print(f"\nNo sample: {e}")
+      else:
+        text = s.prompt + tokenizer.decode(ids)
+        summary["sample"] = text
+        writer.write_text("sample", text, step)
+        _print(f"\nSample at step {step} (temperature {s.temperature}, top-k "
+               f"{s.top_k}):\n{text}")
   writer.close()
   return summary
 

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.config import ConfigError
 from moe_jax.experts import DenseFfn, scaled_init
 from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer, Router
 
@@ -151,18 +152,27 @@ class Norm(nnx.Module):
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """RoFormer rotary embedding (rotate-half form). x: [B, L, N, D], positions: i32[L]."""
+  """RoFormer rotary embedding (rotate-half form).
+
+  x: [B, L, N, D]; positions: i32[L] (shared by the rows) or i32[B, L] (per row).
+  """
   half = x.shape[-1] // 2
   freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # f32[D/2]
-  angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # f32[L, D/2]
-  sin, cos = jnp.sin(angle)[:, None, :], jnp.cos(angle)[:, None, :]  # [L, 1, D/2]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # f32[(B,) L, D/2]
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [(B,) L, 1, D/2]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-  """Multi-head causal self-attention; kernels ``[M, N, D]`` and ``[N, D, M]``."""
+  """Multi-head causal self-attention; kernels ``[M, N, D]`` and ``[N, D, M]``.
+
+  ``attn(x, positions)`` attends over ``x`` itself (training, evaluation). For cached
+  decoding, :meth:`init_cache` preallocates ``[B, max_len, N, D]`` key and value caches
+  (nnx ``Cache`` variables) and :meth:`decode` writes each new token at the slot of
+  its position and attends to every cached token at or before it.
+  """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -175,8 +185,8 @@ class Attention(nnx.Module):
     self.out = _param(out_init(rngs.params(), (cfg.num_heads, cfg.head_dim, cfg.d_model),
                                jnp.float32), ATTENTION_AXES["out"])
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x: [B, L, M] -> [B, L, M]; positions: i32[L]."""
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    """x: [B, L, M] -> q, k, v: [B, L, N, D] in the compute dtype, rotated."""
     cfg = self.cfg
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
@@ -184,15 +194,66 @@ class Attention(nnx.Module):
                for p in (self.query, self.key, self.value))
     if cfg.position == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+    return q, k, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
+              allowed: jax.Array) -> jax.Array:
+    """q: [B, Q, N, D], k, v: [B, K, N, D], allowed: bool[B or 1, Q, K] -> [B, Q, M]."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
     # Softmax in float32 whatever the compute dtype.
     scores = jnp.einsum("BQND,BKND->BNQK", q, k,
                         preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
+    return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [B, L, M] -> [B, L, M]; positions: i32[L]."""
+    q, k, v = self._qkv(x, positions)
     length = x.shape[1]
     causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    h = jnp.einsum("BNQK,BKND->BQND", probs, v)
-    return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
+    return self._attend(q, k, v, causal[None])
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """Empty caches for ``batch`` rows of up to ``max_len`` tokens.
+
+    ``cached_positions`` i32[B, max_len] holds the position of the token in each slot,
+    -1 while empty, so a block that lets a token skip it (Mixture-of-Depths) simply
+    writes nothing there and later tokens cannot attend to it.
+    """
+    shape = (batch, max_len, self.cfg.num_heads, self.cfg.head_dim)
+    self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cached_positions = nnx.Cache(jnp.full((batch, max_len), -1, jnp.int32))
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Writes the new tokens' keys and values, then attends over the cache.
+
+    x: [B, L, M] new tokens (L = the prefill length, or 1 at a step); positions:
+    i32[B, L], each row's own; mask: bool[B, L], False for padding, which is not
+    written. Slot = position, so left and right padding give the same cache.
+    Returns [B, L, M].
+    """
+    if not hasattr(self, "cached_key"):
+      raise ValueError("Attention.decode needs init_cache(batch, max_len, dtype) first.")
+    q, k, v = self._qkv(x, positions)
+    batch, max_len = self.cached_positions.shape
+    slot = jnp.where(mask, positions, max_len)  # padding goes out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], slot.shape)
+    cache_k = self.cached_key.get_value().at[rows, slot].set(
+        k.astype(self.cached_key.dtype), mode="drop")
+    cache_v = self.cached_value.get_value().at[rows, slot].set(
+        v.astype(self.cached_value.dtype), mode="drop")
+    cache_pos = self.cached_positions.get_value().at[rows, slot].set(
+        positions, mode="drop")
+    self.cached_key.set_value(cache_k)
+    self.cached_value.set_value(cache_v)
+    self.cached_positions.set_value(cache_pos)
+    allowed = ((cache_pos[:, None, :] >= 0)
+               & (cache_pos[:, None, :] <= positions[:, :, None]))  # bool[B, L, T]
+    return self._attend(q, cache_k, cache_v, allowed)
 
 
 class Block(nnx.Module):
@@ -224,6 +285,37 @@ class Block(nnx.Module):
       h = self.ffn(h, deterministic=deterministic)
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
     return x, aux
+
+  # The decode-state interface of moe_jax.decode: every block type owns its state.
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """Preallocates this block's decode state (the attention KV cache).
+
+    Raises ConfigError if the block cannot decode causally (a non-causal router).
+    """
+    if self.is_moe and not self.ffn.is_causal:
+      raise ConfigError([
+          f"block {self.index}: this MoE router is not causal (a token's routing "
+          "depends on later tokens, e.g. batch_priority or expert choice), so it cannot "
+          "decode one token at a time; decode with a token-choice router without "
+          "batch priority."])
+    self.attn.init_cache(batch, max_len, dtype)
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+             prefill: bool) -> jax.Array:
+    """x: [B, L, M] new tokens at i32[B, L] positions, bool[B, L] real -> [B, L, M].
+
+    MoE routing at decode drops no token for capacity at a step, and uses the
+    evaluation capacity at prefill (:meth:`MoeLayer.decode`).
+    """
+    h = self.attn.decode(self.attn_norm(x), positions, mask)
+    x = x + h.astype(x.dtype)
+    h = self.ffn_norm(x)
+    if self.is_moe:
+      h = self.ffn.decode(h, mask, prefill=prefill)
+    else:
+      h = self.ffn(h, deterministic=True)
+    return x + h.astype(x.dtype)
 
 
 class Transformer(nnx.Module):
@@ -259,26 +351,32 @@ class Transformer(nnx.Module):
     route it nor count it in their losses and metrics (causal attention already keeps
     trailing padding from affecting real tokens).
     """
-    cfg = self.cfg
-    length = tokens.shape[1]
-    positions = jnp.arange(length, dtype=jnp.int32)
-    x = jnp.take(self.embedding[...], tokens, axis=0)
-    if self.positions is not None:
-      x = x + self.positions[...][:length]
-    x = x.astype(cfg.compute_dtype)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    x = self.embed(tokens, positions)
     moe_aux = {}
     for block in self.blocks:
       x, aux = block(x, positions, deterministic=deterministic, token_mask=token_mask)
       if aux is not None:
         moe_aux[block.index] = aux
+    return self.head(x), moe_aux
+
+  def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """i32[B, L] tokens at i32[L] or i32[B, L] positions -> [B, L, M] (compute dtype)."""
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    if self.positions is not None:
+      x = x + jnp.take(self.positions[...], positions, axis=0)
+    return x.astype(self.cfg.compute_dtype)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """[B, L, M] last hidden states -> f32[B, L, V] logits (final norm, unembedding)."""
+    cfg = self.cfg
     x = self.final_norm(x)
     if self.unembed is None:
       kernel = self.embedding[...].T / jnp.sqrt(cfg.d_model)
     else:
       kernel = self.unembed[...]
-    logits = jnp.einsum("BLM,MV->BLV", x, kernel.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, moe_aux
+    return jnp.einsum("BLM,MV->BLV", x, kernel.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
 
   def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
     """Moves each MoE block's selection bias (if it has one) by its f32[E] choice

@@ -83,3 +83,41 @@ def test_negative_memory_cap_is_refused_before_anything_runs():
   assert proc.returncode != 0
   assert "--max_gib=-1" in proc.stderr and "non-negative" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_decode_benchmark_writes_every_field(tmp_path):
+  # Fields and types only: the values are measurements.
+  out, md = tmp_path / "decode.json", tmp_path / "decode.md"
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
+         "--configs=switch_small", "--config_overrides=model.num_layers=2,"
+         "model.d_model=16,model.d_ff=32,model.num_heads=2,moe.num_experts=4,"
+         "data.seq_len=16", "--batch_sizes=1,2", "--prompt_len=4",
+         "--compare_prompt_lens=4", "--new_tokens=2", "--repeats=1",
+         "--sample_bytes=20", f"--json={out}", f"--markdown={md}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=900)  # a hang guard only
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  data = json.loads(out.read_text())
+  assert data["meta"]["jax"] and data["meta"]["backend"] == "cpu"
+  (row,) = data["rows"]
+  assert row["config"] == "switch_small"
+  for key in ("weight_bytes_total", "weight_bytes_active_per_token",
+              "kv_cache_bytes_per_token", "kv_cache_bytes_per_sequence",
+              "step_peak_bytes"):
+    assert isinstance(row[key], (int, float)), key
+  assert [b["batch"] for b in row["batches"]] == [1, 2]
+  for b in row["batches"]:
+    for key in ("prefill_tokens_per_sec", "decode_tokens_per_sec", "step_ms"):
+      assert isinstance(b[key], float), key
+  (cmp,) = row["cached_vs_uncached"]
+  assert cmp["prompt_len"] == 4
+  for key in ("cached_ms_per_token", "uncached_ms_per_token", "speedup"):
+    assert isinstance(cmp[key], float), key
+  for key in ("cached_warm_sec", "cached_cold_sec", "uncached_warm_sec",
+              "uncached_cold_sec", "speedup_warm", "speedup_cold"):
+    assert isinstance(row["sample"][key], float), key
+  text = md.read_text()
+  assert "| switch_small | 2 |" in text and "uncached ms/token" in text
