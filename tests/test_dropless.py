@@ -292,7 +292,7 @@ def test_train_cli_runs_mixtral_dropless_on_a_mesh(tmp_path):
 
   from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
   from tests.test_train import (  # pylint: disable=import-outside-toplevel
-      CONFIGS, ROOT, SUBPROCESS_ENV, cli_overrides)
+      CONFIGS, HANG_GUARD_S, ROOT, cli_overrides)
 
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
@@ -303,7 +303,8 @@ def test_train_cli_runs_mixtral_dropless_on_a_mesh(tmp_path):
                          "data.seq_len": 16, "moe.group_size": 16, "sample.length": 0,
                          "mesh.data": 2, "mesh.expert": 4,
                          "moe.dispatch": "dropless"})],
-      capture_output=True, text=True, timeout=600, check=False, env=SUBPROCESS_ENV)
+      capture_output=True, text=True, timeout=HANG_GUARD_S, check=False,
+      env=dict(os.environ))
   assert out.returncode == 0, out.stderr[-2000:]
   losses = [r["loss"] for r in read_metrics(str(tmp_path), "train")]
   assert len(losses) == 2 and np.all(np.isfinite(losses))
