@@ -22,9 +22,7 @@ on the weights):
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import platform
 import statistics
 import time
@@ -34,11 +32,11 @@ from absl import flags
 import jax
 import numpy as np
 
+import configs as config_files  # benchmarks/configs.py
 from moe_jax import decode
 from moe_jax import train as train_lib
 from moe_jax.transformer import count_params
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 _CONFIGS = flags.DEFINE_list("configs", ["dense_small", "switch_small", "top2_small",
                                          "deepseek_small"],
@@ -65,22 +63,7 @@ _MARKDOWN = flags.DEFINE_string("markdown", None, "Write Markdown tables to this
 
 
 def load_config(name: str):
-  path = CONFIG_DIR / f"{name}.py"
-  if not path.is_file():
-    raise app.UsageError(f"--configs: no config {name!r}; pick from "
-                         f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.py')))}.")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in _OVERRIDES.value:
-    key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
-  return config
+  return config_files.load_config(name, _OVERRIDES.value)
 
 
 def _median_time(fn) -> float:

@@ -11,9 +11,7 @@ Data loading is left out: this measures the model step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import statistics
 import time
 
@@ -23,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import configs as config_files  # benchmarks/configs.py
 from moe_jax import train as train_lib
 from moe_jax.transformer import flops_per_token
 
 CONFIGS = ("dense_small", "switch_small", "top2_small")
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed interleaved rounds.")
 _OVERRIDES = flags.DEFINE_list(
@@ -37,18 +35,7 @@ _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON to this file."
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, CONFIG_DIR / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in _OVERRIDES.value:
-    key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
-  return config
+  return config_files.load_config(name, _OVERRIDES.value)
 
 
 def build(config):
