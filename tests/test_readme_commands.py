@@ -10,11 +10,12 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests.multiprocess import run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.steps=2", "--config.warmup_steps=1", "--config.log_every=1",
@@ -73,36 +74,22 @@ def test_single_host_mesh_command_runs_as_printed(tmp_path):
     assert _eval_lines(workdir)[-1]["step"] == 2
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_multi_host_command_runs_as_printed_on_two_processes(tmp_path):
   # The GPU-cluster recipe (2 nodes x 8 devices) as two local processes with 8 fake
   # devices each; the coordinator is on the loopback address instead of 10.0.0.1.
   argv = next(c for c in readme_commands() if "--config.distributed=True" in c)
-  port = _free_port()
-  workdir = tmp_path / "multi"
-  procs = []
-  for pid in range(2):
+  def launch(pid, port, attempt):
     env = _env(8)
     env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                 "JAX_PROCESS_ID": str(pid)})
-    cmd = [sys.executable] + _with_workdir(argv, workdir)[1:] + [
+    cmd = [sys.executable] + _with_workdir(argv, tmp_path / f"multi{attempt}")[1:] + [
         "--config.steps=1", "--config.warmup_steps=0", "--config.log_every=1",
         "--config.eval_every=1", "--config.eval_steps=1", "--config.checkpoint_every=1",
         "--config.sample.length=0", "--config.progress_bar=False"]
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  try:
-    outs = [p.communicate(timeout=1200)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  assert [l["step"] for l in _eval_lines(workdir)] == [1]
+    return cmd, env, ROOT
+
+  attempt, runs = run_two_processes(launch)
+  for returncode, out in runs:
+    assert returncode == 0, out[-3000:]
+  assert [l["step"] for l in _eval_lines(tmp_path / f"multi{attempt}")] == [1]

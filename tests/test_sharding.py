@@ -8,7 +8,6 @@ depends on the mesh, so routing, losses and gradients must agree to float32 roun
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import MoeConfig, MoeLayer, moe_layer, sharding
+from tests.multiprocess import run_two_processes
 from tests.sharding_demo import train_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,26 +285,10 @@ _WORKER = textwrap.dedent("""
         "losses": out["losses"],
     }), flush=True)
 """ % (NUM_EXPERTS, STEPS))
-# What the coordinator (process 0) prints when its port was taken in the meantime.
-_PORT_TAKEN = "Failed to add port"
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _launch_two_processes(tmp_path, attempt):
-  """Starts both workers on a fresh port; returns [(returncode, output, npz path)].
-
-  Between ``_free_port`` closing its socket and the coordinator binding the port,
-  another process may take it. Process 0 then fails at once naming the port, and the
-  caller starts over on a new one.
-  """
-  port = _free_port()
-  procs, paths = [], []
-  for pid in range(2):
+def _launch(tmp_path):
+  """``launch`` for :func:`tests.multiprocess.run_two_processes`: a worker per process
+  that saves its logits and gradients to ``attempt{a}_process{pid}.npz``."""
+  def launch(pid, port, attempt):
     env = dict(os.environ)
     env.update({
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -313,34 +297,19 @@ def _launch_two_processes(tmp_path, attempt):
         "JAX_NUM_PROCESSES": "2",
         "JAX_PROCESS_ID": str(pid),
     })
-    paths.append(tmp_path / f"attempt{attempt}_process{pid}.npz")
-    procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(paths[-1])],
-                                  cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  outs = []
-  try:
-    # Generous hang guards only: each worker compiles a few steps in seconds.
-    outs.append(procs[0].communicate(timeout=600)[0])
-    if _PORT_TAKEN in outs[0]:
-      procs[1].kill()
-    outs.append(procs[1].communicate(timeout=600)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return [(p.returncode, out, path) for p, out, path in zip(procs, outs, paths)]
+    path = tmp_path / f"attempt{attempt}_process{pid}.npz"
+    return [sys.executable, "-c", _WORKER, str(path)], env, REPO
+  return launch
 
 
 @pytest.mark.slow
 def test_two_processes_over_loopback_equal_single_device(tmp_path):
-  for attempt in range(3):
-    runs = _launch_two_processes(tmp_path, attempt)
-    if _PORT_TAKEN not in runs[0][1]:
-      break
+  # Generous hang guards only: each worker compiles a few steps in seconds.
+  attempt, runs = run_two_processes(_launch(tmp_path), timeout=600)
+  paths = [tmp_path / f"attempt{attempt}_process{pid}.npz" for pid in range(2)]
   results = []
   want = reference()
-  for returncode, out, path in runs:
+  for (returncode, out), path in zip(runs, paths):
     assert returncode == 0, out[-3000:]
     line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
     results.append(json.loads(line[len("RESULT "):]))
