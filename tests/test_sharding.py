@@ -8,7 +8,6 @@ depends on the mesh, so routing, losses and gradients must agree to float32 roun
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
