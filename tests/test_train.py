@@ -5,6 +5,7 @@ down, metrics.jsonl schema, TensorBoard files, sampling), and the others use the
 tiny shapes.
 """
 
+import importlib
 import json
 import os
 import signal
@@ -223,21 +224,26 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, jit_cache):
   assert len(steps) == 1 and steps[0] >= 1
 
 
-def test_dense_and_switch_configs_have_equal_active_flops():
+def _flops_and_params(**configs):
+  """``{name: (flops_per_token, count_params)}`` of experiments/configs/FILE.py for
+  each ``name=FILE``, at dense_small's sequence length; shapes only."""
   sys.path.insert(0, CONFIGS)
   try:
-    import dense_small  # pylint: disable=import-outside-toplevel
-    import switch_small  # pylint: disable=import-outside-toplevel
-    import top2_small  # pylint: disable=import-outside-toplevel
+    modules = {n: importlib.import_module(f) for n, f in configs.items()}
+    seq_len = importlib.import_module("dense_small").get_config().data.seq_len
   finally:
     sys.path.remove(CONFIGS)
-  seq_len = dense_small.get_config().data.seq_len
-  sizes = {}
-  for name, module in (("dense", dense_small), ("switch", switch_small),
-                       ("top2", top2_small)):
+  out = {}
+  for name, module in modules.items():
     config = module.get_config()
     model = nnx.eval_shape(lambda c=config: train.make_model(c))  # shapes only
-    sizes[name] = (train.flops_per_token(model, seq_len), train.count_params(model))
+    out[name] = (train.flops_per_token(model, seq_len), train.count_params(model))
+  return out
+
+
+def test_dense_and_switch_configs_have_equal_active_flops():
+  sizes = _flops_and_params(dense="dense_small", switch="switch_small",
+                            top2="top2_small")
   (dense_f, dense_p), (switch_f, switch_p), (top2_f, _) = (
       sizes["dense"], sizes["switch"], sizes["top2"])
   assert switch_f["active"] == dense_f["active"]
@@ -382,20 +388,8 @@ def test_selection_bias_is_identical_on_a_mesh(tmp_path):
 
 
 def test_deepseek_config_has_the_active_ffn_flops_of_dense():
-  sys.path.insert(0, CONFIGS)
-  try:
-    import deepseek_small  # pylint: disable=import-outside-toplevel
-    import dense_small  # pylint: disable=import-outside-toplevel
-    import switch_small  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.remove(CONFIGS)
-  seq_len = dense_small.get_config().data.seq_len
-  out = {}
-  for name, module in (("dense", dense_small), ("deepseek", deepseek_small),
-                       ("switch", switch_small)):
-    config = module.get_config()
-    model = nnx.eval_shape(lambda c=config: train.make_model(c))  # shapes only
-    out[name] = (train.flops_per_token(model, seq_len), train.count_params(model))
+  out = _flops_and_params(dense="dense_small", deepseek="deepseek_small",
+                          switch="switch_small")
   (dense_f, dense_p), (ds_f, ds_p), (sw_f, sw_p) = out["dense"], out["deepseek"], \
       out["switch"]
   # 3 routed experts + 1 shared, each of width 1024 / 4: the dense FFN's 1024.
