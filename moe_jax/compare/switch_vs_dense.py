@@ -1,0 +1,285 @@
+"""Switch vs dense at the README's defaults: one ablation per row, paired by seed.
+
+The README's main job trains ``switch_small`` and, as its baseline, ``dense_small`` (same
+active FLOPs per token). This grid asks what decides the margin between them: every
+*variant* changes one thing (the init, the capacity factor, the number of experts or MoE
+blocks, the learning rate, the aux loss, the group size...) and trains both models with
+it, for each seed, on the same data. The report gives, per variant, each model's final
+eval loss (mean ± std over seeds), the margin ``dense - switch`` (positive: Switch wins)
+with its spread over paired seeds, the eval standard error and Switch's dropped tokens.
+
+* :data:`VARIANTS` -- name -> :class:`Variant`;
+* :func:`build_grid` -- the :class:`~moe_jax.compare.runner.RunSpec` of every (variant,
+  model, seed); a variant that changes only MoE settings shares the unchanged dense runs;
+* :func:`rows_by_variant`, :func:`report_markdown`, :func:`write_plots` -- the outputs;
+* :func:`run_ablation` -- train what is missing, then write ``WORKDIR/report.md``,
+  ``results.csv`` and the plots.
+
+Fairness: a variant that changes a setting both models have (init, learning rate,
+warmup) changes it in both, so the init rule, optimizer and active FLOPs stay equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from moe_jax.compare import runner
+from moe_jax.compare.aggregation import Stat, summarize_run
+from moe_jax.compare.report import (eval_sentence, init_and_loss_sentence, stderr_cell,
+                                    write_csv)
+from moe_jax.compare.runner import RunSpec
+
+MODELS = ("switch", "dense")
+# The margin (nats/byte of eval loss) Switch should beat dense by at the defaults.
+GOAL = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One ablation row.
+
+  Attributes:
+    what: the change, in words, for the report.
+    both: ``{"a.b": value}`` applied to both models (settings they share).
+    switch: ``{"a.b": value}`` applied to the Switch model only (MoE settings).
+  """
+
+  what: str
+  both: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  switch: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    "default": Variant("the config files as they are"),
+    "expert_init_1": Variant("experts (and router) at the dense FFN's init",
+                             switch={"moe.init_scale": 1.0, "moe.router_init_scale": 1.0}),
+    "expert_init_1_router_0.1": Variant(
+        "experts at the dense FFN's init, router at 0.1",
+        switch={"moe.init_scale": 1.0, "moe.router_init_scale": 0.1}),
+    "model_init_0.1": Variant("the Switch recipe: every weight of both models at 0.1",
+                              both={"model.init_scale": 0.1}),
+    "cf_2": Variant("train capacity factor 2.0", switch={"moe.capacity_factor": 2.0}),
+    "moe_every_1": Variant("every block MoE (4 MoE blocks, not 2)",
+                           switch={"model.moe_every": 1}),
+    "moe_every_2": Variant("every other block MoE (2 of 4 blocks, Switch's layout)",
+                           switch={"model.moe_every": 2}),
+    "experts_4": Variant("4 experts", switch={"moe.num_experts": 4}),
+    "experts_16": Variant("16 experts", switch={"moe.num_experts": 16}),
+    "group_1024": Variant("routing groups of 1024 tokens (8 sequences)",
+                          switch={"moe.group_size": 1024}),
+    "aux_0.001": Variant("aux loss 0.001", switch={"moe.aux_loss_coef": 0.001}),
+    "lr_1e-3": Variant("peak learning rate 1e-3", both={"learning_rate": 1e-3}),
+    "lr_4e-3": Variant("peak learning rate 4e-3", both={"learning_rate": 4e-3}),
+    "expert_dropout_0.1": Variant("expert dropout 0.1",
+                                  switch={"moe.expert_dropout": 0.1}),
+}
+
+# How every run of the grid is trained, besides its config file: no sample, no
+# progress bar, an eval every 200 steps over the whole validation split.
+RUN_SETTINGS = {"sample.length": 0, "progress_bar": False, "eval_every": 200}
+
+
+def _set(config, key: str, value) -> None:
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _check_keys(config, keys) -> None:
+  for key in keys:
+    node = config
+    for part in key.split("."):
+      if part not in node:
+        raise ValueError(f"variant key {key!r} is not a config key; fix VARIANTS.")
+      node = node[part]
+
+
+def dense_name(variant: str) -> str:
+  """The dense runs a variant uses: its own when it changes shared settings."""
+  return f"{variant}_dense" if VARIANTS[variant].both else "default_dense"
+
+
+def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
+               steps: int | None = None) -> list[RunSpec]:
+  """One RunSpec per (variant, model, seed); dense runs shared where identical.
+
+  Args:
+    base: ``{"switch": config, "dense": config}``, the config files' configs.
+    variants: names of :data:`VARIANTS`.
+    seeds: seeds 0..seeds-1 of every run.
+    steps: overrides the configs' steps (None: theirs).
+
+  Raises:
+    ValueError: an unknown variant or a key the configs do not have.
+  """
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f"--variants has unknown {', '.join(unknown)}; use some of "
+                     f"{', '.join(VARIANTS)}.")
+  runs: list[RunSpec] = []
+  names = set()
+  for v in variants:
+    variant = VARIANTS[v]
+    for model in MODELS:
+      prefix = f"{v}_switch" if model == "switch" else dense_name(v)
+      for seed in range(seeds):
+        name = f"{prefix}_s{seed}"
+        if name in names:
+          continue
+        names.add(name)
+        c = copy.deepcopy(base[model])
+        changes = {**RUN_SETTINGS, **variant.both,
+                   **(variant.switch if model == "switch" else {})}
+        _check_keys(c, changes)
+        for key, value in changes.items():
+          _set(c, key, value)
+        c.seed = seed
+        if steps is not None:
+          c.steps = steps
+        runs.append(RunSpec(name=name, family=model, capacity_factor=None, seed=seed,
+                            config=c))
+  return runs
+
+
+def rows_by_variant(workdir: str, runs: Sequence[RunSpec], variants: Sequence[str]
+                    ) -> list[dict[str, Any]]:
+  """Per variant: both models' finished rows (by seed) and the paired margins."""
+  done = {r.name: row for r in runs
+          if (row := summarize_run(workdir, r)) is not None}
+  seeds = sorted({r.seed for r in runs})
+  out = []
+  for v in variants:
+    switch = {s: done[f"{v}_switch_s{s}"] for s in seeds if f"{v}_switch_s{s}" in done}
+    dense = {s: done[f"{dense_name(v)}_s{s}"] for s in seeds
+             if f"{dense_name(v)}_s{s}" in done}
+    paired = sorted(set(switch) & set(dense))
+    out.append({
+        "variant": v, "what": VARIANTS[v].what, "switch": switch, "dense": dense,
+        "margin": (Stat([dense[s]["final_eval_loss"] - switch[s]["final_eval_loss"]
+                         for s in paired]) if paired else None),
+        "seeds": paired,
+    })
+  return out
+
+
+def _loss(rows: Mapping[int, dict[str, Any]]) -> Stat | None:
+  return Stat([r["final_eval_loss"] for r in rows.values()]) if rows else None
+
+
+def _cell(stat: Stat | None) -> str:
+  return stat.fmt(".4f") if stat else "—"
+
+
+def _margin_cell(stat: Stat | None, goal: float) -> str:
+  if not stat:
+    return "—"
+  text = format(stat.mean, "+.4f") + ("" if stat.std is None else f" ± {stat.std:.4f}")
+  return text + (" ✓" if stat.mean > goal else "")
+
+
+def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], *,
+                    command: str = "", goal: float = GOAL) -> str:
+  """report.md: one row per variant, the losing ones included, and what it means."""
+  sw, de = base["switch"], base["dense"]
+  lines = [
+      "# Switch vs dense at the README's defaults: ablations",
+      "",
+      f"`switch_small` ({sw.model.num_layers} blocks, d_model {sw.model.d_model}, "
+      f"{sw.moe.num_experts} experts top-{sw.moe.top_k} in every "
+      f"{'other ' if sw.model.moe_every == 2 else ''}block"
+      f"{'' if sw.model.moe_every in (1, 2) else f' (moe_every={sw.model.moe_every})'}, "
+      f"capacity factor {sw.moe.capacity_factor:g}) against `dense_small` "
+      f"(equal active FLOPs per token), {sw.steps} steps of {sw.batch_size} x "
+      f"{sw.data.seq_len} tokens, AdamW at {sw.learning_rate:g}. Each row changes one "
+      "thing; a setting both models have is changed in both.",
+      "",
+      init_and_loss_sentence(sw) + " (dense: "
+      f"`model.init_scale={de.model.init_scale:g}`.) " + eval_sentence(sw),
+      "",
+  ]
+  if command:
+    lines += [f"Command (plus `--workdir`): `{command}`", ""]
+  lines += [
+      "| Variant | Change | Seeds | Switch eval loss | Dense eval loss | Margin "
+      "dense − Switch (↑) | Eval stderr (Switch / dense) | Switch dropped (train) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    stderr = (f"{stderr_cell(Stat([x['eval_loss_stderr'] for x in r['switch'].values()]))}"
+              f" / {stderr_cell(Stat([x['eval_loss_stderr'] for x in r['dense'].values()]))}"
+              if r["switch"] and r["dense"] else "—")
+    dropped = (Stat([x["dropped_fraction_train"] for x in r["switch"].values()]).fmt(
+        ".3f") if r["switch"] else "—")
+    lines.append(
+        f"| `{r['variant']}` | {r['what']} | {len(r['seeds'])} | {_cell(_loss(r['switch']))}"
+        f" | {_cell(_loss(r['dense']))} | "
+        f"{_margin_cell(r['margin'], goal)} | "
+        f"{stderr} | {dropped} |")
+  lines += [
+      "",
+      "Eval loss is the final eval cross-entropy in nats per byte, mean ± sample std "
+      "over seeds (no ± with one seed). The margin is paired: dense minus Switch of the "
+      f"same seed, then mean ± std over seeds; ✓ marks a mean margin above {goal} "
+      "nats, the goal. The eval stderr is each run's standard error over eval batches "
+      "(mean over seeds). Dropped is the fraction of Switch's MoE-block tokens that "
+      "found no expert slot in training, mean over the run's logged steps and seeds.",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def write_plots(outdir: str, results: Sequence[dict[str, Any]]) -> list[str]:
+  """margins.png: each variant's margin (dots: seeds; bar: mean)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  shown = [r for r in results if r["margin"]]
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.5))
+  for i, r in enumerate(shown):
+    ax.barh(i, r["margin"].mean, color="tab:blue" if r["margin"].mean > 0 else "tab:red",
+            alpha=0.5)
+    ax.plot(r["margin"].values, [i] * len(r["margin"].values), "k.", ms=6)
+  ax.axvline(0, color="black", lw=0.8)
+  ax.axvline(GOAL, color="green", lw=0.8, ls=":", label=f"goal ({GOAL} nats)")
+  ax.set_yticks(range(len(shown)), [r["variant"] for r in shown])
+  ax.invert_yaxis()
+  ax.set_xlabel("eval loss margin, dense − Switch (nats/byte; > 0: Switch wins)")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  path = os.path.join(outdir, "margins.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return [path]
+
+
+def run_ablation(base: Mapping[str, Any], variants: Sequence[str], seeds: int,
+                 workdir: str, *, steps: int | None = None, command: str = "",
+                 train_fn: Callable | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains the missing runs, then writes report.md, results.csv and margins.png."""
+  runs = build_grid(base, variants, seeds, steps=steps)
+  os.makedirs(workdir, exist_ok=True)
+  out = runner.run_grid(runs, workdir, train_fn=train_fn, log=log)
+  results = rows_by_variant(workdir, runs, variants)
+  rows = [row for r in results for model in MODELS for row in r[model].values()]
+  write_csv(os.path.join(workdir, "results.csv"),
+            sorted({row["run"]: row for row in rows}.values(), key=lambda x: x["run"]))
+  base_with_steps = {m: copy.deepcopy(c) for m, c in base.items()}
+  if steps is not None:
+    for c in base_with_steps.values():
+      c.steps = steps
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(report_markdown(results, base_with_steps, command=command))
+  if any(r["margin"] for r in results):
+    write_plots(workdir, results)
+  out["results"] = results
+  log(f"Wrote {os.path.join(workdir, 'report.md')}: " + "; ".join(
+      f"{r['variant']} {_margin_cell(r['margin'], GOAL)}" for r in results if r["margin"]))
+  return out
+
