@@ -36,7 +36,7 @@ def test_grid_shares_dense_runs_and_changes_both_models_alike():
   assert by["default_switch_s0"].moe.capacity_factor == 1.25
   assert by["lr_1e-3_switch_s0"].learning_rate == by["lr_1e-3_dense_s0"].learning_rate
   assert by["lr_1e-3_dense_s0"].learning_rate == 1e-3
-  assert all(c.sample.length == 0 and c.eval_every == 200 for c in by.values())
+  assert all(c.sample.length == 0 and c.eval_every == c.steps == 600 for c in by.values())
   for c in by.values():
     assert validate_config(c) == []
 

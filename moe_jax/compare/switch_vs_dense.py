@@ -77,9 +77,10 @@ VARIANTS: dict[str, Variant] = {
                                   switch={"moe.expert_dropout": 0.1}),
 }
 
-# How every run of the grid is trained, besides its config file: no sample, no
-# progress bar, an eval every 200 steps over the whole validation split.
-RUN_SETTINGS = {"sample.length": 0, "progress_bar": False, "eval_every": 200}
+# How every run of the grid is trained, besides its config file: no sample and no
+# progress bar; one eval (the config's, by default the whole validation split), at the
+# end (set in build_grid).
+RUN_SETTINGS = {"sample.length": 0, "progress_bar": False}
 
 
 def _set(config, key: str, value) -> None:
@@ -141,6 +142,7 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
         c.seed = seed
         if steps is not None:
           c.steps = steps
+        c.eval_every = c.steps
         runs.append(RunSpec(name=name, family=model, capacity_factor=None, seed=seed,
                             config=c))
   return runs
