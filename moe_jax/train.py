@@ -47,7 +47,7 @@ from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import (ConfigError, check_config, default_config, expert_d_ff,
                             model_pattern, pattern_keys)
 from moe_jax.layer_pattern import MAMBA
-from moe_jax.mamba import MambaConfig
+from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
 from moe_jax.routers import SelectionBias, set_training_step
@@ -153,8 +153,12 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  # Weight decay on matrices only; norms' scales stay undecayed.
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """True where weight decay applies: matrices only (norms' scales and biases stay
+  undecayed), and never Mamba's A_log and D (Mamba's ``_no_weight_decay``)."""
+  def decay(path, x):
+    name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    return x.ndim >= 2 and name not in NO_WEIGHT_DECAY
+  return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
