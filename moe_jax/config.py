@@ -334,8 +334,6 @@ def validate_config(config, *, num_devices: int | None = None,
   for msg in validate_mamba_config(_MambaView(config)):
     key = msg.split("=", 1)[0]
     errors.append(("model." if key == "d_model" else "mamba.") + msg)
-  need("mamba.inner_norms", isinstance(config.mamba.inner_norms, bool),
-       "must be True (Jamba) or False (Mamba-1).")
 
   d = config.data
   positive_int("data.seq_len", d.seq_len,
