@@ -20,8 +20,8 @@ Scaled down for a 2-core CPU: 8 layers of width 128 with 4 attention heads of 32
 32 layers = 4 Jamba blocks of width 4096, 32 query heads sharing 8 key-value heads;
 there is no grouped-query attention here), byte-level vocabulary and the embedded
 corpus at switch_small's batch, sequence length, steps and optimizer (Jamba trains on
-long contexts up to 256K). With these widths the model has ~3.3M active parameters
-per token (about dense_small's) and ~15M in total. Kept from ``switch_small`` (not in
+long contexts up to 256K). With these widths the model has 3.0M active parameters
+per token (dense_small: 3.3M) and 12.7M in total. Kept from ``switch_small`` (not in
 the paper, so that the two compare like for like): load-balancing coefficient 0.01
 (HF Jamba's default 0.001 is for a loss k = 2 times this one, i.e. 0.002 here) and
 z-loss 0.001.
