@@ -283,6 +283,9 @@ class MambaMixer(nnx.Module):
     each row's last real token.
   * ``mixer.init_state(batch_size)`` and ``mixer.step(x_t, state)``: decoding, one token
     per row.
+  * ``mixer.init_cache(batch, max_len, dtype)`` and ``mixer.decode(x, positions, mask)``:
+    the same, with the state kept in the module as nnx ``Cache`` variables (the block
+    decode interface of :mod:`moe_jax.decode`).
   """
 
   def __init__(self, cfg: MambaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
