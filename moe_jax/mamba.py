@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import flax.struct
 import jax
@@ -127,16 +128,22 @@ def validate_mamba_config(cfg) -> list[str]:
   if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
     errors.append(f"dt_rank={r!r} must be a positive integer, or None for "
                   "ceil(d_model / 16).")
-  if not 0 < cfg.dt_min <= cfg.dt_max:
+  if not (_positive(cfg.dt_min) and _positive(cfg.dt_max) and cfg.dt_min <= cfg.dt_max):
     errors.append(f"dt_min={cfg.dt_min!r}, dt_max={cfg.dt_max!r} need "
                   "0 < dt_min <= dt_max (Mamba: 1e-3 and 1e-1).")
-  if not cfg.dt_init_floor > 0:
+  if not _positive(cfg.dt_init_floor):
     errors.append(f"dt_init_floor={cfg.dt_init_floor!r} must be > 0 (Mamba: 1e-4).")
-  if not cfg.norm_eps > 0:
+  if not _positive(cfg.norm_eps):
     errors.append(f"norm_eps={cfg.norm_eps!r} must be > 0 (Jamba: 1e-6).")
-  if not cfg.init_scale > 0:
+  if not _positive(cfg.init_scale):
     errors.append(f"init_scale={cfg.init_scale!r} must be > 0.")
   return errors
+
+
+def _positive(v) -> bool:
+  """A finite real number > 0 (not a bool, not a string)."""
+  return (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+          and v > 0)
 
 
 @flax.struct.dataclass
@@ -276,6 +283,9 @@ class MambaMixer(nnx.Module):
     each row's last real token.
   * ``mixer.init_state(batch_size)`` and ``mixer.step(x_t, state)``: decoding, one token
     per row.
+  * ``mixer.init_cache(batch, max_len, dtype)`` and ``mixer.decode(x, positions, mask)``:
+    the same, with the state kept in the module as nnx ``Cache`` variables (the block
+    decode interface of :mod:`moe_jax.decode`).
   """
 
   def __init__(self, cfg: MambaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -353,8 +363,13 @@ class MambaMixer(nnx.Module):
 
   # -- public API ------------------------------------------------------------------
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, L, M] -> [B, L, M] in the compute dtype (chunked associative scan)."""
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """x: [B, L, M] -> [B, L, M] in the compute dtype (chunked associative scan).
+
+    ``positions`` is accepted for the Transformer's mixer interface and unused: the
+    scan's order is the only position information a Mamba layer has.
+    """
+    del positions
     return self.prefill(x)[0]
 
   def init_state(self, batch_size: int, dtype=None) -> MambaState:
@@ -413,6 +428,37 @@ class MambaMixer(nnx.Module):
     idx = lengths[:, None] + jnp.arange(cfg.d_conv - 1)[None, :]  # [B, K-1]
     conv = jnp.take_along_axis(history, idx[:, :, None], axis=1)
     return out, MambaState(conv=conv.astype(state.conv.dtype), ssm=h)
+
+  # -- the decode interface of moe_jax.decode (the state as nnx Cache variables) -----
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """The empty decode state of ``batch`` rows: ``conv_state`` [B, K-1, D_in] in
+    ``dtype`` and ``ssm_state`` f32[B, D_in, N]. Fixed size: ``max_len`` is unused."""
+    del max_len
+    state = self.init_state(batch, dtype)
+    self.conv_state = nnx.Cache(state.conv)
+    self.ssm_state = nnx.Cache(state.ssm)
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Runs new tokens from the cached state and stores the state after them.
+
+    x: [B, L, M] (L = the prefill length, or 1 at a step); positions i32[B, L] are
+    unused; mask bool[B, L] is False on padding, which leaves the state as it was.
+    One token goes through :meth:`step`, more through :meth:`prefill` (same numbers).
+    Returns [B, L, M], zero on padding.
+    """
+    del positions
+    if not hasattr(self, "conv_state"):
+      raise ValueError("MambaMixer.decode needs init_cache(batch, max_len, dtype) first.")
+    state = MambaState(conv=self.conv_state.get_value(), ssm=self.ssm_state.get_value())
+    if x.shape[1] == 1:
+      y, state = self.step(x[:, 0], state, mask=mask[:, 0])
+      y = y[:, None]
+    else:
+      y, state = self.prefill(x, mask=mask, state=state)
+    self.conv_state.set_value(state.conv)
+    self.ssm_state.set_value(state.ssm)
+    return y
 
   def step(self, x_t: jax.Array, state: MambaState, *,
            mask: jax.Array | None = None) -> tuple[jax.Array, MambaState]:

@@ -44,7 +44,10 @@ from flax import nnx
 
 from moe_jax import decode, moe_layer
 from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config, default_config, expert_d_ff
+from moe_jax.config import (ConfigError, check_config, default_config, expert_d_ff,
+                            model_pattern, pattern_keys)
+from moe_jax.layer_pattern import MAMBA
+from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
 from moe_jax.routers import SelectionBias, set_training_step
@@ -104,14 +107,31 @@ def moe_config(config) -> MoeConfig | None:
       ragged_buffer_factor=m.ragged_buffer_factor)
 
 
+def mamba_config(config) -> MambaConfig | None:
+  """The MambaConfig of the model's Mamba blocks, or None if the pattern has none.
+
+  Its projections take the model-wide ``model.init_scale``.
+  """
+  if not any(kind.mixer == MAMBA for kind in model_pattern(config)):
+    return None
+  s = config.mamba
+  return MambaConfig(
+      d_model=config.model.d_model, d_state=s.d_state, d_conv=s.d_conv,
+      expand=s.expand, dt_rank=s.dt_rank, dt_min=s.dt_min, dt_max=s.dt_max,
+      inner_norms=s.inner_norms, chunk_size=s.chunk_size,
+      init_scale=config.model.init_scale)
+
+
 def transformer_config(config, vocab_size: int) -> TransformerConfig:
   m = config.model
+  period, offset, _, moe_offset = pattern_keys(m)
   return TransformerConfig(
       vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
       num_heads=m.num_heads, d_ff=m.d_ff, max_len=max(config.data.seq_len, 1),
       moe_every=m.moe_every, moe=moe_config(config), activation=m.activation,
       position=m.position, norm=m.norm, dropout=m.dropout, init_scale=m.init_scale,
-      tie_embeddings=m.tie_embeddings, dtype=m.dtype)
+      tie_embeddings=m.tie_embeddings, dtype=m.dtype, moe_offset=moe_offset,
+      attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config))
 
 
 def make_model(config, *, vocab_size: int = 259, seed: int | None = None) -> Transformer:
@@ -133,8 +153,12 @@ def make_schedule(config) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  # Weight decay on matrices only; norms' scales stay undecayed.
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """True where weight decay applies: matrices only (norms' scales and biases stay
+  undecayed), and never Mamba's A_log and D (Mamba's ``_no_weight_decay``)."""
+  def decay(path, x):
+    name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    return x.ndim >= 2 and name not in NO_WEIGHT_DECAY
+  return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -563,7 +587,8 @@ def model_info(model: Transformer, seq_len: int) -> dict[str, Any]:
           "flops_per_token_total": flops["total"],
           "flops_per_token_active": flops["active"],
           "flops_per_token_router": flops["router"],
-          "moe_blocks": list(model.cfg.moe_blocks)}
+          "moe_blocks": list(model.cfg.moe_blocks),
+          "mamba_blocks": list(model.cfg.mamba_blocks)}
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None
@@ -616,6 +641,10 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   kind = (f"MoE ({len(info['moe_blocks'])} of {config.model.num_layers} blocks, "
           f"{config.moe.num_experts} experts, {routed})"
           if info["moe_blocks"] else "dense")
+  if info["mamba_blocks"]:
+    mamba = len(info["mamba_blocks"])
+    kind += (f", {config.model.num_layers - mamba} attention + {mamba} Mamba "
+             "blocks")
   _print(f"Model: {kind}; params {_fmt(info['params_total'])} total / "
          f"{_fmt(info['params_active'])} active per token; forward FLOPs/token "
          f"{_fmt(info['flops_per_token_total'])} total / "

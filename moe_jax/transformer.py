@@ -6,12 +6,17 @@ per MoE block (empty for a dense model).
 
 Architecture (nanoGPT-sized, T5/Switch conventions):
 
-* pre-norm residual blocks ``x + attn(norm(x))``, ``x + ffn(norm(x))``, final norm;
+* pre-norm residual blocks ``x + mixer(norm(x))``, ``x + ffn(norm(x))``, final norm;
   RMSNorm by default (T5), LayerNorm optional;
-* multi-head causal self-attention with rotary positions (RoFormer) or learned
-  absolute positions;
-* block ``i`` (0-based) uses an :class:`~moe_jax.moe_layer.MoeLayer` when
-  ``moe_every > 0 and (i + 1) % moe_every == 0``, otherwise a
+* multi-head causal self-attention with rotary positions (RoFormer), learned
+  absolute positions, or none (Jamba: the Mamba layers carry the order);
+* the layer pattern (:mod:`moe_jax.layer_pattern`, Jamba's keys) picks each block's
+  token mixer and FFN. Block ``i`` (0-based) mixes with causal self-attention when
+  ``i % attn_layer_period == attn_layer_offset`` and with a Mamba mixer
+  (:mod:`moe_jax.mamba`) otherwise; the defaults (1, 0) are a plain Transformer. The
+  mixers are built from the :data:`MIXERS` registry, so a block never asks which one it
+  has. Its FFN is an :class:`~moe_jax.moe_layer.MoeLayer` when ``moe_every > 0 and
+  i % moe_every == moe_offset`` (``moe_offset`` None: ``moe_every - 1``), otherwise a
   :class:`~moe_jax.experts.DenseFfn` of width ``d_ff`` and the same activation. Switch
   (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
   A dense model is the same network with ``moe_every=0``;
@@ -29,6 +34,7 @@ them onto a mesh; ``sharding.format_sharding`` prints the table.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +42,12 @@ from flax import nnx
 
 from moe_jax.config import ConfigError
 from moe_jax.experts import DenseFfn, scaled_init
+from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_pattern,
+                                   pattern_errors)
+from moe_jax.mamba import MambaConfig, MambaMixer, mixer_cost
 from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer, Router
 
-POSITIONS = ("rotary", "learned")
+POSITIONS = ("rotary", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
 
 # Logical axis names of the parameters defined in this file (experts.py has the FFNs').
@@ -61,10 +70,17 @@ class TransformerConfig:
     d_ff: H, hidden width of the dense FFN (each expert's is ``moe.d_ff``).
     max_len: longest sequence (learned positions only need it).
     moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
+    moe_offset: block ``i`` is MoE when ``i % moe_every == moe_offset``; None is
+      ``moe_every - 1`` (Switch's blocks 1, 3, ...; Jamba: 1).
+    attn_layer_period, attn_layer_offset: block ``i`` mixes with attention when
+      ``i % attn_layer_period == attn_layer_offset``, with Mamba otherwise (1, 0:
+      all attention; Jamba: 8, 4).
+    mamba: the Mamba mixer's settings (its ``d_model`` must match); needed when the
+      pattern has Mamba blocks.
     moe: the MoE layer's settings (its ``d_model`` must match; its ``d_ff`` is each
       expert's width, below ``d_ff`` for fine-grained experts); None if dense.
     activation: FFN activation, shared by the dense FFN and the experts.
-    position: "rotary" | "learned".
+    position: "rotary" | "learned" | "none".
     norm: "rmsnorm" | "layernorm".
     dropout: dropout on attention output and FFN output (residual branches).
     init_scale: the model-wide init scale s. Every weight matrix is drawn from a
@@ -95,6 +111,10 @@ class TransformerConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"
   rope_base: float = 10000.0
+  moe_offset: int | None = None
+  attn_layer_period: int = 1
+  attn_layer_offset: int = 0
+  mamba: MambaConfig | None = None
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -108,6 +128,15 @@ class TransformerConfig:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+    for msg in pattern_errors(self.num_layers, self.attn_layer_period,
+                              self.attn_layer_offset, self.moe_every, self.moe_offset):
+      raise ValueError(msg)
+    if self.mamba_blocks and self.mamba is None:
+      raise ValueError(f"blocks {self.mamba_blocks} are Mamba blocks (attn_layer_period="
+                       f"{self.attn_layer_period}); they need a MambaConfig in `mamba`.")
+    if self.mamba is not None and self.mamba.d_model != self.d_model:
+      raise ValueError(f"mamba.d_model={self.mamba.d_model} must equal d_model="
+                       f"{self.d_model}.")
 
   @property
   def head_dim(self) -> int:
@@ -117,12 +146,23 @@ class TransformerConfig:
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
+  @property
+  def layers(self) -> tuple[LayerKind, ...]:
+    """``(mixer, ffn)`` of every block (:func:`~moe_jax.layer_pattern.layer_pattern`)."""
+    return layer_pattern(self.num_layers, attn_layer_period=self.attn_layer_period,
+                         attn_layer_offset=self.attn_layer_offset,
+                         moe_every=self.moe_every, moe_offset=self.moe_offset)
+
   def is_moe_block(self, index: int) -> bool:
-    return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+    return self.layers[index].ffn == MOE
 
   @property
   def moe_blocks(self) -> tuple[int, ...]:
-    return tuple(i for i in range(self.num_layers) if self.is_moe_block(i))
+    return tuple(i for i, kind in enumerate(self.layers) if kind.ffn == MOE)
+
+  @property
+  def mamba_blocks(self) -> tuple[int, ...]:
+    return tuple(i for i, kind in enumerate(self.layers) if kind.mixer == MAMBA)
 
 
 def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
@@ -256,15 +296,56 @@ class Attention(nnx.Module):
     return self._attend(q, cache_k, cache_v, allowed)
 
 
+class TokenMixer(Protocol):
+  """What a block's token mixer implements (attention, Mamba): training, and the
+  decode interface of :mod:`moe_jax.decode` (its own state as nnx ``Cache``)."""
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x: [B, L, M] at i32[L] positions -> [B, L, M], causal."""
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """Preallocates the decode state, batch as the leading axis of every array."""
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, L, M] new tokens at i32[B, L] positions, bool[B, L] real -> [B, L, M];
+    padding leaves the state as it was."""
+
+
+class MixerKind(NamedTuple):
+  """A registered token mixer: the block attribute it lives under (``attr``, and
+  ``attr + "_norm"`` for its pre-norm, which are the parameter paths of checkpoints)
+  and how to build it from the model config."""
+
+  attr: str
+  build: Callable[[TransformerConfig, nnx.Rngs], TokenMixer]
+
+
+# The layer pattern's mixer names -> modules. A new mixer is one entry here.
+MIXERS: dict[str, MixerKind] = {
+    ATTENTION: MixerKind("attn", lambda cfg, rngs: Attention(cfg, rngs=rngs)),
+    MAMBA: MixerKind("mamba", lambda cfg, rngs: MambaMixer(
+        cfg.mamba, dtype=cfg.compute_dtype, rngs=rngs)),
+}
+
+
 class Block(nnx.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; ffn dense or MoE."""
+  """Pre-norm block: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
+
+  The mixer (attention or Mamba, from :data:`MIXERS`) and the FFN (dense or MoE) are
+  the layer pattern's entry for ``index``. An attention block keeps the parameter
+  names ``attn_norm``/``attn`` of the all-attention model; a Mamba block has
+  ``mamba_norm``/``mamba``.
+  """
 
   def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
     self.index = index
-    self.attn_norm = Norm(cfg.d_model, cfg.norm)
-    self.attn = Attention(cfg, rngs=rngs)
+    kind = cfg.layers[index]
+    self.mixer_kind = kind.mixer
+    self.mixer_attr = MIXERS[kind.mixer].attr
+    setattr(self, f"{self.mixer_attr}_norm", Norm(cfg.d_model, cfg.norm))
+    setattr(self, self.mixer_attr, MIXERS[kind.mixer].build(cfg, rngs))
     self.ffn_norm = Norm(cfg.d_model, cfg.norm)
-    self.is_moe = cfg.is_moe_block(index)
+    self.is_moe = kind.ffn == MOE
     if self.is_moe:
       self.ffn = MoeLayer(cfg.moe, rngs=rngs)
     else:
@@ -275,7 +356,7 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
                token_mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux | None]:
     """x: [B, L, M] -> ([B, L, M], MoeAux or None); token_mask: bool[B, L] or None."""
-    h = self.attn(self.attn_norm(x), positions)
+    h = self.mixer(self.mixer_norm(x), positions)
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
     h = self.ffn_norm(x)
     aux = None
@@ -286,10 +367,19 @@ class Block(nnx.Module):
     x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
     return x, aux
 
+  @property
+  def mixer(self) -> TokenMixer:
+    return getattr(self, self.mixer_attr)
+
+  @property
+  def mixer_norm(self) -> Norm:
+    return getattr(self, f"{self.mixer_attr}_norm")
+
   # The decode-state interface of moe_jax.decode: every block type owns its state.
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
-    """Preallocates this block's decode state (the attention KV cache).
+    """Preallocates this block's decode state (the mixer's: attention's KV cache,
+    Mamba's conv and SSM states).
 
     Raises ConfigError if the block cannot decode causally (a non-causal router).
     """
@@ -299,7 +389,7 @@ class Block(nnx.Module):
           "depends on later tokens, e.g. batch_priority or expert choice), so it cannot "
           "decode one token at a time; decode with a token-choice router without "
           "batch priority."])
-    self.attn.init_cache(batch, max_len, dtype)
+    self.mixer.init_cache(batch, max_len, dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
              prefill: bool) -> jax.Array:
@@ -308,7 +398,7 @@ class Block(nnx.Module):
     MoE routing at decode drops no token for capacity at a step, and uses the
     evaluation capacity at prefill (:meth:`MoeLayer.decode`).
     """
-    h = self.attn.decode(self.attn_norm(x), positions, mask)
+    h = self.mixer.decode(self.mixer_norm(x), positions, mask)
     x = x + h.astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
@@ -410,7 +500,7 @@ def count_params(model: Transformer) -> dict[str, int]:
   count ``k / E`` of their weights, with ``k`` the experts a token visits
   (:attr:`MoeLayer.experts_per_token`: ``top_k``, an upper bound when a second-choice
   policy drops choices; ``capacity_factor`` on average for expert choice); everything
-  else fully, shared experts included.
+  else fully, shared experts included (and every Mamba mixer).
   """
   total = _size(model)
   expert_total = expert_active = router = 0
@@ -432,6 +522,8 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
     the embedding lookup is free);
   * attention scores and mixing: ``4 * seq_len * M`` per block (QK^T and PV over the
     full context, the Kaplan et al. 2020 convention; causal masking is not discounted);
+  * Mamba mixers: :func:`moe_jax.mamba.mixer_cost` (2 x the projection and conv
+    weights plus ``6 * D_in * N`` for the scan; nothing grows with ``seq_len``);
   * routed experts: ``2 x k / E`` of their weights per token (``active``, ``k`` as in
     :func:`count_params`) or all of them (``total``, every expert applied to every
     token); shared experts are a dense FFN that every token passes;
@@ -446,6 +538,9 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
   for _, module in nnx.iter_modules(model):
     if isinstance(module, Attention):
       n = 2 * _size(module) + 4 * seq_len * cfg.d_model
+      active, total = active + n, total + n
+    elif isinstance(module, MambaMixer):
+      n = mixer_cost(module.cfg)["flops"]
       active, total = active + n, total + n
     elif isinstance(module, DenseFfn):
       n = 2 * _size(module)

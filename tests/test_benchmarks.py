@@ -121,3 +121,37 @@ def test_decode_benchmark_writes_every_field(tmp_path):
     assert isinstance(row["sample"][key], float), key
   text = md.read_text()
   assert "| switch_small | 2 |" in text and "uncached ms/token" in text
+
+
+@pytest.mark.slow
+def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
+  # jamba_small's 8-layer pattern at width 16; fields, types and the decided values
+  # (lengths, batches, matched parameter counts) only: the rest are measurements.
+  out, md = tmp_path / "jamba.json", tmp_path / "jamba.md"
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "jamba_seq_len.py"),
+         "--config_overrides=model.d_model=16,model.num_heads=2,model.d_ff=32,"
+         "moe.num_experts=4,mamba.chunk_size=8", "--seq_lens=32,16",
+         "--tokens_per_step=64", "--repeats=1", f"--json={out}", f"--markdown={md}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                        timeout=900)  # a hang guard only
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  data = json.loads(out.read_text())
+  meta, rows = data["meta"], data["rows"]
+  assert meta["config"] == "jamba_small" and meta["expert_d_ff"] == 32
+  # The baseline's dense FFNs are widened (in steps of 8) to the hybrid's active
+  # parameters: within half a step of 4 dense blocks x 3 SwiGLU matrices x 16 x 8.
+  active = meta["params_active"]
+  assert meta["baseline_d_ff"] > 32
+  assert abs(active["attention"] - active["jamba"]) <= 4 * 3 * 16 * 8 // 2
+  assert [(r["seq_len"], r["model"], r["batch_size"]) for r in rows] == [
+      (16, "jamba", 4), (16, "attention", 4), (32, "jamba", 2), (32, "attention", 2)]
+  for r in rows:
+    assert r["params_active"] == active[r["model"]]
+    for key in ("step_ms", "tokens_per_sec", "flops_per_token_active"):
+      assert isinstance(r[key], (int, float)), key
+    assert r["peak_bytes"] is None or isinstance(r["peak_bytes"], int)
+  text = md.read_text()
+  assert "| 16 | 4 |" in text and "| 32 | 2 |" in text
+  assert text.count("Crossing (") == 2

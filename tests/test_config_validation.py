@@ -30,7 +30,7 @@ def errors_for(num_devices=1, **overrides):
 
 
 CONFIG_NAMES = ["dense_small", "switch_small", "top2_small", "mixtral_small",
-                "deepseek_small", "noisy_topk_small"]
+                "deepseek_small", "noisy_topk_small", "jamba_small"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -53,7 +53,9 @@ moe.router moe.score_fn moe.expert_groups moe.top_groups moe.gate_scale
 moe.balance_choices moe.bias_update_rate moe.num_shared_experts moe.noise_anneal_steps
 moe.d_ff moe.allow_noncausal_routing
 final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
-moe.loss_reduction""".split()
+moe.loss_reduction model.position model.moe_offset model.attn_layer_period
+model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
+mamba.chunk_size""".split()
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -110,6 +112,21 @@ def test_router_zoo_settings():
   assert (noisy.moe.router, noisy.moe.top_k) == ("noisy_topk", 2)
 
 
+def test_jamba_settings():
+  jamba = _load("jamba_small")
+  m = jamba.model
+  from moe_jax.config import model_pattern  # pylint: disable=import-outside-toplevel
+  # Jamba (Lieber et al. 2024): a:m = 1:7 with attention at layer 4, MoE at e = 2.
+  assert [tuple(k) for k in model_pattern(jamba)] == [
+      ("mamba", "dense"), ("mamba", "moe"), ("mamba", "dense"), ("mamba", "moe"),
+      ("attention", "dense"), ("mamba", "moe"), ("mamba", "dense"), ("mamba", "moe")]
+  assert (m.position, m.activation, m.tie_embeddings) == ("none", "swiglu", False)
+  assert (jamba.moe.num_experts, jamba.moe.top_k, jamba.moe.normalize_gates) == (
+      16, 2, False)
+  assert (jamba.mamba.d_state, jamba.mamba.d_conv, jamba.mamba.expand,
+          jamba.mamba.dt_rank, jamba.mamba.inner_norms) == (16, 4, 2, None, True)
+
+
 def test_switch_and_top2_settings():
   sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
   try:
@@ -153,7 +170,20 @@ RULES = [
     ({"model.moe_every": 5}, "model.moe_every=5", "num_layers"),
     ({"model.dtype": "float64"}, "model.dtype='float64'", "bfloat16"),
     ({"model.activation": "tanh"}, "model.activation='tanh'", "relu"),
-    ({"model.position": "alibi"}, "model.position='alibi'", "rotary"),
+    ({"model.position": "alibi"}, "model.position='alibi'", "'none'"),
+    # Layer pattern (Jamba's keys) and the Mamba section.
+    ({"model.attn_layer_period": 0}, "model.attn_layer_period=0", "positive"),
+    ({"model.attn_layer_period": 4, "model.attn_layer_offset": 4},
+     "model.attn_layer_offset=4", "[0, 3]"),
+    ({"model.moe_offset": 2}, "model.moe_offset=2", "[0, 1]"),
+    ({"model.moe_offset": -1}, "model.moe_offset=-1", ">= 0"),
+    ({"model.moe_every": 4, "model.moe_offset": 3, "model.num_layers": 3},
+     "model.moe_every=4", "places no MoE block"),
+    ({"mamba.d_state": 0}, "mamba.d_state=0", "positive"),
+    ({"mamba.chunk_size": 0}, "mamba.chunk_size=0", "positive"),
+    ({"mamba.dt_rank": 0}, "mamba.dt_rank=0", "None for"),
+    ({"mamba.dt_min": 0.5}, "mamba.dt_min=0.5", "dt_min <= dt_max"),
+    ({"mamba.dt_min": -1.0}, "mamba.dt_min=-1.0", "0 < dt_min"),
     ({"batch_size": 0}, "batch_size=0", "positive"),
     ({"steps": 0}, "steps=0", "positive"),
     ({"steps": -3}, "steps=-3", "positive"),

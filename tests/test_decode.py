@@ -36,6 +36,12 @@ MODELS = {
                  "moe.num_shared_experts": 1, "moe.top_k": 3, "moe.score_fn": "sigmoid",
                  "moe.bias_update_rate": 1e-3, "moe.expert_groups": 4,
                  "moe.top_groups": 2, "moe.dispatch": "dropless"},
+    # Jamba (as jamba_small, 4 blocks): Mamba, Mamba + MoE, attention, Mamba + MoE;
+    # top-2 of 4 experts, no positional encoding; a 4-token scan chunk, so the
+    # prefill's 12 tokens cross chunks.
+    "jamba": {"model.num_layers": 4, "model.attn_layer_period": 4,
+              "model.attn_layer_offset": 2, "model.moe_every": 2, "model.moe_offset": 1,
+              "moe.top_k": 2, "model.position": "none", "mamba.chunk_size": 4},
 }
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]

@@ -150,23 +150,33 @@ def test_sample_cli_prints_text_from_the_latest_checkpoint(tiny_run, jit_cache):
   assert "step 20" in out.stderr
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-  # Jitter and dropout on, so the per-step RNG must be restored too; the stop at step
-  # 7 falls inside a logging interval (log_every=5) and between checkpoints.
-  overrides = {"steps": 12, "eval_every": 6, "checkpoint_every": 4,
-               "moe.jitter_noise": 0.01, "model.dropout": 0.1, "sample.length": 0}
+# Jitter and dropout on, so the per-step RNG must be restored too; the stop at step 7
+# falls inside a logging interval (log_every=5) and between checkpoints.
+RESUME = {"steps": 12, "eval_every": 6, "checkpoint_every": 4, "moe.jitter_noise": 0.01,
+          "model.dropout": 0.1, "sample.length": 0}
+
+
+def assert_resume_is_exact(make_config, tmp_path):
+  """A run stopped at step 7 and resumed logs exactly what an uninterrupted run logs.
+
+  ``make_config()`` returns a fresh config of the run each time it is called.
+  """
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
-  train.train_and_evaluate(tiny_config(**overrides), full)
-  first = train.train_and_evaluate(tiny_config(**overrides), split, stop_at_step=7)
+  train.train_and_evaluate(make_config(), full)
+  first = train.train_and_evaluate(make_config(), split, stop_at_step=7)
   assert first["preempted"] and first["step"] == 7
   assert Checkpointer(os.path.join(split, "checkpoints"), keep=3).latest_step() == 7
-  train.train_and_evaluate(tiny_config(**overrides), split)
+  train.train_and_evaluate(make_config(), split)
 
   def losses(workdir):
     return [(r["split"], r["step"], r.get("loss"), r.get("aux_loss"), r.get("eval_loss"))
             for r in read_metrics(workdir)]
 
   assert losses(split) == losses(full)  # exactly equal, step for step
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+  assert_resume_is_exact(lambda: tiny_config(**RESUME), tmp_path)
 
 
 def _nan_after(step):
@@ -433,3 +443,54 @@ def test_checkpoints_without_model_state_still_restore(tmp_path):
   _, saved, _ = checkpointer.restore(jax.eval_shape(lambda: biased))
   np.testing.assert_array_equal(saved.model_state["b"], np.full(4, 0.5))
   checkpointer.close()
+
+
+# ---------------------------------------------------------------------------------
+# Jamba: hybrid Mamba + attention blocks (experiments/configs/jamba_small.py).
+# ---------------------------------------------------------------------------------
+
+# jamba_small's pattern in 4 blocks (period 4, offset 2; its MoE every 2, offset 1):
+# Mamba, Mamba + MoE, attention, Mamba + MoE. A scan chunk of 8 of the 32 tokens.
+JAMBA_TINY = {"model.num_layers": 4, "model.attn_layer_period": 4,
+              "model.attn_layer_offset": 2, "mamba.chunk_size": 8}
+
+
+def test_weight_decay_skips_mamba_a_log_and_d():
+  # Block 0 is Mamba (period 2, offset 1: block 1 is attention).
+  config = tiny_config(**{"model.attn_layer_period": 2, "model.attn_layer_offset": 1,
+                          "weight_decay": 0.5, "warmup_steps": 0, "grad_clip": 0.0})
+  model = nnx.eval_shape(lambda: train.make_model(config))  # the parameter tree only
+  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  params = jax.tree.map(lambda p: jnp.full(p.shape, 2.0, p.dtype), params)
+  tx, schedule = train.make_optimizer(config)
+  lr = float(schedule(0))
+  assert lr > 0
+  # AdamW with zero gradients: Adam's moments stay 0, so each update is exactly
+  # -lr * weight_decay * w where decay applies and 0 where it does not.
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params),
+                                  tx.init(params), params)
+  mamba_u, mamba_w = updates["blocks"][0]["mamba"], params["blocks"][0]["mamba"]
+  # Mamba's _no_weight_decay (A_log [D_in, N] is a matrix, still exempt), the biases
+  # and the RMSNorm scales are not decayed; the projections and the conv kernel are.
+  kept = {"A_log", "D", "conv_bias", "dt_bias", "dt_norm", "b_norm", "c_norm"}
+  decayed = {"in_proj", "conv_kernel", "x_proj", "dt_proj", "out_proj"}
+  assert set(mamba_w.keys()) == kept | decayed
+  for name in kept:
+    assert not np.any(np.asarray(mamba_u[name])), name
+  for name in decayed:
+    np.testing.assert_allclose(np.asarray(mamba_u[name]),
+                               -lr * 0.5 * np.asarray(mamba_w[name]), rtol=1e-6,
+                               err_msg=name)
+  # The attention block keeps the old rule: matrices decayed.
+  np.testing.assert_allclose(np.asarray(updates["blocks"][1]["attn"]["query"]),
+                             -lr * 0.5 * np.asarray(params["blocks"][1]["attn"]["query"]),
+                             rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_jamba_small_resumes_exactly(tmp_path):
+  assert_resume_is_exact(lambda: _zoo_config("jamba_small", **RESUME, **JAMBA_TINY),
+                         tmp_path)
+  with open(tmp_path / "full" / "model_info.json", encoding="utf-8") as f:
+    info = json.load(f)
+  assert (info["mamba_blocks"], info["moe_blocks"]) == ([0, 1, 3], [1, 3])
