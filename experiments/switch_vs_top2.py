@@ -52,9 +52,9 @@ flags.DEFINE_float("init_scale", None,
                    "Model-wide init scale of every weight, every row alike (default 1.0; "
                    "Switch: 0.1).")
 flags.DEFINE_float("expert_init_scale", None,
-                   "Init scale of the experts, relative to --init_scale (default 0.1).")
+                   "Init scale of the experts, relative to --init_scale (default 1.0).")
 flags.DEFINE_float("router_init_scale", None,
-                   "Init scale of the router, relative to --init_scale (default 0.1).")
+                   "Init scale of the router, relative to --init_scale (default 1.0).")
 flags.DEFINE_enum("loss_reduction", None, ["sum", "mean"],
                   "Per-layer aux/z losses summed (Switch) or averaged over MoE blocks.")
 flags.DEFINE_bool("normalize_gates", None,

@@ -96,9 +96,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.aux_loss_coef = 0.01
   c.moe.z_loss_coef = 0.001
   c.moe.expert_dropout = 0.0
-  # Relative to model.init_scale: experts and router at 0.1x the fan-in variance.
-  c.moe.init_scale = 0.1
-  c.moe.router_init_scale = 0.1
+  # Relative to model.init_scale: 1.0 gives experts and router the init of every other
+  # weight (a dense FFN's), so dense and MoE configs share one init rule. The Switch
+  # recipe scales the whole model: model.init_scale=0.1 (docs/training.md).
+  c.moe.init_scale = 1.0
+  c.moe.router_init_scale = 1.0
   c.moe.loss_reduction = "sum"  # per-layer aux and z losses summed (Switch, ST-MoE)
   c.moe.dispatch = "auto"  # indices on CPU/GPU, einsum on TPU (docs/benchmarks.md)
   # Router zoo (docs/routing.md); the defaults are Switch / GShard routing.

@@ -255,7 +255,7 @@ def test_default_grouping_fits_every_mesh_that_divides_the_batch(data, expert):
 def test_new_keys_have_valid_defaults():
   c = default_config()
   assert (c.eval_steps, c.moe.loss_reduction) == (0, "sum")
-  assert (c.model.init_scale, c.moe.init_scale, c.moe.router_init_scale) == (1.0, 0.1, 0.1)
+  assert (c.model.init_scale, c.moe.init_scale, c.moe.router_init_scale) == (1.0, 1.0, 1.0)
   assert c.final_eval_steps is None  # as eval_steps
   assert errors_for(**{"moe.loss_reduction": "mean", "eval_steps": 3,
                        "final_eval_steps": 0}) == []

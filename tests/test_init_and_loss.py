@@ -52,9 +52,12 @@ def _kind(name: str) -> str:
 def test_each_init_scale_reaches_exactly_the_weights_it_names(key, scaled):
   # Variance x4 is std x2, drawn from the same keys: each named weight is exactly twice
   # the base draw, every other weight is unchanged (norm gains always start at 1).
-  base = _params(_config())
-  value = 4.0 * {"model.init_scale": 1.0, "moe.init_scale": 0.1,
-                 "moe.router_init_scale": 0.1}[key]
+  base_config = _config()
+  base = _params(base_config)
+  node = base_config
+  for part in key.split("."):
+    node = node[part]
+  value = 4.0 * node  # four times the default, whatever the default is
   got = _params(_config(**{key: value}))
   assert set(got) == set(base)
   kinds = {_kind(n) for n in base}

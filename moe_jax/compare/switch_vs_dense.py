@@ -54,18 +54,16 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "default": Variant("the config files as they are"),
-    "expert_init_1": Variant("experts (and router) at the dense FFN's init",
-                             switch={"moe.init_scale": 1.0, "moe.router_init_scale": 1.0}),
-    "expert_init_1_router_0.1": Variant(
-        "experts at the dense FFN's init, router at 0.1",
-        switch={"moe.init_scale": 1.0, "moe.router_init_scale": 0.1}),
+    "expert_init_0.1": Variant(
+        "experts and router at 0.1 relative to the dense weights (the earlier default)",
+        switch={"moe.init_scale": 0.1, "moe.router_init_scale": 0.1}),
+    "router_init_0.1": Variant("router at 0.1 relative to the other weights",
+                               switch={"moe.router_init_scale": 0.1}),
     "model_init_0.1": Variant("the Switch recipe: every weight of both models at 0.1",
                               both={"model.init_scale": 0.1}),
     "cf_2": Variant("train capacity factor 2.0", switch={"moe.capacity_factor": 2.0}),
     "moe_every_1": Variant("every block MoE (4 MoE blocks, not 2)",
                            switch={"model.moe_every": 1}),
-    "moe_every_2": Variant("every other block MoE (2 of 4 blocks, Switch's layout)",
-                           switch={"model.moe_every": 2}),
     "experts_4": Variant("4 experts", switch={"moe.num_experts": 4}),
     "experts_16": Variant("16 experts", switch={"moe.num_experts": 16}),
     "group_1024": Variant("routing groups of 1024 tokens (8 sequences)",

@@ -106,17 +106,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Accelerator-sized, following the paper's ratios: T5-Base shapes (12 blocks,
     # d_model 768, d_ff 3072), 128 experts in every other block, 512-token sequences,
     # the large row at twice the depth (2x FLOPs), 100k steps. Use a larger corpus
-    # (--dataset) for runs this long.
+    # (--dataset) for runs this long. The paper's init: the whole model at 0.1.
     "base": dict(
         steps=100_000, seeds=1, capacity_factors=(2.0, 1.25, 1.0), families=FAMILIES,
         num_layers=12, large_layers=24, d_model=768, num_heads=12, d_ff=3072,
         num_experts=128, group_size=1024, seq_len=512, batch_size=256,
         learning_rate=1e-3, warmup_steps=2_000, eval_every=1_000, eval_steps=50,
         log_every=100, checkpoint_every=1_000, eval_capacity_factor=2.0,
-        aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=0),
+        aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=0,
+        init_scale=0.1, expert_init_scale=1.0, router_init_scale=1.0),
 }
 # Unset: the config default (model.init_scale 1.0; moe.init_scale and
-# moe.router_init_scale 0.1, relative to it; moe.loss_reduction; moe.normalize_gates).
+# moe.router_init_scale 1.0, relative to it; moe.loss_reduction; moe.normalize_gates).
 OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "final_eval_steps": None,
                      "init_scale": None,
                      "expert_init_scale": None, "router_init_scale": None,
