@@ -37,6 +37,7 @@ from flax import nnx
 from moe_jax.config import ConfigError
 from moe_jax.experts import DenseFfn, scaled_init
 from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer, Router
+from moe_jax.projection import project
 
 POSITIONS = ("rotary", "learned")
 NORMS = ("rmsnorm", "layernorm")
@@ -190,7 +191,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
-    q, k, v = (jnp.einsum("BLM,MND->BLND", x, p[...].astype(dtype))
+    q, k, v = (project(x, p[...].astype(dtype))  # [B, L, M] x [M, N, D]
                for p in (self.query, self.key, self.value))
     if cfg.position == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
@@ -207,7 +208,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
-    return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
+    return project(h, self.out[...].astype(dtype), contract=2)  # [B, L, N, D] x [N, D, M]
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """x: [B, L, M] -> [B, L, M]; positions: i32[L]."""
@@ -375,8 +376,7 @@ class Transformer(nnx.Module):
       kernel = self.embedding[...].T / jnp.sqrt(cfg.d_model)
     else:
       kernel = self.unembed[...]
-    return jnp.einsum("BLM,MV->BLV", x, kernel.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    return project(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
     """Moves each MoE block's selection bias (if it has one) by its f32[E] choice
