@@ -12,18 +12,22 @@ N-D form contracts over two token axes (``"BLM,BLH->MH"``), and XLA:CPU material
 a transposed copy of the activations (``[M, B, L]``, ``[H, B, L]``) to turn that into
 one matmul; the 2-D form contracts over its single row axis and the matmul reads the
 activations in place. ``benchmarks/matmul_forms.py`` measures each projection both ways
-(``docs/benchmarks.md``); the model uses the 2-D form where it measured faster on CPU.
+(``docs/benchmarks.md``); the model uses the 2-D form where it measured faster on CPU:
+the dense FFN (and shared experts), the router and the unembedding here, the experts
+in :class:`~moe_jax.experts.Experts` as ``[E, G*C, M]`` rows. Attention's q/k/v and
+output projections measured the same both ways and stay einsums.
 
-It should not cost more on GPU or TPU (not measured: no such device was at hand).
-XLA canonicalises every dot to one batch, one
-contracting and one free axis per operand before emitting it (its DotDecomposer merges
-multi-axis contractions with exactly these reshapes), so the 2-D form is already what
-the N-D form becomes; writing it by hand only leaves the layout passes less to
-transpose. The reshapes merge contiguous axes and are bitcasts (on TPU's tiled
-layouts as long as the merged minor axis, L here, is a multiple of the tile, as
-sequence lengths are). The sharding is unchanged: the merged axes are split, if at
-all, on their major one (B over ``data``, the heads N of ``[N, D]`` over ``model``),
-which the partitioner carries through a reshape without moving data.
+It should not cost more on GPU or TPU (not measured: no such device was at hand). The
+dot emitters want one batch, one contracting and one free axis per operand; XLA's
+DotDecomposer pass rewrites other dots into that form with transposes and exactly these
+reshapes, so the 2-D form is already what the N-D form becomes, and writing it by hand
+only leaves the layout passes less to transpose (for TPU, whose compiler is not public,
+this is reasoning, not a reading of its passes). The reshapes merge contiguous axes and
+are bitcasts (on TPU's tiled layouts as long as the merged minor axis, L here, is a
+multiple of the tile, as sequence lengths are). The sharding is unchanged: of the
+merged token axes only the major one is split (B, or the groups G, over the batch
+axes), which the partitioner carries through a reshape without moving data; the
+weights are not reshaped.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 
-def project(x: jax.Array, w: jax.Array, *, contract: int = 1, **dot_kwargs) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, *, contract: int = 1,
+            **dot_kwargs) -> jax.Array:
   """``x [..., K1..Kc] @ w [K1..Kc, N...] -> [..., N...]`` as one 2-D matmul.
 
   Args:

@@ -191,7 +191,9 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
-    q, k, v = (project(x, p[...].astype(dtype))  # [B, L, M] x [M, N, D]
+    # Einsums, not projection.project: on CPU the 2-D form measured no faster here
+    # (docs/benchmarks.md, "The model's own matmuls").
+    q, k, v = (jnp.einsum("BLM,MND->BLND", x, p[...].astype(dtype))
                for p in (self.query, self.key, self.value))
     if cfg.position == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
@@ -208,7 +210,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
-    return project(h, self.out[...].astype(dtype), contract=2)  # [B, L, N, D] x [N, D, M]
+    return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """x: [B, L, M] -> [B, L, M]; positions: i32[L]."""

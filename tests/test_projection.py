@@ -56,4 +56,5 @@ def test_lowers_to_one_2d_dot():
   text = jax.jit(lambda x, w: project(x, w, contract=2)).lower(
       jnp.ones((2, 3, 2, 5)), jnp.ones((2, 5, 4))).as_text()
   dots = [line for line in text.splitlines() if "dot_general" in line]
-  assert len(dots) == 1 and "tensor<6x10xf32>" in dots[0] and "tensor<10x4xf32>" in dots[0]
+  assert len(dots) == 1
+  assert "tensor<6x10xf32>" in dots[0] and "tensor<10x4xf32>" in dots[0]
