@@ -1,9 +1,9 @@
 """The model's projections as written before ``moe_jax.projection``: N-D einsums.
 
 ``with einsum_forms(): ...`` makes every model built and traced inside it compute
-its dense FFN, experts, attention q/k/v/o, router and unembedding as einsums on the
-N-D activations (``"BLM,MH->BLH"``, ``"EGCM,EMH->EGCH"``), as moe_jax did before it
-switched to 2-D matmuls on token rows. Same parameters, same numbers up to float
+its dense FFN, experts, router and unembedding as einsums on the N-D activations
+(``"BLM,MH->BLH"``, ``"EGCM,EMH->EGCH"``), as moe_jax did before it switched to 2-D
+matmuls on token rows. Same parameters, same numbers up to float
 rounding; only the form XLA is handed differs. ``train_throughput.py --forms`` uses it
 to time the former and the current forms in one process.
 """

@@ -2,13 +2,14 @@ r"""Each projection of the model as an einsum on its N-D activations vs one 2-D 
 
 The same numbers can be computed two ways: ``einsum("BLM,MH->BLH")`` on ``[B, L, M]``,
 or a reshape to ``[B*L, M]``, a 2-D matmul and a reshape back. XLA lowers both to one
-``dot_general``, but on CPU the N-D form can be slower (the issue measured the dense
-FFN's einsum ~35% slower, mostly in the backward pass, whose weight gradient contracts
-over two token axes). This benchmark decides, per projection, which form the model
+``dot_general``, but on CPU the N-D form can be slower, in the backward pass, whose
+weight gradient contracts over two token axes (``moe_jax/projection.py``). This benchmark decides, per projection, which form the model
 uses: each pair is jitted as forward + backward (gradients for the weights and the
 input), checked equal, then timed alternately in one process, and the per-round ratio
 ``einsum / 2-D`` is reported (median of repeats; > 1 means the 2-D form is faster).
 Only ratios are meaningful on a shared machine; absolute times are printed for scale.
+Each row also counts the ``transpose`` ops in both compiled steps (decided by the
+compiler, not measured): the transposed copies the N-D form costs.
 
   python benchmarks/matmul_forms.py
   python benchmarks/matmul_forms.py --sizes=layer --repeats=15 --json=forms.json
@@ -16,12 +17,15 @@ Only ratios are meaningful on a shared machine; absolute times are printed for s
 The shapes are those of ``dense_small`` / ``switch_small`` training (``--sizes=train``:
 B=16, L=128, M=256, H=1024, 4 heads of 64, V=256, E=8, S=128, C=20) or of
 ``benchmarks/moe_layer.py`` (``--sizes=layer``: 8192 tokens as [32, 256, M], E=8 and
-128 with S=1024, C=S/E).
+128 with S=1024, C=S/E). The dense FFN and experts use gelu. The ``mamba_*`` cases are
+``moe_jax/mamba.py``'s in_proj and x_proj (expand 2, R=M/16, N=16), a mixer not yet
+part of the Transformer.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 
@@ -134,14 +138,16 @@ def cases(size: str):
 
 
 def _step(f, params, x):
+  """The compiled forward + backward of ``f``, its result and its transpose count."""
   def loss(params, x):
     return jnp.mean(f(params, x).astype(jnp.float32) ** 2)
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   compiled = step.lower(params, x).compile()
+  transposes = len(re.findall(r"= \S+ transpose\(", compiled.as_text()))
   result = compiled(params, x)
   jax.block_until_ready(result)
-  return compiled, result
+  return compiled, result, transposes
 
 
 def _max_rel_diff(a, b) -> float:
@@ -161,12 +167,12 @@ def main(argv):
   print(f"# backend={jax.default_backend()} jax={jax.__version__} "
         f"sizes={_SIZES.value} repeats={_REPEATS.value}")
   print(f"{'case':>14} | {'einsum ms':>9} {'2-D ms':>8} {'einsum/2-D':>10} | "
-        f"{'max rel diff':>12}")
+        f"{'transposes':>10} | {'max rel diff':>12}")
   rows = []
   for name in names:
     params, x, nd_form, mm_form = all_cases[name]
-    nd_step, nd_out = _step(nd_form, params, x)
-    mm_step, mm_out = _step(mm_form, params, x)
+    nd_step, nd_out, nd_tr = _step(nd_form, params, x)
+    mm_step, mm_out, mm_tr = _step(mm_form, params, x)
     diff = _max_rel_diff(nd_out, mm_out)
     nd_t, mm_t = [], []
     for _ in range(_REPEATS.value):  # alternate so load drift hits both forms alike
@@ -176,14 +182,16 @@ def main(argv):
         times.append(time.perf_counter() - start)
     ratio = statistics.median(a / b for a, b in zip(nd_t, mm_t))
     nd_ms, mm_ms = statistics.median(nd_t) * 1e3, statistics.median(mm_t) * 1e3
-    print(f"{name:>14} | {nd_ms:9.2f} {mm_ms:8.2f} {ratio:10.2f} | {diff:12.1e}",
-          flush=True)
+    print(f"{name:>14} | {nd_ms:9.2f} {mm_ms:8.2f} {ratio:10.2f} | "
+          f"{f'{nd_tr} vs {mm_tr}':>10} | {diff:12.1e}", flush=True)
     rows.append(dict(case=name, einsum_ms=nd_ms, matmul_2d_ms=mm_ms,
-                     einsum_over_2d=ratio, max_rel_diff=diff))
+                     einsum_over_2d=ratio, einsum_transposes=nd_tr,
+                     matmul_2d_transposes=mm_tr, max_rel_diff=diff))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(dict(backend=jax.default_backend(), jax=jax.__version__,
-                     sizes=_SIZES.value, repeats=_REPEATS.value, rows=rows), f, indent=1)
+                     sizes=_SIZES.value, repeats=_REPEATS.value, rows=rows), f,
+                indent=1)
 
 
 if __name__ == "__main__":

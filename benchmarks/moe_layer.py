@@ -12,8 +12,9 @@ Two dense baselines run beside each MoE layer:
   ``benchmarks/matmul_forms.py``). ``ratio`` (MoE / dense) and the goals use it.
 * ``dense_einsum``: the same FFN written as ``einsum("...M,MH->...H")`` on the
   ``[T/256, 256, M]`` input (``benchmarks/einsum_forms.py``), the form this benchmark
-  compared against before; XLA:CPU runs its backward pass slower. ``ratio_vs_dense_einsum`` is reported so that results
-  can be compared with earlier runs.
+  compared against before; XLA:CPU runs its backward pass slower.
+  ``ratio_vs_dense_einsum`` is reported so that results can be compared with earlier
+  runs.
 
   python benchmarks/moe_layer.py                      # the quick grid
   python benchmarks/moe_layer.py --grid=full --json=out.json
