@@ -1,9 +1,20 @@
 r"""MoE layer cost relative to the dense FFN it replaces, forward + backward.
 
 Both layers have the same M, H and activation, so a top-1 MoE layer does the same
-useful FLOPs per token as the dense FFN; its ideal ratio is 1.0 plus a small router. The
-two are jitted and timed alternately in one process (median of repeats), so machine
-noise hits both sides alike and only the ratio is reported as the result.
+useful FLOPs per token as the dense FFN; its ideal ratio is 1.0 plus a small router.
+They are jitted and timed alternately in one process (median of the per-repeat
+ratios), so machine noise hits every side alike and only ratios are results.
+
+Two dense baselines run beside each MoE layer:
+
+* ``dense``: :class:`moe_jax.DenseFfn`, whose matmuls run on the tokens as 2-D
+  ``[T, M]`` rows, the fastest dense FFN measured on CPU (``moe_jax/projection.py``,
+  ``benchmarks/matmul_forms.py``). ``ratio`` (MoE / dense) and the goals use it.
+* ``dense_einsum``: the same FFN written as ``einsum("...M,MH->...H")`` on the
+  ``[T/256, 256, M]`` input (``benchmarks/einsum_forms.py``), the form this benchmark
+  compared against before; XLA:CPU runs its backward pass slower.
+  ``ratio_vs_dense_einsum`` is reported so that results can be compared with earlier
+  runs.
 
   python benchmarks/moe_layer.py                      # the quick grid
   python benchmarks/moe_layer.py --grid=full --json=out.json
@@ -34,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import einsum_forms  # benchmarks/einsum_forms.py
 from moe_jax import DenseFfn, MoeConfig, MoeLayer
 from moe_jax.moe_layer import DISPATCHERS
 
@@ -137,18 +149,23 @@ def main(argv):
   del argv
   m, h, tokens, dtype = _D_MODEL.value, _D_FF.value, _TOKENS.value, _DTYPE.value
   x = jax.random.normal(jax.random.key(0), (tokens // 256, 256, m)).astype(dtype)
-  dense = DenseFfn(m, h, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
-  dense_run, dense_mem = _fwd_bwd(dense, x)
+  dense_run, dense_mem = _fwd_bwd(
+      DenseFfn(m, h, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)), x)
+  with einsum_forms.einsum_forms():  # traced and compiled inside: the former form
+    einsum_run, einsum_mem = _fwd_bwd(
+        DenseFfn(m, h, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)), x)
   device = jax.devices()[0]
   print(f"# backend={jax.default_backend()} device={device.device_kind} "
         f"cpu={platform.processor() or platform.machine()} jax={jax.__version__} "
         f"M={m} H={h} tokens={tokens} dtype={dtype} repeats={_REPEATS.value}")
+  print("# dense: 2-D matmuls on [T, M] (DenseFfn); dense_einsum: einsum on "
+        "[T/256, 256, M]; ratio = MoE / dense, vs_einsum = MoE / dense_einsum")
   header = (f"{'E':>4} {'K':>2} {'cf':>5} {'S':>5} {'dispatch':>8} | {'dense ms':>9} "
-            f"{'moe ms':>9} {'ratio':>6} | {'dense MiB':>9} {'moe MiB':>8} | "
-            f"{'dense flt':>9} {'moe flt':>8}")
+            f"{'einsum ms':>9} {'moe ms':>9} {'ratio':>6} {'vs_einsum':>9} | "
+            f"{'dense MiB':>9} {'moe MiB':>8} | {'dense flt':>9} {'moe flt':>8}")
   print(header)
   print("-" * len(header))
-  rows = []
+  rows, einsum_over_dense = [], []
   for e, k, cf, s, dispatch in _rows():
     cfg = MoeConfig(d_model=m, d_ff=h, num_experts=e, top_k=k,
                     capacity_factor=cf or 1.0, group_size=s, dispatch=dispatch,
@@ -167,28 +184,40 @@ def main(argv):
       print(f"{key} failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
       rows.append(dict(row, error=str(err).splitlines()[0]))
       continue
-    dense_t, moe_t = [], []
-    for _ in range(_REPEATS.value):  # alternate so drift hits both sides alike
-      dense_t.append(_time(dense_run))
-      moe_t.append(_time(moe_run))
-    d_med = statistics.median(t for t, _ in dense_t)
-    m_med = statistics.median(t for t, _ in moe_t)
-    ratio = statistics.median([b / a for (a, _), (b, _) in zip(dense_t, moe_t)])
-    d_flt = statistics.median(f for _, f in dense_t)
-    m_flt = statistics.median(f for _, f in moe_t)
+    times = {"dense": [], "einsum": [], "moe": []}
+    for _ in range(_REPEATS.value):  # alternate so drift hits every side alike
+      for name, run in (("dense", dense_run), ("einsum", einsum_run), ("moe", moe_run)):
+        times[name].append(_time(run))
+    med = {n: statistics.median(t for t, _ in v) for n, v in times.items()}
+    per_round = lambda a, b: statistics.median(
+        [tb / ta for (ta, _), (tb, _) in zip(times[a], times[b])])
+    ratio, ratio_einsum = per_round("dense", "moe"), per_round("einsum", "moe")
+    einsum_over_dense.append(per_round("dense", "einsum"))
+    d_flt = statistics.median(f for _, f in times["dense"])
+    m_flt = statistics.median(f for _, f in times["moe"])
     mib = lambda v: f"{v / 2**20:8.1f}" if v is not None else "     n/a"
-    print(f"{key} {d_med * 1e3:9.2f} {m_med * 1e3:9.2f} {ratio:6.2f} | "
+    print(f"{key} {med['dense'] * 1e3:9.2f} {med['einsum'] * 1e3:9.2f} "
+          f"{med['moe'] * 1e3:9.2f} {ratio:6.2f} {ratio_einsum:9.2f} | "
           f"{mib(dense_mem):>9} {mib(moe_mem):>8} | {d_flt:9.0f} {m_flt:8.0f}",
           flush=True)
-    rows.append(dict(row, dense_ms=d_med * 1e3, moe_ms=m_med * 1e3,
-                     ratio=ratio, dense_bytes=dense_mem, moe_bytes=moe_mem,
-                     dense_page_faults=d_flt, moe_page_faults=m_flt,
-                     tokens_per_sec_dense=tokens / d_med,
-                     tokens_per_sec_moe=tokens / m_med))
+    rows.append(dict(row, dense_ms=med["dense"] * 1e3,
+                     dense_einsum_ms=med["einsum"] * 1e3, moe_ms=med["moe"] * 1e3,
+                     ratio=ratio, ratio_vs_dense_einsum=ratio_einsum,
+                     dense_bytes=dense_mem, dense_einsum_bytes=einsum_mem,
+                     moe_bytes=moe_mem, dense_page_faults=d_flt,
+                     moe_page_faults=m_flt,
+                     tokens_per_sec_dense=tokens / med["dense"],
+                     tokens_per_sec_dense_einsum=tokens / med["einsum"],
+                     tokens_per_sec_moe=tokens / med["moe"]))
+  if einsum_over_dense:
+    print(f"# dense_einsum / dense: median {statistics.median(einsum_over_dense):.2f} "
+          f"over {len(einsum_over_dense)} rows (> 1: the 2-D baseline is faster)")
   if _JSON.value:
     meta = dict(backend=jax.default_backend(), device=device.device_kind,
                 jax=jax.__version__, d_model=m, d_ff=h, tokens=tokens, dtype=dtype,
-                repeats=_REPEATS.value)
+                repeats=_REPEATS.value,
+                dense="DenseFfn: 2-D matmuls on [T, M] (ratio, goals)",
+                dense_einsum="einsum on [T/256, 256, M] (ratio_vs_dense_einsum)")
     with open(_JSON.value, "w") as f:
       json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(f"# wrote {_JSON.value}")

@@ -5,8 +5,15 @@ interleaved (dense, switch, top2, dense, ...) on the same fixed batch, so machin
 hits every model alike. Reports the median step time, tokens/s and the ratio to dense.
 Data loading is left out: this measures the model step.
 
+``--forms=2d,einsum`` builds every config twice: with the model's projections as they
+are (2-D matmuls on token rows, ``moe_jax/projection.py``) and as the N-D einsums they
+were before (``benchmarks/einsum_forms.py``). All six steps are interleaved, each
+form's ratio is against the dense model of the same form, and ``einsum / 2d`` is the
+per-round step-time ratio of the two forms of one config (> 1: the 2-D form is faster).
+
   python benchmarks/train_throughput.py
   python benchmarks/train_throughput.py --repeats=20 --config_overrides=moe.dispatch=einsum
+  python benchmarks/train_throughput.py --forms=2d,einsum --repeats=20
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import configs as config_files  # benchmarks/configs.py
+import einsum_forms  # benchmarks/einsum_forms.py
 from moe_jax import train as train_lib
 from moe_jax.transformer import flops_per_token
 
@@ -32,6 +40,13 @@ _OVERRIDES = flags.DEFINE_list(
     "config_overrides", [], "KEY=VALUE overrides applied to every config, e.g. "
     "batch_size=32,data.seq_len=256,moe.dispatch=einsum.")
 _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON to this file.")
+FORMS = ("2d", "einsum")
+_FORMS = flags.DEFINE_list(
+    "forms", ["2d"], "Projection forms to build each config with: 2d (the model's) "
+    "and/or einsum (the former N-D einsums).")
+flags.register_validator(
+    "forms", lambda v: bool(v) and set(v) <= set(FORMS),
+    message=f"--forms takes a comma-separated subset of {','.join(FORMS)}.")
 
 
 def load_config(name: str):
@@ -60,31 +75,49 @@ def build(config):
 
 def main(argv):
   del argv
-  runs = {name: build(load_config(name)) for name in CONFIGS}
-  times = {name: [] for name in CONFIGS}
+  forms = list(dict.fromkeys(_FORMS.value))
+  runs = {}
+  for form in forms:
+    for name in CONFIGS:
+      if form == "einsum":
+        with einsum_forms.einsum_forms():  # build() compiles inside
+          runs[name, form] = build(load_config(name))
+      else:
+        runs[name, form] = build(load_config(name))
+  times = {key: [] for key in runs}
   for _ in range(_REPEATS.value):
-    for name, run in runs.items():
+    for key, run in runs.items():
       start = time.perf_counter()
       run["state"], metrics = run["step"](run["state"], run["batch"])
       jax.block_until_ready(metrics)
-      times[name].append(time.perf_counter() - start)
+      times[key].append(time.perf_counter() - start)
   print(f"# backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
         f"jax={jax.__version__} repeats={_REPEATS.value} "
         f"overrides={','.join(_OVERRIDES.value) or 'none'}")
-  print(f"{'config':>14} | {'step ms':>8} {'tokens/s':>9} {'vs dense':>8} | "
-        f"{'active GFLOP/tok':>16}")
+  print(f"{'config':>14} {'form':>6} | {'step ms':>8} {'tokens/s':>9} {'vs dense':>8} "
+        f"{'einsum/2d':>9} | {'active GFLOP/tok':>16}")
   rows = []
-  for name, run in runs.items():
-    med = statistics.median(times[name])
-    # Per-round ratio, then the median: robust to drift across rounds.
-    ratio = statistics.median(d / t for d, t in zip(times["dense_small"], times[name]))
-    print(f"{name:>14} | {med * 1e3:8.1f} {run['tokens'] / med:9.0f} {ratio:8.2f} | "
-          f"{run['flops']['active'] / 1e9:16.4f}")
-    rows.append(dict(config=name, step_ms=med * 1e3, tokens_per_sec=run["tokens"] / med,
-                     throughput_vs_dense=ratio, active_flops=run["flops"]["active"]))
+  for (name, form), run in runs.items():
+    med = statistics.median(times[name, form])
+    # Per-round ratios, then the median: robust to drift across rounds.
+    ratio = statistics.median(
+        d / t for d, t in zip(times["dense_small", form], times[name, form]))
+    row = dict(config=name, form=form, step_ms=med * 1e3,
+               tokens_per_sec=run["tokens"] / med, throughput_vs_dense=ratio,
+               active_flops=run["flops"]["active"])
+    vs_2d = ""
+    if form == "einsum" and (name, "2d") in runs:
+      row["einsum_over_2d"] = statistics.median(
+          e / t for e, t in zip(times[name, "einsum"], times[name, "2d"]))
+      vs_2d = f"{row['einsum_over_2d']:.2f}"
+    print(f"{name:>14} {form:>6} | {med * 1e3:8.1f} {run['tokens'] / med:9.0f} "
+          f"{ratio:8.2f} {vs_2d:>9} | {run['flops']['active'] / 1e9:16.4f}")
+    rows.append(row)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump(dict(backend=jax.default_backend(), rows=rows), f, indent=1)
+      json.dump(dict(backend=jax.default_backend(), jax=jax.__version__,
+                     repeats=_REPEATS.value, overrides=list(_OVERRIDES.value),
+                     rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from moe_jax.dispatch import (DISPATCHERS, Dispatcher, dropless_dispatch,  # noq
                               resolve_dispatch)
 from moe_jax.dropless import EXCHANGES, apply_lost
 from moe_jax.experts import ACTIVATIONS, DenseFfn, Experts, scaled_init
+from moe_jax.projection import project
 from moe_jax.routers import (ROUTER_OPTIONS, ROUTERS, RouterInputs, SelectionBias,
                              TrainingStep)
 
@@ -335,9 +336,8 @@ class Router(nnx.Module):
     """
     if self.noise_kernel is None:
       return None
-    h = jnp.einsum("GSM,ME->GSE", x.astype(jnp.float32),
-                   self.noise_kernel[...].astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+    h = project(x.astype(jnp.float32), self.noise_kernel[...].astype(jnp.float32),
+                precision=jax.lax.Precision.HIGHEST)
     return jax.nn.softplus(h) + 1e-2
 
   def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -348,8 +348,8 @@ class Router(nnx.Module):
                                  1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
       x = x * noise
     # HIGHEST: no bf16/TF32 passes, so routing decisions do not depend on the backend.
-    return jnp.einsum("GSM,ME->GSE", x, self.kernel[...].astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    return project(x, self.kernel[...].astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
 
 
 def group_tokens(num_tokens: int, group_size: int) -> tuple[int, int]:

@@ -46,6 +46,7 @@ from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_patte
                                    pattern_errors)
 from moe_jax.mamba import MambaConfig, MambaMixer, mixer_cost
 from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer, Router
+from moe_jax.projection import project
 
 POSITIONS = ("rotary", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
@@ -230,6 +231,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
+    # Einsums, not projection.project: on CPU the 2-D form measured no faster here
+    # (docs/benchmarks.md, "The model's own matmuls").
     q, k, v = (jnp.einsum("BLM,MND->BLND", x, p[...].astype(dtype))
                for p in (self.query, self.key, self.value))
     if cfg.position == "rotary":
@@ -465,8 +468,7 @@ class Transformer(nnx.Module):
       kernel = self.embedding[...].T / jnp.sqrt(cfg.d_model)
     else:
       kernel = self.unembed[...]
-    return jnp.einsum("BLM,MV->BLV", x, kernel.astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    return project(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
   def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
     """Moves each MoE block's selection bias (if it has one) by its f32[E] choice

@@ -2,12 +2,21 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+
+from moe_jax import experts, moe_layer, projection, transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import einsum_forms  # noqa: E402  benchmarks/einsum_forms.py
 
 
 def _run(tmp_path, *flags):
@@ -33,38 +42,138 @@ def test_layer_benchmark_rows_and_markdown(tmp_path):
   assert [(r["top_k"], r["capacity_factor"], r["dispatch"]) for r in rows] == [
       (1, 1.0, "indices"), (1, None, "dropless"), (1, 2.0, "indices"),
       (2, 1.0, "indices"), (2, None, "dropless"), (2, 2.0, "indices")]
-  measured = ["dense_ms", "moe_ms", "ratio", "dense_page_faults", "moe_page_faults",
-              "tokens_per_sec_dense", "tokens_per_sec_moe"]
+  measured = ["dense_ms", "dense_einsum_ms", "moe_ms", "ratio", "ratio_vs_dense_einsum",
+              "dense_page_faults", "moe_page_faults", "tokens_per_sec_dense",
+              "tokens_per_sec_dense_einsum", "tokens_per_sec_moe"]
   for r in rows:  # measured values: only their presence and type are the code's
     for name in measured:
       assert isinstance(r[name], (int, float)), (name, r[name])
-    for name in ["dense_bytes", "moe_bytes"]:
+    for name in ["dense_bytes", "dense_einsum_bytes", "moe_bytes"]:
       assert r[name] is None or isinstance(r[name], int), (name, r[name])
   assert data["meta"]["tokens"] == 512
-  assert "dropless" in stdout
-  md = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
-                                                    "to_markdown.py"),
-                       str(tmp_path / "layer.json")], capture_output=True, text=True,
-                      check=True).stdout
-  table = [[c.strip() for c in line.strip().strip("|").split("|")]
-           for line in md.splitlines() if line.startswith("|")]
-  header, rule, body = table[0], table[1], table[2:]
-  assert header[:5] == ["E", "K", "cf", "S", "dispatch"] and len(header) == 13
-  assert set("".join(rule)) == {"-"}
+  assert data["meta"]["dense"].startswith("DenseFfn: 2-D matmuls")
+  assert data["meta"]["dense_einsum"].startswith("einsum")
+  assert "dropless" in stdout and "dense_einsum / dense: median" in stdout
+  body = _check_markdown(tmp_path / "layer.json")
   # The decided columns, one markdown row per JSON row, in the same order.
   assert [tuple(row[:5]) for row in body] == [
       ("4", "1", "1.0", "64", "indices"), ("4", "1", "-", "64", "dropless"),
       ("4", "1", "2.0", "64", "indices"), ("4", "2", "1.0", "64", "indices"),
       ("4", "2", "-", "64", "dropless"), ("4", "2", "2.0", "64", "indices")]
   for row, r in zip(body, rows):
-    assert len(row) == 13
     # The goal is judged at cf 1.0 only; whether it is met depends on the timing.
-    assert row[8] in (("met", "**missed**") if r["capacity_factor"] == 1.0 else ("",))
+    assert row[10] in (("met", "**missed**") if r["capacity_factor"] == 1.0 else ("",))
     # The measured cells show the JSON's values, rounded.
-    mib = lambda v: "n/a" if v is None else f"{v / 2**20:.0f}"
-    assert row[5:8] == [f"{r['dense_ms']:.0f}", f"{r['moe_ms']:.0f}", f"{r['ratio']:.2f}"]
-    assert row[9:] == [mib(r["dense_bytes"]), mib(r["moe_bytes"]),
-                       f"{r['dense_page_faults']:.0f}", f"{r['moe_page_faults']:.0f}"]
+    assert row[5:10] == [f"{r['dense_ms']:.0f}", f"{r['dense_einsum_ms']:.0f}",
+                         f"{r['moe_ms']:.0f}", f"{r['ratio']:.2f}",
+                         f"{r['ratio_vs_dense_einsum']:.2f}"]
+    assert row[11:] == [_mib(r["dense_bytes"]), _mib(r["moe_bytes"]),
+                        f"{r['dense_page_faults']:.0f}", f"{r['moe_page_faults']:.0f}"]
+
+
+HEADER = ["E", "K", "cf", "S", "dispatch", "dense ms", "dense einsum ms", "MoE ms",
+          "ratio", "ratio vs einsum dense", "goal", "dense MiB", "MoE MiB",
+          "dense faults", "MoE faults"]
+
+
+def _mib(v):
+  return "n/a" if v is None else f"{v / 2**20:.0f}"
+
+
+def _check_markdown(path):
+  """Runs to_markdown.py on ``path``; checks the header; returns the body's cells."""
+  md = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks",
+                                                    "to_markdown.py"), str(path)],
+                      capture_output=True, text=True, check=True).stdout
+  table = [[c.strip() for c in line.strip().strip("|").split("|")]
+           for line in md.splitlines() if line.startswith("|")]
+  header, rule, body = table[0], table[1], table[2:]
+  assert header == HEADER
+  assert len(rule) == len(HEADER) and set("".join(rule)) == {"-"}
+  assert all(len(row) == len(HEADER) for row in body), body
+  return body
+
+
+def test_markdown_of_hand_written_rows_new_and_old(tmp_path):
+  # Hand-written JSON: every cell below is decided by to_markdown.py alone.
+  meta = dict(backend="cpu", device="cpu", jax="0", d_model=4, d_ff=8, tokens=16,
+              dtype="float32", repeats=1)
+  row = dict(num_experts=8, top_k=1, capacity_factor=1.0, group_size=16,
+             dispatch="indices", dense_ms=100.0, dense_einsum_ms=140.0, moe_ms=130.0,
+             ratio=1.3, ratio_vs_dense_einsum=0.93, dense_bytes=2**21,
+             dense_einsum_bytes=2**21, moe_bytes=3 * 2**20, dense_page_faults=10.0,
+             moe_page_faults=20.0)
+  path = tmp_path / "new.json"
+  path.write_text(json.dumps(dict(meta=dict(meta, dense="d2", dense_einsum="de"),
+                                  rows=[row, dict(row, top_k=2, ratio=2.5)])))
+  # 1.3 > 1.25 misses the top-1 goal; 2.5 > 2.4 misses the top-2 one.
+  assert _check_markdown(path) == [
+      ["8", "1", "1.0", "16", "indices", "100", "140", "130", "1.30", "0.93",
+       "**missed**", "2", "3", "10", "20"],
+      ["8", "2", "1.0", "16", "indices", "100", "140", "130", "2.50", "0.93",
+       "**missed**", "2", "3", "10", "20"]]
+  # A JSON written before the two baselines: no einsum column, no faults.
+  old = {k: v for k, v in row.items()
+         if k not in ("dense_einsum_ms", "ratio_vs_dense_einsum", "dense_einsum_bytes",
+                      "dense_page_faults", "moe_page_faults")}
+  path = tmp_path / "old.json"
+  path.write_text(json.dumps(dict(meta=meta, rows=[dict(old, ratio=1.2),
+                                                   dict(old, skipped="too big")])))
+  assert _check_markdown(path) == [
+      ["8", "1", "1.0", "16", "indices", "100", "n/a", "130", "1.20", "n/a", "met",
+       "2", "3", "n/a", "n/a"],
+      ["8", "1", "1.0", "16", "indices", "skipped: too big"] + [""] * 9]
+
+
+def _unbatched_dot_operands(text):
+  """The operand types, e.g. ("16x8xf32", "8x16xf32"), of every dot_general without
+  batch axes in StableHLO ``text``."""
+  found = []
+  for line in text.splitlines():
+    if "dot_general" in line and "batching_dims" not in line:
+      found.append(re.search(r": \(tensor<([^>]*)>, tensor<([^>]*)>\)", line).groups())
+  return found
+
+
+def test_einsum_forms_compute_the_same_model_with_n_d_dots_and_are_undone():
+  # Every projection einsum_forms swaps: the dense FFN (block 0), experts through the
+  # einsum dispatch with swiglu (wi_gate), a noisy router (block 1), the unembedding.
+  moe = moe_layer.MoeConfig(d_model=8, d_ff=16, num_experts=4, capacity_factor=2.0,
+                            group_size=8, dispatch="einsum", activation="swiglu",
+                            router="noisy_topk")
+  cfg = transformer.TransformerConfig(vocab_size=32, num_layers=2, d_model=8,
+                                      num_heads=2, d_ff=16, moe_every=2, moe=moe,
+                                      activation="swiglu", max_len=16)
+  model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
+
+  def loss(params):
+    logits, _ = nnx.merge(graphdef, params, rest)(tokens, deterministic=True)
+    return jnp.mean(logits ** 2)
+
+  def run():
+    step = jax.jit(jax.value_and_grad(loss))
+    return step(params), step.lower(params).as_text()
+
+  experts_call = experts.Experts.__call__
+  new, new_text = run()
+  with einsum_forms.einsum_forms():
+    old, old_text = run()
+  # The forward dots on the 2 x 8 = 16 token rows: the dense FFN [16, 8] x [8, 16], the
+  # router [16, 8] x [8, 4] and the unembedding [16, 8] x [8, 32] are 2-D in the
+  # model; the former forms hand XLA [2, 8, 8] activations instead.
+  rows_2d = {("16x8xf32", "8x16xf32"), ("16x8xf32", "8x4xf32"), ("16x8xf32", "8x32xf32")}
+  assert rows_2d <= set(_unbatched_dot_operands(new_text))
+  assert not rows_2d & set(_unbatched_dot_operands(old_text))
+  n_d = lambda text: sum(a.count("x") > 2 for a, _ in _unbatched_dot_operands(text))
+  assert n_d(old_text) > n_d(new_text)  # attention's q/k/v/o stay N-D in both
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Leaving the context restores the model's own forms.
+  assert (experts.project is moe_layer.project is transformer.project
+          is projection.project)
+  assert experts.Experts.__call__ is experts_call
 
 
 @pytest.mark.slow
@@ -155,3 +264,52 @@ def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
   text = md.read_text()
   assert "| 16 | 4 |" in text and "| 32 | 2 |" in text
   assert text.count("Crossing (") == 2
+
+
+TINY_MODEL = ("model.num_layers=2,model.d_model=16,model.d_ff=32,model.num_heads=2,"
+              "moe.num_experts=4,data.seq_len=16,batch_size=2")
+
+
+@pytest.mark.slow
+def test_train_throughput_times_both_projection_forms(tmp_path):
+  out = tmp_path / "train.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+       "--forms=2d,einsum", "--repeats=1", f"--config_overrides={TINY_MODEL}",
+       f"--json={out}"], capture_output=True, text=True, env=env, cwd=ROOT,
+      timeout=900)  # a hang guard only
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  configs = ["dense_small", "switch_small", "top2_small"]
+  assert [(r["config"], r["form"]) for r in rows] == (
+      [(c, "2d") for c in configs] + [(c, "einsum") for c in configs])
+  for r in rows:  # measured values: presence and type only
+    for key in ("step_ms", "tokens_per_sec", "throughput_vs_dense"):
+      assert isinstance(r[key], float), key
+    assert ("einsum_over_2d" in r) == (r["form"] == "einsum")
+  # Each form is against its own dense model: dense/dense is 1 in every round.
+  assert [r["throughput_vs_dense"] for r in rows if r["config"] == "dense_small"] == [
+      1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_matmul_forms_benchmark_checks_every_case(tmp_path):
+  out = tmp_path / "forms.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "matmul_forms.py"),
+       "--sizes=tiny", "--repeats=1", f"--json={out}"], capture_output=True, text=True,
+      env=env, cwd=ROOT, timeout=900)  # a hang guard only
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["case"] for r in rows] == [
+      "dense_ffn", "attention_qkv", "attention_out", "unembed", "mamba_in_proj",
+      "mamba_x_proj", "router_E4", "experts_E4"]
+  for r in rows:
+    assert r["max_rel_diff"] < 1e-5, r  # the two forms compute the same values
+    assert isinstance(r["einsum_over_2d"], float)
+    # Compiler-decided: the 2-D form's step has no transposed copy of its operands.
+    assert r["matmul_2d_transposes"] == 0 and isinstance(r["einsum_transposes"], int)
