@@ -22,7 +22,6 @@ on the weights):
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import jax
 import numpy as np
 
 import configs as config_files  # benchmarks/configs.py
+import harness  # benchmarks/harness.py
 from moe_jax import decode
 from moe_jax import train as train_lib
 from moe_jax.transformer import count_params
@@ -228,15 +228,8 @@ def main(argv):
   for name in configs:
     rows.append(measure_config(name))
     print(f"# {name} done", flush=True)
-  data = dict(meta=meta, rows=rows)
-  text = to_markdown(data)
-  print(text)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(data, f, indent=1)
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, "w") as f:
-      f.write(text)
+  harness.write_results(dict(meta=meta, rows=rows), json_path=_JSON.value,
+                        markdown_path=_MARKDOWN.value, to_markdown=to_markdown)
 
 
 if __name__ == "__main__":

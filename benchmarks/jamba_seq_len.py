@@ -32,10 +32,8 @@ its size (attention's ``[B, heads, L, L]`` scores grow as L^2 per row).
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -45,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 import configs as config_files  # benchmarks/configs.py
+import harness  # benchmarks/harness.py
 from moe_jax import train as train_lib
 from moe_jax.config import check_config, expert_d_ff
 from moe_jax.transformer import count_params, flops_per_token
@@ -142,13 +141,7 @@ def measure(configs: dict, seq_len: int) -> list[dict]:
   batch_size = max(1, _TOKENS.value // seq_len)
   runs = {name: build(c, seq_len, batch_size) for name, c in configs.items()}
   live = {n: r for n, r in runs.items() if "skipped" not in r}
-  times = {n: [] for n in live}
-  for _ in range(_REPEATS.value):
-    for name, run in live.items():
-      start = time.perf_counter()
-      run["state"], metrics = run["step"](run["state"], run["batch"])
-      jax.block_until_ready(metrics)
-      times[name].append(time.perf_counter() - start)
+  times = harness.interleaved_step_times(live, _REPEATS.value)
   rows = []
   for name, run in runs.items():
     row = dict(model=name, seq_len=seq_len, batch_size=batch_size,
@@ -232,15 +225,8 @@ def main(argv):
   for l in sorted(int(v) for v in _SEQ_LENS.value):
     rows.extend(measure(configs, l))
     print(f"# L={l} done", flush=True)
-  data = dict(meta=meta, rows=rows)
-  text = to_markdown(data)
-  print(text)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(data, f, indent=1)
-  if _MARKDOWN.value:
-    with open(_MARKDOWN.value, "w") as f:
-      f.write(text)
+  harness.write_results(dict(meta=meta, rows=rows), json_path=_JSON.value,
+                        markdown_path=_MARKDOWN.value, to_markdown=to_markdown)
 
 
 if __name__ == "__main__":

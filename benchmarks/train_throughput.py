@@ -18,9 +18,7 @@ per-round step-time ratio of the two forms of one config (> 1: the 2-D form is f
 
 from __future__ import annotations
 
-import json
 import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -30,6 +28,7 @@ import numpy as np
 
 import configs as config_files  # benchmarks/configs.py
 import einsum_forms  # benchmarks/einsum_forms.py
+import harness  # benchmarks/harness.py
 from moe_jax import train as train_lib
 from moe_jax.transformer import flops_per_token
 
@@ -84,13 +83,7 @@ def main(argv):
           runs[name, form] = build(load_config(name))
       else:
         runs[name, form] = build(load_config(name))
-  times = {key: [] for key in runs}
-  for _ in range(_REPEATS.value):
-    for key, run in runs.items():
-      start = time.perf_counter()
-      run["state"], metrics = run["step"](run["state"], run["batch"])
-      jax.block_until_ready(metrics)
-      times[key].append(time.perf_counter() - start)
+  times = harness.interleaved_step_times(runs, _REPEATS.value)
   print(f"# backend={jax.default_backend()} device={jax.devices()[0].device_kind} "
         f"jax={jax.__version__} repeats={_REPEATS.value} "
         f"overrides={','.join(_OVERRIDES.value) or 'none'}")
@@ -113,11 +106,9 @@ def main(argv):
     print(f"{name:>14} {form:>6} | {med * 1e3:8.1f} {run['tokens'] / med:9.0f} "
           f"{ratio:8.2f} {vs_2d:>9} | {run['flops']['active'] / 1e9:16.4f}")
     rows.append(row)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(dict(backend=jax.default_backend(), jax=jax.__version__,
-                     repeats=_REPEATS.value, overrides=list(_OVERRIDES.value),
-                     rows=rows), f, indent=1)
+  harness.write_results(dict(backend=jax.default_backend(), jax=jax.__version__,
+                             repeats=_REPEATS.value, overrides=list(_OVERRIDES.value),
+                             rows=rows), json_path=_JSON.value)
 
 
 if __name__ == "__main__":

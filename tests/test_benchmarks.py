@@ -19,19 +19,27 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import einsum_forms  # noqa: E402  benchmarks/einsum_forms.py
 
 
-def _run(tmp_path, *flags):
-  out = tmp_path / "layer.json"
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "moe_layer.py"),
-         "--experts=4", "--top_k=1,2", "--capacity_factors=1.0,2.0",
-         "--group_sizes=64", "--dispatch=indices,dropless", "--d_model=16",
-         "--d_ff=32", "--tokens=512", "--repeats=2", f"--json={out}", *flags]
+def _run_benchmark(script, *flags):
+  """Runs ``benchmarks/SCRIPT`` with ``flags`` on one CPU device (no fake devices);
+  returns its stdout."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script),
+                         *flags], capture_output=True, text=True, env=env, cwd=ROOT,
                         timeout=900)  # a hang guard only
   assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout
+
+
+def _run(tmp_path, *flags):
+  out = tmp_path / "layer.json"
+  stdout = _run_benchmark(
+      "moe_layer.py",
+      "--experts=4", "--top_k=1,2", "--capacity_factors=1.0,2.0",
+      "--group_sizes=64", "--dispatch=indices,dropless", "--d_model=16",
+      "--d_ff=32", "--tokens=512", "--repeats=2", f"--json={out}", *flags)
   with open(out) as f:
-    return json.load(f), proc.stdout
+    return json.load(f), stdout
 
 
 @pytest.mark.slow
@@ -198,17 +206,13 @@ def test_negative_memory_cap_is_refused_before_anything_runs():
 def test_decode_benchmark_writes_every_field(tmp_path):
   # Fields and types only: the values are measurements.
   out, md = tmp_path / "decode.json", tmp_path / "decode.md"
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
-         "--configs=switch_small", "--config_overrides=model.num_layers=2,"
-         "model.d_model=16,model.d_ff=32,model.num_heads=2,moe.num_experts=4,"
-         "data.seq_len=16", "--batch_sizes=1,2", "--prompt_len=4",
-         "--compare_prompt_lens=4", "--new_tokens=2", "--repeats=1",
-         "--sample_bytes=20", f"--json={out}", f"--markdown={md}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
-                        timeout=900)  # a hang guard only
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  _run_benchmark(
+      "decode.py",
+      "--configs=switch_small", "--config_overrides=model.num_layers=2,"
+      "model.d_model=16,model.d_ff=32,model.num_heads=2,moe.num_experts=4,"
+      "data.seq_len=16", "--batch_sizes=1,2", "--prompt_len=4",
+      "--compare_prompt_lens=4", "--new_tokens=2", "--repeats=1",
+      "--sample_bytes=20", f"--json={out}", f"--markdown={md}")
   data = json.loads(out.read_text())
   assert data["meta"]["jax"] and data["meta"]["backend"] == "cpu"
   (row,) = data["rows"]
@@ -237,15 +241,11 @@ def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
   # jamba_small's 8-layer pattern at width 16; fields, types and the decided values
   # (lengths, batches, matched parameter counts) only: the rest are measurements.
   out, md = tmp_path / "jamba.json", tmp_path / "jamba.md"
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "jamba_seq_len.py"),
-         "--config_overrides=model.d_model=16,model.num_heads=2,model.d_ff=32,"
-         "moe.num_experts=4,mamba.chunk_size=8", "--seq_lens=32,16",
-         "--tokens_per_step=64", "--repeats=1", f"--json={out}", f"--markdown={md}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
-                        timeout=900)  # a hang guard only
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  _run_benchmark(
+      "jamba_seq_len.py",
+      "--config_overrides=model.d_model=16,model.num_heads=2,model.d_ff=32,"
+      "moe.num_experts=4,mamba.chunk_size=8", "--seq_lens=32,16",
+      "--tokens_per_step=64", "--repeats=1", f"--json={out}", f"--markdown={md}")
   data = json.loads(out.read_text())
   meta, rows = data["meta"], data["rows"]
   assert meta["config"] == "jamba_small" and meta["expert_d_ff"] == 32
@@ -273,14 +273,10 @@ TINY_MODEL = ("model.num_layers=2,model.d_model=16,model.d_ff=32,model.num_heads
 @pytest.mark.slow
 def test_train_throughput_times_both_projection_forms(tmp_path):
   out = tmp_path / "train.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
-       "--forms=2d,einsum", "--repeats=1", f"--config_overrides={TINY_MODEL}",
-       f"--json={out}"], capture_output=True, text=True, env=env, cwd=ROOT,
-      timeout=900)  # a hang guard only
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  _run_benchmark(
+      "train_throughput.py",
+      "--forms=2d,einsum", "--repeats=1", f"--config_overrides={TINY_MODEL}",
+      f"--json={out}")
   rows = json.loads(out.read_text())["rows"]
   configs = ["dense_small", "switch_small", "top2_small"]
   assert [(r["config"], r["form"]) for r in rows] == (
@@ -297,13 +293,9 @@ def test_train_throughput_times_both_projection_forms(tmp_path):
 @pytest.mark.slow
 def test_matmul_forms_benchmark_checks_every_case(tmp_path):
   out = tmp_path / "forms.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "matmul_forms.py"),
-       "--sizes=tiny", "--repeats=1", f"--json={out}"], capture_output=True, text=True,
-      env=env, cwd=ROOT, timeout=900)  # a hang guard only
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  _run_benchmark(
+      "matmul_forms.py",
+      "--sizes=tiny", "--repeats=1", f"--json={out}")
   rows = json.loads(out.read_text())["rows"]
   assert [r["case"] for r in rows] == [
       "dense_ffn", "attention_qkv", "attention_out", "unembed", "mamba_in_proj",
