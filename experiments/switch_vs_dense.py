@@ -27,6 +27,8 @@ flags.DEFINE_list("variants", ["default"], "Rows: names of VARIANTS in "
 flags.DEFINE_integer("seeds", 3, "Seeds per model (0, 1, ...).", lower_bound=1)
 flags.DEFINE_integer("steps", None, "Training steps per run (default: the configs').",
                      lower_bound=1)
+flags.DEFINE_bool("report_only", False, "Write the report of the finished runs; train "
+                  "nothing.")
 flags.DEFINE_string("switch_config", "switch_small", "Config file of the Switch model.")
 flags.DEFINE_string("dense_config", "dense_small", "Config file of the dense model.")
 
@@ -63,10 +65,12 @@ def main(argv):
     if errors:
       sys.exit(f"{run.name}: " + "; ".join(errors))
   command = "python experiments/switch_vs_dense.py " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--workdir"))
+      shlex.quote(a) for a in sys.argv[1:]
+      if not a.startswith(("--workdir", "--report_only")))
   try:
     switch_vs_dense.run_ablation(base, FLAGS.variants, FLAGS.seeds, FLAGS.workdir,
-                                 steps=FLAGS.steps, command=command.strip())
+                                 steps=FLAGS.steps, command=command.strip(),
+                                 train=not FLAGS.report_only)
   except (ConfigError, TrainingError) as e:
     sys.exit(str(e))
 

@@ -99,6 +99,14 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   assert again["trained"] == [] and len(again["skipped"]) == 6
   assert os.path.exists(os.path.join(run_dir(str(tmp_path), _grid_run(tmp_path)),
                                      "done.json"))
+  # Report only: a variant with no finished run is a row of dashes; nothing trains.
+  only = svd.run_ablation(_base(), ["default", "cf_2", "aux_0.001"], 2, str(tmp_path),
+                          steps=3, train=False, log=lambda s: None,
+                          train_fn=lambda *a: pytest.fail("trained"))
+  assert only["trained"] == [] and only["results"][2]["margin"] is None
+  row = [l for l in (tmp_path / "report.md").read_text().splitlines()
+         if l.startswith("| `aux_0.001`")][0]
+  assert "| 0 | — | 1.7500 ± 0.0000 | — |" in row
 
 
 def _grid_run(tmp_path):

@@ -260,12 +260,16 @@ def write_plots(outdir: str, results: Sequence[dict[str, Any]]) -> list[str]:
 
 def run_ablation(base: Mapping[str, Any], variants: Sequence[str], seeds: int,
                  workdir: str, *, steps: int | None = None, command: str = "",
-                 train_fn: Callable | None = None,
+                 train: bool = True, train_fn: Callable | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Trains the missing runs, then writes report.md, results.csv and margins.png."""
+  """Trains the missing runs (unless ``train`` is False: then it reports the finished
+  ones only), then writes report.md, results.csv and margins.png."""
   runs = build_grid(base, variants, seeds, steps=steps)
   os.makedirs(workdir, exist_ok=True)
-  out = runner.run_grid(runs, workdir, train_fn=train_fn, log=log)
+  if train:
+    out = runner.run_grid(runs, workdir, train_fn=train_fn, log=log)
+  else:
+    out = {"trained": [], "skipped": [r.name for r in runs], "preempted": False}
   results = rows_by_variant(workdir, runs, variants)
   rows = [row for r in results for model in MODELS for row in r[model].values()]
   write_csv(os.path.join(workdir, "results.csv"),
