@@ -376,6 +376,8 @@ def validate_config(config, *, num_devices: int | None = None,
       errors.append(f"data.data_dir={d.data_dir!r} cannot be created ({parent} is not "
                     "writable); pick a writable directory.")
 
+  errors.extend(_routed_moe_errors(config))
+
   mesh_ok = True
   for key in ("data", "expert", "model"):
     if not (_is_int(config.mesh[key]) and config.mesh[key] >= 1):
@@ -390,6 +392,37 @@ def validate_config(config, *, num_devices: int | None = None,
        "must be >= 0 (0 is greedy).")
   need("sample.top_k", _is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
   return list(dict.fromkeys(errors))  # model.d_model etc. are also checked as MoE keys
+
+
+def _routed_moe_errors(config) -> list[str]:
+  """An MoE layer in a Mixture-of-Depths routed block routes the ``B*k`` selected
+  tokens, ``k = ceil(mod_capacity * L)``: a fixed ``moe.group_size`` must split them
+  over the data-parallel devices too (``moe.group_size=0``, one group per sequence,
+  always does)."""
+  m, moe = config.model, config.moe
+  every, capacity = m.get("mod_every", 0), m.get("mod_capacity", 0.125)
+  batch, seq_len, size = config.batch_size, config.data.seq_len, moe.group_size
+  mesh = config.mesh
+  if not (_is_int(every) and every >= 2 and _is_real(capacity) and 0 < capacity <= 1
+          and all(_is_int(v) and v >= 1 for v in (batch, seq_len, size, mesh.data,
+                                                  mesh.expert, m.num_layers))):
+    return []
+  try:
+    pattern = model_pattern(config)
+  except (TypeError, ValueError):  # bad pattern keys are reported on their own
+    return []
+  if not any(kind.ffn == "moe" and i % every == every - 1
+             for i, kind in enumerate(pattern)):
+    return []
+  k = math.ceil(capacity * seq_len - 1e-9)
+  tokens, dp = batch * k, mesh.data * mesh.expert
+  group = min(size, tokens)
+  if k >= 1 and (tokens % group or (tokens // group) % dp):
+    return [f"moe.group_size={size} does not split the {tokens} tokens that the MoE "
+            f"layers of routed blocks see (B*k = {batch}*{k}, k = ceil(model.mod_capacity"
+            f" * {seq_len})) into a multiple of the {dp} data-parallel devices' worth of "
+            "groups; use moe.group_size=0 (one group per sequence)."]
+  return []
 
 
 def _mesh_errors(config, num_devices, process_count) -> list[str]:

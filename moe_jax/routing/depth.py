@@ -182,10 +182,14 @@ def depth_errors(num_layers, mod_every, mod_capacity, mod_predictor, *,
                   f"{p}num_layers={num_layers} (block i is routed when i % mod_every == "
                   "mod_every - 1); use at least mod_every layers, or mod_every=0.")
   if not (_is_real(mod_capacity) and 0 < mod_capacity <= 1):
-    k = (f"k = ceil({mod_capacity!r} * L) <= 0 tokens" if _is_real(mod_capacity)
-         and mod_capacity <= 0 else "no valid number of tokens")
-    errors.append(f"{p}mod_capacity={mod_capacity!r} selects {k} per sequence; use a "
-                  "fraction in (0, 1] (Raposo et al. 2024: 0.125).")
+    if _is_real(mod_capacity) and mod_capacity <= 0:
+      what = f"selects k = ceil({mod_capacity!r} * L) <= 0 tokens per sequence"
+    elif _is_real(mod_capacity):
+      what = "would select more than the L tokens of a sequence"
+    else:
+      what = "is not a number"
+    errors.append(f"{p}mod_capacity={mod_capacity!r} {what}; use a fraction in (0, 1] "
+                  "(Raposo et al. 2024: 0.125).")
   elif _is_int(seq_len) and seq_len >= 1 and math.ceil(mod_capacity * seq_len - 1e-9) < 1:
     errors.append(f"{p}mod_capacity={mod_capacity!r} selects 0 of the {seq_len} tokens "
                   "of a sequence; raise it.")
