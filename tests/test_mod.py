@@ -428,3 +428,54 @@ def test_transformer_config_refuses_impossible_values(kw, words):
 def test_routing_exports():
   assert routing.select_top_k is depth.select_top_k
   assert set(mod.PREDICTORS) == set(depth.PREDICTOR_NAMES)
+
+
+# ---------------------------------------------------------------------------------
+# Training and evaluation steps
+# ---------------------------------------------------------------------------------
+
+
+def _tiny_config(coef):
+  from moe_jax.config import default_config  # pylint: disable=import-outside-toplevel
+  c = default_config()
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 16, 2, 32
+  c.model.mod_every, c.model.mod_capacity, c.model.mod_predictor = 2, 0.25, "mlp"
+  c.model.mod_aux_loss_coef = coef
+  c.weight_decay, c.warmup_steps, c.data.seq_len = 0.0, 0, 16
+  return c
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.5])
+def test_the_train_step_weights_the_bce_and_reports_the_metrics(coef):
+  # The MLP predictor only learns from coef * BCE: with coef 0 its gradient is 0 and
+  # (no weight decay) Adam leaves it exactly where it was.
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  c = _tiny_config(coef)
+  model = train.make_model(c, vocab_size=V)
+  tx, _ = train.make_optimizer(c)
+  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params),
+                           rng=jax.random.key_data(jax.random.key(0)))
+  before = jax.tree.map(np.asarray, params["blocks"][1]["predictor"])
+  tokens = jax.random.randint(jax.random.key(7), (2, 17), 0, V)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  state, metrics = train.make_train_step(model, tx, c)(state, batch)
+  after = state.params["blocks"][1]["predictor"]
+  moved = [not np.array_equal(before[k], np.asarray(after[k])) for k in before]
+  assert all(moved) if coef else not any(moved)
+  assert metrics["mod_predictor_accuracy"].shape == (1,)  # one routed block
+  line = train._train_line(jax.device_get(metrics), (), (1,))  # pylint: disable=protected-access
+  assert line["mod_routed_fraction"] == {"layer_1": pytest.approx(0.25)}
+  assert set(line) >= {"mod_aux_loss", "mod_predicted_fraction", "mod_router_mean",
+                       "mod_router_std", "mod_predictor_accuracy"}
+  if coef:  # the eval line: the causal loss and the predictor per block
+    values = train.evaluate(train.make_eval_step(model), state.params, [batch])
+    trained = train._merge(*train._merge_parts(model, state.params), None)  # pylint: disable=protected-access
+    logits, _ = jax.jit(lambda t: trained(t, deterministic=True, use_predictor=True))(
+        batch["inputs"])
+    ce, count = train.lm_loss(logits, batch["targets"])
+    assert values["eval_loss_predictor"] == pytest.approx(float(ce / count), rel=1e-5)
+    assert values["eval_loss_predictor"] != pytest.approx(values["eval_loss"], rel=1e-7)
+    assert set(values["eval_mod_predictor_accuracy"]) == {"layer_1"}
+    assert set(values["eval_mod_predicted_fraction"]) == {"layer_1"}
