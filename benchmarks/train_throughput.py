@@ -7,6 +7,7 @@ Data loading is left out: this measures the model step.
 
   python benchmarks/train_throughput.py
   python benchmarks/train_throughput.py --repeats=20 --config_overrides=moe.dispatch=einsum
+  python benchmarks/train_throughput.py --configs=mod_small,mode_small  # + dense_small
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from moe_jax.transformer import flops_per_token
 
 CONFIGS = ("dense_small", "switch_small", "top2_small")
 
+_CONFIGS = flags.DEFINE_list("configs", list(CONFIGS),
+                             "Configs of experiments/configs/ to measure; dense_small "
+                             "(the 'vs dense' column) is always added, e.g. "
+                             "--configs=mod_small,mode_small.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed interleaved rounds.")
 _OVERRIDES = flags.DEFINE_list(
     "config_overrides", [], "KEY=VALUE overrides applied to every config, e.g. "
@@ -60,8 +65,9 @@ def build(config):
 
 def main(argv):
   del argv
-  runs = {name: build(load_config(name)) for name in CONFIGS}
-  times = {name: [] for name in CONFIGS}
+  names = list(dict.fromkeys(["dense_small", *_CONFIGS.value]))
+  runs = {name: build(load_config(name)) for name in names}
+  times = {name: [] for name in names}
   for _ in range(_REPEATS.value):
     for name, run in runs.items():
       start = time.perf_counter()

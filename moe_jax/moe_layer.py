@@ -360,7 +360,9 @@ class MoeAux:
     metrics: ``dropped_fraction``, ``expert_load`` f32[E], ``expert_fill`` f32[E],
       ``choice_counts`` f32[E], ``router_confidence``, ``router_entropy``,
       ``second_kept_fraction`` (as far as the family reports them; see
-      :mod:`moe_jax.routing`).
+      :mod:`moe_jax.routing`). With MoDE's no-op experts the vectors have ``E + N``
+      entries (the no-op experts last) and ``noop_fraction`` is added
+      (:func:`moe_jax.routing.split_noop_experts`).
   """
 
   aux_loss: jax.Array
