@@ -288,6 +288,11 @@ MOD_MODELS = {
                      "model.mod_capacity": 0.25, "model.mod_predictor": "mlp",
                      "model.moe_every": 2, "moe.top_k": 2, "moe.noop_experts": 4,
                      "moe.eval_capacity_factor": 8.0},
+    # Routed Mamba blocks (1, 3) around an attention block (2): an unrouted token
+    # leaves the conv and SSM state as it was.
+    "mod_mamba": {"model.num_layers": 4, "model.attn_layer_period": 4,
+                  "model.attn_layer_offset": 2, "model.position": "none",
+                  "mamba.chunk_size": 4, "model.mod_every": 2, "model.mod_capacity": 0.25},
 }
 
 
@@ -310,7 +315,8 @@ def _decoding_setup(name):
 
 
 @pytest.mark.parametrize("name", [
-    "mod", pytest.param("mod_mlp_mode", marks=pytest.mark.slow)])
+    "mod", pytest.param("mod_mlp_mode", marks=pytest.mark.slow),
+    pytest.param("mod_mamba", marks=pytest.mark.slow)])
 def test_cached_decoding_equals_the_forward_pass_with_the_predictor(name):
   model, forward, tokens = _decoding_setup(name)
   full = forward(jnp.asarray(tokens))
@@ -327,6 +333,8 @@ def test_cached_decoding_equals_the_forward_pass_with_the_predictor(name):
   cache = nnx.State(decoder._cache)  # pylint: disable=protected-access
   seen = set()
   for i in (1, 3):
+    if "attn" not in cache["blocks"][i]:
+      continue  # a Mamba block keeps no slots
     slots = np.asarray(cache["blocks"][i]["attn"]["cached_positions"].get_value())
     for b, prompt in enumerate(PROMPTS):
       routed = np.asarray(full.depth_aux[i].routed[b, :len(prompt)])
@@ -334,7 +342,7 @@ def test_cached_decoding_equals_the_forward_pass_with_the_predictor(name):
       want = np.where(routed, np.arange(len(prompt)), -1)
       np.testing.assert_array_equal(slots[b, :len(prompt)], want)
       assert np.all(slots[b, len(prompt):] == -1)
-  assert seen == {True, False}  # both kinds of slot were checked
+  assert seen == ({True, False} if name != "mod_mamba" else set())
 
 
 @pytest.mark.slow
