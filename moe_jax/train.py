@@ -54,8 +54,8 @@ from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
 from moe_jax.routers import SelectionBias, set_training_step
-from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
-                                 flops_per_token)
+from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "TrainState", "TrainingError", "batch_stderr", "count_params", "evaluate",
