@@ -14,6 +14,7 @@ per-round step-time ratio of the two forms of one config (> 1: the 2-D form is f
   python benchmarks/train_throughput.py
   python benchmarks/train_throughput.py --repeats=20 --config_overrides=moe.dispatch=einsum
   python benchmarks/train_throughput.py --forms=2d,einsum --repeats=20
+  python benchmarks/train_throughput.py --configs=mod_small,mode_small  # + dense_small
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from moe_jax.transformer import flops_per_token
 
 CONFIGS = ("dense_small", "switch_small", "top2_small")
 
+_CONFIGS = flags.DEFINE_list("configs", list(CONFIGS),
+                             "Configs of experiments/configs/ to measure; dense_small "
+                             "(the 'vs dense' column) is always added, e.g. "
+                             "--configs=mod_small,mode_small.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed interleaved rounds.")
 _OVERRIDES = flags.DEFINE_list(
     "config_overrides", [], "KEY=VALUE overrides applied to every config, e.g. "
@@ -75,9 +80,10 @@ def build(config):
 def main(argv):
   del argv
   forms = list(dict.fromkeys(_FORMS.value))
+  names = list(dict.fromkeys(["dense_small", *_CONFIGS.value]))
   runs = {}
   for form in forms:
-    for name in CONFIGS:
+    for name in names:
       if form == "einsum":
         with einsum_forms.einsum_forms():  # build() compiles inside
           runs[name, form] = build(load_config(name))

@@ -19,6 +19,7 @@ from moe_jax.layer_pattern import layer_pattern, pattern_errors
 from moe_jax.mamba import validate_mamba_config
 from moe_jax.moe_layer import DTYPES, validate_moe_config
 from moe_jax.routers import ROUTERS
+from moe_jax.routing.depth import depth_errors
 
 OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
@@ -81,6 +82,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.init_scale = 1.0  # model-wide: every weight; Switch uses 0.1
   c.model.tie_embeddings = False
+  # Mixture-of-Depths (Raposo et al. 2024; docs/mod.md): block i is routed when
+  # i % mod_every == mod_every - 1 (0: none; 2: every other block, the paper's); it
+  # runs the top ceil(mod_capacity * L) tokens of each sequence by router weight.
+  c.model.mod_every = 0
+  c.model.mod_capacity = 0.125  # the paper's best
+  c.model.mod_predictor = "router_bce"  # router_bce | mlp: routes at sampling
+  c.model.mod_aux_loss_coef = 0.01  # the predictor's BCE, per routed block
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 8
@@ -118,6 +126,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.ragged_exchange = "auto"  # ragged (GPU/TPU) | padded (any backend) | auto
   c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
   c.moe.allow_noncausal_routing = False  # expert_choice sees later tokens of its group
+  # MoDE (Raposo et al. 2024): N extra experts that compute nothing; capacity is then
+  # the share over E + N. Their own capacity factor: None is no limit (docs/mod.md).
+  c.moe.noop_experts = 0
+  c.moe.noop_capacity_factor = config_dict.placeholder(float)
 
   # The Mamba mixer of the Mamba blocks (moe_jax/mamba.py; docs/mamba.md).
   c.mamba = ml_collections.ConfigDict()
@@ -301,6 +313,15 @@ def validate_config(config, *, num_devices: int | None = None,
   need("model.moe_every", _is_int(m.moe_every) and m.moe_every >= 0,
        "must be an integer >= 0 (0 dense, 2 Switch: every other block).")
   errors.extend(pattern_errors(m.num_layers, *pattern_keys(m), prefix="model."))
+  seq_len = config.data.seq_len
+  errors.extend(depth_errors(m.num_layers, m.get("mod_every", 0),
+                             m.get("mod_capacity", 0.125),
+                             m.get("mod_predictor", "router_bce"), prefix="model.",
+                             seq_len=seq_len if _is_int(seq_len) else None))
+  coef = m.get("mod_aux_loss_coef", 0.0)
+  need("model.mod_aux_loss_coef", _is_real(coef) and coef >= 0,
+       "must be a finite number >= 0 (the predictor's BCE weight; 0 leaves "
+       "mod_predictor='router_bce' untrained).")
   need("model.dtype", m.dtype in MODEL_DTYPES,
        f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
   need("model.position", m.position in POSITIONS,
@@ -357,6 +378,8 @@ def validate_config(config, *, num_devices: int | None = None,
       errors.append(f"data.data_dir={d.data_dir!r} cannot be created ({parent} is not "
                     "writable); pick a writable directory.")
 
+  errors.extend(_routed_moe_errors(config))
+
   mesh_ok = True
   for key in ("data", "expert", "model"):
     if not (_is_int(config.mesh[key]) and config.mesh[key] >= 1):
@@ -371,6 +394,37 @@ def validate_config(config, *, num_devices: int | None = None,
        "must be >= 0 (0 is greedy).")
   need("sample.top_k", _is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
   return list(dict.fromkeys(errors))  # model.d_model etc. are also checked as MoE keys
+
+
+def _routed_moe_errors(config) -> list[str]:
+  """An MoE layer in a Mixture-of-Depths routed block routes the ``B*k`` selected
+  tokens, ``k = ceil(mod_capacity * L)``: a fixed ``moe.group_size`` must split them
+  over the data-parallel devices too (``moe.group_size=0``, one group per sequence,
+  always does)."""
+  m, moe = config.model, config.moe
+  every, capacity = m.get("mod_every", 0), m.get("mod_capacity", 0.125)
+  batch, seq_len, size = config.batch_size, config.data.seq_len, moe.group_size
+  mesh = config.mesh
+  if not (_is_int(every) and every >= 2 and _is_real(capacity) and 0 < capacity <= 1
+          and all(_is_int(v) and v >= 1 for v in (batch, seq_len, size, mesh.data,
+                                                  mesh.expert, m.num_layers))):
+    return []
+  try:
+    pattern = model_pattern(config)
+  except (TypeError, ValueError):  # bad pattern keys are reported on their own
+    return []
+  if not any(kind.ffn == "moe" and i % every == every - 1
+             for i, kind in enumerate(pattern)):
+    return []
+  k = math.ceil(capacity * seq_len - 1e-9)
+  tokens, dp = batch * k, mesh.data * mesh.expert
+  group = min(size, tokens)
+  if k >= 1 and (tokens % group or (tokens // group) % dp):
+    return [f"moe.group_size={size} does not split the {tokens} tokens that the MoE "
+            f"layers of routed blocks see (B*k = {batch}*{k}, k = ceil(model.mod_capacity"
+            f" * {seq_len})) into a multiple of the {dp} data-parallel devices' worth of "
+            "groups; use moe.group_size=0 (one group per sequence)."]
+  return []
 
 
 def _mesh_errors(config, num_devices, process_count) -> list[str]:

@@ -28,6 +28,8 @@ MoE blocks decode in evaluation mode. Prefill routes with ``eval_capacity_factor
 tokens of one data-parallel device, so no token is dropped for capacity. Cached
 logits therefore equal the full forward pass exactly when the full pass drops no token
 either (docs/inference.md). Non-causal routers are refused by ``init_cache``.
+Mixture-of-Depths routed blocks route with their predictors (:mod:`moe_jax.mod`); the
+reference is then the full forward pass with ``use_predictor=True``.
 
 :func:`generate_uncached` is the reference sampler that re-runs the model on the whole
 window for every token (the method before the cache); benchmarks compare against it.
@@ -457,7 +459,8 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
   """The sampler without a cache: every token re-runs the model on the last
   ``window`` tokens, padded to a fixed ``[1, window]`` so one compilation serves every
   position (causal attention and position-ordered MoE queues keep the padding from
-  affecting real tokens). Temperature and top-k on the host; 0 is greedy.
+  affecting real tokens; Mixture-of-Depths blocks route with their predictors, so
+  that too is causal). Temperature and top-k on the host; 0 is greedy.
 
   Kept as the reference the cache is measured and tested against.
   """
@@ -490,7 +493,10 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_logits(graphdef, params, rest, tokens, pos):
-  """f32[V] logits at ``pos`` of the full forward pass over ``tokens`` i32[1, W]."""
+  """f32[V] logits at ``pos`` of the full forward pass over ``tokens`` i32[1, W].
+
+  Mixture-of-Depths blocks route with their predictors (``use_predictor``), as the
+  cache does: their top-k would look at later tokens."""
   model = nnx.merge(graphdef, params, rest, copy=True)
-  logits, _ = model(tokens, deterministic=True)
+  logits, _ = model(tokens, deterministic=True, use_predictor=True)
   return logits[0, pos]

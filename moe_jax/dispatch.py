@@ -146,8 +146,9 @@ def gather_dispatch(x, out, experts, layout, *, cfg, deterministic):
   num_groups, group_size, d_model = x.shape
   top_k = out.expert_index.shape[-1]
   tokens = num_groups * group_size
-  y = experts.gathered(x.reshape(tokens, d_model),
-                       out.expert_index.reshape(tokens, top_k),
+  # No-op choices (MoDE; index >= E, never kept) read expert E-1 and get gate 0.
+  expert_index = jnp.minimum(out.expert_index, out.num_experts - 1)
+  y = experts.gathered(x.reshape(tokens, d_model), expert_index.reshape(tokens, top_k),
                        deterministic=deterministic)  # [T, K, M]
   gates = jnp.where(out.kept, out.gates, 0.0).reshape(tokens, top_k).astype(y.dtype)
   y = jnp.einsum("TKM,TK->TM", y, gates).reshape(num_groups, group_size, d_model)

@@ -276,7 +276,9 @@ def apply_lost(out: routing.RoutingOutput, lost: jax.Array,
   metrics["dropped_fraction"] = (metrics["dropped_fraction"]
                                  + jnp.sum(newly_dropped) / max(num_tokens, 1))
   num_groups, _, top_k = lost.shape
-  lost_hot = jax.nn.one_hot(out.expert_index, out.num_experts) * lost[..., None]
+  # The metrics' experts: E, plus MoDE's no-op experts (never kept, so never lost).
+  width = out.metrics["expert_load"].shape[-1]
+  lost_hot = jax.nn.one_hot(out.expert_index, width) * lost[..., None]
   lost_per_expert = jnp.sum(lost_hot, axis=(0, 1, 2))
   if "expert_fill" in metrics:
     metrics["expert_fill"] = (metrics["expert_fill"]

@@ -505,7 +505,7 @@ def mixer_cost(cfg: MambaConfig) -> dict[str, int]:
       scan_flops   = 6 * D_in * N
 
   ``matmul_flops`` is 2 x the weights that multiply activations (the projections and
-  the conv taps), the convention of ``transformer.flops_per_token``. ``scan_flops``
+  the conv taps), the convention of ``sizes.flops_per_token``. ``scan_flops``
   counts the recurrence per state element: ``dt*A`` (1), ``(dt*x)*b`` (1),
   ``dA*h + dBx`` (2) and ``c . h`` (2). Biases, norms, the D skip, exp/softplus/SiLU
   and the gate are not counted (O(D_in) per token). The associative scan does more

@@ -103,6 +103,17 @@ class MoeConfig:
     noise_anneal_steps: "noisy_topk" only: the gating noise is scaled by
       ``max(0, 1 - step / noise_anneal_steps)``, with ``step`` the training step the
       layer's :class:`~moe_jax.routers.TrainingStep` holds. 0 is off (constant noise).
+    noop_experts: N, MoDE's no-op experts (Raposo et al. 2024, Sec. 3.5): the router
+      chooses among ``E + N`` experts, and a choice of one of the last N computes
+      nothing (its output is 0, the token rides the residual). They count in the
+      balance loss and the load metrics (``expert_load`` etc. have ``E + N``
+      entries). Capacity is the balanced share over all of them, ``C = ceil(cf * S /
+      (E + N))``, so the real experts' buffers, and the compute, shrink by ``E / (E +
+      N)``. Token-choice routers only. 0 is off.
+    noop_capacity_factor: the no-op experts' own capacity factor, ``C_noop =
+      ceil(f * S / (E + N))`` (train and eval); None: S, no limit. A no-op choice
+      adds 0 whether kept or not, so it changes no output, only which no-op choices
+      count as kept or dropped in the metrics.
   """
 
   d_model: int
@@ -135,6 +146,8 @@ class MoeConfig:
   noise_anneal_steps: int = 0
   ragged_exchange: str = "auto"
   ragged_buffer_factor: float = -1.0
+  noop_experts: int = 0
+  noop_capacity_factor: float | None = None
 
   def __post_init__(self):
     for msg in validate_moe_config(self):
@@ -143,6 +156,17 @@ class MoeConfig:
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
+
+  @property
+  def routed_experts(self) -> int:
+    """E + N: the experts the router chooses among (no-op experts included)."""
+    return self.num_experts + self.noop_experts
+
+
+def routed_experts(cfg) -> int:
+  """E + N of any object with MoeConfig's attributes (N: 0 when it has none)."""
+  noop = getattr(cfg, "noop_experts", 0)
+  return cfg.num_experts + (noop if _is_int(noop) and noop > 0 else 0)
 
 
 def validate_moe_config(cfg) -> list[str]:
@@ -170,9 +194,10 @@ def validate_moe_config(cfg) -> list[str]:
   top_k = cfg.top_k
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
     errors.append(f"top_k={top_k!r} must be an integer >= 1 (1 Switch, 2 GShard).")
-  elif ok and top_k > cfg.num_experts:
-    errors.append(f"top_k={top_k} must be <= num_experts={cfg.num_experts}; lower top_k "
-                  "or add experts.")
+  elif ok and top_k > routed_experts(cfg):
+    errors.append(f"top_k={top_k} must be <= num_experts={cfg.num_experts}"
+                  + (f" + noop_experts={cfg.noop_experts}" if routed_experts(cfg)
+                     > cfg.num_experts else "") + "; lower top_k or add experts.")
   for name in ("capacity_factor", "eval_capacity_factor"):
     v = getattr(cfg, name)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
@@ -202,6 +227,36 @@ def validate_moe_config(cfg) -> list[str]:
                   f"{', '.join(DISPATCHERS)} or auto.")
   errors.extend(_router_errors(cfg, ok))
   errors.extend(_dropless_errors(cfg))
+  errors.extend(_noop_errors(cfg))
+  return errors
+
+
+def _noop_errors(cfg) -> list[str]:
+  """The keys of MoDE's no-op experts (:func:`moe_jax.routing.split_noop_experts`)."""
+  errors = []
+  noop = getattr(cfg, "noop_experts", 0)
+  factor = getattr(cfg, "noop_capacity_factor", None)
+  if not (_is_int(noop) and noop >= 0):
+    errors.append(f"noop_experts={noop!r} must be an integer >= 0 (0 is off; MoDE: "
+                  "no-op experts beside the E real ones).")
+    return errors
+  family = ROUTERS.get(cfg.router)
+  if noop and family is not None and not family.noop:
+    users = [r for r, f in ROUTERS.items() if f.noop]
+    errors.append(f"noop_experts={noop} needs a router where tokens choose experts, but "
+                  f"router={cfg.router!r} lets experts choose tokens (a no-op expert "
+                  "takes none from the others); use router="
+                  f"{' or '.join(map(repr, users))}, or noop_experts=0.")
+  if factor is not None:
+    if not (_is_real(factor) and factor > 0):
+      errors.append(f"noop_capacity_factor={factor!r} must be None (no limit) or a "
+                    "finite number > 0.")
+    elif not noop:
+      errors.append(f"noop_capacity_factor={factor!r} has no effect with noop_experts=0; "
+                    "leave it at None or add no-op experts.")
+    elif cfg.dispatch == "dropless":
+      errors.append(f"noop_capacity_factor={factor!r} has no effect with "
+                    "dispatch='dropless' (no capacity); leave it at None.")
   return errors
 
 
@@ -258,10 +313,13 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
       errors.append(f"{name}={v!r} must be an integer >= 0 ({what}).")
   groups, top_groups = cfg.expert_groups, cfg.top_groups
   groups_ok = _is_int(groups) and groups >= 1
+  routed = routed_experts(cfg) if sizes_ok else 0
+  what = (f"num_experts={cfg.num_experts}" if routed == cfg.num_experts or not sizes_ok
+          else f"num_experts + noop_experts = {routed}")
   if not groups_ok:
     errors.append(f"expert_groups={groups!r} must be a positive integer (1 is off).")
-  elif sizes_ok and cfg.num_experts % groups:
-    errors.append(f"expert_groups={groups} must divide num_experts={cfg.num_experts}; "
+  elif sizes_ok and routed % groups:
+    errors.append(f"expert_groups={groups} must divide {what}; "
                   "experts are split into equal contiguous groups.")
   elif top_groups is None:
     if groups > 1:
@@ -271,8 +329,8 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
     errors.append(f"top_groups={top_groups!r} must be an integer in [1, "
                   f"expert_groups={groups}].")
   elif sizes_ok and _is_int(cfg.top_k) and (
-      cfg.top_k > top_groups * (cfg.num_experts // groups)):
-    per_group = cfg.num_experts // groups
+      cfg.top_k > top_groups * (routed // groups)):
+    per_group = routed // groups
     errors.append(f"top_k={cfg.top_k} must be <= the {top_groups * per_group} experts "
                   f"of top_groups={top_groups} groups of {per_group}; raise top_groups "
                   "or lower top_k.")
@@ -303,7 +361,9 @@ class MoeAux:
     metrics: ``dropped_fraction``, ``expert_load`` f32[E], ``expert_fill`` f32[E],
       ``choice_counts`` f32[E], ``router_confidence``, ``router_entropy``,
       ``second_kept_fraction`` (as far as the family reports them; see
-      :mod:`moe_jax.routing`).
+      :mod:`moe_jax.routing`). With MoDE's no-op experts the vectors have ``E + N``
+      entries (the no-op experts last) and ``noop_fraction`` is added
+      (:func:`moe_jax.routing.split_noop_experts`).
   """
 
   aux_loss: jax.Array
@@ -427,7 +487,7 @@ class MoeLayer(nnx.Module):
   def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     family = ROUTERS[cfg.router]
-    self.router = Router(cfg.d_model, cfg.num_experts, jitter_noise=cfg.jitter_noise,
+    self.router = Router(cfg.d_model, cfg.routed_experts, jitter_noise=cfg.jitter_noise,
                          init_scale=cfg.router_init_scale,
                          learned_noise=family.learned_noise, rngs=rngs)
     self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff,
@@ -438,7 +498,7 @@ class MoeLayer(nnx.Module):
         cfg.d_model, cfg.num_shared_experts * cfg.d_ff, activation=cfg.activation,
         dropout_rate=cfg.expert_dropout, init_scale=cfg.init_scale,
         dtype=cfg.compute_dtype, rngs=rngs) if cfg.num_shared_experts else None)
-    self.selection_bias = (SelectionBias(jnp.zeros((cfg.num_experts,), jnp.float32))
+    self.selection_bias = (SelectionBias(jnp.zeros((cfg.routed_experts,), jnp.float32))
                            if cfg.bias_update_rate > 0 else None)
     self.training_step = (TrainingStep(jnp.zeros((), jnp.int32))
                           if cfg.noise_anneal_steps > 0 else None)
@@ -466,11 +526,20 @@ class MoeLayer(nnx.Module):
     return self.layout.constrain(x, name)
 
   def capacity(self, group_size: int, deterministic: bool) -> int:
-    """C for groups of ``group_size`` tokens; S for ``dispatch="dropless"``."""
+    """C for groups of ``group_size`` tokens; S for ``dispatch="dropless"``. With
+    no-op experts the share is over all ``E + N`` of them."""
     if self.cfg.dispatch == "dropless":
       return group_size
     cf = self.cfg.eval_capacity_factor if deterministic else self.cfg.capacity_factor
-    return routing.expert_capacity(group_size, self.cfg.num_experts, cf,
+    return routing.expert_capacity(group_size, self.cfg.routed_experts, cf,
+                                   self.cfg.min_capacity)
+
+  def noop_capacity(self, group_size: int) -> int:
+    """Slots of each no-op expert: ``noop_capacity_factor``'s share, or S."""
+    factor = self.cfg.noop_capacity_factor
+    if factor is None or self.cfg.dispatch == "dropless":
+      return group_size
+    return routing.expert_capacity(group_size, self.cfg.routed_experts, factor,
                                    self.cfg.min_capacity)
 
   def noise_scale(self) -> jax.Array | None:
@@ -504,15 +573,21 @@ class MoeLayer(nnx.Module):
     bias = None
     if self.selection_bias is not None:
       bias = jax.lax.stop_gradient(self.selection_bias[...])
+    noop_capacity = capacity
     if capacity is None or cfg.dispatch == "dropless":
       capacity = self.capacity(group_size, deterministic)
+      noop_capacity = self.noop_capacity(group_size)
+    if not cfg.noop_experts:
+      noop_capacity = capacity
     inputs = RouterInputs(
-        logits=logits, capacity=capacity,
+        logits=logits, capacity=max(capacity, noop_capacity),
         token_mask=token_mask,
         rng=rng if family.uses_rng(cfg, deterministic) else None,
         noise_std=None if deterministic else noise_std,
         noise_scale=self.noise_scale(), selection_bias=bias)
-    return family.route(cfg, inputs)
+    return routing.split_noop_experts(
+        family.route(cfg, inputs), num_experts=cfg.num_experts, capacity=capacity,
+        noop_capacity=noop_capacity, token_mask=token_mask)
 
   def update_selection_bias(self, choice_counts: jax.Array) -> None:
     """DeepSeek-V3: moves the selection bias towards balance from one step's f32[E]

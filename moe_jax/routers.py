@@ -58,8 +58,10 @@ class RouterInputs:
   """What a layer hands its router family, besides its config.
 
   Attributes:
-    logits: f32[G, S, E] clean router logits (after Switch jitter, when training).
-    capacity: C, slots per expert and group.
+    logits: f32[G, S, E] clean router logits (after Switch jitter, when training); E
+      counts MoDE's no-op experts too.
+    capacity: C, slots per expert and group (with no-op experts, the larger of the
+      real and the no-op capacity; the layer cuts each queue afterwards).
     token_mask: bool[G, S] or None; False marks padding.
     rng: PRNG key for the family's randomness (second-expert sampling, gating noise),
       or None: no randomness (evaluation).
@@ -133,7 +135,11 @@ class RouterFamily:
     options: the router-specific config keys (of :data:`ROUTER_OPTIONS`) it reads.
     uses_rng: ``(cfg, deterministic) -> bool``: whether ``route`` needs a key.
     experts_per_token: ``cfg -> float``: experts a token visits on average when
-      training (for active parameter and FLOP counts).
+      training (for active parameter and FLOP counts), no-op experts included.
+    noop: supports MoDE's no-op experts (``moe.noop_experts``): tokens choose, so a
+      token that picks a no-op expert skips the layer
+      (:func:`moe_jax.routing.split_noop_experts`). Expert choice does not: its
+      experts pick tokens, so a no-op expert would take no token from the others.
   """
 
   route: Callable[[Any, RouterInputs], routing.RoutingOutput]
@@ -144,6 +150,7 @@ class RouterFamily:
   options: frozenset[str]
   uses_rng: Callable[[Any, bool], bool]
   experts_per_token: Callable[[Any], float]
+  noop: bool = False
 
 
 # Router-specific config keys and their defaults. A key left at its default means the
@@ -171,13 +178,13 @@ ROUTERS: dict[str, RouterFamily] = {
                            "balance_choices", "bias_update_rate"}),
         uses_rng=lambda cfg, deterministic: (cfg.top_k > 1
                                              and cfg.second_policy == "random"),
-        experts_per_token=lambda cfg: cfg.top_k),
+        experts_per_token=lambda cfg: cfg.top_k, noop=True),
     "noisy_topk": RouterFamily(
         route=noisy_top_k_router, paper="Shazeer et al. 2017", causal=True,
         dropless=True, learned_noise=True,
         options=frozenset({"top_k", "noise_anneal_steps"}),
         uses_rng=lambda cfg, deterministic: not deterministic,
-        experts_per_token=lambda cfg: cfg.top_k),
+        experts_per_token=lambda cfg: cfg.top_k, noop=True),
     # Each expert takes C = ceil(cf * S / E) tokens, so a token visits cf experts on
     # average (Zhou et al. 2022, Sec. 3.1).
     "expert_choice": RouterFamily(

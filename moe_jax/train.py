@@ -10,11 +10,14 @@
 Loss (what is differentiated)::
 
     loss = CE + aux_loss_coef * R_l(aux_l) + z_loss_coef * R_l(z_l)
+              + mod_aux_loss_coef * sum_d BCE_d
 
 with ``R_l`` the sum over the MoE blocks ``l`` for ``moe.loss_reduction="sum"`` (Switch
 and ST-MoE: every layer's loss carries the coefficient) or their mean for ``"mean"`` (the
-coefficient is shared out over the layers). ``metrics.jsonl`` reports CE as ``loss``
-and the two layer means, unscaled, as ``aux_loss`` / ``z_loss``, whatever the reduction.
+coefficient is shared out over the layers), and ``BCE_d`` the predictor loss of
+Mixture-of-Depths routed block ``d`` (:mod:`moe_jax.mod`). ``metrics.jsonl`` reports CE
+as ``loss`` and the two layer means, unscaled, as ``aux_loss`` / ``z_loss``, whatever
+the reduction (and ``mod_aux_loss``, the mean BCE).
 
 Randomness (jitter, second-expert sampling, dropout) is a pure function of
 ``(seed, step)``: every step reseeds the model's RNG streams from
@@ -42,7 +45,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import decode, moe_layer
+from moe_jax import decode, mod, moe_layer
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import (ConfigError, check_config, default_config, expert_d_ff,
                             model_pattern, pattern_keys)
@@ -51,8 +54,8 @@ from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
 from moe_jax.routers import SelectionBias, set_training_step
-from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
-                                 flops_per_token)
+from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.transformer import Transformer, TransformerConfig
 
 __all__ = [
     "TrainState", "TrainingError", "batch_stderr", "count_params", "evaluate",
@@ -104,7 +107,8 @@ def moe_config(config) -> MoeConfig | None:
       gate_scale=m.gate_scale, balance_choices=m.balance_choices,
       bias_update_rate=m.bias_update_rate, num_shared_experts=m.num_shared_experts,
       noise_anneal_steps=m.noise_anneal_steps, ragged_exchange=m.ragged_exchange,
-      ragged_buffer_factor=m.ragged_buffer_factor)
+      ragged_buffer_factor=m.ragged_buffer_factor, noop_experts=m.get("noop_experts", 0),
+      noop_capacity_factor=m.get("noop_capacity_factor", None))
 
 
 def mamba_config(config) -> MambaConfig | None:
@@ -131,7 +135,9 @@ def transformer_config(config, vocab_size: int) -> TransformerConfig:
       moe_every=m.moe_every, moe=moe_config(config), activation=m.activation,
       position=m.position, norm=m.norm, dropout=m.dropout, init_scale=m.init_scale,
       tie_embeddings=m.tie_embeddings, dtype=m.dtype, moe_offset=moe_offset,
-      attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config))
+      attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config),
+      mod_every=m.get("mod_every", 0), mod_capacity=m.get("mod_capacity", 0.125),
+      mod_predictor=m.get("mod_predictor", "router_bce"))
 
 
 def make_model(config, *, vocab_size: int = 259, seed: int | None = None) -> Transformer:
@@ -259,8 +265,9 @@ def _moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
   out = {"aux_loss": jnp.mean(jnp.stack([a.aux_loss for a in layers])),
          "z_loss": jnp.mean(jnp.stack([a.z_loss for a in layers]))}
   for name in ("dropped_fraction", "router_confidence", "router_entropy",
-               "second_kept_fraction"):
-    out[name] = jnp.mean(jnp.stack([a.metrics[name] for a in layers]))
+               "second_kept_fraction", "noop_fraction"):
+    if name in layers[0].metrics:  # noop_fraction: MoDE's no-op experts only
+      out[name] = jnp.mean(jnp.stack([a.metrics[name] for a in layers]))
   out["expert_load"] = jnp.stack([a.metrics["expert_load"] for a in layers])  # [n, E]
   out["expert_fill"] = jnp.stack([a.metrics["expert_fill"] for a in layers])
   return out
@@ -294,17 +301,19 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   graphdef, _, rest = _split_model(model)
   initial_model_state = model_state(model)
   aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
+  mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
   reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
   def loss_fn(params, model_state_, batch, key, step):
     m = _merge(graphdef, params, rest, model_state_)
     reseed(m, key)
     set_training_step(m, step)
-    logits, moe_aux = m(batch["inputs"], deterministic=False)
+    out = m.forward(batch["inputs"], deterministic=False)
+    logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count, 1.0)
-    moe = _moe_summary(moe_aux)
-    total = ce
+    moe = dict(_moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
+    total = ce + mod_coef * mod.depth_loss(out.depth_aux)
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
       total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
@@ -349,16 +358,22 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
     m = _merge(graphdef, params, rest, model_state)
     mask = batch["weights"] > 0 if "weights" in batch else None
-    logits, moe_aux = m(batch["inputs"], deterministic=True, token_mask=mask)
+    out = m.forward(batch["inputs"], deterministic=True, token_mask=mask)
+    logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     is_byte = (batch["targets"] < 256).astype(jnp.float32)
     if "weights" in batch:
       is_byte = is_byte * batch["weights"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     moe = _moe_summary(moe_aux)
-    return {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
+    sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
             "bytes": jnp.sum(is_byte), "aux_loss": moe["aux_loss"],
-            "dropped_fraction": moe["dropped_fraction"]}
+            "dropped_fraction": moe["dropped_fraction"], **mod.eval_sums(out.depth_aux)}
+    if out.depth_aux:  # the causal loss: routed blocks route with their predictors
+      causal, _ = m(batch["inputs"], deterministic=True, token_mask=mask,
+                    use_predictor=True)
+      sums["predictor_nats"] = lm_loss(causal, batch["targets"], batch.get("weights"))[0]
+    return sums
 
   return jax.jit(eval_step)
 
@@ -391,7 +406,10 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   by the batches' ``weights``), ``eval_loss_stderr`` its standard error over batches
   (:func:`batch_stderr`), ``eval_perplexity`` its exp, and ``eval_bits_per_byte`` the
   CE over byte targets only (the EOS separators are not bytes) in bits. The MoE
-  metrics are token-weighted means over batches.
+  metrics are token-weighted means over batches. A model with Mixture-of-Depths
+  blocks also reports ``eval_loss_predictor`` (the loss when every routed block
+  routes with its predictor, as sampling does; ``eval_loss`` uses the top-k) and
+  per block ``eval_mod_predictor_accuracy`` and ``eval_mod_predicted_fraction``.
   """
   per_batch: list[dict[str, float]] = []
   for batch in batches:
@@ -408,7 +426,7 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   def token_mean(key):
     return sum(b[key] * b["tokens"] for b in per_batch) / max(total_tokens, 1.0)
 
-  return {
+  line = {
       "eval_loss": loss,
       "eval_loss_stderr": batch_stderr([b["nats"] for b in per_batch], tokens),
       "eval_tokens": int(round(total_tokens)),
@@ -418,6 +436,11 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
       "eval_dropped_fraction": token_mean("dropped_fraction"),
       "eval_batches": len(per_batch),
   }
+  if "predictor_nats" in per_batch[0]:
+    line["eval_loss_predictor"] = (sum(b["predictor_nats"] for b in per_batch)
+                                   / max(total_tokens, 1.0))
+  line.update(mod.eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
+  return line
 
 
 def single_device_copy(model: Transformer) -> Transformer:
@@ -530,10 +553,12 @@ def _prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def _train_line(means: dict, moe_blocks: tuple[int, ...]) -> dict[str, Any]:
+def _train_line(means: dict, moe_blocks: tuple[int, ...],
+                mod_blocks: tuple[int, ...] = ()) -> dict[str, Any]:
   line = {k: means[k] for k in ("loss", "aux_loss", "z_loss", "dropped_fraction",
                                 "grad_norm")}
-  for k in ("router_confidence", "router_entropy", "second_kept_fraction"):
+  for k in ("router_confidence", "router_entropy", "second_kept_fraction",
+            "noop_fraction"):
     if k in means:
       line[k] = means[k]
   if "expert_load" in means:
@@ -541,6 +566,7 @@ def _train_line(means: dict, moe_blocks: tuple[int, ...]) -> dict[str, Any]:
                            for i, b in enumerate(moe_blocks)}
     line["expert_fill"] = {f"layer_{b}": means["expert_fill"][i]
                            for i, b in enumerate(moe_blocks)}
+  line.update(mod.train_line(means, mod_blocks))
   return line
 
 
@@ -588,7 +614,8 @@ def model_info(model: Transformer, seq_len: int) -> dict[str, Any]:
           "flops_per_token_active": flops["active"],
           "flops_per_token_router": flops["router"],
           "moe_blocks": list(model.cfg.moe_blocks),
-          "mamba_blocks": list(model.cfg.mamba_blocks)}
+          "mamba_blocks": list(model.cfg.mamba_blocks),
+          "mod_blocks": list(model.cfg.mod_blocks)}
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None
@@ -641,6 +668,9 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   kind = (f"MoE ({len(info['moe_blocks'])} of {config.model.num_layers} blocks, "
           f"{config.moe.num_experts} experts, {routed})"
           if info["moe_blocks"] else "dense")
+  if info["mod_blocks"]:
+    kind += (f", Mixture-of-Depths ({len(info['mod_blocks'])} routed blocks at "
+             f"capacity {config.model.mod_capacity:g})")
   if info["mamba_blocks"]:
     mamba = len(info["mamba_blocks"])
     kind += (f", {config.model.num_layers - mamba} attention + {mamba} Mamba "
@@ -755,7 +785,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
         pbar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tps:,.0f}",
                          refresh=False)
       if step % config.log_every == 0 or step == config.steps:
-        line = _train_line(acc.means(), moe_blocks)
+        line = _train_line(acc.means(), moe_blocks, model.cfg.mod_blocks)
         line["tokens_per_sec"] = (acc.timed_tokens / acc.time if acc.time
                                   else float("nan"))
         line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start

@@ -20,6 +20,12 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   :class:`~moe_jax.experts.DenseFfn` of width ``d_ff`` and the same activation. Switch
   (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
   A dense model is the same network with ``moe_every=0``;
+* Mixture-of-Depths (Raposo et al. 2024, :mod:`moe_jax.mod`): with ``mod_every > 0``
+  block ``i`` is a routed block when ``i % mod_every == mod_every - 1`` (2: blocks 1,
+  3, ..., alternating with full blocks). Only the ``k = ceil(mod_capacity * L)``
+  tokens of each sequence with the largest router weight ``r`` run it, and they come
+  out as ``x + r * f(x)``; the others skip it. ``forward`` reports each routed block's
+  :class:`~moe_jax.mod.DepthAux`;
 * separate input and output embeddings by default (tying is an option).
 
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
@@ -34,18 +40,20 @@ them onto a mesh; ``sharding.format_sharding`` prints the table.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ConfigError
 from moe_jax.experts import DenseFfn, scaled_init
+from moe_jax.routing.depth import depth_errors, is_routed_layer
 from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_pattern,
                                    pattern_errors)
-from moe_jax.mamba import MambaConfig, MambaMixer, mixer_cost
-from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer, Router
+from moe_jax.mamba import MambaConfig, MambaMixer
+from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer
 from moe_jax.projection import project
 
 POSITIONS = ("rotary", "learned", "none")
@@ -94,6 +102,14 @@ class TransformerConfig:
     tie_embeddings: output projection is the transposed input embedding.
     dtype: compute dtype, "float32" | "bfloat16".
     rope_base: rotary base frequency.
+    mod_every: Mixture-of-Depths: block ``i`` is routed when ``i % mod_every ==
+      mod_every - 1``; 0 is off, otherwise >= 2 (Raposo et al. 2024: 2).
+    mod_capacity: the fraction of each sequence a routed block runs, ``k =
+      ceil(mod_capacity * L)`` (the paper's best: 0.125).
+    mod_predictor: what decides routing at sampling, where the top-k over the
+      sequence would look ahead: "router_bce" (``sigmoid(r) > 0.5``, with a BCE on the
+      router logits) or "mlp" (a small MLP on stop-gradient inputs, with the same
+      BCE); see :mod:`moe_jax.mod`.
   """
 
   vocab_size: int
@@ -116,6 +132,9 @@ class TransformerConfig:
   attn_layer_period: int = 1
   attn_layer_offset: int = 0
   mamba: MambaConfig | None = None
+  mod_every: int = 0
+  mod_capacity: float = 0.125
+  mod_predictor: str = "router_bce"
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -131,6 +150,9 @@ class TransformerConfig:
       raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
     for msg in pattern_errors(self.num_layers, self.attn_layer_period,
                               self.attn_layer_offset, self.moe_every, self.moe_offset):
+      raise ValueError(msg)
+    for msg in depth_errors(self.num_layers, self.mod_every, self.mod_capacity,
+                            self.mod_predictor):
       raise ValueError(msg)
     if self.mamba_blocks and self.mamba is None:
       raise ValueError(f"blocks {self.mamba_blocks} are Mamba blocks (attn_layer_period="
@@ -164,6 +186,11 @@ class TransformerConfig:
   @property
   def mamba_blocks(self) -> tuple[int, ...]:
     return tuple(i for i, kind in enumerate(self.layers) if kind.mixer == MAMBA)
+
+  @property
+  def mod_blocks(self) -> tuple[int, ...]:
+    """The Mixture-of-Depths routed blocks."""
+    return tuple(i for i in range(self.num_layers) if is_routed_layer(i, self.mod_every))
 
 
 def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
@@ -253,11 +280,16 @@ class Attention(nnx.Module):
     return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x: [B, L, M] -> [B, L, M]; positions: i32[L]."""
+    """x: [B, L, M] -> [B, L, M]; positions: i32[L], or i32[B, L] per row.
+
+    Causal by positions: a token attends to the tokens at or before its position
+    (``tril`` for ``arange(L)``; a Mixture-of-Depths block's gathered tokens keep
+    their original positions, in order).
+    """
     q, k, v = self._qkv(x, positions)
-    length = x.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-    return self._attend(q, k, v, causal[None])
+    pos = positions if positions.ndim == 2 else positions[None]
+    causal = pos[:, None, :] <= pos[:, :, None]  # bool[B or 1, L, L]
+    return self._attend(q, k, v, causal)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     """Empty caches for ``batch`` rows of up to ``max_len`` tokens.
@@ -304,7 +336,8 @@ class TokenMixer(Protocol):
   decode interface of :mod:`moe_jax.decode` (its own state as nnx ``Cache``)."""
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    """x: [B, L, M] at i32[L] positions -> [B, L, M], causal."""
+    """x: [B, L, M] at i32[L] (or per-row i32[B, L], in order) positions -> [B, L, M],
+    causal."""
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     """Preallocates the decode state, batch as the leading axis of every array."""
@@ -329,6 +362,35 @@ MIXERS: dict[str, MixerKind] = {
     MAMBA: MixerKind("mamba", lambda cfg, rngs: MambaMixer(
         cfg.mamba, dtype=cfg.compute_dtype, rngs=rngs)),
 }
+
+
+@flax.struct.dataclass
+class BlockAux:
+  """What a block reports beside its output.
+
+  Attributes:
+    moe: its MoE layer's :class:`~moe_jax.moe_layer.MoeAux`, or None (dense FFN).
+    depth: a Mixture-of-Depths routed block's :class:`~moe_jax.mod.DepthAux`, or
+      None (a full block).
+  """
+
+  moe: MoeAux | None = None
+  depth: Any = None
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  """:meth:`Transformer.forward`'s result.
+
+  Attributes:
+    logits: f32[B, L, V].
+    moe_aux: ``{block index: MoeAux}`` of the MoE blocks.
+    depth_aux: ``{block index: DepthAux}`` of the Mixture-of-Depths routed blocks.
+  """
+
+  logits: jax.Array
+  moe_aux: dict[int, MoeAux]
+  depth_aux: dict[int, Any]
 
 
 class Block(nnx.Module):
@@ -357,18 +419,37 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
-               token_mask: jax.Array | None = None) -> tuple[jax.Array, MoeAux | None]:
-    """x: [B, L, M] -> ([B, L, M], MoeAux or None); token_mask: bool[B, L] or None."""
-    h = self.mixer(self.mixer_norm(x), positions)
-    x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
-    h = self.ffn_norm(x)
+               token_mask: jax.Array | None = None,
+               use_predictor: bool = False) -> tuple[jax.Array, BlockAux]:
+    """x: [B, L, M] -> ([B, L, M], BlockAux); token_mask: bool[B, L] or None.
+
+    ``use_predictor`` is for Mixture-of-Depths routed blocks (sampling without a
+    cache); a full block runs every token either way.
+    """
+    del use_predictor
+    h, y, aux = self.branches(x, positions, deterministic=deterministic,
+                              token_mask=token_mask)
+    return (x + h) + y, BlockAux(moe=aux)
+
+  def branches(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
+               token_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, MoeAux | None]:
+    """The two residual branches, ``h = mixer(norm(x))`` and ``y = ffn(norm(x + h))``
+    (dropout on both, in x's dtype), and the MoE layer's aux: the block is ``x + h +
+    y``, and its residual delta ``f(x) = h + y``."""
+    h = self.dropout(self.mixer(self.mixer_norm(x), positions),
+                     deterministic=deterministic).astype(x.dtype)
+    y = self.ffn_norm(x + h)
     aux = None
     if self.is_moe:
-      h, aux = self.ffn(h, deterministic=deterministic, token_mask=token_mask)
+      y, aux = self.ffn(y, deterministic=deterministic, token_mask=token_mask)
     else:
-      h = self.ffn(h, deterministic=deterministic)
-    x = x + self.dropout(h, deterministic=deterministic).astype(x.dtype)
-    return x, aux
+      y = self.ffn(y, deterministic=deterministic)
+    return h, self.dropout(y, deterministic=deterministic).astype(x.dtype), aux
+
+  def tokens_run(self, seq_len: int) -> int:
+    """Tokens of a ``seq_len`` sequence that go through the block (all of them)."""
+    return seq_len
 
   @property
   def mixer(self) -> TokenMixer:
@@ -401,20 +482,30 @@ class Block(nnx.Module):
     MoE routing at decode drops no token for capacity at a step, and uses the
     evaluation capacity at prefill (:meth:`MoeLayer.decode`).
     """
-    h = self.mixer.decode(self.mixer_norm(x), positions, mask)
-    x = x + h.astype(x.dtype)
-    h = self.ffn_norm(x)
+    h, y = self.decode_branches(x, positions, mask, prefill=prefill)
+    return (x + h) + y
+
+  def decode_branches(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+                      prefill: bool) -> tuple[jax.Array, jax.Array]:
+    """:meth:`branches` against the decode state; tokens where ``mask`` is False
+    write no state (and their branches are to be thrown away)."""
+    h = self.mixer.decode(self.mixer_norm(x), positions, mask).astype(x.dtype)
+    y = self.ffn_norm(x + h)
     if self.is_moe:
-      h = self.ffn.decode(h, mask, prefill=prefill)
+      y = self.ffn.decode(y, mask, prefill=prefill)
     else:
-      h = self.ffn(h, deterministic=True)
-    return x + h.astype(x.dtype)
+      y = self.ffn(y, deterministic=True)
+    return h, y.astype(x.dtype)
 
 
 class Transformer(nnx.Module):
-  """Decoder-only causal LM: ``logits, moe_aux = model(tokens)``."""
+  """Decoder-only causal LM: ``logits, moe_aux = model(tokens)``; ``model.forward``
+  also returns the Mixture-of-Depths blocks' aux (:class:`ModelOutput`)."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    # moe_jax.mod builds on Block (defined above), so it is imported here.
+    from moe_jax.mod import RoutedBlock  # pylint: disable=import-outside-toplevel
+
     if cfg.moe is not None and cfg.moe.d_model != cfg.d_model:
       raise ValueError("moe.d_model must equal the model's d_model.")
     self.cfg = cfg
@@ -428,7 +519,9 @@ class Transformer(nnx.Module):
     self.positions = (_param(
         0.02 * std * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
         EMBED_AXES["positions"]) if cfg.position == "learned" else None)
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.blocks = nnx.List([
+        (RoutedBlock if i in cfg.mod_blocks else Block)(cfg, i, rngs=rngs)
+        for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg.d_model, cfg.norm)
     self.unembed = (_param(
         scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
@@ -436,22 +529,40 @@ class Transformer(nnx.Module):
         EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = False,
-               token_mask: jax.Array | None = None
+               token_mask: jax.Array | None = None, use_predictor: bool = False
                ) -> tuple[jax.Array, dict[int, MoeAux]]:
     """tokens: i32[B, L] -> (f32[B, L, V] logits, {block index: MoeAux}).
 
     ``token_mask`` (bool[B, L], optional) marks padding with False; MoE layers neither
     route it nor count it in their losses and metrics (causal attention already keeps
-    trailing padding from affecting real tokens).
+    trailing padding from affecting real tokens). ``use_predictor``: see
+    :meth:`forward`.
+    """
+    out = self.forward(tokens, deterministic=deterministic, token_mask=token_mask,
+                       use_predictor=use_predictor)
+    return out.logits, out.moe_aux
+
+  def forward(self, tokens: jax.Array, *, deterministic: bool = False,
+              token_mask: jax.Array | None = None,
+              use_predictor: bool = False) -> ModelOutput:
+    """tokens: i32[B, L] -> :class:`ModelOutput` (logits, MoE and MoD aux).
+
+    Mixture-of-Depths routed blocks select each sequence's top-k tokens by router
+    weight (training and evaluation; the choice looks at later tokens, see
+    docs/mod.md), or with ``use_predictor`` the tokens their predictor routes, one
+    token at a time, as cached sampling does (causal).
     """
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = self.embed(tokens, positions)
-    moe_aux = {}
+    moe_aux, depth_aux = {}, {}
     for block in self.blocks:
-      x, aux = block(x, positions, deterministic=deterministic, token_mask=token_mask)
-      if aux is not None:
-        moe_aux[block.index] = aux
-    return self.head(x), moe_aux
+      x, aux = block(x, positions, deterministic=deterministic, token_mask=token_mask,
+                     use_predictor=use_predictor)
+      if aux.moe is not None:
+        moe_aux[block.index] = aux.moe
+      if aux.depth is not None:
+        depth_aux[block.index] = aux.depth
+    return ModelOutput(logits=self.head(x), moe_aux=moe_aux, depth_aux=depth_aux)
 
   def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """i32[B, L] tokens at i32[L] or i32[B, L] positions -> [B, L, M] (compute dtype)."""
@@ -478,79 +589,10 @@ class Transformer(nnx.Module):
         block.ffn.update_selection_bias(choice_counts[block.index])
 
 
-# ---------------------------------------------------------------------------------
-# Size and cost, read off the model's modules (not from the config).
-# ---------------------------------------------------------------------------------
-
-
-def _size(module: nnx.Module) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
-
-
-def _active(n: int, layer: MoeLayer) -> int:
-  """The part of a routed-expert count ``n`` that one token uses."""
-  k = layer.experts_per_token
-  if float(k).is_integer():
-    return n * int(k) // layer.cfg.num_experts
-  return round(n * k / layer.cfg.num_experts)
-
-
-def count_params(model: Transformer) -> dict[str, int]:
-  """Parameter counts.
-
-  ``total`` is every parameter. ``active`` is what one token touches: routed experts
-  count ``k / E`` of their weights, with ``k`` the experts a token visits
-  (:attr:`MoeLayer.experts_per_token`: ``top_k``, an upper bound when a second-choice
-  policy drops choices; ``capacity_factor`` on average for expert choice); everything
-  else fully, shared experts included (and every Mamba mixer).
-  """
-  total = _size(model)
-  expert_total = expert_active = router = 0
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, MoeLayer):
-      n = _size(module.experts)
-      expert_total += n
-      expert_active += _active(n, module)
-    elif isinstance(module, Router):
-      router += _size(module)
-  return {"total": total, "active": total - expert_total + expert_active,
-          "experts": expert_total, "router": router}
-
-
-def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
-  """Forward FLOPs per token (2 per multiply-add), counted module by module.
-
-  * dense matmuls: 2 x weights (attention projections, dense FFN, output projection;
-    the embedding lookup is free);
-  * attention scores and mixing: ``4 * seq_len * M`` per block (QK^T and PV over the
-    full context, the Kaplan et al. 2020 convention; causal masking is not discounted);
-  * Mamba mixers: :func:`moe_jax.mamba.mixer_cost` (2 x the projection and conv
-    weights plus ``6 * D_in * N`` for the scan; nothing grows with ``seq_len``);
-  * routed experts: ``2 x k / E`` of their weights per token (``active``, ``k`` as in
-    :func:`count_params`) or all of them (``total``, every expert applied to every
-    token); shared experts are a dense FFN that every token passes;
-  * the router, ``2 * M * E`` per MoE block, is reported on its own as ``router`` and
-    left out of ``active``/``total``, as Switch does when it calls a model
-    "FLOP-matched" to its dense baseline (it is < 1% here).
-
-  Training costs about 3x the forward FLOPs.
-  """
-  cfg = model.cfg
-  active = total = router = 0
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, Attention):
-      n = 2 * _size(module) + 4 * seq_len * cfg.d_model
-      active, total = active + n, total + n
-    elif isinstance(module, MambaMixer):
-      n = mixer_cost(module.cfg)["flops"]
-      active, total = active + n, total + n
-    elif isinstance(module, DenseFfn):
-      n = 2 * _size(module)
-      active, total = active + n, total + n
-    elif isinstance(module, MoeLayer):
-      n = 2 * _size(module.experts)
-      active += _active(n, module)
-      total += n
-      router += 2 * _size(module.router)
-  head = 2 * cfg.d_model * cfg.vocab_size  # output projection, tied or not
-  return {"active": active + head, "total": total + head, "router": router}
+def __getattr__(name):
+  # count_params and flops_per_token live in moe_jax.sizes (which imports this module
+  # and moe_jax.mod); ``from moe_jax.transformer import count_params`` keeps working.
+  if name in ("count_params", "flops_per_token"):
+    from moe_jax import sizes  # pylint: disable=import-outside-toplevel
+    return getattr(sizes, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -390,3 +390,57 @@ def mamba_loop(p, u, *, d_state, dt_rank, d_conv, inner_norms=True, eps=1e-6):
           jnp.zeros((batch, d_inner, d_state), u.dtype))
   (_, h), ys = jax.lax.scan(token, init, u.swapaxes(0, 1))
   return ys.swapaxes(0, 1), h
+
+
+def _rms_norm(x, scale, eps=1e-6):
+  """RMSNorm of one token, float64."""
+  return x / np.sqrt(np.mean(x * x) + eps) * scale
+
+
+def _rotate(v, position, base):
+  """RoFormer rotary of one head's vector v [D] at ``position`` (rotate-half form)."""
+  half = len(v) // 2
+  freq = base ** (-np.arange(half) / half)
+  cos, sin = np.cos(position * freq), np.sin(position * freq)
+  return np.concatenate([v[:half] * cos - v[half:] * sin, v[half:] * cos + v[:half] * sin])
+
+
+def routed_block_loop(x, *, router, capacity, wq, wk, wv, wo, attn_scale, ffn_wi, ffn_wo,
+                      ffn_scale, activation="gelu", rope_base=10000.0):
+  """Reference Mixture-of-Depths routed block (Raposo et al. 2024), one token at a time.
+
+  x: [B, L, M]; router: [M]; wq, wk, wv: [M, N, D]; wo: [N, D, M]; the RMSNorm scales
+  of the attention and FFN branches; a dense FFN ``ffn_wi [M, H]``, ``ffn_wo [H, M]``.
+  Per row: ``r_i = x_i . router``; the ``k = ceil(capacity * L)`` largest ``r`` are
+  picked by sorting on ``(-r_i, i)`` (ties to the lower position); each picked token
+  attends to the picked tokens at or before its position with rotary angles of the
+  original positions; ``f_i = h_i + ffn(norm(x_i + h_i))``; ``out_i = x_i + r_i f_i``
+  for picked tokens and ``x_i`` for the others. Returns (out f64[B, L, M], the picked
+  positions of each row).
+  """
+  x = np.asarray(x, np.float64)
+  batch, length, _ = x.shape
+  k = int(np.ceil(capacity * length - 1e-9))
+  head_dim = wq.shape[-1]
+  out = x.copy()
+  picked_rows = []
+  for b in range(batch):
+    r = x[b] @ router
+    picked = sorted(sorted(range(length), key=lambda i: (-r[i], i))[:k])
+    picked_rows.append(picked)
+    normed = {i: _rms_norm(x[b, i], attn_scale) for i in picked}
+    q = {i: np.einsum("M,MND->ND", normed[i], wq) for i in picked}
+    key = {i: np.einsum("M,MND->ND", normed[i], wk) for i in picked}
+    val = {i: np.einsum("M,MND->ND", normed[i], wv) for i in picked}
+    for i in picked:
+      h = np.zeros(x.shape[-1])
+      for n in range(wq.shape[1]):
+        qi = _rotate(q[i][n], i, rope_base)
+        earlier = [j for j in picked if j <= i]
+        scores = np.array([qi @ _rotate(key[j][n], j, rope_base) for j in earlier])
+        p = _softmax(scores / np.sqrt(head_dim))
+        mixed = sum(pj * val[j][n] for pj, j in zip(p, earlier))
+        h += mixed @ wo[n]
+      y = _ffn(_rms_norm(x[b, i] + h, ffn_scale), ffn_wi, ffn_wo, None, activation)
+      out[b, i] = x[b, i] + r[i] * (h + y)
+  return out, picked_rows

@@ -30,7 +30,8 @@ def errors_for(num_devices=1, **overrides):
 
 
 CONFIG_NAMES = ["dense_small", "switch_small", "top2_small", "mixtral_small",
-                "deepseek_small", "noisy_topk_small", "jamba_small"]
+                "deepseek_small", "noisy_topk_small", "jamba_small", "mod_small",
+                "mode_small"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -55,7 +56,8 @@ moe.d_ff moe.allow_noncausal_routing
 final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
 moe.loss_reduction model.position model.moe_offset model.attn_layer_period
 model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
-mamba.chunk_size""".split()
+mamba.chunk_size model.mod_every model.mod_capacity model.mod_predictor
+model.mod_aux_loss_coef moe.noop_experts moe.noop_capacity_factor""".split()
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -226,6 +228,29 @@ RULES = [
     ({"moe.router": "expert_choice", "moe.allow_noncausal_routing": True,
       "moe.dispatch": "dropless"}, "dispatch='dropless'", "capacity-free"),
     ({"moe.d_ff": -1}, "moe.d_ff=-1", ">= 0"),
+    # Mixture-of-Depths and MoDE.
+    ({"model.mod_every": 1}, "model.mod_every=1", ">= 2"),
+    ({"model.mod_every": -2}, "model.mod_every=-2", ">= 2"),
+    ({"model.mod_every": 2, "model.num_layers": 1, "model.moe_every": 0},
+     "model.mod_every=2", "places no routed block"),
+    ({"model.mod_every": 2, "model.mod_capacity": 0.0}, "model.mod_capacity=0.0",
+     "<= 0 tokens"),
+    ({"model.mod_capacity": 1e-12}, "model.mod_capacity=1e-12", "selects 0 of the 128"),
+    ({"model.mod_capacity": 1.5}, "model.mod_capacity=1.5", "(0, 1]"),
+    ({"model.mod_predictor": "oracle"}, "model.mod_predictor='oracle'", "'mlp'"),
+    ({"model.mod_aux_loss_coef": -1.0}, "model.mod_aux_loss_coef=-1.0", ">= 0"),
+    ({"moe.noop_experts": -1}, "moe.noop_experts=-1", ">= 0"),
+    ({"moe.noop_capacity_factor": 1.0}, "moe.noop_capacity_factor=1.0",
+     "noop_experts=0"),
+    ({"moe.noop_experts": 2, "moe.noop_capacity_factor": 0.0},
+     "moe.noop_capacity_factor=0.0", "> 0"),
+    ({"moe.noop_experts": 2, "moe.dispatch": "dropless",
+      "moe.noop_capacity_factor": 1.0}, "moe.noop_capacity_factor=1.0", "dropless"),
+    ({"moe.noop_experts": 2, "moe.router": "expert_choice",
+      "moe.allow_noncausal_routing": True}, "moe.noop_experts=2", "router='topk'"),
+    ({"moe.noop_experts": 2, "moe.top_k": 11}, "moe.top_k=11", "noop_experts=2"),
+    ({"moe.noop_experts": 1, "moe.expert_groups": 2, "moe.top_groups": 1},
+     "moe.expert_groups=2", "num_experts + noop_experts = 9"),
     ({"sample.temperature": -1.0}, "sample.temperature=-1.0", ">= 0"),
 ]
 
@@ -379,3 +404,35 @@ def test_cli_workdir_that_cannot_be_created(tmp_path, below):
   workdir = os.path.join(blocker, below) if below else str(blocker)
   _assert_one_line_error(_cli(f"--config={SWITCH}", f"--workdir={workdir}"),
                          "--workdir", "cannot be created", "writable")
+
+
+def test_mod_and_mode_settings_and_their_training_flops():
+  # Raposo et al. 2024: capacity 12.5%, routed blocks alternating with full ones; both
+  # configs train for dense_small's training FLOPs (600 steps of the same batches).
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.transformer import flops_per_token  # pylint: disable=import-outside-toplevel
+  mod, mode, dense = (_load(n) for n in ("mod_small", "mode_small", "dense_small"))
+  assert (mod.model.mod_every, mod.model.mod_capacity, mod.model.num_layers) == (
+      2, 0.125, 8)
+  assert mod.model.mod_predictor == "router_bce" and mod.model.moe_every == 0
+  assert (mode.moe.num_experts, mode.moe.noop_experts, mode.moe.top_k) == (8, 8, 1)
+  assert mode.model.mod_every == 0 and mode.moe.noop_capacity_factor is None
+
+  def forward_flops(config):
+    model = nnx.eval_shape(lambda: train.make_model(config))
+    return flops_per_token(model, config.data.seq_len)["active"]
+
+  budget = dense.steps * forward_flops(dense)
+  for config in (mod, mode):
+    assert config.steps == round(budget / forward_flops(config))
+
+
+def test_a_fixed_group_size_must_split_the_tokens_of_routed_moe_layers():
+  # Routed MoE blocks (1, 3) see B*k = 16 * 16 tokens; groups of 64 give 4 groups,
+  # not a multiple of 8 devices. One group per sequence always fits.
+  errors = errors_for(num_devices=8, **{"model.mod_every": 2, "moe.group_size": 64,
+                                        "mesh.data": 2, "mesh.expert": 4})
+  assert len(errors) == 1 and "B*k = 16*16" in errors[0] and "group_size=0" in errors[0]
+  assert errors_for(num_devices=8, **{"model.mod_every": 2, "moe.group_size": 0,
+                                      "mesh.data": 2, "mesh.expert": 4}) == []

@@ -391,6 +391,71 @@ def test_hybrid_model_sharded_equals_single_device():
 
 
 # ----------------------------------------------------------------------------------
+# Mixture-of-Depths with MoDE on a data x expert mesh.
+# ----------------------------------------------------------------------------------
+
+# 4 blocks, routed 1 and 3 (k = 4 of 16 tokens); every FFN an MoE of 8 experts plus 4
+# no-op experts (MoDE), so routed blocks route their gathered tokens to experts.
+MOD = {"model.num_layers": 4, "model.d_model": 16, "model.num_heads": 2,
+       "model.d_ff": 32, "model.mod_every": 2, "model.mod_capacity": 0.25,
+       "model.mod_predictor": "mlp", "model.moe_every": 1, "moe.num_experts": 8,
+       "moe.noop_experts": 4, "moe.group_size": 0, "data.seq_len": 16}
+
+
+def _mod_loss_and_grads(data, expert, tokens):
+  """Logits, loss (CE + 0.01 aux + 0.01 BCE) and gradients of the MoD/MoDE model on a
+  data x expert mesh, its logits when routing with the predictors, and its specs."""
+  from moe_jax import mod, train  # pylint: disable=import-outside-toplevel
+  from moe_jax.config import default_config  # pylint: disable=import-outside-toplevel
+  config = default_config()
+  for key, value in MOD.items():
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.make_model(config, vocab_size=32)))
+  state = jax.jit(lambda: nnx.state(train.make_model(config, vocab_size=32)))()
+  model = nnx.merge(graphdef, state)
+  mesh = sharding.make_mesh(data, expert)
+  sharding.shard_model(model, mesh)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  batch = sharding.shard_batch({"tokens": tokens}, mesh)["tokens"]
+
+  def loss_fn(params, tokens):
+    out = nnx.merge(graphdef, params, rest).forward(tokens[:, :-1], deterministic=True)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:])
+    aux = sum(a.aux_loss for a in out.moe_aux.values())
+    return ce.mean() + 0.01 * aux + 0.01 * mod.depth_loss(out.depth_aux), out.logits
+
+  (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params,
+                                                                            batch)
+  causal = jax.jit(lambda p, t: nnx.merge(graphdef, p, rest)(
+      t[:, :-1], deterministic=True, use_predictor=True)[0])(params, batch)
+  flat = {"/".join(map(str, p)): sharding.to_host(v.get_value())
+          for p, v in nnx.to_flat_state(grads)}
+  return (float(loss), sharding.to_host(logits), flat, sharding.to_host(causal),
+          sharding.describe_sharding(model))
+
+
+@pytest.mark.slow
+def test_mod_with_no_op_experts_sharded_equals_single_device():
+  # 8 rows: a routed block's MoE groups are one row's k = 4 tokens, G = 8, one per
+  # data-parallel device; full blocks' groups are rows of 16.
+  tokens = np.random.default_rng(1).integers(0, 32, (8, 17), dtype=np.int32)
+  want = _mod_loss_and_grads(1, 1, tokens)
+  got = _mod_loss_and_grads(2, 4, tokens)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got[3], want[3], atol=1e-5, rtol=0)
+  assert got[2].keys() == want[2].keys()
+  for path, g in want[2].items():
+    np.testing.assert_allclose(got[2][path], g, atol=1e-5, rtol=1e-5, err_msg=path)
+  specs = got[4]
+  assert specs["blocks/1/ffn/experts/wi"] == P("expert")  # 8 experts / 4 per device
+  assert specs["blocks/1/ffn/router/kernel"] == P()  # [M, E + N] replicated
+  assert specs["blocks/1/mod_router/kernel"] == P()
+  assert np.abs(got[2]["blocks/1/mod_router/kernel"]).max() > 0
+
+
+# ----------------------------------------------------------------------------------
 # Acceptance: the tiny Switch run of experiments/train.py logs the same losses on
 # every mesh as on one device.
 # ----------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ result in per-choice form, so every dispatch path consumes any of them:
   importance and load losses (Shazeer et al. 2017).
 * :mod:`~moe_jax.routing.balance`: the auxiliary losses, DeepSeek-V3's
   :func:`update_selection_bias` and :func:`cv2`.
+* :mod:`~moe_jax.routing.noop`: :func:`split_noop_experts`, MoDE's no-op experts
+  (Raposo et al. 2024).
+* :mod:`~moe_jax.routing.depth`: Mixture-of-Depths (Raposo et al. 2024): per-sequence
+  top-k of the router weights (:func:`select_top_k`), the predictor's loss and the
+  routed block's metrics.
 * :mod:`~moe_jax.routing.common`: :class:`RoutingOutput`, :func:`expert_capacity`,
   queueing, metrics and the z-loss, shared by all of them.
 
@@ -22,8 +27,10 @@ See docs/routing.md for the formulas as built and where the anchors differ.
 from moe_jax.routing.balance import (BALANCE_CHOICES, cv2, load_balance_summary,
                                      load_balancing_loss, update_selection_bias)
 from moe_jax.routing.common import SECOND_POLICIES, RoutingOutput, expert_capacity
+from moe_jax.routing.depth import depth_capacity, select_top_k
 from moe_jax.routing.expert_choice import expert_choice
 from moe_jax.routing.noisy import noisy_top_k, smooth_load
+from moe_jax.routing.noop import split_noop_experts
 from moe_jax.routing.token_choice import SCORE_FNS, mask_to_top_groups, route
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "SECOND_POLICIES",
     "RoutingOutput",
     "cv2",
+    "depth_capacity",
     "expert_capacity",
     "expert_choice",
     "load_balance_summary",
@@ -39,6 +47,8 @@ __all__ = [
     "mask_to_top_groups",
     "noisy_top_k",
     "route",
+    "select_top_k",
     "smooth_load",
+    "split_noop_experts",
     "update_selection_bias",
 ]

@@ -70,6 +70,8 @@ class RoutingOutput:
     kept: bool[G, S, K] the choice survived the second-expert policy and capacity.
     gates: f32[G, S, K] combine weight of each choice; 0 where not kept.
     capacity: C, static.
+    noop_experts: N, static: choices of experts ``E .. E+N-1`` are no-op choices,
+      never kept for dispatch (0 without MoDE).
     aux_loss: f32[] load-balancing loss of the router, unscaled.
     z_loss: f32[] ST-MoE router z-loss, unscaled.
     metrics: dict of scalars and ``f32[E]`` vectors, see each router.
@@ -83,10 +85,14 @@ class RoutingOutput:
   z_loss: jax.Array
   metrics: dict[str, jax.Array]
   capacity: int = flax.struct.field(pytree_node=False)
+  noop_experts: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def num_experts(self) -> int:
-    return self.metrics["expert_load"].shape[-1]
+    """E, the experts the dispatch paths fill. The metrics count ``noop_experts``
+    more (MoDE's no-op experts, the last indices), which compute nothing and have no
+    buffers (:func:`moe_jax.routing.noop.split_noop_experts`)."""
+    return self.metrics["expert_load"].shape[-1] - self.noop_experts
 
   @property
   def slot_mask(self) -> jax.Array:
