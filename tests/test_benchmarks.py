@@ -1,5 +1,6 @@
 """The layer benchmark runs end to end on a tiny grid and writes what it measured."""
 
+import importlib.util
 import json
 import os
 import re
@@ -15,8 +16,20 @@ from flax import nnx
 from moe_jax import experts, moe_layer, projection, transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import einsum_forms  # noqa: E402  benchmarks/einsum_forms.py
+
+
+
+def _load_benchmark_module(name):
+  """``benchmarks/NAME.py`` as a module, without putting benchmarks/ on sys.path (its
+  ``configs.py`` would shadow the ``configs`` package of experiments/ for other tests)."""
+  spec = importlib.util.spec_from_file_location(
+      f"benchmarks_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+einsum_forms = _load_benchmark_module("einsum_forms")
 
 
 def _run_benchmark(script, *flags):
