@@ -338,17 +338,16 @@ HYBRID = {"model.num_layers": 4, "model.d_model": 16, "model.num_heads": 2,
           "mamba.chunk_size": 8, "data.seq_len": 16}
 
 
-def _hybrid_loss_and_grads(data, expert, tokens):
-  """Logits, loss (CE + 0.01 aux) and gradients of the hybrid on a data x expert mesh,
-  and its parameters' PartitionSpecs."""
+def _sharded_model(overrides, data, expert, tokens):
+  """The model of the default config with ``overrides`` (vocabulary 32), laid out on a
+  data x expert mesh: ``(model, graphdef, params, rest, sharded tokens)``."""
   from moe_jax import train  # pylint: disable=import-outside-toplevel
   from moe_jax.config import default_config  # pylint: disable=import-outside-toplevel
   config = default_config()
-  for key, value in HYBRID.items():
+  for key, value in overrides.items():
     section, leaf = key.split(".")
     config[section][leaf] = value
-  model = nnx.eval_shape(lambda: train.make_model(config, vocab_size=32))
-  graphdef = nnx.graphdef(model)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.make_model(config, vocab_size=32)))
   # Initialised in one compiled function (eager init runs op by op).
   state = jax.jit(lambda: nnx.state(train.make_model(config, vocab_size=32)))()
   model = nnx.merge(graphdef, state)
@@ -356,6 +355,13 @@ def _hybrid_loss_and_grads(data, expert, tokens):
   sharding.shard_model(model, mesh)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   batch = sharding.shard_batch({"tokens": tokens}, mesh)["tokens"]
+  return model, graphdef, params, rest, batch
+
+
+def _hybrid_loss_and_grads(data, expert, tokens):
+  """Logits, loss (CE + 0.01 aux) and gradients of the hybrid on a data x expert mesh,
+  and its parameters' PartitionSpecs."""
+  model, graphdef, params, rest, batch = _sharded_model(HYBRID, data, expert, tokens)
 
   def loss_fn(params, tokens):
     logits, aux = nnx.merge(graphdef, params, rest)(tokens[:, :-1], deterministic=True)
@@ -405,19 +411,8 @@ MOD = {"model.num_layers": 4, "model.d_model": 16, "model.num_heads": 2,
 def _mod_loss_and_grads(data, expert, tokens):
   """Logits, loss (CE + 0.01 aux + 0.01 BCE) and gradients of the MoD/MoDE model on a
   data x expert mesh, its logits when routing with the predictors, and its specs."""
-  from moe_jax import mod, train  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import default_config  # pylint: disable=import-outside-toplevel
-  config = default_config()
-  for key, value in MOD.items():
-    section, leaf = key.split(".")
-    config[section][leaf] = value
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.make_model(config, vocab_size=32)))
-  state = jax.jit(lambda: nnx.state(train.make_model(config, vocab_size=32)))()
-  model = nnx.merge(graphdef, state)
-  mesh = sharding.make_mesh(data, expert)
-  sharding.shard_model(model, mesh)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  batch = sharding.shard_batch({"tokens": tokens}, mesh)["tokens"]
+  from moe_jax import mod  # pylint: disable=import-outside-toplevel
+  model, graphdef, params, rest, batch = _sharded_model(MOD, data, expert, tokens)
 
   def loss_fn(params, tokens):
     out = nnx.merge(graphdef, params, rest).forward(tokens[:, :-1], deterministic=True)
