@@ -266,7 +266,10 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
     _, params, _ = train._split_model(model)  # pylint: disable=protected-access
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params),
-                             rng=jax.random.key_data(jax.random.key(c.seed)))
+                             rng=jax.random.key_data(jax.random.key(c.seed)),
+                             # Selection biases from the start: the step returns them,
+                             # and a state without them would compile a second time.
+                             model_state=train.model_state(model))
     step_fn = train.make_train_step(model, tx, c)
     tokens = np.random.default_rng(0).integers(
         0, 256, (c.batch_size, c.data.seq_len + 1), dtype=np.int32)
