@@ -15,7 +15,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from moe_jax.layer_pattern import layer_pattern, pattern_errors
+from moe_jax.layer_pattern import MAMBA, layer_pattern, pattern_errors
 from moe_jax.mamba import validate_mamba_config
 from moe_jax.moe_layer import DTYPES, validate_moe_config
 from moe_jax.routers import ROUTERS
@@ -89,6 +89,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.mod_capacity = 0.125  # the paper's best
   c.model.mod_predictor = "router_bce"  # router_bce | mlp: routes at sampling
   c.model.mod_aux_loss_coef = 0.01  # the predictor's BCE, per routed block
+  # causal_lm | masked_lm (bidirectional, BERT's 15% masking; moe_jax/objectives.py).
+  c.model.objective = "causal_lm"
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 8
@@ -125,7 +127,11 @@ def default_config() -> ml_collections.ConfigDict:
   # dispatch="dropless" on a mesh: how rows move between expert shards, buffer size.
   c.moe.ragged_exchange = "auto"  # ragged (GPU/TPU) | padded (any backend) | auto
   c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
-  c.moe.allow_noncausal_routing = False  # expert_choice sees later tokens of its group
+  # V-MoE Batch Prioritized Routing: tokens queue by their top gate, not position.
+  c.moe.batch_priority = False
+  # Expert choice and batch_priority see later tokens of the group; a causal LM needs
+  # this to train them (masked_lm allows them: it sees the whole sequence anyway).
+  c.moe.allow_noncausal_routing = False
   # MoDE (Raposo et al. 2024): N extra experts that compute nothing; capacity is then
   # the share over E + N. Their own capacity factor: None is no limit (docs/mod.md).
   c.moe.noop_experts = 0
@@ -342,14 +348,7 @@ def validate_config(config, *, num_devices: int | None = None,
          "must be a finite number >= 0.")
   need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
        "must be an integer >= 0 (0 is model.d_ff).")
-  family = ROUTERS.get(config.moe.router)
-  if (m.moe_every and family is not None and not family.causal
-      and not config.moe.allow_noncausal_routing):
-    errors.append(
-        f"moe.router={config.moe.router!r} is not causal: each expert picks its tokens "
-        "among the whole group, so routing sees later tokens of the sequence and a "
-        "causal LM trained with it cannot generate the same way; set "
-        "--config.moe.allow_noncausal_routing=True to train it anyway.")
+  errors.extend(_objective_errors(config))
   need("moe.loss_reduction", config.moe.get("loss_reduction") in LOSS_REDUCTIONS,
        "is unknown; use 'sum' (per-layer losses summed, Switch) or 'mean'.")
 
@@ -394,6 +393,55 @@ def validate_config(config, *, num_devices: int | None = None,
        "must be >= 0 (0 is greedy).")
   need("sample.top_k", _is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
   return list(dict.fromkeys(errors))  # model.d_model etc. are also checked as MoE keys
+
+
+def _objective_errors(config) -> list[str]:
+  """``model.objective``, and the routers that see later tokens of their group
+  (expert choice, ``moe.batch_priority``): a causal LM needs
+  ``moe.allow_noncausal_routing`` for them, masked LM allows them."""
+  from moe_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  m, moe = config.model, config.moe
+  name = m.get("objective", "causal_lm")
+  objective = OBJECTIVES.get(name) if isinstance(name, str) else None
+  if objective is None:
+    return [f"model.objective={name!r} is unknown; use one of "
+            f"{', '.join(map(repr, OBJECTIVES))}."]
+  errors = []
+  if not objective.causal:
+    try:
+      mamba = any(kind.mixer == MAMBA for kind in model_pattern(config))
+    except (TypeError, ValueError):  # bad pattern keys are reported on their own
+      mamba = False
+    if mamba:
+      errors.append(f"model.objective={name!r} needs bidirectional attention in every "
+                    "block, but model.attn_layer_period="
+                    f"{m.get('attn_layer_period', 1)!r} makes some blocks Mamba (a "
+                    "causal scan); use model.attn_layer_period=1 or "
+                    "model.objective='causal_lm'.")
+    if m.get("mod_every", 0):
+      errors.append(f"model.mod_every={m.mod_every!r} routes blocks with a causal "
+                    f"predictor, which model.objective={name!r} has no use for; use "
+                    "model.mod_every=0 or model.objective='causal_lm'.")
+  priority = moe.get("batch_priority", False)
+  if not isinstance(priority, bool):
+    errors.append(f"moe.batch_priority={priority!r} must be True or False.")
+  family = ROUTERS.get(moe.router)
+  if (m.moe_every and not objective.noncausal_routing
+      and not moe.allow_noncausal_routing):
+    if family is not None and not family.causal:
+      errors.append(
+          f"moe.router={moe.router!r} is not causal: each expert picks its tokens "
+          "among the whole group, so routing sees later tokens of the sequence and a "
+          "causal LM trained with it cannot generate the same way; use "
+          "--config.model.objective=masked_lm, or set "
+          "--config.moe.allow_noncausal_routing=True to train it anyway.")
+    if priority is True:
+      errors.append(
+          "moe.batch_priority=True is not causal: tokens queue by their top gate "
+          "over the whole group, so a token's routing depends on later tokens; use "
+          "--config.model.objective=masked_lm, or set "
+          "--config.moe.allow_noncausal_routing=True to train it anyway.")
+  return errors
 
 
 def _routed_moe_errors(config) -> list[str]:

@@ -363,13 +363,15 @@ class MambaMixer(nnx.Module):
 
   # -- public API ------------------------------------------------------------------
 
-  def __call__(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+               token_mask: jax.Array | None = None) -> jax.Array:
     """x: [B, L, M] -> [B, L, M] in the compute dtype (chunked associative scan).
 
-    ``positions`` is accepted for the Transformer's mixer interface and unused: the
-    scan's order is the only position information a Mamba layer has.
+    ``positions`` and ``token_mask`` are accepted for the Transformer's mixer
+    interface and unused: the scan's order is the only position information a Mamba
+    layer has, and being causal it keeps trailing padding from real tokens.
     """
-    del positions
+    del positions, token_mask
     return self.prefill(x)[0]
 
   def init_state(self, batch_size: int, dtype=None) -> MambaState:

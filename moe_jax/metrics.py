@@ -49,11 +49,15 @@ class MetricsWriter:
       file and TensorBoard is told to purge them, so every step appears once.
     enabled: defaults to ``jax.process_index() == 0``.
     tensorboard: also write ``workdir/tb``.
+    tags: fields added to every JSON line, not to TensorBoard (e.g. ``{"objective":
+      "masked_lm"}``: which objective produced the numbers).
   """
 
   def __init__(self, workdir: str, *, resume_step: int | None = None,
-               enabled: bool | None = None, tensorboard: bool = True):
+               enabled: bool | None = None, tensorboard: bool = True,
+               tags: Mapping[str, Any] | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.tags = dict(tags or {})
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if not self.enabled:
@@ -85,7 +89,7 @@ class MetricsWriter:
 
   def write(self, split: str, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
     """Writes one line; returns it as a dict (on every process)."""
-    row = {"split": split, "step": int(step)}
+    row = {"split": split, "step": int(step), **self.tags}
     row.update(_to_json(dict(values)))
     if not self.enabled:
       return row

@@ -30,13 +30,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
 import zlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -45,10 +44,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import decode, mod, moe_layer
+from moe_jax import decode, mod, moe_layer, objectives
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import (ConfigError, check_config, default_config, expert_d_ff,
                             model_pattern, pattern_keys)
+from moe_jax.evaluation import batch_stderr, evaluate
 from moe_jax.layer_pattern import MAMBA
 from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.metrics import MetricsWriter
@@ -96,6 +96,7 @@ def moe_config(config) -> MoeConfig | None:
       eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size,
       min_capacity=m.min_capacity, second_policy=m.second_policy,
       second_threshold=m.second_threshold, normalize_gates=m.normalize_gates,
+      batch_priority=m.get("batch_priority", False),
       jitter_noise=m.jitter_noise, expert_dropout=m.expert_dropout,
       activation=config.model.activation,
       init_scale=config.model.init_scale * m.init_scale,
@@ -137,15 +138,19 @@ def transformer_config(config, vocab_size: int) -> TransformerConfig:
       tie_embeddings=m.tie_embeddings, dtype=m.dtype, moe_offset=moe_offset,
       attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config),
       mod_every=m.get("mod_every", 0), mod_capacity=m.get("mod_capacity", 0.125),
-      mod_predictor=m.get("mod_predictor", "router_bce"))
+      mod_predictor=m.get("mod_predictor", "router_bce"),
+      causal=objectives.get_objective(config).causal)
 
 
-def make_model(config, *, vocab_size: int = 259, seed: int | None = None) -> Transformer:
+def make_model(config, *, vocab_size: int | None = None, seed: int | None = None
+               ) -> Transformer:
   """The Transformer of ``config`` (dense if ``model.moe_every == 0``).
 
-  ``vocab_size`` defaults to the byte tokenizer's 256 bytes + PAD/BOS/EOS.
+  ``vocab_size`` defaults to the byte tokenizer's of the config's objective: 256 bytes
+  + PAD/BOS/EOS, + MASK for masked LM.
   """
   seed = config.seed if seed is None else seed
+  vocab_size = vocab_size or objectives.get_objective(config).vocab_size
   rngs = nnx.Rngs(params=seed, **{s: seed + 1 + i for i, s in enumerate(RNG_STREAMS)})
   return Transformer(transformer_config(config, vocab_size), rngs=rngs)
 
@@ -295,10 +300,13 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``state, metrics = train_step(state, batch)``, jitted, donating ``state``.
 
-  ``batch`` is ``{"inputs": i32[B, L], "targets": i32[B, L]}`` (optional ``weights``).
-  ``state_sharding`` (a pytree of shardings like the state) fixes the output layout.
+  ``batch`` is ``{"inputs": i32[B, L], "targets": i32[B, L]}`` (optional ``weights``),
+  which the config's objective turns into what the model sees and what is scored
+  (:mod:`moe_jax.objectives`). ``state_sharding`` (a pytree of shardings like the
+  state) fixes the output layout.
   """
   graphdef, _, rest = _split_model(model)
+  objective = objectives.get_objective(config)
   initial_model_state = model_state(model)
   aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
   mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
@@ -323,6 +331,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    batch = objective.train_batch(batch, key)
     model_state_ = state.model_state or initial_model_state
     grads, (metrics, choice_counts) = jax.grad(loss_fn, has_aux=True)(
         state.params, model_state_, batch, key, state.step)
@@ -352,12 +361,13 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   model's selection biases.
 
   A batch's ``weights`` (f32[B, L], optional) weight the targets; tokens of weight 0
-  are padding, which the MoE layers neither route nor count."""
+  are padding, which the MoE layers neither route nor count, unless ``token_mask``
+  (bool[B, L], a masked-LM batch) says which tokens are real."""
   graphdef, _, rest = _split_model(model)
 
   def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
     m = _merge(graphdef, params, rest, model_state)
-    mask = batch["weights"] > 0 if "weights" in batch else None
+    mask = batch.get("token_mask", batch["weights"] > 0 if "weights" in batch else None)
     out = m.forward(batch["inputs"], deterministic=True, token_mask=mask)
     logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
@@ -376,71 +386,6 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     return sums
 
   return jax.jit(eval_step)
-
-
-def batch_stderr(nats: Sequence[float], tokens: Sequence[float]) -> float:
-  """Standard error of the token-weighted mean loss, over batches.
-
-  With batch ``b``'s summed CE ``n_b`` over ``w_b`` tokens, mean ``x_b = n_b / w_b``
-  and overall mean ``x = sum_b n_b / sum_b w_b`` (the eval loss), this is the
-  ratio-estimator (cluster) standard error
-
-      SE = sqrt(B / (B - 1) * sum_b w_b^2 (x_b - x)^2) / sum_b w_b
-
-  over the ``B`` batches with ``w_b > 0``; with equal ``w_b`` it is the familiar
-  ``std(x_b) / sqrt(B)`` (std with ``B - 1``). NaN with fewer than 2 batches.
-  """
-  pairs = [(n, w) for n, w in zip(nats, tokens) if w > 0]
-  if len(pairs) < 2:
-    return float("nan")
-  total_w = sum(w for _, w in pairs)
-  mean = sum(n for n, _ in pairs) / total_w
-  ss = sum((n - w * mean) ** 2 for n, w in pairs)  # w_b^2 (x_b - x)^2
-  return math.sqrt(len(pairs) / (len(pairs) - 1) * ss) / total_w
-
-
-def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
-  """Runs ``eval_step`` over ``batches``; returns the eval line's values.
-
-  ``eval_loss`` is the mean CE (nats) over all ``eval_tokens`` target tokens (weighted
-  by the batches' ``weights``), ``eval_loss_stderr`` its standard error over batches
-  (:func:`batch_stderr`), ``eval_perplexity`` its exp, and ``eval_bits_per_byte`` the
-  CE over byte targets only (the EOS separators are not bytes) in bits. The MoE
-  metrics are token-weighted means over batches. A model with Mixture-of-Depths
-  blocks also reports ``eval_loss_predictor`` (the loss when every routed block
-  routes with its predictor, as sampling does; ``eval_loss`` uses the top-k) and
-  per block ``eval_mod_predictor_accuracy`` and ``eval_mod_predicted_fraction``.
-  """
-  per_batch: list[dict[str, float]] = []
-  for batch in batches:
-    out = jax.device_get(eval_step(params, batch))
-    per_batch.append({k: float(v) for k, v in out.items()})
-  if not per_batch:
-    return {}
-  tokens = [b["tokens"] for b in per_batch]
-  total_tokens = sum(tokens)
-  loss = sum(b["nats"] for b in per_batch) / max(total_tokens, 1.0)
-  byte_nats = sum(b["byte_nats"] for b in per_batch)
-  num_bytes = sum(b["bytes"] for b in per_batch)
-
-  def token_mean(key):
-    return sum(b[key] * b["tokens"] for b in per_batch) / max(total_tokens, 1.0)
-
-  line = {
-      "eval_loss": loss,
-      "eval_loss_stderr": batch_stderr([b["nats"] for b in per_batch], tokens),
-      "eval_tokens": int(round(total_tokens)),
-      "eval_perplexity": math.exp(min(loss, 700.0)),
-      "eval_bits_per_byte": byte_nats / max(num_bytes, 1.0) / math.log(2),
-      "eval_aux_loss": token_mean("aux_loss"),
-      "eval_dropped_fraction": token_mean("dropped_fraction"),
-      "eval_batches": len(per_batch),
-  }
-  if "predictor_nats" in per_batch[0]:
-    line["eval_loss_predictor"] = (sum(b["predictor_nats"] for b in per_batch)
-                                   / max(total_tokens, 1.0))
-  line.update(mod.eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
-  return line
 
 
 def single_device_copy(model: Transformer) -> Transformer:
@@ -485,7 +430,8 @@ def _update_known(node, values: dict) -> None:
       node[k] = v
 
 
-def load_model(workdir: str, *, vocab_size: int = 259) -> tuple[Transformer, Any, int]:
+def load_model(workdir: str, *, vocab_size: int | None = None
+               ) -> tuple[Transformer, Any, int]:
   """``(model, config, step)`` from the latest readable checkpoint of a run."""
   config = load_config(workdir)
   model = make_model(config, vocab_size=vocab_size)
@@ -654,14 +600,15 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json(indent=2))
 
+  objective = objectives.get_objective(config)
   data = data_lib.make_lm_datasets(
       config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
       batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   tokenizer = data.tokenizer
 
-  model = make_model(config, vocab_size=tokenizer.vocab_size)
-  info = model_info(model, config.data.seq_len)
+  model = make_model(config, vocab_size=objective.vocab_size)
+  info = dict(model_info(model, config.data.seq_len), objective=objective.name)
   routed = (f"top-{config.moe.top_k}" if config.moe.router == "topk" else
             f"{config.moe.router}, {_moe_layers(model)[0].experts_per_token:g} "
             "experts per token")
@@ -675,7 +622,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
     mamba = len(info["mamba_blocks"])
     kind += (f", {config.model.num_layers - mamba} attention + {mamba} Mamba "
              "blocks")
-  _print(f"Model: {kind}; params {_fmt(info['params_total'])} total / "
+  _print(f"Objective: {objective.description}.\nModel: {kind}; params {_fmt(info['params_total'])} total / "
          f"{_fmt(info['params_active'])} active per token; forward FLOPs/token "
          f"{_fmt(info['flops_per_token_total'])} total / "
          f"{_fmt(info['flops_per_token_active'])} active"
@@ -717,7 +664,8 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   if step0 >= config.steps:
     _print(f"Already trained to step {step0} >= steps={config.steps}; nothing to do.")
 
-  writer = MetricsWriter(workdir, resume_step=step0, enabled=primary)
+  writer = MetricsWriter(workdir, resume_step=step0, enabled=primary,
+                         tags={"objective": objective.name})
   if primary and step0 == 0:
     writer.write_text("model_info", json.dumps(info), 0)
   train_step = make_train_step(model, tx, config, state_sharding=state_sharding)
@@ -739,8 +687,8 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
     num_steps = config.eval_steps
     if step == config.steps and config.get("final_eval_steps") is not None:
       num_steps = config.final_eval_steps
-    batches = (sharding.shard_batch(b, mesh)
-               for b in data.eval_iter(num_steps=num_steps or None))
+    batches = objective.eval_batches(sharding.shard_batch(b, mesh)
+                                     for b in data.eval_iter(num_steps=num_steps or None))
     values = evaluate(functools.partial(eval_step, model_state=state.model_state),
                       state.params, batches)
     summary["eval"] = writer.write("eval", step, values)

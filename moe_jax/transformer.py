@@ -110,6 +110,9 @@ class TransformerConfig:
       sequence would look ahead: "router_bce" (``sigmoid(r) > 0.5``, with a BCE on the
       router logits) or "mlp" (a small MLP on stop-gradient inputs, with the same
       BCE); see :mod:`moe_jax.mod`.
+    causal: attention is causal (a language model that generates); False:
+      bidirectional, every token attends to every real token of its sequence (masked
+      language modelling, :mod:`moe_jax.objectives`), and the model cannot decode.
   """
 
   vocab_size: int
@@ -135,6 +138,7 @@ class TransformerConfig:
   mod_every: int = 0
   mod_capacity: float = 0.125
   mod_predictor: str = "router_bce"
+  causal: bool = True
 
   def __post_init__(self):
     if self.d_model % self.num_heads:
@@ -157,6 +161,10 @@ class TransformerConfig:
     if self.mamba_blocks and self.mamba is None:
       raise ValueError(f"blocks {self.mamba_blocks} are Mamba blocks (attn_layer_period="
                        f"{self.attn_layer_period}); they need a MambaConfig in `mamba`.")
+    if not self.causal and (self.mamba_blocks or self.mod_every):
+      raise ValueError("causal=False needs an all-attention model without "
+                       "Mixture-of-Depths blocks (Mamba's scan and MoD's predictor "
+                       "are causal).")
     if self.mamba is not None and self.mamba.d_model != self.d_model:
       raise ValueError(f"mamba.d_model={self.mamba.d_model} must equal d_model="
                        f"{self.d_model}.")
@@ -279,17 +287,26 @@ class Attention(nnx.Module):
     h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
     return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               token_mask: jax.Array | None = None) -> jax.Array:
     """x: [B, L, M] -> [B, L, M]; positions: i32[L], or i32[B, L] per row.
 
     Causal by positions: a token attends to the tokens at or before its position
     (``tril`` for ``arange(L)``; a Mixture-of-Depths block's gathered tokens keep
-    their original positions, in order).
+    their original positions, in order); trailing padding then cannot reach a real
+    token, and ``token_mask`` is not needed. Bidirectional (``cfg.causal=False``):
+    a token attends to every token of its row that ``token_mask`` (bool[B, L], None:
+    all) marks real.
     """
     q, k, v = self._qkv(x, positions)
-    pos = positions if positions.ndim == 2 else positions[None]
-    causal = pos[:, None, :] <= pos[:, :, None]  # bool[B or 1, L, L]
-    return self._attend(q, k, v, causal)
+    if self.cfg.causal:
+      pos = positions if positions.ndim == 2 else positions[None]
+      allowed = pos[:, None, :] <= pos[:, :, None]  # bool[B or 1, L, L]
+    elif token_mask is None:
+      allowed = jnp.ones((1, 1, x.shape[1]), jnp.bool_)  # bool[1, 1, L]
+    else:
+      allowed = token_mask.astype(jnp.bool_)[:, None, :]  # bool[B, 1, L]: keys
+    return self._attend(q, k, v, allowed)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     """Empty caches for ``batch`` rows of up to ``max_len`` tokens.
@@ -297,7 +314,13 @@ class Attention(nnx.Module):
     ``cached_positions`` i32[B, max_len] holds the position of the token in each slot,
     -1 while empty, so a block that lets a token skip it (Mixture-of-Depths) simply
     writes nothing there and later tokens cannot attend to it.
+
+    Raises ConfigError for bidirectional attention, which cannot decode.
     """
+    if not self.cfg.causal:
+      raise ConfigError([
+          "this model attends bidirectionally (model.objective='masked_lm'), so it "
+          "cannot generate text one token at a time; sample a causal_lm model."])
     shape = (batch, max_len, self.cfg.num_heads, self.cfg.head_dim)
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
@@ -335,9 +358,11 @@ class TokenMixer(Protocol):
   """What a block's token mixer implements (attention, Mamba): training, and the
   decode interface of :mod:`moe_jax.decode` (its own state as nnx ``Cache``)."""
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               token_mask: jax.Array | None = None) -> jax.Array:
     """x: [B, L, M] at i32[L] (or per-row i32[B, L], in order) positions -> [B, L, M],
-    causal."""
+    causal unless the model is bidirectional; ``token_mask`` (bool[B, L]) marks the
+    real tokens, which a bidirectional mixer must keep padding away from."""
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     """Preallocates the decode state, batch as the leading axis of every array."""
@@ -437,7 +462,7 @@ class Block(nnx.Module):
     """The two residual branches, ``h = mixer(norm(x))`` and ``y = ffn(norm(x + h))``
     (dropout on both, in x's dtype), and the MoE layer's aux: the block is ``x + h +
     y``, and its residual delta ``f(x) = h + y``."""
-    h = self.dropout(self.mixer(self.mixer_norm(x), positions),
+    h = self.dropout(self.mixer(self.mixer_norm(x), positions, token_mask),
                      deterministic=deterministic).astype(x.dtype)
     y = self.ffn_norm(x + h)
     aux = None

@@ -42,6 +42,29 @@ def steps_to_threshold(curve: Sequence[tuple[int, float]], threshold: float
   return None
 
 
+def load_balance(load: Sequence[float]) -> tuple[float, float]:
+  """(coefficient of variation, max / mean) of one layer's f32[E] expert load.
+
+  CV is the population std over experts divided by the mean (0: perfectly balanced);
+  max / mean is the most loaded expert against the average (1: balanced, E: one expert
+  takes everything).
+  """
+  mean = statistics.fmean(load)
+  if mean <= 0:
+    return float("nan"), float("nan")
+  return statistics.pstdev(load) / mean, max(load) / mean
+
+
+def balance_curves(train: Sequence[dict[str, Any]]) -> dict[str, list[tuple]]:
+  """Per MoE layer, ``[(step, CV, max/mean), ...]`` of the logged expert loads (each
+  train line's load is the mean over its logging interval); {} for a dense model."""
+  curves: dict[str, list[tuple]] = {}
+  for line in train:
+    for layer, load in (line.get("expert_load") or {}).items():
+      curves.setdefault(layer, []).append((line["step"], *load_balance(load)))
+  return curves
+
+
 def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
                   ) -> dict[str, Any] | None:
   """One row of ``results.csv`` for a finished run (None if it has no final eval)."""
@@ -82,7 +105,14 @@ def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
       "curve": [(l["step"], float(l["eval_loss"])) for l in evals],
       "elapsed_curve": [(l["step"], float(l["elapsed_sec"])) for l in train],
       "tokens_per_step": tokens_per_step, "seq_len": c.data.seq_len,
+      "objective": c.model.get("objective", "causal_lm"),
+      "dropped_curve": [(l["step"], float(l["dropped_fraction"])) for l in train],
+      "balance_curves": balance_curves(train),
   }
+  balance = [p for curve in row["balance_curves"].values() for p in curve]
+  # Over the whole run and every MoE layer: how balanced training kept the experts.
+  row["load_cv"] = statistics.fmean(p[1] for p in balance) if balance else None
+  row["load_max_mean"] = statistics.fmean(p[2] for p in balance) if balance else None
   if threshold is not None:
     add_threshold(row, threshold)
   return row
@@ -177,6 +207,10 @@ def aggregate(rows: Sequence[dict[str, Any]],
                              if reached else None,
         "steps_to_threshold": Stat([r["steps_to_threshold"] for r in reached])
                               if reached else None,
+        "load_cv": (Stat([r["load_cv"] for r in g])
+                    if all(r.get("load_cv") is not None for r in g) else None),
+        "load_max_mean": (Stat([r["load_max_mean"] for r in g])
+                          if all(r.get("load_max_mean") is not None for r in g) else None),
         "params_total": g[0]["params_total"],
         "flops_per_token_active": g[0]["flops_per_token_active"],
         "curves": [r["curve"] for r in g],

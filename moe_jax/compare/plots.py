@@ -1,5 +1,6 @@
 """The comparison plots (matplotlib, imported only when plotting): eval loss against
-training step and training time, and training throughput per model.
+training step and training time, training throughput per model, and expert balance
+and dropped tokens over training.
 
 Grid-independent: the grid says how a model is named, coloured and drawn.
 """
@@ -14,9 +15,10 @@ from typing import Any, Callable, Sequence
 def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float, *,
                 label: Callable[[dict[str, Any]], str],
                 color: Callable[[dict[str, Any]], Any],
-                linestyle: Callable[[dict[str, Any]], str] = lambda agg: "-"
-                ) -> list[str]:
-  """eval_loss_vs_step.png, eval_loss_vs_time.png and throughput.png in ``outdir``.
+                linestyle: Callable[[dict[str, Any]], str] = lambda agg: "-",
+                prefix: str = "") -> list[str]:
+  """eval_loss_vs_step.png, eval_loss_vs_time.png and throughput.png in ``outdir``
+  (each name after ``prefix``).
 
   Args:
     outdir: where the PNGs go.
@@ -69,7 +71,7 @@ def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float, *
     ax.set_title(f"Eval loss vs {what} (one line per seed)")
     zoom.set_title("Last 40% of training (mean over seeds)")
     fig.tight_layout()
-    path = os.path.join(outdir, f"eval_loss_vs_{xkind}.png")
+    path = os.path.join(outdir, f"{prefix}eval_loss_vs_{xkind}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     paths.append(path)
@@ -95,8 +97,69 @@ def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float, *
   ax.set_title("Training throughput per model")
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  path = os.path.join(outdir, "throughput.png")
+  path = os.path.join(outdir, f"{prefix}throughput.png")
   fig.savefig(path, dpi=110)
   plt.close(fig)
   paths.append(path)
+  return paths
+
+
+def _seed_mean(curves: Sequence[Sequence[tuple]], index: int) -> tuple[list, list]:
+  """Steps and the mean over seeds of column ``index`` of per-seed ``[(step, ...)]``."""
+  n = min(len(c) for c in curves)
+  steps = [curves[0][j][0] for j in range(n)]
+  return steps, [statistics.fmean(c[j][index] for c in curves) for j in range(n)]
+
+
+def write_balance_plots(outdir: str, aggs: Sequence[dict[str, Any]], *,
+                        label: Callable[[dict[str, Any]], str],
+                        color: Callable[[dict[str, Any]], Any],
+                        prefix: str = "") -> list[str]:
+  """expert_balance.png (expert-load CV and max/mean per MoE layer over training) and
+  dropped_fraction.png (train dropped fraction over training), means over seeds; rows
+  without MoE layers are left out. Nothing is written when no row has any."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  moe = [a for a in aggs if a["rows"][0].get("balance_curves")]
+  if not moe:
+    return []
+  layers = sorted({k for a in moe for k in a["rows"][0]["balance_curves"]},
+                  key=lambda k: int(k.rsplit("_", 1)[-1]))
+  fig, axes = plt.subplots(2, len(layers), figsize=(5.5 * len(layers), 7), squeeze=False)
+  for j, layer in enumerate(layers):
+    for a in moe:
+      curves = [r["balance_curves"].get(layer) for r in a["rows"]]
+      if not all(curves):
+        continue
+      for i, ylabel in ((1, "expert-load CV (std / mean over experts)"),
+                        (2, "max / mean expert load")):
+        steps, ys = _seed_mean(curves, i)
+        axes[i - 1][j].plot(steps, ys, "-o", ms=2, color=color(a), lw=1.2,
+                            label=label(a))
+        axes[i - 1][j].set_ylabel(ylabel)
+    for i in range(2):
+      axes[i][j].set_xlabel("training step")
+      axes[i][j].set_title(f"MoE {layer.replace('_', ' ')} (mean over seeds)")
+      axes[i][j].grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  paths = [os.path.join(outdir, f"{prefix}expert_balance.png")]
+  fig.savefig(paths[0], dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for a in moe:
+    steps, ys = _seed_mean([r["dropped_curve"] for r in a["rows"]], 1)
+    ax.plot(steps, ys, "-o", ms=2, color=color(a), lw=1.2, label=label(a))
+  ax.set_xlabel("training step")
+  ax.set_ylabel("dropped fraction (train, layer mean)")
+  ax.set_title("Tokens dropped for capacity (mean over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(outdir, f"{prefix}dropped_fraction.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
   return paths

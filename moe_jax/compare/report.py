@@ -27,15 +27,16 @@ CSV_COLUMNS = (
     "dropped_fraction_eval", "elapsed_sec")
 
 
-def write_csv(path: str, rows: Iterable[dict[str, Any]]) -> None:
-  """``results.csv``: one line per run, the columns of :data:`CSV_COLUMNS`."""
+def write_csv(path: str, rows: Iterable[dict[str, Any]],
+              columns: Sequence[str] = CSV_COLUMNS) -> None:
+  """``results.csv``: one line per run, the ``columns`` (default :data:`CSV_COLUMNS`)."""
   with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     for r in rows:
       w.writerow({k: ("" if r.get(k) is None else
                       (repr(float(f"{r[k]:.6g}")) if isinstance(r[k], float) else r[k]))
-                  for k in CSV_COLUMNS})
+                  for k in columns})
 
 
 def init_and_loss_sentence(config) -> str:

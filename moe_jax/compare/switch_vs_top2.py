@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any, Callable, Sequence
 
 from moe_jax.compare import plots, runner
@@ -49,7 +48,7 @@ from moe_jax.compare.aggregation import (add_threshold, aggregate, default_thres
 from moe_jax.compare.report import (claims_paragraph, eval_sentence,
                                     init_and_loss_sentence, stderr_cell,
                                     threshold_cell, write_csv)
-from moe_jax.compare.runner import RunSpec, cf_name, fmt_duration
+from moe_jax.compare.runner import RunSpec, cf_name
 from moe_jax.config import default_config
 
 # Fedus et al. 2021, Table 1 (T5-Base / T5-Large / MoE-Base / Switch-Base on C4, 100k
@@ -124,21 +123,7 @@ OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "final_eval_steps": Non
                      "loss_reduction": None, "normalize_gates": None}
 
 
-def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
-  """The preset's settings with every non-None override applied.
-
-  Raises:
-    ValueError: unknown preset, unknown override, or a value that cannot work.
-  """
-  if preset not in PRESETS:
-    raise ValueError(f"--preset={preset!r} is unknown; use one of "
-                     f"{', '.join(PRESETS)}.")
-  settings = {**OPTIONAL_SETTINGS, **PRESETS[preset], "preset": preset}
-  for key, value in overrides.items():
-    if key not in settings:
-      raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(settings))}.")
-    if value is not None:
-      settings[key] = value
+def _check(settings: dict[str, Any]) -> list[str]:
   settings["capacity_factors"] = tuple(float(c) for c in settings["capacity_factors"])
   settings["families"] = tuple(settings["families"])
   errors = []
@@ -148,11 +133,17 @@ def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
                   f"{', '.join(FAMILIES)}.")
   if not settings["capacity_factors"] or min(settings["capacity_factors"]) <= 0:
     errors.append("--capacity_factors must be a non-empty list of numbers > 0.")
-  if not (isinstance(settings["seeds"], int) and settings["seeds"] >= 1):
-    errors.append(f"--seeds={settings['seeds']!r} must be a positive number of seeds.")
-  if errors:
-    raise ValueError("\n".join(errors))
-  return settings
+  return errors
+
+
+def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
+  """The preset's settings with every non-None override applied
+  (:func:`moe_jax.compare.runner.resolve_settings` of :data:`GRID`).
+
+  Raises:
+    ValueError: unknown preset, unknown override, or a value that cannot work.
+  """
+  return runner.resolve_settings(GRID, preset, **overrides)
 
 
 # ------------------------------------------------------------------------------------
@@ -541,47 +532,14 @@ def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any
           "complete": complete}
 
 
+GRID = runner.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
+                   build=build_grid, write_outputs=write_outputs)
+
+
 def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
                    train_fn: Callable | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs (or resumes) the grid in ``workdir`` and writes the report.
-
-  Each invocation's wall time and load average (start, end) are appended to
-  ``workdir/invocations.jsonl``; the report gives their total.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  runs = build_grid(settings)
-  load0, t0 = os.getloadavg(), time.time()
-  result = runner.run_grid(runs, workdir, train_fn=train_fn, log=log)
-  benched = not result["preempted"] and runner.benchmark_once(
-      runs, workdir, steps=settings["bench_steps"],
-      rounds=settings.get("bench_rounds"), log=log)
-  load1, wall = os.getloadavg(), time.time() - t0
-  if result["trained"] or result["preempted"] or benched:
-    runner.record_invocation(workdir, {
-        "start": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-        "wall_sec": wall, "trained": result["trained"], "benchmark": benched,
-        "loadavg_start": load0, "loadavg_end": load1})
-  invocations = runner.read_invocations(workdir)
-  total = sum(i["wall_sec"] for i in invocations)
-  meta = {
-      "command": command,
-      "runs": (f"{len(runs)} ("
-               + ", ".join(sorted({r.name.rsplit("_s", 1)[0] for r in runs})) + ")"),
-      "total wall-clock (training and benchmark)": (
-          f"{fmt_duration(total)} over {len(invocations)} invocation(s) that trained "
-          "or benchmarked"),
-      "load average (1 min) at start / end of each invocation": "; ".join(
-          f"{i['loadavg_start'][0]:.1f} / {i['loadavg_end'][0]:.1f}"
-          for i in invocations) or "n/a",
-      "CPU cores": os.cpu_count(),
-  }
-  out = write_outputs(workdir, runs, settings, meta)
-  out.update(result, total_wall_sec=total)
-  log(f"Grid wall-clock this invocation: {fmt_duration(wall)} "
-      f"(all invocations: {fmt_duration(total)}); load average "
-      f"{load0[0]:.1f} -> {load1[0]:.1f}.")
-  if out["rows"]:
-    log(f"Wrote {os.path.join(workdir, 'report.md')}, results.csv and plots"
-        + ("" if out["complete"] else " (PARTIAL: some runs unfinished)") + ".")
-  return out
+  """Runs (or resumes) the grid in ``workdir`` and writes the report
+  (:func:`moe_jax.compare.runner.run_comparison` of :data:`GRID`)."""
+  return runner.run_comparison(GRID, settings, workdir, command=command,
+                               train_fn=train_fn, log=log)

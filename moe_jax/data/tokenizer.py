@@ -18,27 +18,40 @@ _NUM_BYTES = 256
 
 
 class ByteTokenizer:
-    """Maps text to UTF-8 byte ids, with PAD, BOS and EOS after the bytes.
+    """Maps text to UTF-8 byte ids, with PAD, BOS, EOS (and MASK) after the bytes.
+
+    Args:
+      mask_token: Include :attr:`mask_id` in the vocabulary (masked language
+        modelling, ``model.objective="masked_lm"``); without it the vocabulary
+        stays the 259 ids every causal-LM checkpoint was trained with.
 
     Attributes:
       pad_id: Padding id (256). Never produced by :meth:`encode`.
       bos_id: Beginning-of-sequence id (257), for prompting generation.
       eos_id: End-of-sequence id (258); the pipeline puts one after every
         document, so models learn where documents end.
+      mask_id: The MASK id (259) that masked-LM inputs carry in place of the
+        bytes to predict (BERT's ``[MASK]``). Never produced by :meth:`encode`.
     """
 
     pad_id: int = _NUM_BYTES
     bos_id: int = _NUM_BYTES + 1
     eos_id: int = _NUM_BYTES + 2
+    mask_id: int = _NUM_BYTES + 3
+
+    def __init__(self, *, mask_token: bool = False):
+        self.mask_token = mask_token
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids: 256 bytes plus 3 specials (259)."""
-        return _NUM_BYTES + 3
+        """Number of ids: 256 bytes plus 3 specials (259), plus MASK (260) with
+        ``mask_token``."""
+        return _NUM_BYTES + 3 + int(self.mask_token)
 
     @property
     def special_ids(self) -> tuple[int, ...]:
-        return (self.pad_id, self.bos_id, self.eos_id)
+        ids = (self.pad_id, self.bos_id, self.eos_id)
+        return ids + (self.mask_id,) if self.mask_token else ids
 
     def encode(
         self, text: str | bytes, *, add_bos: bool = False, add_eos: bool = False
@@ -77,4 +90,5 @@ class ByteTokenizer:
         return byte_ids.tobytes().decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
-        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+        return (f"ByteTokenizer(vocab_size={self.vocab_size}"
+                + (", mask_token=True)" if self.mask_token else ")"))

