@@ -29,6 +29,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "chex>=0.1.90",
             "nbclient>=0.10",
             "nbformat>=5.10",
