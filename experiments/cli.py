@@ -1,6 +1,7 @@
 """Shared command-line plumbing of the experiment scripts (flags, clean errors)."""
 
 import os
+import shlex
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -63,3 +64,62 @@ def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
            "against the config file.")
 
   app.run(_main, flags_parser=_parse)
+
+
+# Flags that every comparison grid shares (each overrides its preset when given).
+GRID_FLAGS = (
+    ("integer", "steps", "Training steps per run."),
+    ("integer", "seeds", "Seeds per row (0, 1, ...)."),
+    ("integer", "num_experts", "Experts per MoE block."),
+    ("integer", "num_layers", "Blocks of the base models."),
+    ("integer", "d_model", "Model width."),
+    ("integer", "num_heads", "Attention heads."),
+    ("integer", "d_ff", "FFN hidden units per token (the dense FFN's width)."),
+    ("integer", "seq_len", "Tokens per example."),
+    ("integer", "batch_size", "Global batch size."),
+    ("float", "learning_rate", "Peak learning rate."),
+    ("integer", "warmup_steps", "Linear warmup steps."),
+    ("integer", "eval_every", "Steps between evaluations."),
+    ("integer", "eval_steps", "Batches per evaluation (0: the whole validation split)."),
+    ("integer", "final_eval_steps",
+     "Batches of the final evaluation (0: the whole validation split)."),
+    ("integer", "log_every", "Steps between train metric lines."),
+    ("integer", "checkpoint_every", "Steps between checkpoints."),
+    ("string", "dataset", "Dataset name (default: the embedded corpus)."),
+    ("float", "threshold", "Quality threshold as an eval loss in nats/token (a negative "
+     "value is read as a quality, -loss); default: the dense row's final eval loss."),
+)
+
+
+def define_grid_flags(flags, script: str, presets_help: str) -> tuple[str, ...]:
+  """Defines ``--preset``, ``--workdir`` and :data:`GRID_FLAGS` (all default None, so
+  the preset decides); returns the names of the overriding flags."""
+  flags.DEFINE_enum("preset", "cpu_small", ["smoke", "cpu_small", "base"], presets_help)
+  flags.DEFINE_string("workdir", None, f"Output directory (default /tmp/{script}_PRESET).")
+  for kind, name, help_ in GRID_FLAGS:
+    getattr(flags, f"DEFINE_{kind}")(name, None, help_)
+  return tuple(name for _, name, _ in GRID_FLAGS)
+
+
+def run_grid(script: str, resolve_settings, run_comparison, flag_values,
+             overrides: tuple[str, ...], **settings_kwargs) -> None:
+  """The body of a grid script's ``main``: settings from the preset and the flags,
+  then the grid in ``--workdir``; a bad value or a failed run exits with one line."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.train import TrainingError  # pylint: disable=import-outside-toplevel
+  if not flag_values["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    settings = resolve_settings(flag_values.preset, **settings_kwargs,
+                                **{k: getattr(flag_values, k) for k in overrides})
+  except ValueError as e:
+    sys.exit(str(e))
+  workdir = flag_values.workdir or f"/tmp/{script}_{flag_values.preset}"
+  # The settings, without where the outputs went.
+  command = f"python experiments/{script}.py " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--workdir"))
+  try:
+    run_comparison(settings, workdir, command=command.strip())
+  except (ConfigError, TrainingError) as e:
+    sys.exit(str(e))
