@@ -150,7 +150,7 @@ def test_lora_params_carry_logical_axes_like_their_weights():
   ad = lora.adapter(model.blocks[1].ffn.experts, "wi")
   assert ad.lora_a.get_metadata("logical_axes") == ("expert", "embed", None)
   assert ad.lora_b.get_metadata("logical_axes") == ("expert", None, "mlp")
-  ad = lora.adapter(model.blocks[0].attention, "out")
+  ad = lora.adapter(model.blocks[0].mixer, "out")
   assert ad.lora_a.shape == (M, 2) and ad.lora_b.shape == (2, M)
 
 
