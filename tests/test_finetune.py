@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -137,10 +138,16 @@ def test_clear_errors(base_run, tmp_path):
   (empty / "config.json").write_text(open(os.path.join(base_run, "config.json")).read())
   with pytest.raises(ConfigError, match="has no checkpoint yet"):
     finetune.finetune(ft_config(), str(empty), str(tmp_path / "w2"))
-  with pytest.raises(ConfigError, match="'dense_ffn'.*drop it"):
-    # Tiny base: block 0 dense, block 1 MoE, so ask for what it lacks in another way.
+  with pytest.raises(ConfigError, match="'nope', which is not a target"):
     finetune.finetune(ft_config(**{"finetune.targets": ("nope",)}), base_run,
                       str(tmp_path / "w3"))
+  # A target the model lacks: the run's plan refuses it in one line, before training.
+  from tests.test_peft import tiny_model  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"finetune": finetune.default_finetune_config()})
+  config.finetune.targets = ("experts", "shared_experts")
+  with pytest.raises(ConfigError, match="'shared_experts', but its MoE layers have no "
+                     "shared experts"):
+    finetune.prepare(tiny_model(shared=0), config)
   with pytest.raises(ConfigError, match="finetune.rank=0"):
     finetune.finetune(ft_config(**{"finetune.rank": 0}), base_run, str(tmp_path / "w4"))
 
