@@ -157,7 +157,8 @@ def test_cli_runs_and_reports_errors_in_one_line(base_run, tmp_path, jit_cache):
   env = dict(jit_cache, PYTHONPATH=ROOT)
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "finetune.py"),
          f"--config={CONFIG}", "--config.steps=2", "--config.batch_size=4",
-         "--config.eval_steps=1", "--config.finetune.rank=2"]
+         "--config.eval_steps=1", "--config.finetune.rank=2",
+         "--config.warmup_steps=1"]
   out = subprocess.run(cmd + [f"--init_from={tmp_path / 'none'}",
                               f"--workdir={tmp_path / 'a'}"], env=env,
                        capture_output=True, text=True, timeout=900)
