@@ -3,6 +3,10 @@ r"""Prints text sampled from the latest checkpoint of a run, decoded with a KV c
   python experiments/sample.py --workdir=/tmp/switch_small --prompt="ROMEO:" \
       --length=500 [--temperature=0.8 --top_k=40 --top_p=1.0 --seed=0 --max_len=0]
   python experiments/sample.py --workdir=/tmp/switch_small --prompts_file=prompts.txt
+  python experiments/sample.py --workdir=/tmp/switch_small_lora --prompt="def " [--nomerge]
+
+A fine-tuning run's workdir (experiments/finetune.py) loads its base model with the
+fine-tuned parameters; LoRA adapters are merged unless ``--nomerge``.
 
 Each sample is printed as the prompt followed by its continuation. With
 ``--prompts_file`` (one prompt per line, ``\n`` inside a line is a newline, an empty
@@ -31,6 +35,9 @@ def _flags(flags):
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of bytes with "
                      "this much probability; 1 is off.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("merge", True, "A fine-tuning run (experiments/finetune.py): fold "
+                    "its LoRA adapters into the weights before decoding; --nomerge "
+                    "decodes through the adapters (same numbers to float rounding).")
   flags.DEFINE_integer("max_len", 0, "KV-cache length in bytes (prompt + continuation); "
                        "longer samples slide a window. 0: the run's data.seq_len.")
 
@@ -72,7 +79,12 @@ def main(_, workdir):
                        "checkpoint: it attends bidirectionally to fill in masked bytes "
                        "and cannot generate text left to right; sample a causal_lm run."])
   tokenizer = ByteTokenizer()
-  model, config, step = train.load_model(workdir, vocab_size=tokenizer.vocab_size)
+  from moe_jax.peft import finetune  # pylint: disable=import-outside-toplevel
+  if finetune.is_finetune_run(workdir):
+    model, config, step = finetune.load_model(workdir, merge=f.merge,
+                                              vocab_size=tokenizer.vocab_size)
+  else:
+    model, config, step = train.load_model(workdir, vocab_size=tokenizer.vocab_size)
   max_len = f.max_len or max(config.data.seq_len, 2)
   # Documents start after an EOS; a prompt longer than the cache keeps its end.
   prompts = [(tokenizer.encode(t) if t else [tokenizer.eos_id])[-max_len:] for t in texts]

@@ -189,7 +189,7 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
       MODEL_AXIS] == 0
 
   w_specs = _weight_specs(layout, experts)
-  weights = {name: getattr(experts, name)[...] for name in w_specs}
+  weights = experts.weights()
   use_rng = not deterministic and experts.dropout.rate > 0
   key = experts.dropout.rngs() if use_rng else jnp.zeros((), jnp.uint32)
 

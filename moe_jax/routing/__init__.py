@@ -26,7 +26,8 @@ See docs/routing.md for the formulas as built and where the anchors differ.
 
 from moe_jax.routing.balance import (BALANCE_CHOICES, cv2, load_balance_summary,
                                      load_balancing_loss, update_selection_bias)
-from moe_jax.routing.common import SECOND_POLICIES, RoutingOutput, expert_capacity
+from moe_jax.routing.common import (SECOND_POLICIES, RoutingOutput, expert_capacity,
+                                    gate_mass)
 from moe_jax.routing.depth import depth_capacity, select_top_k
 from moe_jax.routing.expert_choice import expert_choice
 from moe_jax.routing.noisy import noisy_top_k, smooth_load
@@ -42,6 +43,7 @@ __all__ = [
     "depth_capacity",
     "expert_capacity",
     "expert_choice",
+    "gate_mass",
     "load_balance_summary",
     "load_balancing_loss",
     "mask_to_top_groups",

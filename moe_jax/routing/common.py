@@ -227,6 +227,18 @@ def choice_counts(expert_index: jax.Array, valid: jax.Array,
   return jnp.sum(hot, axis=(0, 1, 2))
 
 
+def gate_mass(out: RoutingOutput) -> jax.Array:
+  """f32[E(+N)]: the combine weight each expert received, summed over all choices.
+
+  ``gates`` are 0 for dropped and padding choices, so this is the mass of the kept
+  ones: DeepSeek's ``sum_t g_{i,t}``, the numerator of ESFT's average gate score
+  (Wang et al. 2024, eq. 5; :mod:`moe_jax.peft.esft`).
+  """
+  num_experts = out.metrics["expert_load"].shape[-1]
+  hot = jax.nn.one_hot(out.expert_index, num_experts, dtype=jnp.float32)
+  return jnp.sum(hot * out.gates.astype(jnp.float32)[..., None], axis=(0, 1, 2))
+
+
 def token_choice_metrics(expert_index: jax.Array, kept: jax.Array, valid: jax.Array,
                          top1_prob: jax.Array, probs: jax.Array,
                          capacity: int) -> dict[str, jax.Array]:

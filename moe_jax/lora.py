@@ -1,0 +1,146 @@
+"""Low-rank adapters on any weight of the model, as flax's ``nnx.LoRAParam``.
+
+A weight ``W`` of shape ``[*batch, *in, *out]`` (``batch``: the E axis of stacked
+experts, or nothing; ``in``: the contracted axes, two for attention's output
+``[N, D, M]``) gets an :class:`Adapter` beside it holding
+
+    lora_a: LoRAParam [*batch, K, r]   (K = prod(in), He-uniform init)
+    lora_b: LoRAParam [*batch, r, N]   (N = prod(out), zeros)
+
+and every read of the weight goes through :func:`weight`, which returns
+
+    W' = W + (alpha / r) * reshape(lora_a @ lora_b, W.shape)
+
+so a stacked expert weight ``wi [E, M, H]`` gets one adapter per expert,
+``A [E, M, r]`` and ``B [E, r, H]`` (Hu et al. 2021, eq. 3, per expert). With B = 0
+the sum adds exact zeros: an adapted model's outputs at step 0 equal the base
+model's bit for bit. :func:`merge` folds the adapters into the weights.
+
+Why the update is added to the weight, not to the activations (``x W + x A B``, as
+``nnx.LoRA`` does): the model reads each weight in several places, e.g. the experts
+by one-hot einsum, by gathered slots, by ``ragged_dot`` grouped matmuls inside a
+``shard_map`` and by gathered rows when decoding. Adding the delta where the weight
+is read gives every path, present and future, the same adapted weight from one line,
+and the dispatch code stays untouched. The cost is one ``[*batch, K, r] @ [*batch, r,
+N]`` matmul per weight and step (r/T of the token matmuls' FLOPs for T tokens per
+expert) and a transient weight-sized delta; the trainable parameters, their gradients
+and the optimizer state are the adapters' alone, which is what LoRA saves.
+
+The adapter lives in an attribute ``<weight name>_lora`` of the module that owns the
+weight (``experts.wi_lora``), so checkpoints and the optimizer's ``wrt=nnx.LoRAParam``
+filter find it by the ordinary state paths. Which weights get one is decided by
+:mod:`moe_jax.peft.lora`; this module knows nothing about the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+SUFFIX = "_lora"
+
+
+class Adapter(nnx.Module):
+  """LoRA factors of one weight; :meth:`delta` is the scaled update, W's shape.
+
+  Attributes:
+    lora_a: ``nnx.LoRAParam`` [*batch, K, r].
+    lora_b: ``nnx.LoRAParam`` [*batch, r, N], zeros at init.
+    scale: alpha / rank.
+    shape: the adapted weight's shape.
+  """
+
+  def __init__(self, shape: tuple[int, ...], *, batch_dims: int, in_dims: int,
+               rank: int, alpha: float, axes: tuple[Any, ...] | None = None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if batch_dims + in_dims >= len(shape):
+      raise ValueError(f"a weight of shape {shape} has no output axes after "
+                       f"{batch_dims} batch and {in_dims} input axes.")
+    batch = tuple(shape[:batch_dims])
+    k = math.prod(shape[batch_dims:batch_dims + in_dims])
+    n = math.prod(shape[batch_dims + in_dims:])
+    # nnx.LoRA's defaults: He-uniform A over its fan-in K, B = 0.
+    init = jax.nn.initializers.he_uniform(in_axis=-2, out_axis=-1,
+                                          batch_axis=tuple(range(batch_dims)))
+    a_axes = b_axes = None
+    if axes is not None:
+      # The batch axes (E) shard like the weight's; K or N take the weight's axis
+      # name when it is a single axis, and the rank axis is replicated.
+      in_axes, out_axes = (axes[batch_dims:batch_dims + in_dims],
+                           axes[batch_dims + in_dims:])
+      a_axes = (*axes[:batch_dims], in_axes[0] if in_dims == 1 else None, None)
+      b_axes = (*axes[:batch_dims], None, out_axes[0] if len(out_axes) == 1 else None)
+    self.lora_a = nnx.LoRAParam(init(rngs.params(), (*batch, k, rank), param_dtype),
+                                **({"logical_axes": a_axes} if a_axes else {}))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((*batch, rank, n), param_dtype),
+                                **({"logical_axes": b_axes} if b_axes else {}))
+    self.scale = float(alpha) / rank
+    self.shape = tuple(shape)
+
+  @property
+  def rank(self) -> int:
+    return self.lora_a.shape[-1]
+
+  def delta(self) -> jax.Array:
+    """``(alpha / r) * A @ B`` reshaped to the weight's shape, in the factors' dtype."""
+    ab = jnp.matmul(self.lora_a[...], self.lora_b[...],
+                    precision=jax.lax.Precision.HIGHEST)
+    return (self.scale * ab).reshape(self.shape)
+
+
+def adapter(module: Any, name: str) -> Adapter | None:
+  """The adapter of ``module``'s weight ``name``, or None."""
+  found = getattr(module, name + SUFFIX, None)
+  return found if isinstance(found, Adapter) else None
+
+
+def weight(module: Any, name: str) -> jax.Array:
+  """The value of ``module``'s weight ``name``, plus its adapter's update if it has one.
+
+  Every read of a weight that LoRA may target goes through here.
+  """
+  w = getattr(module, name)[...]
+  found = adapter(module, name)
+  if found is None:
+    return w
+  return w + found.delta().astype(w.dtype)
+
+
+def attach(module: Any, name: str, *, batch_dims: int, in_dims: int, rank: int,
+           alpha: float, rngs: nnx.Rngs, axes: tuple[Any, ...] | None = None) -> Adapter:
+  """Gives ``module``'s weight ``name`` a fresh adapter (B = 0) and returns it."""
+  if adapter(module, name) is not None:
+    raise ValueError(f"weight {name!r} of {type(module).__name__} already has an adapter.")
+  w = getattr(module, name)
+  new = Adapter(tuple(w.shape), batch_dims=batch_dims, in_dims=in_dims, rank=rank,
+                alpha=alpha, axes=axes, param_dtype=w.dtype, rngs=rngs)
+  setattr(module, name + SUFFIX, new)
+  return new
+
+
+def adapters(model: Any) -> Iterator[tuple[tuple, Any, str, Adapter]]:
+  """``(path of the owner, owner, weight name, adapter)`` of every adapter in ``model``."""
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and not isinstance(node, Adapter):
+      for attr, value in list(vars(node).items()):
+        if isinstance(value, Adapter) and attr.endswith(SUFFIX):
+          yield path, node, attr[:-len(SUFFIX)], value
+
+
+def merge(model: Any) -> int:
+  """Folds every adapter into its weight (``W <- W'``) and removes it; returns how many.
+
+  The merged model computes with exactly the weights the adapted one read through
+  :func:`weight`, so its outputs equal the adapted model's (to float rounding of
+  where XLA evaluates the sum).
+  """
+  found = list(adapters(model))
+  for _, owner, name, _ in found:
+    merged = weight(owner, name)
+    getattr(owner, name).set_value(merged)
+    delattr(owner, name + SUFFIX)
+  return len(found)

@@ -1,0 +1,76 @@
+"""The differentiated training loss (of :mod:`moe_jax.train` and fine-tuning).
+
+The batch it sees is already the objective's (:mod:`moe_jax.objectives` turns text into
+inputs, targets and weights); ``training_loss(config)(model, batch)`` is what the
+training steps differentiate, for
+pretraining (:mod:`moe_jax.train`) and fine-tuning (:mod:`moe_jax.peft.finetune`)
+alike: CE plus the MoE layers' aux and z losses and the Mixture-of-Depths predictor
+loss, with the coefficients and reduction of the config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_jax import mod
+
+# How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
+LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+  """Summed token cross-entropy and token count. logits f32[B, L, V], targets i32[B, L]."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                       targets)
+  if weights is None:
+    weights = jnp.ones_like(ce)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
+  """Layer means of the MoE losses and scalar metrics, plus per-layer expert load."""
+  if not moe_aux:
+    zero = jnp.zeros((), jnp.float32)
+    return {"aux_loss": zero, "z_loss": zero, "dropped_fraction": zero}
+  layers = [moe_aux[i] for i in sorted(moe_aux)]
+  out = {"aux_loss": jnp.mean(jnp.stack([a.aux_loss for a in layers])),
+         "z_loss": jnp.mean(jnp.stack([a.z_loss for a in layers]))}
+  for name in ("dropped_fraction", "router_confidence", "router_entropy",
+               "second_kept_fraction", "noop_fraction"):
+    if name in layers[0].metrics:  # noop_fraction: MoDE's no-op experts only
+      out[name] = jnp.mean(jnp.stack([a.metrics[name] for a in layers]))
+  out["expert_load"] = jnp.stack([a.metrics["expert_load"] for a in layers])  # [n, E]
+  out["expert_fill"] = jnp.stack([a.metrics["expert_fill"] for a in layers])
+  return out
+
+
+def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple]]:
+  """``total, (metrics, choice_counts) = loss(model, batch)``: the differentiated
+  training loss of the module docstring, on a model in training mode; ``metrics``
+  holds CE as ``loss`` and the MoE summaries, ``choice_counts`` each MoE block's."""
+  aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
+  mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
+  reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
+
+  def loss(m, batch):
+    out = m.forward(batch["inputs"], deterministic=False)
+    moe_aux = out.moe_aux
+    ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
+    ce = ce_sum / jnp.maximum(count, 1.0)
+    moe = dict(moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
+    total = ce + mod_coef * mod.depth_loss(out.depth_aux)
+    if moe_aux:
+      layers = [moe_aux[i] for i in sorted(moe_aux)]
+      total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
+               + z_coef * reduce(jnp.stack([a.z_loss for a in layers])))
+    choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
+    return total, (dict(moe, loss=ce), choice_counts)
+
+  return loss

@@ -1,0 +1,216 @@
+"""LoRA targets, merge and ESFT selection (moe_jax/lora.py, moe_jax/peft/)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax import lora
+from moe_jax.experts import Experts
+from moe_jax.moe_layer import MoeConfig
+from moe_jax.peft import esft
+from moe_jax.peft import lora as peft_lora
+from moe_jax.transformer import Transformer, TransformerConfig
+
+ALL_TARGETS = ("router", "experts", "shared_experts", "attention", "dense_ffn")
+M, H, E, HS, V, N_HEADS = 16, 24, 4, 32, 40, 2
+
+
+def tiny_model(dispatch="indices", *, shared=1, activation="swiglu", seed=0):
+  """Block 0: attention + dense FFN; block 1: attention + MoE (top-2, shared experts)."""
+  moe = MoeConfig(d_model=M, d_ff=H, num_experts=E, top_k=2, group_size=16,
+                  dispatch=dispatch, num_shared_experts=shared, activation=activation,
+                  capacity_factor=1.0, eval_capacity_factor=1.0)
+  cfg = TransformerConfig(vocab_size=V, num_layers=2, d_model=M, num_heads=N_HEADS,
+                          d_ff=HS, moe_every=2, moe=moe, activation=activation)
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def tokens(seed=1, shape=(2, 16)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, V)
+
+
+def logits_of(model, x):
+  return model(x, deterministic=True)[0]
+
+
+def randomise_b(model, seed=2):
+  """Nonzero B factors, so the adapters change the outputs."""
+  key = jax.random.key(seed)
+  for i, (_, _, _, ad) in enumerate(lora.adapters(model)):
+    b = ad.lora_b
+    b.set_value(0.3 * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
+def test_zero_init_outputs_equal_the_base_model_exactly(dispatch):
+  model = tiny_model(dispatch)
+  x = tokens()
+  base = logits_of(model, x)
+  n = peft_lora.add_lora(model, ALL_TARGETS, rank=4, alpha=8.0)
+  # router 1 + experts 3 (swiglu) + shared 3 + attention 2x4 + dense FFN 3.
+  assert n == 1 + 3 + 3 + 8 + 3
+  np.testing.assert_array_equal(np.asarray(logits_of(model, x)), np.asarray(base))
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
+def test_merge_equals_the_adapted_model(dispatch):
+  model = tiny_model(dispatch)
+  x = tokens()
+  base = logits_of(model, x)
+  peft_lora.add_lora(model, ALL_TARGETS, rank=4, alpha=8.0)
+  randomise_b(model)
+  adapted = logits_of(model, x)
+  assert float(jnp.max(jnp.abs(adapted - base))) > 1e-2  # the adapters do something
+  assert lora.merge(model) == 18
+  assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+  np.testing.assert_allclose(np.asarray(logits_of(model, x)), np.asarray(adapted),
+                             atol=1e-5, rtol=0)
+
+
+def test_every_dispatch_path_sees_the_same_adapted_experts():
+  """Same weights, three dispatch paths: equal outputs with nonzero adapters (C = S,
+  nothing dropped; eval_capacity_factor=E makes C = S for the capacity paths)."""
+  outs = {}
+  for dispatch in ("einsum", "indices", "dropless"):
+    model = tiny_model(dispatch)
+    peft_lora.add_lora(model, ("experts",), rank=2, alpha=2.0)
+    randomise_b(model)
+    layer = model.blocks[1].ffn
+    layer.cfg = MoeConfig(**{**layer.cfg.__dict__, "eval_capacity_factor": float(E)})
+    outs[dispatch] = logits_of(model, tokens())
+  np.testing.assert_allclose(outs["einsum"], outs["indices"], atol=1e-5)
+  np.testing.assert_allclose(outs["einsum"], outs["dropless"], atol=1e-5)
+
+
+def test_expert_adapters_match_a_per_expert_loop():
+  """W'_e = W_e + (alpha / r) A_e B_e for every expert e, on every read path."""
+  experts = Experts(E, M, H, activation="relu", rngs=nnx.Rngs(0))
+  rngs = nnx.Rngs(3)
+  for name in ("wi", "wo"):
+    lora.attach(experts, name, batch_dims=1, in_dims=1, rank=3, alpha=6.0, rngs=rngs)
+  key = jax.random.key(4)
+  for i, name in enumerate(("wi", "wo")):
+    b = lora.adapter(experts, name).lora_b
+    b.set_value(jax.random.normal(jax.random.fold_in(key, i), b.shape))
+  x = jax.random.normal(jax.random.key(5), (E, 3, M))
+  ref = []
+  for e in range(E):
+    def w(name):
+      ad = lora.adapter(experts, name)
+      return getattr(experts, name)[e] + 2.0 * ad.lora_a[e] @ ad.lora_b[e]  # 6 / 3
+    ref.append(jax.nn.relu(x[e] @ w("wi")) @ w("wo"))
+  ref = jnp.stack(ref)
+  np.testing.assert_allclose(experts(x, deterministic=True), ref, atol=1e-4)
+  # Gathered (decode) path: token t of expert e picks expert e.
+  index = jnp.repeat(jnp.arange(E), 3)[:, None]
+  got = experts.gathered(x.reshape(E * 3, M), index, deterministic=True)[:, 0]
+  np.testing.assert_allclose(got.reshape(E, 3, M), ref, atol=1e-4)
+  # Ragged (dropless) path: rows sorted by expert, 3 each.
+  got = experts.ragged(x.reshape(E * 3, M), jnp.full((E,), 3, jnp.int32),
+                       deterministic=True)
+  np.testing.assert_allclose(got.reshape(E, 3, M), ref, atol=1e-4)
+
+
+def test_trainable_count_equals_the_formula():
+  model = tiny_model()
+  peft_lora.add_lora(model, ALL_TARGETS, rank=4, alpha=8.0)
+  r = 4
+  # A weight [*b, *in, *out] adds prod(b) * r * (K + N), K = prod(in), N = prod(out).
+  router = r * (M + E)
+  experts = 3 * E * r * (M + H)        # wi, wi_gate [E, M, H]; wo [E, H, M]
+  shared = 3 * r * (M + 1 * H)         # shared width = num_shared_experts * d_ff
+  attention = 2 * (4 * r * (M + M))   # per block: q, k, v [M, N, D], out [N, D, M]
+  dense = 3 * r * (M + HS)
+  expected = router + experts + shared + attention + dense
+  assert expected == 80 + 1920 + 480 + 1024 + 576  # r=4, M=16, E=4, H=24, HS=32
+  assert peft_lora.lora_param_count(model) == expected
+  per_weight = sum(peft_lora.adapter_param_count(w.shape, ad.lora_a.ndim - 2,
+                                                 1 if name != "out" else 2, r)
+                   for _, owner, name, ad in lora.adapters(model)
+                   for w in [getattr(owner, name)])
+  assert per_weight == expected
+
+
+def test_targets_the_model_lacks_are_refused_in_one_line():
+  dense_only = tiny_model(shared=0)
+  with pytest.raises(ValueError, match="shared_experts.*num_shared_experts=0"):
+    peft_lora.add_lora(dense_only, ("experts", "shared_experts"), rank=2, alpha=2.0)
+  with pytest.raises(ValueError, match="'mlp', which is not a target.*router"):
+    peft_lora.add_lora(dense_only, ("mlp",), rank=2, alpha=2.0)
+  assert not jax.tree.leaves(nnx.state(dense_only, nnx.LoRAParam))
+
+
+def test_lora_params_carry_logical_axes_like_their_weights():
+  model = tiny_model()
+  peft_lora.add_lora(model, ("experts", "attention"), rank=2, alpha=2.0)
+  ad = lora.adapter(model.blocks[1].ffn.experts, "wi")
+  assert ad.lora_a.get_metadata("logical_axes") == ("expert", "embed", None)
+  assert ad.lora_b.get_metadata("logical_axes") == ("expert", None, "mlp")
+  ad = lora.adapter(model.blocks[0].mixer, "out")
+  assert ad.lora_a.shape == (M, 2) and ad.lora_b.shape == (2, M)
+
+
+# ---------------------------------------------------------------------------------
+# ESFT
+# ---------------------------------------------------------------------------------
+
+
+def test_select_experts_hand_example():
+  shares = {1: np.array([0.1, 0.4, 0.3, 0.2]), 3: np.array([0.25, 0.25, 0.25, 0.25])}
+  # Layer 1 sorted: e1 0.4, e2 0.3 (cum 0.7), e3 0.2 (0.9), e0 0.1 (1.0).
+  sel = esft.select_experts(shares, 0.6)
+  assert sel[1].tolist() == [False, True, True, False]   # 0.7 >= 0.6
+  assert sel[3].tolist() == [True, True, True, False]    # 0.25, 0.5, 0.75 >= 0.6
+  assert esft.select_experts(shares, 0.7)[1].tolist() == [False, True, True, False]
+  assert esft.select_experts(shares, 0.71)[1].tolist() == [False, True, True, True]
+  assert esft.select_experts(shares, 0.4)[1].tolist() == [False, True, False, False]
+  assert esft.select_experts(shares, 0.5)[3].tolist() == [True, True, False, False]
+  assert esft.select_experts(shares, 1.0)[1].all()
+  with pytest.raises(ValueError, match="top_p=0"):
+    esft.select_experts(shares, 0)
+
+
+def test_routing_shares_count_choices_and_gates():
+  model = tiny_model("dropless")  # nothing dropped: every choice is kept
+  x = tokens(shape=(2, 16))
+  batch = {"inputs": x}
+  token = esft.routing_shares(model, [batch, batch], "token")
+  gate = esft.routing_shares(model, [batch], "gate")
+  assert list(token) == [1] and token[1].shape == (E,)
+  # Hand reference from the router: top-2 of softmax(x W), normalised gates.
+  layer = model.blocks[1].ffn
+  out = model.forward(x, deterministic=True)
+  counts = np.asarray(out.moe_aux[1].metrics["choice_counts"])
+  assert counts.sum() == 2 * 16 * 2  # T * K choices
+  np.testing.assert_allclose(token[1], counts / counts.sum(), rtol=1e-6)
+  mass = np.asarray(out.moe_aux[1].metrics["gate_mass"])
+  assert mass.sum() == pytest.approx(2 * 16, rel=1e-5)  # normalised gates sum to 1
+  np.testing.assert_allclose(gate[1], mass / mass.sum(), rtol=1e-6)
+  del layer
+
+
+def test_frozen_rows_stay_bit_identical_under_adamw_with_weight_decay():
+  import optax
+  params = {"experts": {"wi": jnp.arange(24.0).reshape(4, 3, 2) - 5.0},
+            "norm": jnp.ones((3,))}
+  params["experts"]["wi"] = params["experts"]["wi"].at[2, 0, 0].set(-0.0)
+  masks = esft.mask_tree(params, {("experts", "wi"): np.array([True, False, True,
+                                                              False])[:, None, None]})
+  assert masks["norm"] is None
+  tx = optax.chain(optax.adamw(0.1, weight_decay=0.5), esft.freeze_rows(masks))
+  state = tx.init(params)
+  p = params
+  for _ in range(3):
+    grads = jax.tree.map(jnp.ones_like, p)
+    updates, state = tx.update(grads, state, p)
+    p = esft.keep_frozen(optax.apply_updates(p, updates), p, masks)
+  old, new = np.asarray(params["experts"]["wi"]), np.asarray(p["experts"]["wi"])
+  for e in (1, 3):
+    assert old[e].tobytes() == new[e].tobytes()
+  for e in (0, 2):
+    assert not np.array_equal(old[e], new[e])
+  assert not np.array_equal(np.asarray(p["norm"]), np.ones(3))
