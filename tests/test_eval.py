@@ -106,7 +106,7 @@ def test_full_eval_scores_every_token_once_on_any_mesh(corpus, moe_every, data_a
   mesh = sharding.make_mesh(data_axis, expert_axis)
   sharding.shard_model(model, mesh)
   eval_step = train.make_eval_step(model)
-  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train.split_model(model)
   batches = (sharding.shard_batch(b, mesh) for b in lm.eval_iter(num_steps=None))
   got = train.evaluate(eval_step, params, batches)
   assert got["eval_tokens"] == count == 173 and got["eval_batches"] == 3

@@ -83,7 +83,7 @@ def _grads(config):
   """The update of one plain-SGD step (lr 1): minus the gradient of the loss."""
   model = train.make_model(config)
   tx = optax.sgd(1.0)
-  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train.split_model(model)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(0)))

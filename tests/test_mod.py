@@ -461,7 +461,7 @@ def test_the_train_step_weights_the_bce_and_reports_the_metrics(coef):
   c = _tiny_config(coef)
   model = train.make_model(c, vocab_size=V)
   tx, _ = train.make_optimizer(c)
-  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train.split_model(model)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(0)))
@@ -473,13 +473,13 @@ def test_the_train_step_weights_the_bce_and_reports_the_metrics(coef):
   moved = [not np.array_equal(before[k], np.asarray(after[k])) for k in before]
   assert all(moved) if coef else not any(moved)
   assert metrics["mod_predictor_accuracy"].shape == (1,)  # one routed block
-  line = train._train_line(jax.device_get(metrics), (), (1,))  # pylint: disable=protected-access
+  line = train.train_line(jax.device_get(metrics), (), (1,))
   assert line["mod_routed_fraction"] == {"layer_1": pytest.approx(0.25)}
   assert set(line) >= {"mod_aux_loss", "mod_predicted_fraction", "mod_router_mean",
                        "mod_router_std", "mod_predictor_accuracy"}
   if coef:  # the eval line: the causal loss and the predictor per block
     values = train.evaluate(train.make_eval_step(model), state.params, [batch])
-    trained = train._merge(*train._merge_parts(model, state.params), None)  # pylint: disable=protected-access
+    trained = train.merge_model(*train._merge_parts(model, state.params), None)  # pylint: disable=protected-access
     logits, _ = jax.jit(lambda t: trained(t, deterministic=True, use_predictor=True))(
         batch["inputs"])
     ce, count = train.lm_loss(logits, batch["targets"])

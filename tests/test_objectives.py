@@ -142,7 +142,7 @@ def test_loss_covers_the_picked_tokens_only():
 
   # Eval: the sums are over the picked tokens of the index-0 mask.
   (batch,) = OBJECTIVES["masked_lm"].eval_batches([raw])
-  sums = train.make_eval_step(model)(train._split_model(model)[1], batch)  # pylint: disable=protected-access
+  sums = train.make_eval_step(model)(train.split_model(model)[1], batch)
   want, count = _picked_ce(model, batch)
   assert count == 4 * 5  # round(0.15 * 32) = round(4.8) = 5 per row, 4 rows
   assert float(sums["tokens"]) == count
@@ -151,13 +151,13 @@ def test_loss_covers_the_picked_tokens_only():
   eval_step = train.make_eval_step(model)
   other = dict(batch, targets=jnp.where(batch["weights"] > 0, batch["targets"],
                                         (batch["targets"] + 7) % 256))
-  again = eval_step(train._split_model(model)[1], other)  # pylint: disable=protected-access
+  again = eval_step(train.split_model(model)[1], other)
   assert float(again["nats"]) == float(sums["nats"])
 
   # Training: the step's loss is the mean CE over the picked tokens of the mask drawn
   # from fold_in(key(seed), step), which the step derives itself.
   tx, _ = train.make_optimizer(config)
-  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train.split_model(model)
   params = jax.tree.map(jnp.copy, params)  # the step donates its state
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),

@@ -337,7 +337,7 @@ def test_train_step_updates_the_bias_by_the_rule_after_the_optimizer_step():
   config = _bias_config()
   model = train.make_model(config)
   tx, _ = train.make_optimizer(config)
-  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train.split_model(model)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(0)),
@@ -433,13 +433,13 @@ def test_checkpoints_without_model_state_still_restore(tmp_path):
   checkpointer.save(3, make(TrainState))
   abstract = jax.eval_shape(lambda: make(train.TrainState))
   # pylint: disable=protected-access
-  step, saved, _ = checkpointer.restore(train._to_checkpoint(abstract))
-  state = train._from_checkpoint(saved)
+  step, saved, _ = checkpointer.restore(train.to_checkpoint(abstract))
+  state = train.from_checkpoint(saved)
   assert step == 3 and state.model_state == {}
   np.testing.assert_array_equal(state.params["w"], [0.0, 1.0, 2.0])
   # With biases, the state is saved as it is and comes back with them.
   biased = make(train.TrainState, model_state={"b": jnp.full(4, 0.5)})
-  checkpointer.save(4, train._to_checkpoint(biased))
+  checkpointer.save(4, train.to_checkpoint(biased))
   _, saved, _ = checkpointer.restore(jax.eval_shape(lambda: biased))
   np.testing.assert_array_equal(saved.model_state["b"], np.full(4, 0.5))
   checkpointer.close()
@@ -460,7 +460,7 @@ def test_weight_decay_skips_mamba_a_log_and_d():
   config = tiny_config(**{"model.attn_layer_period": 2, "model.attn_layer_offset": 1,
                           "weight_decay": 0.5, "warmup_steps": 0, "grad_clip": 0.0})
   model = nnx.eval_shape(lambda: train.make_model(config))  # the parameter tree only
-  _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train.split_model(model)
   params = jax.tree.map(lambda p: jnp.full(p.shape, 2.0, p.dtype), params)
   tx, schedule = train.make_optimizer(config)
   lr = float(schedule(0))

@@ -263,7 +263,7 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
     c = run.config
     model = train.make_model(c)
     tx, _ = train.make_optimizer(c)
-    _, params, _ = train._split_model(model)  # pylint: disable=protected-access
+    _, params, _ = train.split_model(model)
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params),
                              rng=jax.random.key_data(jax.random.key(c.seed)),

@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 
 from moe_jax import lora as lora_lib
-from moe_jax import losses, train
+from moe_jax import loop_utils, losses, run_state, train
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import ConfigError, check_config
 from moe_jax.metrics import MetricsWriter
@@ -286,7 +286,7 @@ def _count(tree) -> int:
 def finetune(ft_config, init_from: str, workdir: str, *,
              stop_at_step: int | None = None) -> dict[str, Any]:
   """Fine-tunes (or resumes) in ``workdir``; returns a summary like pretraining's."""
-  with train._Preemption() as preemption:  # pylint: disable=protected-access
+  with loop_utils.Preemption() as preemption:
     return _finetune(ft_config, init_from, workdir, stop_at_step, preemption)
 
 
@@ -322,7 +322,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
                        "--workdir."])
   config = run_config(ft_config, base_config, init_from)
   check_config(config, num_devices=jax.device_count())
-  workdir = train._prepare_workdir(workdir)  # pylint: disable=protected-access
+  workdir = loop_utils.prepare_workdir(workdir)
   ft = config.finetune
   if recorded is not None and "selected" in recorded["plan"]:
     with ft.unlocked():
@@ -363,7 +363,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
       f.write(config.to_json(indent=2))
     with open(os.path.join(workdir, INFO_FILE), "w", encoding="utf-8") as f:
       json.dump(info, f, indent=2)
-  train._print(  # pylint: disable=protected-access
+  loop_utils.say(
       f"Fine-tuning ({ft.method}) step {base_step} of {ft.init_from}: "
       f"{trainable:,} of {total_base:,} parameters train "
       f"({100 * trainable / total_base:.3f}%); optimizer state "
@@ -374,20 +374,20 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
   train_iter = data.train_iter()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   restored = checkpointer.restore(
-      train._to_checkpoint(abstract),  # pylint: disable=protected-access
+      run_state.to_checkpoint(abstract),
       data_iterator=train_iter)
   meta: dict[str, Any] = {}
   step0 = 0
   if restored is not None:
     step0, saved, meta = restored
-    state = train._from_checkpoint(saved)  # pylint: disable=protected-access
-    train._print(f"Resuming from the checkpoint at step {step0}.")  # pylint: disable=protected-access
+    state = run_state.from_checkpoint(saved)
+    loop_utils.say(f"Resuming from the checkpoint at step {step0}.")
 
   writer = MetricsWriter(workdir, resume_step=step0, enabled=jax.process_index() == 0,
                         tags={"objective": config.model.objective})
   step_fn = make_step(model, plan["wrt"], tx, config, masks, base_step)
   eval_step = train.make_eval_step(model)
-  acc = train._Accumulator(meta.get("accumulator"))  # pylint: disable=protected-access
+  acc = loop_utils.Accumulator(meta.get("accumulator"))
   elapsed_before = float(meta.get("elapsed_sec", 0.0))
   t_start = time.perf_counter()
   tokens_per_step = config.batch_size * config.data.seq_len
@@ -403,11 +403,11 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
           num_steps=config.eval_steps or None))
       values.update({f"old_{k}": v for k, v in old_values.items()})
     summary["eval"] = writer.write("eval", step, values)
-    train._print(f"step {step}: eval_loss {values['eval_loss']:.4f}"  # pylint: disable=protected-access
+    loop_utils.say(f"step {step}: eval_loss {values['eval_loss']:.4f}"
                  + (f", old domain {values['old_eval_loss']:.4f}" if old else ""))
 
   def save(step):
-    checkpointer.save(step, train._to_checkpoint(state),  # pylint: disable=protected-access
+    checkpointer.save(step, run_state.to_checkpoint(state),
                       data_iterator=train_iter, meta={
                           "accumulator": acc.state(), "base_workdir": ft.init_from,
                           "base_step": base_step, "method": ft.method,
@@ -432,14 +432,14 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
         acc.time += time.perf_counter() - t0
         acc.timed_tokens += tokens_per_step
       if step % config.log_every == 0 or step == config.steps:
-        line = train._train_line(acc.means(), model.cfg.moe_blocks,  # pylint: disable=protected-access
+        line = loop_utils.train_line(acc.means(), model.cfg.moe_blocks,
                                  model.cfg.mod_blocks)
         line["tokens_per_sec"] = acc.timed_tokens / acc.time if acc.time else float("nan")
         line["steps_per_sec"] = line["tokens_per_sec"] / tokens_per_step
         line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
         line["learning_rate"] = float(schedule(step - 1))
         summary["train"] = writer.write("train", step, line)
-        acc = train._Accumulator()  # pylint: disable=protected-access
+        acc = loop_utils.Accumulator()
       if step % config.eval_every == 0 or step == config.steps:
         run_eval(step)
       if step % config.checkpoint_every == 0 or step == config.steps:
@@ -449,7 +449,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
         if last_saved != step:
           save(step)
         summary["preempted"] = True
-        train._print(f"Stopped at step {step} ({'SIGTERM' if preemption.requested else 'stop_at_step'}); "  # pylint: disable=protected-access
+        loop_utils.say(f"Stopped at step {step} ({'SIGTERM' if preemption.requested else 'stop_at_step'}); "
                      "the checkpoint is saved; re-run the same command to resume.")
         break
   finally:
@@ -498,7 +498,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = checkpointer.restore(train._to_checkpoint(abstract))  # pylint: disable=protected-access
+    restored = checkpointer.restore(run_state.to_checkpoint(abstract))
   finally:
     checkpointer.close()
   if restored is None:

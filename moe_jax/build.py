@@ -1,0 +1,139 @@
+"""What a config builds: the model (its MoE, Mamba and Transformer configs), the optimizer
+and its schedule, and the model's sizes (``model_info.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from moe_jax import objectives
+from moe_jax.config import expert_d_ff, model_pattern, pattern_keys
+from moe_jax.layer_pattern import MAMBA
+from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
+from moe_jax.moe_layer import MoeConfig
+from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.transformer import Transformer, TransformerConfig
+
+
+RNG_STREAMS = ("default", "dropout", "jitter", "routing")
+
+
+def moe_config(config) -> MoeConfig | None:
+  """The MoeConfig of the model's MoE blocks, or None for a dense model.
+
+  The config's ``moe.init_scale`` and ``moe.router_init_scale`` are relative to the
+  model-wide ``model.init_scale``; the MoeConfig gets their products (absolute scales).
+  """
+  if not config.model.moe_every:
+    return None
+  m = config.moe
+  return MoeConfig(
+      d_model=config.model.d_model, d_ff=expert_d_ff(config), num_experts=m.num_experts,
+      top_k=m.top_k, capacity_factor=m.capacity_factor,
+      eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size,
+      min_capacity=m.min_capacity, second_policy=m.second_policy,
+      second_threshold=m.second_threshold, normalize_gates=m.normalize_gates,
+      batch_priority=m.get("batch_priority", False),
+      jitter_noise=m.jitter_noise, expert_dropout=m.expert_dropout,
+      activation=config.model.activation,
+      init_scale=config.model.init_scale * m.init_scale,
+      # Runs from before router_init_scale existed drew the router at moe.init_scale.
+      router_init_scale=config.model.init_scale * m.get("router_init_scale",
+                                                        m.init_scale),
+      dtype=config.model.dtype, dispatch=m.dispatch, router=m.router,
+      score_fn=m.score_fn, expert_groups=m.expert_groups, top_groups=m.top_groups,
+      gate_scale=m.gate_scale, balance_choices=m.balance_choices,
+      bias_update_rate=m.bias_update_rate, num_shared_experts=m.num_shared_experts,
+      noise_anneal_steps=m.noise_anneal_steps, ragged_exchange=m.ragged_exchange,
+      ragged_buffer_factor=m.ragged_buffer_factor, noop_experts=m.get("noop_experts", 0),
+      noop_capacity_factor=m.get("noop_capacity_factor", None))
+
+
+def mamba_config(config) -> MambaConfig | None:
+  """The MambaConfig of the model's Mamba blocks, or None if the pattern has none.
+
+  Its projections take the model-wide ``model.init_scale``.
+  """
+  if not any(kind.mixer == MAMBA for kind in model_pattern(config)):
+    return None
+  s = config.mamba
+  return MambaConfig(
+      d_model=config.model.d_model, d_state=s.d_state, d_conv=s.d_conv,
+      expand=s.expand, dt_rank=s.dt_rank, dt_min=s.dt_min, dt_max=s.dt_max,
+      inner_norms=s.inner_norms, chunk_size=s.chunk_size,
+      init_scale=config.model.init_scale)
+
+
+def transformer_config(config, vocab_size: int) -> TransformerConfig:
+  m = config.model
+  period, offset, _, moe_offset = pattern_keys(m)
+  return TransformerConfig(
+      vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
+      num_heads=m.num_heads, d_ff=m.d_ff, max_len=max(config.data.seq_len, 1),
+      moe_every=m.moe_every, moe=moe_config(config), activation=m.activation,
+      position=m.position, norm=m.norm, dropout=m.dropout, init_scale=m.init_scale,
+      tie_embeddings=m.tie_embeddings, dtype=m.dtype, moe_offset=moe_offset,
+      attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config),
+      mod_every=m.get("mod_every", 0), mod_capacity=m.get("mod_capacity", 0.125),
+      mod_predictor=m.get("mod_predictor", "router_bce"),
+      causal=objectives.get_objective(config).causal)
+
+
+def make_model(config, *, vocab_size: int | None = None, seed: int | None = None
+               ) -> Transformer:
+  """The Transformer of ``config`` (dense if ``model.moe_every == 0``).
+
+  ``vocab_size`` defaults to the byte tokenizer's of the config's objective: 256 bytes
+  + PAD/BOS/EOS, + MASK for masked LM.
+  """
+  seed = config.seed if seed is None else seed
+  vocab_size = vocab_size or objectives.get_objective(config).vocab_size
+  rngs = nnx.Rngs(params=seed, **{s: seed + 1 + i for i, s in enumerate(RNG_STREAMS)})
+  return Transformer(transformer_config(config, vocab_size), rngs=rngs)
+
+
+def make_schedule(config) -> optax.Schedule:
+  """Linear warmup to ``learning_rate``, then cosine decay to ``lr_end_fraction`` of it."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=config.warmup_steps, decay_steps=config.steps,
+      end_value=config.learning_rate * config.lr_end_fraction)
+
+
+def _decay_mask(params):
+  """True where weight decay applies: matrices only (norms' scales and biases stay
+  undecayed), and never Mamba's A_log and D (Mamba's ``_no_weight_decay``)."""
+  def decay(path, x):
+    name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    return x.ndim >= 2 and name not in NO_WEIGHT_DECAY
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (default) or Adafactor with the warmup-cosine schedule and global-norm clip."""
+  schedule = make_schedule(config)
+  if config.optimizer == "adafactor":
+    opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=(
+        config.weight_decay or None), weight_decay_mask=_decay_mask)
+  else:
+    opt = optax.adamw(schedule, b1=config.b1, b2=config.b2,
+                      weight_decay=config.weight_decay, mask=_decay_mask)
+  if config.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+  return opt, schedule
+
+
+def model_info(model: Transformer, seq_len: int) -> dict[str, Any]:
+  params = count_params(model)
+  flops = flops_per_token(model, seq_len)
+  return {"params_total": params["total"], "params_active": params["active"],
+          "params_experts": params["experts"],
+          "flops_per_token_total": flops["total"],
+          "flops_per_token_active": flops["active"],
+          "flops_per_token_router": flops["router"],
+          "moe_blocks": list(model.cfg.moe_blocks),
+          "mamba_blocks": list(model.cfg.mamba_blocks),
+          "mod_blocks": list(model.cfg.mod_blocks)}

@@ -1,0 +1,173 @@
+"""The state of a training run and how it is restored.
+
+:class:`TrainState` (what a step changes and a checkpoint saves) and its checkpoint
+layouts, the per-step reseeding of the model's RNG streams, the split of a model into
+graph, parameters and selection-bias state, and loading a run's config and model from
+its work directory (:func:`load_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import moe_layer
+from moe_jax.checkpoint import Checkpointer
+from moe_jax.config import default_config
+from moe_jax.moe_layer import MoeLayer
+from moe_jax.build import RNG_STREAMS, make_model, make_optimizer
+from moe_jax.routers import SelectionBias
+from moe_jax.transformer import Transformer
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, unusable work directory, ...)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes (and a checkpoint saves).
+
+  Attributes:
+    step: i32[] completed updates.
+    params: nested dict of parameters (``nnx.State.to_pure_dict()``).
+    opt_state: optax state.
+    rng: u32[2] raw key data of the run's base key.
+    model_state: nested dict of the model's non-trainable state that the step updates
+      outside the gradient: the MoE layers' selection biases (:func:`model_state`);
+      empty when there are none. Left empty for a model that has some, the step
+      starts from the model's own values.
+  """
+
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: Any
+  rng: jax.Array
+  model_state: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class _StateWithoutModelState:
+  """The checkpoint layout of a :class:`TrainState` with an empty ``model_state``, the
+  layout every checkpoint had before selection biases existed, so those still resume."""
+
+  step: jax.Array
+  params: dict[str, Any]
+  opt_state: Any
+  rng: jax.Array
+
+
+def to_checkpoint(state: TrainState):
+  if state.model_state:
+    return state
+  return _StateWithoutModelState(step=state.step, params=state.params,
+                                 opt_state=state.opt_state, rng=state.rng)
+
+
+def from_checkpoint(saved) -> TrainState:
+  if isinstance(saved, TrainState):
+    return saved
+  return TrainState(step=saved.step, params=saved.params, opt_state=saved.opt_state,
+                    rng=saved.rng)
+
+
+def _path_salt(path) -> int:
+  # Stable across processes (str hash() is salted per interpreter).
+  return zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF
+
+
+def reseed(model: nnx.Module, key: jax.Array) -> None:
+  """Points every RNG stream of ``model`` at a key derived from ``key`` and its path."""
+  keys = {s: jax.random.fold_in(key, i) for i, s in enumerate(RNG_STREAMS)}
+  nnx.reseed(model, policy=lambda path, k, shape: jax.random.fold_in(k, _path_salt(path)),
+             **keys)
+
+
+def split_model(model: nnx.Module):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, params.to_pure_dict(), rest
+
+
+def model_state(model: nnx.Module) -> dict[str, Any]:
+  """The model's selection biases as a nested dict (``TrainState.model_state``)."""
+  return nnx.state(model, SelectionBias).to_pure_dict()
+
+
+def merge_model(graphdef, params, rest, model_state_):
+  m = nnx.merge(graphdef, params, rest, copy=True)
+  if model_state_:
+    nnx.update(m, model_state_)
+  return m
+
+
+def single_device_copy(model: Transformer) -> Transformer:
+  """A host copy of ``model`` with MoE layers laid out for one device (for sampling)."""
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(_gather_to_host, state)
+  copy = nnx.merge(graphdef, state)
+  for _, module in nnx.iter_modules(copy):
+    if isinstance(module, MoeLayer):
+      module.layout = moe_layer.SINGLE_DEVICE
+  return copy
+
+
+def _gather_to_host(x):
+  if not isinstance(x, jax.Array):
+    return x
+  if not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.device_put(x, jax.local_devices()[0])
+
+
+def load_config(workdir: str):
+  """The ConfigDict a run in ``workdir`` was started with (``workdir/config.json``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise TrainingError(f"--workdir={workdir!r} holds no run (no config.json); train "
+                        "first with experiments/train.py.")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  # Keys added since the run started take their defaults (which reproduce the old model).
+  config = default_config()
+  _update_known(config, saved)
+  return config
+
+
+def _update_known(node, values: dict) -> None:
+  for k, v in values.items():
+    if isinstance(v, dict) and k in node and hasattr(node[k], "items"):
+      _update_known(node[k], v)
+    else:
+      node[k] = v
+
+
+def load_model(workdir: str, *, vocab_size: int | None = None
+               ) -> tuple[Transformer, Any, int]:
+  """``(model, config, step)`` from the latest readable checkpoint of a run."""
+  config = load_config(workdir)
+  model = make_model(config, vocab_size=vocab_size)
+  tx, _ = make_optimizer(config)
+  graphdef, params, rest = split_model(model)
+  abstract = jax.eval_shape(lambda p, s: TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+      rng=jax.random.key_data(jax.random.key(0)), model_state=s), params,
+      model_state(model))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.keep_checkpoints)
+  try:
+    restored = checkpointer.restore(to_checkpoint(abstract))
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
+  step, state, _ = restored
+  state = from_checkpoint(state)
+  return merge_model(graphdef, state.params, rest, state.model_state), config, step
