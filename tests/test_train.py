@@ -432,7 +432,6 @@ def test_checkpoints_without_model_state_still_restore(tmp_path):
   checkpointer = Checkpointer(str(tmp_path), keep=2)
   checkpointer.save(3, make(TrainState))
   abstract = jax.eval_shape(lambda: make(train.TrainState))
-  # pylint: disable=protected-access
   step, saved, _ = checkpointer.restore(train.to_checkpoint(abstract))
   state = train.from_checkpoint(saved)
   assert step == 3 and state.model_state == {}
