@@ -241,9 +241,8 @@ def dataset_name_error(name) -> str | None:
             f"'{pipeline.TEXT_PREFIX}<glob>'.")
   if name in pipeline.AVAILABLE_BUILTIN or name.startswith(pipeline.TEXT_PREFIX):
     return None
-  check = getattr(pipeline, "check_dataset_name", None) or pipeline._check_tfds_name  # pylint: disable=protected-access
   try:
-    check(name)
+    pipeline.check_tfds_name(name)
   except ValueError as e:
     return str(e)
   return None
