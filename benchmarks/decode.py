@@ -35,7 +35,7 @@ import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
 from moe_jax import decode
 from moe_jax import train as train_lib
-from moe_jax.transformer import count_params
+from moe_jax.sizes import count_params
 
 
 _CONFIGS = flags.DEFINE_list("configs", ["dense_small", "switch_small", "top2_small",

@@ -46,7 +46,7 @@ import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
 from moe_jax import train as train_lib
 from moe_jax.config import check_config, expert_d_ff
-from moe_jax.transformer import count_params, flops_per_token
+from moe_jax.sizes import count_params, flops_per_token
 
 _CONFIG = flags.DEFINE_string("config", "jamba_small", "The hybrid config of "
                               "experiments/configs/ (the baseline is derived from it).")

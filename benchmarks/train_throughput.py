@@ -31,7 +31,7 @@ import configs as config_files  # benchmarks/configs.py
 import einsum_forms  # benchmarks/einsum_forms.py
 import harness  # benchmarks/harness.py
 from moe_jax import train as train_lib
-from moe_jax.transformer import flops_per_token
+from moe_jax.sizes import flops_per_token
 
 CONFIGS = ("dense_small", "switch_small", "top2_small")
 

@@ -28,7 +28,7 @@ GRID_OVERRIDES = cli.define_grid_flags(
 flags.DEFINE_enum("objective", "both", ["causal_lm", "masked_lm", "both"],
                   "Objectives to run.")
 flags.DEFINE_list("rows", None, "Rows to run (default: the preset's); see "
-                  "moe_jax/compare/routers.py ROWS.")
+                  "moe_jax/compare/router_rows.py ROWS.")
 
 FLAGS = flags.FLAGS
 

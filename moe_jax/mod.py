@@ -42,7 +42,7 @@ from flax import nnx
 
 from moe_jax.experts import scaled_init
 from moe_jax.routing import depth
-from moe_jax.transformer import Block, BlockAux, TransformerConfig
+from moe_jax.block import Block, BlockAux, TransformerConfig
 
 # Logical axis names of this file's parameters (moe_jax.sharding maps them; all
 # replicated but for M, which no rule splits).

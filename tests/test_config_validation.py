@@ -411,7 +411,7 @@ def test_mod_and_mode_settings_and_their_training_flops():
   # configs train for dense_small's training FLOPs (600 steps of the same batches).
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from moe_jax import train  # pylint: disable=import-outside-toplevel
-  from moe_jax.transformer import flops_per_token  # pylint: disable=import-outside-toplevel
+  from moe_jax.sizes import flops_per_token  # pylint: disable=import-outside-toplevel
   mod, mode, dense = (_load(n) for n in ("mod_small", "mode_small", "dense_small"))
   assert (mod.model.mod_every, mod.model.mod_capacity, mod.model.num_layers) == (
       2, 0.125, 8)

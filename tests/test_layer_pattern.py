@@ -10,8 +10,8 @@ from moe_jax.experts import DenseFfn
 from moe_jax.layer_pattern import layer_pattern, pattern_errors
 from moe_jax.mamba import MambaConfig, MambaMixer, mixer_cost
 from moe_jax.moe_layer import MoeConfig, MoeLayer
-from moe_jax.transformer import (MIXERS, Attention, Transformer, TransformerConfig,
-                                 count_params, flops_per_token)
+from moe_jax.transformer import MIXERS, Attention, Transformer, TransformerConfig
+from moe_jax.sizes import count_params, flops_per_token
 
 A, M = "attention", "mamba"
 d, e = "dense", "moe"

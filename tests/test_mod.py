@@ -13,8 +13,8 @@ from flax import nnx
 from moe_jax import decode, mod, routing
 from moe_jax.moe_layer import MoeConfig
 from moe_jax.routing import depth
-from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
-                                 flops_per_token)
+from moe_jax.transformer import Transformer, TransformerConfig
+from moe_jax.sizes import count_params, flops_per_token
 from tests.reference import routed_block_loop
 from tests.test_decode import FORCED, MAX_LEN, PROMPTS, teacher_forced
 from tests.test_decode import make_model as make_lm

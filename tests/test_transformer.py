@@ -8,8 +8,8 @@ from flax import nnx
 
 from moe_jax.experts import DenseFfn
 from moe_jax.moe_layer import MoeConfig, MoeLayer
-from moe_jax.transformer import (Transformer, TransformerConfig, count_params,
-                                 flops_per_token)
+from moe_jax.transformer import Transformer, TransformerConfig
+from moe_jax.sizes import count_params, flops_per_token
 
 M, H, E, V = 16, 32, 4, 259
 

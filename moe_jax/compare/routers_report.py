@@ -20,7 +20,7 @@ from moe_jax.compare.aggregation import (Stat, add_threshold, aggregate,
                                          summarize_run)
 from moe_jax.compare.report import (CSV_COLUMNS, init_and_loss_sentence, stderr_cell,
                                     threshold_cell, write_csv)
-from moe_jax.compare.routers import (CAUSAL, MASKED, ROW_BY_NAME, ROW_NAMES,
+from moe_jax.compare.router_rows import (CAUSAL, MASKED, ROW_BY_NAME, ROW_NAMES,
                                      experts_per_token, ffn_flops_per_token)
 from moe_jax.compare.runner import RunSpec, cf_name
 
@@ -190,7 +190,7 @@ def results_table(aggs: Sequence[dict], threshold: float) -> list[str]:
   rank = {id(a): i + 1 for i, a in enumerate(ranked)}
   lines = [
       "| Rank | Row | Eval loss (↓, ± seed std) | Eval stderr | Steps to threshold | "
-      f"Time to threshold (s) | Load CV (↓) | Max/mean load | Dropped (train) | "
+      "Time to threshold (s) | Load CV (↓) | Max/mean load | Dropped (train) | "
       "Dropped (eval) | Tokens/s (benchmark) | Params | Active FFN FLOPs/token | "
       "Active FLOPs/token |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,480 @@
+"""The blocks of the model: its config, norms, attention, the token-mixer registry and
+the pre-norm residual :class:`Block`.
+
+``TransformerConfig`` describes the whole model (:mod:`moe_jax.transformer` builds it
+from these blocks). A block is ``x + mixer(norm(x))``, ``x + ffn(norm(x))``: the mixer
+is causal (or, for masked LM, bidirectional) self-attention with its KV cache or a Mamba
+mixer, built from :data:`MIXERS`; the FFN is an :class:`~moe_jax.moe_layer.MoeLayer` or
+a :class:`~moe_jax.experts.DenseFfn`, as the layer pattern says. Mixture-of-Depths'
+routed block (:mod:`moe_jax.mod`) builds on :class:`Block`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ConfigError
+from moe_jax.experts import DenseFfn, scaled_init
+from moe_jax.routing.depth import depth_errors, is_routed_layer
+from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_pattern,
+                                   pattern_errors)
+from moe_jax.mamba import MambaConfig, MambaMixer
+from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer
+from moe_jax.lora import weight
+
+POSITIONS = ("rotary", "learned", "none")
+NORMS = ("rmsnorm", "layernorm")
+
+# Logical axis names of the parameters defined in this file (experts.py has the FFNs').
+EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
+              "unembed": ("embed", "vocab")}
+ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "heads", "kv"),
+                  "value": ("embed", "heads", "kv"), "out": ("heads", "kv", "embed")}
+NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the language model.
+
+  Attributes:
+    vocab_size: V.
+    num_layers: number of blocks.
+    d_model: M.
+    num_heads: attention heads; ``d_model % num_heads == 0``.
+    d_ff: H, hidden width of the dense FFN (each expert's is ``moe.d_ff``).
+    max_len: longest sequence (learned positions only need it).
+    moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
+    moe_offset: block ``i`` is MoE when ``i % moe_every == moe_offset``; None is
+      ``moe_every - 1`` (Switch's blocks 1, 3, ...; Jamba: 1).
+    attn_layer_period, attn_layer_offset: block ``i`` mixes with attention when
+      ``i % attn_layer_period == attn_layer_offset``, with Mamba otherwise (1, 0:
+      all attention; Jamba: 8, 4).
+    mamba: the Mamba mixer's settings (its ``d_model`` must match); needed when the
+      pattern has Mamba blocks.
+    moe: the MoE layer's settings (its ``d_model`` must match; its ``d_ff`` is each
+      expert's width, below ``d_ff`` for fine-grained experts); None if dense.
+    activation: FFN activation, shared by the dense FFN and the experts.
+    position: "rotary" | "learned" | "none".
+    norm: "rmsnorm" | "layernorm".
+    dropout: dropout on attention output and FFN output (residual branches).
+    init_scale: the model-wide init scale s. Every weight matrix is drawn from a
+      truncated normal of variance ``s / fan_in`` (attention, dense FFN, output
+      projection), the embedding from a normal of variance ``s`` and learned positions
+      with std ``0.02 * sqrt(s)``; norm scales start at 1. The MoE layer's experts and
+      router take their own absolute scales from ``moe`` (``moe_jax.train`` passes
+      ``s`` times the config's relative ``moe.init_scale`` / ``moe.router_init_scale``).
+      Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
+    tie_embeddings: output projection is the transposed input embedding.
+    dtype: compute dtype, "float32" | "bfloat16".
+    rope_base: rotary base frequency.
+    mod_every: Mixture-of-Depths: block ``i`` is routed when ``i % mod_every ==
+      mod_every - 1``; 0 is off, otherwise >= 2 (Raposo et al. 2024: 2).
+    mod_capacity: the fraction of each sequence a routed block runs, ``k =
+      ceil(mod_capacity * L)`` (the paper's best: 0.125).
+    mod_predictor: what decides routing at sampling, where the top-k over the
+      sequence would look ahead: "router_bce" (``sigmoid(r) > 0.5``, with a BCE on the
+      router logits) or "mlp" (a small MLP on stop-gradient inputs, with the same
+      BCE); see :mod:`moe_jax.mod`.
+    causal: attention is causal (a language model that generates); False:
+      bidirectional, every token attends to every real token of its sequence (masked
+      language modelling, :mod:`moe_jax.objectives`), and the model cannot decode.
+  """
+
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  d_ff: int
+  max_len: int = 2048
+  moe_every: int = 0
+  moe: MoeConfig | None = None
+  activation: str = "gelu"
+  position: str = "rotary"
+  norm: str = "rmsnorm"
+  dropout: float = 0.0
+  init_scale: float = 1.0
+  tie_embeddings: bool = False
+  dtype: str = "float32"
+  rope_base: float = 10000.0
+  moe_offset: int | None = None
+  attn_layer_period: int = 1
+  attn_layer_offset: int = 0
+  mamba: MambaConfig | None = None
+  mod_every: int = 0
+  mod_capacity: float = 0.125
+  mod_predictor: str = "router_bce"
+  causal: bool = True
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model={self.d_model} must be divisible by "
+                       f"num_heads={self.num_heads}.")
+    if self.moe_every and self.moe is None:
+      raise ValueError("moe_every > 0 needs a MoeConfig in `moe`.")
+    if self.position not in POSITIONS:
+      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}.")
+    if self.norm not in NORMS:
+      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+    for msg in pattern_errors(self.num_layers, self.attn_layer_period,
+                              self.attn_layer_offset, self.moe_every, self.moe_offset):
+      raise ValueError(msg)
+    for msg in depth_errors(self.num_layers, self.mod_every, self.mod_capacity,
+                            self.mod_predictor):
+      raise ValueError(msg)
+    if self.mamba_blocks and self.mamba is None:
+      raise ValueError(f"blocks {self.mamba_blocks} are Mamba blocks (attn_layer_period="
+                       f"{self.attn_layer_period}); they need a MambaConfig in `mamba`.")
+    if not self.causal and (self.mamba_blocks or self.mod_every):
+      raise ValueError("causal=False needs an all-attention model without "
+                       "Mixture-of-Depths blocks (Mamba's scan and MoD's predictor "
+                       "are causal).")
+    if self.mamba is not None and self.mamba.d_model != self.d_model:
+      raise ValueError(f"mamba.d_model={self.mamba.d_model} must equal d_model="
+                       f"{self.d_model}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def layers(self) -> tuple[LayerKind, ...]:
+    """``(mixer, ffn)`` of every block (:func:`~moe_jax.layer_pattern.layer_pattern`)."""
+    return layer_pattern(self.num_layers, attn_layer_period=self.attn_layer_period,
+                         attn_layer_offset=self.attn_layer_offset,
+                         moe_every=self.moe_every, moe_offset=self.moe_offset)
+
+  def is_moe_block(self, index: int) -> bool:
+    return self.layers[index].ffn == MOE
+
+  @property
+  def moe_blocks(self) -> tuple[int, ...]:
+    return tuple(i for i, kind in enumerate(self.layers) if kind.ffn == MOE)
+
+  @property
+  def mamba_blocks(self) -> tuple[int, ...]:
+    return tuple(i for i, kind in enumerate(self.layers) if kind.mixer == MAMBA)
+
+  @property
+  def mod_blocks(self) -> tuple[int, ...]:
+    """The Mixture-of-Depths routed blocks."""
+    return tuple(i for i in range(self.num_layers) if is_routed_layer(i, self.mod_every))
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(value, logical_axes=axes)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (T5) or LayerNorm over the last axis, computed in float32."""
+
+  def __init__(self, d_model: int, kind: str = "rmsnorm", eps: float = 1e-6):
+    self.kind = kind
+    self.eps = eps
+    self.scale = _param(jnp.ones((d_model,), jnp.float32), NORM_AXES["scale"])
+    self.bias = (_param(jnp.zeros((d_model,), jnp.float32), NORM_AXES["bias"])
+                 if kind == "layernorm" else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., M] -> [..., M] in x's dtype."""
+    h = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      h = h - jnp.mean(h, axis=-1, keepdims=True)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    h = h * self.scale[...]
+    if self.bias is not None:
+      h = h + self.bias[...]
+    return h.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """RoFormer rotary embedding (rotate-half form).
+
+  x: [B, L, N, D]; positions: i32[L] (shared by the rows) or i32[B, L] (per row).
+  """
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # f32[D/2]
+  angle = positions.astype(jnp.float32)[..., None] * freq  # f32[(B,) L, D/2]
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [(B,) L, 1, D/2]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention; kernels ``[M, N, D]`` and ``[N, D, M]``.
+
+  ``attn(x, positions)`` attends over ``x`` itself (training, evaluation). For cached
+  decoding, :meth:`init_cache` preallocates ``[B, max_len, N, D]`` key and value caches
+  (nnx ``Cache`` variables) and :meth:`decode` writes each new token at the slot of
+  its position and attends to every cached token at or before it.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+    init = scaled_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
+    for name in ("query", "key", "value"):
+      setattr(self, name, _param(init(rngs.params(), shape, jnp.float32),
+                                 ATTENTION_AXES[name]))
+    out_init = scaled_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
+    self.out = _param(out_init(rngs.params(), (cfg.num_heads, cfg.head_dim, cfg.d_model),
+                               jnp.float32), ATTENTION_AXES["out"])
+
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    """x: [B, L, M] -> q, k, v: [B, L, N, D] in the compute dtype, rotated."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    x = x.astype(dtype)
+    # Einsums, not projection.project: on CPU the 2-D form measured no faster here
+    # (docs/benchmarks.md, "The model's own matmuls").
+    q, k, v = (jnp.einsum("BLM,MND->BLND", x, weight(self, name).astype(dtype))
+               for name in ("query", "key", "value"))
+    if cfg.position == "rotary":
+      q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+    return q, k, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
+              allowed: jax.Array) -> jax.Array:
+    """q: [B, Q, N, D], k, v: [B, K, N, D], allowed: bool[B or 1, Q, K] -> [B, Q, M]."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    # Softmax in float32 whatever the compute dtype.
+    scores = jnp.einsum("BQND,BKND->BNQK", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
+    return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               token_mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, L, M] -> [B, L, M]; positions: i32[L], or i32[B, L] per row.
+
+    Causal by positions: a token attends to the tokens at or before its position
+    (``tril`` for ``arange(L)``; a Mixture-of-Depths block's gathered tokens keep
+    their original positions, in order); trailing padding then cannot reach a real
+    token, and ``token_mask`` is not needed. Bidirectional (``cfg.causal=False``):
+    a token attends to every token of its row that ``token_mask`` (bool[B, L], None:
+    all) marks real.
+    """
+    q, k, v = self._qkv(x, positions)
+    if self.cfg.causal:
+      pos = positions if positions.ndim == 2 else positions[None]
+      allowed = pos[:, None, :] <= pos[:, :, None]  # bool[B or 1, L, L]
+    elif token_mask is None:
+      allowed = jnp.ones((1, 1, x.shape[1]), jnp.bool_)  # bool[1, 1, L]
+    else:
+      allowed = token_mask.astype(jnp.bool_)[:, None, :]  # bool[B, 1, L]: keys
+    return self._attend(q, k, v, allowed)
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """Empty caches for ``batch`` rows of up to ``max_len`` tokens.
+
+    ``cached_positions`` i32[B, max_len] holds the position of the token in each slot,
+    -1 while empty, so a block that lets a token skip it (Mixture-of-Depths) simply
+    writes nothing there and later tokens cannot attend to it.
+
+    Raises ConfigError for bidirectional attention, which cannot decode.
+    """
+    if not self.cfg.causal:
+      raise ConfigError([
+          "this model attends bidirectionally (model.objective='masked_lm'), so it "
+          "cannot generate text one token at a time; sample a causal_lm model."])
+    shape = (batch, max_len, self.cfg.num_heads, self.cfg.head_dim)
+    self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cached_positions = nnx.Cache(jnp.full((batch, max_len), -1, jnp.int32))
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Writes the new tokens' keys and values, then attends over the cache.
+
+    x: [B, L, M] new tokens (L = the prefill length, or 1 at a step); positions:
+    i32[B, L], each row's own; mask: bool[B, L], False for padding, which is not
+    written. Slot = position, so left and right padding give the same cache.
+    Returns [B, L, M].
+    """
+    if not hasattr(self, "cached_key"):
+      raise ValueError("Attention.decode needs init_cache(batch, max_len, dtype) first.")
+    q, k, v = self._qkv(x, positions)
+    batch, max_len = self.cached_positions.shape
+    slot = jnp.where(mask, positions, max_len)  # padding goes out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], slot.shape)
+    cache_k = self.cached_key.get_value().at[rows, slot].set(
+        k.astype(self.cached_key.dtype), mode="drop")
+    cache_v = self.cached_value.get_value().at[rows, slot].set(
+        v.astype(self.cached_value.dtype), mode="drop")
+    cache_pos = self.cached_positions.get_value().at[rows, slot].set(
+        positions, mode="drop")
+    self.cached_key.set_value(cache_k)
+    self.cached_value.set_value(cache_v)
+    self.cached_positions.set_value(cache_pos)
+    allowed = ((cache_pos[:, None, :] >= 0)
+               & (cache_pos[:, None, :] <= positions[:, :, None]))  # bool[B, L, T]
+    return self._attend(q, cache_k, cache_v, allowed)
+
+
+class TokenMixer(Protocol):
+  """What a block's token mixer implements (attention, Mamba): training, and the
+  decode interface of :mod:`moe_jax.decode` (its own state as nnx ``Cache``)."""
+
+  def __call__(self, x: jax.Array, positions: jax.Array,
+               token_mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, L, M] at i32[L] (or per-row i32[B, L], in order) positions -> [B, L, M],
+    causal unless the model is bidirectional; ``token_mask`` (bool[B, L]) marks the
+    real tokens, which a bidirectional mixer must keep padding away from."""
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """Preallocates the decode state, batch as the leading axis of every array."""
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """x: [B, L, M] new tokens at i32[B, L] positions, bool[B, L] real -> [B, L, M];
+    padding leaves the state as it was."""
+
+
+class MixerKind(NamedTuple):
+  """A registered token mixer: the block attribute it lives under (``attr``, and
+  ``attr + "_norm"`` for its pre-norm, which are the parameter paths of checkpoints)
+  and how to build it from the model config."""
+
+  attr: str
+  build: Callable[[TransformerConfig, nnx.Rngs], TokenMixer]
+
+
+# The layer pattern's mixer names -> modules. A new mixer is one entry here.
+MIXERS: dict[str, MixerKind] = {
+    ATTENTION: MixerKind("attn", lambda cfg, rngs: Attention(cfg, rngs=rngs)),
+    MAMBA: MixerKind("mamba", lambda cfg, rngs: MambaMixer(
+        cfg.mamba, dtype=cfg.compute_dtype, rngs=rngs)),
+}
+
+
+@flax.struct.dataclass
+class BlockAux:
+  """What a block reports beside its output.
+
+  Attributes:
+    moe: its MoE layer's :class:`~moe_jax.moe_layer.MoeAux`, or None (dense FFN).
+    depth: a Mixture-of-Depths routed block's :class:`~moe_jax.mod.DepthAux`, or
+      None (a full block).
+  """
+
+  moe: MoeAux | None = None
+  depth: Any = None
+
+
+class Block(nnx.Module):
+  """Pre-norm block: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
+
+  The mixer (attention or Mamba, from :data:`MIXERS`) and the FFN (dense or MoE) are
+  the layer pattern's entry for ``index``. An attention block keeps the parameter
+  names ``attn_norm``/``attn`` of the all-attention model; a Mamba block has
+  ``mamba_norm``/``mamba``.
+  """
+
+  def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
+    self.index = index
+    kind = cfg.layers[index]
+    self.mixer_kind = kind.mixer
+    self.mixer_attr = MIXERS[kind.mixer].attr
+    setattr(self, f"{self.mixer_attr}_norm", Norm(cfg.d_model, cfg.norm))
+    setattr(self, self.mixer_attr, MIXERS[kind.mixer].build(cfg, rngs))
+    self.ffn_norm = Norm(cfg.d_model, cfg.norm)
+    self.is_moe = kind.ffn == MOE
+    if self.is_moe:
+      self.ffn = MoeLayer(cfg.moe, rngs=rngs)
+    else:
+      self.ffn = DenseFfn(cfg.d_model, cfg.d_ff, activation=cfg.activation,
+                          init_scale=cfg.init_scale, dtype=cfg.compute_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
+               token_mask: jax.Array | None = None,
+               use_predictor: bool = False) -> tuple[jax.Array, BlockAux]:
+    """x: [B, L, M] -> ([B, L, M], BlockAux); token_mask: bool[B, L] or None.
+
+    ``use_predictor`` is for Mixture-of-Depths routed blocks (sampling without a
+    cache); a full block runs every token either way.
+    """
+    del use_predictor
+    h, y, aux = self.branches(x, positions, deterministic=deterministic,
+                              token_mask=token_mask)
+    return (x + h) + y, BlockAux(moe=aux)
+
+  def branches(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
+               token_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, MoeAux | None]:
+    """The two residual branches, ``h = mixer(norm(x))`` and ``y = ffn(norm(x + h))``
+    (dropout on both, in x's dtype), and the MoE layer's aux: the block is ``x + h +
+    y``, and its residual delta ``f(x) = h + y``."""
+    h = self.dropout(self.mixer(self.mixer_norm(x), positions, token_mask),
+                     deterministic=deterministic).astype(x.dtype)
+    y = self.ffn_norm(x + h)
+    aux = None
+    if self.is_moe:
+      y, aux = self.ffn(y, deterministic=deterministic, token_mask=token_mask)
+    else:
+      y = self.ffn(y, deterministic=deterministic)
+    return h, self.dropout(y, deterministic=deterministic).astype(x.dtype), aux
+
+  def tokens_run(self, seq_len: int) -> int:
+    """Tokens of a ``seq_len`` sequence that go through the block (all of them)."""
+    return seq_len
+
+  @property
+  def mixer(self) -> TokenMixer:
+    return getattr(self, self.mixer_attr)
+
+  @property
+  def mixer_norm(self) -> Norm:
+    return getattr(self, f"{self.mixer_attr}_norm")
+
+  # The decode-state interface of moe_jax.decode: every block type owns its state.
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> None:
+    """Preallocates this block's decode state (the mixer's: attention's KV cache,
+    Mamba's conv and SSM states).
+
+    Raises ConfigError if the block cannot decode causally (a non-causal router).
+    """
+    if self.is_moe and not self.ffn.is_causal:
+      raise ConfigError([
+          f"block {self.index}: this MoE router is not causal (a token's routing "
+          "depends on later tokens, e.g. batch_priority or expert choice), so it cannot "
+          "decode one token at a time; decode with a token-choice router without "
+          "batch priority."])
+    self.mixer.init_cache(batch, max_len, dtype)
+
+  def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+             prefill: bool) -> jax.Array:
+    """x: [B, L, M] new tokens at i32[B, L] positions, bool[B, L] real -> [B, L, M].
+
+    MoE routing at decode drops no token for capacity at a step, and uses the
+    evaluation capacity at prefill (:meth:`MoeLayer.decode`).
+    """
+    h, y = self.decode_branches(x, positions, mask, prefill=prefill)
+    return (x + h) + y
+
+  def decode_branches(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+                      prefill: bool) -> tuple[jax.Array, jax.Array]:
+    """:meth:`branches` against the decode state; tokens where ``mask`` is False
+    write no state (and their branches are to be thrown away)."""
+    h = self.mixer.decode(self.mixer_norm(x), positions, mask).astype(x.dtype)
+    y = self.ffn_norm(x + h)
+    if self.is_moe:
+      y = self.ffn.decode(y, mask, prefill=prefill)
+    else:
+      y = self.ffn(y, deterministic=True)
+    return h, y.astype(x.dtype)

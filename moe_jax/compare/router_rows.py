@@ -1,0 +1,132 @@
+"""The rows of the router comparison and their equal-FLOPs arithmetic.
+
+Each :class:`Row` is a router of the zoo, taken from its config file in
+``experiments/configs`` plus, for a few rows, one or two overrides. A row whose token
+visits ``k`` routed experts (``top_k``, or the capacity factor for expert choice) plus
+``s`` shared ones gets experts of width ``d_ff / (k + s)`` and ``num_experts * (k + s)``
+routed experts (:func:`expert_shape`), so every row runs ``d_ff`` hidden units of FFN
+per token, as the dense row does. Adding a router to the comparison is a config file
+and one line in :data:`ROWS` (docs/compare_routers.md). The grid
+(:mod:`moe_jax.compare.routers`) and its report (:mod:`moe_jax.compare.routers_report`)
+both read these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Mapping
+
+
+CAUSAL, MASKED = "causal_lm", "masked_lm"
+OBJECTIVE_CHOICES = {"causal_lm": (CAUSAL,), "masked_lm": (MASKED,),
+                     "both": (CAUSAL, MASKED)}
+SHORT = {CAUSAL: "clm", MASKED: "mlm"}  # run-name prefixes
+BOTH = (CAUSAL, MASKED)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "experiments", "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One row of the comparison.
+
+  Attributes:
+    name: run-name stem and ``family`` column (``switch``).
+    label: the report's name for it.
+    config: the ``experiments/configs/NAME.py`` it starts from.
+    overrides: dotted config keys set after loading it (``{"moe.capacity_factor": 1.0}``).
+    objectives: the objectives it runs under (non-causal routers: masked LM only).
+    paper: where the router comes from.
+  """
+
+  name: str
+  label: str
+  config: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  objectives: tuple[str, ...] = BOTH
+  paper: str = ""
+
+
+# Capacity 1.0 at train and eval for the capacity-limited masked-LM rows: expert choice
+# at its two capacity factors (Zhou et al. evaluate at the train factor), and Switch
+# with and without Batch Prioritized Routing where capacity is tight (V-MoE).
+_TIGHT = {"moe.capacity_factor": 1.0, "moe.eval_capacity_factor": 1.0}
+ROWS: tuple[Row, ...] = (
+    Row("dense", "Dense", "dense_small"),
+    Row("switch", "Switch top-1", "switch_small", paper="Fedus et al. 2021"),
+    Row("gshard_top2", "GShard top-2", "top2_small", paper="Lepikhin et al. 2020"),
+    Row("mixtral_top2", "Mixtral top-2 dropless", "mixtral_small",
+        {"model.activation": "gelu"}, paper="Jiang et al. 2024"),
+    Row("deepseek", "DeepSeek fine-grained + shared, bias balancing", "deepseek_small",
+        paper="Dai et al. 2024; DeepSeek-AI 2024 (V3)"),
+    Row("deepseek_aux", "DeepSeek fine-grained + shared, aux loss, no bias",
+        "deepseek_small", {"moe.bias_update_rate": 0.0, "moe.aux_loss_coef": 0.01},
+        paper="Dai et al. 2024"),
+    Row("noisy_top2", "Noisy top-2", "noisy_topk_small", paper="Shazeer et al. 2017"),
+    Row("expert_choice_cf1", "Expert choice cf 1.0", "switch_small",
+        {"moe.router": "expert_choice", **_TIGHT}, (MASKED,), paper="Zhou et al. 2022"),
+    Row("expert_choice_cf2", "Expert choice cf 2.0", "switch_small",
+        {"moe.router": "expert_choice", "moe.capacity_factor": 2.0,
+         "moe.eval_capacity_factor": 2.0}, (MASKED,), paper="Zhou et al. 2022"),
+    Row("switch_bpr_cf1", "Switch top-1 + BPR cf 1.0", "switch_small",
+        {"moe.batch_priority": True, **_TIGHT}, (MASKED,), paper="Riquelme et al. 2021"),
+    # The control of the BPR row: the same capacity without batch priority.
+    Row("switch_cf1", "Switch top-1 cf 1.0 (BPR's control)", "switch_small", _TIGHT,
+        (MASKED,), paper="Fedus et al. 2021"),
+)
+ROW_NAMES = tuple(r.name for r in ROWS)
+ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+def load_row_config(name: str):
+  """``get_config()`` of ``experiments/configs/NAME.py``."""
+  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"moe_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def set_key(config, key: str, value) -> None:
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def experts_per_token(config) -> float:
+  """Routed experts a token visits: ``top_k``, or the capacity factor for expert
+  choice (each expert takes ``cf * S / E`` tokens)."""
+  from moe_jax.routers import ROUTERS  # pylint: disable=import-outside-toplevel
+  return float(ROUTERS[config.moe.router].experts_per_token(config.moe))
+
+
+def expert_shape(config, d_ff: int, num_experts: int) -> tuple[int, int]:
+  """(expert width, routed experts) at equal active FFN FLOPs and routed parameters.
+
+  A token visiting ``k`` routed and ``s`` shared experts of width ``d_ff / (k + s)``
+  runs ``d_ff`` hidden units; ``num_experts * (k + s)`` routed experts hold
+  ``num_experts * d_ff``. Switch (k 1): ``(d_ff, E)``; top-2: ``(d_ff / 2, 2E)``;
+  DeepSeek's 3 routed + 1 shared: ``(d_ff / 4, 4E)``.
+  """
+  units = experts_per_token(config) + config.moe.num_shared_experts
+  return int(round(d_ff / units)), int(round(num_experts * units))
+
+
+def ffn_flops_per_token(config) -> float:
+  """Forward FLOPs of the FFNs per token (2 per multiply-add), experts at the share a
+  token visits: what the rows hold equal."""
+  from moe_jax.config import expert_d_ff, model_pattern  # pylint: disable=import-outside-toplevel
+  m = config.model
+  mats = 3 if m.activation == "swiglu" else 2
+  total = 0.0
+  for kind in model_pattern(config):
+    if kind.ffn == "moe":
+      units = experts_per_token(config) + config.moe.num_shared_experts
+      total += 2 * mats * m.d_model * expert_d_ff(config) * units
+    else:
+      total += 2 * mats * m.d_model * m.d_ff
+  return total
