@@ -73,9 +73,10 @@ def main(_, workdir):
   if f.prompts_file is not None and f["prompt"].present:
     raise ConfigError(["--prompt and --prompts_file are exclusive; pass one."])
   texts = _read_prompts(f.prompts_file) if f.prompts_file is not None else [f.prompt]
-  objective = train.load_config(workdir).model.get("objective", "causal_lm")
-  if objective != "causal_lm":
-    raise ConfigError([f"--workdir={workdir!r} holds a model.objective={objective!r} "
+  from moe_jax import objectives  # pylint: disable=import-outside-toplevel
+  objective = objectives.get_objective(train.load_config(workdir))
+  if not objective.causal:
+    raise ConfigError([f"--workdir={workdir!r} holds a model.objective={objective.name!r} "
                        "checkpoint: it attends bidirectionally to fill in masked bytes "
                        "and cannot generate text left to right; sample a causal_lm run."])
   tokenizer = ByteTokenizer()

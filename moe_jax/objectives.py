@@ -33,9 +33,10 @@ from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["EVAL_MASK_SEED", "MASK_SALT", "OBJECTIVES", "Objective", "bert_mask",
-           "get_objective", "mask_batch"]
+           "get_objective", "mask_batch", "pick_counts"]
 
 # BERT's rates: the share of tokens picked, and of those the share masked / randomised.
 PICK_RATE = 0.15
@@ -46,6 +47,14 @@ NUM_BYTES = 256
 # Folded into the step's key for masking; distinct from the model's RNG stream indices.
 MASK_SALT = zlib.crc32(b"masked_lm") & 0x7FFFFFFF
 EVAL_MASK_SEED = 0
+
+
+def pick_counts(max_len: int, pick_rate: float = PICK_RATE) -> np.ndarray:
+  """i32[max_len + 1]: how many of ``n`` real tokens BERT picks, ``max(1,
+  round(pick_rate * n))`` for ``n > 0`` (Python's round: float64, half to even), 0 for
+  ``n = 0``."""
+  return np.array([max(1, round(pick_rate * n)) if n else 0 for n in range(max_len + 1)],
+                  np.int32)
 
 
 def bert_mask(key: jax.Array, tokens: jax.Array, valid: jax.Array, *, mask_id: int,
@@ -61,7 +70,9 @@ def bert_mask(key: jax.Array, tokens: jax.Array, valid: jax.Array, *, mask_id: i
   k_pick, k_kind, k_byte = jax.random.split(key, 3)
   valid = valid.astype(jnp.bool_)
   n = jnp.sum(valid, axis=-1)
-  count = jnp.where(n > 0, jnp.maximum(1.0, jnp.round(pick_rate * n)), 0.0)
+  # Python's float64 round, exactly, for every possible n (float32 differs, e.g. at
+  # n = 190), looked up since n <= L is static.
+  count = jnp.asarray(pick_counts(tokens.shape[-1], pick_rate))[n]
   # The `count` lowest uniform scores among the real tokens: a uniform random subset.
   scores = jnp.where(valid, jax.random.uniform(k_pick, tokens.shape), 2.0)
   rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)

@@ -16,7 +16,7 @@ from moe_jax import objectives, train
 from moe_jax.config import default_config, validate_config
 from moe_jax.data import ByteTokenizer
 from moe_jax.metrics import read_metrics
-from moe_jax.objectives import OBJECTIVES, bert_mask, mask_batch
+from moe_jax.objectives import OBJECTIVES, bert_mask, mask_batch, pick_counts
 from tests.test_train import HANG_GUARD_S, RESUME, assert_resume_is_exact, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +47,18 @@ def test_picked_counts_follow_berts_rounding_and_skip_padding():
     np.testing.assert_array_equal(np.where(picked, 0, inputs), np.where(picked, 0, tokens))
     changed = np.asarray(inputs)[np.asarray(picked)]
     assert np.all((changed == MASK_ID) | ((changed >= 0) & (changed < 256)))
+
+
+def test_picked_counts_are_pythons_round_even_where_float32_is_not():
+  # BERT's script: max(1, round(0.15 * n)) in float64. At n = 190 that is
+  # round(28.499999999999996) = 28, while float32 gives 0.15 * 190 = 28.500001 -> 29.
+  assert round(0.15 * 190) == 28
+  counts = pick_counts(8192)
+  assert counts[190] == 28 and counts[0] == 0 and counts[1] == 1
+  tokens = jnp.zeros((1, 200), jnp.int32)
+  _, picked = bert_mask(jax.random.key(0), tokens, jnp.arange(200)[None] < 190,
+                        mask_id=MASK_ID)
+  assert int(picked.sum()) == 28
 
 
 def test_masking_statistics_match_the_80_10_10_rule():
