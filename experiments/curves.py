@@ -6,7 +6,8 @@ Reads each run's ``metrics.jsonl``, ``config.json`` and ``model_info.json`` and 
 * ``step``: the training step of the eval;
 * ``train_sec``: seconds spent in training steps up to it, from the train lines'
   ``tokens_per_sec`` (each logging interval's tokens over its rate), so compilation,
-  evals and checkpoints are left out; linear between logged steps;
+  evals and checkpoints are left out; linear between logged steps, and at the last
+  interval's rate after the last logged step (a run stopped between logging steps);
 * ``train_flops``: ``3 x`` forward FLOPs per token (``flops_per_token_active`` plus the
   router's, ``moe_jax.sizes``) ``x`` tokens trained (``step x batch_size x seq_len``);
   ``3 x`` forward is the usual forward + backward count.
@@ -51,9 +52,13 @@ def train_seconds(train_rows: Sequence[dict[str, Any]], tokens_per_step: int
 
 
 def _interp(points: Sequence[tuple[int, float]], step: int) -> float | None:
+  """Linear in ``points``; past the last one, at the last segment's slope."""
   for (s0, v0), (s1, v1) in zip(points, points[1:]):
     if s0 <= step <= s1:
       return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+  if len(points) >= 2 and step > points[-1][0]:
+    (s0, v0), (s1, v1) = points[-2:]
+    return v1 + (v1 - v0) * (step - s1) / (s1 - s0)
   return None
 
 

@@ -38,6 +38,11 @@ def test_curve_by_hand_and_files(tmp_path):
   assert [(r["step"], r["train_sec"], r["train_flops"]) for r in rows] == [
       (3, 2.5, 7920), (4, 3.0, 10560)]
   assert [r["eval_loss_predictor"] for r in rows] == [None, 1.6]
+  # A run stopped at step 6, after its last train line (step 4): the last interval's
+  # 0.5 s per step carries on, 3 + 2 * 0.5 = 4 s.
+  with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({"split": "eval", "step": 6, "eval_loss": 1.4}) + "\n")
+  assert curves.read_curve("mod", run)[-1]["train_sec"] == 4.0
   dense = str(tmp_path / "dense")
   _write_run(dense, [{"split": "train", "step": 4, "tokens_per_sec": 8.0},
                      {"split": "eval", "step": 4, "eval_loss": 1.7,
@@ -49,6 +54,7 @@ def test_curve_by_hand_and_files(tmp_path):
     table = list(csv.DictReader(f))
   assert [(r["run"], r["step"], r["train_sec"], r["train_flops"]) for r in table] == [
       ("mod", "3", "2.5", "7920"), ("mod", "4", "3.0", "10560"),
+      ("mod", "6", "4.0", "15840"),
       ("dense", "4", "4.0", "9600")]  # 4 * 8 / 8 s; 3 * 100 * 4 * 8
   assert table[0]["eval_loss_predictor"] == ""
   assert sorted(os.listdir(out)) == ["curves.csv", "eval_loss_vs_step.png",
