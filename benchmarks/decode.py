@@ -18,6 +18,9 @@ on the weights):
   python benchmarks/decode.py --json=decode.json
   python benchmarks/decode.py --configs=dense_small,switch_small --batch_sizes=1,8 \
       --new_tokens=16 --markdown=decode.md
+  # Trained weights (what a MoD predictor routes depends on them):
+  python benchmarks/decode.py --configs=dense_small,mod_small --batch_sizes=1,8 \
+      --workdirs=dense_small=/tmp/dense_small,mod_small=/tmp/mod_small
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ _SAMPLE_BYTES = flags.DEFINE_integer(
     lower_bound=0)
 _SAMPLE_CONFIGS = flags.DEFINE_list("sample_configs", ["switch_small"],
                                     "Configs of the --sample_bytes rows.")
+_WORKDIRS = flags.DEFINE_list(
+    "workdirs", [], "NAME=WORKDIR pairs: measure config NAME with the trained weights "
+    "(and the config) of that run's latest checkpoint instead of a random init. Speed "
+    "does not depend on the weights, except where the weights decide what runs: a "
+    "Mixture-of-Depths predictor decides which tokens go through a routed block.")
 _JSON = flags.DEFINE_string("json", None, "Write meta and rows as JSON to this file.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Write Markdown tables to this file.")
 
@@ -151,9 +159,26 @@ def measure_sample(model, window: int, length: int) -> dict:
   return out
 
 
-def measure_config(name: str) -> dict:
-  config = load_config(name)
-  model = train_lib.make_model(config)
+def _workdirs() -> dict[str, str]:
+  out = {}
+  for item in _WORKDIRS.value:
+    name, sep, workdir = item.partition("=")
+    if not sep or not name or not workdir:
+      raise app.UsageError(f"--workdirs: {item!r} is not NAME=WORKDIR.")
+    if name not in _CONFIGS.value:
+      raise app.UsageError(f"--workdirs: {name!r} is not one of --configs.")
+    out[name] = workdir
+  return out
+
+
+def measure_config(name: str, workdir: str | None = None) -> dict:
+  if workdir:  # the run's own config: its overrides (steps, evals) change no shapes
+    model, config, step = train_lib.load_model(workdir)
+    weights = f"trained, step {step}"
+  else:
+    config = load_config(name)
+    model = train_lib.make_model(config)
+    weights = "random init"
   counts = count_params(model)
   bytes_per_param = 4  # parameters are float32 whatever the compute dtype
   batches = [measure_batch(model, int(b), _PROMPT_LEN.value, _NEW.value)
@@ -162,7 +187,8 @@ def measure_config(name: str) -> dict:
              for n in _COMPARE.value]
   largest = batches[-1]
   per_token = largest["cache_bytes"] / (largest["batch"] * largest["max_len"])
-  row = dict(config=name, weight_bytes_total=counts["total"] * bytes_per_param,
+  row = dict(config=name, weights=weights,
+             weight_bytes_total=counts["total"] * bytes_per_param,
              weight_bytes_active_per_token=counts["active"] * bytes_per_param,
              kv_cache_bytes_per_token=per_token,
              kv_cache_bytes_per_sequence=per_token * config.data.seq_len,
@@ -180,10 +206,12 @@ def to_markdown(data: dict) -> str:
   out = [f"backend `{meta['backend']}` ({meta['device']}), jax {meta['jax']}, "
          f"prompt {meta['prompt_len']} tokens, {meta['new_tokens']} new tokens, "
          f"median of {meta['repeats']}.", "",
-         "| config | weights MiB (total) | weights MiB (active/token) | KV-cache KiB/token "
-         "| KV-cache MiB/sequence | step peak MiB (batch) |", "|---|---|---|---|---|---|"]
+         "| config | weights | weights MiB (total) | weights MiB (active/token) | "
+         "KV-cache KiB/token | KV-cache MiB/sequence | step peak MiB (batch) |",
+         "|---|---|---|---|---|---|---|"]
   for r in rows:
-    out.append(f"| {r['config']} | {mib(r['weight_bytes_total'])} | "
+    out.append(f"| {r['config']} | {r.get('weights', 'random init')} | "
+               f"{mib(r['weight_bytes_total'])} | "
                f"{mib(r['weight_bytes_active_per_token'])} | "
                f"{r['kv_cache_bytes_per_token'] / 1024:.1f} | "
                f"{mib(r['kv_cache_bytes_per_sequence'])} ({r['sequence_len']} tokens) | "
@@ -220,13 +248,14 @@ def main(argv):
       if not v.isdigit() or int(v) < 1:
         raise app.UsageError(f"--{flag.name}: {v!r} is not a positive integer.")
   configs = [load_config(n) and n for n in _CONFIGS.value]
+  workdirs = _workdirs()
   meta = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
               cpu=platform.processor() or platform.machine(), jax=jax.__version__,
               prompt_len=_PROMPT_LEN.value, new_tokens=_NEW.value,
               repeats=_REPEATS.value, config_overrides=list(_OVERRIDES.value))
   rows = []
   for name in configs:
-    rows.append(measure_config(name))
+    rows.append(measure_config(name, workdirs.get(name)))
     print(f"# {name} done", flush=True)
   harness.write_results(dict(meta=meta, rows=rows), json_path=_JSON.value,
                         markdown_path=_MARKDOWN.value, to_markdown=to_markdown)

@@ -28,10 +28,14 @@ its size (attention's ``[B, heads, L, L]`` scores grow as L^2 per row).
   python benchmarks/jamba_seq_len.py --json=jamba_seq_len.json \
       --markdown=jamba_seq_len.md
   python benchmarks/jamba_seq_len.py --seq_lens=256,1024 --repeats=3
+  # Table and plot again from a written JSON, measuring nothing:
+  python benchmarks/jamba_seq_len.py --from_json=jamba_seq_len.json \
+      --markdown=jamba_seq_len.md --png=jamba_seq_len.png
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 
@@ -64,6 +68,11 @@ _MAX_GIB = flags.DEFINE_float("max_gib", 16.0, "Skip a model at an L whose compi
                               "needs more memory than this (GiB).", lower_bound=0.0)
 _JSON = flags.DEFINE_string("json", None, "Write meta and rows as JSON to this file.")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "Write the Markdown table to this file.")
+_PNG = flags.DEFINE_string("png", None, "Plot tokens/s and peak memory against L to this "
+                           "PNG file.")
+_FROM_JSON = flags.DEFINE_string("from_json", None, "Measure nothing: read meta and rows "
+                                 "from this JSON (as --json writes it) and write the "
+                                 "table and the plot.")
 
 HYBRID, ATTENTION = "jamba", "attention"
 
@@ -204,8 +213,44 @@ def to_markdown(data: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+def plot(data: dict, path: str) -> None:
+  """Tokens/s and peak memory of both models against L (log-log), one panel each."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, label, scale in ((axes[0], "tokens_per_sec", "training tokens/s", 1),
+                                (axes[1], "peak_bytes", "compiled step peak MiB",
+                                 2**-20)):
+    for model in (HYBRID, ATTENTION):
+      pts = sorted((r["seq_len"], r[key] * scale) for r in data["rows"]
+                   if r["model"] == model and r.get(key) is not None)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+              label=f"{data['meta']['config']}" if model == HYBRID
+              else "attention-only, same active params")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+  meta = data["meta"]
+  fig.suptitle(f"{meta['tokens_per_step']} tokens per step (batch tokens/L, at least "
+               f"1 row), median of {meta['repeats']}, {meta['backend']}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv):
   del argv
+  if _FROM_JSON.value:
+    with open(_FROM_JSON.value, encoding="utf-8") as f:
+      data = json.load(f)
+    harness.write_results(data, markdown_path=_MARKDOWN.value, to_markdown=to_markdown)
+    if _PNG.value:
+      plot(data, _PNG.value)
+    return
   for v in _SEQ_LENS.value:
     if not v.isdigit() or int(v) < 1:
       raise app.UsageError(f"--seq_lens: {v!r} is not a positive integer.")
@@ -225,8 +270,11 @@ def main(argv):
   for l in sorted(int(v) for v in _SEQ_LENS.value):
     rows.extend(measure(configs, l))
     print(f"# L={l} done", flush=True)
-  harness.write_results(dict(meta=meta, rows=rows), json_path=_JSON.value,
-                        markdown_path=_MARKDOWN.value, to_markdown=to_markdown)
+  data = dict(meta=meta, rows=rows)
+  harness.write_results(data, json_path=_JSON.value, markdown_path=_MARKDOWN.value,
+                        to_markdown=to_markdown)
+  if _PNG.value:
+    plot(data, _PNG.value)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,40 @@ def test_decode_benchmark_writes_every_field(tmp_path):
 
 
 @pytest.mark.slow
+def test_decode_benchmark_measures_a_trained_run(tmp_path):
+  # A 2-step mod_small run shrunk to width 16; --workdirs loads its checkpoint and its
+  # config (4 blocks from the run, not the config file's 8).
+  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  config = _load_benchmark_module("configs").load_config("mod_small", [
+      "model.num_layers=4", "model.d_model=16", "model.d_ff=32", "model.num_heads=2",
+      "data.seq_len=16", "batch_size=2", "steps=2", "warmup_steps=1", "eval_every=2",
+      "eval_steps=1",
+      "sample.length=0", "progress_bar=False"])
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  out = tmp_path / "decode.json"
+  _run_benchmark(
+      "decode.py", "--configs=mod_small", f"--workdirs=mod_small={workdir}",
+      "--batch_sizes=1", "--prompt_len=4", "--compare_prompt_lens=4",
+      "--new_tokens=2", "--repeats=1", "--sample_bytes=0", f"--json={out}")
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["weights"] == "trained, step 2"
+  # 4 blocks x 2 (K, V) x 16 x 4 bytes of cache per token, plus a 4-byte position
+  # per block: 528 bytes, against 1040 for the config file's 8 blocks.
+  assert row["kv_cache_bytes_per_token"] == 4 * 2 * 16 * 4 + 4 * 4
+
+
+def test_decode_benchmark_refuses_a_bad_workdirs_pair():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
+                         "--configs=dense_small", "--workdirs=mod_small=/nonexistent"],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert proc.returncode != 0
+  assert "'mod_small' is not one of --configs" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
   # jamba_small's 8-layer pattern at width 16; fields, types and the decided values
   # (lengths, batches, matched parameter counts) only: the rest are measurements.
@@ -258,7 +292,9 @@ def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
       "jamba_seq_len.py",
       "--config_overrides=model.d_model=16,model.num_heads=2,model.d_ff=32,"
       "moe.num_experts=4,mamba.chunk_size=8", "--seq_lens=32,16",
-      "--tokens_per_step=64", "--repeats=1", f"--json={out}", f"--markdown={md}")
+      "--tokens_per_step=64", "--repeats=1", f"--json={out}", f"--markdown={md}",
+      f"--png={tmp_path / 'jamba.png'}")
+  assert (tmp_path / "jamba.png").stat().st_size > 0
   data = json.loads(out.read_text())
   meta, rows = data["meta"], data["rows"]
   assert meta["config"] == "jamba_small" and meta["expert_d_ff"] == 32
@@ -277,6 +313,10 @@ def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
   text = md.read_text()
   assert "| 16 | 4 |" in text and "| 32 | 2 |" in text
   assert text.count("Crossing (") == 2
+  # --from_json measures nothing and writes the same table.
+  md2 = tmp_path / "again.md"
+  _run_benchmark("jamba_seq_len.py", f"--from_json={out}", f"--markdown={md2}")
+  assert md2.read_text() == text
 
 
 TINY_MODEL = ("model.num_layers=2,model.d_model=16,model.d_ff=32,model.num_heads=2,"

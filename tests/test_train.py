@@ -234,6 +234,36 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, jit_cache):
   assert len(steps) == 1 and steps[0] >= 1
 
 
+@pytest.mark.slow
+def test_stop_at_step_flag_stops_on_the_full_schedule_and_resumes(tmp_path, jit_cache):
+  # steps=8, log and eval every 2: --stop_at_step=4 trains steps 1-4 of the 8-step
+  # schedule (the logged learning rate at step 4 is the 8-step one), saves step 4 and
+  # exits 0; the same command without the flag resumes to 8.
+  workdir = str(tmp_path)
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+         f"--config={os.path.join(CONFIGS, 'switch_small.py')}", f"--workdir={workdir}",
+         *cli_overrides(steps=8, log_every=2, eval_every=2, checkpoint_every=100,
+                        warmup_steps=2, **{"sample.length": 0})]
+  proc = subprocess.run(cmd + ["--stop_at_step=4"], capture_output=True, text=True,
+                        env=jit_cache, timeout=HANG_GUARD_S)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Stopped early: saved the checkpoint at step 4" in proc.stdout
+  assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).all_steps() == [4]
+  train_rows = read_metrics(workdir, "train")
+  assert [r["step"] for r in train_rows] == [2, 4]
+  assert [r["step"] for r in read_metrics(workdir, "eval")] == [2, 4]
+  _, schedule = train.make_optimizer(tiny_config(steps=8, warmup_steps=2))
+  assert train_rows[-1]["learning_rate"] == pytest.approx(float(schedule(3)), rel=1e-6)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=jit_cache,
+                        timeout=HANG_GUARD_S)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [r["step"] for r in read_metrics(workdir, "train")] == [2, 4, 6, 8]
+  bad = subprocess.run(cmd + ["--stop_at_step=0"], capture_output=True, text=True,
+                       env=jit_cache, timeout=HANG_GUARD_S)
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert "stop_at_step" in bad.stderr
+
+
 def _flops_and_params(**configs):
   """``{name: (flops_per_token, count_params)}`` of experiments/configs/FILE.py for
   each ``name=FILE``, at dense_small's sequence length; shapes only."""
