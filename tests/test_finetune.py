@@ -85,8 +85,6 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
   merged, _ = _params(workdir, merge=True)
   assert step == 6
   # Frozen base parameters are bit-identical; the adapters moved.
-  base_p = nnx.state(base, nnx.Param).to_pure_dict()
-  kept = nnx.state(adapted, nnx.Not(nnx.LoRAParam)).to_pure_dict()
   kept = {k: v for k, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param)) if
           not isinstance(v, nnx.LoRAParam)}
   flat_base = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
@@ -97,7 +95,6 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
   x = np.arange(32, dtype=np.int32).reshape(1, 32) % 200
   np.testing.assert_allclose(adapted(x, deterministic=True)[0],
                              merged(x, deterministic=True)[0], atol=1e-5)
-  del base_p
   # Trainable count: r * (K + N) per adapted weight; experts relu: wi [E, M, H],
   # wo [E, H, M] with E=4, M=32, H=64, r=2 -> 2 * 4 * 2 * (32 + 64) = 1536.
   info = json.load(open(os.path.join(workdir, "finetune.json")))
