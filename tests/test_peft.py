@@ -5,13 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from moe_jax import lora
+from moe_jax import lora, train
+from moe_jax.config import default_config
 from moe_jax.experts import Experts
 from moe_jax.moe_layer import MoeConfig
-from moe_jax.peft import esft
+from moe_jax.peft import esft, finetune
 from moe_jax.peft import lora as peft_lora
 from moe_jax.transformer import Transformer, TransformerConfig
 
@@ -194,7 +196,6 @@ def test_routing_shares_count_choices_and_gates():
 
 
 def test_frozen_rows_stay_bit_identical_under_adamw_with_weight_decay():
-  import optax
   params = {"experts": {"wi": jnp.arange(24.0).reshape(4, 3, 2) - 5.0},
             "norm": jnp.ones((3,))}
   # A -0.0 in frozen row 1: freeze_rows alone gives it a +0.0 update, and -0.0 + 0.0
@@ -217,3 +218,50 @@ def test_frozen_rows_stay_bit_identical_under_adamw_with_weight_decay():
   for e in (0, 2):
     assert not np.array_equal(old[e], new[e])
   assert not np.array_equal(np.asarray(p["norm"]), np.ones(3))
+
+
+def test_frozen_rows_gradients_do_not_touch_the_trained_rows_under_clipping():
+  """ESFT's frozen experts have no gradient: whatever the backward pass gives their
+  rows, the trained rows move as in a model without them (global-norm clip 1.0 and
+  AdamW; the gradients' norms are 2-10, so the clip is active at every step)."""
+  config = default_config()
+  config.steps, config.warmup_steps, config.learning_rate = 10, 1, 0.1
+  config.grad_clip, config.weight_decay = 1.0, 0.1
+  keep = np.array([True, False, True, False])
+  wi = jax.random.normal(jax.random.key(0), (4, 3, 2))
+  params = {"experts": {"wi": wi}, "norm": jnp.ones((3,))}
+  tx, _, masks = finetune.make_optimizer(
+      config, params, {("experts", "wi"): keep[:, None, None]})
+  # The same optimizer on a model holding only the trained rows.
+  ref_tx, _ = train.make_optimizer(config)
+  ref = {"experts": {"wi": wi[keep]}, "norm": params["norm"]}
+  ref_state = ref_tx.init(ref)
+
+  def run(frozen_scale):
+    p, state, norms = params, tx.init(params), []
+    for t in range(4):
+      key = jax.random.fold_in(jax.random.key(1), t)
+      g = jax.random.normal(key, (4, 3, 2)) * (t + 1)
+      g = jnp.where(keep[:, None, None], g, frozen_scale * (10.0 ** t) * g)
+      grads = {"experts": {"wi": g}, "norm": jnp.full((3,), 0.5 * (t + 1))}
+      p, state, masked, _ = esft.apply_gradients(tx, grads, state, p, masks)
+      norms.append(float(optax.global_norm(masked)))
+    return p, norms
+
+  zero, zero_norms = run(0.0)
+  big, big_norms = run(100.0)
+  for a, b in zip(jax.tree.leaves(zero), jax.tree.leaves(big)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert zero_norms == big_norms  # the logged grad_norm ignores frozen rows
+  p = ref
+  for t in range(4):
+    g = jax.random.normal(jax.random.fold_in(jax.random.key(1), t), (4, 3, 2)) * (t + 1)
+    grads = {"experts": {"wi": g[keep]}, "norm": jnp.full((3,), 0.5 * (t + 1))}
+    assert float(optax.global_norm(grads)) > 1.0  # the clip acts
+    updates, ref_state = ref_tx.update(grads, ref_state, p)
+    p = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(np.asarray(zero["experts"]["wi"][keep]),
+                             np.asarray(p["experts"]["wi"]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(zero["norm"]), np.asarray(p["norm"]), rtol=1e-6)
+  assert np.asarray(zero["experts"]["wi"][~keep]).tobytes() == np.asarray(
+      wi[~keep]).tobytes()

@@ -232,8 +232,9 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
   """``state, metrics = step(state, frozen, batch)``, jitted, donating ``state``.
 
   ``state.params`` holds only the trainable parameters; ``frozen`` the others, passed
-  as an argument (not baked into the program as constants). ``masks`` (ESFT) restore
-  the frozen expert rows after the update. The routing step of noise annealing stays
+  as an argument (not baked into the program as constants). ``masks`` (ESFT) zero
+  the frozen expert rows' gradients before the optimizer (``grad_norm`` is their
+  norm) and restore the rows after the update (:func:`esft.apply_gradients`). The routing step of noise annealing stays
   at the base run's last step.
   """
   graphdef, _, _, rest = split(model, wrt)
@@ -249,10 +250,8 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch,
                                                           key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if masks is not None:
-      params = esft.keep_frozen(params, state.params, masks)
+    params, opt_state, grads, updates = esft.apply_gradients(
+        tx, grads, state.opt_state, state.params, masks)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_norm"] = optax.global_norm(updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -260,7 +259,10 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
   return jax.jit(step, donate_argnums=0)
 
 
-def _optimizer(config, params, row_masks):
+def make_optimizer(config, params, row_masks):
+  """``(tx, schedule, masks)``: pretraining's optimizer (clip, AdamW or Adafactor) on
+  the trainable ``params``; with ESFT's ``row_masks``, :func:`esft.freeze_rows` chained
+  after it and ``masks`` (a tree like ``params``) for :func:`esft.apply_gradients`."""
   tx, schedule = train.make_optimizer(config)
   masks = None
   if row_masks:
@@ -344,7 +346,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
   plan = prepare(model, config, score_batches)
 
   graphdef, params, frozen, _ = split(model, plan["wrt"])
-  tx, schedule, masks = _optimizer(config, params, plan["row_masks"])
+  tx, schedule, masks = make_optimizer(config, params, plan["row_masks"])
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=jax.jit(tx.init)(params),
                            rng=jax.random.key_data(jax.random.key(config.seed)))
@@ -491,7 +493,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
       config.finetune.esft_selected = info["plan"]["selected"]
   plan = prepare(model, config)
   _, params, _, _ = split(model, plan["wrt"])
-  tx, _, _ = _optimizer(config, params, plan["row_masks"])
+  tx, _, _ = make_optimizer(config, params, plan["row_masks"])
   abstract = jax.eval_shape(lambda p: train.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.key_data(jax.random.key(0))), params)
