@@ -101,11 +101,17 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
   assert info["params_trainable"] == 2 * 4 * 2 * (32 + 64)
 
 
-def test_esft_keeps_frozen_experts_bit_identical(base_run, tmp_path):
+def test_esft_keeps_frozen_experts_bit_identical_and_resumes_its_plan(base_run,
+                                                                       tmp_path):
   workdir = str(tmp_path / "esft")
-  finetune.finetune(ft_config(**{"finetune.method": "esft", "finetune.targets": ()}),
-                    base_run, workdir)
+  config = ft_config(**{"finetune.method": "esft", "finetune.targets": ()})
+  part = finetune.finetune(config, base_run, workdir, stop_at_step=3)
+  assert part["preempted"]
+  first = json.load(open(os.path.join(workdir, "finetune.json")))
+  assert finetune.finetune(config, base_run, workdir)["step"] == 6
   info = json.load(open(os.path.join(workdir, "finetune.json")))
+  # The resumed run reuses the recorded plan: same shares, same selection.
+  assert info == first
   selected = np.asarray(info["plan"]["selected"]["1"])
   shares = np.asarray(info["plan"]["shares"]["1"])
   assert shares.sum() == pytest.approx(1.0, abs=1e-5)

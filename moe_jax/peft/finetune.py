@@ -354,7 +354,12 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
       x.size if m is None else x.size // m.shape[0] * int(m.sum())
       for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(
           jax.tree.map(lambda x, m: m, params, masks), is_leaf=lambda x: x is None))))
-  info = {"base_workdir": ft.init_from, "base_step": base_step, "plan": plan["info"],
+  plan_info = plan["info"]
+  if recorded is not None:
+    # A resumed run keeps the recorded plan: ESFT's shares were scored once, at the
+    # start, and prepare() (given the recorded selection) does not score again.
+    plan_info = {**recorded["plan"], **plan_info}
+  info = {"base_workdir": ft.init_from, "base_step": base_step, "plan": plan_info,
           "params_base": total_base, "params_trainable": trainable,
           "params_in_optimizer": _count(params),
           "trainable_fraction": trainable / total_base,
