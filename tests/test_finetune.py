@@ -104,7 +104,7 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
 def test_esft_keeps_frozen_experts_bit_identical_and_resumes_its_plan(base_run,
                                                                        tmp_path):
   workdir = str(tmp_path / "esft")
-  config = ft_config(**{"finetune.method": "esft", "finetune.targets": ()})
+  config = ft_config(**{"finetune.method": "esft"})  # default targets: none
   part = finetune.finetune(config, base_run, workdir, stop_at_step=3)
   assert part["preempted"]
   first = json.load(open(os.path.join(workdir, "finetune.json")))
@@ -112,6 +112,9 @@ def test_esft_keeps_frozen_experts_bit_identical_and_resumes_its_plan(base_run,
   info = json.load(open(os.path.join(workdir, "finetune.json")))
   # The resumed run reuses the recorded plan: same shares, same selection.
   assert info == first
+  assert info["plan"]["targets"] == []
+  recorded = json.load(open(os.path.join(workdir, "config.json")))
+  assert recorded["finetune"]["targets"] == []
   selected = np.asarray(info["plan"]["selected"]["1"])
   shares = np.asarray(info["plan"]["shares"]["1"])
   assert shares.sum() == pytest.approx(1.0, abs=1e-5)
@@ -153,6 +156,28 @@ def test_clear_errors(base_run, tmp_path):
     finetune.prepare(tiny_model(shared=0), config)
   with pytest.raises(ConfigError, match="finetune.rank=0"):
     finetune.finetune(ft_config(**{"finetune.rank": 0}), base_run, str(tmp_path / "w4"))
+
+
+def test_targets_default_per_method_and_esft_refuses_experts(tmp_path):
+  section = finetune.default_finetune_config()
+  assert section.targets is None
+  for method, expected in (("lora", ("experts",)), ("esft", ()), ("full", ())):
+    section.method = method
+    assert finetune.resolved_targets(section) == expected
+    assert not finetune.finetune_errors(section)
+    config = finetune.run_config(ft_config(**{"finetune.method": method}),
+                                 tiny_config(), str(tmp_path))
+    assert config.finetune.targets == expected
+  section.method, section.targets = "esft", ("router", "experts")
+  (error,) = finetune.finetune_errors(section)
+  assert "finetune.targets has 'experts', but under finetune.method='esft'" in error
+  section.targets = ("router",)
+  assert not finetune.finetune_errors(section)
+  section.method = "full"
+  assert "has no effect under finetune.method='full'" in finetune.finetune_errors(
+      section)[0]
+  section.method, section.targets = "lora", ()
+  assert "LoRA needs at least one target" in finetune.finetune_errors(section)[0]
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ latest checkpoint of the pretraining run in ``init_from``, prepares the method o
 | method | trainable (the optimizer's ``wrt`` filter) |
 |---|---|
 | ``lora`` | ``nnx.LoRAParam`` adapters on ``finetune.targets`` (:mod:`moe_jax.peft.lora`) |
-| ``esft`` | the experts ESFT selects per MoE layer (:mod:`moe_jax.peft.esft`), plus every weight of ``finetune.targets`` (default none) |
-| ``full`` | every parameter |
+| ``esft`` | the experts ESFT selects per MoE layer (:mod:`moe_jax.peft.esft`), plus every weight of ``finetune.targets`` (default none; ``experts`` is refused) |
+| ``full`` | every parameter (``finetune.targets`` must be unset or empty) |
 
 The run's config is the base run's with the fine-tuning file's training keys on top
 (steps, learning rate, batch size, data, ...); the model keys are always the base's.
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 import optax
 from flax import nnx
 
@@ -53,13 +54,17 @@ from moe_jax.routers import set_training_step
 
 METHODS = ("lora", "esft", "full")
 INFO_FILE = "finetune.json"
+# finetune.targets when unset: LoRA adapts the routed experts; ESFT trains the experts
+# it selects and nothing else whole; full trains everything and takes no targets.
+DEFAULT_TARGETS = {"lora": ("experts",), "esft": (), "full": ()}
 
 
 def default_finetune_config() -> ml_collections.ConfigDict:
   """The ``finetune`` section's keys and defaults."""
   c = ml_collections.ConfigDict()
   c.method = "lora"
-  c.targets = ("experts",)
+  # None: the method's default (DEFAULT_TARGETS): ("experts",) for lora, () for esft.
+  c.targets = config_dict.placeholder(tuple)
   c.rank = 8
   c.alpha = 16.0  # the update is scaled by alpha / rank
   c.seed = 0  # draws the LoRA A factors
@@ -71,6 +76,14 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   return c
 
 
+def resolved_targets(ft) -> tuple[str, ...]:
+  """``finetune.targets``, or the method's default (:data:`DEFAULT_TARGETS`) when
+  it is unset (None)."""
+  if ft.get("targets") is None:
+    return DEFAULT_TARGETS.get(ft.method, ())
+  return tuple(ft.targets)
+
+
 def finetune_errors(ft) -> list[str]:
   """Every problem with a ``finetune`` section, one sentence each."""
   errors = []
@@ -78,7 +91,9 @@ def finetune_errors(ft) -> list[str]:
     errors.append(f"finetune.method={ft.method!r} is unknown; use one of "
                   f"{', '.join(METHODS)}.")
   targets = ft.targets
-  if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+  if targets is None:
+    pass  # the method's default
+  elif isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
     errors.append(f"finetune.targets={targets!r} must be a tuple of names from "
                   f"{', '.join(peft_lora.TARGETS)}.")
   else:
@@ -89,6 +104,13 @@ def finetune_errors(ft) -> list[str]:
     if ft.method == "lora" and not targets:
       errors.append("finetune.targets is empty; LoRA needs at least one target (e.g. "
                     "--config.finetune.targets=\"('experts',)\").")
+    if ft.method == "esft" and "experts" in targets:
+      errors.append("finetune.targets has 'experts', but under finetune.method='esft' "
+                    "the experts train only where ESFT selects them; drop it (targets "
+                    "lists the modules ESFT trains whole besides, e.g. ('router',)).")
+    if ft.method == "full" and targets:
+      errors.append(f"finetune.targets={tuple(targets)!r} has no effect under "
+                    "finetune.method='full' (every parameter trains); drop it.")
   if ft.method == "lora":
     if isinstance(ft.rank, bool) or not isinstance(ft.rank, int) or ft.rank < 1:
       errors.append(f"finetune.rank={ft.rank!r} must be a positive integer.")
@@ -148,6 +170,7 @@ def run_config(ft_config, base_config, init_from: str) -> ml_collections.ConfigD
       config[key] = value
   ft = default_finetune_config()
   ft.update(ft_config.finetune.to_dict() if "finetune" in ft_config else {})
+  ft.targets = resolved_targets(ft)  # config.json records what the run used
   config.finetune = ft
   config.finetune.init_from = os.path.abspath(os.path.expanduser(init_from))
   return config
@@ -178,17 +201,18 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
   passes the plan's recorded ``selected`` instead (``config.finetune.esft_selected``).
   """
   ft = config.finetune
+  targets = resolved_targets(ft)
   try:
-    extra = peft_lora.target_weights(model, ft.targets) if (
-        ft.method != "full" and ft.targets) else []
+    extra = peft_lora.target_weights(model, targets) if (
+        ft.method != "full" and targets) else []
   except ValueError as e:
     raise ConfigError([str(e)]) from None
   info: dict[str, Any] = {"method": ft.method}
   row_masks: dict[tuple, np.ndarray] = {}
   if ft.method == "lora":
-    peft_lora.add_lora(model, ft.targets, rank=ft.rank, alpha=ft.alpha, seed=ft.seed)
+    peft_lora.add_lora(model, targets, rank=ft.rank, alpha=ft.alpha, seed=ft.seed)
     wrt: Any = nnx.LoRAParam
-    info.update(targets=list(ft.targets), rank=ft.rank, alpha=ft.alpha)
+    info.update(targets=list(targets), rank=ft.rank, alpha=ft.alpha)
   elif ft.method == "full":
     wrt = nnx.Param
   else:
@@ -204,7 +228,7 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
     info["selected"] = {str(k): v.tolist() for k, v in selected.items()}
     row_masks = esft.expert_row_masks(model, selected)
     wrt = _path_filter(set(row_masks) | _param_paths(model, extra))
-    info.update(targets=list(ft.targets), score=ft.esft.score, top_p=ft.esft.top_p,
+    info.update(targets=list(targets), score=ft.esft.score, top_p=ft.esft.top_p,
                 selected_params=esft.trainable_expert_params(model, selected))
   return {"wrt": wrt, "row_masks": row_masks, "info": info}
 
@@ -517,5 +541,6 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   return model, config, step
 
 
-__all__ = ["METHODS", "default_finetune_config", "finetune", "finetune_errors",
-           "is_finetune_run", "load_model", "prepare", "run_config"]
+__all__ = ["DEFAULT_TARGETS", "METHODS", "default_finetune_config", "finetune",
+           "finetune_errors", "is_finetune_run", "load_model", "make_optimizer",
+           "prepare", "resolved_targets", "run_config"]
