@@ -14,6 +14,11 @@ Last").
 
    Both sum to 1 per layer. The paper averages per sample and then over samples;
    here the sums run over all valid tokens of the scoring batches (token-weighted).
+   **Dropped choices:** the gate score sums the *kept* gates only (a choice dropped
+   for capacity has gate 0 in ``RoutingOutput.gates``), while the token score counts
+   every choice, kept or not. Scoring runs in evaluation mode, so the capacity is
+   ``eval_capacity_factor``'s (dropless layers drop nothing, and then the two agree
+   on which choices count).
 2. Select (:func:`select_experts`): per layer, the fewest experts, by descending share
    (ties: lower index first), whose cumulative share reaches ``top_p``.
 3. Train only those experts' rows of the stacked ``[E, ...]`` weights (plus, by config,
