@@ -4,7 +4,7 @@
 latest checkpoint of the pretraining run in ``init_from``, prepares the method of
 ``finetune.method`` and trains on ``data.name`` (default ``python_stdlib``):
 
-| method | trainable (the optimizer's ``wrt`` filter) |
+| method | trainable (the nnx filter the model is split by; the optimizer sees that part only) |
 |---|---|
 | ``lora`` | ``nnx.LoRAParam`` adapters on ``finetune.targets`` (:mod:`moe_jax.peft.lora`) |
 | ``esft`` | the experts ESFT selects per MoE layer (:mod:`moe_jax.peft.esft`), plus every weight of ``finetune.targets`` (default none; ``experts`` is refused) |
