@@ -27,8 +27,8 @@ expert) and a transient weight-sized delta; the trainable parameters, their grad
 and the optimizer state are the adapters' alone, which is what LoRA saves.
 
 The adapter lives in an attribute ``<weight name>_lora`` of the module that owns the
-weight (``experts.wi_lora``), so checkpoints and the optimizer's ``wrt=nnx.LoRAParam``
-filter find it by the ordinary state paths. Which weights get one is decided by
+weight (``experts.wi_lora``), so checkpoints and the ``nnx.LoRAParam`` filter that
+fine-tuning splits the model by (``nnx.split``) find it by the ordinary state paths. Which weights get one is decided by
 :mod:`moe_jax.peft.lora`; this module knows nothing about the model.
 """
 

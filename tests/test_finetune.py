@@ -85,8 +85,6 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
   merged, _ = _params(workdir, merge=True)
   assert step == 6
   # Frozen base parameters are bit-identical; the adapters moved.
-  base_p = nnx.state(base, nnx.Param).to_pure_dict()
-  kept = nnx.state(adapted, nnx.Not(nnx.LoRAParam)).to_pure_dict()
   kept = {k: v for k, v in nnx.to_flat_state(nnx.state(adapted, nnx.Param)) if
           not isinstance(v, nnx.LoRAParam)}
   flat_base = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
@@ -97,18 +95,26 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
   x = np.arange(32, dtype=np.int32).reshape(1, 32) % 200
   np.testing.assert_allclose(adapted(x, deterministic=True)[0],
                              merged(x, deterministic=True)[0], atol=1e-5)
-  del base_p
   # Trainable count: r * (K + N) per adapted weight; experts relu: wi [E, M, H],
   # wo [E, H, M] with E=4, M=32, H=64, r=2 -> 2 * 4 * 2 * (32 + 64) = 1536.
   info = json.load(open(os.path.join(workdir, "finetune.json")))
   assert info["params_trainable"] == 2 * 4 * 2 * (32 + 64)
 
 
-def test_esft_keeps_frozen_experts_bit_identical(base_run, tmp_path):
+def test_esft_keeps_frozen_experts_bit_identical_and_resumes_its_plan(base_run,
+                                                                       tmp_path):
   workdir = str(tmp_path / "esft")
-  finetune.finetune(ft_config(**{"finetune.method": "esft", "finetune.targets": ()}),
-                    base_run, workdir)
+  config = ft_config(**{"finetune.method": "esft"})  # default targets: none
+  part = finetune.finetune(config, base_run, workdir, stop_at_step=3)
+  assert part["preempted"]
+  first = json.load(open(os.path.join(workdir, "finetune.json")))
+  assert finetune.finetune(config, base_run, workdir)["step"] == 6
   info = json.load(open(os.path.join(workdir, "finetune.json")))
+  # The resumed run reuses the recorded plan: same shares, same selection.
+  assert info == first
+  assert info["plan"]["targets"] == []
+  recorded = json.load(open(os.path.join(workdir, "config.json")))
+  assert recorded["finetune"]["targets"] == []
   selected = np.asarray(info["plan"]["selected"]["1"])
   shares = np.asarray(info["plan"]["shares"]["1"])
   assert shares.sum() == pytest.approx(1.0, abs=1e-5)
@@ -150,6 +156,28 @@ def test_clear_errors(base_run, tmp_path):
     finetune.prepare(tiny_model(shared=0), config)
   with pytest.raises(ConfigError, match="finetune.rank=0"):
     finetune.finetune(ft_config(**{"finetune.rank": 0}), base_run, str(tmp_path / "w4"))
+
+
+def test_targets_default_per_method_and_esft_refuses_experts(tmp_path):
+  section = finetune.default_finetune_config()
+  assert section.targets is None
+  for method, expected in (("lora", ("experts",)), ("esft", ()), ("full", ())):
+    section.method = method
+    assert finetune.resolved_targets(section) == expected
+    assert not finetune.finetune_errors(section)
+    config = finetune.run_config(ft_config(**{"finetune.method": method}),
+                                 tiny_config(), str(tmp_path))
+    assert config.finetune.targets == expected
+  section.method, section.targets = "esft", ("router", "experts")
+  (error,) = finetune.finetune_errors(section)
+  assert "finetune.targets has 'experts', but under finetune.method='esft'" in error
+  section.targets = ("router",)
+  assert not finetune.finetune_errors(section)
+  section.method = "full"
+  assert "has no effect under finetune.method='full'" in finetune.finetune_errors(
+      section)[0]
+  section.method, section.targets = "lora", ()
+  assert "LoRA needs at least one target" in finetune.finetune_errors(section)[0]
 
 
 @pytest.mark.slow

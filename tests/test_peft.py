@@ -5,13 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from moe_jax import lora
+from moe_jax import lora, train
+from moe_jax.config import default_config
 from moe_jax.experts import Experts
-from moe_jax.moe_layer import MoeConfig
-from moe_jax.peft import esft
+from moe_jax.moe_layer import MoeConfig, MoeLayer
+from moe_jax.peft import esft, finetune
 from moe_jax.peft import lora as peft_lora
 from moe_jax.transformer import Transformer, TransformerConfig
 
@@ -174,15 +176,16 @@ def test_select_experts_hand_example():
     esft.select_experts(shares, 0)
 
 
-def test_routing_shares_count_choices_and_gates():
+def test_routing_shares_normalise_the_layer_metrics_over_batches():
+  """routing_shares sums each MoE block's choice_counts / gate_mass over the scoring
+  batches and normalises per layer; what those metrics hold is pinned by hand in
+  test_gate_and_token_scores_hand_example."""
   model = tiny_model("dropless")  # nothing dropped: every choice is kept
   x = tokens(shape=(2, 16))
   batch = {"inputs": x}
   token = esft.routing_shares(model, [batch, batch], "token")
   gate = esft.routing_shares(model, [batch], "gate")
   assert list(token) == [1] and token[1].shape == (E,)
-  # Hand reference from the router: top-2 of softmax(x W), normalised gates.
-  layer = model.blocks[1].ffn
   out = model.forward(x, deterministic=True)
   counts = np.asarray(out.moe_aux[1].metrics["choice_counts"])
   assert counts.sum() == 2 * 16 * 2  # T * K choices
@@ -190,14 +193,46 @@ def test_routing_shares_count_choices_and_gates():
   mass = np.asarray(out.moe_aux[1].metrics["gate_mass"])
   assert mass.sum() == pytest.approx(2 * 16, rel=1e-5)  # normalised gates sum to 1
   np.testing.assert_allclose(gate[1], mass / mass.sum(), rtol=1e-6)
-  del layer
+
+
+@pytest.mark.parametrize("capacity_factor", [3.0, 2.0])
+def test_gate_and_token_scores_hand_example(capacity_factor):
+  """What ESFT sums, by hand: one group of 3 tokens, M=2, E=3, top-2, softmax gates
+  renormalised over the 2 choices.
+
+  W = [[0, ln 2, ln 5], [ln 3, ln 2, 0]]; x1 = [1, 0], x2 = [0, 1], x3 = [1, 1]:
+    x1 W = ln[1, 2, 5]  -> p = [1, 2, 5] / 8   -> e2 5/7, e1 2/7
+    x2 W = ln[3, 2, 1]  -> p = [3, 2, 1] / 6   -> e0 3/5, e1 2/5
+    x3 W = ln[3, 4, 5]  -> p = [3, 4, 5] / 12  -> e2 5/9, e1 4/9
+  Token choices per expert: [1, 3, 2] of T * K = 6 -> token shares [1, 3, 2] / 6.
+  Gate mass: e0 3/5, e1 2/7 + 2/5 + 4/9, e2 5/7 + 5/9 (sum 3 = T).
+  capacity_factor=2 gives C = ceil(2 * 3 / 3) = 2: the queue is choice-major, so e1's
+  second choices arrive x1, x2, x3 and x3's is dropped; its gate then counts 0 in the
+  gate mass (e1 2/7 + 2/5), while the token count still has it (the token score counts
+  every choice, kept or not).
+  """
+  cfg = MoeConfig(d_model=2, d_ff=4, num_experts=3, top_k=2, group_size=3,
+                  min_capacity=1, capacity_factor=capacity_factor,
+                  eval_capacity_factor=capacity_factor, dispatch="indices")
+  layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
+  ln = np.log
+  layer.router.kernel.set_value(jnp.array([[0.0, ln(2), ln(5)], [ln(3), ln(2), 0.0]],
+                                          jnp.float32))
+  x = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+  _, aux = layer(x, deterministic=True)
+  x3_e1 = 4 / 9 if capacity_factor == 3.0 else 0.0
+  mass = np.array([3 / 5, 2 / 7 + 2 / 5 + x3_e1, 5 / 7 + 5 / 9])
+  np.testing.assert_allclose(np.asarray(aux.metrics["gate_mass"]), mass, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(aux.metrics["choice_counts"]), [1, 3, 2])
+  assert float(aux.metrics["dropped_fraction"]) == 0.0  # every token keeps a choice
 
 
 def test_frozen_rows_stay_bit_identical_under_adamw_with_weight_decay():
-  import optax
   params = {"experts": {"wi": jnp.arange(24.0).reshape(4, 3, 2) - 5.0},
             "norm": jnp.ones((3,))}
-  params["experts"]["wi"] = params["experts"]["wi"].at[2, 0, 0].set(-0.0)
+  # A -0.0 in frozen row 1: freeze_rows alone gives it a +0.0 update, and -0.0 + 0.0
+  # is +0.0, so only keep_frozen keeps its bits.
+  params["experts"]["wi"] = params["experts"]["wi"].at[1, 0, 0].set(-0.0)
   masks = esft.mask_tree(params, {("experts", "wi"): np.array([True, False, True,
                                                               False])[:, None, None]})
   assert masks["norm"] is None
@@ -209,8 +244,56 @@ def test_frozen_rows_stay_bit_identical_under_adamw_with_weight_decay():
     updates, state = tx.update(grads, state, p)
     p = esft.keep_frozen(optax.apply_updates(p, updates), p, masks)
   old, new = np.asarray(params["experts"]["wi"]), np.asarray(p["experts"]["wi"])
+  assert np.signbit(new[1, 0, 0])
   for e in (1, 3):
     assert old[e].tobytes() == new[e].tobytes()
   for e in (0, 2):
     assert not np.array_equal(old[e], new[e])
   assert not np.array_equal(np.asarray(p["norm"]), np.ones(3))
+
+
+def test_frozen_rows_gradients_do_not_touch_the_trained_rows_under_clipping():
+  """ESFT's frozen experts have no gradient: whatever the backward pass gives their
+  rows, the trained rows move as in a model without them (global-norm clip 1.0 and
+  AdamW; the gradients' norms are 2-10, so the clip is active at every step)."""
+  config = default_config()
+  config.steps, config.warmup_steps, config.learning_rate = 10, 1, 0.1
+  config.grad_clip, config.weight_decay = 1.0, 0.1
+  keep = np.array([True, False, True, False])
+  wi = jax.random.normal(jax.random.key(0), (4, 3, 2))
+  params = {"experts": {"wi": wi}, "norm": jnp.ones((3,))}
+  tx, _, masks = finetune.make_optimizer(
+      config, params, {("experts", "wi"): keep[:, None, None]})
+  # The same optimizer on a model holding only the trained rows.
+  ref_tx, _ = train.make_optimizer(config)
+  ref = {"experts": {"wi": wi[keep]}, "norm": params["norm"]}
+  ref_state = ref_tx.init(ref)
+
+  def run(frozen_scale):
+    p, state, norms = params, tx.init(params), []
+    for t in range(4):
+      key = jax.random.fold_in(jax.random.key(1), t)
+      g = jax.random.normal(key, (4, 3, 2)) * (t + 1)
+      g = jnp.where(keep[:, None, None], g, frozen_scale * (10.0 ** t) * g)
+      grads = {"experts": {"wi": g}, "norm": jnp.full((3,), 0.5 * (t + 1))}
+      p, state, masked, _ = esft.apply_gradients(tx, grads, state, p, masks)
+      norms.append(float(optax.global_norm(masked)))
+    return p, norms
+
+  zero, zero_norms = run(0.0)
+  big, big_norms = run(100.0)
+  for a, b in zip(jax.tree.leaves(zero), jax.tree.leaves(big)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert zero_norms == big_norms  # the logged grad_norm ignores frozen rows
+  p = ref
+  for t in range(4):
+    g = jax.random.normal(jax.random.fold_in(jax.random.key(1), t), (4, 3, 2)) * (t + 1)
+    grads = {"experts": {"wi": g[keep]}, "norm": jnp.full((3,), 0.5 * (t + 1))}
+    assert float(optax.global_norm(grads)) > 1.0  # the clip acts
+    updates, ref_state = ref_tx.update(grads, ref_state, p)
+    p = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(np.asarray(zero["experts"]["wi"][keep]),
+                             np.asarray(p["experts"]["wi"]), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(zero["norm"]), np.asarray(p["norm"]), rtol=1e-6)
+  assert np.asarray(zero["experts"]["wi"][~keep]).tobytes() == np.asarray(
+      wi[~keep]).tobytes()

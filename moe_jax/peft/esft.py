@@ -14,11 +14,18 @@ Last").
 
    Both sum to 1 per layer. The paper averages per sample and then over samples;
    here the sums run over all valid tokens of the scoring batches (token-weighted).
+   **Dropped choices:** the gate score sums the *kept* gates only (a choice dropped
+   for capacity has gate 0 in ``RoutingOutput.gates``), while the token score counts
+   every choice, kept or not. Scoring runs in evaluation mode, so the capacity is
+   ``eval_capacity_factor``'s (dropless layers drop nothing, and then the two agree
+   on which choices count).
 2. Select (:func:`select_experts`): per layer, the fewest experts, by descending share
    (ties: lower index first), whose cumulative share reaches ``top_p``.
 3. Train only those experts' rows of the stacked ``[E, ...]`` weights (plus, by config,
-   whole other modules). The optimizer sees the whole stacks; :func:`freeze_rows`
-   zeroes the other rows' updates *after* the optimizer (so AdamW's weight decay does
+   whole other modules). The optimizer sees the whole stacks (:func:`apply_gradients`):
+   the frozen rows' gradients are zeroed *before* it (a frozen expert has no gradient,
+   so it takes no part in the global-norm clip or the Adam moments),
+   :func:`freeze_rows` zeroes their updates *after* it (so AdamW's weight decay does
    not move them either), and the step keeps their old values bit for bit
    (:func:`keep_frozen`).
 """
@@ -121,15 +128,38 @@ def mask_tree(params: dict, row_masks: dict[tuple, np.ndarray]) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def zero_frozen(tree: Any, masks: Any) -> Any:
+  """``tree`` (gradients or updates, like ``params``) with the frozen rows set to 0."""
+  return jax.tree.map(
+      lambda u, m: u if m is None else jnp.where(m, u, jnp.zeros_like(u)), tree, masks)
+
+
 def freeze_rows(masks: Any) -> optax.GradientTransformation:
   """Zeroes the updates of frozen expert rows; chain it *after* the optimizer."""
   def update(updates, state, params=None):
     del params
-    updates = jax.tree.map(
-        lambda u, m: u if m is None else jnp.where(m, u, jnp.zeros_like(u)), updates,
-        masks)
-    return updates, state
+    return zero_frozen(updates, masks), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def apply_gradients(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
+                    params: Any, masks: Any | None) -> tuple[Any, Any, Any, Any]:
+  """``(params, opt_state, grads, updates)`` after one optimizer step under ESFT.
+
+  A frozen expert has no gradient in ESFT, so its rows of ``grads`` are zeroed
+  *before* ``tx``: they do not enter the global-norm clip (which would otherwise
+  shrink the selected experts' updates), the Adam moments, or the returned ``grads``
+  (whose norm the step logs). ``tx`` should end with :func:`freeze_rows` (weight decay
+  acts on the parameters, not the gradients), and :func:`keep_frozen` restores the
+  frozen rows' bits. ``masks=None``: a plain optimizer step.
+  """
+  if masks is not None:
+    grads = zero_frozen(grads, masks)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  new = optax.apply_updates(params, updates)
+  if masks is not None:
+    new = keep_frozen(new, params, masks)
+  return new, opt_state, grads, updates
 
 
 def keep_frozen(new: Any, old: Any, masks: Any) -> Any:

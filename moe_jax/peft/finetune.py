@@ -4,11 +4,11 @@
 latest checkpoint of the pretraining run in ``init_from``, prepares the method of
 ``finetune.method`` and trains on ``data.name`` (default ``python_stdlib``):
 
-| method | trainable (the optimizer's ``wrt`` filter) |
+| method | trainable (the nnx filter the model is split by; the optimizer sees that part only) |
 |---|---|
 | ``lora`` | ``nnx.LoRAParam`` adapters on ``finetune.targets`` (:mod:`moe_jax.peft.lora`) |
-| ``esft`` | the experts ESFT selects per MoE layer (:mod:`moe_jax.peft.esft`), plus every weight of ``finetune.targets`` (default none) |
-| ``full`` | every parameter |
+| ``esft`` | the experts ESFT selects per MoE layer (:mod:`moe_jax.peft.esft`), plus every weight of ``finetune.targets`` (default none; ``experts`` is refused) |
+| ``full`` | every parameter (``finetune.targets`` must be unset or empty) |
 
 The run's config is the base run's with the fine-tuning file's training keys on top
 (steps, learning rate, batch size, data, ...); the model keys are always the base's.
@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from ml_collections import config_dict
 import optax
 from flax import nnx
 
@@ -53,13 +54,17 @@ from moe_jax.routers import set_training_step
 
 METHODS = ("lora", "esft", "full")
 INFO_FILE = "finetune.json"
+# finetune.targets when unset: LoRA adapts the routed experts; ESFT trains the experts
+# it selects and nothing else whole; full trains everything and takes no targets.
+DEFAULT_TARGETS = {"lora": ("experts",), "esft": (), "full": ()}
 
 
 def default_finetune_config() -> ml_collections.ConfigDict:
   """The ``finetune`` section's keys and defaults."""
   c = ml_collections.ConfigDict()
   c.method = "lora"
-  c.targets = ("experts",)
+  # None: the method's default (DEFAULT_TARGETS): ("experts",) for lora, () for esft.
+  c.targets = config_dict.placeholder(tuple)
   c.rank = 8
   c.alpha = 16.0  # the update is scaled by alpha / rank
   c.seed = 0  # draws the LoRA A factors
@@ -71,6 +76,14 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   return c
 
 
+def resolved_targets(ft) -> tuple[str, ...]:
+  """``finetune.targets``, or the method's default (:data:`DEFAULT_TARGETS`) when
+  it is unset (None)."""
+  if ft.get("targets") is None:
+    return DEFAULT_TARGETS.get(ft.method, ())
+  return tuple(ft.targets)
+
+
 def finetune_errors(ft) -> list[str]:
   """Every problem with a ``finetune`` section, one sentence each."""
   errors = []
@@ -78,7 +91,9 @@ def finetune_errors(ft) -> list[str]:
     errors.append(f"finetune.method={ft.method!r} is unknown; use one of "
                   f"{', '.join(METHODS)}.")
   targets = ft.targets
-  if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+  if targets is None:
+    pass  # the method's default
+  elif isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
     errors.append(f"finetune.targets={targets!r} must be a tuple of names from "
                   f"{', '.join(peft_lora.TARGETS)}.")
   else:
@@ -89,6 +104,13 @@ def finetune_errors(ft) -> list[str]:
     if ft.method == "lora" and not targets:
       errors.append("finetune.targets is empty; LoRA needs at least one target (e.g. "
                     "--config.finetune.targets=\"('experts',)\").")
+    if ft.method == "esft" and "experts" in targets:
+      errors.append("finetune.targets has 'experts', but under finetune.method='esft' "
+                    "the experts train only where ESFT selects them; drop it (targets "
+                    "lists the modules ESFT trains whole besides, e.g. ('router',)).")
+    if ft.method == "full" and targets:
+      errors.append(f"finetune.targets={tuple(targets)!r} has no effect under "
+                    "finetune.method='full' (every parameter trains); drop it.")
   if ft.method == "lora":
     if isinstance(ft.rank, bool) or not isinstance(ft.rank, int) or ft.rank < 1:
       errors.append(f"finetune.rank={ft.rank!r} must be a positive integer.")
@@ -148,6 +170,7 @@ def run_config(ft_config, base_config, init_from: str) -> ml_collections.ConfigD
       config[key] = value
   ft = default_finetune_config()
   ft.update(ft_config.finetune.to_dict() if "finetune" in ft_config else {})
+  ft.targets = resolved_targets(ft)  # config.json records what the run used
   config.finetune = ft
   config.finetune.init_from = os.path.abspath(os.path.expanduser(init_from))
   return config
@@ -178,17 +201,18 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
   passes the plan's recorded ``selected`` instead (``config.finetune.esft_selected``).
   """
   ft = config.finetune
+  targets = resolved_targets(ft)
   try:
-    extra = peft_lora.target_weights(model, ft.targets) if (
-        ft.method != "full" and ft.targets) else []
+    extra = peft_lora.target_weights(model, targets) if (
+        ft.method != "full" and targets) else []
   except ValueError as e:
     raise ConfigError([str(e)]) from None
   info: dict[str, Any] = {"method": ft.method}
   row_masks: dict[tuple, np.ndarray] = {}
   if ft.method == "lora":
-    peft_lora.add_lora(model, ft.targets, rank=ft.rank, alpha=ft.alpha, seed=ft.seed)
+    peft_lora.add_lora(model, targets, rank=ft.rank, alpha=ft.alpha, seed=ft.seed)
     wrt: Any = nnx.LoRAParam
-    info.update(targets=list(ft.targets), rank=ft.rank, alpha=ft.alpha)
+    info.update(targets=list(targets), rank=ft.rank, alpha=ft.alpha)
   elif ft.method == "full":
     wrt = nnx.Param
   else:
@@ -204,7 +228,7 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
     info["selected"] = {str(k): v.tolist() for k, v in selected.items()}
     row_masks = esft.expert_row_masks(model, selected)
     wrt = _path_filter(set(row_masks) | _param_paths(model, extra))
-    info.update(targets=list(ft.targets), score=ft.esft.score, top_p=ft.esft.top_p,
+    info.update(targets=list(targets), score=ft.esft.score, top_p=ft.esft.top_p,
                 selected_params=esft.trainable_expert_params(model, selected))
   return {"wrt": wrt, "row_masks": row_masks, "info": info}
 
@@ -232,8 +256,9 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
   """``state, metrics = step(state, frozen, batch)``, jitted, donating ``state``.
 
   ``state.params`` holds only the trainable parameters; ``frozen`` the others, passed
-  as an argument (not baked into the program as constants). ``masks`` (ESFT) restore
-  the frozen expert rows after the update. The routing step of noise annealing stays
+  as an argument (not baked into the program as constants). ``masks`` (ESFT) zero
+  the frozen expert rows' gradients before the optimizer (``grad_norm`` is their
+  norm) and restore the rows after the update (:func:`esft.apply_gradients`). The routing step of noise annealing stays
   at the base run's last step.
   """
   graphdef, _, _, rest = split(model, wrt)
@@ -249,10 +274,8 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch,
                                                           key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if masks is not None:
-      params = esft.keep_frozen(params, state.params, masks)
+    params, opt_state, grads, updates = esft.apply_gradients(
+        tx, grads, state.opt_state, state.params, masks)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_norm"] = optax.global_norm(updates)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -260,7 +283,10 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
   return jax.jit(step, donate_argnums=0)
 
 
-def _optimizer(config, params, row_masks):
+def make_optimizer(config, params, row_masks):
+  """``(tx, schedule, masks)``: pretraining's optimizer (clip, AdamW or Adafactor) on
+  the trainable ``params``; with ESFT's ``row_masks``, :func:`esft.freeze_rows` chained
+  after it and ``masks`` (a tree like ``params``) for :func:`esft.apply_gradients`."""
   tx, schedule = train.make_optimizer(config)
   masks = None
   if row_masks:
@@ -344,7 +370,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
   plan = prepare(model, config, score_batches)
 
   graphdef, params, frozen, _ = split(model, plan["wrt"])
-  tx, schedule, masks = _optimizer(config, params, plan["row_masks"])
+  tx, schedule, masks = make_optimizer(config, params, plan["row_masks"])
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=jax.jit(tx.init)(params),
                            rng=jax.random.key_data(jax.random.key(config.seed)))
@@ -352,7 +378,12 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
       x.size if m is None else x.size // m.shape[0] * int(m.sum())
       for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(
           jax.tree.map(lambda x, m: m, params, masks), is_leaf=lambda x: x is None))))
-  info = {"base_workdir": ft.init_from, "base_step": base_step, "plan": plan["info"],
+  plan_info = plan["info"]
+  if recorded is not None:
+    # A resumed run keeps the recorded plan: ESFT's shares were scored once, at the
+    # start, and prepare() (given the recorded selection) does not score again.
+    plan_info = {**recorded["plan"], **plan_info}
+  info = {"base_workdir": ft.init_from, "base_step": base_step, "plan": plan_info,
           "params_base": total_base, "params_trainable": trainable,
           "params_in_optimizer": _count(params),
           "trainable_fraction": trainable / total_base,
@@ -491,7 +522,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
       config.finetune.esft_selected = info["plan"]["selected"]
   plan = prepare(model, config)
   _, params, _, _ = split(model, plan["wrt"])
-  tx, _, _ = _optimizer(config, params, plan["row_masks"])
+  tx, _, _ = make_optimizer(config, params, plan["row_masks"])
   abstract = jax.eval_shape(lambda p: train.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.key_data(jax.random.key(0))), params)
@@ -510,5 +541,6 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   return model, config, step
 
 
-__all__ = ["METHODS", "default_finetune_config", "finetune", "finetune_errors",
-           "is_finetune_run", "load_model", "prepare", "run_config"]
+__all__ = ["DEFAULT_TARGETS", "METHODS", "default_finetune_config", "finetune",
+           "finetune_errors", "is_finetune_run", "load_model", "make_optimizer",
+           "prepare", "resolved_targets", "run_config"]
