@@ -2,7 +2,7 @@ r"""Fine-tunes a pretrained run with LoRA, ESFT or in full; re-running resumes.
 
   python experiments/finetune.py --config=experiments/configs/finetune_lora.py \
       --init_from=/tmp/switch_small --workdir=/tmp/switch_small_lora \
-      [--config.finetune.method=esft --config.finetune.targets="('router','experts')"]
+      [--config.finetune.method=esft --config.finetune.targets="('router',)"]
 
 Exits 0 when done or after SIGTERM (a checkpoint is saved first); on a bad config, an
 --init_from without a checkpoint, a target the model lacks, an unreadable checkpoint or
