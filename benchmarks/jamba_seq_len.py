@@ -118,7 +118,7 @@ def build(config, seq_len: int, batch_size: int) -> dict:
   check_config(config, num_devices=1)
   model = train_lib.make_model(config)
   tx, _ = train_lib.make_optimizer(config)
-  _, params, _ = train_lib._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train_lib.split_model(model)
   state = train_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.key(config.seed)),

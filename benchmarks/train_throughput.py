@@ -61,7 +61,7 @@ def build(config):
   """A compiled train step and its state for ``config``, on one device."""
   model = train_lib.make_model(config)
   tx, _ = train_lib.make_optimizer(config)
-  _, params, _ = train_lib._split_model(model)  # pylint: disable=protected-access
+  _, params, _ = train_lib.split_model(model)
   state = train_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.key(config.seed)))
