@@ -63,7 +63,8 @@ class Grid:
 
   Attributes:
     presets: preset name -> settings (every key a preset must define; they include
-      ``seeds``, ``bench_steps`` and ``bench_rounds``).
+      ``seeds`` and, for a grid with the throughput benchmark, ``bench_steps`` and
+      ``bench_rounds``).
     optional: settings a preset may leave unset, with their defaults.
     check: ``settings -> [error sentences]``; may normalise values in place (lists
       to tuples).
@@ -115,7 +116,7 @@ def run_comparison(grid: Grid, settings: dict[str, Any], workdir: str, *,
   load0, t0 = os.getloadavg(), time.time()
   result = run_grid(runs, workdir, train_fn=train_fn, log=log)
   benched = not result["preempted"] and benchmark_once(
-      runs, workdir, steps=settings["bench_steps"],
+      runs, workdir, steps=settings.get("bench_steps", 0),
       rounds=settings.get("bench_rounds"), log=log)
   load1, wall = os.getloadavg(), time.time() - t0
   if result["trained"] or result["preempted"] or benched:
