@@ -1,5 +1,6 @@
 """Shared command-line plumbing of the experiment scripts (flags, clean errors)."""
 
+import importlib
 import os
 import shlex
 import sys
@@ -123,3 +124,18 @@ def run_grid(script: str, resolve_settings, run_comparison, flag_values,
     run_comparison(settings, workdir, command=command.strip())
   except (ConfigError, TrainingError) as e:
     sys.exit(str(e))
+
+
+def grid_main(script: str, module: str, overrides: tuple[str, ...]):
+  """The absl ``main`` of a grid script: no positional arguments, then
+  :func:`run_grid` with ``moe_jax.compare.MODULE``'s ``resolve_settings`` and
+  ``run_comparison`` (imported once the flags are parsed)."""
+
+  def main(argv):
+    if len(argv) > 1:
+      sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    grid = importlib.import_module(f"moe_jax.compare.{module}")
+    run_grid(script, grid.resolve_settings, grid.run_comparison, flags.FLAGS, overrides)
+
+  return main
