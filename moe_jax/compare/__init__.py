@@ -8,7 +8,9 @@
   cells and the paragraph on which claims held;
 * :mod:`~moe_jax.compare.plots` -- eval loss and throughput plots;
 * :mod:`~moe_jax.compare.switch_vs_top2` -- the Switch Transformer Table 1 grid (its
-  presets, configs, paper numbers, orderings and report layout), on top of the above.
+  presets, configs, paper numbers, orderings and report layout), on top of the above;
+* :mod:`~moe_jax.compare.finetune` / :mod:`~moe_jax.compare.finetune_report` -- the
+  fine-tuning methods on a domain shift (``experiments/compare_finetune.py``).
 
 The names below are re-exported so ``from moe_jax import compare`` and ``compare.X``
 keep working; ``experiments/switch_vs_top2.py`` is the command line.
