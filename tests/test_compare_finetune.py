@@ -1,4 +1,5 @@
-"""The fine-tuning comparison (moe_jax/compare/finetune*.py, experiments/compare_finetune.py).
+"""The fine-tuning comparison (moe_jax/compare/finetune*.py and
+experiments/compare_finetune.py).
 
 The run list and its order, the settings' errors, the grid's plumbing with fake
 training functions (base directories, SIGTERM between runs), and the report's numbers
@@ -43,7 +44,8 @@ def test_run_list_bases_first_with_the_methods_overrides():
   assert esft.finetune.method == "esft" and esft.finetune.targets is None
   assert esft.learning_rate == 1e-3  # the fine-tuning file's
   # 30 steps: warmup 10% (3), evals every 15 steps, a train line every 4.
-  assert (esft.steps, esft.warmup_steps, esft.eval_every, esft.log_every) == (30, 3, 15, 4)
+  assert (esft.steps, esft.warmup_steps, esft.eval_every, esft.log_every) == (
+      30, 3, 15, 4)
   assert esft.batch_size == 32 and esft.eval_steps == 4
   base = by["deepseek_small_s0"].config
   assert (base.steps, base.warmup_steps, base.eval_every, base.checkpoint_every) == (
@@ -241,8 +243,8 @@ def test_report_numbers_come_from_the_run_directories(tmp_path):
   assert "Lowest new-domain eval loss after: `full` (2.0000)" in report
   assert ("least forgetting (old-domain loss after − before): `lora_router_experts` "
           "(+0.0500), then `esft` (+0.1000, within their combined eval stderr)") in report
-  assert "| 1 | 8 | [0, 1] (2) | [0, 1] | [1, 2] | 1 of 2 | 0.50 | 0.700 / 0.400 | 0.350 |" \
-      in report
+  assert ("| 1 | 8 | [0, 1] (2) | [0, 1] | [1, 2] | 1 of 2 | 0.50 | 0.700 / 0.400 | "
+          "0.350 |") in report
   assert "differ from these code shares by at most 0.0e+00" in report
   for name in ("switch_small_s0_eval_loss_vs_step.png",
                "switch_small_s0_expert_shares.png"):

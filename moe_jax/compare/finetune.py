@@ -70,7 +70,8 @@ METHODS: dict[str, Method] = {
                              {"finetune.method": "lora",
                               "finetune.targets": ("attention",)}),
     # Targets default to none: only the experts ESFT selects train.
-    "esft": Method("ESFT: the experts the new data routes to", {"finetune.method": "esft"}),
+    "esft": Method("ESFT: the experts the new data routes to",
+                   {"finetune.method": "esft"}),
 }
 METHOD_NAMES = tuple(METHODS)
 
@@ -78,6 +79,11 @@ WARMUP_SHARE = 0.1  # warmup: at most this share of a run's steps
 PRETRAIN_CHECKPOINTS = 4  # checkpoints per pretraining run
 FINETUNE_TRAIN_LINES = 8  # train lines per fine-tuning run
 
+# Settings: bases and methods (names in BASES and METHODS); seeds; pretrain_steps and
+# finetune_steps; finetune_evals (evals after step 0); pretrain_eval_steps and
+# finetune_eval_steps (batches per eval and domain; 0: the whole validation split);
+# esft_batches (ESFT's scoring batches); pretrain_batch_size and finetune_batch_size
+# (None: the config files'); shapes (dotted config keys set on every base config).
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole path in CI (pretrain, the three kinds of method, resume, report,
     # plots, the ESFT analysis): switch_small's 8 experts on a 2-block, d_model 32
@@ -113,7 +119,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_eval_steps=8, finetune_eval_steps=4, esft_batches=4,
         pretrain_batch_size=None, finetune_batch_size=None, shapes={}),
 }
-# None: the config files' own values.
 OPTIONAL_SETTINGS: dict[str, Any] = {}
 
 
