@@ -139,6 +139,12 @@ def test_esft_keeps_frozen_experts_bit_identical_and_resumes_its_plan(base_run,
 def test_clear_errors(base_run, tmp_path):
   with pytest.raises(ConfigError, match="no training run"):
     finetune.finetune(ft_config(), str(tmp_path / "nothing"), str(tmp_path / "w1"))
+  # No --init_from, also when the workdir already records a base run.
+  (tmp_path / "w0").mkdir()
+  (tmp_path / "w0" / finetune.INFO_FILE).write_text('{"base_workdir": "/x"}')
+  for workdir in (tmp_path / "w0", tmp_path / "w00"):
+    with pytest.raises(ConfigError, match="--init_from is required"):
+      finetune.finetune(ft_config(), None, str(workdir))
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "config.json").write_text(open(os.path.join(base_run, "config.json")).read())

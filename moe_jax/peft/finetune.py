@@ -134,11 +134,15 @@ def finetune_errors(ft) -> list[str]:
 # ------------------------------------------------------------------------------------
 
 
-def load_base(init_from: str, *, vocab_size: int = 259):
-  """``(model, config, step)`` of the pretraining run in ``init_from``."""
+def _require_init_from(init_from: str | None) -> None:
   if not init_from:
     raise ConfigError(["--init_from is required: the work directory of a pretraining "
                        "run (experiments/train.py)."])
+
+
+def load_base(init_from: str, *, vocab_size: int = 259):
+  """``(model, config, step)`` of the pretraining run in ``init_from``."""
+  _require_init_from(init_from)
   path = os.path.abspath(os.path.expanduser(init_from))
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise ConfigError([f"--init_from={init_from!r} holds no training run (no "
@@ -327,6 +331,7 @@ def _check(ft_config, init_from, workdir):
   errors = finetune_errors(section)
   if errors:
     raise ConfigError(errors)
+  _require_init_from(init_from)  # before the recorded base is compared with it
   info_path = os.path.join(os.path.abspath(workdir), INFO_FILE)
   if os.path.exists(info_path):
     with open(info_path, encoding="utf-8") as f:
