@@ -24,7 +24,9 @@ Two dense baselines run beside each MoE layer:
 ``dropless`` ignores the capacity factor, so it gets one row per (E, K, S), shown with
 cf "-". A configuration whose compiled step needs more than ``--max_gib`` of temporary
 and output memory is skipped with its size printed (``ragged_dot`` on CPU is lowered to a
-dense masked matmul whose memory grows with E). Each row also reports the minor page
+dense masked matmul whose memory grows with E). ``--grouped_matmul`` sets the dropless
+rows' ``moe.grouped_matmul`` (``auto``: ``tiled`` on CPU, ``ragged_dot`` on GPU/TPU);
+their JSON rows record the one that ran. Each row also reports the minor page
 faults per step of both sides, read from ``getrusage``: on CPU, fresh buffers are
 faulted in page by page on every step, which is a large part of what E=128 costs.
 """
@@ -47,6 +49,8 @@ from flax import nnx
 
 import einsum_forms  # benchmarks/einsum_forms.py
 from moe_jax import DenseFfn, MoeConfig, MoeLayer
+from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
+from moe_jax.grouped_matmul import resolve_grouped_matmul
 from moe_jax.moe_layer import DISPATCHERS
 
 GRIDS = {
@@ -65,6 +69,8 @@ _CFS = flags.DEFINE_list("capacity_factors", None, "Override: capacity factors."
 _GROUPS = flags.DEFINE_list("group_sizes", None, "Override: group sizes S.")
 _DISPATCH = flags.DEFINE_list("dispatch", None,
                               f"Override: dispatch paths, from {list(DISPATCHERS)}.")
+_GROUPED = flags.DEFINE_enum("grouped_matmul", "auto", list(GROUPED_MATMUL_CHOICES),
+                             "dropless rows: moe.grouped_matmul (auto: per backend).")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "M.")
 _D_FF = flags.DEFINE_integer("d_ff", 1024, "H.")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per step (B*L).")
@@ -169,10 +175,13 @@ def main(argv):
   for e, k, cf, s, dispatch in _rows():
     cfg = MoeConfig(d_model=m, d_ff=h, num_experts=e, top_k=k,
                     capacity_factor=cf or 1.0, group_size=s, dispatch=dispatch,
-                    dtype=dtype)
+                    dtype=dtype,
+                    grouped_matmul=_GROUPED.value if dispatch == "dropless" else "auto")
     key = f"{e:>4} {k:>2} {cf or '-':>5} {s:>5} {dispatch:>8} |"
     row = dict(num_experts=e, top_k=k, capacity_factor=cf, group_size=s,
                dispatch=dispatch)
+    if dispatch == "dropless":
+      row["grouped_matmul"] = resolve_grouped_matmul(_GROUPED.value)
     try:
       moe_run, moe_mem = _fwd_bwd(MoeLayer(cfg, rngs=nnx.Rngs(1)), x,
                                   max_bytes=_MAX_GIB.value * 2**30)

@@ -48,7 +48,8 @@ def moe_config(config) -> MoeConfig | None:
       gate_scale=m.gate_scale, balance_choices=m.balance_choices,
       bias_update_rate=m.bias_update_rate, num_shared_experts=m.num_shared_experts,
       noise_anneal_steps=m.noise_anneal_steps, ragged_exchange=m.ragged_exchange,
-      ragged_buffer_factor=m.ragged_buffer_factor, noop_experts=m.get("noop_experts", 0),
+      ragged_buffer_factor=m.ragged_buffer_factor,
+      grouped_matmul=m.get("grouped_matmul", "auto"), noop_experts=m.get("noop_experts", 0),
       noop_capacity_factor=m.get("noop_capacity_factor", None))
 
 

@@ -11,8 +11,9 @@ dispatch paths combine freely. :class:`~moe_jax.moe_layer.MoeLayer` picks one by
   building the one-hot tensors. Same numbers, work proportional to ``S*K*M`` per group
   instead of ``S*E*C*M``.
 * ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
-  as grouped matmuls (``jax.lax.ragged_dot``, as in MegaBlocks and MaxText), so the work
-  is exactly the routed tokens, however unbalanced. Equal to the other paths with
+  as grouped matmuls (``jax.lax.ragged_dot`` as in MegaBlocks and MaxText, or expert
+  tiles on CPU: :mod:`moe_jax.grouped_matmul`), so the work is the routed tokens
+  (plus under a tile per expert when tiled), however unbalanced. Equal to the other paths with
   ``C = S``. On a mesh each device sorts its own choices and the rows travel to their
   experts' devices by all-to-all (:mod:`moe_jax.dropless`).
 
@@ -106,7 +107,7 @@ def dropless_dispatch(x, out, experts, layout, *, cfg, deterministic):
   ``out`` must come from routing with ``C = S`` (:meth:`MoeLayer.capacity` does this
   for ``dispatch="dropless"``), so that only padding and the second-expert policy
   leave a choice unrouted. The ``N = G*S*K`` choices are stably sorted by expert
-  (unrouted ones last, past ``sum(group_sizes)``, where ``ragged_dot`` outputs 0), the
+  (unrouted ones last, past ``sum(group_sizes)``, where the grouped matmul outputs 0), the
   rows are gathered in that order, and the outputs are gathered back per choice.
 
   On one device the sort runs over all groups at once. On a mesh (``layout.mesh``

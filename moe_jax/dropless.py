@@ -11,9 +11,10 @@ batch (G over data*expert) and, when E is split over ``expert``, the E_l = E / X
 2. writes them into a static send buffer ``[X, P, M]``, peer t's rows first in row t,
    and exchanges the per-expert row counts (a small all-to-all of ``i32[X, E_l]``);
 3. moves the rows to their peers over the ``expert`` axis (:func:`exchange_rows`);
-4. sorts what it received by local expert and runs its experts as ``ragged_dot``
-   grouped matmuls (:meth:`moe_jax.experts.Experts.ragged` on its weight shard; with H
-   split over ``model`` the partial outputs are summed over ``model``);
+4. sorts what it received by local expert and runs its experts as grouped matmuls
+   (:meth:`moe_jax.experts.Experts.ragged` on its weight shard,
+   :mod:`moe_jax.grouped_matmul`); with H split over ``model`` the partial outputs are
+   summed over ``model``;
 5. sends the outputs back the same way and combines them with the gates.
 
 With one expert shard (``mesh.expert == 1``) or replicated experts (E < expert) no row

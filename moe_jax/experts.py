@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.grouped_matmul import GROUPED_MATMULS, resolve_grouped_matmul
 from moe_jax.lora import weight
 from moe_jax.projection import project
 
@@ -61,12 +62,15 @@ class Experts(nnx.Module):
   def __init__(self, num_experts: int, d_model: int, d_ff: int, *,
                activation: str = "relu", dropout_rate: float = 0.0,
                init_scale: float = 0.1, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, grouped_matmul: str = "auto",
+               rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
     init = scaled_init(init_scale, batch_axis=(0,))
     self.activation = activation
     self.dtype = dtype
+    # How ragged() runs its grouped matmuls (moe_jax.grouped_matmul; "auto": per backend).
+    self.grouped_matmul = grouped_matmul
     self.wi = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
     if activation == "swiglu":
       self.wi_gate = nnx.Param(
@@ -114,6 +118,10 @@ class Experts(nnx.Module):
              rng: jax.Array | None = None) -> jax.Array:
     """Runs the experts on rows sorted by expert, as grouped matmuls.
 
+    ``self.grouped_matmul`` picks the implementation (:mod:`moe_jax.grouped_matmul`):
+    ``ragged_dot`` or expert ``tiled`` rows, the same numbers; with dropout, the masks
+    are drawn in the implementation's layout.
+
     Args:
       x: [N, M] rows; the first ``group_sizes[0]`` belong to expert 0, the next
         ``group_sizes[1]`` to expert 1, and so on.
@@ -126,19 +134,15 @@ class Experts(nnx.Module):
     Returns:
       [N, M] expert outputs, in the compute dtype.
     """
-    x = x.astype(self.dtype)
     if weights is None:
       weights = self.weights()
-
-    def grouped(a, w):
-      return jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes,
-                                preferred_element_type=self.dtype)
-
-    h = grouped(x, weights["wi"])  # [N, H]
-    gate = grouped(x, weights["wi_gate"]) if "wi_gate" in weights else None
+    how = resolve_grouped_matmul(self.grouped_matmul)
+    g = GROUPED_MATMULS[how](x, group_sizes, self.dtype)  # rows in its layout
+    h = g.matmul(g.rows, weights["wi"])  # [N, H] (as tiles under "tiled")
+    gate = g.matmul(g.rows, weights["wi_gate"]) if "wi_gate" in weights else None
     h = activate(self.activation, h, gate)
     h = self.dropout(h, deterministic=deterministic, rngs=rng)
-    return grouped(h, weights["wo"])  # [N, M]
+    return g.finish(g.matmul(h, weights["wo"]))  # [N, M]
 
   def gathered(self, x: jax.Array, expert_index: jax.Array, *,
                deterministic: bool | None = None) -> jax.Array:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from moe_jax import routing
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.dropless import EXCHANGES
+from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.routers import ROUTER_OPTIONS, ROUTERS
 
@@ -71,6 +72,11 @@ class MoeConfig:
       each expert shard. -1 is the worst case (nothing is dropped); f > 0 is f times
       the balanced share ``T*K/X`` (MaxText's convention), and rows past it are
       dropped and counted in ``dropped_fraction``.
+    grouped_matmul: dropless: how the experts multiply their sorted rows
+      (:mod:`moe_jax.grouped_matmul`): "ragged_dot" (``jax.lax.ragged_dot``; grouped
+      kernels on GPU and TPU, a dense masked matmul over all E experts on CPU),
+      "tiled" (each expert's rows padded to whole tiles, one batched matmul) or
+      "auto" ("ragged_dot" on GPU and TPU, "tiled" elsewhere). The same numbers.
     router: the router family, a key of :data:`moe_jax.routers.ROUTERS`: "topk"
       (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
       "expert_choice" (Zhou et al. 2022; each expert takes ``C = ceil(cf * S / E)``
@@ -133,6 +139,7 @@ class MoeConfig:
   noise_anneal_steps: int = 0
   ragged_exchange: str = "auto"
   ragged_buffer_factor: float = -1.0
+  grouped_matmul: str = "auto"
   noop_experts: int = 0
   noop_capacity_factor: float | None = None
 
@@ -252,15 +259,20 @@ def _dropless_errors(cfg) -> list[str]:
   errors = []
   exchange = getattr(cfg, "ragged_exchange", "auto")
   factor = getattr(cfg, "ragged_buffer_factor", -1.0)
+  matmul = getattr(cfg, "grouped_matmul", "auto")
   if exchange not in EXCHANGES:
     errors.append(f"ragged_exchange={exchange!r} is unknown; use one of "
                   f"{', '.join(EXCHANGES)}.")
+  if matmul not in GROUPED_MATMUL_CHOICES:
+    errors.append(f"grouped_matmul={matmul!r} is unknown; use one of "
+                  f"{', '.join(GROUPED_MATMUL_CHOICES)}.")
   if not (_is_real(factor) and (factor == -1 or factor > 0)):
     errors.append(f"ragged_buffer_factor={factor!r} must be -1 (worst-case buffers, "
                   "nothing dropped) or a finite number > 0 (times the balanced share).")
   if cfg.dispatch in DISPATCHERS and cfg.dispatch != "dropless":
     for name, value, default in (("ragged_exchange", exchange, "auto"),
-                                 ("ragged_buffer_factor", factor, -1.0)):
+                                 ("ragged_buffer_factor", factor, -1.0),
+                                 ("grouped_matmul", matmul, "auto")):
       if value != default and not any(e.startswith(f"{name}=") for e in errors):
         errors.append(f"{name}={value!r} has no effect with dispatch={cfg.dispatch!r}; "
                       f"leave it at {default!r} or use dispatch='dropless'.")

@@ -178,7 +178,7 @@ class MoeLayer(nnx.Module):
     self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff,
                            activation=cfg.activation, dropout_rate=cfg.expert_dropout,
                            init_scale=cfg.init_scale, dtype=cfg.compute_dtype,
-                           rngs=rngs)
+                           grouped_matmul=cfg.grouped_matmul, rngs=rngs)
     self.shared_experts = (DenseFfn(
         cfg.d_model, cfg.num_shared_experts * cfg.d_ff, activation=cfg.activation,
         dropout_rate=cfg.expert_dropout, init_scale=cfg.init_scale,

@@ -18,10 +18,17 @@ def _apply(layer, x):
   return layer(x)
 
 
+# Dispatch paths; "dropless" runs its "auto" grouped matmul ("tiled" on CPU), and
+# "dropless:ragged_dot" forces jax.lax.ragged_dot.
+DISPATCHES = ["einsum", "indices", "dropless", "dropless:ragged_dot"]
+
+
 def _layer(**kw):
   base = dict(d_model=8, d_ff=16, num_experts=4, top_k=1, capacity_factor=1.0,
               eval_capacity_factor=2.0, group_size=8, min_capacity=1)
   base.update(kw)
+  if ":" in base.get("dispatch", ""):
+    base["dispatch"], base["grouped_matmul"] = base["dispatch"].split(":")
   return MoeLayer(MoeConfig(**base), rngs=nnx.Rngs(0))
 
 
@@ -38,7 +45,7 @@ def _reference(layer, x, capacity, group_size=8):
       wi_gate=None if experts.wi_gate is None else experts.wi_gate[...])
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("top_k, capacity_factor", [(1, 0.5), (1, 1.0), (1, 4.0),
                                                     (2, 0.5), (2, 1.0), (2, 2.0)])
 def test_layer_matches_per_token_loop(dispatch, top_k, capacity_factor):
@@ -48,7 +55,7 @@ def test_layer_matches_per_token_loop(dispatch, top_k, capacity_factor):
   x = _x()
   y, _ = _apply(layer, x)
   capacity = layer.capacity(8, deterministic=False)  # dropless: C = S = 8
-  assert (capacity == 8) == (dispatch == "dropless" or capacity_factor == 4.0)
+  assert (capacity == 8) == (dispatch.startswith("dropless") or capacity_factor == 4.0)
   ref = _reference(layer, x, capacity)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 8), ref, rtol=1e-4, atol=1e-5)
 
@@ -288,7 +295,7 @@ def test_bfloat16_compute_keeps_router_in_float32():
   assert np.linalg.norm(y16 - y32) <= 3 * 2**-8 * np.linalg.norm(y32)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "indices", "dropless"])
+@pytest.mark.parametrize("dispatch", DISPATCHES)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_every_activation_matches_per_token_loop(activation, dispatch):
   layer = _layer(activation=activation, top_k=2, dispatch=dispatch)
@@ -369,6 +376,8 @@ _GOOD = dict(d_model=8, d_ff=16, num_experts=4)
     (dict(router="expert_choice", top_k=2), "top_k"),
     (dict(router="expert_choice", bias_update_rate=1e-3), "bias_update_rate"),
     (dict(router="expert_choice", dispatch="dropless"), "dropless"),
+    (dict(dispatch="dropless", grouped_matmul="megablocks"), "grouped_matmul"),
+    (dict(dispatch="indices", grouped_matmul="tiled"), "grouped_matmul"),
     (dict(noise_anneal_steps=10), "noise_anneal_steps"),
 ])
 def test_moe_config_validation(override, key):

@@ -1,0 +1,174 @@
+"""Grouped matmuls for the dropless path: rows sorted by expert times each expert's weight.
+
+``dispatch="dropless"`` sorts the kept choices by expert into ``N`` rows, ``group_sizes[e]``
+of them for expert ``e`` (the rest, past ``sum(group_sizes)``, are unrouted and must come
+out 0), and multiplies each expert's rows by that expert's weight. Two implementations
+with the same numbers, behind :data:`GROUPED_MATMULS` (``moe.grouped_matmul``):
+
+* ``"ragged_dot"``: ``jax.lax.ragged_dot``, as in MegaBlocks and MaxText. GPU and TPU
+  have grouped kernels for it; XLA:CPU lowers it to a dense masked matmul, every row
+  against every expert, ``E`` times the routed work.
+* ``"tiled"``: each expert's rows are padded to whole tiles of ``b`` rows, so every tile
+  belongs to one expert; the tiles are multiplied by their expert's gathered weight in
+  one batched matmul ``[tiles, b, M] x [tiles, M, H]``. The tile count is static,
+  ``ceil(N / b) + E`` (each expert wastes less than one tile), so the work is at most
+  ``N + E * b`` rows instead of ``E * N``: the path that is fast on CPU.
+
+``"auto"`` picks ``"ragged_dot"`` on GPU and TPU and ``"tiled"`` elsewhere.
+
+Shapes: ``N`` sorted rows, ``E`` experts, ``M`` input and ``H`` output width, ``b`` tile
+rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Largest tile: 128 rows keep the batched matmul efficient while the padding stays
+# below E * 128 rows.
+MAX_TILE_ROWS = 128
+
+
+def tile_rows(num_rows: int, num_experts: int) -> int:
+  """``b``: a power of two near the balanced share ``N / E``, at most 128."""
+  share = max(1, math.ceil(num_rows / num_experts))
+  return min(MAX_TILE_ROWS, 1 << (share - 1).bit_length())
+
+
+class TileLayout(NamedTuple):
+  """Where the sorted rows sit in the expert tiles (:func:`tile_layout`).
+
+  Attributes:
+    tile_expert: i32[tiles] the expert of each tile (clamped to E - 1 for tiles that
+      hold no row).
+    slot_row: i32[tiles * b] the sorted row each tile slot holds.
+    slot_valid: bool[tiles * b] whether the slot holds a routed row.
+    row_slot: i32[N] the slot of each sorted row.
+    row_valid: bool[N] whether the row is routed (``row < sum(group_sizes)``).
+    tile: b.
+  """
+
+  tile_expert: jax.Array
+  slot_row: jax.Array
+  slot_valid: jax.Array
+  row_slot: jax.Array
+  row_valid: jax.Array
+  tile: int
+
+
+def tile_layout(group_sizes: jax.Array, num_rows: int) -> TileLayout:
+  """Pads each expert's rows to whole tiles; everything static but the contents.
+
+  Args:
+    group_sizes: i32[E] rows per expert, in sorted order, summing to at most N.
+    num_rows: N.
+  """
+  num_experts = group_sizes.shape[0]
+  b = tile_rows(num_rows, num_experts)
+  num_tiles = -(-num_rows // b) + num_experts
+  sizes = group_sizes.astype(jnp.int32)
+  row_end = jnp.cumsum(sizes)  # [E] end of each expert's rows
+  row_start = row_end - sizes
+  tiles_end = jnp.cumsum(-(-sizes // b))  # [E] end of each expert's tiles
+  tiles_start = tiles_end - (-(-sizes // b))
+  # Slots: tile t holds expert e = #{e' : tiles_end[e'] <= t}'s rows.
+  slot = jnp.arange(num_tiles * b, dtype=jnp.int32)
+  tile_expert = jnp.searchsorted(tiles_end, jnp.arange(num_tiles, dtype=jnp.int32),
+                                 side="right").astype(jnp.int32)
+  used = tile_expert < num_experts
+  tile_expert = jnp.minimum(tile_expert, num_experts - 1)
+  slot_expert = tile_expert[slot // b]
+  offset = (slot // b - tiles_start[slot_expert]) * b + slot % b  # within its expert
+  slot_valid = used[slot // b] & (offset < sizes[slot_expert])
+  slot_row = jnp.where(slot_valid, row_start[slot_expert] + offset, 0)
+  # Rows: row r belongs to expert #{e : row_end[e] <= r}.
+  row = jnp.arange(num_rows, dtype=jnp.int32)
+  row_expert = jnp.searchsorted(row_end, row, side="right").astype(jnp.int32)
+  row_valid = row_expert < num_experts
+  row_expert = jnp.minimum(row_expert, num_experts - 1)
+  row_slot = jnp.where(row_valid, tiles_start[row_expert] * b + row - row_start[row_expert],
+                       0)
+  return TileLayout(tile_expert, slot_row, slot_valid, row_slot, row_valid, b)
+
+
+def to_tiles(x: jax.Array, layout: TileLayout) -> jax.Array:
+  """f[N, ...] sorted rows -> f[tiles, b, ...], padding slots 0."""
+  rows = jnp.take(x, layout.slot_row, axis=0)
+  rows = jnp.where(layout.slot_valid.reshape((-1,) + (1,) * (x.ndim - 1)), rows, 0)
+  return rows.reshape((-1, layout.tile) + x.shape[1:])
+
+
+def from_tiles(y: jax.Array, layout: TileLayout) -> jax.Array:
+  """f[tiles, b, ...] -> f[N, ...] sorted rows, unrouted rows 0."""
+  flat = y.reshape((-1,) + y.shape[2:])
+  rows = jnp.take(flat, layout.row_slot, axis=0)
+  return jnp.where(layout.row_valid.reshape((-1,) + (1,) * (flat.ndim - 1)), rows, 0)
+
+
+def matmul_tiles(tiles: jax.Array, w: jax.Array, layout: TileLayout,
+                 dtype) -> jax.Array:
+  """f[tiles, b, M] x each tile's expert weight of f[E, M, H] -> f[tiles, b, H]."""
+  weights = jnp.take(w.astype(dtype), layout.tile_expert, axis=0)  # [tiles, M, H]
+  return jnp.einsum("tbm,tmh->tbh", tiles, weights, preferred_element_type=dtype)
+
+
+class Grouped(NamedTuple):
+  """Sorted rows in an implementation's layout, with its grouped matmul.
+
+  ``matmul(a, w)`` multiplies rows ``a`` (in the layout) by their experts' weights
+  ``w: f[E, M, H]``; elementwise work (activation, dropout) may run in the layout, as
+  padding rows are 0 and stay 0 through activations with ``f(0) = 0``; ``finish``
+  returns f[N, ...] sorted rows with the unrouted ones 0.
+  """
+
+  rows: jax.Array
+  matmul: Callable[[jax.Array, jax.Array], jax.Array]
+  finish: Callable[[jax.Array], jax.Array]
+
+
+def ragged_dot_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
+  """``jax.lax.ragged_dot`` on the sorted rows themselves."""
+
+  def matmul(a, w):
+    return jax.lax.ragged_dot(a, w.astype(dtype), group_sizes,
+                              preferred_element_type=dtype)
+
+  return Grouped(x.astype(dtype), matmul, lambda y: y)
+
+
+def tiled_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
+  """Expert tiles (:func:`tile_layout`): one batched matmul per weight."""
+  layout = tile_layout(group_sizes, x.shape[0])
+  return Grouped(to_tiles(x.astype(dtype), layout),
+                 lambda a, w: matmul_tiles(a, w, layout, dtype),
+                 lambda y: from_tiles(y, layout))
+
+
+# name -> (x f[N, M], group_sizes i32[E], dtype) -> Grouped.
+GROUPED_MATMULS: dict[str, Callable[..., Grouped]] = {
+    "ragged_dot": ragged_dot_rows,
+    "tiled": tiled_rows,
+}
+CHOICES = ("auto",) + tuple(GROUPED_MATMULS)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                   how: str = "auto", dtype=None) -> jax.Array:
+  """One grouped matmul: x f[N, M], w f[E, M, H], group_sizes i32[E] -> f[N, H]."""
+  g = GROUPED_MATMULS[resolve_grouped_matmul(how)](x, group_sizes, dtype or x.dtype)
+  return g.finish(g.matmul(g.rows, w))
+
+
+def resolve_grouped_matmul(name: str, backend: str | None = None) -> str:
+  """The implementation ``name`` stands for on ``backend`` (default: jax's).
+
+  ``"auto"`` is ``"ragged_dot"`` on GPU and TPU and ``"tiled"`` elsewhere.
+  """
+  if name != "auto":
+    return name
+  backend = backend or jax.default_backend()
+  return "ragged_dot" if backend in ("gpu", "cuda", "rocm", "tpu") else "tiled"

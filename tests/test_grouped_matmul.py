@@ -1,0 +1,99 @@
+"""The grouped matmuls of the dropless path: expert tiles against ragged_dot and a loop."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import grouped_matmul as gm
+
+
+def _loop(x, w, group_sizes):
+  """Row by row: row r of expert e times w[e]; rows past the groups are 0."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  out = np.zeros((x.shape[0], w.shape[-1]))
+  row = 0
+  for e, size in enumerate(np.asarray(group_sizes)):
+    for _ in range(size):
+      out[row] = x[row] @ w[e]
+      row += 1
+  return out
+
+
+def test_tile_layout_by_hand():
+  # N = 10 sorted rows, group sizes (3, 0, 5): rows 8 and 9 are unrouted.
+  # b = 4 (ceil(10 / 3) = 4, a power of two); tiles = ceil(10 / 4) + 3 = 6.
+  # Expert 0 fills tile 0 (3 of 4 slots), expert 1 has no tile, expert 2 tiles 1 and 2
+  # (5 of 8 slots); tiles 3-5 hold nothing and point at the last expert.
+  layout = gm.tile_layout(jnp.array([3, 0, 5]), 10)
+  assert layout.tile == 4
+  np.testing.assert_array_equal(layout.tile_expert, [0, 2, 2, 2, 2, 2])
+  valid = np.zeros(24, bool)
+  valid[[0, 1, 2, 4, 5, 6, 7, 8]] = True
+  np.testing.assert_array_equal(layout.slot_valid, valid)
+  np.testing.assert_array_equal(np.asarray(layout.slot_row)[valid], [0, 1, 2, 3, 4, 5, 6, 7])
+  np.testing.assert_array_equal(layout.row_slot[:8], [0, 1, 2, 4, 5, 6, 7, 8])
+  np.testing.assert_array_equal(layout.row_valid, [True] * 8 + [False] * 2)
+
+
+@pytest.mark.parametrize("num_rows, num_experts, want", [
+    (10, 3, 4), (6144, 32, 128), (16, 8, 2), (1, 4, 1), (100, 1, 128), (24, 3, 8)])
+def test_tile_rows_is_a_power_of_two_near_the_share(num_rows, num_experts, want):
+  assert gm.tile_rows(num_rows, num_experts) == want
+
+
+@pytest.mark.parametrize("num_rows, num_experts", [(37, 5), (300, 16), (16, 8), (3, 4)])
+def test_tiled_equals_ragged_dot_and_the_loop(num_rows, num_experts):
+  rng = np.random.default_rng(num_rows)
+  m, h = 6, 5
+  x = jnp.asarray(rng.normal(size=(num_rows, m)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(num_experts, m, h)), jnp.float32)
+  for routed in (num_rows, num_rows // 2):  # every row routed, then half of them
+    # Skewed sizes with empty experts (a Dirichlet with small concentration).
+    sizes = rng.multinomial(routed, rng.dirichlet(np.full(num_experts, 0.3)))
+    sizes = jnp.asarray(sizes, jnp.int32)
+    tiled = gm.grouped_matmul(x, w, sizes, how="tiled")
+    ragged = gm.grouped_matmul(x, w, sizes, how="ragged_dot")
+    np.testing.assert_allclose(tiled, _loop(x, w, sizes), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(tiled[routed:]).any()
+
+    def loss(x, w, how):
+      return (gm.grouped_matmul(x, w, sizes, how=how) ** 2).sum()
+
+    g_tiled = jax.grad(loss, argnums=(0, 1))(x, w, "tiled")
+    g_ragged = jax.grad(loss, argnums=(0, 1))(x, w, "ragged_dot")
+    for a, b in zip(g_tiled, g_ragged):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_tiled_work_is_bounded_by_rows_plus_a_tile_per_expert():
+  # The batched matmul runs (ceil(N / b) + E) * b rows, at most N + E * b (+ b - 1).
+  num_rows, num_experts = 6144, 32
+  x = jnp.zeros((num_rows, 8))
+  w = jnp.zeros((num_experts, 8, 4))
+  sizes = jnp.full((num_experts,), num_rows // num_experts, jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda x, w: gm.grouped_matmul(x, w, sizes, how="tiled"))(x, w)
+  (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  tiles, b, _ = dot.invars[0].aval.shape
+  assert b == gm.tile_rows(num_rows, num_experts) == 128
+  assert tiles == math.ceil(num_rows / b) + num_experts
+  assert tiles * b <= num_rows + num_experts * b + b - 1
+
+
+def test_auto_resolves_per_backend():
+  assert gm.resolve_grouped_matmul("auto", "cpu") == "tiled"
+  for backend in ("gpu", "cuda", "rocm", "tpu"):
+    assert gm.resolve_grouped_matmul("auto", backend) == "ragged_dot"
+  assert gm.resolve_grouped_matmul("ragged_dot", "cpu") == "ragged_dot"
+  assert set(gm.CHOICES) == {"auto", "ragged_dot", "tiled"}
+
+
+def test_bfloat16_rows_stay_bfloat16():
+  x = jnp.ones((12, 4), jnp.bfloat16)
+  w = jnp.ones((3, 4, 2), jnp.float32)
+  y = gm.grouped_matmul(x, w, jnp.array([4, 4, 4]), how="tiled")
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32), 4.0)
