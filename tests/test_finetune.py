@@ -20,6 +20,10 @@ from moe_jax.metrics import read_metrics
 from moe_jax.peft import finetune
 from tests.test_train import jit_cache, tiny_config  # noqa: F401  (fixture)
 
+# Its tests share a module-scoped run: one pytest-xdist worker runs them all, so the
+# run is made once (--dist loadgroup in pytest.ini).
+pytestmark = [pytest.mark.xdist_group("finetune_base_run")]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "finetune_lora.py")
 

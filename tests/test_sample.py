@@ -13,7 +13,9 @@ from tests.test_train import HANG_GUARD_S, tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "experiments", "sample.py")
 
-pytestmark = pytest.mark.slow
+# Its tests share a module-scoped run: one pytest-xdist worker runs them all, so the run
+# is made once (--dist loadgroup in pytest.ini).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sample_workdir")]
 
 
 def _sample(*flags):

@@ -15,6 +15,10 @@ import pytest
 
 from moe_jax import compare
 
+# Its tests share a module-scoped run: one pytest-xdist worker runs them all, so the
+# run is made once (--dist loadgroup in pytest.ini).
+pytestmark = [pytest.mark.xdist_group("switch_vs_top2_smoke")]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "switch_vs_top2.py")
 SMOKE_ARGS = ["--preset=smoke", "--families=dense,top2,switch", "--capacity_factors=1.0"]
