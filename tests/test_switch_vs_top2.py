@@ -15,10 +15,6 @@ import pytest
 
 from moe_jax import compare
 
-# Its tests share a module-scoped run: one pytest-xdist worker runs them all, so the
-# run is made once (--dist loadgroup in pytest.ini).
-pytestmark = [pytest.mark.xdist_group("switch_vs_top2_smoke")]
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "switch_vs_top2.py")
 SMOKE_ARGS = ["--preset=smoke", "--families=dense,top2,switch", "--capacity_factors=1.0"]
@@ -34,15 +30,17 @@ def _run_script(workdir, *extra):
   return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("svt_smoke"))
-  log = _run_script(workdir)
-  return workdir, log
-
-
 @pytest.mark.slow
-def test_smoke_report_structure(smoke):
+def test_smoke_run_report_csv_plots_and_rerun(tmp_path):
+  # One smoke grid for all three checks (the rerun comes last: it rewrites the report).
+  workdir = str(tmp_path / "svt_smoke")
+  smoke = workdir, _run_script(workdir)
+  _check_report_structure(smoke)
+  _check_csv_and_plots(smoke)
+  _check_rerun_trains_nothing(smoke)
+
+
+def _check_report_structure(smoke):
   workdir, log = smoke
   assert "[run 1/3] dense_s0" in log and "[run 3/3] switch_cf1.0_s0" in log
   assert "ETA" in log and "Grid wall-clock" in log
@@ -78,8 +76,7 @@ def test_smoke_report_structure(smoke):
   assert "load average" in report and "total wall-clock" in report
 
 
-@pytest.mark.slow
-def test_smoke_csv_and_plots(smoke):
+def _check_csv_and_plots(smoke):
   workdir, _ = smoke
   with open(os.path.join(workdir, "results.csv"), encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
@@ -99,8 +96,7 @@ def test_smoke_csv_and_plots(smoke):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_rerun_trains_nothing(smoke):
+def _check_rerun_trains_nothing(smoke):
   workdir, _ = smoke
   metrics = [os.path.join(workdir, "runs", r, "metrics.jsonl")
              for r in ("dense_s0", "top2_cf1.0_s0", "switch_cf1.0_s0")]
