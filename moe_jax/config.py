@@ -126,9 +126,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.d_ff = 0  # width of each expert; 0 is model.d_ff (fine-grained experts: less)
   # dispatch="dropless" on a mesh: how rows move between expert shards, buffer size.
   c.moe.ragged_exchange = "auto"  # ragged (GPU/TPU) | padded (any backend) | auto
+  c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
   # dropless: ragged_dot (GPU/TPU grouped kernels) | tiled (expert tiles, fast on CPU) | auto
   c.moe.grouped_matmul = "auto"
-  c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
   # V-MoE Batch Prioritized Routing: tokens queue by their top gate, not position.
   c.moe.batch_priority = False
   # Expert choice and batch_priority see later tokens of the group; a causal LM needs

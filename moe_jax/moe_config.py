@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from moe_jax import routing
 from moe_jax.dispatch import DISPATCHERS
 from moe_jax.dropless import EXCHANGES
-from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
 from moe_jax.experts import ACTIVATIONS
+from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
 from moe_jax.routers import ROUTER_OPTIONS, ROUTERS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
