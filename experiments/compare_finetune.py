@@ -24,7 +24,7 @@ import cli  # pylint: disable=wrong-import-position
 
 # A string, not an enum: an unknown preset gets the grid's one-line error.
 flags.DEFINE_string("preset", "cpu_small", "Grid size: smoke (CI, about a minute), "
-                    "cpu_small (2-core CPU, 60-90 min).")
+                    "cpu_small (2-core CPU, 36 min measured on shared cores).")
 flags.DEFINE_string("workdir", None,
                     "Output directory (default /tmp/compare_finetune_PRESET).")
 flags.DEFINE_list("bases", None, "Base models (default: the preset's); see "

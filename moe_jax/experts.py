@@ -119,8 +119,9 @@ class Experts(nnx.Module):
     """Runs the experts on rows sorted by expert, as grouped matmuls.
 
     ``self.grouped_matmul`` picks the implementation (:mod:`moe_jax.grouped_matmul`):
-    ``ragged_dot`` or expert ``tiled`` rows, the same numbers; with dropout, the masks
-    are drawn in the implementation's layout.
+    ``ragged_dot`` or expert ``tiled`` rows, the same products up to float rounding;
+    with dropout, the masks are drawn in the implementation's layout (so a run with
+    expert dropout draws other masks under the other implementation).
 
     Args:
       x: [N, M] rows; the first ``group_sizes[0]`` belong to expert 0, the next

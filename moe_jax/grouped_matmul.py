@@ -3,7 +3,8 @@
 ``dispatch="dropless"`` sorts the kept choices by expert into ``N`` rows, ``group_sizes[e]``
 of them for expert ``e`` (the rest, past ``sum(group_sizes)``, are unrouted and must come
 out 0), and multiplies each expert's rows by that expert's weight. Two implementations
-with the same numbers, behind :data:`GROUPED_MATMULS` (``moe.grouped_matmul``):
+with the same products up to float rounding, behind :data:`GROUPED_MATMULS`
+(``moe.grouped_matmul``):
 
 * ``"ragged_dot"``: ``jax.lax.ragged_dot``, as in MegaBlocks and MaxText. GPU and TPU
   have grouped kernels for it; XLA:CPU lowers it to a dense masked matmul, every row
@@ -11,8 +12,10 @@ with the same numbers, behind :data:`GROUPED_MATMULS` (``moe.grouped_matmul``):
 * ``"tiled"``: each expert's rows are padded to whole tiles of ``b`` rows, so every tile
   belongs to one expert; the tiles are multiplied by their expert's gathered weight in
   one batched matmul ``[tiles, b, M] x [tiles, M, H]``. The tile count is static,
-  ``ceil(N / b) + E`` (each expert wastes less than one tile), so the work is at most
-  ``N + E * b`` rows instead of ``E * N``: the path that is fast on CPU.
+  ``ceil(N / b) + E`` (each expert wastes less than one tile), so the work is
+  ``(ceil(N / b) + E) * b`` rows whatever the routing (below ``3 N`` with
+  :func:`tile_rows`'s ``b``, and below ``2 N`` once ``N / E > 128``) instead of
+  ``E * N``: the path that is fast on CPU.
 
 ``"auto"`` picks ``"ragged_dot"`` on GPU and TPU and ``"tiled"`` elsewhere.
 
@@ -120,9 +123,9 @@ class Grouped(NamedTuple):
   """Sorted rows in an implementation's layout, with its grouped matmul.
 
   ``matmul(a, w)`` multiplies rows ``a`` (in the layout) by their experts' weights
-  ``w: f[E, M, H]``; elementwise work (activation, dropout) may run in the layout, as
-  padding rows are 0 and stay 0 through activations with ``f(0) = 0``; ``finish``
-  returns f[N, ...] sorted rows with the unrouted ones 0.
+  ``w: f[E, M, H]``; elementwise work (activation, dropout) may run in the layout,
+  since ``finish``, which returns f[N, ...] sorted rows with the unrouted ones 0,
+  reads only the slots that hold a routed row.
   """
 
   rows: jax.Array

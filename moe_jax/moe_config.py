@@ -76,7 +76,8 @@ class MoeConfig:
       (:mod:`moe_jax.grouped_matmul`): "ragged_dot" (``jax.lax.ragged_dot``; grouped
       kernels on GPU and TPU, a dense masked matmul over all E experts on CPU),
       "tiled" (each expert's rows padded to whole tiles, one batched matmul) or
-      "auto" ("ragged_dot" on GPU and TPU, "tiled" elsewhere). The same numbers.
+      "auto" ("ragged_dot" on GPU and TPU, "tiled" elsewhere). The same products up
+      to float rounding (expert dropout draws its masks in each one's layout).
     router: the router family, a key of :data:`moe_jax.routers.ROUTERS`: "topk"
       (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
       "expert_choice" (Zhou et al. 2022; each expert takes ``C = ceil(cf * S / E)``

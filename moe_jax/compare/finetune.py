@@ -64,13 +64,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "model.d_ff": 64, "data.seq_len": 32}),
     # Both bases at their configs' shapes (4 blocks, d_model 256, MoE in blocks 1 and
     # 3; batch 16 x 128 to pretrain, 32 x 128 to fine-tune), one seed, planned for
-    # 60-90 minutes on a 2-core CPU. Scaled down from the configs, for time:
+    # 60-90 minutes on a 2-core CPU (measured once: 36 minutes on 2 shared cores,
+    # docs/results/finetune_cpu/). Scaled down from the configs, for time:
     # * pretraining 200 steps, not 600 (a 200-step cosine schedule, warmup 20):
     #   switch_small takes ~1 s a step there (600 steps in ~10 min on a quiet
     #   machine); deepseek_small's dropless dispatch ran several times that while
     #   its CPU grouped matmul was a dense masked ragged_dot over its 32 experts
-    #   (docs/benchmarks.md), and the expert tiles that replaced it
-    #   (moe_jax/grouped_matmul.py) are not timed on these shapes yet;
+    #   (docs/benchmarks.md); with the expert tiles that replaced it
+    #   (moe_jax/grouped_matmul.py) it pretrained at 0.50 steps/s against
+    #   switch_small's 0.59, on shared cores;
     # * fine-tuning 40 steps of 32 x 128 bytes, not 500 (warmup 4), each step twice
     #   a pretraining step's tokens; 5 methods x 2 bases is ten runs, deepseek_small's
     #   five the bulk of the grid;
@@ -79,8 +81,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   last step, on 8 batches (16k tokens), not the whole split (225 batches);
     # * ESFT scores its experts on 4 training batches, not 8 (also the batches of
     #   the routing analysis, per domain).
-    # An estimate, not a measurement: ~15 min for switch_small's six runs and ~55 for
-    # deepseek_small's, compilation included; the progress lines give an ETA.
+    # Measured once on 2 shared cores: about 19 minutes for switch_small's six runs
+    # and 15 for deepseek_small's; the progress lines give an ETA.
     "cpu_small": dict(
         bases=BASES, methods=METHOD_NAMES, seeds=1,
         pretrain_steps=200, finetune_steps=40, finetune_evals=2,
