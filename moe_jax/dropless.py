@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import routing
+from moe_jax.backend import is_accelerator
 
 EXCHANGES = ("auto", "ragged", "padded")
 # The expert axis of the mesh (moe_jax.sharding.MESH_AXES), over which rows travel.
@@ -62,8 +63,7 @@ def resolve_exchange(name: str, backend: str | None = None) -> str:
   """
   if name != "auto":
     return name
-  backend = backend or jax.default_backend()
-  return "ragged" if backend in ("gpu", "cuda", "rocm", "tpu") else "padded"
+  return "ragged" if is_accelerator(backend) else "padded"
 
 
 def buffer_rows(tokens: int, top_k: int, experts_per_peer: int, num_peers: int,

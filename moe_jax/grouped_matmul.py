@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_jax.backend import is_accelerator
+
 # Largest tile: 128 rows keep the batched matmul efficient while the padding stays
 # below E * 128 rows.
 MAX_TILE_ROWS = 128
@@ -173,5 +175,4 @@ def resolve_grouped_matmul(name: str, backend: str | None = None) -> str:
   """
   if name != "auto":
     return name
-  backend = backend or jax.default_backend()
-  return "ragged_dot" if backend in ("gpu", "cuda", "rocm", "tpu") else "tiled"
+  return "ragged_dot" if is_accelerator(backend) else "tiled"
