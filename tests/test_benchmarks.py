@@ -358,3 +358,16 @@ def test_matmul_forms_benchmark_checks_every_case(tmp_path):
     assert isinstance(r["einsum_over_2d"], float)
     # Compiler-decided: the 2-D form's step has no transposed copy of its operands.
     assert r["matmul_2d_transposes"] == 0 and isinstance(r["einsum_transposes"], int)
+
+
+@pytest.mark.slow
+def test_mamba_scan_benchmark_writes_every_pair(tmp_path):
+  out = tmp_path / "scan.json"
+  stdout = _run_benchmark(
+      "mamba_scan.py", "--batch=2", "--length=12", "--d_inner=8", "--d_state=4",
+      "--chunk_sizes=5,16", "--repeats=1", f"--json={out}")
+  data = json.loads(out.read_text())
+  assert [(r["scan"], r["chunk_size"]) for r in data["rows"]] == [
+      ("associative", 5), ("associative", 16), ("sequential", 5), ("sequential", 16)]
+  assert min(r["vs_fastest"] for r in data["rows"]) == 1.0
+  assert data["meta"]["length"] == 12 and "| sequential | 16 |" in stdout

@@ -56,7 +56,7 @@ moe.d_ff moe.allow_noncausal_routing
 final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
 moe.loss_reduction model.position model.moe_offset model.attn_layer_period
 model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
-mamba.chunk_size model.mod_every model.mod_capacity model.mod_predictor
+mamba.chunk_size mamba.scan model.mod_every model.mod_capacity model.mod_predictor
 model.mod_aux_loss_coef moe.noop_experts moe.noop_capacity_factor""".split()
 
 
@@ -183,6 +183,7 @@ RULES = [
      "model.moe_every=4", "places no MoE block"),
     ({"mamba.d_state": 0}, "mamba.d_state=0", "positive"),
     ({"mamba.chunk_size": 0}, "mamba.chunk_size=0", "positive"),
+    ({"mamba.scan": "parallel"}, "mamba.scan='parallel'", "associative, sequential"),
     ({"mamba.dt_rank": 0}, "mamba.dt_rank=0", "None for"),
     ({"mamba.dt_min": 0.5}, "mamba.dt_min=0.5", "dt_min <= dt_max"),
     ({"mamba.dt_min": -1.0}, "mamba.dt_min=-1.0", "0 < dt_min"),

@@ -1,5 +1,5 @@
-"""Mamba mixer: chunked scan == lax.scan loop == step decoding, causality, gradients,
-init, prefill states of padded rows, and the parameter/FLOP count."""
+"""Mamba mixer: both chunked scans == lax.scan loop == step decoding, causality,
+gradients, init, prefill states of padded rows, and the parameter/FLOP count."""
 
 import dataclasses
 import math
@@ -103,6 +103,7 @@ def test_dt_bias_is_inverse_softplus():
     (dict(dt_rank=0), "dt_rank=0"),
     (dict(dt_min=0.2, dt_max=0.1), "dt_min=0.2"),
     (dict(norm_eps=0.0), "norm_eps=0.0"),
+    (dict(scan="parallel"), "scan='parallel' is not one of auto, associative, sequential"),
 ])
 def test_config_errors(kw, fragment):
   with pytest.raises(ValueError, match=fragment):
@@ -110,15 +111,27 @@ def test_config_errors(kw, fragment):
 
 
 # ---------------------------------------------------------------------------------
-# The two scans and the loop reference agree.
+# The training scans, the step and the loop reference agree.
 # ---------------------------------------------------------------------------------
+
+SCANS = ("associative", "sequential")
+
+
+def test_resolve_scan():
+  assert mamba.resolve_scan("auto", "cpu") == "sequential"
+  for backend in ("gpu", "cuda", "rocm", "tpu"):
+    assert mamba.resolve_scan("auto", backend) == "associative"
+  for name in SCANS:
+    assert mamba.resolve_scan(name, "cpu") == mamba.resolve_scan(name, "tpu") == name
+  assert set(mamba.SCANS) == set(SCANS)
 
 
 # T=5 and T=64 do not divide L=12 (padded with identity steps; T=64 runs as T=12).
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("chunk_size, perturb", [(1, True), (4, False), (5, True),
                                                  (64, True)])
-def test_chunked_scan_equals_loop_and_steps(chunk_size, perturb):
-  mixer = make(perturb=perturb, chunk_size=chunk_size)
+def test_chunked_scan_equals_loop_and_steps(chunk_size, perturb, scan):
+  mixer = make(perturb=perturb, chunk_size=chunk_size, scan=scan)
   x = inputs(1)
   y = mixer(x)
   y_ref, h_ref = reference(mixer, x)
@@ -139,8 +152,9 @@ def test_without_inner_norms_equals_loop():
   np.testing.assert_allclose(mixer(x), reference(mixer, x)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("chunk_size", [1, 3, 100])  # L=7
-def test_selective_scan_equals_steps(chunk_size):
+def test_selective_scan_equals_steps(chunk_size, scan):
   # The pure functions alone, with a fast-decaying A: dt in (0, 2], A in [-4, -1].
   k = jax.random.split(jax.random.key(3), 6)
   batch, length, d_inner, n = 2, 7, 3, 4
@@ -150,7 +164,8 @@ def test_selective_scan_equals_steps(chunk_size):
   c = jax.random.normal(k[3], (batch, length, n))
   x = jax.random.normal(k[4], (batch, length, d_inner))
   h0 = jax.random.normal(k[5], (batch, d_inner, n))
-  y, h_last = mamba.selective_scan(dt, a, b, c, x, chunk_size=chunk_size, h0=h0)
+  y, h_last = mamba.selective_scan(dt, a, b, c, x, chunk_size=chunk_size, h0=h0,
+                                   scan=scan)
   h, ys = h0, []
   for t in range(length):
     y_t, h = mamba.selective_step(dt[:, t], a, b[:, t], c[:, t], x[:, t], h)
@@ -171,10 +186,11 @@ def test_selective_step_by_hand():
   np.testing.assert_allclose(y, [[6 - 3 * ln2]], rtol=1e-6)
 
 
-def test_chunk_memory_is_bounded():
+@pytest.mark.parametrize("scan", SCANS)
+def test_chunk_memory_is_bounded(scan):
   # With the chunk body rematerialised, no array in the gradient's program holds the
   # state of more than one chunk: nothing of num_chunks*B*T*D_in*N elements or more.
-  mixer = make(chunk_size=4)
+  mixer = make(chunk_size=4, scan=scan)
   batch, length = 2, 32
   x = inputs(4, batch=batch, length=length)
   graphdef, state = nnx.split(mixer)
@@ -205,8 +221,9 @@ def test_chunk_memory_is_bounded():
 # ---------------------------------------------------------------------------------
 
 
-def test_causal():
-  mixer = make(perturb=True, chunk_size=5)
+@pytest.mark.parametrize("scan", SCANS)
+def test_causal(scan):
+  mixer = make(perturb=True, chunk_size=5, scan=scan)
   x = inputs(5)
   t = 6  # the second token of chunk 1 (tokens 5..9)
   x2 = x.at[:, t].add(1.0)
@@ -216,13 +233,14 @@ def test_causal():
   assert float(jnp.abs(y[:, -1] - y2[:, -1]).max()) > 1e-6  # the change propagates
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("scan", SCANS)
+def test_gradients_match_finite_differences(scan):
   # float64 central differences along random directions of (params, x): the error of
   # (f(p + eps v) - f(p - eps v)) / 2eps is O(eps^2 f''') ~ 1e-10 at eps = 1e-5, far
   # below the 1e-6 tolerance, while a wrong gradient term is off by O(1).
   with jax.enable_x64(True):
     mixer = make(perturb=True, dtype=jnp.float64, param_dtype=jnp.float64,
-                 chunk_size=3)
+                 chunk_size=3, scan=scan)
     graphdef, state = nnx.split(mixer)
     x = inputs(6, length=7, dtype=jnp.float64)
     w = jax.random.normal(jax.random.key(7), x.shape, jnp.float64)
