@@ -1,8 +1,9 @@
 """Executes every notebook in notebooks/ from scratch, so that none of them can rot.
 
 Each notebook runs top to bottom in a fresh kernel of this interpreter, with the Agg
-matplotlib backend (no figures are rendered to the outputs) and 8 fake CPU devices.
-A new notebook is picked up by the glob. The run time is never asserted: the
+matplotlib backend (no figures are rendered to the outputs) and 8 fake CPU devices,
+with the smaller parameters of ``TEST_PARAMETERS`` where a notebook has them. A new
+notebook is picked up by the glob. The run time is never asserted: the
 executor's per-cell timeout ``HANG_GUARD_S`` only stops a hung kernel, and is set far
 above what any cell needs on a loaded two-core machine.
 """
@@ -19,15 +20,39 @@ NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 HANG_GUARD_S = 1800  # per cell
 
 
+# Papermill-style parameters: a notebook whose first code cell starts with
+# "# Parameters" runs with these values, set in a cell inserted after that one, so the
+# suite trains less than a reader's default run (every cell still runs).
+TEST_PARAMETERS = {"02_expert_specialisation.ipynb": {"TRAIN_STEPS": 40}}
+
+
 def _kernel_env():
   env = dict(os.environ)
   env["MPLBACKEND"] = "Agg"
   env.setdefault("JAX_PLATFORMS", "cpu")
-  flags = env.get("XLA_FLAGS", "")
+  # The notebooks train and run models, so their kernels get optimised code (not the
+  # in-process tests' --xla_backend_optimization_level=0 of conftest.py).
+  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                   if not f.startswith("--xla_backend_optimization_level"))
   if "xla_force_host_platform_device_count" not in flags:
     flags = (flags + " --xla_force_host_platform_device_count=8").strip()
   env["XLA_FLAGS"] = flags
   return env
+
+
+def _with_test_parameters(nb, name):
+  values = TEST_PARAMETERS.get(name)
+  if not values:
+    return nb
+  code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+  first = code[0]
+  assert nb.cells[first].source.startswith("# Parameters"), (
+      f"{name}: TEST_PARAMETERS needs a first code cell that starts with '# Parameters'")
+  for key in values:
+    assert f"\n{key} = " in "\n" + nb.cells[first].source, f"{name} has no parameter {key}"
+  source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+  nb.cells.insert(first + 1, nbformat.v4.new_code_cell(source))
+  return nb
 
 
 def test_notebooks_are_found():
@@ -45,7 +70,7 @@ def test_notebooks_are_committed_without_large_outputs():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path):
-  nb = nbformat.read(path, as_version=4)
+  nb = _with_test_parameters(nbformat.read(path, as_version=4), path.name)
   client = NotebookClient(nb, timeout=HANG_GUARD_S, startup_timeout=600,
                           kernel_name="python3",
                           resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
