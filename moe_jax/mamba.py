@@ -43,6 +43,7 @@ compute dtype is float64), as Mamba's reference scan keeps its state in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -231,6 +232,9 @@ def resolve_scan(name: str, backend: str | None = None) -> str:
   return "associative" if is_accelerator(backend) else "sequential"
 
 
+# Jitted so that eager callers (notebooks, op-by-op tests) compile the chunk loop once
+# per shape instead of on every call; inside a jitted step it is inlined.
+@functools.partial(jax.jit, static_argnames=("chunk_size", "scan"))
 def selective_scan(dt: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array,
                    x: jax.Array, *, chunk_size: int, h0: jax.Array | None = None,
                    scan: str = "associative") -> tuple[jax.Array, jax.Array]:
