@@ -28,8 +28,8 @@ The scans give the same numbers (tested):
   through ``lax.scan``, which carries the state; inside a chunk the recurrence is
   solved by ``mamba.scan``: ``"associative"`` runs ``jax.lax.associative_scan`` in
   parallel over the chunk's ``[B, T, D_in, N]`` tensors (the accelerator default),
-  ``"sequential"`` runs :func:`selective_step` token by token (the CPU default: 10x
-  to 25x faster there, docs/mamba.md). The chunk body is rematerialised in the
+  ``"sequential"`` runs :func:`selective_step` token by token (the CPU default: 7x
+  faster there at T=16, docs/mamba.md). The chunk body is rematerialised in the
   backward pass, so memory is ``O(B*T*D_in*N)`` plus the ``[B, D_in, N]`` carries,
   not ``O(B*L*D_in*N)``.
 * :func:`selective_step` (decoding): one token against a :class:`MambaState` holding
@@ -218,8 +218,8 @@ def _sequential_chunk(h, a, dt, b, c, x):
 # The training scans (``mamba.scan``): the same recurrence, the same chunks, the same
 # numbers up to float rounding (tested). "associative" is the parallel form for
 # accelerators; "sequential" does the sequential FLOP count and, measured on a 2-core
-# CPU (docs/mamba.md), runs the forward and backward pass of jamba_small's scan 10x to
-# 25x faster there.
+# CPU (docs/mamba.md), runs the forward and backward pass of jamba_small's scan 2.4x
+# (T=4) to 15x (T=64) faster there, 7x at the default T=16.
 SCANS = {"associative": _associative_chunk, "sequential": _sequential_chunk}
 SCAN_CHOICES = ("auto", *SCANS)
 
