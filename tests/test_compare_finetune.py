@@ -266,7 +266,8 @@ def test_report_numbers_come_from_the_run_directories(tmp_path):
 
 def _run_script(workdir, *extra, ok=True):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  # One CPU device, as a user runs it; compiled without LLVM optimisation (conftest.py).
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   proc = subprocess.run([sys.executable, SCRIPT, "--preset=smoke", f"--workdir={workdir}",
                          *extra], capture_output=True, text=True, env=env, timeout=1800,
                         check=False)

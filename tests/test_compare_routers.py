@@ -25,7 +25,8 @@ SCRIPT = os.path.join(ROOT, "experiments", "compare_routers.py")
 
 def _run_script(workdir, *extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  # One CPU device, as a user runs it; compiled without LLVM optimisation (conftest.py).
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   proc = subprocess.run([sys.executable, SCRIPT, "--preset=smoke", f"--workdir={workdir}",
                          *extra], capture_output=True, text=True, env=env, timeout=1800,
                         check=False)

@@ -22,7 +22,8 @@ SMOKE_ARGS = ["--preset=smoke", "--families=dense,top2,switch", "--capacity_fact
 
 def _run_script(workdir, *extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  # One CPU device, as a user runs it; compiled without LLVM optimisation (conftest.py).
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
   proc = subprocess.run([sys.executable, SCRIPT, f"--workdir={workdir}", *SMOKE_ARGS,
                          *extra], capture_output=True, text=True, env=env, timeout=1800,
                         check=False)
