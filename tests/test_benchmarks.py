@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import experts, moe_layer, projection, transformer
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +37,7 @@ def _run_benchmark(script, *flags):
   """Runs ``benchmarks/SCRIPT`` with ``flags`` on one CPU device (no fake devices);
   returns its stdout. These runs check what a benchmark writes, never its timings, so
   they compile without LLVM's optimisation passes, as the in-process tests do."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")
+  env = cpu_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script),
                          *flags], capture_output=True, text=True, env=env, cwd=ROOT,
                         timeout=900)  # a hang guard only
@@ -210,7 +210,7 @@ def test_negative_memory_cap_is_refused_before_anything_runs():
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "moe_layer.py"),
        "--max_gib=-1"], capture_output=True, text=True, cwd=ROOT, timeout=900,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      env=cpu_env())
   assert proc.returncode != 0
   assert "--max_gib=-1" in proc.stderr and "non-negative" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -275,7 +275,7 @@ def test_decode_benchmark_measures_a_trained_run(tmp_path):
 
 
 def test_decode_benchmark_refuses_a_bad_workdirs_pair():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = cpu_env()
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
                          "--configs=dense_small", "--workdirs=mod_small=/nonexistent"],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

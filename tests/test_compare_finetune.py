@@ -19,6 +19,7 @@ import time
 import pytest
 
 from moe_jax.compare import finetune, finetune_report
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "compare_finetune.py")
@@ -265,9 +266,7 @@ def test_report_numbers_come_from_the_run_directories(tmp_path):
 
 
 def _run_script(workdir, *extra, ok=True):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  # One CPU device, as a user runs it; compiled without LLVM optimisation (conftest.py).
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env = cpu_env()  # one CPU device, as a user runs it
   proc = subprocess.run([sys.executable, SCRIPT, "--preset=smoke", f"--workdir={workdir}",
                          *extra], capture_output=True, text=True, env=env, timeout=1800,
                         check=False)

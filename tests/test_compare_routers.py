@@ -18,15 +18,14 @@ import pytest
 from moe_jax.compare import routers, routers_report
 from moe_jax.compare.aggregation import Stat
 from moe_jax.config import validate_config
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "compare_routers.py")
 
 
 def _run_script(workdir, *extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  # One CPU device, as a user runs it; compiled without LLVM optimisation (conftest.py).
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env = cpu_env()  # one CPU device, as a user runs it
   proc = subprocess.run([sys.executable, SCRIPT, "--preset=smoke", f"--workdir={workdir}",
                          *extra], capture_output=True, text=True, env=env, timeout=1800,
                         check=False)

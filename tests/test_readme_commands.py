@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from tests.multiprocess import run_two_processes
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.steps=2", "--config.warmup_steps=1", "--config.log_every=1",
@@ -42,10 +43,7 @@ def _with_workdir(argv, workdir):
 
 
 def _env(devices):
-  env = dict(os.environ)
-  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
-  return env
+  return cpu_env(devices, PYTHONPATH=ROOT)
 
 
 def _eval_lines(workdir):

@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import MoeConfig, MoeLayer, moe_layer, sharding
 from tests.multiprocess import run_two_processes
+from tests.subprocess_env import cpu_env
 from tests.sharding_demo import train_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,14 +289,8 @@ def _launch(tmp_path):
   """``launch`` for :func:`tests.multiprocess.run_two_processes`: a worker per process
   that saves its logits and gradients to ``attempt{a}_process{pid}.npz``."""
   def launch(pid, port, attempt):
-    env = dict(os.environ)
-    env.update({
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-        "JAX_NUM_PROCESSES": "2",
-        "JAX_PROCESS_ID": str(pid),
-    })
+    env = cpu_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                  JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     path = tmp_path / f"attempt{attempt}_process{pid}.npz"
     return [sys.executable, "-c", _WORKER, str(path)], env, REPO
   return launch

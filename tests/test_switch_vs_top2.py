@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from moe_jax import compare
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "switch_vs_top2.py")
@@ -21,9 +22,7 @@ SMOKE_ARGS = ["--preset=smoke", "--families=dense,top2,switch", "--capacity_fact
 
 
 def _run_script(workdir, *extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  # One CPU device, as a user runs it; compiled without LLVM optimisation (conftest.py).
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env = cpu_env()  # one CPU device, as a user runs it
   proc = subprocess.run([sys.executable, SCRIPT, f"--workdir={workdir}", *SMOKE_ARGS,
                          *extra], capture_output=True, text=True, env=env, timeout=1800,
                         check=False)

@@ -1,0 +1,27 @@
+"""The environment of the subprocesses that tests start: the CPU backend, compiled the
+way conftest.py compiles the in-process tests."""
+
+from __future__ import annotations
+
+import os
+
+# XLA:CPU without LLVM's optimisation passes: the tests' programs are small, so
+# compiling them costs more than running them. It changes how fast the generated code
+# is, not what it computes (XLA's own HLO passes still run); conftest.py explains the
+# measurement. Tests check what a program computes or writes, never its timings.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """``os.environ`` for a subprocess on the CPU backend.
+
+  ``XLA_FLAGS`` is replaced (not extended): :data:`FAST_COMPILE`, plus ``devices`` fake
+  CPU devices when given (None: one device, as a user runs a script). ``extra`` is
+  added last.
+  """
+  flags = [FAST_COMPILE]
+  if devices is not None:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+  env.update(extra)
+  return env
