@@ -286,13 +286,15 @@ def test_decode_benchmark_refuses_a_bad_workdirs_pair():
 
 @pytest.mark.slow
 def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
-  # jamba_small's 8-layer pattern at width 16; fields, types and the decided values
-  # (lengths, batches, matched parameter counts) only: the rest are measurements.
+  # jamba_small at width 16 and half its depth (4 layers: Mamba, Mamba + MoE,
+  # attention, Mamba + MoE); fields, types and the decided values (lengths, batches,
+  # matched parameter counts) only: the rest are measurements.
   out, md = tmp_path / "jamba.json", tmp_path / "jamba.md"
   _run_benchmark(
       "jamba_seq_len.py",
       "--config_overrides=model.d_model=16,model.num_heads=2,model.d_ff=32,"
-      "moe.num_experts=4,mamba.chunk_size=8", "--seq_lens=32,16",
+      "moe.num_experts=4,mamba.chunk_size=8,model.num_layers=4,"
+      "model.attn_layer_period=4,model.attn_layer_offset=2", "--seq_lens=32,16",
       "--tokens_per_step=64", "--repeats=1", f"--json={out}", f"--markdown={md}",
       f"--png={tmp_path / 'jamba.png'}")
   assert (tmp_path / "jamba.png").stat().st_size > 0
@@ -300,10 +302,10 @@ def test_jamba_seq_len_benchmark_writes_every_field(tmp_path):
   meta, rows = data["meta"], data["rows"]
   assert meta["config"] == "jamba_small" and meta["expert_d_ff"] == 32
   # The baseline's dense FFNs are widened (in steps of 8) to the hybrid's active
-  # parameters: within half a step of 4 dense blocks x 3 SwiGLU matrices x 16 x 8.
+  # parameters: within half a step of 2 dense blocks x 3 SwiGLU matrices x 16 x 8.
   active = meta["params_active"]
   assert meta["baseline_d_ff"] > 32
-  assert abs(active["attention"] - active["jamba"]) <= 4 * 3 * 16 * 8 // 2
+  assert abs(active["attention"] - active["jamba"]) <= 2 * 3 * 16 * 8 // 2
   assert [(r["seq_len"], r["model"], r["batch_size"]) for r in rows] == [
       (16, "jamba", 4), (16, "attention", 4), (32, "jamba", 2), (32, "attention", 2)]
   for r in rows:
