@@ -68,7 +68,8 @@ def _fake_train(losses):
                           "eval_loss_stderr": 0.01, "eval_tokens": 100,
                           "eval_bits_per_byte": loss / 0.6931}) + "\n")
     with open(os.path.join(workdir, "model_info.json"), "w", encoding="utf-8") as f:
-      json.dump({"params_total": 1, "params_active": 1,
+      json.dump({"params_total": 2_500_000 if "switch" in name else 1_000_000,
+                 "params_active": 1,
                  "flops_per_token_active": 1}, f)
     return {}
 
@@ -88,9 +89,11 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   report = (tmp_path / "report.md").read_text()
   rows = [l for l in report.splitlines() if l.startswith("| `")]
   assert [r.split("|")[1].strip() for r in rows] == ["`default`", "`cf_2`"]
-  # Mean 0.03 > goal 0.02 is ticked; the losing row is shown, unticked.
-  assert "+0.0300 ± 0.0283 ✓" in rows[0]
-  assert "-0.0200 ± 0.0141 |" in rows[1]
+  # Mean 0.03 > goal 0.02 is ticked; the losing row is shown, unticked; the seeds
+  # Switch is ahead in are counted (both for default, none for cf_2).
+  assert "+0.0300 ± 0.0283 ✓ | 2 of 2 |" in rows[0]
+  assert "-0.0200 ± 0.0141 | 0 of 2 |" in rows[1]
+  assert "| 2.50M / 1.00M |" in rows[0]  # model_info's params_total
   assert (tmp_path / "margins.png").exists()
   assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
   # A second invocation trains nothing.
@@ -106,7 +109,7 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   assert only["trained"] == [] and only["results"][2]["margin"] is None
   row = [l for l in (tmp_path / "report.md").read_text().splitlines()
          if l.startswith("| `aux_0.001`")][0]
-  assert "| 0 | — | 1.7500 ± 0.0000 | — |" in row
+  assert "| — / 1.00M | 0 | — | 1.7500 ± 0.0000 | — | — |" in row
 
 
 def _grid_run(tmp_path):

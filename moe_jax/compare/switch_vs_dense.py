@@ -73,6 +73,19 @@ VARIANTS: dict[str, Variant] = {
     "lr_4e-3": Variant("peak learning rate 4e-3", both={"learning_rate": 4e-3}),
     "expert_dropout_0.1": Variant("expert dropout 0.1",
                                   switch={"moe.expert_dropout": 0.1}),
+    # The raw top-1 gate (0.13 at init, 0.26-0.48 in training) scales the MoE blocks'
+    # outputs down against the dense FFN they replace; DeepSeek-V3 multiplies its gates
+    # by a routed scaling factor of 2.5.
+    "gate_scale_2.5": Variant("top-1 gate x 2.5 (DeepSeek's routed scaling factor)",
+                              switch={"moe.gate_scale": 2.5}),
+    # The width of both models (4 heads, d_ff 4 x d_model): what differs between the
+    # README's pair (256) and the cpu_small grid (128), where Switch wins.
+    "width_64": Variant("d_model 64, d_ff 256",
+                        both={"model.d_model": 64, "model.d_ff": 256}),
+    "width_128": Variant("d_model 128, d_ff 512 (the cpu_small grid's width)",
+                         both={"model.d_model": 128, "model.d_ff": 512}),
+    "width_192": Variant("d_model 192, d_ff 768",
+                         both={"model.d_model": 192, "model.d_ff": 768}),
 }
 
 # How every run of the grid is trained, besides its config file: no sample and no
@@ -175,6 +188,12 @@ def _cell(stat: Stat | None) -> str:
   return stat.fmt(".4f") if stat else "—"
 
 
+def _params_cell(rows: Mapping[int, dict[str, Any]]) -> str:
+  if not rows:
+    return "—"
+  return f"{next(iter(rows.values()))['params_total'] / 1e6:.2f}M"
+
+
 def _margin_cell(stat: Stat | None, goal: float) -> str:
   if not stat:
     return "—"
@@ -205,9 +224,10 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
   if command:
     lines += [f"Command (plus `--workdir`): `{command}`", ""]
   lines += [
-      "| Variant | Change | Seeds | Switch eval loss | Dense eval loss | Margin "
-      "dense − Switch (↑) | Eval stderr (Switch / dense) | Switch dropped (train) |",
-      "|---|---|---|---|---|---|---|---|",
+      "| Variant | Change | Params (Switch / dense) | Seeds | Switch eval loss | Dense "
+      "eval loss | Margin dense − Switch (↑) | Switch ahead | Eval stderr (Switch / "
+      "dense) | Switch dropped (train) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
     stderr = (f"{stderr_cell(Stat([x['eval_loss_stderr'] for x in r['switch'].values()]))}"
@@ -215,10 +235,13 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
               if r["switch"] and r["dense"] else "—")
     dropped = (Stat([x["dropped_fraction_train"] for x in r["switch"].values()]).fmt(
         ".3f") if r["switch"] else "—")
+    params = " / ".join(_params_cell(r[m]) for m in MODELS)
+    ahead = (f"{sum(v > 0 for v in r['margin'].values)} of {len(r['margin'].values)}"
+             if r["margin"] else "—")
     lines.append(
-        f"| `{r['variant']}` | {r['what']} | {len(r['seeds'])} | {_cell(_loss(r['switch']))}"
-        f" | {_cell(_loss(r['dense']))} | "
-        f"{_margin_cell(r['margin'], goal)} | "
+        f"| `{r['variant']}` | {r['what']} | {params} | {len(r['seeds'])} | "
+        f"{_cell(_loss(r['switch']))} | {_cell(_loss(r['dense']))} | "
+        f"{_margin_cell(r['margin'], goal)} | {ahead} | "
         f"{stderr} | {dropped} |")
   lines += [
       "",
@@ -226,7 +249,9 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
       "over seeds (no ± with one seed). The margin is paired: dense minus Switch of the "
       f"same seed, then mean ± std over seeds; ✓ marks a mean margin above {goal} "
       "nats, the goal. The eval stderr is each run's standard error over eval batches "
-      "(mean over seeds). Dropped is the fraction of Switch's MoE-block tokens that "
+      "(mean over seeds). Switch ahead: the paired seeds whose margin is positive. "
+      "Params: total parameters (Switch's active ones equal dense's, up to the "
+      "router). Dropped is the fraction of Switch's MoE-block tokens that "
       "found no expert slot in training, mean over the run's logged steps and seeds.",
       "",
   ]
