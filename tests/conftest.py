@@ -12,8 +12,9 @@ from tests.subprocess_env import FAST_COMPILE
 # LLVM's optimisation passes off (--xla_backend_optimization_level=0) a tiny training
 # run on an 8-device mesh compiled and ran in 18-21 s instead of 28-31 s. It changes
 # how fast the generated code is, not what it computes (XLA's own HLO passes still
-# run). The subprocesses that tests start get it too (tests/subprocess_env.py);
-# notebook kernels keep optimised code. A level already in XLA_FLAGS is kept.
+# run). The subprocesses that tests start get it too (tests/subprocess_env.py), and
+# so do the notebook kernels except the runtime-bound ones (tests/test_notebooks.py).
+# A level already in XLA_FLAGS is kept.
 _flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " " + FAST_COMPILE
