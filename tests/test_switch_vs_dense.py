@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -78,21 +79,21 @@ def _fake_train(losses):
 
 def test_margins_are_paired_by_seed_and_reported(tmp_path):
   losses = {"default_switch_s0": 1.70, "default_switch_s1": 1.74,
-            "default_dense_s0": 1.75, "default_dense_s1": 1.75,
+            "default_dense_s0": 1.75, "default_dense_s1": 1.77,
             "cf_2_switch_s0": 1.76, "cf_2_switch_s1": 1.78}
   out = svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3,
                          train_fn=_fake_train(losses), log=lambda s: None)
   default, cf2 = out["results"]
-  # Paired margins: dense - Switch per seed: 1.75-1.70 = 0.05, 1.75-1.74 = 0.01.
-  assert default["margin"].values == pytest.approx([0.05, 0.01])
-  assert cf2["margin"].values == pytest.approx([-0.01, -0.03])
+  # Paired margins: dense - Switch per seed: 1.75-1.70 = 0.05, 1.77-1.74 = 0.03.
+  assert default["margin"].values == pytest.approx([0.05, 0.03])
+  assert cf2["margin"].values == pytest.approx([-0.01, -0.01])
   report = (tmp_path / "report.md").read_text()
   rows = [l for l in report.splitlines() if l.startswith("| `")]
   assert [r.split("|")[1].strip() for r in rows] == ["`default`", "`cf_2`"]
-  # Mean 0.03 > goal 0.02 is ticked; the losing row is shown, unticked; the seeds
+  # Mean 0.04 > goal 0.02 is ticked; the losing row is shown, unticked; the seeds
   # Switch is ahead in are counted (both for default, none for cf_2).
-  assert "+0.0300 ± 0.0283 ✓ | 2 of 2 |" in rows[0]
-  assert "-0.0200 ± 0.0141 | 0 of 2 |" in rows[1]
+  assert "| 1.7200 ± 0.0283 | 1.7600 ± 0.0141 | +0.0400 ± 0.0141 ✓ | 2 of 2 |" in rows[0]
+  assert "-0.0100 ± 0.0000 | 0 of 2 |" in rows[1]
   assert "| 2.50M / 1.00M |" in rows[0]  # model_info's params_total
   assert (tmp_path / "margins.png").exists()
   assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
@@ -109,7 +110,14 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   assert only["trained"] == [] and only["results"][2]["margin"] is None
   row = [l for l in (tmp_path / "report.md").read_text().splitlines()
          if l.startswith("| `aux_0.001`")][0]
-  assert "| — / 1.00M | 0 | — | 1.7500 ± 0.0000 | — | — |" in row
+  assert "| — / 1.00M | 0 | — | 1.7600 ± 0.0141 | — | — |" in row
+  # A variant with Switch finished for seed 0 only: both models over seed 0 alone.
+  shutil.rmtree(run_dir(str(tmp_path), svd.build_grid(_base(), ["cf_2"], 2, steps=3)[1]))
+  svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3, train=False,
+                   log=lambda s: None)
+  row = [l for l in (tmp_path / "report.md").read_text().splitlines()
+         if l.startswith("| `cf_2`")][0]
+  assert "| 1 | 1.7600 | 1.7500 | -0.0100 | 0 of 1 |" in row
 
 
 def _grid_run(tmp_path):

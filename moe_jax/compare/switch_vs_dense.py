@@ -64,6 +64,7 @@ VARIANTS: dict[str, Variant] = {
     "cf_2": Variant("train capacity factor 2.0", switch={"moe.capacity_factor": 2.0}),
     "moe_every_1": Variant("every block MoE (4 MoE blocks, not 2)",
                            switch={"model.moe_every": 1}),
+    "experts_2": Variant("2 experts", switch={"moe.num_experts": 2}),
     "experts_4": Variant("4 experts", switch={"moe.num_experts": 4}),
     "experts_16": Variant("16 experts", switch={"moe.num_experts": 16}),
     "group_1024": Variant("routing groups of 1024 tokens (8 sequences)",
@@ -188,6 +189,11 @@ def _cell(stat: Stat | None) -> str:
   return stat.fmt(".4f") if stat else "—"
 
 
+def _paired(rows: Mapping[int, dict[str, Any]], seeds: Sequence[int]
+            ) -> Mapping[int, dict[str, Any]]:
+  return {s: rows[s] for s in seeds} if seeds else rows
+
+
 def _params_cell(rows: Mapping[int, dict[str, Any]]) -> str:
   if not rows:
     return "—"
@@ -230,23 +236,26 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
       "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results:
-    stderr = (f"{stderr_cell(Stat([x['eval_loss_stderr'] for x in r['switch'].values()]))}"
-              f" / {stderr_cell(Stat([x['eval_loss_stderr'] for x in r['dense'].values()]))}"
-              if r["switch"] and r["dense"] else "—")
-    dropped = (Stat([x["dropped_fraction_train"] for x in r["switch"].values()]).fmt(
-        ".3f") if r["switch"] else "—")
-    params = " / ".join(_params_cell(r[m]) for m in MODELS)
+    # Every column over the paired seeds, as the margin is (all finished runs if none).
+    sw_rows, de_rows = (_paired(r[m], r["seeds"]) for m in MODELS)
+    stderr = (f"{stderr_cell(Stat([x['eval_loss_stderr'] for x in sw_rows.values()]))}"
+              f" / {stderr_cell(Stat([x['eval_loss_stderr'] for x in de_rows.values()]))}"
+              if sw_rows and de_rows else "—")
+    dropped = (Stat([x["dropped_fraction_train"] for x in sw_rows.values()]).fmt(
+        ".3f") if sw_rows else "—")
+    params = " / ".join(_params_cell(rows) for rows in (sw_rows, de_rows))
     ahead = (f"{sum(v > 0 for v in r['margin'].values)} of {len(r['margin'].values)}"
              if r["margin"] else "—")
     lines.append(
         f"| `{r['variant']}` | {r['what']} | {params} | {len(r['seeds'])} | "
-        f"{_cell(_loss(r['switch']))} | {_cell(_loss(r['dense']))} | "
+        f"{_cell(_loss(sw_rows))} | {_cell(_loss(de_rows))} | "
         f"{_margin_cell(r['margin'], goal)} | {ahead} | "
         f"{stderr} | {dropped} |")
   lines += [
       "",
       "Eval loss is the final eval cross-entropy in nats per byte, mean ± sample std "
-      "over seeds (no ± with one seed). The margin is paired: dense minus Switch of the "
+      "over the seeds both models finished (no ± with one seed). The margin is paired: "
+      "dense minus Switch of the "
       f"same seed, then mean ± std over seeds; ✓ marks a mean margin above {goal} "
       "nats, the goal. The eval stderr is each run's standard error over eval batches "
       "(mean over seeds). Switch ahead: the paired seeds whose margin is positive. "
