@@ -3,10 +3,11 @@
 The README's main job trains ``switch_small`` and, as its baseline, ``dense_small`` (same
 active FLOPs per token). This grid asks what decides the margin between them: every
 *variant* changes one thing (the init, the capacity factor, the number of experts or MoE
-blocks, the learning rate, the aux loss, the group size...) and trains both models with
-it, for each seed, on the same data. The report gives, per variant, each model's final
-eval loss (mean ± std over seeds), the margin ``dense - switch`` (positive: Switch wins)
-with its spread over paired seeds, the eval standard error and Switch's dropped tokens.
+blocks, the learning rate, the aux loss, the group size, the gate, the width...) and
+trains both models with it, for each seed, on the same data. The report gives, per
+variant, both models' parameters and final eval loss (mean ± std over the paired
+seeds), the margin ``dense - switch`` (positive: Switch wins) with its spread, the
+seeds Switch is ahead in, the eval standard error and Switch's dropped tokens.
 
 * :data:`VARIANTS` -- name -> :class:`Variant`;
 * :func:`build_grid` -- the :class:`~moe_jax.compare.runner.RunSpec` of every (variant,
