@@ -10,16 +10,25 @@ import os
 # is, not what it computes (XLA's own HLO passes still run); conftest.py explains the
 # measurement. Tests check what a program computes or writes, never its timings.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+_LEVEL = "--xla_backend_optimization_level"
+
+
+def compile_flag() -> str:
+  """The optimisation-level flag of this process's ``XLA_FLAGS`` (conftest.py sets
+  :data:`FAST_COMPILE` unless a level was already given, which it keeps); FAST_COMPILE
+  when there is none."""
+  levels = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(_LEVEL)]
+  return levels[-1] if levels else FAST_COMPILE
 
 
 def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
   """``os.environ`` for a subprocess on the CPU backend.
 
-  ``XLA_FLAGS`` is replaced (not extended): :data:`FAST_COMPILE`, plus ``devices`` fake
+  ``XLA_FLAGS`` is replaced (not extended): :func:`compile_flag`, plus ``devices`` fake
   CPU devices when given (None: one device, as a user runs a script). ``extra`` is
   added last.
   """
-  flags = [FAST_COMPILE]
+  flags = [compile_flag()]
   if devices is not None:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))

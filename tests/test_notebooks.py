@@ -15,7 +15,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.subprocess_env import FAST_COMPILE
+from tests.subprocess_env import compile_flag
 
 NOTEBOOKS_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -30,7 +30,7 @@ TEST_PARAMETERS = {"02_expert_specialisation.ipynb": {"TRAIN_STEPS": 40}}
 
 # Notebooks whose time goes into running a model rather than compiling it: their
 # kernels get XLA:CPU's optimised code. The others compile as the in-process tests do
-# (FAST_COMPILE, conftest.py). Measured on the 2-core machine, optimised against not:
+# (compile_flag(): conftest.py's level). Measured on the 2-core machine, optimised against not:
 # 02 (it trains) 72 against 117 s; 01 20 against 17 s, 03 26 against 16 s, 04 21
 # against 18 s.
 RUNTIME_BOUND = frozenset({"02_expert_specialisation.ipynb"})
@@ -40,12 +40,13 @@ def _kernel_env(name):
   env = dict(os.environ)
   env["MPLBACKEND"] = "Agg"
   env.setdefault("JAX_PLATFORMS", "cpu")
+  level = compile_flag()
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_backend_optimization_level")]
   if not any(f.startswith("--xla_force_host_platform_device_count") for f in flags):
     flags.append("--xla_force_host_platform_device_count=8")
   if name not in RUNTIME_BOUND:
-    flags.append(FAST_COMPILE)
+    flags.append(level)
   env["XLA_FLAGS"] = " ".join(flags)
   return env
 
