@@ -42,9 +42,28 @@ def test_grid_shares_dense_runs_and_changes_both_models_alike():
     assert validate_config(c) == []
 
 
+def test_dense_only_variant_shares_the_default_switch_runs():
+  runs = svd.build_grid(_base(), ["default", "dense_params", "width_64_dense_params"],
+                        seeds=1)
+  by = {r.name: r.config for r in runs}
+  # dense_params changes the dense model only: its Switch rows are default's.
+  assert list(by) == ["default_switch_s0", "default_dense_s0", "dense_params_dense_s0",
+                      "width_64_dense_params_switch_s0", "width_64_dense_params_dense_s0"]
+  assert by["dense_params_dense_s0"].model.d_ff == 4608
+  assert by["default_switch_s0"].model.d_ff == by["default_dense_s0"].model.d_ff == 1024
+  # "both" first, then the dense-only change on top.
+  assert by["width_64_dense_params_switch_s0"].model.d_model == 64
+  assert by["width_64_dense_params_switch_s0"].model.d_ff == 256
+  assert by["width_64_dense_params_dense_s0"].model.d_model == 64
+  assert by["width_64_dense_params_dense_s0"].model.d_ff == 1152
+  assert [svd.run_prefix(v, m) for v in ("default", "cf_2", "dense_params")
+          for m in svd.MODELS] == ["default_switch", "default_dense", "cf_2_switch",
+                                   "default_dense", "default_switch", "dense_params_dense"]
+
+
 def test_every_variant_builds_valid_configs():
-  runs = svd.build_grid(_base(), list(svd.VARIANTS), seeds=1, steps=100)
-  assert {r.config.steps for r in runs} == {100}
+  runs = svd.build_grid(_base(), list(svd.VARIANTS), seeds=1, steps=300)
+  assert {r.config.steps for r in runs} == {300}
   for r in runs:
     assert validate_config(r.config) == [], r.name
 

@@ -46,11 +46,14 @@ class Variant:
     what: the change, in words, for the report.
     both: ``{"a.b": value}`` applied to both models (settings they share).
     switch: ``{"a.b": value}`` applied to the Switch model only (MoE settings).
+    dense: ``{"a.b": value}`` applied to the dense model only (a different baseline,
+      e.g. one with Switch's total parameters).
   """
 
   what: str
   both: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   switch: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  dense: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -73,8 +76,12 @@ VARIANTS: dict[str, Variant] = {
     "aux_0.001": Variant("aux loss 0.001", switch={"moe.aux_loss_coef": 0.001}),
     "lr_1e-3": Variant("peak learning rate 1e-3", both={"learning_rate": 1e-3}),
     "lr_4e-3": Variant("peak learning rate 4e-3", both={"learning_rate": 4e-3}),
+    "z_loss_0": Variant("no router z-loss (not 0.001)", switch={"moe.z_loss_coef": 0.0}),
+    "warmup_200": Variant("200 warmup steps (not 50)", both={"warmup_steps": 200}),
     "expert_dropout_0.1": Variant("expert dropout 0.1",
                                   switch={"moe.expert_dropout": 0.1}),
+    "experts_4_cf_2": Variant("4 experts and train capacity factor 2.0",
+                              switch={"moe.num_experts": 4, "moe.capacity_factor": 2.0}),
     # The raw top-1 gate (0.13 at init, 0.26-0.48 in training) scales the MoE blocks'
     # outputs down against the dense FFN they replace; DeepSeek-V3 multiplies its gates
     # by a routed scaling factor of 2.5.
@@ -88,6 +95,14 @@ VARIANTS: dict[str, Variant] = {
                          both={"model.d_model": 128, "model.d_ff": 512}),
     "width_192": Variant("d_model 192, d_ff 768",
                          both={"model.d_model": 192, "model.d_ff": 768}),
+    # A different baseline: dense with Switch's total parameters (every FFN 4.5x as
+    # wide, so 4.5x the FFN FLOPs). How much extra FFN parameters can buy at all, at
+    # the README's width and at the width where Switch wins.
+    "dense_params": Variant("dense at Switch's total params: d_ff 4608 (4.5x)",
+                            dense={"model.d_ff": 4608}),
+    "width_64_dense_params": Variant(
+        "d_model 64, d_ff 256; dense at Switch's total params: d_ff 1152",
+        both={"model.d_model": 64, "model.d_ff": 256}, dense={"model.d_ff": 1152}),
 }
 
 # How every run of the grid is trained, besides its config file: no sample and no
@@ -113,9 +128,17 @@ def _check_keys(config, keys) -> None:
       node = node[part]
 
 
+def run_prefix(variant: str, model: str) -> str:
+  """The runs of ``model`` a variant uses: its own when it changes that model's
+  settings, else the unchanged ``default`` ones."""
+  v = VARIANTS[variant]
+  own = v.both or (v.switch if model == "switch" else v.dense)
+  return f"{variant if own else 'default'}_{model}"
+
+
 def dense_name(variant: str) -> str:
-  """The dense runs a variant uses: its own when it changes shared settings."""
-  return f"{variant}_dense" if VARIANTS[variant].both else "default_dense"
+  """The dense runs a variant uses (:func:`run_prefix` of the dense model)."""
+  return run_prefix(variant, "dense")
 
 
 def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
@@ -140,7 +163,7 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
   for v in variants:
     variant = VARIANTS[v]
     for model in MODELS:
-      prefix = f"{v}_switch" if model == "switch" else dense_name(v)
+      prefix = run_prefix(v, model)
       for seed in range(seeds):
         name = f"{prefix}_s{seed}"
         if name in names:
@@ -148,7 +171,7 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
         names.add(name)
         c = copy.deepcopy(base[model])
         changes = {**RUN_SETTINGS, **variant.both,
-                   **(variant.switch if model == "switch" else {})}
+                   **(variant.switch if model == "switch" else variant.dense)}
         _check_keys(c, changes)
         for key, value in changes.items():
           _set(c, key, value)
@@ -169,9 +192,8 @@ def rows_by_variant(workdir: str, runs: Sequence[RunSpec], variants: Sequence[st
   seeds = sorted({r.seed for r in runs})
   out = []
   for v in variants:
-    switch = {s: done[f"{v}_switch_s{s}"] for s in seeds if f"{v}_switch_s{s}" in done}
-    dense = {s: done[f"{dense_name(v)}_s{s}"] for s in seeds
-             if f"{dense_name(v)}_s{s}" in done}
+    switch, dense = ({s: done[f"{run_prefix(v, m)}_s{s}"] for s in seeds
+                      if f"{run_prefix(v, m)}_s{s}" in done} for m in MODELS)
     paired = sorted(set(switch) & set(dense))
     out.append({
         "variant": v, "what": VARIANTS[v].what, "switch": switch, "dense": dense,
