@@ -42,23 +42,41 @@ def test_grid_shares_dense_runs_and_changes_both_models_alike():
     assert validate_config(c) == []
 
 
-def test_dense_only_variant_shares_the_default_switch_runs():
-  runs = svd.build_grid(_base(), ["default", "dense_params", "width_64_dense_params"],
-                        seeds=1)
+def test_identical_runs_are_shared_between_variants():
+  runs = svd.build_grid(_base(), ["default", "dense_params", "width_64",
+                                  "width_64_dense_params"], seeds=1)
   by = {r.name: r.config for r in runs}
-  # dense_params changes the dense model only: its Switch rows are default's.
+  # dense_params changes the dense model only: its Switch runs are default's; the
+  # Switch runs of width_64_dense_params are width_64's.
   assert list(by) == ["default_switch_s0", "default_dense_s0", "dense_params_dense_s0",
-                      "width_64_dense_params_switch_s0", "width_64_dense_params_dense_s0"]
+                      "width_64_switch_s0", "width_64_dense_s0",
+                      "width_64_dense_params_dense_s0"]
   assert by["dense_params_dense_s0"].model.d_ff == 4608
   assert by["default_switch_s0"].model.d_ff == by["default_dense_s0"].model.d_ff == 1024
   # "both" first, then the dense-only change on top.
-  assert by["width_64_dense_params_switch_s0"].model.d_model == 64
-  assert by["width_64_dense_params_switch_s0"].model.d_ff == 256
+  assert by["width_64_switch_s0"].model.d_model == 64
+  assert by["width_64_switch_s0"].model.d_ff == 256
   assert by["width_64_dense_params_dense_s0"].model.d_model == 64
   assert by["width_64_dense_params_dense_s0"].model.d_ff == 1152
   assert [svd.run_prefix(v, m) for v in ("default", "cf_2", "dense_params")
           for m in svd.MODELS] == ["default_switch", "default_dense", "cf_2_switch",
                                    "default_dense", "default_switch", "dense_params_dense"]
+  # Built alone, a variant still names its runs after the variant that owns them.
+  alone = svd.build_grid(_base(), ["width_128_dense_params"], seeds=1)
+  assert [r.name for r in alone] == ["width_128_switch_s0", "width_128_dense_params_dense_s0"]
+
+
+def test_dense_params_variants_match_switch_total_params():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moe_jax.build import make_model  # pylint: disable=import-outside-toplevel
+  from moe_jax.sizes import count_params  # pylint: disable=import-outside-toplevel
+  variants = ["dense_params"] + [f"width_{w}_dense_params" for w in (64, 128, 192)]
+  runs = {r.name: r.config for r in svd.build_grid(_base(), variants, seeds=1)}
+  for v in variants:
+    switch, dense = (count_params(nnx.eval_shape(
+        lambda c=runs[f"{svd.run_prefix(v, m)}_s0"]: make_model(c))) for m in svd.MODELS)
+    # Equal up to Switch's routers (d_model x 8 per MoE block).
+    assert switch["total"] - switch["router"] == dense["total"], v
 
 
 def test_every_variant_builds_valid_configs():

@@ -96,13 +96,15 @@ VARIANTS: dict[str, Variant] = {
     "width_192": Variant("d_model 192, d_ff 768",
                          both={"model.d_model": 192, "model.d_ff": 768}),
     # A different baseline: dense with Switch's total parameters (every FFN 4.5x as
-    # wide, so 4.5x the FFN FLOPs). How much extra FFN parameters can buy at all, at
-    # the README's width and at the width where Switch wins.
+    # wide, so 4.5x the FFN FLOPs; 7 extra experts x 2 blocks = 4 blocks x 3.5 extra
+    # d_ff). How much extra FFN parameters can buy at all, at each width. Their Switch
+    # runs are those of default / width_W (run_prefix).
     "dense_params": Variant("dense at Switch's total params: d_ff 4608 (4.5x)",
                             dense={"model.d_ff": 4608}),
-    "width_64_dense_params": Variant(
-        "d_model 64, d_ff 256; dense at Switch's total params: d_ff 1152",
-        both={"model.d_model": 64, "model.d_ff": 256}, dense={"model.d_ff": 1152}),
+    **{f"width_{w}_dense_params": Variant(
+        f"d_model {w}, d_ff {4 * w}; dense at Switch's total params: d_ff {18 * w}",
+        both={"model.d_model": w, "model.d_ff": 4 * w}, dense={"model.d_ff": 18 * w})
+       for w in (64, 128, 192)},
 }
 
 # How every run of the grid is trained, besides its config file: no sample and no
@@ -128,12 +130,18 @@ def _check_keys(config, keys) -> None:
       node = node[part]
 
 
-def run_prefix(variant: str, model: str) -> str:
-  """The runs of ``model`` a variant uses: its own when it changes that model's
-  settings, else the unchanged ``default`` ones."""
+def _changes(variant: str, model: str) -> dict[str, Any]:
   v = VARIANTS[variant]
-  own = v.both or (v.switch if model == "switch" else v.dense)
-  return f"{variant if own else 'default'}_{model}"
+  return {**v.both, **(v.switch if model == "switch" else v.dense)}
+
+
+def run_prefix(variant: str, model: str) -> str:
+  """The runs of ``model`` a variant uses: those of the first variant in
+  :data:`VARIANTS` that makes the same changes to that model (``default``'s when it
+  changes nothing there), so identical runs are trained once."""
+  changes = _changes(variant, model)
+  first = next(v for v in VARIANTS if _changes(v, model) == changes)
+  return f"{first}_{model}"
 
 
 def dense_name(variant: str) -> str:
