@@ -134,6 +134,7 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   assert "| 2.50M / 1.00M |" in rows[0]  # model_info's params_total
   assert (tmp_path / "margins.png").exists()
   assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
+  assert "Not at equal active FLOPs" not in report
   # A second invocation trains nothing.
   again = svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3,
                            train_fn=_fake_train(losses), log=lambda s: None)
@@ -148,6 +149,13 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   row = [l for l in (tmp_path / "report.md").read_text().splitlines()
          if l.startswith("| `aux_0.001`")][0]
   assert "| — / 1.00M | 0 | — | 1.7600 ± 0.0141 | — | — |" in row
+  # A row that changes the dense baseline alone is flagged as not FLOP-matched.
+  svd.run_ablation(_base(), ["default", "dense_params"], 2, str(tmp_path), steps=3,
+                   train=False, log=lambda s: None)
+  flagged = [l for l in (tmp_path / "report.md").read_text().splitlines()
+             if l.startswith("Not at equal active FLOPs")]
+  assert len(flagged) == 1 and "`dense_params` changes the dense" in flagged[0]
+  assert "`default`" not in flagged[0]
   # A variant with Switch finished for seed 0 only: both models over seed 0 alone.
   shutil.rmtree(run_dir(str(tmp_path), svd.build_grid(_base(), ["cf_2"], 2, steps=3)[1]))
   svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3, train=False,

@@ -295,6 +295,16 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
       "found no expert slot in training, mean over the run's logged steps and seeds.",
       "",
   ]
+  other_baseline = [r["variant"] for r in results if VARIANTS[r["variant"]].dense]
+  if other_baseline:
+    lines += [
+        "Not at equal active FLOPs: " + ", ".join(f"`{v}`" for v in other_baseline)
+        + (" changes" if len(other_baseline) == 1 else " change")
+        + " the dense baseline itself (see Change): its dense model has Switch's total "
+        "parameters and pays their FLOPs per token; the margin asks whether Switch's "
+        "extra parameters do as well sparse as dense.",
+        "",
+    ]
   return "\n".join(lines)
 
 
