@@ -300,9 +300,8 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
     lines += [
         "Not at equal active FLOPs: " + ", ".join(f"`{v}`" for v in other_baseline)
         + (" changes" if len(other_baseline) == 1 else " change")
-        + " the dense baseline itself (see Change): its dense model has Switch's total "
-        "parameters and pays their FLOPs per token; the margin asks whether Switch's "
-        "extra parameters do as well sparse as dense.",
+        + " the dense baseline itself (see Change), so the margin is against that "
+        "model, not against one with Switch's active FLOPs.",
         "",
     ]
   return "\n".join(lines)
