@@ -144,11 +144,6 @@ def run_prefix(variant: str, model: str) -> str:
   return f"{first}_{model}"
 
 
-def dense_name(variant: str) -> str:
-  """The dense runs a variant uses (:func:`run_prefix` of the dense model)."""
-  return run_prefix(variant, "dense")
-
-
 def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
                steps: int | None = None) -> list[RunSpec]:
   """One RunSpec per (variant, model, seed); dense runs shared where identical.
@@ -169,7 +164,6 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
   runs: list[RunSpec] = []
   names = set()
   for v in variants:
-    variant = VARIANTS[v]
     for model in MODELS:
       prefix = run_prefix(v, model)
       for seed in range(seeds):
@@ -178,8 +172,7 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
           continue
         names.add(name)
         c = copy.deepcopy(base[model])
-        changes = {**RUN_SETTINGS, **variant.both,
-                   **(variant.switch if model == "switch" else variant.dense)}
+        changes = {**RUN_SETTINGS, **_changes(v, model)}
         _check_keys(c, changes)
         for key, value in changes.items():
           _set(c, key, value)
@@ -200,8 +193,8 @@ def rows_by_variant(workdir: str, runs: Sequence[RunSpec], variants: Sequence[st
   seeds = sorted({r.seed for r in runs})
   out = []
   for v in variants:
-    switch, dense = ({s: done[f"{run_prefix(v, m)}_s{s}"] for s in seeds
-                      if f"{run_prefix(v, m)}_s{s}" in done} for m in MODELS)
+    switch, dense = ({s: done[name] for s in seeds
+                      if (name := f"{run_prefix(v, m)}_s{s}") in done} for m in MODELS)
     paired = sorted(set(switch) & set(dense))
     out.append({
         "variant": v, "what": VARIANTS[v].what, "switch": switch, "dense": dense,
