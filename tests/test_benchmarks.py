@@ -56,6 +56,29 @@ def _run(tmp_path, *flags):
     return json.load(f), stdout
 
 
+def test_expert_ffn_benchmark_writes_a_row_per_expert_count(tmp_path):
+  out = tmp_path / "experts.json"
+  _run_benchmark("expert_ffn.py", "--experts=1,4", "--d_model=16", "--d_ff=32",
+                 "--tokens=64", "--repeats=1", f"--json={out}")
+  data = json.loads(out.read_text())
+  assert [(r["num_experts"], r["rows_per_expert"]) for r in data["rows"]] == [
+      (1, 64), (4, 16)]
+  for r in data["rows"]:
+    assert r["experts_ms"] > 0 and r["dense_ms"] > 0
+    assert isinstance(r["experts_over_dense"], float)
+  assert data["meta"]["tokens"] == 64
+
+
+def test_expert_ffn_benchmark_refuses_an_uneven_split():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "expert_ffn.py"),
+       "--experts=3", "--tokens=64"], capture_output=True, text=True, env=cpu_env(),
+      cwd=ROOT, timeout=300)
+  assert proc.returncode != 0
+  assert "--experts=3" in proc.stderr and "divide --tokens=64" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_layer_benchmark_rows_and_markdown(tmp_path):
   data, stdout = _run(tmp_path)
