@@ -27,34 +27,27 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+import harness  # benchmarks/harness.py
 from moe_jax import DenseFfn, Experts
 
 _EXPERTS = flags.DEFINE_list("experts", ["8", "32", "128"], "Numbers of experts E.")
-_D_MODEL = flags.DEFINE_integer("d_model", 256, "M.")
-_D_FF = flags.DEFINE_integer("d_ff", 1024, "H, of the dense FFN and of every expert.")
-_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens T; each expert gets T/E rows.")
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "M.", lower_bound=1)
+_D_FF = flags.DEFINE_integer("d_ff", 1024, "H, of the dense FFN and of every expert.",
+                             lower_bound=1)
+_TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens T; each expert gets T/E rows.",
+                               lower_bound=1)
 _ACTIVATION = flags.DEFINE_enum("activation", "relu", ["relu", "gelu", "swiglu"],
                                 "Activation of both (moe_layer.py's default: relu).")
-_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed alternations per E.")
+_REPEATS = flags.DEFINE_integer("repeats", 9, "Timed alternations per E.",
+                                lower_bound=1)
 _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON to this file.")
 
 
 def fwd_bwd(module, x):
-  """A compiled forward + backward of ``module`` on ``x`` (grads of params and x)."""
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-
-  def loss(params, x):
-    y = nnx.merge(graphdef, params, rest)(x, deterministic=True)
-    return jnp.mean(y.astype(jnp.float32) ** 2)
-
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-
-  def run():
-    jax.block_until_ready(compiled(params, x))
-
+  """A compiled and warmed-up forward + backward of ``module`` on ``x``."""
+  run, _ = harness.compiled_fwd_bwd(module, x)
   run()
   return run
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import einsum_forms  # benchmarks/einsum_forms.py
+import harness  # benchmarks/harness.py
 from moe_jax import DenseFfn, MoeConfig, MoeLayer
 from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
 from moe_jax.grouped_matmul import resolve_grouped_matmul
@@ -94,28 +95,9 @@ def _fwd_bwd(module, x, max_bytes=None):
   Raises TooBig, before running anything, if the compiled step needs more than
   ``max_bytes`` of temporary + output memory.
   """
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-
-  def loss(params, x):
-    out = nnx.merge(graphdef, params, rest)(x)
-    y = out[0] if isinstance(out, tuple) else out
-    extra = out[1].aux_loss if isinstance(out, tuple) else 0.0
-    return jnp.mean(y.astype(jnp.float32) ** 2) + 0.01 * extra
-
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  compiled = step.lower(params, x).compile()
-  mem = None
-  try:
-    analysis = compiled.memory_analysis()
-    mem = int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
-  except Exception:  # not every backend reports it
-    pass
+  run, mem = harness.compiled_fwd_bwd(module, x)
   if mem is not None and max_bytes is not None and mem > max_bytes:
     raise TooBig(f"needs {mem / 2**30:.2f} GiB > --max_gib={max_bytes / 2**30:g}")
-
-  def run():
-    jax.block_until_ready(compiled(params, x))
-
   run()  # warm up
   return run, mem
 

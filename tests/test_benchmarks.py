@@ -45,6 +45,17 @@ def _run_benchmark(script, *flags):
   return proc.stdout
 
 
+def _refused(script, *flags, timeout=300):
+  """Runs ``benchmarks/SCRIPT`` with bad ``flags``; asserts it fails without a
+  traceback and returns its stderr."""
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script),
+                         *flags], capture_output=True, text=True, env=cpu_env(),
+                        cwd=ROOT, timeout=timeout)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  return proc.stderr
+
+
 def _run(tmp_path, *flags):
   out = tmp_path / "layer.json"
   stdout = _run_benchmark(
@@ -69,14 +80,10 @@ def test_expert_ffn_benchmark_writes_a_row_per_expert_count(tmp_path):
   assert data["meta"]["tokens"] == 64
 
 
-def test_expert_ffn_benchmark_refuses_an_uneven_split():
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "expert_ffn.py"),
-       "--experts=3", "--tokens=64"], capture_output=True, text=True, env=cpu_env(),
-      cwd=ROOT, timeout=300)
-  assert proc.returncode != 0
-  assert "--experts=3" in proc.stderr and "divide --tokens=64" in proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_expert_ffn_benchmark_refuses_an_uneven_split_and_no_tokens():
+  stderr = _refused("expert_ffn.py", "--experts=3", "--tokens=64")
+  assert "--experts=3" in stderr and "divide --tokens=64" in stderr
+  assert "--tokens" in _refused("expert_ffn.py", "--tokens=0")
 
 
 @pytest.mark.slow
@@ -230,13 +237,8 @@ def test_layer_benchmark_skips_what_does_not_fit(tmp_path):
 
 @pytest.mark.slow
 def test_negative_memory_cap_is_refused_before_anything_runs():
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "moe_layer.py"),
-       "--max_gib=-1"], capture_output=True, text=True, cwd=ROOT, timeout=900,
-      env=cpu_env())
-  assert proc.returncode != 0
-  assert "--max_gib=-1" in proc.stderr and "non-negative" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  stderr = _refused("moe_layer.py", "--max_gib=-1", timeout=900)
+  assert "--max_gib=-1" in stderr and "non-negative" in stderr
 
 
 @pytest.mark.slow
@@ -298,13 +300,9 @@ def test_decode_benchmark_measures_a_trained_run(tmp_path):
 
 
 def test_decode_benchmark_refuses_a_bad_workdirs_pair():
-  env = cpu_env()
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"),
-                         "--configs=dense_small", "--workdirs=mod_small=/nonexistent"],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-  assert proc.returncode != 0
-  assert "'mod_small' is not one of --configs" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  stderr = _refused("decode.py", "--configs=dense_small",
+                    "--workdirs=mod_small=/nonexistent")
+  assert "'mod_small' is not one of --configs" in stderr
 
 
 @pytest.mark.slow
