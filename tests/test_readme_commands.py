@@ -2,10 +2,13 @@
 
 The commands are read from README.md, not copied here, so an edit to the README is
 what gets run. Only the length of the run is cut (appended ``--config.steps=2`` and
-friends) and the work directory is a temporary one; the config, the mesh and the batch
-are the README's.
+friends) and the work directory is a temporary one; the config and the mesh are the
+README's, and so is the batch except in the two-process run (whose printed batch is
+checked by the config validation instead).
 """
 
+import ast
+import importlib.util
 import json
 import os
 import re
@@ -72,10 +75,50 @@ def test_single_host_mesh_command_runs_as_printed(tmp_path):
     assert _eval_lines(workdir)[-1]["step"] == 2
 
 
+def _printed_config(argv):
+  """The config a README command builds: its config file with its ``--config.*``
+  overrides applied (values parsed as Python literals, else kept as strings)."""
+  path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  spec = importlib.util.spec_from_file_location("printed", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for arg in argv:
+    if not arg.startswith("--config.") or "=" not in arg:
+      continue
+    key, text = arg[len("--config."):].split("=", 1)
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_multi_host_command_config_is_valid_as_printed():
+  # The recipe's own batch (256 over 2 processes x 8 devices) passes every check the
+  # train CLI makes before compiling; the two-process run below uses a smaller batch.
+  from moe_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+
+  argv = next(c for c in readme_commands() if "--config.distributed=True" in c)
+  config = _printed_config(argv)
+  assert config.batch_size == 256 and config.distributed
+  assert validate_config(config, num_devices=16, process_count=2) == []
+  config.batch_size = 100  # and the check is live: 100 rows do not split over 16
+  assert validate_config(config, num_devices=16, process_count=2)
+
+
 @pytest.mark.slow
 def test_multi_host_command_runs_as_printed_on_two_processes(tmp_path):
   # The GPU-cluster recipe (2 nodes x 8 devices) as two local processes with 8 fake
   # devices each; the coordinator is on the loopback address instead of 10.0.0.1.
+  # Its batch of 256 rows is cut to 32 (2 per device), like its steps: on two CPU
+  # cores the full batch makes the test about 1.5x as long, and the test above checks
+  # that the printed batch is valid on this mesh.
   argv = next(c for c in readme_commands() if "--config.distributed=True" in c)
   def launch(pid, port, attempt):
     env = _env(8)
@@ -84,7 +127,8 @@ def test_multi_host_command_runs_as_printed_on_two_processes(tmp_path):
     cmd = [sys.executable] + _with_workdir(argv, tmp_path / f"multi{attempt}")[1:] + [
         "--config.steps=1", "--config.warmup_steps=0", "--config.log_every=1",
         "--config.eval_every=1", "--config.eval_steps=1", "--config.checkpoint_every=1",
-        "--config.sample.length=0", "--config.progress_bar=False"]
+        "--config.sample.length=0", "--config.progress_bar=False",
+        "--config.batch_size=32"]
     return cmd, env, ROOT
 
   attempt, runs = run_two_processes(launch)
