@@ -109,7 +109,8 @@ def test_multi_host_command_config_is_valid_as_printed():
   assert config.batch_size == 256 and config.distributed
   assert validate_config(config, num_devices=16, process_count=2) == []
   config.batch_size = 100  # and the check is live: 100 rows do not split over 16
-  assert validate_config(config, num_devices=16, process_count=2)
+  errors = validate_config(config, num_devices=16, process_count=2)
+  assert len(errors) == 1 and "global batch size 100" in errors[0], errors
 
 
 @pytest.mark.slow
