@@ -7,8 +7,6 @@ README's, and so is the batch except in the two-process run (whose printed batch
 checked by the config validation instead).
 """
 
-import ast
-import importlib.util
 import json
 import os
 import re
@@ -76,27 +74,23 @@ def test_single_host_mesh_command_runs_as_printed(tmp_path):
 
 
 def _printed_config(argv):
-  """The config a README command builds: its config file with its ``--config.*``
-  overrides applied (values parsed as Python literals, else kept as strings)."""
-  path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
-  spec = importlib.util.spec_from_file_location("printed", os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for arg in argv:
-    if not arg.startswith("--config.") or "=" not in arg:
-      continue
-    key, text = arg[len("--config."):].split("=", 1)
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """The config a README command builds, parsed as experiments/train.py parses it: its
+  ``--config`` file and ``--config.*`` overrides through ml_collections' config flag,
+  on a flag set of its own (the other flags, such as ``--workdir``, are left out)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  args = [argv[0]]
+  for a in argv[1:]:
+    if a.startswith("--config="):  # the README's path is relative to the repo root
+      a = "--config=" + os.path.join(ROOT, a[len("--config="):])
+    if a.startswith("--config"):
+      args.append(a)
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                  flag_values=values, lock_config=True, sys_argv=args)
+  values(args)
+  return values.config
 
 
 def test_multi_host_command_config_is_valid_as_printed():
