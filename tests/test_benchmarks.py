@@ -80,6 +80,24 @@ def test_expert_ffn_benchmark_writes_a_row_per_expert_count(tmp_path):
   assert data["meta"]["tokens"] == 64
 
 
+def test_config_overrides_are_cast_to_the_replaced_type_or_refused():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  load_config = _load_benchmark_module("configs").load_config
+  config = load_config("switch_small", ["progress_bar=False", "model.d_model=64",
+                                        "learning_rate=2e-3"])
+  assert config.progress_bar is False  # not bool("False"), which is True
+  assert config.model.d_model == 64 and config.learning_rate == 2e-3
+  assert load_config("switch_small", ["progress_bar=TRUE"]).progress_bar is True
+  for item, message in [
+      ("progress_bar=no", "'progress_bar=no': the value must be true or false."),
+      ("model.d_model=x", "'model.d_model=x': the value must be of type int."),
+      ("model.nope=1", "'model.nope=1': switch_small has no key 'model.nope'."),
+      ("steps", "'steps': write it as KEY=VALUE.")]:
+    with pytest.raises(app.UsageError) as e:
+      load_config("switch_small", [item])
+    assert str(e.value) == message
+
+
 def test_expert_ffn_benchmark_refuses_an_uneven_split_and_no_tokens():
   stderr = _refused("expert_ffn.py", "--experts=3", "--tokens=64")
   assert "--experts=3" in stderr and "divide --tokens=64" in stderr
