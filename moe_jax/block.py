@@ -452,8 +452,9 @@ class Block(nnx.Module):
     if self.is_moe and not self.ffn.is_causal:
       raise ConfigError([
           f"block {self.index}: this MoE router is not causal (a token's routing "
-          "depends on later tokens, e.g. batch_priority or expert choice), so it cannot "
-          "decode one token at a time; decode with a token-choice router without "
+          "depends on later tokens: expert choice, batch_priority, or choice-major "
+          "queues with top_k > 1 and a capacity), so it cannot decode one token at a "
+          "time; decode with a token-choice router with token-major queues and no "
           "batch priority."])
     self.mixer.init_cache(batch, max_len, dtype)
 

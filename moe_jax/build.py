@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from moe_jax import objectives
-from moe_jax.config import expert_d_ff, model_pattern, pattern_keys
+from moe_jax.config import expert_d_ff, model_pattern, pattern_keys, queue_order
 from moe_jax.layer_pattern import MAMBA
 from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.moe_layer import MoeConfig
@@ -36,7 +36,7 @@ def moe_config(config) -> MoeConfig | None:
       eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size,
       min_capacity=m.min_capacity, second_policy=m.second_policy,
       second_threshold=m.second_threshold, normalize_gates=m.normalize_gates,
-      batch_priority=m.get("batch_priority", False),
+      batch_priority=m.get("batch_priority", False), queue_order=queue_order(config),
       jitter_noise=m.jitter_noise, expert_dropout=m.expert_dropout,
       activation=config.model.activation,
       init_scale=config.model.init_scale * m.init_scale,

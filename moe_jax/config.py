@@ -18,7 +18,8 @@ from ml_collections import config_dict
 from moe_jax.layer_pattern import MAMBA, layer_pattern, pattern_errors
 from moe_jax.mamba import validate_mamba_config
 from moe_jax.moe_layer import DTYPES, validate_moe_config
-from moe_jax.routers import ROUTERS
+from moe_jax.routers import ROUTERS, causality
+from moe_jax.routing import QUEUE_ORDERS
 from moe_jax.routing.depth import depth_errors
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -131,8 +132,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.grouped_matmul = "auto"
   # V-MoE Batch Prioritized Routing: tokens queue by their top gate, not position.
   c.moe.batch_priority = False
-  # Expert choice and batch_priority see later tokens of the group; a causal LM needs
-  # this to train them (masked_lm allows them: it sees the whole sequence anyway).
+  # How top-k choices queue for the capacity: token_major (each token's choices
+  # together, in position order: causal) | choice_major (every first choice before any
+  # second one, GShard: looks ahead) | auto (token_major for causal_lm, choice_major
+  # for masked_lm). docs/routing.md.
+  c.moe.queue_order = "auto"
+  # Expert choice, batch_priority and choice-major queues with top_k > 1 see later
+  # tokens of the group; a causal LM needs this to train them (masked_lm allows them:
+  # it sees the whole sequence anyway).
   c.moe.allow_noncausal_routing = False
   # MoDE (Raposo et al. 2024): N extra experts that compute nothing; capacity is then
   # the share over E + N. Their own capacity factor: None is no limit (docs/mod.md).
@@ -177,11 +184,33 @@ def _is_real(v) -> bool:
   return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+QUEUE_ORDER_KEYS = ("auto",) + QUEUE_ORDERS
+
+
+def queue_order(config) -> str:
+  """``moe.queue_order`` with ``"auto"`` resolved: ``"token_major"`` for a causal
+  objective (a token's routing then never depends on later tokens), ``"choice_major"``
+  for masked LM (GShard's order; it sees the whole sequence anyway). Configs saved
+  before the key existed get ``"choice_major"`` from :func:`moe_jax.run_state.load_config`,
+  the order they trained with."""
+  value = config.moe.get("queue_order", "auto")
+  if value != "auto":
+    return value
+  from moe_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
+  return "choice_major" if objective is not None and not objective.causal else (
+      "token_major")
+
+
 class _MoeView:
   """The MoE section seen as a MoeConfig, for :func:`validate_moe_config`."""
 
   def __init__(self, config):
     self._moe = config.moe
+    # A bad moe.queue_order is reported once, with "auto" among the choices.
+    order = config.moe.get("queue_order", "auto")
+    self.queue_order = queue_order(config) if order in QUEUE_ORDER_KEYS else (
+        "choice_major")
     self.d_model = config.model.d_model
     self.d_ff = expert_d_ff(config)
     self.activation = config.model.activation
@@ -351,6 +380,9 @@ def validate_config(config, *, num_devices: int | None = None,
          "must be a finite number >= 0.")
   need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
        "must be an integer >= 0 (0 is model.d_ff).")
+  need("moe.queue_order", config.moe.get("queue_order", "auto") in QUEUE_ORDER_KEYS,
+       f"is unknown; use one of {', '.join(map(repr, QUEUE_ORDER_KEYS))} "
+       "(docs/routing.md).")
   errors.extend(_objective_errors(config))
   need("moe.loss_reduction", config.moe.get("loss_reduction") in LOSS_REDUCTIONS,
        "is unknown; use 'sum' (per-layer losses summed, Switch) or 'mean'.")
@@ -400,7 +432,8 @@ def validate_config(config, *, num_devices: int | None = None,
 
 def _objective_errors(config) -> list[str]:
   """``model.objective``, and the routers that see later tokens of their group
-  (expert choice, ``moe.batch_priority``): a causal LM needs
+  (expert choice, ``moe.batch_priority``, choice-major queues with ``top_k > 1`` and a
+  capacity; :func:`moe_jax.routers.causality`): a causal LM needs
   ``moe.allow_noncausal_routing`` for them, masked LM allows them."""
   from moe_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
   m, moe = config.model, config.moe
@@ -428,20 +461,21 @@ def _objective_errors(config) -> list[str]:
   priority = moe.get("batch_priority", False)
   if not isinstance(priority, bool):
     errors.append(f"moe.batch_priority={priority!r} must be True or False.")
-  family = ROUTERS.get(moe.router)
   if (m.moe_every and not objective.noncausal_routing
-      and not moe.allow_noncausal_routing):
-    if family is not None and not family.causal:
+      and not moe.allow_noncausal_routing and moe.router in ROUTERS
+      and isinstance(priority, bool)):
+    try:
+      reason = causality(_MoeView(config))
+    except (TypeError, ValueError):  # bad sizes are reported on their own
+      reason = None
+    if reason is not None:
+      key = ("moe.router" if not ROUTERS[moe.router].tokens_choose else
+             "moe.batch_priority" if priority else "moe.queue_order")
+      fix = ("use --config.moe.queue_order=token_major (or auto), "
+             if key == "moe.queue_order" else "")
       errors.append(
-          f"moe.router={moe.router!r} is not causal: each expert picks its tokens "
-          "among the whole group, so routing sees later tokens of the sequence and a "
-          "causal LM trained with it cannot generate the same way; use "
-          "--config.model.objective=masked_lm, or set "
-          "--config.moe.allow_noncausal_routing=True to train it anyway.")
-    if priority is True:
-      errors.append(
-          "moe.batch_priority=True is not causal: tokens queue by their top gate "
-          "over the whole group, so a token's routing depends on later tokens; use "
+          f"{key}={moe.get(key.split('.')[1])!r} is not causal: {reason}, so a causal LM "
+          f"trained with it cannot generate the same way; {fix}use "
           "--config.model.objective=masked_lm, or set "
           "--config.moe.allow_noncausal_routing=True to train it anyway.")
   return errors

@@ -458,9 +458,10 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
                       window: int = 256, stop_id: int | None = None) -> list[int]:
   """The sampler without a cache: every token re-runs the model on the last
   ``window`` tokens, padded to a fixed ``[1, window]`` so one compilation serves every
-  position (causal attention and position-ordered MoE queues keep the padding from
-  affecting real tokens; Mixture-of-Depths blocks route with their predictors, so
-  that too is causal). Temperature and top-k on the host; 0 is greedy.
+  position. The padding is masked (``token_mask``): MoE layers never route it, so it
+  takes no expert slot; causal attention and Mamba's causal scan keep it from the real
+  tokens, and Mixture-of-Depths blocks route with their predictors, so that too is
+  causal. Temperature and top-k on the host; 0 is greedy.
 
   Kept as the reference the cache is measured and tested against.
   """
@@ -493,10 +494,13 @@ def generate_uncached(model, prompt: Sequence[int], length: int, *,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _window_logits(graphdef, params, rest, tokens, pos):
-  """f32[V] logits at ``pos`` of the full forward pass over ``tokens`` i32[1, W].
+  """f32[V] logits at ``pos`` of the full forward pass over ``tokens`` i32[1, W], the
+  tokens after ``pos`` masked as padding.
 
   Mixture-of-Depths blocks route with their predictors (``use_predictor``), as the
   cache does: their top-k would look at later tokens."""
   model = nnx.merge(graphdef, params, rest, copy=True)
-  logits, _ = model(tokens, deterministic=True, use_predictor=True)
+  token_mask = jnp.arange(tokens.shape[1])[None, :] <= pos  # the padding after pos
+  logits, _ = model(tokens, deterministic=True, token_mask=token_mask,
+                    use_predictor=True)
   return logits[0, pos]

@@ -47,6 +47,13 @@ class MoeConfig:
     min_capacity: lower bound on C.
     second_policy, second_threshold, normalize_gates, batch_priority: see
       :func:`moe_jax.routing.route`.
+    queue_order: how the choices of token-choice routers queue for the capacity,
+      ``"choice_major"`` (every first choice of a group before any second one;
+      GShard) or ``"token_major"`` (each token's choices together, in position order;
+      MaxText). With ``top_k > 1`` and a capacity that can drop, only
+      ``"token_major"`` is causal (:func:`moe_jax.routers.causality`); the LM config's
+      ``moe.queue_order="auto"`` picks it for causal LMs. Expert choice has no such
+      queue and ignores it.
     jitter_noise: eps of the multiplicative U[1-eps, 1+eps] jitter on router inputs,
       training only (Switch uses 0.01 in some setups; default off).
     expert_dropout: dropout rate on the experts' hidden layer, training only.
@@ -122,6 +129,7 @@ class MoeConfig:
   second_threshold: float = 0.2
   normalize_gates: bool = True
   batch_priority: bool = False
+  queue_order: str = "choice_major"
   jitter_noise: float = 0.0
   expert_dropout: float = 0.0
   activation: str = "relu"
@@ -297,6 +305,10 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
   if cfg.score_fn not in routing.SCORE_FNS:
     errors.append(f"score_fn={cfg.score_fn!r} is unknown; use one of "
                   f"{', '.join(routing.SCORE_FNS)}.")
+  queue_order = getattr(cfg, "queue_order", "choice_major")
+  if queue_order not in routing.QUEUE_ORDERS:
+    errors.append(f"queue_order={queue_order!r} is unknown; use one of "
+                  f"{', '.join(routing.QUEUE_ORDERS)}.")
   if cfg.balance_choices not in routing.BALANCE_CHOICES:
     errors.append(f"balance_choices={cfg.balance_choices!r} is unknown; use 'first' "
                   "(Switch) or 'all' (Mixtral, DeepSeek).")

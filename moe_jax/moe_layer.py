@@ -31,7 +31,7 @@ from moe_jax.moe_config import (DTYPES, MoeConfig, routed_experts,  # noqa: F401
                                 validate_moe_config)
 from moe_jax.projection import project
 from moe_jax.routers import (ROUTERS, RouterInputs, SelectionBias,
-                             TrainingStep)
+                             TrainingStep, causality)
 
 
 @flax.struct.dataclass
@@ -194,10 +194,11 @@ class MoeLayer(nnx.Module):
 
   @property
   def is_causal(self) -> bool:
-    """A token's routing never depends on later tokens (its group's queue is in
-    position order), so the layer can run in a causal LM and decode token by token.
-    False for expert choice and for Batch Prioritized Routing."""
-    return ROUTERS[self.cfg.router].causal and not self.cfg.batch_priority
+    """A token's routing never depends on later tokens, so the layer can run in a
+    causal LM and decode token by token (:func:`moe_jax.routers.causality`). False
+    for expert choice, for Batch Prioritized Routing and for choice-major queues with
+    ``top_k > 1``, unless nothing can be dropped."""
+    return causality(self.cfg) is None
 
   @property
   def experts_per_token(self) -> float:

@@ -4,8 +4,10 @@ Each family is one pure function ``(cfg, RouterInputs) -> RoutingOutput`` in
 :data:`ROUTERS` (flaxformer's router subclasses, vmoe's dispatchers): the MoE layer
 computes float32 logits, gathers what the family may need into :class:`RouterInputs`,
 and hands the result to whichever dispatch path the config names. The layer never asks
-which router it has; what differs between families (causality, whether it learns a
-noise scale, which config keys it reads) is data in its :class:`RouterFamily`.
+which router it has; what differs between families (who chooses, whether it learns a
+noise scale, which config keys it reads) is data in its :class:`RouterFamily`, and
+whether a layer's routing is causal is derived from that and the config
+(:func:`causality`).
 
 | ``router`` | paper | routing function |
 |---|---|---|
@@ -90,7 +92,8 @@ def top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
       rng=inputs.rng if random_policy else None, token_mask=inputs.token_mask,
       score_fn=cfg.score_fn, selection_bias=inputs.selection_bias,
       expert_groups=cfg.expert_groups, top_groups=cfg.top_groups,
-      gate_scale=cfg.gate_scale, balance_choices=cfg.balance_choices)
+      gate_scale=cfg.gate_scale, balance_choices=cfg.balance_choices,
+      queue_order=cfg.queue_order)
 
 
 def noisy_top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
@@ -103,7 +106,8 @@ def noisy_top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
   def run(rng, noise_std):
     return routing.noisy_top_k(inputs.logits, noise_std, top_k=cfg.top_k,
                                capacity=inputs.capacity, rng=rng,
-                               token_mask=inputs.token_mask)
+                               token_mask=inputs.token_mask,
+                               queue_order=cfg.queue_order)
 
   if inputs.rng is None or inputs.noise_std is None:
     return run(None, jnp.ones_like(inputs.logits))
@@ -128,8 +132,9 @@ class RouterFamily:
   Attributes:
     route: ``(cfg, RouterInputs) -> RoutingOutput``.
     paper: where the family comes from (for messages and docs).
-    causal: a token's routing never depends on later tokens of its group (with
-      position-ordered queues), so the family can run in a causal LM.
+    tokens_choose: each token picks its experts (token choice), and the picks queue
+      for the capacity in ``queue_order``; False: each expert picks its tokens among
+      the whole group (expert choice). :func:`causality` reads it.
     dropless: works without capacity (``dispatch="dropless"``).
     learned_noise: the router learns a noise projection ``W_noise [M, E]``.
     options: the router-specific config keys (of :data:`ROUTER_OPTIONS`) it reads.
@@ -144,7 +149,7 @@ class RouterFamily:
 
   route: Callable[[Any, RouterInputs], routing.RoutingOutput]
   paper: str
-  causal: bool
+  tokens_choose: bool
   dropless: bool
   learned_noise: bool
   options: frozenset[str]
@@ -171,7 +176,8 @@ ROUTER_OPTIONS: dict[str, Any] = {
 
 ROUTERS: dict[str, RouterFamily] = {
     "topk": RouterFamily(
-        route=top_k_router, paper="Switch / GShard / Mixtral / DeepSeek", causal=True,
+        route=top_k_router, paper="Switch / GShard / Mixtral / DeepSeek",
+        tokens_choose=True,
         dropless=True, learned_noise=False,
         options=frozenset({"top_k", "second_policy", "normalize_gates", "batch_priority",
                            "score_fn", "expert_groups", "top_groups", "gate_scale",
@@ -180,7 +186,7 @@ ROUTERS: dict[str, RouterFamily] = {
                                              and cfg.second_policy == "random"),
         experts_per_token=lambda cfg: cfg.top_k, noop=True),
     "noisy_topk": RouterFamily(
-        route=noisy_top_k_router, paper="Shazeer et al. 2017", causal=True,
+        route=noisy_top_k_router, paper="Shazeer et al. 2017", tokens_choose=True,
         dropless=True, learned_noise=True,
         options=frozenset({"top_k", "noise_anneal_steps"}),
         uses_rng=lambda cfg, deterministic: not deterministic,
@@ -188,8 +194,44 @@ ROUTERS: dict[str, RouterFamily] = {
     # Each expert takes C = ceil(cf * S / E) tokens, so a token visits cf experts on
     # average (Zhou et al. 2022, Sec. 3.1).
     "expert_choice": RouterFamily(
-        route=expert_choice_router, paper="Zhou et al. 2022", causal=False,
+        route=expert_choice_router, paper="Zhou et al. 2022", tokens_choose=False,
         dropless=False, learned_noise=False, options=frozenset(),
         uses_rng=lambda cfg, deterministic: False,
         experts_per_token=lambda cfg: cfg.capacity_factor),
 }
+
+
+def never_drops(cfg) -> bool:
+  """No choice can be dropped for capacity: ``dispatch="dropless"``, or both capacity
+  factors at least the number of experts the router chooses among (then ``C = S``)."""
+  if cfg.dispatch == "dropless":
+    return True
+  experts = cfg.num_experts + getattr(cfg, "noop_experts", 0)
+  return min(cfg.capacity_factor, cfg.eval_capacity_factor) >= experts
+
+
+def causality(cfg) -> str | None:
+  """Why the routing of a layer with config ``cfg`` looks at later tokens of its
+  group, or None when it does not (it can then run in a causal LM and decode token by
+  token).
+
+  Derived, not declared per family: experts that pick their tokens see the whole
+  group; token choice is causal when nothing is dropped, or when the queue for the
+  capacity is in position order (no Batch Prioritized Routing) and a token's choices
+  queue together (``top_k == 1`` or ``queue_order="token_major"``). Choice-major
+  queues put every first choice of the group before any second one, so whether a
+  token's later choices are kept depends on the first choices of later tokens.
+  """
+  if not ROUTERS[cfg.router].tokens_choose:
+    return ("each expert picks its tokens among the whole group (expert choice), so "
+            "routing sees later tokens of the sequence")
+  if never_drops(cfg):
+    return None
+  if getattr(cfg, "batch_priority", False):
+    return ("tokens queue for the capacity by their top gate over the whole group "
+            "(batch_priority), so a token's routing depends on later tokens")
+  if cfg.top_k > 1 and cfg.queue_order != "token_major":
+    return (f"with top_k={cfg.top_k} and queue_order={cfg.queue_order!r} every first "
+            "choice of the group queues before any second one, so whether a token's "
+            "second choice is kept depends on the first choices of later tokens")
+  return None

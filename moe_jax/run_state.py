@@ -135,9 +135,12 @@ def load_config(workdir: str):
                         "first with experiments/train.py.")
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
-  # Keys added since the run started take their defaults (which reproduce the old model).
+  # Keys added since the run started take their defaults (which reproduce the old model),
+  # except the queue order: runs from before moe.queue_order queued choice-major.
   config = default_config()
   _update_known(config, saved)
+  if "queue_order" not in saved.get("moe", {}):
+    config.moe.queue_order = "choice_major"
   return config
 
 

@@ -25,27 +25,33 @@ def _group_limited(u, expert_groups, top_groups):
   return out
 
 
-def _queue(dispatch, combine, g, choices, order, capacity):
+def _queue(dispatch, combine, g, choices, order, capacity, queue_order="choice_major"):
   """Fills group g's slots: choices[s] is token s's list of (expert, gate, wanted);
-  choice-major (every wanted first choice in ``order``, then every second one, ...),
-  each expert's slots in arrival order, arrivals past ``capacity`` dropped."""
+  choice-major (every wanted first choice in ``order``, then every second one, ...)
+  or token-major (token ``order[0]``'s choices 0, 1, ..., then token ``order[1]``'s,
+  ...), each expert's slots in arrival order, arrivals past ``capacity`` dropped."""
   num_experts = dispatch.shape[2]
   queue_len = [0] * num_experts
-  for k in range(len(choices[0])):
-    for s in order:
-      e, gate, wanted = choices[s][k]
-      if not wanted:
-        continue
-      slot = queue_len[e]
-      queue_len[e] += 1
-      if slot < capacity:
-        dispatch[g, s, e, slot] = True
-        combine[g, s, e, slot] = gate
+  num_choices = len(choices[0])
+  if queue_order == "choice_major":
+    arrivals = [(s, k) for k in range(num_choices) for s in order]
+  else:
+    arrivals = [(s, k) for s in order for k in range(num_choices)]
+  for s, k in arrivals:
+    e, gate, wanted = choices[s][k]
+    if not wanted:
+      continue
+    slot = queue_len[e]
+    queue_len[e] += 1
+    if slot < capacity:
+      dispatch[g, s, e, slot] = True
+      combine[g, s, e, slot] = gate
 
 
 def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=0.2,
                normalize_gates=True, batch_priority=False, token_mask=None,
-               selection_bias=None, expert_groups=1, top_groups=None, gate_scale=1.0):
+               selection_bias=None, expert_groups=1, top_groups=None, gate_scale=1.0,
+               queue_order="choice_major"):
   """Reference routing on f32[G, S, E] scores (softmax or sigmoid of the logits).
 
   The selection bias and the group limit change which experts are chosen, never the
@@ -86,7 +92,7 @@ def route_loop(probs, *, top_k, capacity, second_policy="all", second_threshold=
                      key=lambda s: (-probs[g, s, choices[s][0][0]], s))
     else:
       order = list(range(group_size))
-    _queue(dispatch, combine, g, choices, order, capacity)
+    _queue(dispatch, combine, g, choices, order, capacity, queue_order)
   return dispatch, combine
 
 
@@ -186,7 +192,8 @@ def _argmax_first(values, allowed):
 def route_zoo_loop(logits, *, top_k, capacity, score_fn="softmax", selection_bias=None,
                    expert_groups=1, top_groups=None, gate_scale=1.0,
                    balance_choices="first", normalize_gates=True, second_policy="all",
-                   second_threshold=0.2, batch_priority=False, token_mask=None):
+                   second_threshold=0.2, batch_priority=False, token_mask=None,
+                   queue_order="choice_major"):
   """Reference token-choice routing, one token at a time, from the issue's steps 1-9.
 
   Returns a dict with ``dispatch`` bool[G, S, E, C], ``combine`` f64[G, S, E, C],
@@ -258,7 +265,7 @@ def route_zoo_loop(logits, *, top_k, capacity, score_fn="softmax", selection_bia
       order = list(range(group_size))
     choices = [list(zip(experts, [x * gate_scale for x in gates], wanted))
                for experts, gates, wanted, _ in tokens]
-    _queue(dispatch, combine, g, choices, order, capacity)
+    _queue(dispatch, combine, g, choices, order, capacity, queue_order)
   aux = float(np.mean(group_losses)) if group_losses else 0.0
   return dict(dispatch=dispatch, combine=combine, aux_loss=aux, choice_counts=counts,
               expert_index=all_index)
@@ -299,7 +306,8 @@ def expert_choice_loop(logits, *, capacity, token_mask=None):
               z_loss=z / max(n, 1))
 
 
-def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=None):
+def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=None,
+                     queue_order="choice_major"):
   """Reference noisy top-k gating (Shazeer et al. 2017) for a given standard-normal
   ``noise`` sample (None: no noise, load by counts).
 
@@ -347,7 +355,7 @@ def noisy_top_k_loop(clean, noise_std, noise, *, top_k, capacity, token_mask=Non
     aux += (cv2(importance[g]) + cv2(load[g])) / num_groups
     choices = [list(zip(experts, gates, [valid] * top_k))
                for experts, gates, valid in tokens]
-    _queue(dispatch, combine, g, choices, range(group_size), capacity)
+    _queue(dispatch, combine, g, choices, range(group_size), capacity, queue_order)
   return dict(dispatch=dispatch, combine=combine, aux_loss=aux, importance=importance,
               load=load)
 

@@ -580,12 +580,17 @@ def test_every_router_runs_in_bfloat16(case):
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("case, causal", [("switch", True), ("deepseek", True),
-                                          ("noisy_topk", True), ("expert_choice", False)])
-def test_is_causal_says_whether_later_tokens_change_earlier_outputs(case, causal):
-  layer = _zoo_layer(case)
+@pytest.mark.parametrize("case, causal, kw", [
+    ("switch", True, {}), ("deepseek", True, {"queue_order": "token_major"}),
+    ("noisy_topk", True, {"queue_order": "token_major"}), ("expert_choice", False, {})])
+def test_is_causal_says_whether_later_tokens_change_earlier_outputs(case, causal, kw):
+  layer = _zoo_layer(case, **kw)
   layer.eval()
   assert layer.is_causal == causal
+  # Top-2 queued choice-major (MoeConfig's default) with a capacity is not causal;
+  # tests/test_queue_order.py shows the leak in a model.
+  if kw:
+    assert _zoo_layer(case).is_causal is False
   x = _x((1, 8, 8))
   later = x.at[0, 5:].set(-3.0 * x[0, 5:])
   y, _ = _apply(layer, x)

@@ -12,6 +12,10 @@ one MoE between LSTM layers, with up to thousands of experts and k = 4), with th
 capacity of ``top2_small`` (train 2.0, eval 4.0) so the two top-2 rows compare. One
 coefficient, 0.01, scales the sum of the two losses (the paper weighs importance and
 load separately); z-loss 0.001 as in ``switch_small`` (not in the paper).
+
+Choices queue token-major for the capacity (``moe.queue_order="auto"`` in a causal LM),
+so a token's routing never depends on later tokens; runs before that key existed
+queued choice-major, which looked ahead (docs/routing.md, "Queue order").
 """
 
 from moe_jax.config import default_config

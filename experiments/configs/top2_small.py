@@ -4,6 +4,10 @@ Second choices are kept with probability min(1, g2 / 0.2) ("random" policy, Mesh
 ST-MoE threshold 0.2). Capacity has no factor of k (see moe_jax.routing), so the train
 capacity factor 2.0 is GShard's 2N/E slots per expert; eval uses 4.0.
 Active FLOPs per token are up to 2x the expert part of ``switch_small``.
+Choices queue token-major for the capacity (``moe.queue_order="auto"`` in a causal LM,
+MaxText's order), so a token's routing never depends on later tokens; GShard's
+choice-major order, which runs before that key used, looks ahead (docs/routing.md,
+"Queue order").
 """
 
 from moe_jax.config import default_config

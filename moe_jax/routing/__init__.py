@@ -26,7 +26,7 @@ See docs/routing.md for the formulas as built and where the anchors differ.
 
 from moe_jax.routing.balance import (BALANCE_CHOICES, cv2, load_balance_summary,
                                      load_balancing_loss, update_selection_bias)
-from moe_jax.routing.common import (SECOND_POLICIES, RoutingOutput, expert_capacity,
+from moe_jax.routing.common import (QUEUE_ORDERS, SECOND_POLICIES, RoutingOutput, expert_capacity,
                                     gate_mass)
 from moe_jax.routing.depth import depth_capacity, select_top_k
 from moe_jax.routing.expert_choice import expert_choice
@@ -36,6 +36,7 @@ from moe_jax.routing.token_choice import SCORE_FNS, mask_to_top_groups, route
 
 __all__ = [
     "BALANCE_CHOICES",
+    "QUEUE_ORDERS",
     "SCORE_FNS",
     "SECOND_POLICIES",
     "RoutingOutput",

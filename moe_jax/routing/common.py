@@ -9,9 +9,12 @@ Conventions (and where the anchor codebases differ):
 
 * Capacity has no factor of k (Switch / Mesh-TF): ``C = ceil(cf * S / E)``. GShard's
   ``2N/E`` for top-2 therefore corresponds to ``capacity_factor=2.0``.
-* Priority: all first choices (in priority order within the group) are queued before
-  any second choice, GShard-style, so a second choice can never take a slot from a
-  first one. MaxText queues token-major instead (see docs/routing.md).
+* Priority: by default all first choices (in priority order within the group) are
+  queued before any second choice, GShard-style, so a second choice can never take a
+  slot from a first one. That order looks ahead: a token's second choice competes with
+  the first choices of later tokens. ``queue_order="token_major"`` queues each token's
+  choices together, in position order, as MaxText does; it is the causal order a
+  causal LM with capacity and ``K > 1`` needs (see docs/routing.md).
 * Dropped choices get combine weight 0 and the kept ones are not renormalised, so a token
   with no kept choice has MoE output exactly 0 and rides the residual connection.
 """
@@ -174,28 +177,53 @@ def take_experts(values: jax.Array, expert_index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, expert_index, axis=-1)
 
 
+QUEUE_ORDERS = ("choice_major", "token_major")
+
+
+def check_queue_order(queue_order) -> None:
+  if queue_order not in QUEUE_ORDERS:
+    raise ValueError(
+        f"queue_order must be one of {QUEUE_ORDERS}, got {queue_order!r}.")
+
+
 def queue_positions(expert_index: jax.Array, wanted: jax.Array, num_experts: int,
-                    order: jax.Array | None = None) -> jax.Array:
+                    order: jax.Array | None = None,
+                    queue_order: str = "choice_major") -> jax.Array:
   """i32[G, S, K]: each wanted choice's place in its expert's queue.
 
-  The queue is choice-major: every wanted first choice, in ``order`` (i32[G, S], a
-  permutation of the tokens; token order when None), then every wanted second choice
-  in the same order, and so on. Choices that are not wanted take no place; their
-  position is meaningless (read it together with ``wanted``).
+  Tokens take their turns in ``order`` (i32[G, S], a permutation of the tokens; token
+  order when None). ``queue_order`` says how the K choices of the tokens interleave:
+
+  * ``"choice_major"`` (GShard, flaxformer): every wanted first choice in token order,
+    then every wanted second choice in the same order, and so on. A second choice never
+    takes a slot from a first one, but whether token t's second choice is kept depends
+    on the first choices of the tokens after t.
+  * ``"token_major"`` (MaxText's cumsum over ``S*K``): (token 0, choice 0), (token 0,
+    choice 1), ..., (token 1, choice 0), ...; the choice ``(t, j)`` is at place
+    ``t*K + j``. With ``order`` in position order, nothing a token gets depends on later
+    tokens, which is what a causal LM needs.
+
+  Choices that are not wanted take no place; their position is meaningless (read it
+  together with ``wanted``). For ``K = 1`` the two orders are the same.
   """
+  check_queue_order(queue_order)
   num_groups, group_size, top_k = expert_index.shape
   if order is None:
     order = jnp.broadcast_to(jnp.arange(group_size), (num_groups, group_size))
   choice_hot = (jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)
                 * wanted[..., None])  # i32[G, S, K, E]
   queued = jnp.take_along_axis(choice_hot, order[:, :, None, None], axis=1)
-  queued = queued.transpose(0, 2, 1, 3).reshape(num_groups, top_k * group_size,
-                                                num_experts)
+  if queue_order == "choice_major":
+    queued = queued.transpose(0, 2, 1, 3)  # i32[G, K, S, E]
+  queued = queued.reshape(num_groups, top_k * group_size, num_experts)
   ahead = jnp.cumsum(queued, axis=1) - queued  # choices for e ahead of this one
-  pos_sorted = jnp.sum(ahead * queued, axis=-1).reshape(num_groups, top_k, group_size)
+  pos_sorted = jnp.sum(ahead * queued, axis=-1)  # i32[G, K*S] or i32[G, S*K]
+  if queue_order == "choice_major":
+    pos_sorted = pos_sorted.reshape(num_groups, top_k, group_size).transpose(0, 2, 1)
+  else:
+    pos_sorted = pos_sorted.reshape(num_groups, group_size, top_k)
   inverse = jnp.argsort(order, axis=-1)
-  position = jnp.take_along_axis(pos_sorted.transpose(0, 2, 1), inverse[..., None],
-                                 axis=1)
+  position = jnp.take_along_axis(pos_sorted, inverse[..., None], axis=1)
   return position.astype(jnp.int32)
 
 

@@ -42,6 +42,7 @@ def noisy_top_k(
     capacity: int,
     rng: jax.Array | None = None,
     token_mask: jax.Array | None = None,
+    queue_order: str = "choice_major",
 ) -> RoutingOutput:
   """Shazeer et al. 2017 noisy top-k gating with capacity.
 
@@ -52,13 +53,14 @@ def noisy_top_k(
     capacity: C, slots per expert and group.
     rng: PRNG key of the noise; None turns the noise off (inference).
     token_mask: optional bool[G, S]; False marks padding.
+    queue_order: ``"choice_major"`` or ``"token_major"``, as in :func:`route`.
 
   Returns:
     A :class:`RoutingOutput`. With ``rng``, ``noisy = clean + normal(rng) * noise_std``
     (float32), else ``noisy = clean``. Choices are the top k of ``noisy`` by repeated
     argmax (ties to the lowest index); gates are the softmax over the k chosen noisy
     logits. Capacity and priority are those of :func:`route` with policy ``"all"``
-    (every first choice queues before any second one, tokens in order); dropped
+    (tokens in position order, choices interleaved by ``queue_order``); dropped
     choices get gate 0 and the others are not renormalised.
 
     ``aux_loss`` is the mean over groups of ``cv2(importance) + cv2(load)``, both per
@@ -75,6 +77,7 @@ def noisy_top_k(
   num_groups, group_size, num_experts = clean_logits.shape
   common.check_top_k(top_k, num_experts)
   common.check_capacity(capacity)
+  common.check_queue_order(queue_order)
   if tuple(jnp.shape(noise_std)) != tuple(clean_logits.shape):
     raise ValueError(
         f"noise_std must have the shape of clean_logits {tuple(clean_logits.shape)}, "
@@ -91,7 +94,8 @@ def noisy_top_k(
   expert_index = common.top_k_by_argmax(noisy, top_k)  # i32[G, S, K]
   gates = jax.nn.softmax(common.take_experts(noisy, expert_index), axis=-1)
   wanted = jnp.broadcast_to(valid[..., None] > 0, gates.shape)
-  position = common.queue_positions(expert_index, wanted, num_experts)
+  position = common.queue_positions(expert_index, wanted, num_experts,
+                                    queue_order=queue_order)
   kept = wanted & (position < capacity)
   kept_gates = jnp.where(kept, gates, 0.0)
 

@@ -35,8 +35,9 @@ SCORE_FNS = ("softmax", "sigmoid")
 
 def _check_route_args(router_logits, top_k, capacity, second_policy,
                       second_threshold, rng, score_fn, selection_bias, expert_groups,
-                      top_groups, gate_scale, balance_choices):
+                      top_groups, gate_scale, balance_choices, queue_order):
   common.check_logits(router_logits)
+  common.check_queue_order(queue_order)
   num_experts = router_logits.shape[-1]
   common.check_top_k(top_k, num_experts)
   common.check_capacity(capacity)
@@ -128,6 +129,7 @@ def route(
     top_groups: int | None = None,
     gate_scale: float = 1.0,
     balance_choices: str = "first",
+    queue_order: str = "choice_major",
 ) -> RoutingOutput:
   """Routes each token to up to ``top_k`` experts with a fixed capacity per expert.
 
@@ -142,8 +144,9 @@ def route(
      the k choices when ``normalize_gates`` and ``top_k > 1``.
   6. The second-expert policy judges these ``g``.
   7. Kept gates are multiplied by ``gate_scale``.
-  8. Priority and capacity; Batch Prioritized Routing orders tokens by the unbiased
-     score of their first choice.
+  8. Priority and capacity: the wanted choices queue per expert in ``queue_order``
+     (tokens in position order, or by the unbiased score of their first choice with
+     Batch Prioritized Routing), and the first C of each queue are kept.
   9. Losses and metrics (below).
 
   Args:
@@ -172,6 +175,12 @@ def route(
     gate_scale: multiplies the kept gates (DeepSeek's ``routed_scaling_factor``).
     balance_choices: ``"first"`` (Switch) or ``"all"`` (Mixtral, DeepSeek): which
       choices the auxiliary loss counts.
+    queue_order: how the choices of a group queue for the capacity (see
+      :func:`moe_jax.routing.common.queue_positions`): ``"choice_major"`` (GShard:
+      every first choice before any second one) or ``"token_major"`` (each token's
+      choices together, at place ``t*K + j``; MaxText). Only ``"token_major"`` (or
+      ``top_k=1``, or a capacity that never drops) keeps a token's routing free of
+      later tokens, as a causal LM needs.
 
   Returns:
     A :class:`RoutingOutput`.
@@ -195,7 +204,7 @@ def route(
   """
   _check_route_args(router_logits, top_k, capacity, second_policy, second_threshold,
                     rng, score_fn, selection_bias, expert_groups, top_groups,
-                    gate_scale, balance_choices)
+                    gate_scale, balance_choices, queue_order)
   logits = router_logits.astype(jnp.float32)
   num_groups, group_size, num_experts = logits.shape
   valid = common.valid_tokens(token_mask, num_groups, group_size)
@@ -238,7 +247,8 @@ def route(
   if batch_priority:
     # Stable sort on -s keeps ties in position order.
     order = jnp.argsort(-raw_gates[..., 0], axis=-1, stable=True)  # i32[G, S]
-  position = common.queue_positions(expert_index, wanted, num_experts, order)
+  position = common.queue_positions(expert_index, wanted, num_experts, order,
+                                    queue_order)
   kept = wanted & (position < capacity)
   kept_gates = jnp.where(kept, gates, 0.0) * gate_scale
 
