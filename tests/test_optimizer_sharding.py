@@ -163,10 +163,15 @@ def test_train_step_does_not_all_gather_expert_arrays(name):
 
 
 def test_a_resumed_state_is_sharded_like_a_fresh_one(tmp_path):
+  # The checkpoint holds the layout before the fix (optimizer state replicated): the
+  # restore target's shardings, not the saved ones, decide where a resumed run's
+  # leaves land.
   _, _, _, state, _ = _setup("adamw")
+  replicated = NamedSharding(state.step.sharding.mesh, P())
+  old = state.replace(opt_state=jax.device_put(state.opt_state, replicated))
   checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=1)
   try:
-    checkpointer.save(1, run_state.to_checkpoint(state))
+    checkpointer.save(1, run_state.to_checkpoint(old))
     _, saved, _ = checkpointer.restore(
         run_state.to_checkpoint(run_state.abstract_like(state)))
   finally:
@@ -210,5 +215,7 @@ def test_factored_statistic_keeps_only_the_axes_it_is_sure_of():
   # [4, 16, 16] minus one of its 16s: (expert, None) or (expert, model) -> the axis
   # on which they disagree is replicated.
   assert stat((4, 16), (4, 16, 16), param, replicated).spec == P("expert")
+  other = NamedSharding(mesh, P("expert", "model"))
+  assert stat((4, 16), (4, 16, 16), other, replicated).spec == P("expert")
   assert stat((1,), (4, 8, 16), param, replicated) is replicated
   assert stat((), (4, 8, 16), param, replicated) is replicated
