@@ -78,6 +78,14 @@ def from_checkpoint(saved) -> TrainState:
                     rng=saved.rng)
 
 
+def abstract_like(state: Any) -> Any:
+  """``state`` as ``jax.ShapeDtypeStruct`` s with its shardings: the target a
+  checkpoint is restored to, so a resumed run's leaves (parameters and optimizer
+  state alike) land where a fresh run places them."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def _path_salt(path) -> int:
   # Stable across processes (str hash() is salted per interpreter).
   return zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF

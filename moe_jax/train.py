@@ -59,17 +59,19 @@ from moe_jax.build import (RNG_STREAMS, make_model, make_optimizer, make_schedul
                            mamba_config, model_info, moe_config, transformer_config)
 from moe_jax.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir, say,
                                 train_line)
-from moe_jax.run_state import (TrainingError, TrainState, from_checkpoint, load_config,
-                               load_model, merge_model, model_state, reseed,
-                               single_device_copy, split_model, to_checkpoint)
+from moe_jax.run_state import (TrainingError, TrainState, abstract_like,
+                               from_checkpoint, load_config, load_model, merge_model,
+                               model_state, reseed, single_device_copy, split_model,
+                               to_checkpoint)
 
 __all__ = [
     "LOSS_REDUCTIONS", "RNG_STREAMS", "TrainState", "TrainingError", "batch_stderr",
-    "count_params", "evaluate", "flops_per_token", "from_checkpoint", "lm_loss",
-    "load_config", "load_model", "make_eval_step", "make_model", "make_optimizer",
-    "make_schedule", "make_train_step", "mamba_config", "merge_model", "model_info",
-    "model_state", "moe_config", "moe_summary", "reseed", "single_device_copy",
-    "split_model", "to_checkpoint", "train_and_evaluate", "transformer_config",
+    "count_params", "evaluate", "flops_per_token", "from_checkpoint",
+    "init_train_state", "lm_loss", "load_config", "load_model", "make_eval_step",
+    "make_model", "make_optimizer", "make_schedule", "make_train_step",
+    "mamba_config", "merge_model", "model_info", "model_state", "moe_config",
+    "moe_summary", "reseed", "single_device_copy", "split_model", "to_checkpoint",
+    "train_and_evaluate", "transformer_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,33 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   return jax.jit(eval_step)
 
 
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh,
+                     seed: int) -> tuple[TrainState, Any]:
+  """``(state, state_sharding)``: a run's first state on ``mesh`` and the sharding of
+  every leaf, which the train step keeps and a checkpoint is restored to.
+
+  ``model`` is placed already (:func:`moe_jax.sharding.shard_model`). The parameters
+  keep their shardings; the optimizer state follows them
+  (:func:`moe_jax.sharding.optimizer_state_sharding`: each expert's moments live on
+  the devices that hold the expert); everything else (step, rng, selection biases,
+  scalar statistics) is replicated.
+  """
+  from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+  _, params, _ = split_model(model)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=sharding.init_optimizer_state(tx, params),
+                     rng=jax.random.key_data(jax.random.key(seed)),
+                     model_state=model_state(model))
+  # Pin every leaf's sharding (parameters as shard_model placed them, the optimizer
+  # state like them, the rest replicated) and make the step keep it, so the second
+  # step does not recompile.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_sharding = jax.tree.map(
+      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+      else replicated, state)
+  return jax.device_put(state, state_sharding), state_sharding
+
+
 # ------------------------------------------------------------------------------------
 # The training loop
 # ------------------------------------------------------------------------------------
@@ -236,25 +265,13 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
   sharding.shard_model(model, mesh)
   tx, schedule = make_optimizer(config)
-  _, params, _ = split_model(model)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=jax.jit(tx.init)(params),
-                     rng=jax.random.key_data(jax.random.key(config.seed)),
-                     model_state=model_state(model))
-  # Pin every leaf's sharding (parameters as shard_model placed them, the rest
-  # replicated) and make the step keep it, so the second step does not recompile.
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sharding = jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-      else replicated, state)
-  state = jax.device_put(state, state_sharding)
+  state, state_sharding = init_train_state(model, tx, mesh, config.seed)
 
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   train_iter = data.train_iter()
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpointer.restore(to_checkpoint(abstract), data_iterator=train_iter)
+  restored = checkpointer.restore(to_checkpoint(abstract_like(state)),
+                                  data_iterator=train_iter)
   meta: dict[str, Any] = {}
   if restored is not None:
     step0, state, meta = restored

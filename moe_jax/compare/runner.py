@@ -254,7 +254,7 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax import sharding, train  # pylint: disable=import-outside-toplevel
 
   models: dict[str, tuple] = {}
   for run in runs:
@@ -266,7 +266,7 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
     tx, _ = train.make_optimizer(c)
     _, params, _ = train.split_model(model)
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=jax.jit(tx.init)(params),
+                             opt_state=sharding.init_optimizer_state(tx, params),
                              rng=jax.random.key_data(jax.random.key(c.seed)),
                              # Selection biases from the start: the step returns them,
                              # and a state without them would compile a second time.

@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 
 from moe_jax import lora as lora_lib
-from moe_jax import loop_utils, losses, run_state, train
+from moe_jax import loop_utils, losses, run_state, sharding, train
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import ConfigError, check_config
 from moe_jax.metrics import MetricsWriter
@@ -376,8 +376,9 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
 
   graphdef, params, frozen, _ = split(model, plan["wrt"])
   tx, schedule, masks = make_optimizer(config, params, plan["row_masks"])
+  # The optimizer state of the trainable subset lives where its parameters do.
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=jax.jit(tx.init)(params),
+                           opt_state=sharding.init_optimizer_state(tx, params),
                            rng=jax.random.key_data(jax.random.key(config.seed)))
   trainable = _count(params) if masks is None else int(sum(
       x.size if m is None else x.size // m.shape[0] * int(m.sum())
@@ -408,9 +409,8 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   train_iter = data.train_iter()
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   restored = checkpointer.restore(
-      run_state.to_checkpoint(abstract),
+      run_state.to_checkpoint(run_state.abstract_like(state)),
       data_iterator=train_iter)
   meta: dict[str, Any] = {}
   step0 = 0
