@@ -119,27 +119,6 @@ def test_one_compilation_for_prefill_and_one_for_the_step():
   assert decoder.traces == {"prefill": 1, "step": 1}
 
 
-def test_sliding_window_re_prefills_the_last_tokens():
-  # max_len 8, prefill_len 8: a row reaching position 8 restarts from its last
-  # min(8, 8 // 2) = 4 tokens at positions 0..3, exactly what a fresh decoder would do.
-  model = make_model(MODELS["top2"])
-  decoder = decode.Decoder(model, batch_size=1, max_len=8)
-  prompt = [3, 1, 4, 1, 5, 9]
-  out = decoder.generate([prompt], 6, temperature=0.0)[0]
-  # Prefill samples token 1; steps at positions 6 and 7 sample tokens 2 and 3. Token 3
-  # would sit at position 8, so token 4 comes from a prefill of the last 4 of the 9
-  # tokens so far, and tokens 5-6 from steps after it.
-  assert out[:3] == decoder.generate([prompt], 3, temperature=0.0)[0]
-  history = prompt + out[:3]
-  assert out[3:] == decoder.generate([history[-4:]], 3, temperature=0.0)[0]
-  # Rows slide on their own: next to a longer prompt (which slides earlier), the row
-  # decodes as it does alone.
-  batched = decode.Decoder(model, batch_size=2, max_len=8)
-  both = batched.generate([[2, 7, 1, 8, 2, 8, 1], prompt], 6, temperature=0.0)
-  assert both[1] == out
-  assert both[0] == decoder.generate([[2, 7, 1, 8, 2, 8, 1]], 6, temperature=0.0)[0]
-
-
 def test_stop_ids_end_each_row_and_leave_the_others_alone():
   model = make_model(MODELS["switch"])
   decoder = decode.Decoder(model, batch_size=3, max_len=MAX_LEN, prefill_len=PREFILL_LEN)

@@ -67,7 +67,16 @@ def test_merge_equals_the_adapted_model(dispatch):
   randomise_b(model)
   adapted = logits_of(model, x)
   assert float(jnp.max(jnp.abs(adapted - base))) > 1e-2  # the adapters do something
+  # W + (alpha / r) * reshape(A @ B) from the raw factors, in numpy (alpha / r = 2).
+  expected = [(owner, name, np.asarray(getattr(owner, name)[...], np.float64)
+               + 2.0 * (np.asarray(ad.lora_a[...], np.float64)
+                        @ np.asarray(ad.lora_b[...], np.float64)).reshape(
+                            getattr(owner, name).shape))
+              for _, owner, name, ad in lora.adapters(model)]
   assert lora.merge(model) == 18
+  for owner, name, want in expected:
+    np.testing.assert_allclose(np.asarray(getattr(owner, name)[...]), want, atol=1e-5,
+                               rtol=1e-5, err_msg=name)
   assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
   np.testing.assert_allclose(np.asarray(logits_of(model, x)), np.asarray(adapted),
                              atol=1e-5, rtol=0)
