@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoeConfig, MoeLayer, routing
+from moe_jax.build import moe_config
 from moe_jax.config import default_config, validate_config
 from moe_jax.routers import ROUTERS, balance_scope
 from tests.sharding_demo import train_demo
@@ -181,6 +182,14 @@ def test_bad_scope_is_refused():
   errors = validate_config(config, num_devices=1)
   assert len(errors) == 1 and errors[0].startswith(
       "moe.balance_scope='batch' has no effect with router='expert_choice'")
+
+
+def test_lm_config_key_reaches_the_layer_config():
+  config = default_config()
+  config.model.moe_every = 2
+  assert moe_config(config).balance_scope is None  # the family's default
+  config.moe.balance_scope = "batch"
+  assert moe_config(config).balance_scope == "batch"
 
 
 def test_family_defaults():
