@@ -17,6 +17,7 @@ from moe_jax import MoeConfig, MoeLayer, routing
 from moe_jax.build import moe_config
 from moe_jax.config import default_config, validate_config
 from moe_jax.routers import ROUTERS, balance_scope
+from tests.reference import noisy_top_k_loop
 from tests.sharding_demo import train_demo
 
 route = jax.jit(routing.route, static_argnames=(
@@ -99,25 +100,25 @@ def test_noisy_batch_scope_by_hand():
   np.testing.assert_allclose(group.aux_loss, 10 / 9, rtol=1e-6)
 
 
-def test_noisy_batch_scope_with_noise_is_the_pooled_formula():
-  # Shazeer et al.'s importance and smooth load summed over all groups, then one cv2.
+def test_noisy_batch_scope_with_noise_is_the_pooled_loop_reference():
+  # Shazeer et al.'s importance and smooth load of every valid token (before capacity:
+  # C = 3 drops some choices here) summed over all groups, then one cv2 each.
   rng = np.random.default_rng(1)
   clean = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
   std = jnp.asarray(rng.uniform(0.5, 1.5, size=(3, 8, 5)), jnp.float32)
-  mask = jnp.asarray(rng.random((3, 8)) < 0.75)
+  mask = rng.random((3, 8)) < 0.75
   key = jax.random.key(3)
-  out = noisy_top_k(clean, std, top_k=2, capacity=8, rng=key, token_mask=mask,
-                    balance_scope="batch")
-  noisy = clean + jax.random.normal(key, clean.shape, jnp.float32) * std
-  valid = mask.astype(jnp.float32)
-  load = routing.smooth_load(clean, noisy, std, out.expert_index, valid).sum(0)
-  # C = S: nothing is dropped, so the kept gates are all the gates of valid tokens.
-  hot = jax.nn.one_hot(out.expert_index, 5) * out.gates[..., None]
-  importance = jnp.sum(hot, axis=(0, 1, 2))
-  np.testing.assert_allclose(out.metrics["importance_cv2"], routing.cv2(importance),
-                             rtol=1e-5)
-  np.testing.assert_allclose(out.metrics["load_cv2"], routing.cv2(load), rtol=1e-5)
-  group = noisy_top_k(clean, std, top_k=2, capacity=8, rng=key, token_mask=mask)
+  out = noisy_top_k(clean, std, top_k=2, capacity=3, rng=key,
+                    token_mask=jnp.asarray(mask), balance_scope="batch")
+  noise = jax.random.normal(key, clean.shape, jnp.float32)  # the contract's draw
+  ref = noisy_top_k_loop(clean, std, noise, top_k=2, capacity=3, token_mask=mask)
+  pooled = [routing.cv2(ref[name].sum(0)) for name in ("importance", "load")]
+  np.testing.assert_allclose(out.metrics["importance_cv2"], pooled[0], rtol=1e-5)
+  np.testing.assert_allclose(out.metrics["load_cv2"], pooled[1], rtol=1e-5)
+  np.testing.assert_allclose(out.aux_loss, sum(pooled), rtol=1e-5)
+  group = noisy_top_k(clean, std, top_k=2, capacity=3, rng=key,
+                      token_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(group.aux_loss, ref["aux_loss"], rtol=1e-5)
   assert abs(float(group.aux_loss) - float(out.aux_loss)) > 1e-3
 
 
