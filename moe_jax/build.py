@@ -50,7 +50,8 @@ def moe_config(config) -> MoeConfig | None:
       noise_anneal_steps=m.noise_anneal_steps, ragged_exchange=m.ragged_exchange,
       ragged_buffer_factor=m.ragged_buffer_factor,
       grouped_matmul=m.get("grouped_matmul", "auto"), noop_experts=m.get("noop_experts", 0),
-      noop_capacity_factor=m.get("noop_capacity_factor", None))
+      noop_capacity_factor=m.get("noop_capacity_factor", None),
+      balance_scope=m.get("balance_scope", None))
 
 
 def mamba_config(config) -> MambaConfig | None:

@@ -145,6 +145,10 @@ def default_config() -> ml_collections.ConfigDict:
   # the share over E + N. Their own capacity factor: None is no limit (docs/mod.md).
   c.moe.noop_experts = 0
   c.moe.noop_capacity_factor = config_dict.placeholder(float)
+  # Balance statistics (f_e, P_e; noisy_topk's importance and load): "group" (per
+  # routing group, averaged) | "batch" (over the whole global batch, every group and
+  # device). None: the router's default, "group" for topk, "batch" for noisy_topk.
+  c.moe.balance_scope = config_dict.placeholder(str)
 
   # The Mamba mixer of the Mamba blocks (moe_jax/mamba.py; docs/mamba.md).
   c.mamba = ml_collections.ConfigDict()

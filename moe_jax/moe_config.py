@@ -115,6 +115,14 @@ class MoeConfig:
       ceil(f * S / (E + N))`` (train and eval); None: S, no limit. A no-op choice
       adds 0 whether kept or not, so it changes no output, only which no-op choices
       count as kept or dropped in the metrics.
+    balance_scope: where the balance loss counts its statistics: "group" (per routing
+      group of ``group_size`` tokens, then averaged over groups) or "batch" (once over
+      every valid token of the global batch, all groups and all data-parallel
+      devices: ``f_e`` and ``P_e`` of "topk", importance and load of "noisy_topk";
+      :func:`moe_jax.routing.pool_groups`). The value is the same on every mesh. None
+      takes the family's default (:attr:`moe_jax.routers.RouterFamily.balance_scope`):
+      "group" for "topk", "batch" for "noisy_topk" (Shazeer et al. 2017). Token-choice
+      routers only.
   """
 
   d_model: int
@@ -151,6 +159,7 @@ class MoeConfig:
   grouped_matmul: str = "auto"
   noop_experts: int = 0
   noop_capacity_factor: float | None = None
+  balance_scope: str | None = None
 
   def __post_init__(self):
     for msg in validate_moe_config(self):
@@ -312,6 +321,11 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
   if cfg.balance_choices not in routing.BALANCE_CHOICES:
     errors.append(f"balance_choices={cfg.balance_choices!r} is unknown; use 'first' "
                   "(Switch) or 'all' (Mixtral, DeepSeek).")
+  scope = getattr(cfg, "balance_scope", None)
+  if scope is not None and scope not in routing.BALANCE_SCOPES:
+    errors.append(f"balance_scope={scope!r} is unknown; use 'group' (per routing "
+                  "group), 'batch' (over the whole global batch) or None (the router's "
+                  "default).")
   if not (_is_real(cfg.gate_scale) and cfg.gate_scale > 0):
     errors.append(f"gate_scale={cfg.gate_scale!r} must be a finite number > 0 "
                   "(DeepSeek's routed_scaling_factor; 1.0 is off).")

@@ -82,6 +82,13 @@ class RouterInputs:
   selection_bias: jax.Array | None = None
 
 
+def balance_scope(cfg) -> str:
+  """``cfg.balance_scope``, or its family's :attr:`RouterFamily.balance_scope` when that
+  is None (or absent): ``"group"`` or ``"batch"``."""
+  scope = getattr(cfg, "balance_scope", None)
+  return ROUTERS[cfg.router].balance_scope if scope is None else scope
+
+
 def top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
   """Token choice: :func:`moe_jax.routing.route` with the layer's settings."""
   random_policy = cfg.top_k > 1 and cfg.second_policy == "random"
@@ -93,7 +100,8 @@ def top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
       score_fn=cfg.score_fn, selection_bias=inputs.selection_bias,
       expert_groups=cfg.expert_groups, top_groups=cfg.top_groups,
       gate_scale=cfg.gate_scale, balance_choices=cfg.balance_choices,
-      queue_order=cfg.queue_order)
+      queue_order=cfg.queue_order,
+      balance_scope=balance_scope(cfg))
 
 
 def noisy_top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
@@ -107,7 +115,8 @@ def noisy_top_k_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
     return routing.noisy_top_k(inputs.logits, noise_std, top_k=cfg.top_k,
                                capacity=inputs.capacity, rng=rng,
                                token_mask=inputs.token_mask,
-                               queue_order=cfg.queue_order)
+                               queue_order=cfg.queue_order,
+                               balance_scope=balance_scope(cfg))
 
   if inputs.rng is None or inputs.noise_std is None:
     return run(None, jnp.ones_like(inputs.logits))
@@ -145,6 +154,10 @@ class RouterFamily:
       token that picks a no-op expert skips the layer
       (:func:`moe_jax.routing.split_noop_experts`). Expert choice does not: its
       experts pick tokens, so a no-op expert would take no token from the others.
+    balance_scope: where its balance loss counts its statistics when the config's
+      ``balance_scope`` is None: ``"group"`` (per routing group) or ``"batch"`` (over
+      the whole global batch, :func:`moe_jax.routing.pool_groups`); None for a family
+      without a balance loss.
   """
 
   route: Callable[[Any, RouterInputs], routing.RoutingOutput]
@@ -156,6 +169,7 @@ class RouterFamily:
   uses_rng: Callable[[Any, bool], bool]
   experts_per_token: Callable[[Any], float]
   noop: bool = False
+  balance_scope: str | None = None
 
 
 # Router-specific config keys and their defaults. A key left at its default means the
@@ -172,6 +186,7 @@ ROUTER_OPTIONS: dict[str, Any] = {
     "balance_choices": "first",
     "bias_update_rate": 0.0,
     "noise_anneal_steps": 0,
+    "balance_scope": None,  # None: the family's RouterFamily.balance_scope
 }
 
 ROUTERS: dict[str, RouterFamily] = {
@@ -181,16 +196,17 @@ ROUTERS: dict[str, RouterFamily] = {
         dropless=True, learned_noise=False,
         options=frozenset({"top_k", "second_policy", "normalize_gates", "batch_priority",
                            "score_fn", "expert_groups", "top_groups", "gate_scale",
-                           "balance_choices", "bias_update_rate"}),
+                           "balance_choices", "bias_update_rate", "balance_scope"}),
         uses_rng=lambda cfg, deterministic: (cfg.top_k > 1
                                              and cfg.second_policy == "random"),
-        experts_per_token=lambda cfg: cfg.top_k, noop=True),
+        experts_per_token=lambda cfg: cfg.top_k, noop=True, balance_scope="group"),
     "noisy_topk": RouterFamily(
         route=noisy_top_k_router, paper="Shazeer et al. 2017", tokens_choose=True,
         dropless=True, learned_noise=True,
-        options=frozenset({"top_k", "noise_anneal_steps"}),
+        options=frozenset({"top_k", "noise_anneal_steps", "balance_scope"}),
         uses_rng=lambda cfg, deterministic: not deterministic,
-        experts_per_token=lambda cfg: cfg.top_k, noop=True),
+        # Shazeer et al. count importance and load over the batch.
+        experts_per_token=lambda cfg: cfg.top_k, noop=True, balance_scope="batch"),
     # Each expert takes C = ceil(cf * S / E) tokens, so a token visits cf experts on
     # average (Zhou et al. 2022, Sec. 3.1).
     "expert_choice": RouterFamily(

@@ -78,8 +78,9 @@ def train_demo(
   load-balancing loss and 0.001 times the z-loss.
 
   Returns:
-    ``losses`` (one float per step), ``logits`` (the first step's forward pass, numpy),
-    ``grads`` (the first step's gradients, ``{path: numpy}``) and ``specs``
+    ``losses`` (one float per step), ``aux_losses`` (the MoE blocks' summed
+    ``aux_loss`` of each step, unscaled), ``logits`` (the first step's forward pass,
+    numpy), ``grads`` (the first step's gradients, ``{path: numpy}``) and ``specs``
     (:func:`moe_jax.sharding.describe_sharding` of the model).
   """
   num_experts = (num_experts,) if isinstance(num_experts, int) else tuple(num_experts)
@@ -102,25 +103,28 @@ def train_demo(
   def loss_fn(net, tokens):
     logits, aux_loss, z_loss = net(tokens[:, :-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-    return ce + 0.01 * aux_loss + 0.001 * z_loss, logits
+    return ce + 0.01 * aux_loss + 0.001 * z_loss, (logits, aux_loss)
 
   @nnx.jit
   def step(net, opt, tokens):
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(net, tokens)
+    (loss, (logits, aux_loss)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+        net, tokens)
     opt.update(net, grads)
-    return loss, logits, grads
+    return loss, logits, grads, aux_loss
 
-  losses, first = [], None
+  losses, aux_losses, first = [], [], None
   for i in range(steps):
     tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
     rows = sharding.process_batch_rows(mesh, batch_size)
     tokens = sharding.shard_batch({"tokens": tokens[rows]}, mesh)["tokens"]
-    loss, logits, grads = step(net, opt, tokens)
+    loss, logits, grads, aux_loss = step(net, opt, tokens)
     losses.append(float(loss))
+    aux_losses.append(float(aux_loss))
     if i == 0:
       first = (logits, grads)
   logits, grads = first
   flat = {"/".join(str(p) for p in path): sharding.to_host(v.get_value())
           for path, v in nnx.to_flat_state(grads)}
-  return {"losses": losses, "logits": sharding.to_host(logits), "grads": flat,
+  return {"losses": losses, "aux_losses": aux_losses,
+          "logits": sharding.to_host(logits), "grads": flat,
           "specs": sharding.describe_sharding(net)}

@@ -57,7 +57,8 @@ final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
 moe.loss_reduction model.position model.moe_offset model.attn_layer_period
 model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
 mamba.chunk_size mamba.scan model.mod_every model.mod_capacity model.mod_predictor
-model.mod_aux_loss_coef moe.noop_experts moe.noop_capacity_factor""".split()
+model.mod_aux_loss_coef moe.noop_experts moe.noop_capacity_factor
+moe.balance_scope""".split()
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

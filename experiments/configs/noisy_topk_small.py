@@ -3,7 +3,10 @@
 Training adds learned Gaussian noise to the router logits,
 ``noise_std = softplus(x W_noise) + 1e-2`` with ``W_noise`` initialised to zero; the
 gates are the softmax over the k chosen noisy logits, and the balance loss is
-``cv2(importance) + cv2(load)`` with the paper's smooth load estimator. Evaluation
+``cv2(importance) + cv2(load)`` with the paper's smooth load estimator, importance
+and load counted over the whole global batch as in the paper (``moe.balance_scope``
+unset is ``"batch"`` for this router; runs from before that key existed counted them
+per sequence and averaged, which ``moe.balance_scope="group"`` restores). Evaluation
 routes on the clean logits. ``moe.noise_anneal_steps`` (0 here, constant noise as in
 the paper) fades the noise out over training.
 

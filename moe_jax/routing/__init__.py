@@ -12,7 +12,8 @@ result in per-choice form, so every dispatch path consumes any of them:
 * :mod:`~moe_jax.routing.noisy`: :func:`noisy_top_k`, noisy top-k gating with the
   importance and load losses (Shazeer et al. 2017).
 * :mod:`~moe_jax.routing.balance`: the auxiliary losses, DeepSeek-V3's
-  :func:`update_selection_bias` and :func:`cv2`.
+  :func:`update_selection_bias`, :func:`cv2` and :func:`pool_groups` (per-group or
+  whole-batch balance statistics).
 * :mod:`~moe_jax.routing.noop`: :func:`split_noop_experts`, MoDE's no-op experts
   (Raposo et al. 2024).
 * :mod:`~moe_jax.routing.depth`: Mixture-of-Depths (Raposo et al. 2024): per-sequence
@@ -24,10 +25,11 @@ result in per-choice form, so every dispatch path consumes any of them:
 See docs/routing.md for the formulas as built and where the anchors differ.
 """
 
-from moe_jax.routing.balance import (BALANCE_CHOICES, cv2, load_balance_summary,
-                                     load_balancing_loss, update_selection_bias)
-from moe_jax.routing.common import (QUEUE_ORDERS, SECOND_POLICIES, RoutingOutput, expert_capacity,
-                                    gate_mass)
+from moe_jax.routing.balance import (BALANCE_CHOICES, BALANCE_SCOPES, cv2,
+                                     load_balance_summary, load_balancing_loss,
+                                     pool_groups, update_selection_bias)
+from moe_jax.routing.common import (QUEUE_ORDERS, SECOND_POLICIES, RoutingOutput,
+                                    expert_capacity, gate_mass)
 from moe_jax.routing.depth import depth_capacity, select_top_k
 from moe_jax.routing.expert_choice import expert_choice
 from moe_jax.routing.noisy import noisy_top_k, smooth_load
@@ -36,6 +38,7 @@ from moe_jax.routing.token_choice import SCORE_FNS, mask_to_top_groups, route
 
 __all__ = [
     "BALANCE_CHOICES",
+    "BALANCE_SCOPES",
     "QUEUE_ORDERS",
     "SCORE_FNS",
     "SECOND_POLICIES",
@@ -49,6 +52,7 @@ __all__ = [
     "load_balancing_loss",
     "mask_to_top_groups",
     "noisy_top_k",
+    "pool_groups",
     "route",
     "select_top_k",
     "smooth_load",

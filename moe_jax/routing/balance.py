@@ -7,6 +7,8 @@
 * :func:`update_selection_bias`: DeepSeek-V3's auxiliary-loss-free balancing (Wang et
   al. 2024; DeepSeek-V3 report, section 2.1.2).
 * :func:`cv2`: the squared coefficient of variation of Shazeer et al. 2017.
+* :func:`pool_groups`: the scope of the balance statistics, per routing group
+  (``"group"``) or pooled over the whole batch (``"batch"``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,32 @@ import jax
 import jax.numpy as jnp
 
 BALANCE_CHOICES = ("first", "all")
+# Where the balance statistics are counted: per routing group, or over every group of
+# the (global) batch, as Shazeer et al. 2017 count Importance(X) and Load(X).
+BALANCE_SCOPES = ("group", "batch")
+
+
+def check_scope(balance_scope) -> None:
+  """Raises unless ``balance_scope`` is one of :data:`BALANCE_SCOPES`."""
+  if balance_scope not in BALANCE_SCOPES:
+    raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got "
+                     f"{balance_scope!r}.")
+
+
+def pool_groups(stats: jax.Array, balance_scope: str) -> jax.Array:
+  """Per-group statistics ``f32[G, ...]`` in the given scope.
+
+  ``"group"`` returns them unchanged; ``"batch"`` sums them over G into one group,
+  ``f32[1, ...]``. Under ``jit`` on a mesh that sum runs over the global G axis (XLA
+  adds the cross-device reduction), so the pooled value is the same on every mesh.
+  """
+  if balance_scope == "group":
+    return stats
+  return jnp.sum(stats, axis=0, keepdims=True)
 
 
 def load_balancing_loss(probs: jax.Array, expert_index: jax.Array, valid: jax.Array,
-                        num_choices: int) -> jax.Array:
+                        num_choices: int, balance_scope: str = "group") -> jax.Array:
   """``E / (K' T) * sum_e c_e P_e`` per group, averaged over groups with tokens.
 
   Args:
@@ -28,18 +52,22 @@ def load_balancing_loss(probs: jax.Array, expert_index: jax.Array, valid: jax.Ar
     expert_index: i32[G, S, K] each token's choices, before policy and capacity.
     valid: f32[G, S] 1 for real tokens; T is their number per group.
     num_choices: K', how many leading choices count in ``c_e`` (1 <= K' <= K).
+    balance_scope: ``"group"``, or ``"batch"``: ``c_e``, ``P_e`` and T over the valid
+      tokens of all G groups at once (one value, not a mean over groups).
 
   ``c_e`` counts the first K' choices of valid tokens that picked e and ``P_e`` is the
   mean of ``p_e`` over valid tokens, so a uniform router scores exactly 1 for any K'.
   """
+  check_scope(balance_scope)
   num_experts = probs.shape[-1]
-  num_valid = jnp.sum(valid, axis=-1)  # f32[G]
-  safe_valid = jnp.maximum(num_valid, 1.0)
   hot = (jax.nn.one_hot(expert_index[..., :num_choices], num_experts)
          * valid[..., None, None])  # f32[G, S, K', E]
-  counts = jnp.sum(hot, axis=(1, 2))  # f32[G, E]
+  counts = pool_groups(jnp.sum(hot, axis=(1, 2)), balance_scope)  # f32[G, E]
+  prob_sums = pool_groups(jnp.sum(probs * valid[..., None], axis=1), balance_scope)
+  num_valid = pool_groups(jnp.sum(valid, axis=-1), balance_scope)  # f32[G]
+  safe_valid = jnp.maximum(num_valid, 1.0)
   frac_tokens = counts / (safe_valid[:, None] * num_choices)
-  frac_probs = jnp.sum(probs * valid[..., None], axis=1) / safe_valid[:, None]
+  frac_probs = prob_sums / safe_valid[:, None]
   group_has_tokens = (num_valid > 0).astype(jnp.float32)
   per_group = num_experts * jnp.sum(frac_tokens * frac_probs, axis=-1)
   return jnp.sum(per_group * group_has_tokens) / jnp.maximum(

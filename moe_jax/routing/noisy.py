@@ -43,6 +43,7 @@ def noisy_top_k(
     rng: jax.Array | None = None,
     token_mask: jax.Array | None = None,
     queue_order: str = "choice_major",
+    balance_scope: str = "group",
 ) -> RoutingOutput:
   """Shazeer et al. 2017 noisy top-k gating with capacity.
 
@@ -54,6 +55,9 @@ def noisy_top_k(
     rng: PRNG key of the noise; None turns the noise off (inference).
     token_mask: optional bool[G, S]; False marks padding.
     queue_order: ``"choice_major"`` or ``"token_major"``, as in :func:`route`.
+    balance_scope: ``"group"`` (default) or ``"batch"``: importance and load per group,
+      or summed over the valid tokens of all groups at once (Shazeer et al. count them
+      over the batch; the layer's ``"noisy_topk"`` router defaults to ``"batch"``).
 
   Returns:
     A :class:`RoutingOutput`. With ``rng``, ``noisy = clean + normal(rng) * noise_std``
@@ -64,7 +68,8 @@ def noisy_top_k(
     choices get gate 0 and the others are not renormalised.
 
     ``aux_loss`` is the mean over groups of ``cv2(importance) + cv2(load)``, both per
-    group over valid tokens and before capacity: ``importance_e`` sums the gates given
+    group over valid tokens and before capacity (with ``balance_scope="batch"``, one
+    ``cv2`` each of the sums over all groups): ``importance_e`` sums the gates given
     to e; ``load_e`` is :func:`smooth_load` with ``rng`` and ``top_k < E``, and
     otherwise the number of tokens that chose e. ``cv2`` is :func:`cv2`. ``z_loss`` is
     that of :func:`route` on the clean logits.
@@ -78,6 +83,7 @@ def noisy_top_k(
   common.check_top_k(top_k, num_experts)
   common.check_capacity(capacity)
   common.check_queue_order(queue_order)
+  balance.check_scope(balance_scope)
   if tuple(jnp.shape(noise_std)) != tuple(clean_logits.shape):
     raise ValueError(
         f"noise_std must have the shape of clean_logits {tuple(clean_logits.shape)}, "
@@ -106,6 +112,8 @@ def noisy_top_k(
     load = smooth_load(clean, noisy, noise_std, expert_index, valid)
   else:
     load = jnp.sum(choice_hot, axis=(1, 2))
+  importance = balance.pool_groups(importance, balance_scope)  # f32[G or 1, E]
+  load = balance.pool_groups(load, balance_scope)
   importance_cv2 = jnp.mean(balance.cv2(importance))
   load_cv2 = jnp.mean(balance.cv2(load))
 

@@ -130,6 +130,7 @@ def route(
     gate_scale: float = 1.0,
     balance_choices: str = "first",
     queue_order: str = "choice_major",
+    balance_scope: str = "group",
 ) -> RoutingOutput:
   """Routes each token to up to ``top_k`` experts with a fixed capacity per expert.
 
@@ -181,12 +182,16 @@ def route(
       choices together, at place ``t*K + j``; MaxText). Only ``"token_major"`` (or
       ``top_k=1``, or a capacity that never drops) keeps a token's routing free of
       later tokens, as a causal LM needs.
+    balance_scope: ``"group"`` (default) or ``"batch"``: where ``aux_loss`` counts
+      ``c_e``, ``P_e`` and T, per group or over the valid tokens of all groups at once
+      (the whole global batch when the layer routes it in one call).
 
   Returns:
     A :class:`RoutingOutput`.
 
     ``aux_loss`` is, per group with T valid tokens, ``E / (K' T) * sum_e c_e P_e``
-    averaged over groups that have tokens: ``K' = 1`` for ``"first"`` and ``top_k``
+    averaged over groups that have tokens (with ``balance_scope="batch"``, the same
+    formula once over all valid tokens of all groups): ``K' = 1`` for ``"first"`` and ``top_k``
     for ``"all"``; ``c_e`` counts the first K' choices of valid tokens that picked e,
     before policy and capacity; ``P_e`` is the mean over valid tokens of ``p_e`` with
     ``p = s`` for softmax and ``p = s / sum_e s`` for sigmoid. A uniform router scores 1
@@ -205,6 +210,7 @@ def route(
   _check_route_args(router_logits, top_k, capacity, second_policy, second_threshold,
                     rng, score_fn, selection_bias, expert_groups, top_groups,
                     gate_scale, balance_choices, queue_order)
+  balance.check_scope(balance_scope)
   logits = router_logits.astype(jnp.float32)
   num_groups, group_size, num_experts = logits.shape
   valid = common.valid_tokens(token_mask, num_groups, group_size)
@@ -253,7 +259,8 @@ def route(
   kept_gates = jnp.where(kept, gates, 0.0) * gate_scale
 
   num_choices = 1 if balance_choices == "first" else top_k
-  aux_loss = balance.load_balancing_loss(probs, expert_index, valid, num_choices)
+  aux_loss = balance.load_balancing_loss(probs, expert_index, valid, num_choices,
+                                         balance_scope)
   metrics = common.token_choice_metrics(expert_index, kept, valid, raw_gates[..., 0],
                                         probs, capacity)
   return RoutingOutput(
