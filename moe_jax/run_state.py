@@ -144,11 +144,15 @@ def load_config(workdir: str):
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
   # Keys added since the run started take their defaults (which reproduce the old model),
-  # except the queue order: runs from before moe.queue_order queued choice-major.
+  # except two whose defaults changed the routing: runs from before moe.queue_order
+  # queued choice-major, and runs from before moe.balance_scope balanced per group.
   config = default_config()
   _update_known(config, saved)
-  if "queue_order" not in saved.get("moe", {}):
+  old_moe = saved.get("moe", {})
+  if "queue_order" not in old_moe:
     config.moe.queue_order = "choice_major"
+  if "balance_scope" not in old_moe:
+    config.moe.balance_scope = "group"
   return config
 
 
