@@ -358,7 +358,7 @@ def test_router_zoo_configs_train(name, tmp_path):
 
 def _bias_config(**overrides):
   """Tiny switch-like model with DeepSeek routing and a fast-moving selection bias."""
-  return tiny_config(**{"moe.top_k": 2, "moe.score_fn": "sigmoid",
+  return tiny_config(**{"moe.top_k": 2, "moe.score_fn": "sigmoid", "moe.z_loss_coef": 0.0,
                         "moe.bias_update_rate": 0.01, "moe.balance_choices": "all",
                         "moe.group_size": 32, "sample.length": 0, **overrides})
 
