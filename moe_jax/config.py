@@ -382,6 +382,14 @@ def validate_config(config, *, num_devices: int | None = None,
   for key in ("aux_loss_coef", "z_loss_coef"):
     need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
          "must be a finite number >= 0.")
+  # The z-loss squares logsumexp(logits), the normaliser of a softmax: on sigmoid
+  # scores it only pushes every logit down (DeepSeek-V3 has no z-loss).
+  z_coef, score_fn = config.moe.z_loss_coef, config.moe.get("score_fn", "softmax")
+  if score_fn == "sigmoid" and _is_real(z_coef) and z_coef > 0:
+    errors.append(f"moe.z_loss_coef={z_coef!r} with moe.score_fn='sigmoid': the z-loss "
+                  "penalises logsumexp, the normaliser of a softmax, and on sigmoid "
+                  "scores only pushes every logit down; set --config.moe.z_loss_coef=0 "
+                  "or use moe.score_fn='softmax'.")
   need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
        "must be an integer >= 0 (0 is model.d_ff).")
   need("moe.queue_order", config.moe.get("queue_order", "auto") in QUEUE_ORDER_KEYS,

@@ -5,7 +5,9 @@ inputs, targets and weights); ``training_loss(config)(model, batch)`` is what th
 training steps differentiate, for
 pretraining (:mod:`moe_jax.train`) and fine-tuning (:mod:`moe_jax.peft.finetune`)
 alike: CE plus the MoE layers' aux and z losses and the Mixture-of-Depths predictor
-loss, with the coefficients and reduction of the config.
+loss, with the coefficients and reduction of the config. The model sees the batch's
+real tokens (:func:`token_mask`) as the evaluation does: padding is neither attended
+to, routed, nor counted in any loss.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = N
   return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def token_mask(batch: dict) -> jax.Array | None:
+  """bool[B, L]: the real tokens of a batch, what attention and the MoE layers see: its
+  ``token_mask`` (a masked-LM batch, whose ``weights`` mark the picked tokens only),
+  else ``weights > 0`` (padding has weight 0), else None (every token is real)."""
+  if "token_mask" in batch:
+    return batch["token_mask"]
+  return batch["weights"] > 0 if "weights" in batch else None
+
+
 def moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
   """Layer means of the MoE losses and scalar metrics, plus per-layer expert load."""
   if not moe_aux:
@@ -60,7 +71,7 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
   reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
   def loss(m, batch):
-    out = m.forward(batch["inputs"], deterministic=False)
+    out = m.forward(batch["inputs"], deterministic=False, token_mask=token_mask(batch))
     moe_aux = out.moe_aux
     ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count, 1.0)

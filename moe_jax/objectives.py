@@ -10,13 +10,16 @@ ask which one they have.
 | ``"masked_lm"`` | bidirectional | the L bytes, 15% picked and corrupted | the picked bytes only |
 
 Masked LM follows BERT (Devlin et al. 2019, Sec. 3.1 and appendix A.1): of each
-sequence's real tokens, ``round(0.15 * n)`` (at least 1) are picked uniformly at random,
-as BERT's ``create_pretraining_data`` picks a fixed count per sequence (HF's collator
-draws each token independently instead). Of the picked tokens 80% become the tokenizer's
-MASK id, 10% a uniformly random byte and 10% stay unchanged, each drawn independently
-per token; the loss and the eval loss cover the picked tokens only. The sequence is the
-window's targets (``window[1:]``), so eval padding lines up with the batch's
-``weights``.
+sequence's ``n`` real tokens, ``round(0.15 * n)`` (at least 1) are picked uniformly at
+random among its bytes, as BERT's ``create_pretraining_data`` picks a fixed count per
+sequence (HF's collator draws each token independently instead). Special tokens (PAD,
+BOS, EOS, MASK: every id past the 256 bytes) are never picked, as BERT never picks
+[CLS] or [SEP]; ``n`` counts them, as BERT's ``len(tokens)`` does, and a sequence with
+fewer bytes than the count has all its bytes picked. Of the picked tokens 80% become
+the tokenizer's MASK id, 10% a uniformly random byte and 10% stay unchanged, each drawn
+independently per token; the loss and the eval loss cover the picked tokens only. The
+sequence is the window's targets (``window[1:]``), so eval padding lines up with the
+batch's ``weights``.
 
 Masking is a pure function of a key. Training draws it from ``fold_in(key(seed), step)``
 (the key of the step's other randomness, see :mod:`moe_jax.train`) folded with
@@ -63,18 +66,22 @@ def bert_mask(key: jax.Array, tokens: jax.Array, valid: jax.Array, *, mask_id: i
 
   Returns ``(inputs i32[B, L], picked bool[B, L])``: ``round(pick_rate * n)`` of each
   row's ``n`` real tokens are picked (at least 1 when ``n > 0``; round half to even, as
-  Python's ``round`` in BERT's script), and each picked token becomes ``mask_id`` with
+  Python's ``round`` in BERT's script), among its real bytes only: special ids (``>=
+  256``: PAD, BOS, EOS, MASK) are never picked, and a row with fewer real bytes than
+  that count has all of them picked. Each picked token becomes ``mask_id`` with
   probability 0.8, a uniform random byte with probability 0.1, and stays with
-  probability 0.1. Padding is never picked and never changed.
+  probability 0.1. Padding and special tokens are never changed.
   """
   k_pick, k_kind, k_byte = jax.random.split(key, 3)
   valid = valid.astype(jnp.bool_)
   n = jnp.sum(valid, axis=-1)
+  candidate = valid & (tokens >= 0) & (tokens < NUM_BYTES)
   # Python's float64 round, exactly, for every possible n (float32 differs, e.g. at
-  # n = 190), looked up since n <= L is static.
-  count = jnp.asarray(pick_counts(tokens.shape[-1], pick_rate))[n]
-  # The `count` lowest uniform scores among the real tokens: a uniform random subset.
-  scores = jnp.where(valid, jax.random.uniform(k_pick, tokens.shape), 2.0)
+  # n = 190), looked up since n <= L is static; at most the row's candidates.
+  count = jnp.minimum(jnp.asarray(pick_counts(tokens.shape[-1], pick_rate))[n],
+                      jnp.sum(candidate, axis=-1))
+  # The `count` lowest uniform scores among the candidates: a uniform random subset.
+  scores = jnp.where(candidate, jax.random.uniform(k_pick, tokens.shape), 2.0)
   rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)
   picked = rank < count[:, None].astype(rank.dtype)
   u = jax.random.uniform(k_kind, tokens.shape)

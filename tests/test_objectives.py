@@ -62,29 +62,67 @@ def test_picked_counts_are_pythons_round_even_where_float32_is_not():
 
 
 def test_masking_statistics_match_the_80_10_10_rule():
-  # Every token is EOS (258), so a picked token's kind is read off its input exactly:
-  # MASK (259), a random byte (< 256), or unchanged (258).
-  rows, length = 4000, 100
-  tokens = jnp.full((rows, length), EOS, jnp.int32)
+  # Every token is the byte 65, so a picked token's kind is read off its input: MASK
+  # (259); a random byte other than 65 (share 0.1 * 255/256); 65, unchanged or a random
+  # byte that drew 65 (0.1 + 0.1/256).
+  rows, length, byte = 4000, 100, 65
+  tokens = jnp.full((rows, length), byte, jnp.int32)
   inputs, picked = bert_mask(jax.random.key(0), tokens, jnp.ones_like(tokens, bool),
                              mask_id=MASK_ID)
   inputs, picked = np.asarray(inputs), np.asarray(picked)
   assert np.all(picked.sum(axis=1) == 15)  # exactly 15 of 100 per row
   n = picked.sum()  # 60,000 picked tokens
   kinds = inputs[picked]
-  for share, observed in ((0.8, np.mean(kinds == MASK_ID)), (0.1, np.mean(kinds < 256)),
-                          (0.1, np.mean(kinds == EOS))):
+  other = (kinds < 256) & (kinds != byte)
+  for share, observed in ((0.8, np.mean(kinds == MASK_ID)),
+                          (0.1 * 255 / 256, np.mean(other)),
+                          (0.1 + 0.1 / 256, np.mean(kinds == byte))):
     sigma = math.sqrt(share * (1 - share) / n)  # binomial: 0.0016 for 0.8, 0.0012 for 0.1
     assert abs(observed - share) < 5 * sigma, (share, observed)
   # Positions are picked uniformly: each of the 100 is picked in 15% of the rows
   # (sigma = sqrt(.15 * .85 / 4000) = 0.0056 per position).
   per_position = picked.mean(axis=0)
   assert np.all(np.abs(per_position - 0.15) < 5 * math.sqrt(0.15 * 0.85 / rows))
-  # Random bytes are uniform over 0..255: mean 127.5, std 73.9 / sqrt(count).
-  random_bytes = kinds[kinds < 256]
-  assert abs(random_bytes.mean() - 127.5) < 5 * 73.9 / math.sqrt(random_bytes.size)
+  # Random bytes are uniform over 0..255; those other than 65 have mean
+  # (255 * 256 / 2 - 65) / 255 = 127.75 and std 73.9 / sqrt(count).
+  random_bytes = kinds[other]
+  assert abs(random_bytes.mean() - 127.75) < 5 * 73.9 / math.sqrt(random_bytes.size)
   # Unpicked tokens stay as they were.
-  assert np.all(inputs[~picked] == EOS)
+  assert np.all(inputs[~picked] == byte)
+
+
+def test_special_tokens_are_never_picked():
+  # BERT never picks [CLS] or [SEP]: PAD, BOS, EOS and MASK are never picked, while the
+  # count is BERT's round(0.15 * n) over all n real tokens, specials included (BERT's
+  # len(tokens)), at most the row's bytes. Rows of 20 real tokens of 24 (4 padding):
+  #   row 0: BOS, 9 bytes, EOS, 9 bytes -> 18 bytes, round(3.0) = 3 picked;
+  #   row 1: EOS x 10, 10 bytes         -> 3 picked, all among the 10 bytes;
+  #   row 2: 19 specials, 1 byte        -> only the byte: 1 picked;
+  #   row 3: BOS, EOS, PAD, MASK only    -> nothing to pick.
+  tok = ByteTokenizer(mask_token=True)
+  specials = [tok.bos_id, tok.eos_id, tok.pad_id, tok.mask_id]
+  rng = np.random.default_rng(5)
+  rows = np.asarray(rng.integers(0, 256, (4, 24)), np.int32)
+  rows[0, 0], rows[0, 10] = tok.bos_id, tok.eos_id
+  rows[1, :10] = tok.eos_id
+  rows[2, :19] = np.resize(specials, 19)
+  rows[3, :20] = np.resize(specials, 20)
+  rows[:, 20:] = tok.pad_id
+  tokens = jnp.asarray(rows)
+  valid = jnp.arange(24)[None, :] < 20
+  special = rows >= 256
+  for seed in range(40):
+    inputs, picked = bert_mask(jax.random.key(seed), tokens, valid, mask_id=MASK_ID)
+    picked = np.asarray(picked)
+    assert not np.any(picked & special), seed
+    assert picked.sum(axis=1).tolist() == [3, 3, 1, 0]
+    np.testing.assert_array_equal(np.asarray(inputs)[special], rows[special])
+  # mask_batch too: its weights (what the loss scores) skip the specials, while its
+  # token_mask (what the model sees) keeps them.
+  batch = {"inputs": tokens, "targets": tokens, "weights": valid.astype(jnp.float32)}
+  out = mask_batch(batch, jax.random.key(0), mask_id=MASK_ID)
+  assert not np.any((np.asarray(out["weights"]) > 0) & special)
+  np.testing.assert_array_equal(out["token_mask"], valid)
 
 
 def test_masking_is_a_function_of_the_key():

@@ -185,6 +185,25 @@ def test_select_experts_hand_example():
     esft.select_experts(shares, 0)
 
 
+@pytest.mark.parametrize("score,paper_p", [("gate", 0.1), ("token", 0.2)])
+def test_esft_top_p_defaults_to_the_papers_threshold_for_the_score(score, paper_p):
+  """Wang et al. 2024 select up to p = 0.1 of the gate share (ESFT-Gate) and p = 0.2 of
+  the token share (ESFT-Token); an explicit top_p wins."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  batch = {"inputs": tokens(shape=(2, 16))}
+  for top_p, expected in ((None, paper_p), (0.6, 0.6)):
+    model = tiny_model("dropless")
+    config = ml_collections.ConfigDict({"finetune": finetune.default_finetune_config()})
+    config.finetune.method, config.finetune.esft.score = "esft", score
+    config.finetune.esft.top_p = top_p
+    assert not finetune.finetune_errors(config.finetune)
+    info = finetune.prepare(model, config, [batch])["info"]
+    assert info["top_p"] == expected
+    shares = {int(k): np.asarray(v) for k, v in info["shares"].items()}
+    selected = esft.select_experts(shares, expected)
+    assert info["selected"] == {str(k): v.tolist() for k, v in selected.items()}
+
+
 def test_routing_shares_normalise_the_layer_metrics_over_batches():
   """routing_shares sums each MoE block's choice_counts / gate_mass over the scoring
   batches and normalises per layer; what those metrics hold is pinned by hand in

@@ -358,7 +358,7 @@ def test_router_zoo_configs_train(name, tmp_path):
 
 def _bias_config(**overrides):
   """Tiny switch-like model with DeepSeek routing and a fast-moving selection bias."""
-  return tiny_config(**{"moe.top_k": 2, "moe.score_fn": "sigmoid",
+  return tiny_config(**{"moe.top_k": 2, "moe.score_fn": "sigmoid", "moe.z_loss_coef": 0.0,
                         "moe.bias_update_rate": 0.01, "moe.balance_choices": "all",
                         "moe.group_size": 32, "sample.length": 0, **overrides})
 
@@ -523,3 +523,46 @@ def test_jamba_small_resumes_exactly(tmp_path):
   with open(tmp_path / "full" / "model_info.json", encoding="utf-8") as f:
     info = json.load(f)
   assert (info["mamba_blocks"], info["moe_blocks"]) == ([0, 1, 3], [1, 3])
+
+
+@pytest.mark.parametrize("objective", ["causal_lm", "masked_lm"])
+def test_training_loss_leaves_out_padding_as_the_batch_without_it(objective):
+  """The differentiated loss of a padded batch (weights 0, or a masked-LM batch's
+  token_mask False) equals that of the batch cut to its real tokens: CE, aux and
+  z-loss, whatever the padding holds. Dropless with one routing group per sequence, so
+  the cut batch routes its tokens as the padded one routes its real ones."""
+  from moe_jax import losses  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"moe.group_size": 0, "moe.dispatch": "dropless",
+                          "model.objective": objective, "sample.length": 0})
+  model = train.make_model(config)
+  loss = losses.training_loss(config)
+  rng = np.random.default_rng(6)
+  real, length = 10, 16
+  tokens = rng.integers(0, 256, (2, length + 1)).astype(np.int32)
+  scored = np.zeros((2, length), np.float32)  # masked LM: the picked tokens only
+  scored[:, [0, 3, 7, 9]] = 1.0
+
+  def padded(pad_value):
+    t = tokens.copy()
+    t[:, real + 1:] = pad_value  # padding holds anything
+    batch = {"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:])}
+    valid = np.arange(length)[None] < real
+    if objective == "causal_lm":
+      batch["weights"] = jnp.asarray(np.broadcast_to(valid, (2, length)), jnp.float32)
+    else:
+      batch["weights"] = jnp.asarray(scored * valid)
+      batch["token_mask"] = jnp.asarray(np.broadcast_to(valid, (2, length)))
+    return batch
+
+  cut = {"inputs": jnp.asarray(tokens[:, :real]), "targets": jnp.asarray(
+      tokens[:, 1:real + 1])}
+  if objective == "masked_lm":  # without token_mask, weights > 0 would mark the tokens
+    cut["weights"] = jnp.asarray(scored[:, :real])
+    cut["token_mask"] = jnp.ones((2, real), bool)
+  want, (want_metrics, _) = loss(model, cut)
+  for pad_value in (0, 200):
+    total, (metrics, _) = loss(model, padded(pad_value))
+    for name in ("loss", "aux_loss", "z_loss"):
+      assert float(metrics[name]) == pytest.approx(float(want_metrics[name]),
+                                                   rel=1e-5), (name, pad_value)
+    assert float(total) == pytest.approx(float(want), rel=1e-5)

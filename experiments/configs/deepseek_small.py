@@ -17,7 +17,10 @@ sigmoid gates, auxiliary-loss-free balancing and group-limited routing.
 Scaled down: the 4-block, d_model 256 byte-level LM of ``dense_small`` with MoE in
 every other block (V3: 61 blocks of 7168, the first 3 dense; 256 routed experts of width
 2048, top-8, 1 shared), ``gate_scale`` 1.0 (V3's routed scaling factor is 2.5 for
-top-8 of 256). Kept from ``switch_small`` (not in the papers): z-loss 0.001, GELU.
+top-8 of 256). No router z-loss (``z_loss_coef=0``): V3 has none, and the z-loss
+penalises ``logsumexp(logits)``, the normaliser of a softmax, which on sigmoid scores
+only pushes every logit down (the config check refuses the two together). Kept from
+``switch_small`` (not in the papers): GELU.
 Dropless runs on one device and on any mesh (docs/sharding.md).
 """
 
@@ -38,6 +41,7 @@ def get_config():
   config.moe.balance_choices = "all"
   config.moe.group_size = 0  # one routing group per sequence, whatever data.seq_len
   config.moe.aux_loss_coef = 1e-4
+  config.moe.z_loss_coef = 0.0  # V3 has none; a z-loss is a softmax's (see above)
   config.moe.expert_groups = 4
   config.moe.top_groups = 2
   config.moe.dispatch = "dropless"

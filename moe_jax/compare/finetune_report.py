@@ -221,6 +221,13 @@ def expert_overlap(new: dict[int, Sequence[float]], old: dict[int, Sequence[floa
   return out
 
 
+def _top_p(config) -> float:
+  """The ESFT threshold a fine-tuning config runs with (unset: the score's default)."""
+  from moe_jax.peft import esft  # pylint: disable=import-outside-toplevel
+  e = config.finetune.esft
+  return esft.resolved_top_p(e.score, e.get("top_p"))
+
+
 def _selection(row: dict[str, Any] | None, shares: dict[int, list], top_p: float):
   """ESFT's recorded selection (or, without an ESFT run, the one it would make)."""
   if row is not None:
@@ -475,7 +482,7 @@ def write_outputs(workdir: str, runs: Sequence, settings: dict[str, Any],
       f"sequence length on `{new_domain}` (warmup {ft.warmup_steps}, cosine decay, "
       f"weight decay {ft.weight_decay:g}; LoRA rank {ft.finetune.rank}, alpha "
       f"{ft.finetune.alpha:g}; ESFT scores by `{ft.finetune.esft.score}` share on "
-      f"{ft.finetune.esft.batches} training batches, top_p {ft.finetune.esft.top_p:g})."
+      f"{ft.finetune.esft.batches} training batches, top_p {_top_p(ft):g})."
       f" Evals at step 0 (before) and every {ft.eval_every} steps, each on the same "
       f"fixed sample of {ft.eval_steps} batches of each domain for every method "
       "(`eval_loss`: the new domain; `old_eval_loss`: the old one, i.e. forgetting).",
@@ -529,7 +536,7 @@ def write_outputs(workdir: str, runs: Sequence, settings: dict[str, Any],
                            batches=ft.finetune.esft.batches,
                            batch_size=ft.batch_size, seed=base_run.seed,
                            score=ft.finetune.esft.score)
-    selected, source = _selection(esft_row, shares[new_domain], ft.finetune.esft.top_p)
+    selected, source = _selection(esft_row, shares[new_domain], _top_p(ft))
     layers = expert_overlap(shares[new_domain], shares[old_domain], selected)
     out["analysis"][base_run.name] = layers
     write_share_plot(workdir, base_run.name, shares, selected)

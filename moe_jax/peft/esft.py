@@ -20,7 +20,9 @@ Last").
    ``eval_capacity_factor``'s (dropless layers drop nothing, and then the two agree
    on which choices count).
 2. Select (:func:`select_experts`): per layer, the fewest experts, by descending share
-   (ties: lower index first), whose cumulative share reaches ``top_p``.
+   (ties: lower index first), whose cumulative share reaches ``top_p``; unset, the
+   paper's threshold for the score (:data:`DEFAULT_TOP_P`: 0.1 for the gate score, 0.2
+   for the token score).
 3. Train only those experts' rows of the stacked ``[E, ...]`` weights (plus, by config,
    whole other modules). The optimizer sees the whole stacks (:func:`apply_gradients`):
    the frozen rows' gradients are zeroed *before* it (a frozen expert has no gradient,
@@ -43,8 +45,17 @@ from flax import nnx
 from moe_jax.experts import Experts
 
 SCORES = ("gate", "token")
+# The paper's thresholds p per score (Wang et al. 2024): 0.1 for ESFT-Gate, 0.2 for
+# ESFT-Token.
+DEFAULT_TOP_P = {"gate": 0.1, "token": 0.2}
 # The MoeAux metric each score sums.
 _METRIC = {"gate": "gate_mass", "token": "choice_counts"}
+
+
+def resolved_top_p(score: str, top_p: float | None) -> float | None:
+  """``top_p``, or the paper's threshold for ``score`` (:data:`DEFAULT_TOP_P`) when it
+  is None (None for an unknown score, which the config check reports)."""
+  return DEFAULT_TOP_P.get(score) if top_p is None else top_p
 
 
 def routing_shares(model, batches: Iterable[dict], score: str = "gate"

@@ -70,7 +70,9 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.seed = 0  # draws the LoRA A factors
   c.esft = ml_collections.ConfigDict()
   c.esft.score = "gate"  # "gate" (ESFT-Gate) | "token" (ESFT-Token)
-  c.esft.top_p = 0.2  # per layer, experts until their cumulative share reaches this
+  # Per layer, experts until their cumulative share reaches this; None: the paper's
+  # threshold for the score (esft.DEFAULT_TOP_P: 0.1 for gate, 0.2 for token).
+  c.esft.top_p = config_dict.placeholder(float)
   c.esft.batches = 8  # first training batches that score the experts
   c.eval_old_domain = True  # also evaluate on the base run's data (forgetting)
   return c
@@ -122,7 +124,9 @@ def finetune_errors(ft) -> list[str]:
     if ft.esft.score not in esft.SCORES:
       errors.append(f"finetune.esft.score={ft.esft.score!r} is unknown; use one of "
                     f"{', '.join(esft.SCORES)}.")
-    if not (isinstance(ft.esft.top_p, (int, float)) and 0 < ft.esft.top_p <= 1):
+    top_p = ft.esft.top_p
+    if top_p is not None and not (isinstance(top_p, (int, float))
+                                  and not isinstance(top_p, bool) and 0 < top_p <= 1):
       errors.append(f"finetune.esft.top_p={ft.esft.top_p!r} must be in (0, 1].")
     if not (isinstance(ft.esft.batches, int) and ft.esft.batches >= 1):
       errors.append(f"finetune.esft.batches={ft.esft.batches!r} must be an integer >= 1.")
@@ -175,6 +179,7 @@ def run_config(ft_config, base_config, init_from: str) -> ml_collections.ConfigD
   ft = default_finetune_config()
   ft.update(ft_config.finetune.to_dict() if "finetune" in ft_config else {})
   ft.targets = resolved_targets(ft)  # config.json records what the run used
+  ft.esft.top_p = esft.resolved_top_p(ft.esft.score, ft.esft.top_p)
   config.finetune = ft
   config.finetune.init_from = os.path.abspath(os.path.expanduser(init_from))
   return config
@@ -224,15 +229,16 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
       raise ConfigError(["finetune.method='esft' needs MoE blocks, but the base model "
                          "is dense (model.moe_every=0); use lora or full."])
     selected = ft.get("esft_selected")
+    top_p = esft.resolved_top_p(ft.esft.score, ft.esft.top_p)
     if selected is None:
       shares = esft.routing_shares(model, score_batches, ft.esft.score)
-      selected = esft.select_experts(shares, ft.esft.top_p)
+      selected = esft.select_experts(shares, top_p)
       info["shares"] = {str(k): v.tolist() for k, v in shares.items()}
     selected = {int(k): np.asarray(v, bool) for k, v in dict(selected).items()}
     info["selected"] = {str(k): v.tolist() for k, v in selected.items()}
     row_masks = esft.expert_row_masks(model, selected)
     wrt = _path_filter(set(row_masks) | _param_paths(model, extra))
-    info.update(targets=list(targets), score=ft.esft.score, top_p=ft.esft.top_p,
+    info.update(targets=list(targets), score=ft.esft.score, top_p=top_p,
                 selected_params=esft.trainable_expert_params(model, selected))
   return {"wrt": wrt, "row_masks": row_masks, "info": info}
 
