@@ -9,14 +9,14 @@ coordinate by coordinate, with ``(f(x + eps e_i) - f(x - eps e_i)) / (2 eps)`` f
   routing: the logits, and the bias (which must get no gradient: it only steers the
   choice).
 
-The routing math runs in float32 whatever the input dtype (the functions cast), so the
-differences are taken in float32 with ``eps = 3e-3``: the rounding of an O(1) loss
-dominates their error (the largest difference from the gradient measured 2.3e-4
-against gradients up to 1.2), within a tolerance of 5e-4 + 1e-3 relative; a
-gradient cut by a misplaced stop_gradient differed by 0.01 to 0.8. The inputs
-are drawn away from ties, and every perturbed evaluation is checked to make the same
-choices and keep the same choices as the unperturbed one, so the loss is smooth
-within eps.
+The routing math runs in float32, or in float64 for float64 inputs, so the checks run
+under ``jax.enable_x64`` with float64 inputs and ``eps = 1e-6``: the truncation error
+is O(eps^2) and the rounding O(1e-16 / eps), so the tolerance is 1e-7 absolute +
+1e-6 relative; a gradient cut by a misplaced stop_gradient differed by 0.01 to 0.8.
+The noise of ``noisy_top_k`` is drawn in float32 whatever the dtype, so it is the same
+draw. The inputs are drawn away from ties, and every perturbed evaluation is checked
+to make the same choices and keep the same choices as the unperturbed one, so the
+loss is smooth within eps.
 """
 
 import jax
@@ -26,8 +26,8 @@ import numpy as np
 from moe_jax import routing
 
 G, S = 2, 4
-EPS = 3e-3
-ATOL = 5e-4
+EPS = 1e-6
+ATOL = 1e-7
 
 
 def _central_differences(fn, args, argnum):
@@ -58,17 +58,19 @@ def _check(fn, args, argnums):
   for argnum, grad in zip(argnums, grads):
     numeric, same = _central_differences(fn, args, argnum)
     assert same, f"argument {argnum}: a choice flips within eps; move the inputs"
-    np.testing.assert_allclose(np.asarray(grad), numeric, atol=ATOL, rtol=1e-3,
+    assert grad.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(grad), numeric, atol=ATOL, rtol=1e-6,
                                err_msg=f"argument {argnum}")
   return grads
 
 
+@jax.enable_x64(True)
 def test_noisy_top_k_gradients_match_finite_differences():
   num_experts, top_k = 6, 2
   keys = jax.random.split(jax.random.key(0), 4)
-  clean = jax.random.normal(keys[0], (G, S, num_experts))
-  noise_std = 0.3 + jax.random.uniform(keys[1], (G, S, num_experts))
-  weights = jax.random.normal(keys[2], (G, S, top_k))
+  clean = jax.random.normal(keys[0], (G, S, num_experts), jnp.float64)
+  noise_std = 0.3 + jax.random.uniform(keys[1], (G, S, num_experts), jnp.float64)
+  weights = jax.random.normal(keys[2], (G, S, top_k), jnp.float64)
 
   def fn(clean, noise_std):
     out = routing.noisy_top_k(clean, noise_std, top_k, capacity=S, rng=keys[3])
@@ -81,12 +83,13 @@ def test_noisy_top_k_gradients_match_finite_differences():
   assert float(jnp.max(jnp.abs(grad_clean))) > 1e-2
 
 
+@jax.enable_x64(True)
 def test_sigmoid_route_with_bias_and_groups_gradients_match_finite_differences():
   num_experts, top_k = 8, 2
   keys = jax.random.split(jax.random.key(1), 3)
-  logits = 1.5 * jax.random.normal(keys[0], (G, S, num_experts))
-  bias = 0.1 * jax.random.normal(keys[1], (num_experts,))
-  weights = jax.random.normal(keys[2], (G, S, top_k))
+  logits = 1.5 * jax.random.normal(keys[0], (G, S, num_experts), jnp.float64)
+  bias = 0.1 * jax.random.normal(keys[1], (num_experts,), jnp.float64)
+  weights = jax.random.normal(keys[2], (G, S, top_k), jnp.float64)
 
   def fn(logits, bias):
     out = routing.route(logits, top_k=top_k, capacity=S, score_fn="sigmoid",

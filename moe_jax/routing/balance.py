@@ -99,7 +99,8 @@ def cv2(x: jax.Array) -> jax.Array:
 
   ``var`` is the population variance (divides by E), as in Shazeer et al. 2017.
   """
-  x = jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
   return jnp.var(x, axis=-1) / (jnp.mean(x, axis=-1) ** 2 + 1e-10)
 
 

@@ -139,6 +139,12 @@ def check_capacity(capacity) -> None:
     raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}.")
 
 
+def router_dtype(x) -> jnp.dtype:
+  """The dtype routing math runs in: float32, or float64 for float64 inputs (with
+  ``jax_enable_x64``, as the gradient checks use); never narrower than float32."""
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
 def valid_tokens(token_mask, num_groups: int, group_size: int) -> jax.Array:
   """f32[G, S]: 1 for real tokens, 0 for padding (all ones when ``token_mask`` is None)."""
   if token_mask is None:

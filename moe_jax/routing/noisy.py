@@ -48,7 +48,8 @@ def noisy_top_k(
   """Shazeer et al. 2017 noisy top-k gating with capacity.
 
   Args:
-    clean_logits: f32[G, S, E] router outputs ``x W_g``; cast to float32.
+    clean_logits: f32[G, S, E] router outputs ``x W_g``; cast to float32 (float64
+      stays float64).
     noise_std: f32[G, S, E] > 0, the noise scale (``softplus(x W_noise)`` in the paper).
     top_k: choices per token, K.
     capacity: C, slots per expert and group.
@@ -88,8 +89,9 @@ def noisy_top_k(
     raise ValueError(
         f"noise_std must have the shape of clean_logits {tuple(clean_logits.shape)}, "
         f"got {tuple(jnp.shape(noise_std))}.")
-  clean = clean_logits.astype(jnp.float32)
-  noise_std = jnp.asarray(noise_std, jnp.float32)
+  dtype = common.router_dtype(clean_logits)
+  clean = clean_logits.astype(dtype)
+  noise_std = jnp.asarray(noise_std).astype(dtype)
   valid = common.valid_tokens(token_mask, num_groups, group_size)
 
   if rng is None:

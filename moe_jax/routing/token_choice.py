@@ -151,7 +151,8 @@ def route(
   9. Losses and metrics (below).
 
   Args:
-    router_logits: f32[G, S, E] router outputs; any float dtype is cast to float32.
+    router_logits: f32[G, S, E] router outputs; any narrower float dtype is cast to
+      float32 (float64 stays float64).
     top_k: choices per token, K. 1 is Switch, 2 is GShard; larger k is supported and
       applies the second-expert policy to every choice after the first.
     capacity: C, slots per expert and group (see :func:`expert_capacity`).
@@ -211,7 +212,7 @@ def route(
                     rng, score_fn, selection_bias, expert_groups, top_groups,
                     gate_scale, balance_choices, queue_order)
   balance.check_scope(balance_scope)
-  logits = router_logits.astype(jnp.float32)
+  logits = router_logits.astype(common.router_dtype(router_logits))
   num_groups, group_size, num_experts = logits.shape
   valid = common.valid_tokens(token_mask, num_groups, group_size)
 
@@ -225,7 +226,8 @@ def route(
   select = scores
   if selection_bias is not None:
     # The bias only steers the argmax below; no gradient reaches it.
-    select = select + jax.lax.stop_gradient(jnp.asarray(selection_bias, jnp.float32))
+    select = select + jax.lax.stop_gradient(
+        jnp.asarray(selection_bias, jnp.float32).astype(logits.dtype))
   if expert_groups > 1:
     select = mask_to_top_groups(select, expert_groups, top_groups)
 
