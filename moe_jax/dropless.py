@@ -263,19 +263,21 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
 
 
 def apply_lost(out: routing.RoutingOutput, lost: jax.Array,
-               num_tokens: int) -> routing.RoutingOutput:
+               num_valid: int | jax.Array) -> routing.RoutingOutput:
   """``out`` with the ``lost`` choices (bool[G, S, K], dropped by a dispatch path's
   static buffers) no longer kept, and the metrics that count kept choices updated.
 
-  ``dropped_fraction`` (tokens with no kept choice, of the ``num_tokens`` valid ones),
-  ``second_kept_fraction`` and ``expert_fill`` then describe what the experts
-  actually computed, as they do for choices dropped for capacity.
+  ``dropped_fraction`` (tokens with no kept choice, of the ``num_valid`` valid ones:
+  the routers' denominator, padding left out), ``second_kept_fraction`` and
+  ``expert_fill`` then describe what the experts actually computed, as they do for
+  choices dropped for capacity. ``num_valid`` may be traced (the sum of a token mask).
   """
   kept = out.kept & ~lost
   newly_dropped = jnp.any(out.kept, axis=-1) & ~jnp.any(kept, axis=-1)
   metrics = dict(out.metrics)
+  total_valid = jnp.maximum(jnp.asarray(num_valid, jnp.float32), 1.0)
   metrics["dropped_fraction"] = (metrics["dropped_fraction"]
-                                 + jnp.sum(newly_dropped) / max(num_tokens, 1))
+                                 + jnp.sum(newly_dropped) / total_valid)
   num_groups, _, top_k = lost.shape
   # The metrics' experts: E, plus MoDE's no-op experts (never kept, so never lost).
   width = out.metrics["expert_load"].shape[-1]
@@ -286,5 +288,5 @@ def apply_lost(out: routing.RoutingOutput, lost: jax.Array,
                               - lost_per_expert / (num_groups * out.capacity))
   if "second_kept_fraction" in metrics and top_k > 1:
     metrics["second_kept_fraction"] = (metrics["second_kept_fraction"] - jnp.sum(
-        lost[..., 1:]) / (max(num_tokens, 1) * (top_k - 1)))
+        lost[..., 1:]) / (total_valid * (top_k - 1)))
   return out.replace(kept=kept, gates=jnp.where(lost, 0.0, out.gates), metrics=metrics)

@@ -324,7 +324,8 @@ class MoeLayer(nnx.Module):
     y, lost = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts,
                        self.layout, cfg=cfg, deterministic=deterministic)
     if lost is not None:
-      out = apply_lost(out, lost, num_tokens)
+      # Over the valid tokens, as the routers count (padding is never routed or lost).
+      out = apply_lost(out, lost, num_tokens if mask is None else jnp.sum(mask))
     y = self.constrain(y, "groups")
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     y = y.reshape(batch, length, d_model)

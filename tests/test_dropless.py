@@ -79,10 +79,13 @@ def _skewed_layers(top_k, factor=-1.0):
   return layers, x.astype(np.float32)
 
 
-def _run(layer, x):
+def _run(layer, x, token_mask=None):
   if layer.layout.mesh is not None:
-    x = sharding.shard_batch({"x": x}, layer.layout.mesh)["x"]
-  y, aux = nnx.jit(lambda layer, x: layer(x, deterministic=True))(layer, x)
+    batch = {"x": x} if token_mask is None else {"x": x, "mask": token_mask}
+    batch = sharding.shard_batch(batch, layer.layout.mesh)
+    x, token_mask = batch["x"], batch.get("mask")
+  y, aux = nnx.jit(lambda layer, x, m: layer(x, deterministic=True, token_mask=m))(
+      layer, x, token_mask)
   return np.asarray(y), jax.tree.map(np.asarray, aux.metrics)
 
 
@@ -135,6 +138,36 @@ def test_small_buffer_drops_and_reports_exactly(top_k, factor, lost_tokens, lost
     y_ref, _ = _run(single_full, x)
     kept = [s for s in range(8) if s not in lost]
     np.testing.assert_allclose(y[:, kept], y_ref[:, kept], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,factor,lost_tokens,lost_seconds", [
+    # Tokens 6, 7 of every group are padding (they went to shard 2), so 48 tokens are
+    # valid and shard 0 gets what it got above. top-1, f = 1: tokens 2-5 lose their
+    # only choice, 32 of the 48 valid tokens (not of all 64).
+    (1, 1.0, 32, 0),
+    # top-2, f = 1: tokens 4, 5 lose both choices (16 tokens), tokens 0-5 their second
+    # (48 second choices, of 48 valid tokens * (K - 1)).
+    (2, 1.0, 16, 48),
+])
+def test_small_buffer_metrics_count_valid_tokens_only(top_k, factor, lost_tokens,
+                                                      lost_seconds):
+  # The routers divide dropped_fraction and second_kept_fraction by the valid tokens;
+  # the choices the buffers lose must be counted over the same tokens: the one-device
+  # router's metrics (which lose nothing) plus what was lost, of 48 valid tokens.
+  (single, meshed), x = _skewed_layers(top_k, factor)
+  mask = np.ones((8, 8), bool)
+  mask[:, 6:] = False
+  valid = 48
+  _, m_ref = _run(single, x, mask)
+  y, m = _run(meshed, x, mask)
+  assert m_ref["dropped_fraction"] == 0.0
+  assert m["dropped_fraction"] == pytest.approx(
+      m_ref["dropped_fraction"] + lost_tokens / valid, abs=1e-6)
+  if top_k == 2:
+    assert m_ref["second_kept_fraction"] == pytest.approx(1.0)
+    assert m["second_kept_fraction"] == pytest.approx(
+        m_ref["second_kept_fraction"] - lost_seconds / (valid * (top_k - 1)), abs=1e-6)
+  np.testing.assert_array_equal(y[:, 6:], 0.0)  # padding is never routed
 
 
 def test_expert_dropout_on_a_mesh_masks_hidden_units():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -126,6 +127,34 @@ def test_expert_adapters_match_a_per_expert_loop():
   np.testing.assert_allclose(got.reshape(E, 3, M), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("a_init,bound_times_sqrt_k", [
+    ("he_uniform", np.sqrt(6.0)),             # flax's nnx.LoRA: sqrt(6 / K)
+    ("kaiming_uniform_a_sqrt5", 1.0),         # HF PEFT: gain sqrt(2 / 6) * sqrt(3 / K)
+])
+def test_lora_a_init_bound(a_init, bound_times_sqrt_k):
+  """A [E, K, r] is uniform on [-b, b] over its fan-in K (per expert, not E * K): the
+  extremes of 4 * 96 * 64 draws reach within 1% of b and never pass it, and the
+  variance is b^2 / 3. finetune.a_init picks it; the default keeps He-uniform."""
+  model = tiny_model()
+  config = ml_collections.ConfigDict({"finetune": finetune.default_finetune_config()})
+  assert config.finetune.a_init == "he_uniform"
+  config.finetune.targets, config.finetune.rank = ("experts",), 64
+  config.finetune.a_init = a_init
+  assert not finetune.finetune_errors(config.finetune)
+  info = finetune.prepare(model, config)["info"]
+  assert info["a_init"] == a_init
+  experts = next(m for _, m in nnx.iter_modules(model) if isinstance(m, Experts))
+  a = np.asarray(experts.wo_lora.lora_a[...])  # wo [E, H, M]: K = H = 24
+  assert a.shape == (E, H, 64)
+  bound = bound_times_sqrt_k / np.sqrt(H)
+  assert lora.a_bound(a_init, H) == pytest.approx(bound)
+  assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
+  assert a.var() == pytest.approx(bound ** 2 / 3, rel=0.05)
+  config.finetune.a_init = "normal"
+  assert "finetune.a_init='normal' is unknown" in finetune.finetune_errors(
+      config.finetune)[0]
+
+
 def test_trainable_count_equals_the_formula():
   model = tiny_model()
   peft_lora.add_lora(model, ALL_TARGETS, rank=4, alpha=8.0)
@@ -189,7 +218,6 @@ def test_select_experts_hand_example():
 def test_esft_top_p_defaults_to_the_papers_threshold_for_the_score(score, paper_p):
   """Wang et al. 2024 select up to p = 0.1 of the gate share (ESFT-Gate) and p = 0.2 of
   the token share (ESFT-Token); an explicit top_p wins."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   batch = {"inputs": tokens(shape=(2, 16))}
   for top_p, expected in ((None, paper_p), (0.6, 0.6)):
     model = tiny_model("dropless")

@@ -68,6 +68,9 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.rank = 8
   c.alpha = 16.0  # the update is scaled by alpha / rank
   c.seed = 0  # draws the LoRA A factors
+  # LoRA's A init: he_uniform (nnx.LoRA's, bound sqrt(6 / K)) | kaiming_uniform_a_sqrt5
+  # (HF PEFT's, bound sqrt(1 / K), 2.45x smaller); moe_jax.lora.A_INITS.
+  c.a_init = "he_uniform"
   c.esft = ml_collections.ConfigDict()
   c.esft.score = "gate"  # "gate" (ESFT-Gate) | "token" (ESFT-Token)
   # Per layer, experts until their cumulative share reaches this; None: the paper's
@@ -120,6 +123,10 @@ def finetune_errors(ft) -> list[str]:
         ft.alpha > 0):
       errors.append(f"finetune.alpha={ft.alpha!r} must be a number > 0 (the update is "
                     "scaled by alpha / rank).")
+    a_init = ft.get("a_init", "he_uniform")
+    if a_init not in lora_lib.A_INITS:
+      errors.append(f"finetune.a_init={a_init!r} is unknown; use one of "
+                    f"{', '.join(lora_lib.A_INITS)}.")
   if ft.method == "esft":
     if ft.esft.score not in esft.SCORES:
       errors.append(f"finetune.esft.score={ft.esft.score!r} is unknown; use one of "
@@ -219,9 +226,11 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
   info: dict[str, Any] = {"method": ft.method}
   row_masks: dict[tuple, np.ndarray] = {}
   if ft.method == "lora":
-    peft_lora.add_lora(model, targets, rank=ft.rank, alpha=ft.alpha, seed=ft.seed)
+    a_init = ft.get("a_init", "he_uniform")
+    peft_lora.add_lora(model, targets, rank=ft.rank, alpha=ft.alpha, seed=ft.seed,
+                       a_init=a_init)
     wrt: Any = nnx.LoRAParam
-    info.update(targets=list(targets), rank=ft.rank, alpha=ft.alpha)
+    info.update(targets=list(targets), rank=ft.rank, alpha=ft.alpha, a_init=a_init)
   elif ft.method == "full":
     wrt = nnx.Param
   else:

@@ -136,17 +136,18 @@ def target_weights(model, targets) -> list[TargetWeight]:
   return found
 
 
-def add_lora(model, targets, *, rank: int, alpha: float, seed: int = 0) -> int:
+def add_lora(model, targets, *, rank: int, alpha: float, seed: int = 0,
+             a_init: str = "he_uniform") -> int:
   """Attaches a zero-update adapter to every weight ``targets`` cover; returns how many.
 
   The A factors are drawn from ``seed`` (a stream of their own, so the model's RNG
-  streams are untouched).
+  streams are untouched) by ``a_init`` (:data:`moe_jax.lora.A_INITS`).
   """
   rngs = nnx.Rngs(params=seed)
   weights = target_weights(model, targets)
   for w in weights:
     lora_lib.attach(w.owner, w.name, batch_dims=w.batch_dims, in_dims=w.in_dims,
-                    rank=rank, alpha=alpha, rngs=rngs, axes=w.axes)
+                    rank=rank, alpha=alpha, rngs=rngs, axes=w.axes, a_init=a_init)
   return len(weights)
 
 
