@@ -18,6 +18,8 @@ from moe_jax import decode, routing, train
 from moe_jax.config import ConfigError, default_config, queue_order, validate_config
 from moe_jax.routers import causality
 from tests.reference import route_loop, route_zoo_loop
+# The default config with an MoE block every other block, and dotted-key overrides.
+from tests.test_config_validation import switch_config as lm_config
 
 # ----------------------------------------------------------------------------
 # The routing function
@@ -112,19 +114,6 @@ def test_bad_queue_order_is_refused():
 # ----------------------------------------------------------------------------
 # The LM config: "auto", refusal, causality derived from k, order and drops
 # ----------------------------------------------------------------------------
-
-
-def lm_config(**overrides):
-  """The default config with an MoE block every other block, and ``overrides``."""
-  config = default_config()
-  config.model.moe_every = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def moe_cfg(config):
