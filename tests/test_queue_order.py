@@ -176,6 +176,8 @@ TIGHT = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,
 CAUSAL_CASES = {
     "switch_einsum": {"moe.dispatch": "einsum"},
     "switch_indices": {"moe.dispatch": "indices"},
+    "switch_dropless": {"moe.dispatch": "dropless"},
+    "switch_choice_major": {"moe.dispatch": "indices", "moe.queue_order": "choice_major"},
     "top2_einsum": {"moe.top_k": 2, "moe.dispatch": "einsum"},
     "top2_indices": {"moe.top_k": 2, "moe.dispatch": "indices"},
     "top2_random_policy": {"moe.top_k": 2, "moe.second_policy": "random",
