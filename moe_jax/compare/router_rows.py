@@ -39,6 +39,8 @@ class Row:
     overrides: dotted config keys set after loading it (``{"moe.capacity_factor": 1.0}``).
     objectives: the objectives it runs under (non-causal routers: masked LM only).
     paper: where the router comes from.
+    variant: a one-key variant of another row for a side study (``noisy_top2_group``):
+      not in the presets' grid, run with ``--rows``.
   """
 
   name: str
@@ -47,12 +49,14 @@ class Row:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   objectives: tuple[str, ...] = BOTH
   paper: str = ""
+  variant: bool = False
 
 
 # Capacity 1.0 at train and eval for the capacity-limited masked-LM rows: expert choice
 # at its two capacity factors (Zhou et al. evaluate at the train factor), and Switch
 # with and without Batch Prioritized Routing where capacity is tight (V-MoE).
 _TIGHT = {"moe.capacity_factor": 1.0, "moe.eval_capacity_factor": 1.0}
+_GROUP, _BATCH = {"moe.balance_scope": "group"}, {"moe.balance_scope": "batch"}
 ROWS: tuple[Row, ...] = (
     Row("dense", "Dense", "dense_small"),
     Row("switch", "Switch top-1", "switch_small", paper="Fedus et al. 2021"),
@@ -75,8 +79,20 @@ ROWS: tuple[Row, ...] = (
     # The control of the BPR row: the same capacity without batch priority.
     Row("switch_cf1", "Switch top-1 cf 1.0 (BPR's control)", "switch_small", _TIGHT,
         (MASKED,), paper="Fedus et al. 2021"),
+    # Variants for the balance-scope study (docs/routing.md "Balance scope"): each row
+    # above at the other moe.balance_scope (topk's default is "group", noisy_topk's
+    # "batch"). noisy_top2_group is the noisy row as it ran before noisy_topk's default
+    # became "batch".
+    Row("switch_batch", "Switch top-1, batch balance", "switch_small", _BATCH,
+        paper="Fedus et al. 2021", variant=True),
+    Row("gshard_top2_batch", "GShard top-2, batch balance", "top2_small", _BATCH,
+        paper="Lepikhin et al. 2020", variant=True),
+    Row("noisy_top2_group", "Noisy top-2, group balance", "noisy_topk_small", _GROUP,
+        paper="Shazeer et al. 2017", variant=True),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
+# The presets' rows: every row but the variants.
+GRID_ROW_NAMES = tuple(r.name for r in ROWS if not r.variant)
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 

@@ -32,7 +32,8 @@ from moe_jax.compare.runner import RunSpec
 from moe_jax.compare import routers_report
 # The rows and their equal-FLOPs arithmetic; re-exported, as routers.ROWS etc.
 from moe_jax.compare.router_rows import (BOTH, CAUSAL, CONFIGS_DIR, MASKED,  # noqa: F401
-                                         OBJECTIVE_CHOICES, ROW_BY_NAME, ROW_NAMES, ROWS,
+                                         GRID_ROW_NAMES, OBJECTIVE_CHOICES, ROW_BY_NAME,
+                                         ROW_NAMES, ROWS,
                                          SHORT, Row, expert_shape, experts_per_token,
                                          ffn_flops_per_token, load_row_config, set_key)
 
@@ -50,14 +51,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # instead of 300). The final eval scores the whole validation split, as every
     # committed result does.
     "cpu_small": dict(
-        steps=200, seeds=2, objectives=BOTH, rows=ROW_NAMES,
+        steps=200, seeds=2, objectives=BOTH, rows=GRID_ROW_NAMES,
         num_layers=4, d_model=128, num_heads=4, d_ff=512, num_experts=8, seq_len=64,
         batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_every=25,
         eval_steps=8, final_eval_steps=0, log_every=25, checkpoint_every=100,
         bench_steps=10, bench_rounds=3),
     # Accelerator-sized: T5-Base-like shapes, 64 experts, a larger corpus (--dataset).
     "base": dict(
-        steps=50_000, seeds=3, objectives=BOTH, rows=ROW_NAMES,
+        steps=50_000, seeds=3, objectives=BOTH, rows=GRID_ROW_NAMES,
         num_layers=12, d_model=768, num_heads=12, d_ff=3072, num_experts=64,
         seq_len=512, batch_size=256, learning_rate=1e-3, warmup_steps=2_000,
         eval_every=1_000, eval_steps=50, final_eval_steps=200, log_every=100,
