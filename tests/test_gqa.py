@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import build, decode, sharding, train
+from moe_jax import build, decode, lora, sharding, train
+from moe_jax.peft import lora as peft_lora
 from moe_jax.block import Attention
 from moe_jax.config import default_config, validate_config
 from moe_jax.sizes import count_params, flops_per_token
@@ -184,6 +185,32 @@ def test_parameter_and_flop_counts_by_hand():
   assert got["total"] == got["active"] == flops
   info = build.model_info(model, seq)
   assert (info["params_total"], info["flops_per_token_total"]) == (total, flops)
+
+
+def test_attention_lora_follows_the_kv_kernel_shapes():
+  model = make_model(MODELS["dense"])
+  tokens = _tokens()
+  base = _forward(model, tokens)
+  assert peft_lora.add_lora(model, ["attention"], rank=2, alpha=4.0) == 2 * 4
+  attn = model.blocks[0].attn
+  assert (attn.query_lora.lora_a.shape, attn.query_lora.lora_b.shape) == ((32, 2), (2, 32))
+  for name in ("key", "value"):  # [M, N_kv, D] -> [M, r], [r, N_kv * D]
+    adapter = lora.adapter(attn, name)
+    assert (adapter.lora_a.shape, adapter.lora_b.shape) == ((32, 2), (2, 2 * 8))
+  assert (attn.out_lora.lora_a.shape, attn.out_lora.lora_b.shape) == ((32, 2), (2, 32))
+  assert peft_lora.lora_param_count(model) == 2 * (2 * 2 * (32 + 32) + 2 * 2 * (32 + 16))
+  # B = 0: the adapted model is the base model; with B drawn it is not, and merging
+  # the adapters into the kernels gives the adapted model.
+  np.testing.assert_array_equal(_forward(model, tokens), base)
+  rng = np.random.default_rng(0)
+  for _, _, _, adapter in lora.adapters(model):
+    adapter.lora_b.set_value(jnp.asarray(rng.normal(size=adapter.lora_b.shape) * 0.1,
+                                         jnp.float32))
+  adapted = _forward(model, tokens)
+  assert np.abs(adapted - base).max() > 1e-3
+  assert lora.merge(model) == 8
+  assert model.blocks[0].attn.key.shape == (32, 2, 8)
+  np.testing.assert_allclose(_forward(model, tokens), adapted, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------------
