@@ -7,10 +7,11 @@ decoding equals the full forward pass; the KV cache, parameter and FLOP counts f
 the KV heads; a mesh with a ``model`` axis equals one device.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax  # noqa: F401  (train steps below use the config's optimizer)
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -21,8 +22,11 @@ from moe_jax.block import Attention
 from moe_jax.config import default_config, validate_config
 from moe_jax.sizes import count_params, flops_per_token
 from moe_jax.transformer import Transformer, TransformerConfig
+from tests.reference import routed_block_loop
 from tests.test_decode import (FORCED, MAX_LEN, PREFILL_LEN, PROMPTS, full_logits,
                                make_model, teacher_forced)
+from tests.test_mod import _block_params, _run_block
+from tests.test_mod import config as mod_config
 
 # d_model 32, 4 query heads of width 8.
 GQA = {"model.num_heads": 4, "model.num_kv_heads": 2}
@@ -112,6 +116,19 @@ def test_grouped_attention_by_hand_in_numpy():
       p /= p.sum(-1, keepdims=True)
       want[b] += (p @ v) @ wo[n]
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mod_routed_block_with_gqa_matches_the_loop_reference():
+  # d_model 16, 4 query heads of width 4 over 2 KV heads; k = ceil(0.25 * 12) = 3.
+  # head_dim=0 re-derives the resolved width for the new head count.
+  cfg = dataclasses.replace(mod_config(), num_heads=4, num_kv_heads=2, head_dim=0)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  block = model.blocks[1]
+  assert block.attn.key.shape == (16, 2, 4)
+  x = jax.random.normal(jax.random.key(1), (2, 12, 16))
+  out, _ = _run_block(block, x)
+  want, _ = routed_block_loop(x, capacity=0.25, **_block_params(block))
+  np.testing.assert_allclose(np.asarray(out), want, atol=2e-5, rtol=1e-5)
 
 
 def test_num_kv_heads_equal_to_num_heads_is_the_default_model_bit_for_bit():
