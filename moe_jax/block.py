@@ -270,7 +270,7 @@ class Attention(nnx.Module):
     # Einsums, not projection.project: on CPU the 2-D form measured no faster here
     # (docs/benchmarks.md, "The model's own matmuls").
     q, k, v = (jnp.einsum("BLM,MND->BLND", x, weight(self, name).astype(dtype))
-               for name in ("query", "key", "value"))  # N_kv heads for k and v
+               for name in ("query", "key", "value"))
     if cfg.position == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
     return q, k, v
@@ -279,25 +279,31 @@ class Attention(nnx.Module):
               allowed: jax.Array) -> jax.Array:
     """q: [B, Q, N, D], k, v: [B, K, N_kv, D], allowed: bool[B or 1, Q, K] -> [B, Q, M]."""
     cfg = self.cfg
+    if cfg.kv_groups > 1:
+      return self._attend_grouped(q, k, v, allowed)
     dtype = cfg.compute_dtype
-    if cfg.kv_groups == 1:
-      # Softmax in float32 whatever the compute dtype.
-      scores = jnp.einsum("BQND,BKND->BNQK", q, k,
-                          preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-      scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-      h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
-    else:
-      # Grouped: q's N heads as [N_kv, G] (head n = kv * G + g), each group against
-      # its one KV head; K and V are read once per group, never repeated.
-      b, length = q.shape[:2]
-      q = q.reshape(b, length, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-      scores = jnp.einsum("BQHGD,BKHD->BHGQK", q, k,
-                          preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-      scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-      h = jnp.einsum("BHGQK,BKHD->BQHGD", probs, v.astype(dtype)).reshape(
-          b, length, cfg.num_heads, cfg.head_dim)
+    # Softmax in float32 whatever the compute dtype.
+    scores = jnp.einsum("BQND,BKND->BNQK", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
+    return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
+
+  def _attend_grouped(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                      allowed: jax.Array) -> jax.Array:
+    """:meth:`_attend` for N_kv < N: q's N heads as [N_kv, G] (head n = kv * G + g,
+    G = N / N_kv), each group against its one KV head; K and V are never repeated."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    b, length = q.shape[:2]
+    q = q.reshape(b, length, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
+    scores = jnp.einsum("BQHGD,BKHD->BHGQK", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # float32 softmax, as above
+    h = jnp.einsum("BHGQK,BKHD->BQHGD", probs, v.astype(dtype)).reshape(
+        b, length, cfg.num_heads, cfg.head_dim)
     return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array,
