@@ -34,8 +34,10 @@ NORMS = ("rmsnorm", "layernorm")
 # Logical axis names of the parameters defined in this file (experts.py has the FFNs').
 EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
               "unembed": ("embed", "vocab")}
-ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "heads", "kv"),
-                  "value": ("embed", "heads", "kv"), "out": ("heads", "kv", "embed")}
+# Grouped-query attention's key and value kernels have N_kv heads: "kv_heads" shards over
+# ``model`` only when N_kv divides by it, and is replicated otherwise (moe_jax/sharding.py).
+ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "kv_heads", "kv"),
+                  "value": ("embed", "kv_heads", "kv"), "out": ("heads", "kv", "embed")}
 NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
 
 
@@ -47,7 +49,13 @@ class TransformerConfig:
     vocab_size: V.
     num_layers: number of blocks.
     d_model: M.
-    num_heads: attention heads; ``d_model % num_heads == 0``.
+    num_heads: N, query heads; ``d_model % num_heads == 0`` unless ``head_dim`` is set.
+    num_kv_heads: N_kv, key/value heads (grouped-query attention, Ainslie et al. 2023):
+      query head ``n`` reads KV head ``n // (N / N_kv)``; must divide ``num_heads``.
+      0 (the default) resolves to ``num_heads`` at construction: multi-head attention.
+    head_dim: D, the width of each head; 0 (the default) resolves to ``d_model //
+      num_heads`` at construction. Both are stored resolved, so pass 0 again to
+      ``dataclasses.replace`` to re-derive them for new widths.
     d_ff: H, hidden width of the dense FFN (each expert's is ``moe.d_ff``).
     max_len: longest sequence (learned positions only need it).
     moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
@@ -111,11 +119,23 @@ class TransformerConfig:
   mod_capacity: float = 0.125
   mod_predictor: str = "router_bce"
   causal: bool = True
+  num_kv_heads: int = 0
+  head_dim: int = 0
 
   def __post_init__(self):
-    if self.d_model % self.num_heads:
+    if self.head_dim < 0:
+      raise ValueError(f"head_dim={self.head_dim} must be a positive integer, or 0 for "
+                       "d_model // num_heads.")
+    if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} must be divisible by "
                        f"num_heads={self.num_heads}.")
+    if self.num_kv_heads < 0 or (self.num_kv_heads
+                                 and self.num_heads % self.num_kv_heads):
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads="
+                       f"{self.num_heads} (0: num_heads).")
+    # Resolved here, so every reader sees the numbers in use.
+    object.__setattr__(self, "head_dim", self.head_dim or self.d_model // self.num_heads)
+    object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
     if self.moe_every and self.moe is None:
       raise ValueError("moe_every > 0 needs a MoeConfig in `moe`.")
     if self.position not in POSITIONS:
@@ -142,8 +162,9 @@ class TransformerConfig:
                        f"{self.d_model}.")
 
   @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+  def kv_groups(self) -> int:
+    """Query heads per KV head, ``N / N_kv`` (1: multi-head attention)."""
+    return self.num_heads // self.num_kv_heads
 
   @property
   def compute_dtype(self):
@@ -214,27 +235,35 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Multi-head causal self-attention; kernels ``[M, N, D]`` and ``[N, D, M]``.
+  """Multi-head or grouped-query causal self-attention.
+
+  Kernels: query ``[M, N, D]``, key and value ``[M, N_kv, D]``, out ``[N, D, M]``.
+  Each group of ``N / N_kv`` consecutive query heads shares one KV head (query head
+  ``n`` reads KV head ``n // (N / N_kv)``, as Llama's ``repeat_kv``); the scores are a
+  grouped einsum, without repeating K and V. ``N_kv = N`` is multi-head attention.
 
   ``attn(x, positions)`` attends over ``x`` itself (training, evaluation). For cached
-  decoding, :meth:`init_cache` preallocates ``[B, max_len, N, D]`` key and value caches
+  decoding, :meth:`init_cache` preallocates ``[B, max_len, N_kv, D]`` key and value caches
   (nnx ``Cache`` variables) and :meth:`decode` writes each new token at the slot of
   its position and attends to every cached token at or before it.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    shape = (cfg.d_model, cfg.num_heads, cfg.head_dim)
+    shapes = {"query": (cfg.d_model, cfg.num_heads, cfg.head_dim),
+              "key": (cfg.d_model, cfg.num_kv_heads, cfg.head_dim),
+              "value": (cfg.d_model, cfg.num_kv_heads, cfg.head_dim)}
     init = scaled_init(cfg.init_scale, in_axis=0, out_axis=(1, 2))
     for name in ("query", "key", "value"):
-      setattr(self, name, _param(init(rngs.params(), shape, jnp.float32),
+      setattr(self, name, _param(init(rngs.params(), shapes[name], jnp.float32),
                                  ATTENTION_AXES[name]))
     out_init = scaled_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
     self.out = _param(out_init(rngs.params(), (cfg.num_heads, cfg.head_dim, cfg.d_model),
                                jnp.float32), ATTENTION_AXES["out"])
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
-    """x: [B, L, M] -> q, k, v: [B, L, N, D] in the compute dtype, rotated."""
+    """x: [B, L, M] -> q: [B, L, N, D], k, v: [B, L, N_kv, D] in the compute dtype,
+    rotated."""
     cfg = self.cfg
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
@@ -248,8 +277,10 @@ class Attention(nnx.Module):
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
               allowed: jax.Array) -> jax.Array:
-    """q: [B, Q, N, D], k, v: [B, K, N, D], allowed: bool[B or 1, Q, K] -> [B, Q, M]."""
+    """q: [B, Q, N, D], k, v: [B, K, N_kv, D], allowed: bool[B or 1, Q, K] -> [B, Q, M]."""
     cfg = self.cfg
+    if cfg.kv_groups > 1:
+      return self._attend_grouped(q, k, v, allowed)
     dtype = cfg.compute_dtype
     # Softmax in float32 whatever the compute dtype.
     scores = jnp.einsum("BQND,BKND->BNQK", q, k,
@@ -257,6 +288,22 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     h = jnp.einsum("BNQK,BKND->BQND", probs, v.astype(dtype))
+    return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
+
+  def _attend_grouped(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                      allowed: jax.Array) -> jax.Array:
+    """:meth:`_attend` for N_kv < N: q's N heads as [N_kv, G] (head n = kv * G + g,
+    G = N / N_kv), each group against its one KV head; K and V are never repeated."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    b, length = q.shape[:2]
+    q = q.reshape(b, length, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
+    scores = jnp.einsum("BQHGD,BKHD->BHGQK", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # float32 softmax, as above
+    h = jnp.einsum("BHGQK,BKHD->BQHGD", probs, v.astype(dtype)).reshape(
+        b, length, cfg.num_heads, cfg.head_dim)
     return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
 
   def __call__(self, x: jax.Array, positions: jax.Array,
@@ -293,7 +340,7 @@ class Attention(nnx.Module):
       raise ConfigError([
           "this model attends bidirectionally (model.objective='masked_lm'), so it "
           "cannot generate text one token at a time; sample a causal_lm model."])
-    shape = (batch, max_len, self.cfg.num_heads, self.cfg.head_dim)
+    shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)  # KV heads only
     self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
     self.cached_positions = nnx.Cache(jnp.full((batch, max_len), -1, jnp.int32))

@@ -67,6 +67,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_layers = 4
   c.model.d_model = 256
   c.model.num_heads = 4
+  # Grouped-query attention: key/value heads, each shared by num_heads / num_kv_heads
+  # query heads (0: num_heads, multi-head attention). head_dim: each head's width
+  # (0: d_model / num_heads).
+  c.model.num_kv_heads = 0
+  c.model.head_dim = 0
   c.model.d_ff = 1024
   c.model.moe_every = 0  # 0: dense; 2: Switch (every other block)
   # Block i is MoE when i % moe_every == moe_offset; None: moe_every - 1 (Switch:
@@ -344,10 +349,26 @@ def validate_config(config, *, num_devices: int | None = None,
   m = config.model
   for key in ("num_layers", "d_model", "num_heads", "d_ff"):
     positive_int(f"model.{key}", m[key])
-  if _is_int(m.d_model) and _is_int(m.num_heads) and m.d_model >= 1 and m.num_heads >= 1:
+  # Configs saved before grouped-query attention lack these keys: 0 (the defaults).
+  kv_heads, head_dim = m.get("num_kv_heads", 0), m.get("head_dim", 0)
+  need("model.num_kv_heads", _is_int(kv_heads) and kv_heads >= 0,
+       "must be an integer >= 0 (0: num_heads, multi-head attention).")
+  need("model.head_dim", _is_int(head_dim) and head_dim >= 0,
+       "must be a positive integer, or 0 for d_model / num_heads.")
+  if (_is_int(kv_heads) and kv_heads >= 1 and _is_int(m.num_heads) and m.num_heads >= 1
+      and m.num_heads % kv_heads):
+    errors.append(f"model.num_kv_heads={kv_heads} must divide model.num_heads="
+                  f"{m.num_heads}; use a divisor of num_heads (0: num_heads).")
+  if (_is_int(head_dim) and head_dim >= 1 and m.position == "rotary"
+      and head_dim % 2):
+    errors.append(f"model.head_dim={head_dim} must be even for rotary positions; use "
+                  "an even head_dim or model.position='learned'.")
+  if (_is_int(m.d_model) and _is_int(m.num_heads) and m.d_model >= 1 and m.num_heads >= 1
+      and head_dim == 0):
     if m.d_model % m.num_heads:
       errors.append(f"model.d_model={m.d_model} must be divisible by "
-                    f"model.num_heads={m.num_heads}; change one of them.")
+                    f"model.num_heads={m.num_heads}; change one of them, or set "
+                    "model.head_dim.")
     elif m.position == "rotary" and (m.d_model // m.num_heads) % 2:
       errors.append(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must "
                     "be even for rotary positions; change num_heads or use "

@@ -54,6 +54,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("expert", "expert"),    # E of expert weights
     ("mlp", "model"),        # H, hidden width of experts and dense FFNs
     ("heads", "model"),      # attention heads (Megatron: q/k/v column-, out row-split)
+    ("kv_heads", "model"),   # N_kv key/value heads; replicated when fewer than `model`
     ("vocab", "model"),      # V of embeddings and output projection
     ("embed", None),         # M, model width
     ("kv", None),            # per-head width
@@ -323,8 +324,10 @@ def logical_to_spec(
 
   A dimension is split only if its mesh axes divide it and no earlier dimension uses
   them. An ``expert`` dimension smaller than the expert axis that divides it is
-  replicated; any other misfit of ``expert`` is an error, and misfits of other axes
-  are replicated with a warning.
+  replicated; any other misfit of ``expert`` is an error. A ``kv_heads`` dimension
+  (grouped-query attention's N_kv) that divides its axis is replicated silently, as
+  Megatron replicates KV heads when there are fewer than tensor-parallel ranks.
+  Other misfits are replicated with a warning.
   """
   rules = dict(rules)
   where = where or "array"
@@ -354,7 +357,7 @@ def logical_to_spec(
       if name == "expert" and size % dim:
         raise ValueError(f"{where}: E={dim} experts do not fit the expert axis of size "
                          f"{size}; E must be a multiple of it or divide it.")
-      if name != "expert":
+      if name != "expert" and not (name == "kv_heads" and size % dim == 0):
         log.warning("%s: dimension %d (%s) is not divisible by mesh axes %s of size %d; "
                     "replicating it.", where, dim, name, axes, size)
       out.append(None)

@@ -64,9 +64,12 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
 
   * dense matmuls: 2 x weights (attention projections, dense FFN, output projection;
     the embedding lookup is free);
-  * attention scores and mixing: ``4 * context * M`` per token and block (QK^T and PV
-    over the full context, the Kaplan et al. 2020 convention; causal masking is not
-    discounted); the context is ``seq_len``, or ``k`` in a routed block;
+  * attention scores and mixing: ``4 * context * N * D`` per token and block (QK^T and
+    PV over the full context for each of the N query heads, the Kaplan et al. 2020
+    convention with ``N * D = M`` by default; causal masking is not discounted;
+    grouped-query attention's fewer KV heads shrink the key and value projections,
+    counted with the weights, not this term); the context is ``seq_len``, or ``k`` in
+    a routed block;
   * Mamba mixers: :func:`moe_jax.mamba.mixer_cost` (2 x the projection and conv
     weights plus ``6 * D_in * N`` for the scan; nothing grows with ``seq_len``);
   * routed experts: ``2 x k / (E + N)`` of their weights per token (``active``, as in
@@ -91,7 +94,8 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
     run = block.tokens_run(seq_len)  # tokens through the block, the attention context
     for _, module in nnx.iter_modules(block):
       if isinstance(module, Attention):
-        n = (2 * _size(module) + 4 * run * cfg.d_model) * run
+        width = module.cfg.num_heads * module.cfg.head_dim  # N * D, M by default
+        n = (2 * _size(module) + 4 * run * width) * run
         active, total = active + n, total + n
       elif isinstance(module, MambaMixer):
         n = mixer_cost(module.cfg)["flops"] * run

@@ -8,8 +8,9 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 
 * pre-norm residual blocks ``x + mixer(norm(x))``, ``x + ffn(norm(x))``, final norm;
   RMSNorm by default (T5), LayerNorm optional;
-* multi-head causal self-attention with rotary positions (RoFormer), learned
-  absolute positions, or none (Jamba: the Mamba layers carry the order);
+* multi-head or grouped-query (``num_kv_heads``) causal self-attention with rotary
+  positions (RoFormer), learned absolute positions, or none (Jamba: the Mamba layers
+  carry the order);
 * the layer pattern (:mod:`moe_jax.layer_pattern`, Jamba's keys) picks each block's
   token mixer and FFN. Block ``i`` (0-based) mixes with causal self-attention when
   ``i % attn_layer_period == attn_layer_offset`` and with a Mamba mixer

@@ -417,7 +417,8 @@ def routed_block_loop(x, *, router, capacity, wq, wk, wv, wo, attn_scale, ffn_wi
                       ffn_scale, activation="gelu", rope_base=10000.0):
   """Reference Mixture-of-Depths routed block (Raposo et al. 2024), one token at a time.
 
-  x: [B, L, M]; router: [M]; wq, wk, wv: [M, N, D]; wo: [N, D, M]; the RMSNorm scales
+  x: [B, L, M]; router: [M]; wq: [M, N, D]; wk, wv: [M, N_kv, D] (query head ``n``
+  reads KV head ``n // (N / N_kv)``); wo: [N, D, M]; the RMSNorm scales
   of the attention and FFN branches; a dense FFN ``ffn_wi [M, H]``, ``ffn_wo [H, M]``.
   Per row: ``r_i = x_i . router``; the ``k = ceil(capacity * L)`` largest ``r`` are
   picked by sorting on ``(-r_i, i)`` (ties to the lower position); each picked token
@@ -430,6 +431,7 @@ def routed_block_loop(x, *, router, capacity, wq, wk, wv, wo, attn_scale, ffn_wi
   batch, length, _ = x.shape
   k = int(np.ceil(capacity * length - 1e-9))
   head_dim = wq.shape[-1]
+  groups = wq.shape[1] // wk.shape[1]  # query heads per KV head
   out = x.copy()
   picked_rows = []
   for b in range(batch):
@@ -445,9 +447,10 @@ def routed_block_loop(x, *, router, capacity, wq, wk, wv, wo, attn_scale, ffn_wi
       for n in range(wq.shape[1]):
         qi = _rotate(q[i][n], i, rope_base)
         earlier = [j for j in picked if j <= i]
-        scores = np.array([qi @ _rotate(key[j][n], j, rope_base) for j in earlier])
+        kv = n // groups
+        scores = np.array([qi @ _rotate(key[j][kv], j, rope_base) for j in earlier])
         p = _softmax(scores / np.sqrt(head_dim))
-        mixed = sum(pj * val[j][n] for pj, j in zip(p, earlier))
+        mixed = sum(pj * val[j][kv] for pj, j in zip(p, earlier))
         h += mixed @ wo[n]
       y = _ffn(_rms_norm(x[b, i] + h, ffn_scale), ffn_wi, ffn_wo, None, activation)
       out[b, i] = x[b, i] + r[i] * (h + y)

@@ -58,7 +58,7 @@ moe.loss_reduction model.position model.moe_offset model.attn_layer_period
 model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
 mamba.chunk_size mamba.scan model.mod_every model.mod_capacity model.mod_predictor
 model.mod_aux_loss_coef moe.noop_experts moe.noop_capacity_factor
-moe.balance_scope""".split()
+moe.balance_scope model.num_kv_heads model.head_dim""".split()
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -168,6 +168,13 @@ RULES = [
     ({"model.d_model": 100, "model.num_heads": 3}, "model.d_model=100", "divisible"),
     ({"model.d_model": 12, "model.num_heads": 4}, "model.d_model / model.num_heads",
      "even"),
+    ({"model.num_kv_heads": 3}, "model.num_kv_heads=3", "must divide model.num_heads=4"),
+    ({"model.num_kv_heads": -1}, "model.num_kv_heads=-1", ">= 0"),
+    ({"model.head_dim": -8}, "model.head_dim=-8", "positive integer, or 0"),
+    ({"model.head_dim": 7}, "model.head_dim=7", "even for rotary"),
+    # An explicit head_dim frees d_model from num_heads; a bad one is its own error.
+    ({"model.d_model": 100, "model.num_heads": 3, "model.head_dim": -1},
+     "model.head_dim=-1", "positive"),
     ({"model.num_layers": 0}, "model.num_layers=0", "positive"),
     ({"model.d_ff": -4}, "model.d_ff=-4", "positive"),
     ({"model.moe_every": -1}, "model.moe_every=-1", ">= 0"),
@@ -289,6 +296,7 @@ def test_new_keys_have_valid_defaults():
   assert (c.eval_steps, c.moe.loss_reduction) == (0, "sum")
   assert (c.model.init_scale, c.moe.init_scale, c.moe.router_init_scale) == (1.0, 1.0, 1.0)
   assert c.final_eval_steps is None  # as eval_steps
+  assert (c.model.num_kv_heads, c.model.head_dim) == (0, 0)  # multi-head, M / N
   assert errors_for(**{"moe.loss_reduction": "mean", "eval_steps": 3,
                        "final_eval_steps": 0}) == []
 

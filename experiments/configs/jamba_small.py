@@ -18,7 +18,8 @@ As in Jamba:
 
 Scaled down for a 2-core CPU: 8 layers of width 128 with 4 attention heads of 32 (Jamba:
 32 layers = 4 Jamba blocks of width 4096, 32 query heads sharing 8 key-value heads;
-there is no grouped-query attention here), byte-level vocabulary and the embedded
+this config keeps multi-head attention, and ``model.num_kv_heads=1`` gives Jamba's 4
+query heads per KV head), byte-level vocabulary and the embedded
 corpus at switch_small's batch, sequence length, steps and optimizer (Jamba trains on
 long contexts up to 256K). With these widths the model has 3.0M active parameters
 per token (dense_small: 3.3M) and 12.7M in total. Kept from ``switch_small`` (not in

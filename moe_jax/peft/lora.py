@@ -10,7 +10,7 @@ target is one entry and never a branch in the model code.
 | ``router`` | :class:`~moe_jax.moe_layer.Router` | kernel [M, E] -> [M, r], [r, E] (``noisy_topk``'s ``noise_kernel`` gets none and stays frozen) |
 | ``experts`` | :class:`~moe_jax.experts.Experts` | wi, wi_gate [E, M, H] -> [E, M, r], [E, r, H]; wo [E, H, M] -> [E, H, r], [E, r, M] |
 | ``shared_experts`` | an MoE layer's shared :class:`~moe_jax.experts.DenseFfn` | wi, wi_gate [M, H_s], wo [H_s, M] |
-| ``attention`` | :class:`~moe_jax.transformer.Attention` | query, key, value [M, N, D] -> [M, r], [r, N*D]; out [N, D, M] -> [N*D, r], [r, M] |
+| ``attention`` | :class:`~moe_jax.transformer.Attention` | query [M, N, D] -> [M, r], [r, N*D]; key, value [M, N_kv, D] -> [M, r], [r, N_kv*D] (grouped-query attention's N_kv KV heads); out [N, D, M] -> [N*D, r], [r, M] |
 | ``dense_ffn`` | a block's dense :class:`~moe_jax.experts.DenseFfn` | wi, wi_gate [M, H], wo [H, M] |
 
 Trainable parameters: a weight ``[*b, *in, *out]`` adds ``prod(b) * r * (K + N)``
