@@ -70,17 +70,24 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
   mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
   reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
-  def loss(m, batch):
+  def loss(m, batch, *, num_targets=None, share=1.0):
+    """``num_targets`` (f32[], the global batch's target count) and ``share`` (1 / the
+    number of microbatches) serve gradient accumulation: CE is divided by the global
+    batch's count instead of this batch's own and the aux, z and predictor losses are
+    scaled by ``share``, so the microbatches' totals sum to the global batch's."""
+    def scaled(x):
+      return x if share == 1.0 else share * x
+
     out = m.forward(batch["inputs"], deterministic=False, token_mask=token_mask(batch))
     moe_aux = out.moe_aux
     ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
-    ce = ce_sum / jnp.maximum(count, 1.0)
+    ce = ce_sum / jnp.maximum(count if num_targets is None else num_targets, 1.0)
     moe = dict(moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
-    total = ce + mod_coef * mod.depth_loss(out.depth_aux)
+    total = ce + scaled(mod_coef * mod.depth_loss(out.depth_aux))
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
-      total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
-               + z_coef * reduce(jnp.stack([a.z_loss for a in layers])))
+      total = (total + scaled(aux_coef * reduce(jnp.stack([a.aux_loss for a in layers])))
+               + scaled(z_coef * reduce(jnp.stack([a.z_loss for a in layers]))))
     choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
     return total, (dict(moe, loss=ce), choice_counts)
 
