@@ -134,9 +134,17 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (metrics, counts) = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     # CE is already each microbatch's share of the global batch's; the other metrics
-    # are per-microbatch means (equal microbatches) and the choice counts add up.
+    # are per-microbatch means over equal microbatches, so their mean is the global
+    # batch's (a standard deviation is pooled from the microbatches' moments), and the
+    # choice counts add up.
+    stacked = metrics
     metrics = {k: jnp.sum(v, 0) if k == "loss" else jnp.mean(v, 0)
-               for k, v in metrics.items()}
+               for k, v in stacked.items()}
+    if "mod_router_std" in stacked:
+      mean, std = stacked["mod_router_mean"], stacked["mod_router_std"]
+      second = jnp.mean(std * std + mean * mean, 0)
+      metrics["mod_router_std"] = jnp.sqrt(jnp.maximum(
+          second - metrics["mod_router_mean"] ** 2, 0.0))
     return grads, (metrics, jax.tree.map(lambda c: jnp.sum(c, 0), counts))
 
   def train_step(state: TrainState, batch):
