@@ -123,28 +123,40 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
       num_targets = jnp.sum(batch["weights"].astype(jnp.float32))
     else:
       num_targets = jnp.asarray(batch["targets"].size, jnp.float32)
+    # Each microbatch's share of the real tokens: the weight of its token means.
+    mask = token_mask(micro)
+    real = (jnp.sum(mask.astype(jnp.float32), axis=(1, 2)) if mask is not None
+            else jnp.ones((accum,), jnp.float32))
+    token_share = jnp.where(jnp.sum(real) > 0, real / jnp.maximum(jnp.sum(real), 1.0),
+                            1.0 / accum)
 
     def body(grads, xs):
-      index, mb = xs
+      index, mb, share = xs
       g, (metrics, counts) = jax.grad(loss_fn, has_aux=True)(
           params, model_state_, mb, jax.random.fold_in(key, index), step,
-          num_targets=num_targets, share=1.0 / accum)
+          num_targets=num_targets, share=1.0 / accum, token_share=share)
       return jax.tree.map(jnp.add, grads, g), (metrics, counts)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (metrics, counts) = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-    # CE is already each microbatch's share of the global batch's; the other metrics
-    # are per-microbatch means over equal microbatches, so their mean is the global
-    # batch's (a standard deviation is pooled from the microbatches' moments), and the
-    # choice counts add up.
+    grads, (metrics, counts) = jax.lax.scan(
+        body, zeros, (jnp.arange(accum), micro, token_share))
+    # CE is already each microbatch's share of the global batch's; the aux loss and
+    # the expert fill (means over routing groups and their slots) average, the metrics
+    # over real tokens weigh each
+    # microbatch by its real tokens (a standard deviation is pooled from the
+    # microbatches' moments), and the choice counts add up.
     stacked = metrics
-    metrics = {k: jnp.sum(v, 0) if k == "loss" else jnp.mean(v, 0)
+
+    def weighted(v):
+      return jnp.tensordot(token_share, v, axes=1)
+
+    metrics = {k: jnp.sum(v, 0) if k == "loss" else
+               jnp.mean(v, 0) if k in ("aux_loss", "expert_fill") else weighted(v)
                for k, v in stacked.items()}
     if "mod_router_std" in stacked:
       mean, std = stacked["mod_router_mean"], stacked["mod_router_std"]
-      second = jnp.mean(std * std + mean * mean, 0)
       metrics["mod_router_std"] = jnp.sqrt(jnp.maximum(
-          second - metrics["mod_router_mean"] ** 2, 0.0))
+          weighted(std * std + mean * mean) - metrics["mod_router_mean"] ** 2, 0.0))
     return grads, (metrics, jax.tree.map(lambda c: jnp.sum(c, 0), counts))
 
   def train_step(state: TrainState, batch):

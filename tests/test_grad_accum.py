@@ -26,17 +26,25 @@ CONFIGS = {
     # Masked LM: each microbatch has its own count of picked (scored) tokens.
     "masked_lm": {"model.objective": "masked_lm"},
 }
+# Batches with padding (rows of 8 to 32 real tokens), so the microbatches score
+# different numbers of tokens.
+PADDED = ("masked_lm", "padded")
+CONFIGS["padded"] = {}
 
 
-def _batches(config, steps, batch_size=None):
+def _batches(config, steps, padded=False):
   rng = np.random.default_rng(0)
-  rows = batch_size or config.batch_size
+  rows, length = config.batch_size, config.data.seq_len
   for _ in range(steps):
-    t = rng.integers(0, 256, (rows, config.data.seq_len + 1), np.int32)
-    yield {"inputs": t[:, :-1], "targets": t[:, 1:]}
+    t = rng.integers(0, 256, (rows, length + 1), np.int32)
+    batch = {"inputs": t[:, :-1], "targets": t[:, 1:]}
+    if padded:
+      real = rng.integers(8, length + 1, (rows, 1))
+      batch["weights"] = (np.arange(length)[None] < real).astype(np.float32)
+    yield batch
 
 
-def _run(config, steps=STEPS, mesh=None):
+def _run(config, steps=STEPS, mesh=None, padded=False):
   """(metrics per step, final state) of ``steps`` train steps on fixed batches."""
   model = train.make_model(config)
   tx, _ = train.make_optimizer(config)
@@ -54,7 +62,7 @@ def _run(config, steps=STEPS, mesh=None):
     step = train.make_train_step(model, tx, config, state_sharding=state_sharding)
     put = lambda b: sharding.shard_batch(b, mesh)  # noqa: E731
   metrics = []
-  for batch in _batches(config, steps):
+  for batch in _batches(config, steps, padded):
     state, m = step(state, put(batch))
     metrics.append(jax.tree.map(np.asarray, m))
   return metrics, state
@@ -75,8 +83,9 @@ def _assert_same_run(a, b, atol=1e-5):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_accumulated_steps_equal_full_batch_steps(name):
   base = {"batch_size": 8, "sample.length": 0, **CONFIGS[name]}
-  full = _run(tiny_config(**base))
-  accumulated = _run(tiny_config(**base, grad_accum_steps=4))
+  padded = name in PADDED
+  full = _run(tiny_config(**base), padded=padded)
+  accumulated = _run(tiny_config(**base, grad_accum_steps=4), padded=padded)
   _assert_same_run(full, accumulated)
   if name == "deepseek":
     # Bit for bit: the update is rate * sign(mean(c) - c), and the choice counts are
