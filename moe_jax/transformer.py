@@ -26,7 +26,9 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   tokens of each sequence with the largest router weight ``r`` run it, and they come
   out as ``x + r * f(x)``; the others skip it. ``forward`` reports each routed block's
   :class:`~moe_jax.mod.DepthAux`;
-* separate input and output embeddings by default (tying is an option).
+* separate input and output embeddings by default (tying is an option);
+* ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
+  policy of :data:`~moe_jax.block.REMAT_POLICIES` ("none" leaves them unwrapped).
 
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
 (inside MoeLayer) and the logits stay float32.
