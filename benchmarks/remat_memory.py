@@ -29,7 +29,8 @@ from moe_jax import train as train_lib
 from moe_jax.config import check_config
 from moe_jax.losses import training_loss
 
-_CONFIG = flags.DEFINE_string("config", "switch_small", "Config of experiments/configs/.")
+_CONFIG = flags.DEFINE_string("config", "switch_small",
+                              "Config of experiments/configs/.")
 _OVERRIDES = flags.DEFINE_list("config_overrides", [],
                                "KEY=VALUE overrides, e.g. batch_size=32.")
 # (model.remat, grad_accum_steps) of each row. "dots_saveable" is not a config value:
