@@ -40,6 +40,14 @@ ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "kv_heads"
                   "value": ("embed", "kv_heads", "kv"), "out": ("heads", "kv", "embed")}
 NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
 
+# model.remat -> the jax.checkpoint policy of each block (None: jax.checkpoint's
+# default, which saves nothing); "none" does not wrap the blocks at all.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
@@ -93,6 +101,12 @@ class TransformerConfig:
     causal: attention is causal (a language model that generates); False:
       bidirectional, every token attends to every real token of its sequence (masked
       language modelling, :mod:`moe_jax.objectives`), and the model cannot decode.
+    remat: what each block keeps for the backward pass (:data:`REMAT_POLICIES`):
+      "none" keeps every residual, "full" recomputes the whole block from its input
+      (``nnx.remat`` saving nothing), "dots" saves the matmuls without batch
+      dimensions (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) and
+      recomputes the rest. The values are the same either way; only memory and
+      compute change.
   """
 
   vocab_size: int
@@ -121,6 +135,7 @@ class TransformerConfig:
   causal: bool = True
   num_kv_heads: int = 0
   head_dim: int = 0
+  remat: str = "none"
 
   def __post_init__(self):
     if self.head_dim < 0:
@@ -144,6 +159,9 @@ class TransformerConfig:
       raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got "
+                       f"{self.remat!r}.")
     for msg in pattern_errors(self.num_layers, self.attn_layer_period,
                               self.attn_layer_offset, self.moe_every, self.moe_offset):
       raise ValueError(msg)

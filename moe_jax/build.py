@@ -81,7 +81,7 @@ def transformer_config(config, vocab_size: int) -> TransformerConfig:
       attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config),
       mod_every=m.get("mod_every", 0), mod_capacity=m.get("mod_capacity", 0.125),
       mod_predictor=m.get("mod_predictor", "router_bce"),
-      causal=objectives.get_objective(config).causal,
+      causal=objectives.get_objective(config).causal, remat=m.get("remat", "none"),
       # Configs saved before grouped-query attention: multi-head, d_model / num_heads.
       num_kv_heads=m.get("num_kv_heads", 0), head_dim=m.get("head_dim", 0))
 

@@ -44,6 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.steps = 600  # ~30 min for switch_small on a 2-core CPU
   c.batch_size = 16  # global, over all processes
+  # Microbatches per step: forward and backward run on batch_size / N rows at a time
+  # and the gradients add up to one update (docs/training.md).
+  c.grad_accum_steps = 1
   c.seed = 0
   c.learning_rate = 2e-3
   c.warmup_steps = 50
@@ -97,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.mod_aux_loss_coef = 0.01  # the predictor's BCE, per routed block
   # causal_lm | masked_lm (bidirectional, BERT's 15% masking; moe_jax/objectives.py).
   c.model.objective = "causal_lm"
+  # What each block keeps for the backward pass: none | full (recompute the block) |
+  # dots (keep the matmuls without batch dimensions); docs/training.md.
+  c.model.remat = "none"
 
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 8
@@ -318,6 +324,19 @@ def validate_config(config, *, num_devices: int | None = None,
               "checkpoint_every", "keep_checkpoints"):
     positive_int(key, config[key], f"must be a positive integer; pass --config.{key}=N "
                  "with N >= 1.")
+  accum = config.get("grad_accum_steps", 1)
+  dp = config.mesh.data * config.mesh.expert if all(
+      _is_int(config.mesh[k]) and config.mesh[k] >= 1 for k in ("data", "expert")) else 1
+  per_device = (config.batch_size // dp if _is_int(config.batch_size)
+                and config.batch_size % dp == 0 else 0)  # else batch_size is reported
+  need("grad_accum_steps", _is_int(accum) and accum >= 1 and (
+      per_device < 1 or per_device % accum == 0),
+       f"must be a positive integer that divides the per-device batch (batch_size / "
+       f"(mesh.data*mesh.expert) = {per_device}); pass --config.grad_accum_steps=N with "
+       "N a divisor of it.")
+  need("model.remat", config.model.get("remat", "none") in ("none", "full", "dots"),
+       "is unknown; use 'none', 'full' (recompute each block in the backward pass) or "
+       "'dots' (keep the matmuls without batch dimensions).")
   need("eval_steps", _is_int(config.eval_steps) and config.eval_steps >= 0,
        "must be an integer >= 0 (0 evaluates the whole validation split).")
   final = config.get("final_eval_steps")
@@ -446,6 +465,7 @@ def validate_config(config, *, num_devices: int | None = None,
                     "writable); pick a writable directory.")
 
   errors.extend(_routed_moe_errors(config))
+  errors.extend(_microbatch_group_errors(config, per_device, dp))
 
   mesh_ok = True
   for key in ("data", "expert", "model"):
@@ -522,6 +542,9 @@ def _routed_moe_errors(config) -> list[str]:
   m, moe = config.model, config.moe
   every, capacity = m.get("mod_every", 0), m.get("mod_capacity", 0.125)
   batch, seq_len, size = config.batch_size, config.data.seq_len, moe.group_size
+  accum = config.get("grad_accum_steps", 1)
+  if _is_int(batch) and _is_int(accum) and accum > 1 and batch % accum == 0:
+    batch //= accum  # the MoE layers route one microbatch at a time
   mesh = config.mesh
   if not (_is_int(every) and every >= 2 and _is_real(capacity) and 0 < capacity <= 1
           and all(_is_int(v) and v >= 1 for v in (batch, seq_len, size, mesh.data,
@@ -542,6 +565,27 @@ def _routed_moe_errors(config) -> list[str]:
             f"layers of routed blocks see (B*k = {batch}*{k}, k = ceil(model.mod_capacity"
             f" * {seq_len})) into a multiple of the {dp} data-parallel devices' worth of "
             "groups; use moe.group_size=0 (one group per sequence)."]
+  return []
+
+
+def _microbatch_group_errors(config, per_device: int, dp: int) -> list[str]:
+  """With ``grad_accum_steps`` N > 1 the MoE layers route microbatches of
+  ``batch_size / N`` rows: a fixed ``moe.group_size`` must split their tokens over the
+  data-parallel devices as it splits the global batch's."""
+  accum, size, seq_len = (config.get("grad_accum_steps", 1), config.moe.group_size,
+                          config.data.seq_len)
+  if not (config.model.moe_every and per_device and _is_int(accum) and accum > 1
+          and per_device % accum == 0 and _is_int(size) and size >= 1
+          and _is_int(seq_len) and seq_len >= 1):
+    return []
+  group = min(size, per_device * dp * seq_len)  # the global batch's groups
+  tokens = per_device // accum * seq_len  # a microbatch's, per device
+  if tokens % group:
+    return [f"grad_accum_steps={accum} leaves {tokens} tokens per device in a "
+            f"microbatch, not a multiple of the {group}-token routing groups "
+            f"(moe.group_size={size}), so the microbatches would route in other groups "
+            "than the global batch; use fewer grad_accum_steps, a smaller "
+            "moe.group_size, or 0 (one group per sequence)."]
   return []
 
 

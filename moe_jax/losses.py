@@ -70,17 +70,29 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
   mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
   reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
-  def loss(m, batch):
+  def loss(m, batch, *, num_targets=None, share=1.0, token_share=None):
+    """``num_targets``, ``share`` and ``token_share`` serve gradient accumulation, so
+    that the microbatches' totals sum to the global batch's: CE is divided by
+    ``num_targets`` (f32[], the global batch's target count) instead of this batch's
+    own; the aux losses (means over routing groups, as many in every microbatch) are
+    scaled by ``share`` (1 / the number of microbatches), the z-losses and predictor
+    BCEs (means over the real tokens) by ``token_share`` (f32[], this batch's share of
+    the global batch's real tokens; None: ``share``)."""
+    def scaled(x, by=share):
+      return x if isinstance(by, float) and by == 1.0 else by * x
+
+    per_token = share if token_share is None else token_share
     out = m.forward(batch["inputs"], deterministic=False, token_mask=token_mask(batch))
     moe_aux = out.moe_aux
     ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
-    ce = ce_sum / jnp.maximum(count, 1.0)
+    ce = ce_sum / jnp.maximum(count if num_targets is None else num_targets, 1.0)
     moe = dict(moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
-    total = ce + mod_coef * mod.depth_loss(out.depth_aux)
+    total = ce + scaled(mod_coef * mod.depth_loss(out.depth_aux), per_token)
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
-      total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))
-               + z_coef * reduce(jnp.stack([a.z_loss for a in layers])))
+      total = (total + scaled(aux_coef * reduce(jnp.stack([a.aux_loss for a in layers])))
+               + scaled(z_coef * reduce(jnp.stack([a.z_loss for a in layers])),
+                        per_token))
     choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
     return total, (dict(moe, loss=ce), choice_counts)
 

@@ -71,7 +71,8 @@ __all__ = [
     "init_train_state", "lm_loss", "load_config", "load_model", "make_eval_step",
     "make_model", "make_optimizer", "make_schedule", "make_train_step",
     "mamba_config", "merge_model", "model_info", "model_state", "moe_config",
-    "moe_summary", "reseed", "single_device_copy", "split_model", "to_checkpoint",
+    "moe_summary", "reseed", "single_device_copy", "split_microbatches", "split_model",
+    "to_checkpoint",
     "train_and_evaluate", "transformer_config",
 ]
 
@@ -92,24 +93,82 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   which the config's objective turns into what the model sees and what is scored
   (:mod:`moe_jax.objectives`). ``state_sharding`` (a pytree of shardings like the
   state) fixes the output layout.
+
+  With ``grad_accum_steps`` n > 1 the batch is split into n microbatches
+  (:func:`split_microbatches`, after the objective's masking) that run forward and
+  backward one after the other inside the step (``lax.scan``, so only one
+  microbatch's activations are live), microbatch ``j`` drawing its randomness from
+  ``fold_in(step key, j)``; their gradients add up to the global batch's (CE over the
+  global batch's targets, the other losses averaged), and one optimizer update
+  follows. Selection biases move once, by the choice counts of all microbatches.
   """
   graphdef, _, rest = split_model(model)
   objective = objectives.get_objective(config)
   initial_model_state = model_state(model)
   loss = training_loss(config)
+  accum = config.get("grad_accum_steps", 1)
+  shards = config.mesh.data * config.mesh.expert
 
-  def loss_fn(params, model_state_, batch, key, step):
+  def loss_fn(params, model_state_, batch, key, step, **kwargs):
     m = merge_model(graphdef, params, rest, model_state_)
     reseed(m, key)
     set_training_step(m, step)
-    return loss(m, batch)
+    return loss(m, batch, **kwargs)
+
+  def accumulated_grads(params, model_state_, batch, key, step):
+    """The gradients, metrics and choice counts of the global batch from ``accum``
+    microbatches, one forward and backward pass at a time (``lax.scan``)."""
+    micro = split_microbatches(batch, accum, shards)
+    if "weights" in batch:
+      num_targets = jnp.sum(batch["weights"].astype(jnp.float32))
+    else:
+      num_targets = jnp.asarray(batch["targets"].size, jnp.float32)
+    # Each microbatch's share of the real tokens: the weight of its token means.
+    mask = token_mask(micro)
+    real = (jnp.sum(mask.astype(jnp.float32), axis=(1, 2)) if mask is not None
+            else jnp.ones((accum,), jnp.float32))
+    token_share = jnp.where(jnp.sum(real) > 0, real / jnp.maximum(jnp.sum(real), 1.0),
+                            1.0 / accum)
+
+    def body(grads, xs):
+      index, mb, share = xs
+      g, (metrics, counts) = jax.grad(loss_fn, has_aux=True)(
+          params, model_state_, mb, jax.random.fold_in(key, index), step,
+          num_targets=num_targets, share=1.0 / accum, token_share=share)
+      return jax.tree.map(jnp.add, grads, g), (metrics, counts)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (metrics, counts) = jax.lax.scan(
+        body, zeros, (jnp.arange(accum), micro, token_share))
+    # CE is already each microbatch's share of the global batch's; the aux loss and
+    # the expert fill (means over routing groups and their slots) average, the metrics
+    # over real tokens weigh each
+    # microbatch by its real tokens (a standard deviation is pooled from the
+    # microbatches' moments), and the choice counts add up.
+    stacked = metrics
+
+    def weighted(v):
+      return jnp.tensordot(token_share, v, axes=1)
+
+    metrics = {k: jnp.sum(v, 0) if k == "loss" else
+               jnp.mean(v, 0) if k in ("aux_loss", "expert_fill") else weighted(v)
+               for k, v in stacked.items()}
+    if "mod_router_std" in stacked:
+      mean, std = stacked["mod_router_mean"], stacked["mod_router_std"]
+      metrics["mod_router_std"] = jnp.sqrt(jnp.maximum(
+          weighted(std * std + mean * mean) - metrics["mod_router_mean"] ** 2, 0.0))
+    return grads, (metrics, jax.tree.map(lambda c: jnp.sum(c, 0), counts))
 
   def train_step(state: TrainState, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = objective.train_batch(batch, key)
     model_state_ = state.model_state or initial_model_state
-    grads, (metrics, choice_counts) = jax.grad(loss_fn, has_aux=True)(
-        state.params, model_state_, batch, key, state.step)
+    if accum == 1:
+      grads, (metrics, choice_counts) = jax.grad(loss_fn, has_aux=True)(
+          state.params, model_state_, batch, key, state.step)
+    else:
+      grads, (metrics, choice_counts) = accumulated_grads(
+          state.params, model_state_, batch, key, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -127,6 +186,22 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0)
   return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+def split_microbatches(batch: dict, num: int, shards: int = 1) -> dict:
+  """``{key: [B, ...]}`` -> ``{key: [num, B / num, ...]}``: microbatch ``j`` takes the
+  ``j``-th of ``num`` consecutive slices of every one of the ``shards`` equal parts of
+  the batch (the data-parallel devices' rows), so each microbatch spreads over the
+  devices as the batch does and keeps its rows' order (a routing group of several
+  sequences stays the same group)."""
+  def split(x):
+    rows = x.shape[0]
+    if rows % (shards * num):
+      raise ValueError(f"a batch of {rows} rows does not split into {num} microbatches "
+                       f"on each of {shards} data-parallel devices.")
+    x = x.reshape((shards, num, rows // (shards * num)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((num, rows // num) + x.shape[3:])
+  return jax.tree.map(split, batch)
 
 
 def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:

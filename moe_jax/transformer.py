@@ -27,7 +27,9 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   tokens of each sequence with the largest router weight ``r`` run it, and they come
   out as ``x + r * f(x)``; the others skip it. ``forward`` reports each routed block's
   :class:`~moe_jax.mod.DepthAux`;
-* separate input and output embeddings by default (tying is an option).
+* separate input and output embeddings by default (tying is an option);
+* ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
+  policy of :data:`~moe_jax.block.REMAT_POLICIES` ("none" leaves them unwrapped).
 
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
 (inside MoeLayer) and the logits stay float32.
@@ -53,8 +55,9 @@ from moe_jax.projection import project
 
 # The blocks and the model's config live in block.py; their names stay importable here.
 from moe_jax.block import (ATTENTION_AXES, EMBED_AXES, MIXERS, NORM_AXES,  # noqa: F401
-                           NORMS, POSITIONS, Attention, Block, BlockAux, MixerKind, Norm,
-                           TokenMixer, TransformerConfig, _param, rotary)
+                           NORMS, POSITIONS, REMAT_POLICIES, Attention, Block, BlockAux,
+                           MixerKind, Norm, TokenMixer, TransformerConfig, _param,
+                           rotary)
 from moe_jax.mod import RoutedBlock
 
 
@@ -127,9 +130,17 @@ class Transformer(nnx.Module):
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = self.embed(tokens, positions)
     moe_aux, depth_aux = {}, {}
+
+    def run(block, x, positions, token_mask):
+      return block(x, positions, deterministic=deterministic, token_mask=token_mask,
+                   use_predictor=use_predictor)
+
+    if self.cfg.remat != "none":
+      # Each block's backward pass recomputes its forward pass from the block's input
+      # (and the RNG counts it read, so the recomputation draws the same noise).
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
-      x, aux = block(x, positions, deterministic=deterministic, token_mask=token_mask,
-                     use_predictor=use_predictor)
+      x, aux = run(block, x, positions, token_mask)
       if aux.moe is not None:
         moe_aux[block.index] = aux.moe
       if aux.depth is not None:
