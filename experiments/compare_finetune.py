@@ -38,4 +38,5 @@ flags.DEFINE_integer("finetune_steps", None, "Fine-tuning steps per method.")
 
 if __name__ == "__main__":
   app.run(cli.grid_main("compare_finetune", "finetune", (
-      "bases", "methods", "seeds", "pretrain_steps", "finetune_steps")))
+      "bases", "methods", "seeds", "pretrain_steps", "finetune_steps"),
+      configs_dir=cli.CONFIGS_DIR))

@@ -38,7 +38,8 @@ def main(argv):
     sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
   from moe_jax.compare import routers  # pylint: disable=import-outside-toplevel
   cli.run_grid("compare_routers", routers.resolve_settings, routers.run_comparison,
-               FLAGS, GRID_OVERRIDES + ("rows",), objectives=FLAGS.objective)
+               FLAGS, GRID_OVERRIDES + ("rows",), objectives=FLAGS.objective,
+               configs_dir=cli.CONFIGS_DIR)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def _flags(flags):
 
 
 def _read_prompts(path: str) -> list[str]:
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
@@ -59,7 +59,7 @@ def main(_, workdir):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from moe_jax import decode, train  # pylint: disable=import-outside-toplevel
   from moe_jax.data import ByteTokenizer  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
   f = flags.FLAGS
   for name, ok, fix in (("length", f.length >= 1, "must be >= 1"),

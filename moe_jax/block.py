@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config import ConfigError
+from moe_jax.errors import ConfigError
 from moe_jax.experts import DenseFfn, scaled_init
 from moe_jax.routing.depth import depth_errors, is_routed_layer
 from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_pattern,

@@ -15,6 +15,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from moe_jax.errors import ConfigError
 from moe_jax.layer_pattern import MAMBA, layer_pattern, pattern_errors
 from moe_jax.mamba import validate_mamba_config
 from moe_jax.moe_layer import DTYPES, validate_moe_config
@@ -26,14 +27,6 @@ OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
 POSITIONS = ("rotary", "learned", "none")
 MODEL_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """Invalid configuration; ``errors`` holds one sentence per problem."""
-
-  def __init__(self, errors: list[str]):
-    self.errors = list(errors)
-    super().__init__("\n".join(self.errors))
 
 
 def default_config() -> ml_collections.ConfigDict:

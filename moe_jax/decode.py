@@ -56,7 +56,7 @@ class DecodeBlock(Protocol):
     """Preallocates this block's decode state as nnx ``Cache`` variables (emptied),
     each with the batch as its leading axis (the decoder empties single rows).
 
-    Raises :class:`moe_jax.config.ConfigError` if the block cannot decode causally.
+    Raises :class:`moe_jax.errors.ConfigError` if the block cannot decode causally.
     """
 
   def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,

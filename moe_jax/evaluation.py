@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import jax
 
-from moe_jax import mod
+from moe_jax import depth_metrics
 
 __all__ = ["batch_stderr", "evaluate"]
 
@@ -78,5 +78,5 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   if "predictor_nats" in per_batch[0]:
     line["eval_loss_predictor"] = (sum(b["predictor_nats"] for b in per_batch)
                                    / max(total_tokens, 1.0))
-  line.update(mod.eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
+  line.update(depth_metrics.depth_eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
   return line

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax import mod
+from moe_jax import depth_metrics
 
 # How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
 LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
@@ -75,8 +75,8 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
     moe_aux = out.moe_aux
     ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count, 1.0)
-    moe = dict(moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
-    total = ce + mod_coef * mod.depth_loss(out.depth_aux)
+    moe = dict(moe_summary(moe_aux), **depth_metrics.depth_summary(out.depth_aux))
+    total = ce + mod_coef * depth_metrics.depth_loss(out.depth_aux)
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
       total = (total + aux_coef * reduce(jnp.stack([a.aux_loss for a in layers]))

@@ -21,14 +21,11 @@ from flax import nnx
 from moe_jax import moe_layer
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import default_config
+from moe_jax.errors import TrainingError
 from moe_jax.moe_layer import MoeLayer
 from moe_jax.build import RNG_STREAMS, make_model, make_optimizer
 from moe_jax.routers import SelectionBias
 from moe_jax.transformer import Transformer
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (non-finite loss, unusable work directory, ...)."""
 
 
 @flax.struct.dataclass

@@ -44,9 +44,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import decode, mod, objectives
+from moe_jax import decode, depth_metrics, objectives
 from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config
+from moe_jax.errors import ConfigError
+from moe_jax.config import check_config
 from moe_jax.evaluation import batch_stderr, evaluate
 from moe_jax.metrics import MetricsWriter
 from moe_jax.moe_layer import MoeLayer
@@ -60,10 +61,10 @@ from moe_jax.build import (RNG_STREAMS, make_model, make_optimizer, make_schedul
                            mamba_config, model_info, moe_config, transformer_config)
 from moe_jax.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir, say,
                                 train_line)
-from moe_jax.run_state import (TrainingError, TrainState, abstract_like,
-                               from_checkpoint, load_config, load_model, merge_model,
-                               model_state, reseed, single_device_copy, split_model,
-                               to_checkpoint)
+from moe_jax.errors import TrainingError
+from moe_jax.run_state import (TrainState, abstract_like, from_checkpoint, load_config,
+                               load_model, merge_model, model_state, reseed,
+                               single_device_copy, split_model, to_checkpoint)
 
 __all__ = [
     "LOSS_REDUCTIONS", "RNG_STREAMS", "TrainState", "TrainingError", "batch_stderr",
@@ -153,7 +154,7 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     moe = moe_summary(moe_aux)
     sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
             "bytes": jnp.sum(is_byte), "aux_loss": moe["aux_loss"],
-            "dropped_fraction": moe["dropped_fraction"], **mod.eval_sums(out.depth_aux)}
+            "dropped_fraction": moe["dropped_fraction"], **depth_metrics.depth_eval_sums(out.depth_aux)}
     if out.depth_aux:  # the causal loss: routed blocks route with their predictors
       causal, _ = m(batch["inputs"], deterministic=True, token_mask=mask,
                     use_predictor=True)

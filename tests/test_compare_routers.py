@@ -21,6 +21,7 @@ from moe_jax.config import validate_config
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
 SCRIPT = os.path.join(ROOT, "experiments", "compare_routers.py")
 
 
@@ -61,7 +62,7 @@ def test_smoke_runs_the_whole_path_and_resumes(tmp_path):
 
 
 def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
-  settings = routers.resolve_settings("cpu_small")
+  settings = routers.resolve_settings("cpu_small", configs_dir=CONFIGS)
   runs = routers.build_grid(settings)
   assert settings["seeds"] >= 2
   per_objective = {o: {r.family for r in runs if r.config.model.objective == o}
@@ -89,14 +90,15 @@ def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
 
 def test_settings_errors():
   with pytest.raises(ValueError, match="--preset='huge' is unknown"):
-    routers.resolve_settings("huge")
+    routers.resolve_settings("huge", configs_dir=CONFIGS)
   with pytest.raises(ValueError, match="--rows has unknown top3"):
-    routers.resolve_settings("smoke", rows=["dense", "top3"])
+    routers.resolve_settings("smoke", configs_dir=CONFIGS, rows=["dense", "top3"])
   with pytest.raises(ValueError, match="--objective='mlm' is unknown"):
-    routers.resolve_settings("smoke", objectives="mlm")
+    routers.resolve_settings("smoke", configs_dir=CONFIGS, objectives="mlm")
   with pytest.raises(ValueError, match="--d_ff=66 must split into 4 experts"):
-    routers.resolve_settings("smoke", rows=["deepseek"], d_ff=66)
-  s = routers.resolve_settings("smoke", objectives="masked_lm", rows=["switch"])
+    routers.resolve_settings("smoke", configs_dir=CONFIGS, rows=["deepseek"], d_ff=66)
+  s = routers.resolve_settings("smoke", configs_dir=CONFIGS, objectives="masked_lm",
+                               rows=["switch"])
   assert s["objectives"] == ("masked_lm",) and s["rows"] == ("switch",)
   assert [r.name for r in routers.build_grid(s)] == ["mlm_switch_s0"]
 

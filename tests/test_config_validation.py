@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from moe_jax.config import ConfigError, check_config, default_config, validate_config
+from moe_jax.errors import ConfigError
+from moe_jax.config import check_config, default_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")

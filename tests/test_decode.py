@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import decode, sharding, train
-from moe_jax.config import ConfigError, default_config
+from moe_jax.errors import ConfigError
+from moe_jax.config import default_config
 from moe_jax.transformer import Transformer
 
 TINY = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import lora, train
-from moe_jax.config import ConfigError
+from moe_jax.errors import ConfigError
 from moe_jax.metrics import read_metrics
 from moe_jax.peft import finetune
 from tests.test_train import jit_cache, tiny_config  # noqa: F401  (fixture)

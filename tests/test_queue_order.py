@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import decode, routing, train
-from moe_jax.config import ConfigError, default_config, queue_order, validate_config
+from moe_jax.errors import ConfigError
+from moe_jax.config import default_config, queue_order, validate_config
 from moe_jax.routers import causality
 from tests.reference import route_loop, route_zoo_loop
 

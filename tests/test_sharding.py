@@ -407,14 +407,14 @@ MOD = {"model.num_layers": 2, "model.d_model": 16, "model.num_heads": 2,
 def _mod_loss_and_grads(data, expert, tokens):
   """Logits, loss (CE + 0.01 aux + 0.01 BCE) and gradients of the MoD/MoDE model on a
   data x expert mesh, its logits when routing with the predictors, and its specs."""
-  from moe_jax import mod  # pylint: disable=import-outside-toplevel
+  from moe_jax import depth_metrics  # pylint: disable=import-outside-toplevel
   model, graphdef, params, rest, batch = _sharded_model(MOD, data, expert, tokens)
 
   def loss_fn(params, tokens):
     out = nnx.merge(graphdef, params, rest).forward(tokens[:, :-1], deterministic=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:])
     aux = sum(a.aux_loss for a in out.moe_aux.values())
-    return ce.mean() + 0.01 * aux + 0.01 * mod.depth_loss(out.depth_aux), out.logits
+    return ce.mean() + 0.01 * aux + 0.01 * depth_metrics.depth_loss(out.depth_aux), out.logits
 
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params,
                                                                             batch)

@@ -24,6 +24,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cc
 from moe_jax import train
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import default_config
+from moe_jax.errors import TrainingError
 from moe_jax.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +203,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
 
   monkeypatch.setattr(train, "make_optimizer", poisoned)
   workdir = str(tmp_path)
-  with pytest.raises(train.TrainingError, match=r"Non-finite loss at step 5\b.*step 4"):
+  with pytest.raises(TrainingError, match=r"Non-finite loss at step 5\b.*step 4"):
     train.train_and_evaluate(tiny_config(checkpoint_every=2, steps=10), workdir)
   assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).all_steps() == [2, 4]
 

@@ -89,7 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_eval_steps=8, finetune_eval_steps=4, esft_batches=4,
         pretrain_batch_size=None, finetune_batch_size=None, shapes={}),
 }
-OPTIONAL_SETTINGS: dict[str, Any] = {}
+# configs_dir: where the base and fine-tuning config files are (experiments/configs).
+OPTIONAL_SETTINGS: dict[str, Any] = {"configs_dir": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,7 @@ def make_base_config(settings: dict[str, Any], base: str, seed: int):
   expert width set apart from ``model.d_ff`` keeps its ratio to it, as
   deepseek_small's quarter-width experts), steps, one eval at the end."""
   s = settings
-  c = load_row_config(base)
+  c = load_row_config(base, s["configs_dir"])
   ratio = c.moe.d_ff / c.model.d_ff if c.moe.d_ff else None
   for key, value in s["shapes"].items():
     set_key(c, key, value)
@@ -139,7 +140,7 @@ def make_finetune_config(settings: dict[str, Any], method: str, seed: int):
   """The fine-tuning config of ``method``: ``finetune_lora.py``, the method's
   overrides, the preset's steps, batch, evals and ESFT scoring batches."""
   s = settings
-  c = load_row_config(FINETUNE_CONFIG)
+  c = load_row_config(FINETUNE_CONFIG, s["configs_dir"])
   for key, value in METHODS[method].overrides.items():
     set_key(c, key, value)
   c.steps, c.seed, c.finetune.seed = s["finetune_steps"], seed, seed
@@ -188,6 +189,9 @@ def _positive(flag: str, value) -> list[str]:
 def _check(settings: dict[str, Any]) -> list[str]:
   """The settings' errors, then (when they are sound) every run config's, all before
   anything compiles; lists become tuples."""
+  if not settings["configs_dir"]:
+    return ["configs_dir is unset; pass the directory of the config files "
+            "(configs_dir=\"experiments/configs\")."]
   errors = []
   for flag, known in (("bases", BASES), ("methods", METHOD_NAMES)):
     value = settings[flag]
@@ -295,7 +299,7 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
     ConfigError: a fine-tuning run in ``workdir`` started from another base step.
   """
   from moe_jax import loop_utils  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   runs = build_grid(settings)
   errors = recorded_base_errors(workdir, runs)
   if errors:

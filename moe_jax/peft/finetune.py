@@ -46,7 +46,8 @@ from flax import nnx
 from moe_jax import lora as lora_lib
 from moe_jax import loop_utils, losses, run_state, sharding, train
 from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config
+from moe_jax.errors import ConfigError, TrainingError
+from moe_jax.config import check_config
 from moe_jax.metrics import MetricsWriter
 from moe_jax.peft import esft
 from moe_jax.peft import lora as peft_lora
@@ -157,7 +158,7 @@ def load_base(init_from: str, *, vocab_size: int = 259):
                        f"{objective!r}; fine-tuning continues causal_lm runs only."])
   try:
     return train.load_model(path, vocab_size=vocab_size)
-  except train.TrainingError:
+  except TrainingError:
     raise ConfigError([f"--init_from={init_from!r} has no checkpoint yet; train it "
                        "first (experiments/train.py) or pass another run."]) from None
 
@@ -464,7 +465,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
       state, metrics = step_fn(state, frozen, next(train_iter))
       metrics = jax.device_get(metrics)
       if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
-        raise train.TrainingError(
+        raise TrainingError(
             f"Non-finite loss at step {step} (loss={float(metrics['loss'])}); stopping. "
             "Lower --config.learning_rate or enable --config.grad_clip.")
       acc.add(metrics)
@@ -544,7 +545,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   finally:
     checkpointer.close()
   if restored is None:
-    raise train.TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
+    raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
   step, saved, _ = restored
   nnx.update(model, saved.params)
   if merge:
