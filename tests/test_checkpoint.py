@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moe_jax.errors import CheckpointError
-from moe_jax.checkpoint import Checkpointer
+from moe_jax.training.checkpoint import Checkpointer
 
 
 def _state(seed):

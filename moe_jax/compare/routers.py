@@ -30,11 +30,10 @@ from typing import Any, Callable
 from moe_jax.compare import runner
 from moe_jax.compare.runner import RunSpec
 from moe_jax.compare import routers_report
-# The rows and their equal-FLOPs arithmetic; re-exported, as routers.ROWS etc.
-from moe_jax.compare.router_rows import (BOTH, CAUSAL, MASKED,  # noqa: F401
-                                         OBJECTIVE_CHOICES, ROW_BY_NAME, ROW_NAMES, ROWS,
+# The rows and their equal-FLOPs arithmetic.
+from moe_jax.compare.router_rows import (BOTH, OBJECTIVE_CHOICES, ROW_BY_NAME, ROW_NAMES,
                                          SHORT, Row, expert_shape, experts_per_token,
-                                         ffn_flops_per_token, load_row_config, set_key)
+                                         load_row_config, set_key)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole path in CI (train, resume, benchmark, report, plots) on both

@@ -1,8 +1,8 @@
 """The training loop's view of Mixture-of-Depths: the routed blocks' loss term and metrics.
 
 The loss, the train line and the eval line import this, not the model code
-(:mod:`moe_jax.mod`): a model without routed blocks has an empty ``depth_aux`` and every
-function here returns nothing for it.
+(:mod:`moe_jax.models.mod`): a model without routed blocks has an empty ``depth_aux``
+and every function here returns nothing for it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:
-  from moe_jax.mod import DepthAux
+  from moe_jax.models.mod import DepthAux
 
 
 METRICS = ("routed_fraction", "predicted_fraction", "predictor_accuracy", "router_mean",

@@ -1,6 +1,6 @@
-"""Plumbing of the training loops (pretraining in :mod:`moe_jax.train`, fine-tuning in
-:mod:`moe_jax.peft.finetune`): the work directory, metric sums over a logging
-interval, the train metrics line, SIGTERM as a stop request, and printing."""
+"""Plumbing of the training loops (pretraining in :mod:`moe_jax.training.train`,
+fine-tuning in :mod:`moe_jax.peft.finetune`): the work directory, metric sums over a
+logging interval, the train metrics line, SIGTERM as a stop request, and printing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax import depth_metrics
+from moe_jax.training import depth_metrics
 from moe_jax.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 """Mixture-of-Depths (Raposo et al. 2024): blocks that only some tokens go through.
 
-A routed block (:class:`RoutedBlock`) is a :class:`~moe_jax.transformer.Block` with a
+A routed block (:class:`RoutedBlock`) is a :class:`~moe_jax.models.block.Block` with a
 router in front (paper, Sec. 3):
 
 * the router maps each token's block input to a scalar weight ``r = x . w`` (no bias,
@@ -25,10 +25,11 @@ top-k choice, a token at a time (``mod_predictor``, :data:`PREDICTORS`):
   never touches the LM loss.
 
 The BCE is weighted by ``model.mod_aux_loss_coef`` in the training loss
-(:func:`moe_jax.depth_metrics.depth_loss`). At decoding (:meth:`RoutedBlock.decode`) a token the predictor
-does not route writes no KV entry in the block's cache, so later tokens cannot attend
-to it there, and with ``use_predictor=True`` the full forward pass routes the same way
-(the reference of cached decoding). See docs/mod.md.
+(:func:`moe_jax.training.depth_metrics.depth_loss`). At decoding
+(:meth:`RoutedBlock.decode`) a token the predictor does not route writes no KV entry in
+the block's cache, so later tokens cannot attend to it there, and with
+``use_predictor=True`` the full forward pass routes the same way (the reference of
+cached decoding). See docs/mod.md.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.experts import scaled_init
+from moe_jax.layers.experts import scaled_init
 from moe_jax.routing import depth
-from moe_jax.block import Block, BlockAux, TransformerConfig
+from moe_jax.models.block import Block, BlockAux, TransformerConfig
 
-# Logical axis names of this file's parameters (moe_jax.sharding maps them; all
+# Logical axis names of this file's parameters (moe_jax.parallel.sharding maps them; all
 # replicated but for M, which no rule splits).
 ROUTER_AXES = {"kernel": ("embed",)}
 PREDICTOR_AXES = {"wi": ("embed", None), "bi": (None,), "wo": (None,), "bo": ()}
@@ -136,7 +137,7 @@ class DepthAux:
 
 
 class RoutedBlock(Block):
-  """A Mixture-of-Depths routed block: :class:`~moe_jax.transformer.Block` (same
+  """A Mixture-of-Depths routed block: :class:`~moe_jax.models.block.Block` (same
   mixer, FFN and parameter names) plus ``mod_router`` and ``predictor``.
 
   ``block(x, positions)`` runs the selected tokens only (see the module docstring);

@@ -1,13 +1,13 @@
-"""The differentiated training loss (of :mod:`moe_jax.train` and fine-tuning).
+"""The differentiated training loss (of :mod:`moe_jax.training.train` and fine-tuning).
 
-The batch it sees is already the objective's (:mod:`moe_jax.objectives` turns text into
-inputs, targets and weights); ``training_loss(config)(model, batch)`` is what the
-training steps differentiate, for
-pretraining (:mod:`moe_jax.train`) and fine-tuning (:mod:`moe_jax.peft.finetune`)
-alike: CE plus the MoE layers' aux and z losses and the Mixture-of-Depths predictor
-loss, with the coefficients and reduction of the config. The model sees the batch's
-real tokens (:func:`token_mask`) as the evaluation does: padding is neither attended
-to, routed, nor counted in any loss.
+The batch it sees is already the objective's (:mod:`moe_jax.training.objectives` turns
+text into inputs, targets and weights); ``training_loss(config)(model, batch)`` is what
+the training steps differentiate, for
+pretraining (:mod:`moe_jax.training.train`) and fine-tuning
+(:mod:`moe_jax.peft.finetune`) alike: CE plus the MoE layers' aux and z losses and the
+Mixture-of-Depths predictor loss, with the coefficients and reduction of the config. The
+model sees the batch's real tokens (:func:`token_mask`) as the evaluation does: padding
+is neither attended to, routed, nor counted in any loss.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax import depth_metrics
+from moe_jax.training import depth_metrics
 
 # How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
 LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
