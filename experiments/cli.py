@@ -105,7 +105,7 @@ def define_grid_flags(flags, script: str, presets_help: str) -> tuple[str, ...]:
   return tuple(name for _, name, _ in GRID_FLAGS)
 
 
-def run_grid(script: str, resolve_settings, run_comparison, flag_values,
+def run_grid_command(script: str, resolve_settings, run_comparison, flag_values,
              overrides: tuple[str, ...], **settings_kwargs) -> None:
   """The body of a grid script's ``main``: settings from the preset and the flags,
   then the grid in ``--workdir``; a bad value or a failed run exits with one line."""
@@ -130,7 +130,7 @@ def run_grid(script: str, resolve_settings, run_comparison, flag_values,
 
 def grid_main(script: str, module: str, overrides: tuple[str, ...], **settings_kwargs):
   """The absl ``main`` of a grid script: no positional arguments, then
-  :func:`run_grid` with ``moe_jax.compare.MODULE``'s ``resolve_settings`` and
+  :func:`run_grid_command` with ``moe_jax.compare.MODULE``'s ``resolve_settings`` and
   ``run_comparison`` (imported once the flags are parsed) and ``settings_kwargs``."""
 
   def main(argv):
@@ -138,7 +138,7 @@ def grid_main(script: str, module: str, overrides: tuple[str, ...], **settings_k
       sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
     from absl import flags  # pylint: disable=import-outside-toplevel
     grid = importlib.import_module(f"moe_jax.compare.{module}")
-    run_grid(script, grid.resolve_settings, grid.run_comparison, flags.FLAGS, overrides,
-             **settings_kwargs)
+    run_grid_command(script, grid.resolve_settings, grid.run_comparison, flags.FLAGS,
+                     overrides, **settings_kwargs)
 
   return main

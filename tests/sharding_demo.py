@@ -19,6 +19,13 @@ from moe_jax.models import param_sharding
 from moe_jax.parallel import sharding
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) global array as numpy, on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
 
 class DemoModel(nnx.Module):
   """Embedding -> MoE blocks (residual) -> RMSNorm -> vocabulary logits.
@@ -126,8 +133,8 @@ def train_demo(
     if i == 0:
       first = (logits, grads)
   logits, grads = first
-  flat = {"/".join(str(p) for p in path): sharding.to_host(v.get_value())
+  flat = {"/".join(str(p) for p in path): to_host(v.get_value())
           for path, v in nnx.to_flat_state(grads)}
   return {"losses": losses, "aux_losses": aux_losses,
-          "logits": sharding.to_host(logits), "grads": flat,
+          "logits": to_host(logits), "grads": flat,
           "specs": param_sharding.describe_sharding(net)}

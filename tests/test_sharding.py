@@ -24,7 +24,7 @@ from moe_jax.parallel import sharding
 from moe_jax.models import param_sharding
 from tests.multiprocess import run_two_processes
 from tests.subprocess_env import cpu_env
-from tests.sharding_demo import train_demo
+from tests.sharding_demo import to_host, train_demo
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]  # (data, expert)
@@ -369,9 +369,9 @@ def _hybrid_loss_and_grads(data, expert, tokens):
 
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params,
                                                                             batch)
-  flat = {"/".join(map(str, p)): sharding.to_host(v.get_value())
+  flat = {"/".join(map(str, p)): to_host(v.get_value())
           for p, v in nnx.to_flat_state(grads)}
-  return float(loss), sharding.to_host(logits), flat, param_sharding.describe_sharding(model)
+  return float(loss), to_host(logits), flat, param_sharding.describe_sharding(model)
 
 
 @pytest.mark.slow
@@ -424,9 +424,9 @@ def _mod_loss_and_grads(data, expert, tokens):
                                                                             batch)
   causal = jax.jit(lambda p, t: nnx.merge(graphdef, p, rest)(
       t[:, :-1], deterministic=True, use_predictor=True)[0])(params, batch)
-  flat = {"/".join(map(str, p)): sharding.to_host(v.get_value())
+  flat = {"/".join(map(str, p)): to_host(v.get_value())
           for p, v in nnx.to_flat_state(grads)}
-  return (float(loss), sharding.to_host(logits), flat, sharding.to_host(causal),
+  return (float(loss), to_host(logits), flat, to_host(causal),
           param_sharding.describe_sharding(model))
 
 

@@ -119,20 +119,6 @@ def exchange_rows(buffers: jax.Array, send_sizes: jax.Array, recv_sizes: jax.Arr
   return out.reshape(num_peers, per_peer, width)
 
 
-def exchange_bytes(layout_peers: int, rows_per_peer: int, d_model: int, itemsize: int,
-                   how: str, routed_rows: int | None = None) -> int:
-  """Bytes one device hands to one all-to-all of rows (one direction, one layer).
-
-  ``"padded"``: the whole buffer, ``X * P * M * itemsize`` ((X-1)/X of it leaves the
-  device). ``"ragged"``: the routed rows only, ``routed_rows * M * itemsize``.
-  """
-  if how == "padded":
-    return layout_peers * rows_per_peer * d_model * itemsize
-  if routed_rows is None:
-    raise ValueError("the ragged exchange's volume needs routed_rows.")
-  return routed_rows * d_model * itemsize
-
-
 def _weight_specs(layout, experts) -> dict[str, P]:
   """Where each expert weight lives: E over ``expert`` when split, H over ``model``."""
   mesh = layout.mesh

@@ -544,16 +544,3 @@ def initialize_distributed(
       process_id=process_id, local_device_ids=local_device_ids,
       initialization_timeout=timeout_s)
   return jax.process_index(), jax.process_count()
-
-
-def is_primary() -> bool:
-  """True on process 0, the one that writes logs and metrics."""
-  return jax.process_index() == 0
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """The whole of a (possibly multi-process) global array as numpy, on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
