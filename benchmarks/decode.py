@@ -7,10 +7,10 @@ on the weights):
 
 * prefill tokens/s and decode tokens/s at each ``--batch_sizes`` (prompts of
   ``--prompt_len`` tokens, ``--new_tokens`` greedy steps timed after a warm-up);
-* ms per new token at batch 1, cached (:class:`moe_jax.decode.Decoder`) against
-  uncached (:func:`moe_jax.decode.generate_uncached`, which re-runs the model on the
-  window for every token), at each ``--compare_prompt_lens``, both with a window of
-  prompt + new tokens, after a warm-up;
+* ms per new token at batch 1, cached (:class:`moe_jax.inference.decode.Decoder`)
+  against uncached (:func:`moe_jax.inference.decode.generate_uncached`, which re-runs
+  the model on the window for every token), at each ``--compare_prompt_lens``, both with
+  a window of prompt + new tokens, after a warm-up;
 * weight bytes, total and active per token (``count_params``: experts count top_k / E);
 * KV-cache bytes per token and per sequence of ``max_len`` tokens;
 * peak memory of the compiled step at the largest batch (XLA's memory analysis).
@@ -36,9 +36,9 @@ import numpy as np
 
 import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
-from moe_jax import decode
-from moe_jax import train as train_lib
-from moe_jax.sizes import count_params
+from moe_jax.inference import decode
+from moe_jax.training import train as train_lib
+from moe_jax.models.sizes import count_params
 
 
 _CONFIGS = flags.DEFINE_list("configs", ["dense_small", "switch_small", "top2_small",

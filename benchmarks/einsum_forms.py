@@ -1,4 +1,4 @@
-"""The model's projections as written before ``moe_jax.projection``: N-D einsums.
+"""The model's projections as written before ``moe_jax.layers.projection``: N-D einsums.
 
 ``with einsum_forms(): ...`` makes every model built and traced inside it compute
 its dense FFN, experts, router and unembedding as einsums on the N-D activations
@@ -15,11 +15,12 @@ import string
 
 import jax.numpy as jnp
 
-from moe_jax import experts, moe_layer, transformer
+from moe_jax.layers import experts, moe_layer
+from moe_jax.models import transformer
 
 
 def project_einsum(x, w, *, contract: int = 1, **dot_kwargs):
-  """:func:`moe_jax.projection.project` as one einsum on the N-D ``x``."""
+  """:func:`moe_jax.layers.projection.project` as one einsum on the N-D ``x``."""
   lead = x.ndim - contract
   letters = string.ascii_letters
   x_axes = letters[:x.ndim]

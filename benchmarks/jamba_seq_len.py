@@ -2,9 +2,9 @@ r"""Training tokens/s and peak memory against sequence length: jamba_small again
 attention-only model with the same active parameters.
 
 For each ``--seq_lens`` L, both models' jitted train steps (forward, backward, AdamW
-update; ``moe_jax.train.make_train_step``) are compiled on the same random batch of
-``--tokens_per_step`` tokens (batch ``tokens_per_step // L`` rows, at least 1), then
-timed interleaved (jamba, attention, jamba, ...) so machine noise hits both alike.
+update; ``moe_jax.training.train.make_train_step``) are compiled on the same random
+batch of ``--tokens_per_step`` tokens (batch ``tokens_per_step // L`` rows, at least 1),
+then timed interleaved (jamba, attention, jamba, ...) so machine noise hits both alike.
 Reported per model and L: the median step time, tokens/s, and the compiled step's
 peak memory from XLA's memory analysis (arguments + outputs + temporaries - donated
 aliases: weights, optimizer state, batch and activations), plus the active forward
@@ -48,9 +48,9 @@ from flax import nnx
 
 import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
-from moe_jax import train as train_lib
-from moe_jax.config import check_config, expert_d_ff
-from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.training import train as train_lib
+from moe_jax.training.config import check_config, expert_d_ff
+from moe_jax.models.sizes import count_params, flops_per_token
 
 _CONFIG = flags.DEFINE_string("config", "jamba_small", "The hybrid config of "
                               "experiments/configs/ (the baseline is derived from it).")

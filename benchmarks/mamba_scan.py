@@ -1,6 +1,6 @@
 r"""Forward + backward of the Mamba training scan: each ``mamba.scan`` at each chunk size.
 
-``moe_jax.mamba.selective_scan`` solves the chunked recurrence with the ``SCANS``
+``moe_jax.models.mamba.selective_scan`` solves the chunked recurrence with the ``SCANS``
 registry (``associative``: ``jax.lax.associative_scan`` inside a chunk; ``sequential``:
 ``lax.scan`` of the decode step). This benchmark jits ``grad`` of a loss of both
 outputs (y and the last state) for every (scan, T) pair, checks that every pair gives
@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import harness  # benchmarks/harness.py
-from moe_jax import mamba
+from moe_jax.models import mamba
 
-_SCANS = flags.DEFINE_list("scans", list(mamba.SCANS), "Scans of moe_jax.mamba.SCANS.")
+_SCANS = flags.DEFINE_list("scans", list(mamba.SCANS),
+                           "Scans of moe_jax.models.mamba.SCANS.")
 _CHUNKS = flags.DEFINE_list("chunk_sizes", ["8", "16", "32", "64"], "Chunk sizes T.")
 _BATCH = flags.DEFINE_integer("batch", 16, "B.")
 _LENGTH = flags.DEFINE_integer("length", 128, "L.")

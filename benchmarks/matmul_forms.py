@@ -3,13 +3,14 @@ r"""Each projection of the model as an einsum on its N-D activations vs one 2-D 
 The same numbers can be computed two ways: ``einsum("BLM,MH->BLH")`` on ``[B, L, M]``,
 or a reshape to ``[B*L, M]``, a 2-D matmul and a reshape back. XLA lowers both to one
 ``dot_general``, but on CPU the N-D form can be slower, in the backward pass, whose
-weight gradient contracts over two token axes (``moe_jax/projection.py``). This benchmark decides, per projection, which form the model
-uses: each pair is jitted as forward + backward (gradients for the weights and the
-input), checked equal, then timed alternately in one process, and the per-round ratio
-``einsum / 2-D`` is reported (median of repeats; > 1 means the 2-D form is faster).
-Only ratios are meaningful on a shared machine; absolute times are printed for scale.
-Each row also counts the ``transpose`` ops in both compiled steps (decided by the
-compiler, not measured): the transposed copies the N-D form costs.
+weight gradient contracts over two token axes (``moe_jax/layers/projection.py``). This
+benchmark decides, per projection, which form the model uses: each pair is jitted as
+forward + backward (gradients for the weights and the input), checked equal, then timed
+alternately in one process, and the per-round ratio ``einsum / 2-D`` is reported (median
+of repeats; > 1 means the 2-D form is faster). Only ratios are meaningful on a shared
+machine; absolute times are printed for scale. Each row also counts the ``transpose``
+ops in both compiled steps (decided by the compiler, not measured): the transposed
+copies the N-D form costs.
 
   python benchmarks/matmul_forms.py
   python benchmarks/matmul_forms.py --sizes=layer --repeats=15 --json=forms.json
@@ -18,8 +19,8 @@ The shapes are those of ``dense_small`` / ``switch_small`` training (``--sizes=t
 B=16, L=128, M=256, H=1024, 4 heads of 64, V=256, E=8, S=128, C=20) or of
 ``benchmarks/moe_layer.py`` (``--sizes=layer``: 8192 tokens as [32, 256, M], E=8 and
 128 with S=1024, C=S/E). The dense FFN and experts use gelu. The ``mamba_*`` cases are
-``moe_jax/mamba.py``'s in_proj and x_proj (expand 2, R=M/16, N=16), a mixer not yet
-part of the Transformer.
+``moe_jax/models/mamba.py``'s in_proj and x_proj (expand 2, R=M/16, N=16), a mixer not
+yet part of the Transformer.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def cases(size: str):
                               preferred_element_type=jnp.float32),
       lambda p, x: _mm(x, p["w"], preferred_element_type=jnp.float32))
 
-  # Mamba mixer (moe_jax/mamba.py, expand 2, R = M/16, N = 16): in_proj and x_proj.
+  # Mamba mixer (moe_jax/models/mamba.py, expand 2, R = M/16, N = 16): in_proj and
+  # x_proj.
   d_in, r_n = 2 * m, m // 16 + 2 * 16
   xd = jax.random.normal(next(key), (b, l, d_in))
   for name, xs, k_, n_ in (("mamba_in_proj", x, m, 2 * d_in),

@@ -8,8 +8,9 @@ ratios), so machine noise hits every side alike and only ratios are results.
 Two dense baselines run beside each MoE layer:
 
 * ``dense``: :class:`moe_jax.DenseFfn`, whose matmuls run on the tokens as 2-D
-  ``[T, M]`` rows, the fastest dense FFN measured on CPU (``moe_jax/projection.py``,
-  ``benchmarks/matmul_forms.py``). ``ratio`` (MoE / dense) and the goals use it.
+  ``[T, M]`` rows, the fastest dense FFN measured on CPU
+  (``moe_jax/layers/projection.py``, ``benchmarks/matmul_forms.py``). ``ratio`` (MoE /
+  dense) and the goals use it.
 * ``dense_einsum``: the same FFN written as ``einsum("...M,MH->...H")`` on the
   ``[T/256, 256, M]`` input (``benchmarks/einsum_forms.py``), the form this benchmark
   compared against before; XLA:CPU runs its backward pass slower.
@@ -50,9 +51,9 @@ from flax import nnx
 import einsum_forms  # benchmarks/einsum_forms.py
 import harness  # benchmarks/harness.py
 from moe_jax import DenseFfn, MoeConfig, MoeLayer
-from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
-from moe_jax.grouped_matmul import resolve_grouped_matmul
-from moe_jax.moe_layer import DISPATCHERS
+from moe_jax.layers.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
+from moe_jax.layers.grouped_matmul import resolve_grouped_matmul
+from moe_jax.layers.dispatch import DISPATCHERS
 
 GRIDS = {
     # E x K x cf x S x dispatch; the full grid is --grid=full.

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import configs as config_files  # benchmarks/configs.py
-from moe_jax import block as block_lib
-from moe_jax import train as train_lib
-from moe_jax.config import check_config
-from moe_jax.losses import training_loss
+from moe_jax.models import block
+from moe_jax.training import build, run_state, train
+from moe_jax.training.config import check_config
+from moe_jax.training.losses import training_loss
 
 _CONFIG = flags.DEFINE_string("config", "switch_small",
                               "Config of experiments/configs/.")
@@ -37,19 +37,19 @@ _OVERRIDES = flags.DEFINE_list("config_overrides", [],
 # a row for comparison that saves every matmul, batch dimensions or not.
 SETTINGS = (("none", 1), ("dots", 1), ("dots_saveable", 1), ("full", 1), ("none", 4),
             ("full", 4))
-block_lib.REMAT_POLICIES.setdefault("dots_saveable",
+block.REMAT_POLICIES.setdefault("dots_saveable",
                                     jax.checkpoint_policies.dots_saveable)
 
 
 def residual_bytes(model, config, batch) -> int:
   """Bytes of what the backward pass of the training loss keeps (``jax.vjp``'s
   residuals, shapes only) on ``batch``."""
-  graphdef, params, rest = train_lib.split_model(model)
+  graphdef, params, rest = run_state.split_model(model)
   loss = training_loss(config)
 
   def f(p):
-    m = train_lib.merge_model(graphdef, p, rest, None)
-    train_lib.reseed(m, jax.random.key(0))
+    m = run_state.merge_model(graphdef, p, rest, None)
+    run_state.reseed(m, jax.random.key(0))
     return loss(m, batch)[0]
 
   leaves = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(f, p)[1]), params)
@@ -62,16 +62,16 @@ def memory(config) -> dict[str, int]:
   if checked.model.remat == "dots_saveable":  # not a config value
     checked.model.remat = "dots"
   check_config(checked, num_devices=1)
-  model = train_lib.make_model(config)
-  tx, _ = train_lib.make_optimizer(config)
-  _, params, _ = train_lib.split_model(model)
-  state = train_lib.TrainState(
+  model = build.make_model(config)
+  tx, _ = build.make_optimizer(config)
+  _, params, _ = run_state.split_model(model)
+  state = run_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.key(config.seed)),
-      model_state=train_lib.model_state(model))
+      model_state=run_state.model_state(model))
   tokens = np.zeros((config.batch_size, config.data.seq_len), np.int32)
   batch = {"inputs": jnp.asarray(tokens), "targets": jnp.asarray(tokens)}
-  m = train_lib.make_train_step(model, tx, config).lower(state, batch).compile(
+  m = train.make_train_step(model, tx, config).lower(state, batch).compile(
       ).memory_analysis()
   micro = jax.tree.map(lambda x: x[:config.batch_size // config.grad_accum_steps],
                        batch)

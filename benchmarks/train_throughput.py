@@ -6,8 +6,8 @@ hits every model alike. Reports the median step time, tokens/s and the ratio to 
 Data loading is left out: this measures the model step.
 
 ``--forms=2d,einsum`` builds every config twice: with the model's projections as they
-are (2-D matmuls on token rows, ``moe_jax/projection.py``) and as the N-D einsums they
-were before (``benchmarks/einsum_forms.py``). All six steps are interleaved, each
+are (2-D matmuls on token rows, ``moe_jax/layers/projection.py``) and as the N-D einsums
+they were before (``benchmarks/einsum_forms.py``). All six steps are interleaved, each
 form's ratio is against the dense model of the same form, and ``einsum / 2d`` is the
 per-round step-time ratio of the two forms of one config (> 1: the 2-D form is faster).
 
@@ -30,8 +30,8 @@ import numpy as np
 import configs as config_files  # benchmarks/configs.py
 import einsum_forms  # benchmarks/einsum_forms.py
 import harness  # benchmarks/harness.py
-from moe_jax import train as train_lib
-from moe_jax.sizes import flops_per_token
+from moe_jax.training import train as train_lib
+from moe_jax.models.sizes import flops_per_token
 
 CONFIGS = ("dense_small", "switch_small", "top2_small")
 

@@ -42,9 +42,8 @@ def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
   def _main(argv):
     if len(argv) > 1:
       fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
-    from moe_jax.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-    from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-    from moe_jax.train import TrainingError  # pylint: disable=import-outside-toplevel
+    from moe_jax.errors import (  # pylint: disable=import-outside-toplevel
+        CheckpointError, ConfigError, TrainingError)
     from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS["verbosity"].present:
       absl_logging.set_verbosity(absl_logging.WARNING)
@@ -65,6 +64,10 @@ def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
            "against the config file.")
 
   app.run(_main, flags_parser=_parse)
+
+
+# The config files of experiments/train.py, also the rows of the comparison grids.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 # Flags that every comparison grid shares (each overrides its preset when given).
@@ -102,13 +105,12 @@ def define_grid_flags(flags, script: str, presets_help: str) -> tuple[str, ...]:
   return tuple(name for _, name, _ in GRID_FLAGS)
 
 
-def run_grid(script: str, resolve_settings, run_comparison, flag_values,
+def run_grid_command(script: str, resolve_settings, run_comparison, flag_values,
              overrides: tuple[str, ...], **settings_kwargs) -> None:
   """The body of a grid script's ``main``: settings from the preset and the flags,
   then the grid in ``--workdir``; a bad value or a failed run exits with one line."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from moe_jax.train import TrainingError  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError, TrainingError  # pylint: disable=import-outside-toplevel
   if not flag_values["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   try:
@@ -126,16 +128,17 @@ def run_grid(script: str, resolve_settings, run_comparison, flag_values,
     sys.exit(str(e))
 
 
-def grid_main(script: str, module: str, overrides: tuple[str, ...]):
+def grid_main(script: str, module: str, overrides: tuple[str, ...], **settings_kwargs):
   """The absl ``main`` of a grid script: no positional arguments, then
-  :func:`run_grid` with ``moe_jax.compare.MODULE``'s ``resolve_settings`` and
-  ``run_comparison`` (imported once the flags are parsed)."""
+  :func:`run_grid_command` with ``moe_jax.compare.MODULE``'s ``resolve_settings`` and
+  ``run_comparison`` (imported once the flags are parsed) and ``settings_kwargs``."""
 
   def main(argv):
     if len(argv) > 1:
       sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
     from absl import flags  # pylint: disable=import-outside-toplevel
     grid = importlib.import_module(f"moe_jax.compare.{module}")
-    run_grid(script, grid.resolve_settings, grid.run_comparison, flags.FLAGS, overrides)
+    run_grid_command(script, grid.resolve_settings, grid.run_comparison, flags.FLAGS,
+                     overrides, **settings_kwargs)
 
   return main

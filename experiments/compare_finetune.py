@@ -28,9 +28,9 @@ flags.DEFINE_string("preset", "cpu_small", "Grid size: smoke (CI, about a minute
 flags.DEFINE_string("workdir", None,
                     "Output directory (default /tmp/compare_finetune_PRESET).")
 flags.DEFINE_list("bases", None, "Base models (default: the preset's); see "
-                  "moe_jax/compare/finetune.py BASES.")
+                  "moe_jax/compare/finetune_rows.py BASES.")
 flags.DEFINE_list("methods", None, "Fine-tuning methods (default: the preset's); see "
-                  "moe_jax/compare/finetune.py METHODS.")
+                  "moe_jax/compare/finetune_rows.py METHODS.")
 flags.DEFINE_integer("seeds", None, "Seeds per base model (0, 1, ...).")
 flags.DEFINE_integer("pretrain_steps", None, "Pretraining steps per base model.")
 flags.DEFINE_integer("finetune_steps", None, "Fine-tuning steps per method.")
@@ -38,4 +38,5 @@ flags.DEFINE_integer("finetune_steps", None, "Fine-tuning steps per method.")
 
 if __name__ == "__main__":
   app.run(cli.grid_main("compare_finetune", "finetune", (
-      "bases", "methods", "seeds", "pretrain_steps", "finetune_steps")))
+      "bases", "methods", "seeds", "pretrain_steps", "finetune_steps"),
+      configs_dir=cli.CONFIGS_DIR))

@@ -37,8 +37,9 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
   from moe_jax.compare import routers  # pylint: disable=import-outside-toplevel
-  cli.run_grid("compare_routers", routers.resolve_settings, routers.run_comparison,
-               FLAGS, GRID_OVERRIDES + ("rows",), objectives=FLAGS.objective)
+  cli.run_grid_command("compare_routers", routers.resolve_settings,
+                       routers.run_comparison, FLAGS, GRID_OVERRIDES + ("rows",),
+                       objectives=FLAGS.objective, configs_dir=cli.CONFIGS_DIR)
 
 
 if __name__ == "__main__":

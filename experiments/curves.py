@@ -9,8 +9,8 @@ Reads each run's ``metrics.jsonl``, ``config.json`` and ``model_info.json`` and 
   evals and checkpoints are left out; linear between logged steps, and at the last
   interval's rate after the last logged step (a run stopped between logging steps);
 * ``train_flops``: ``3 x`` forward FLOPs per token (``flops_per_token_active`` plus the
-  router's, ``moe_jax.sizes``) ``x`` tokens trained (``step x batch_size x seq_len``);
-  ``3 x`` forward is the usual forward + backward count.
+  router's, ``moe_jax.models.sizes``) ``x`` tokens trained (``step x batch_size x
+  seq_len``); ``3 x`` forward is the usual forward + backward count.
 
 Error bars are the eval's standard error over batches (``eval_loss_stderr``). A
 Mixture-of-Depths run also gets its ``eval_loss_predictor`` (dashed): the loss when the

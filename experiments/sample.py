@@ -43,7 +43,7 @@ def _flags(flags):
 
 
 def _read_prompts(path: str) -> list[str]:
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
@@ -57,9 +57,10 @@ def _read_prompts(path: str) -> list[str]:
 
 def main(_, workdir):
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from moe_jax import decode, train  # pylint: disable=import-outside-toplevel
+  from moe_jax.inference import decode  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import run_state  # pylint: disable=import-outside-toplevel
   from moe_jax.data import ByteTokenizer  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
   f = flags.FLAGS
   for name, ok, fix in (("length", f.length >= 1, "must be >= 1"),
@@ -73,8 +74,8 @@ def main(_, workdir):
   if f.prompts_file is not None and f["prompt"].present:
     raise ConfigError(["--prompt and --prompts_file are exclusive; pass one."])
   texts = _read_prompts(f.prompts_file) if f.prompts_file is not None else [f.prompt]
-  from moe_jax import objectives  # pylint: disable=import-outside-toplevel
-  objective = objectives.get_objective(train.load_config(workdir))
+  from moe_jax.training import objectives  # pylint: disable=import-outside-toplevel
+  objective = objectives.get_objective(run_state.load_config(workdir))
   if not objective.causal:
     raise ConfigError([f"--workdir={workdir!r} holds a model.objective={objective.name!r} "
                        "checkpoint: it attends bidirectionally to fill in masked bytes "
@@ -85,7 +86,7 @@ def main(_, workdir):
     model, config, step = finetune.load_model(workdir, merge=f.merge,
                                               vocab_size=tokenizer.vocab_size)
   else:
-    model, config, step = train.load_model(workdir, vocab_size=tokenizer.vocab_size)
+    model, config, step = run_state.load_model(workdir, vocab_size=tokenizer.vocab_size)
   max_len = f.max_len or max(config.data.seq_len, 2)
   # Documents start after an EOS; a prompt longer than the cache keeps its end.
   prompts = [(tokenizer.encode(t) if t else [tokenizer.eos_id])[-max_len:] for t in texts]

@@ -52,8 +52,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from moe_jax.compare import switch_vs_dense  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ConfigError, validate_config  # pylint: disable=import-outside-toplevel
-  from moe_jax.train import TrainingError  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError, TrainingError  # pylint: disable=import-outside-toplevel
   base = {"switch": _load(FLAGS.switch_config), "dense": _load(FLAGS.dense_config)}
   try:
     runs = switch_vs_dense.build_grid(base, FLAGS.variants, FLAGS.seeds,

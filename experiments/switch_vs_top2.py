@@ -53,8 +53,8 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
   from moe_jax import compare  # pylint: disable=import-outside-toplevel
-  cli.run_grid("switch_vs_top2", compare.resolve_settings, compare.run_comparison,
-               FLAGS, OVERRIDES)
+  cli.run_grid_command("switch_vs_top2", compare.resolve_settings,
+                       compare.run_comparison, FLAGS, OVERRIDES)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _flags(flags):
 
 def main(config, workdir):
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import train  # pylint: disable=import-outside-toplevel
   train.train_and_evaluate(config, workdir, stop_at_step=flags.FLAGS.stop_at_step)
 
 

@@ -14,7 +14,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import moe_layer, sharding
+from moe_jax.layers import moe_config, moe_layer
+from moe_jax.models import param_sharding
+from moe_jax.parallel import sharding
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) global array as numpy, on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class DemoModel(nnx.Module):
@@ -26,7 +36,7 @@ class DemoModel(nnx.Module):
   is in it.
   """
 
-  def __init__(self, cfg: moe_layer.MoeConfig, vocab_size: int,
+  def __init__(self, cfg: moe_config.MoeConfig, vocab_size: int,
                num_experts: Sequence[int], *, rngs: nnx.Rngs):
     self.embed = nnx.Embed(vocab_size, cfg.d_model, rngs=rngs)
     self.moe = nnx.List([
@@ -71,8 +81,8 @@ def train_demo(
   mesh and returns what a test compares with the 1x1x1 run.
 
   ``num_experts`` is E of the single MoE block, or a sequence with one E per block.
-  ``moe`` overrides more :class:`~moe_jax.moe_layer.MoeConfig` fields (the router
-  family and its settings, shared experts, dtype, ...).
+  ``moe`` overrides more :class:`~moe_jax.layers.moe_config.MoeConfig` fields (the
+  router family and its settings, shared experts, dtype, ...).
 
   The loss is next-token cross-entropy on random tokens plus 0.01 times the Switch
   load-balancing loss and 0.001 times the z-loss.
@@ -81,7 +91,7 @@ def train_demo(
     ``losses`` (one float per step), ``aux_losses`` (the MoE blocks' summed
     ``aux_loss`` of each step, unscaled), ``logits`` (the first step's forward pass,
     numpy), ``grads`` (the first step's gradients, ``{path: numpy}``) and ``specs``
-    (:func:`moe_jax.sharding.describe_sharding` of the model).
+    (:func:`moe_jax.models.param_sharding.describe_sharding` of the model).
   """
   num_experts = (num_experts,) if isinstance(num_experts, int) else tuple(num_experts)
   for e in num_experts:
@@ -89,14 +99,14 @@ def train_demo(
         jax.device_count(), data, expert, model, e, batch_size, seq_len=seq_len,
         group_size=group_size, d_ff=d_ff, num_processes=jax.process_count()):
       raise ValueError(msg)
-  cfg = moe_layer.MoeConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts[0],
+  cfg = moe_config.MoeConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts[0],
                             group_size=group_size, dispatch=dispatch, **dict(moe or {}))
   net = DemoModel(cfg, vocab_size, num_experts, rngs=nnx.Rngs(seed))
   mesh = sharding.make_mesh(data, expert, model)
-  sharding.shard_model(net, mesh)
+  param_sharding.shard_model(net, mesh)
   # Placing the optimizer too puts its step counters on the mesh; left on one device,
   # their sharding would change after the first step and force a second compile.
-  opt = sharding.shard_model(
+  opt = param_sharding.shard_model(
       nnx.Optimizer(net, optax.adam(learning_rate), wrt=nnx.Param), mesh)
   rng = np.random.default_rng(seed)
 
@@ -123,8 +133,8 @@ def train_demo(
     if i == 0:
       first = (logits, grads)
   logits, grads = first
-  flat = {"/".join(str(p) for p in path): sharding.to_host(v.get_value())
+  flat = {"/".join(str(p) for p in path): to_host(v.get_value())
           for path, v in nnx.to_flat_state(grads)}
   return {"losses": losses, "aux_losses": aux_losses,
-          "logits": sharding.to_host(logits), "grads": flat,
-          "specs": sharding.describe_sharding(net)}
+          "logits": to_host(logits), "grads": flat,
+          "specs": param_sharding.describe_sharding(net)}

@@ -350,7 +350,8 @@ def test_moe_comm_bytes():
 
 
 def test_planned_bytes_per_device_matches_the_placed_model():
-  from moe_jax import sharding
+  from moe_jax.parallel import sharding
+  from moe_jax.models import param_sharding
 
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8)
   mesh = sharding.make_mesh(data=2, expert=4)
@@ -359,7 +360,7 @@ def test_planned_bytes_per_device_matches_the_placed_model():
   abstract = nnx.eval_shape(lambda: MoeLayer(cfg, rngs=nnx.Rngs(0)))
   planned = analysis.planned_bytes_per_device(abstract, mesh)
   assert planned == {"experts": 2048, "other": 256, "total": 2304}
-  layer = sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
+  layer = param_sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
   placed = analysis.placed_bytes_per_device(layer)
   assert set(placed.values()) == {2304} and len(placed) == 8
   for device, experts in analysis.experts_by_device(layer).items():

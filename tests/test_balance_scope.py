@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoeConfig, MoeLayer, routing
-from moe_jax.build import moe_config
-from moe_jax.config import default_config, validate_config
-from moe_jax.routers import ROUTERS, balance_scope
+from moe_jax.training.build import moe_config
+from moe_jax.training.config import default_config, validate_config
+from moe_jax.layers.router_families import ROUTERS, balance_scope
 from tests.reference import noisy_top_k_loop
 from tests.sharding_demo import train_demo
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import experts, moe_layer, projection, transformer
+from moe_jax.layers import experts, moe_config, moe_layer, projection
+from moe_jax.models import block, transformer
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,10 +209,10 @@ def _unbatched_dot_operands(text):
 def test_einsum_forms_compute_the_same_model_with_n_d_dots_and_are_undone():
   # Every projection einsum_forms swaps: the dense FFN (block 0), experts through the
   # einsum dispatch with swiglu (wi_gate), a noisy router (block 1), the unembedding.
-  moe = moe_layer.MoeConfig(d_model=8, d_ff=16, num_experts=4, capacity_factor=2.0,
+  moe = moe_config.MoeConfig(d_model=8, d_ff=16, num_experts=4, capacity_factor=2.0,
                             group_size=8, dispatch="einsum", activation="swiglu",
                             router="noisy_topk")
-  cfg = transformer.TransformerConfig(vocab_size=32, num_layers=2, d_model=8,
+  cfg = block.TransformerConfig(vocab_size=32, num_layers=2, d_model=8,
                                       num_heads=2, d_ff=16, moe_every=2, moe=moe,
                                       activation="swiglu", max_len=16)
   model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
@@ -297,7 +298,7 @@ def test_decode_benchmark_writes_every_field(tmp_path):
 def test_decode_benchmark_measures_a_trained_run(tmp_path):
   # A 2-step mod_small run shrunk to width 16; --workdirs loads its checkpoint and its
   # config (4 blocks from the run, not the config file's 8).
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import train  # pylint: disable=import-outside-toplevel
   config = _load_benchmark_module("configs").load_config("mod_small", [
       "model.num_layers=4", "model.d_model=16", "model.d_ff=32", "model.num_heads=2",
       "data.seq_len=16", "batch_size=2", "steps=2", "warmup_steps=1", "eval_every=2",

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.checkpoint import CheckpointError, Checkpointer
+from moe_jax.errors import CheckpointError
+from moe_jax.training.checkpoint import Checkpointer
 
 
 def _state(seed):

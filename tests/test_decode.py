@@ -1,4 +1,5 @@
-"""Cached decoding (moe_jax.decode) against the full forward pass and the uncached sampler.
+"""Cached decoding (moe_jax.inference.decode) against the full forward pass and the
+uncached sampler.
 
 Every model is built from the experiment config by dotted overrides, so a new family is
 one line in MODELS. Each MoE model routes without drops in the full forward pass
@@ -14,9 +15,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import decode, sharding, train
-from moe_jax.config import ConfigError, default_config
-from moe_jax.transformer import Transformer
+from moe_jax.inference import decode
+from moe_jax.parallel import sharding
+from moe_jax.models import param_sharding
+from moe_jax.training import build
+from moe_jax.errors import ConfigError
+from moe_jax.training.config import default_config
+from moe_jax.models.transformer import Transformer
 
 TINY = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,
         "model.d_ff": 64, "moe.num_experts": 4, "moe.group_size": 64,
@@ -58,7 +63,7 @@ def make_model(overrides, **more):
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return train.make_model(config, vocab_size=64, seed=0)
+  return build.make_model(config, vocab_size=64, seed=0)
 
 
 def full_logits(model, rows):
@@ -206,7 +211,8 @@ def test_sharded_decoding_equals_one_device(data=2, expert=4):
                           prefill_len=PREFILL_LEN)
   expected = single.generate(prompts, 6, temperature=0.0)
   ref_logits, _ = single.prefill(prompts, all_logits=True)
-  model = sharding.shard_model(make_model(overrides), sharding.make_mesh(data, expert))
+  model = param_sharding.shard_model(make_model(overrides),
+                                     sharding.make_mesh(data, expert))
   sharded = decode.Decoder(model, batch_size=8, max_len=MAX_LEN, prefill_len=PREFILL_LEN)
   assert sharded.generate(prompts, 6, temperature=0.0) == expected
   logits, _ = sharded.prefill(prompts, all_logits=True)
@@ -218,7 +224,8 @@ def test_sharded_decoding_equals_one_device(data=2, expert=4):
 def _one_expert_layer():
   """2 experts, top-1, eval capacity C = max(ceil(0.5 * S / 2), 1): 1 slot for S <= 4.
   The router sends every token with positive features to expert 0."""
-  from moe_jax.moe_layer import MoeConfig, MoeLayer  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.moe_config import MoeConfig  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.moe_layer import MoeLayer  # pylint: disable=import-outside-toplevel
   layer = MoeLayer(MoeConfig(d_model=4, d_ff=8, num_experts=2, top_k=1,
                              eval_capacity_factor=0.5, min_capacity=1, group_size=8,
                              activation="gelu"),
@@ -255,7 +262,8 @@ def test_padding_takes_no_capacity_at_prefill():
 def test_a_step_of_few_tokens_gathers_only_the_chosen_experts():
   # 2 tokens x top-2 = 4 choices < 8 experts: the step takes gather_dispatch, which must
   # equal the capacity path (indices, C = S = 2) for the same routing.
-  from moe_jax.moe_layer import MoeConfig, MoeLayer  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.moe_config import MoeConfig  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.moe_layer import MoeLayer  # pylint: disable=import-outside-toplevel
   layer = MoeLayer(MoeConfig(d_model=8, d_ff=16, num_experts=8, top_k=2,
                              activation="swiglu", dispatch="indices"), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(2), (2, 1, 8))

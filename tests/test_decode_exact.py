@@ -1,5 +1,5 @@
 """Cached decoding up to the last cache slot and across a window slide, against the
-full forward pass (moe_jax.decode).
+full forward pass (moe_jax.inference.decode).
 
 tests/test_decode.py compares rows of at most 13 tokens with a cache of 24, so the last
 slots are never written there. Here rows fill the cache exactly (``max_len`` tokens,
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import decode
+from moe_jax.inference import decode
 from tests.test_decode import MODELS, make_model
 
 MAX_LEN = 8

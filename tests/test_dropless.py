@@ -1,4 +1,4 @@
-"""dispatch="dropless" across devices (moe_jax/dropless.py) on 8 fake CPU devices.
+"""dispatch="dropless" across devices (moe_jax/layers/dropless.py) on 8 fake CPU devices.
 
 The CPU backend compiles only the padded exchange, so every run here uses it
 ("auto" resolves to it on CPU); the ragged exchange is checked as far as CPU allows:
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoeConfig, MoeLayer, dropless, sharding
+from moe_jax import MoeConfig, MoeLayer
+from moe_jax.layers import dropless
+from moe_jax.parallel import sharding
+from moe_jax.models import param_sharding
 from tests.sharding_demo import train_demo
 from tests.test_sharding import assert_same_run
 
@@ -72,7 +75,7 @@ def _skewed_layers(top_k, factor=-1.0):
   for mesh in (None, sharding.make_mesh(2, 4)):
     layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
     layer.router.kernel[...] = 10.0 * np.eye(8, dtype=np.float32)
-    layers.append(layer if mesh is None else sharding.shard_model(layer, mesh))
+    layers.append(layer if mesh is None else param_sharding.shard_model(layer, mesh))
   eye = np.eye(8, dtype=np.float32)
   x = eye[SKEW_FIRST] + 0.5 * eye[SKEW_SECOND]  # [S, M]
   x = x[None] + 0.01 * np.random.default_rng(0).normal(size=(8, 8, 8))
@@ -176,7 +179,7 @@ def test_expert_dropout_on_a_mesh_masks_hidden_units():
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=2,
                   dispatch="dropless", expert_dropout=0.5)
   mesh = sharding.make_mesh(2, 4)
-  layer = sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
+  layer = param_sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
   x = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
   x = sharding.shard_batch({"x": x}, mesh)["x"]
   step = nnx.jit(lambda layer, x, det: layer(x, deterministic=det)[0],
@@ -227,7 +230,7 @@ def _step_hlo(top_k, data, expert, exchange="auto", compile_=True):
   mesh = sharding.make_mesh(data, expert)
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=top_k,
                   dispatch="dropless", ragged_exchange=exchange)
-  layer = sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
+  layer = param_sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
   x = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
   x = sharding.shard_batch({"x": x}, mesh)["x"]
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -253,8 +256,8 @@ def test_train_step_moves_tokens_only_by_all_to_all_of_the_padded_buffer(
   # 2x4: 8 * min(2, 2) = 16 rows; 1x8: 8 * min(1, 1) = 8 rows. One padded buffer is
   # X * P * M * 4 bytes: 4 * 16 * 8 * 4 = 2048 and 8 * 8 * 8 * 4 = 2048.
   rows = dropless.buffer_rows(8, top_k, 8 // expert, expert)
-  buffer = dropless.exchange_bytes(expert, rows, 8, 4, "padded")
-  assert buffer == expert * rows * 8 * 4 == 2048
+  buffer = expert * rows * 8 * 4
+  assert buffer == 2048
   rows_a2a = [b for t, b in a2a if t == "f32"]
   # Forward: rows out and back; backward: the outputs' cotangents back to the
   # experts (the dispatched rows need no cotangent: x is not differentiated here).
@@ -285,8 +288,8 @@ _zoo_runs = {}
 
 
 def _zoo_losses(name, data, expert, tmp_path_factory):
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
-  from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
   from tests.test_train import _zoo_config  # pylint: disable=import-outside-toplevel
 
   if (name, data, expert) not in _zoo_runs:
@@ -327,7 +330,7 @@ def test_train_cli_runs_mixtral_dropless_on_a_mesh(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
 
-  from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
   from tests.test_train import (  # pylint: disable=import-outside-toplevel
       CONFIGS, HANG_GUARD_S, ROOT, cli_overrides)
 

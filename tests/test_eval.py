@@ -7,24 +7,28 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax import data, sharding, train
-from moe_jax.config import default_config
-from moe_jax.metrics import read_metrics
+from moe_jax import data
+from moe_jax.parallel import sharding
+from moe_jax.models import param_sharding
+from moe_jax.training import build, evaluation, run_state, train
+from moe_jax.training.config import default_config
+from moe_jax.training.metrics import read_metrics
 
 
 def test_batch_stderr_hand_example():
   # nats [2, 6, 3] over tokens [1, 2, 1]: batch means x_b = [2, 3, 3], x = 11/4 = 2.75.
   # w_b (x_b - x) = [-0.75, 0.5, 0.25]; squares sum to 0.5625 + 0.25 + 0.0625 = 0.875.
   # SE = sqrt(3/2 * 0.875) / 4 = sqrt(1.3125) / 4 = 0.286410...
-  assert train.batch_stderr([2.0, 6.0, 3.0], [1.0, 2.0, 1.0]) == pytest.approx(
+  assert evaluation.batch_stderr([2.0, 6.0, 3.0], [1.0, 2.0, 1.0]) == pytest.approx(
       math.sqrt(1.3125) / 4, rel=1e-12)
   # Equal weights: std(x_b) / sqrt(B) = 1 / sqrt(3) for means [1, 2, 3].
-  assert train.batch_stderr([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) == pytest.approx(
+  assert evaluation.batch_stderr([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) == pytest.approx(
       1 / math.sqrt(3), rel=1e-12)
   # A batch of padding only (weight 0) is left out; one batch has no stderr.
-  assert train.batch_stderr([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 1.0, 0.0]) == pytest.approx(
+  assert evaluation.batch_stderr([1.0, 2.0, 3.0, 0.0],
+                                 [1.0, 1.0, 1.0, 0.0]) == pytest.approx(
       1 / math.sqrt(3), rel=1e-12)
-  assert math.isnan(train.batch_stderr([5.0], [2.0]))
+  assert math.isnan(evaluation.batch_stderr([5.0], [2.0]))
 
 
 def test_evaluate_combines_batches_by_tokens():
@@ -36,7 +40,7 @@ def test_evaluate_combines_batches_by_tokens():
       {"nats": 3.0, "tokens": 1.0, "byte_nats": 3.0, "bytes": 1.0, "aux_loss": 1.0,
        "dropped_fraction": 0.5},
   ])
-  out = train.evaluate(lambda params, batch: next(fake), None, range(3))
+  out = evaluation.evaluate(lambda params, batch: next(fake), None, range(3))
   assert out["eval_loss"] == pytest.approx(11 / 4)
   assert out["eval_tokens"] == 4 and out["eval_batches"] == 3
   assert out["eval_loss_stderr"] == pytest.approx(math.sqrt(1.3125) / 4)
@@ -100,15 +104,15 @@ def test_full_eval_scores_every_token_once_on_any_mesh(corpus, moe_every, data_a
   # batches of 4 rows whose last has one empty row.
   assert (lm.num_eval_targets, lm.num_eval_windows, lm.num_eval_batches) == (173, 11, 3)
   config = _config(moe_every, data=data_axis, expert=expert_axis)
-  model = train.make_model(config)
+  model = build.make_model(config)
   want, count = _reference_loss(model, lm.eval_tokens)
 
   mesh = sharding.make_mesh(data_axis, expert_axis)
-  sharding.shard_model(model, mesh)
+  param_sharding.shard_model(model, mesh)
   eval_step = train.make_eval_step(model)
-  _, params, _ = train.split_model(model)
+  _, params, _ = run_state.split_model(model)
   batches = (sharding.shard_batch(b, mesh) for b in lm.eval_iter(num_steps=None))
-  got = train.evaluate(eval_step, params, batches)
+  got = evaluation.evaluate(eval_step, params, batches)
   assert got["eval_tokens"] == count == 173 and got["eval_batches"] == 3
   assert got["eval_loss"] == pytest.approx(want, rel=1e-5)
   assert math.isfinite(got["eval_loss_stderr"]) and got["eval_loss_stderr"] > 0
@@ -122,7 +126,7 @@ def test_padding_is_never_routed():
   config = _config()
   config.moe.eval_capacity_factor = 1.0  # tight: padding would take slots if routed
   config.moe.group_size = 2 * SEQ_LEN  # groups of two rows: padding shares a group
-  model = train.make_model(config)
+  model = build.make_model(config)
   rng = np.random.default_rng(1)
   real = rng.integers(0, 256, (2, SEQ_LEN)).astype(np.int32)
   mask = np.array([[False] * SEQ_LEN, [True] * SEQ_LEN] * 2)  # rows: pad, real, pad, real

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import sharding
-from moe_jax.moe_layer import MoeConfig, MoeLayer
+from moe_jax.parallel import sharding
+from moe_jax.models import param_sharding
+from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.layers.moe_layer import MoeLayer
 
 P_DROP = 0.3
 M, E, B, L = 16, 8, 8, 16  # one group of 16 tokens per batch row
@@ -31,7 +33,7 @@ def identity_layer(dispatch, mesh=None):
   layer.experts.wo[...] = eye
   layer.router.kernel[...] = np.random.default_rng(1).normal(size=(M, E)).astype(
       np.float32)
-  return layer if mesh is None else sharding.shard_model(layer, mesh)
+  return layer if mesh is None else param_sharding.shard_model(layer, mesh)
 
 
 _call = nnx.jit(lambda layer, x, det: layer(x, deterministic=det)[0], static_argnums=2)

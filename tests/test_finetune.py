@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import lora, train
-from moe_jax.config import ConfigError
-from moe_jax.metrics import read_metrics
+from moe_jax.layers import lora_adapters
+from moe_jax.training import run_state, train
+from moe_jax.errors import ConfigError
+from moe_jax.training.metrics import read_metrics
 from moe_jax.peft import finetune
 from tests.test_train import jit_cache, tiny_config  # noqa: F401  (fixture)
 
@@ -84,7 +85,7 @@ def test_lora_run_resumes_exactly(base_run, tmp_path):
 def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_path):
   workdir = str(tmp_path / "lora")
   finetune.finetune(ft_config(), base_run, workdir)
-  base, _, _ = train.load_model(base_run)
+  base, _, _ = run_state.load_model(base_run)
   adapted, step = _params(workdir, merge=False)
   merged, _ = _params(workdir, merge=True)
   assert step == 6
@@ -95,7 +96,7 @@ def test_lora_run_trains_adapters_only_and_samples_merged_or_not(base_run, tmp_p
   for path, var in kept.items():
     assert np.asarray(var[...]).tobytes() == np.asarray(flat_base[path][...]).tobytes()
   assert any(float(np.abs(np.asarray(ad.lora_b[...])).max()) > 0
-             for *_, ad in lora.adapters(adapted))
+             for *_, ad in lora_adapters.adapters(adapted))
   x = np.arange(32, dtype=np.int32).reshape(1, 32) % 200
   np.testing.assert_allclose(adapted(x, deterministic=True)[0],
                              merged(x, deterministic=True)[0], atol=1e-5)
@@ -127,7 +128,7 @@ def test_esft_keeps_frozen_experts_bit_identical_and_resumes_its_plan(base_run,
   assert esft.select_experts({1: shares}, 0.5)[1].tolist() == selected.tolist()
   assert 0 < selected.sum() < 4
   tuned, _ = _params(workdir)
-  base, _, _ = train.load_model(base_run)
+  base, _, _ = run_state.load_model(base_run)
   flat_base = dict(nnx.to_flat_state(nnx.state(base, nnx.Param)))
   for path, var in nnx.to_flat_state(nnx.state(tuned, nnx.Param)):
     old, new = np.asarray(flat_base[path][...]), np.asarray(var[...])

@@ -16,12 +16,18 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import build, decode, lora, sharding, train
+from moe_jax.inference import decode
+from moe_jax.layers import lora_adapters as lora
+from moe_jax.models import param_sharding
+from moe_jax.parallel import sharding
+from moe_jax.training import build, train
 from moe_jax.peft import lora as peft_lora
-from moe_jax.block import Attention
-from moe_jax.config import default_config, validate_config
-from moe_jax.sizes import count_params, flops_per_token
-from moe_jax.transformer import Transformer, TransformerConfig
+from moe_jax.models.block import Attention
+from moe_jax.training.config import default_config, validate_config
+from moe_jax.models.sizes import count_params, flops_per_token
+from moe_jax.models.block import TransformerConfig
+from moe_jax.models.transformer import Transformer
+from tests.sharding_demo import to_host
 from tests.reference import routed_block_loop
 from tests.test_decode import (FORCED, MAX_LEN, PREFILL_LEN, PROMPTS, full_logits,
                                make_model, teacher_forced)
@@ -251,8 +257,8 @@ def _train(data, expert, model_axis, steps=3):
     node[leaf] = value
   assert validate_config(config, num_devices=8) == []
   mesh = sharding.make_mesh(data, expert, model_axis)
-  model = train.make_model(config, vocab_size=64, seed=0)
-  sharding.shard_model(model, mesh)
+  model = build.make_model(config, vocab_size=64, seed=0)
+  param_sharding.shard_model(model, mesh)
   tx, _ = build.make_optimizer(config)
   state, state_sharding = train.init_train_state(model, tx, mesh, seed=0)
   step = train.make_train_step(model, tx, config, state_sharding=state_sharding)
@@ -264,9 +270,9 @@ def _train(data, expert, model_axis, steps=3):
                                  mesh)
     state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  params = {jax.tree_util.keystr(p): sharding.to_host(v)
+  params = {jax.tree_util.keystr(p): to_host(v)
             for p, v in jax.tree_util.tree_leaves_with_path(state.params)}
-  return losses, params, sharding.describe_sharding(model)
+  return losses, params, param_sharding.describe_sharding(model)
 
 
 def test_gqa_on_a_model_axis_equals_one_device():

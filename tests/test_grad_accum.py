@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import sharding, train
-from moe_jax.config import ConfigError, check_config
-from moe_jax.losses import training_loss
+from moe_jax.models import param_sharding
+from moe_jax.parallel import sharding
+from moe_jax.training import build, run_state, train
+from moe_jax.errors import ConfigError
+from moe_jax.training.config import check_config
+from moe_jax.training.losses import training_loss
 from tests.test_train import _zoo_config, tiny_config
 
 STEPS = 5
@@ -46,18 +49,18 @@ def _batches(config, steps, padded=False):
 
 def _run(config, steps=STEPS, mesh=None, padded=False):
   """(metrics per step, final state) of ``steps`` train steps on fixed batches."""
-  model = train.make_model(config)
-  tx, _ = train.make_optimizer(config)
+  model = build.make_model(config)
+  tx, _ = build.make_optimizer(config)
   if mesh is None:
-    _, params, _ = train.split_model(model)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    _, params, _ = run_state.split_model(model)
+    state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(config.seed)),
-                             model_state=train.model_state(model))
+                             model_state=run_state.model_state(model))
     step = train.make_train_step(model, tx, config)
     put = lambda b: jax.tree.map(jnp.asarray, b)  # noqa: E731
   else:
-    sharding.shard_model(model, mesh)
+    param_sharding.shard_model(model, mesh)
     state, state_sharding = train.init_train_state(model, tx, mesh, config.seed)
     step = train.make_train_step(model, tx, config, state_sharding=state_sharding)
     put = lambda b: sharding.shard_batch(b, mesh)  # noqa: E731
@@ -121,7 +124,7 @@ def test_batch_scope_pools_each_microbatch_on_its_own():
   config = tiny_config(**{"batch_size": 8, "grad_accum_steps": 4,
                           "moe.balance_scope": "batch", "moe.group_size": 32,
                           "sample.length": 0})
-  model = train.make_model(config)
+  model = build.make_model(config)
   batch = jax.tree.map(jnp.asarray, next(_batches(config, 1)))
   loss = training_loss(config)
   aux = lambda b: float(loss(model, b)[1][0]["aux_loss"])  # noqa: E731
@@ -170,7 +173,7 @@ def test_valid_grad_accum_steps_pass():
 def test_training_run_logs_the_global_batch_with_accumulation(tmp_path):
   """train_and_evaluate end to end (data, metrics.jsonl, eval): the train lines of an
   accumulated run with every block rematerialised are the plain run's."""
-  from moe_jax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.metrics import read_metrics  # pylint: disable=import-outside-toplevel
   overrides = {"steps": 4, "log_every": 1, "eval_every": 4, "eval_steps": 1,
                "checkpoint_every": 4, "sample.length": 0}
   train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "plain"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import grouped_matmul as gm
+from moe_jax.layers import grouped_matmul as gm
 
 
 def _loop(x, w, group_sizes):

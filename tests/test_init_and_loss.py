@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import train
-from moe_jax.config import default_config
+from moe_jax.training import build, run_state, train
+from moe_jax.training.config import default_config
 
 
 def _config(**overrides):
@@ -29,7 +29,7 @@ def _config(**overrides):
 
 
 def _params(config) -> dict[str, np.ndarray]:
-  model = train.make_model(config)
+  model = build.make_model(config)
   flat = nnx.state(model, nnx.Param).flat_state()
   return {"/".join(map(str, path)): np.asarray(v.get_value()) for path, v in flat}
 
@@ -75,16 +75,16 @@ def test_each_init_scale_reaches_exactly_the_weights_it_names(key, scaled):
 def test_moe_scales_are_relative_to_the_model_scale():
   c = _config(**{"model.init_scale": 0.1, "moe.init_scale": 1.0,
                  "moe.router_init_scale": 0.5})
-  moe = train.moe_config(c)
+  moe = build.moe_config(c)
   assert (moe.init_scale, moe.router_init_scale) == pytest.approx((0.1, 0.05))
 
 
 def _grads(config):
   """The update of one plain-SGD step (lr 1): minus the gradient of the loss."""
-  model = train.make_model(config)
+  model = build.make_model(config)
   tx = optax.sgd(1.0)
-  _, params, _ = train.split_model(model)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  _, params, _ = run_state.split_model(model)
+  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(0)))
   rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""The layer pattern (moe_jax.layer_pattern) and the hybrid models built from it."""
+"""The layer pattern (moe_jax.models.layer_pattern) and the hybrid models built from
+it."""
 
 import jax
 import jax.numpy as jnp
@@ -6,12 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.experts import DenseFfn
-from moe_jax.layer_pattern import layer_pattern, pattern_errors
-from moe_jax.mamba import MambaConfig, MambaMixer, mixer_cost
-from moe_jax.moe_layer import MoeConfig, MoeLayer
-from moe_jax.transformer import MIXERS, Attention, Transformer, TransformerConfig
-from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.layers.experts import DenseFfn
+from moe_jax.models.layer_pattern import layer_pattern, pattern_errors
+from moe_jax.models.mamba import MambaConfig, MambaMixer, mixer_cost
+from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.layers.moe_layer import MoeLayer
+from moe_jax.models.block import MIXERS, Attention, TransformerConfig
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.sizes import count_params, flops_per_token
 
 A, M = "attention", "mamba"
 d, e = "dense", "moe"

@@ -1,11 +1,12 @@
-"""LoRA against weights built by hand (moe_jax/lora.py, moe_jax/peft/lora.py).
+"""LoRA against weights built by hand (moe_jax/layers/lora_adapters.py,
+moe_jax/peft/lora.py).
 
 For every target shape (attention's query/key/value ``[M, N, D]`` and out
 ``[N, D, M]``, the router ``[M, E]``, the stacked experts ``[E, M, H]``/``[E, H, M]``,
 the shared experts and the dense FFN) the adapted weight is computed in numpy from
 the raw factors as ``W + (alpha / r) * reshape(A @ B, W.shape)``, without going
-through :func:`moe_jax.lora.weight`, and loaded into a model without adapters; the
-two models' logits must agree.
+through :func:`moe_jax.layers.lora_adapters.weight`, and loaded into a model without
+adapters; the two models' logits must agree.
 """
 
 import jax
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import lora
-from moe_jax.moe_layer import MoeConfig
+from moe_jax.layers import lora_adapters
+from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.peft import lora as peft_lora
-from moe_jax.transformer import Transformer, TransformerConfig
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.block import TransformerConfig
 
 ALL_TARGETS = ("router", "experts", "shared_experts", "attention", "dense_ffn")
 M, H, E, HS, V = 32, 24, 4, 48, 40
@@ -38,7 +40,7 @@ def adapted_model(dispatch):
   model = tiny_model(dispatch)
   assert peft_lora.add_lora(model, ALL_TARGETS, rank=RANK, alpha=ALPHA) == 18
   key = jax.random.key(7)
-  for i, (_, _, _, ad) in enumerate(lora.adapters(model)):
+  for i, (_, _, _, ad) in enumerate(lora_adapters.adapters(model)):
     b = ad.lora_b
     b.set_value(0.5 * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
   return model
@@ -50,7 +52,7 @@ def hand_merged(adapted, dispatch):
   plain = tiny_model(dispatch)
   owners = dict(nnx.iter_graph(plain))
   shapes = set()
-  for path, owner, name, ad in lora.adapters(adapted):
+  for path, owner, name, ad in lora_adapters.adapters(adapted):
     w = np.asarray(getattr(owner, name)[...], np.float64)
     a = np.asarray(ad.lora_a[...], np.float64)  # [*batch, K, r]
     b = np.asarray(ad.lora_b[...], np.float64)  # [*batch, r, N]
@@ -103,7 +105,7 @@ def test_each_target_alone_matches_its_hand_merged_weights():
   for target in ALL_TARGETS:
     adapted = tiny_model("indices")
     peft_lora.add_lora(adapted, (target,), rank=RANK, alpha=ALPHA)
-    for i, (_, _, _, ad) in enumerate(lora.adapters(adapted)):
+    for i, (_, _, _, ad) in enumerate(lora_adapters.adapters(adapted)):
       b = ad.lora_b
       b.set_value(0.5 * jax.random.normal(jax.random.key(10 + i), b.shape, b.dtype))
     plain, _ = hand_merged(adapted, "indices")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import mamba
-from moe_jax.mamba import MambaConfig, MambaMixer, MambaState
+from moe_jax.models import mamba
+from moe_jax.models.mamba import MambaConfig, MambaMixer, MambaState
 from tests.reference import mamba_loop
 
 # Tiny: M=8 -> D_in=16, N=4, R=ceil(8/16)=1, K=4.

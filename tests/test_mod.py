@@ -1,6 +1,6 @@
-"""Mixture-of-Depths (moe_jax/mod.py, moe_jax/routing/depth.py): selection, the routed
-block against a loop reference, gradients, causality in training and sampling, cached
-decoding, FLOP and parameter counts, configs."""
+"""Mixture-of-Depths (moe_jax/models/mod.py, moe_jax/routing/depth.py): selection, the
+routed block against a loop reference, gradients, causality in training and sampling,
+cached decoding, FLOP and parameter counts, configs."""
 
 import math
 
@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import decode, mod, routing
-from moe_jax.moe_layer import MoeConfig
+from moe_jax.inference import decode
+from moe_jax.models import mod
+from moe_jax import routing
+from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.routing import depth
-from moe_jax.transformer import Transformer, TransformerConfig
-from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.block import TransformerConfig
+from moe_jax.models.sizes import count_params, flops_per_token
 from tests.reference import routed_block_loop
 from tests.test_decode import FORCED, MAX_LEN, PROMPTS, teacher_forced
 from tests.test_decode import make_model as make_lm
@@ -444,7 +447,7 @@ def test_routing_exports():
 
 
 def _tiny_config(coef):
-  from moe_jax.config import default_config  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import default_config  # pylint: disable=import-outside-toplevel
   c = default_config()
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.d_ff = 2, 16, 2, 32
   c.model.mod_every, c.model.mod_capacity, c.model.mod_predictor = 2, 0.25, "mlp"
@@ -457,12 +460,12 @@ def _tiny_config(coef):
 def test_the_train_step_weights_the_bce_and_reports_the_metrics(coef):
   # The MLP predictor only learns from coef * BCE: with coef 0 its gradient is 0 and
   # (no weight decay) Adam leaves it exactly where it was.
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build, evaluation, loop_utils, losses, run_state, train  # pylint: disable=import-outside-toplevel
   c = _tiny_config(coef)
-  model = train.make_model(c, vocab_size=V)
-  tx, _ = train.make_optimizer(c)
-  _, params, _ = train.split_model(model)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  model = build.make_model(c, vocab_size=V)
+  tx, _ = build.make_optimizer(c)
+  _, params, _ = run_state.split_model(model)
+  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(0)))
   before = jax.tree.map(np.asarray, params["blocks"][1]["predictor"])
@@ -473,16 +476,16 @@ def test_the_train_step_weights_the_bce_and_reports_the_metrics(coef):
   moved = [not np.array_equal(before[k], np.asarray(after[k])) for k in before]
   assert all(moved) if coef else not any(moved)
   assert metrics["mod_predictor_accuracy"].shape == (1,)  # one routed block
-  line = train.train_line(jax.device_get(metrics), (), (1,))
+  line = loop_utils.train_line(jax.device_get(metrics), (), (1,))
   assert line["mod_routed_fraction"] == {"layer_1": pytest.approx(0.25)}
   assert set(line) >= {"mod_aux_loss", "mod_predicted_fraction", "mod_router_mean",
                        "mod_router_std", "mod_predictor_accuracy"}
   if coef:  # the eval line: the causal loss and the predictor per block
-    values = train.evaluate(train.make_eval_step(model), state.params, [batch])
-    trained = train.merge_model(*train._merge_parts(model, state.params), None)  # pylint: disable=protected-access
+    values = evaluation.evaluate(train.make_eval_step(model), state.params, [batch])
+    trained = run_state.merge_model(*train._merge_parts(model, state.params), None)  # pylint: disable=protected-access
     logits, _ = jax.jit(lambda t: trained(t, deterministic=True, use_predictor=True))(
         batch["inputs"])
-    ce, count = train.lm_loss(logits, batch["targets"])
+    ce, count = losses.lm_loss(logits, batch["targets"])
     assert values["eval_loss_predictor"] == pytest.approx(float(ce / count), rel=1e-5)
     assert values["eval_loss_predictor"] != pytest.approx(values["eval_loss"], rel=1e-7)
     assert set(values["eval_mod_predictor_accuracy"]) == {"layer_1"}

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoeConfig, MoeLayer, moe_layer, routing
-from moe_jax.moe_layer import validate_moe_config
+from moe_jax import MoeConfig, MoeLayer, routing
+from moe_jax.layers import moe_layer
+from moe_jax.layers.moe_config import validate_moe_config
 from tests.reference import moe_layer_loop
 
 
@@ -404,7 +405,7 @@ def test_validate_moe_config_lists_every_problem():
 
 
 def test_auto_dispatch_resolves_per_backend():
-  from moe_jax.moe_layer import resolve_dispatch
+  from moe_jax.layers.dispatch import resolve_dispatch
   assert resolve_dispatch("auto", "tpu") == "einsum"
   assert resolve_dispatch("auto", "cpu") == "indices"
   assert resolve_dispatch("auto", "gpu") == "indices"
@@ -417,7 +418,7 @@ def test_auto_dispatch_resolves_per_backend():
 # Router zoo: every family through every dispatch path, against the per-token loop.
 # ---------------------------------------------------------------------------------
 
-from moe_jax.routers import ROUTERS, SelectionBias  # noqa: E402
+from moe_jax.layers.router_families import ROUTERS, SelectionBias  # noqa: E402
 
 # name -> MoeConfig overrides. E = 4, S = 8, capacity_factor 1.0 -> C = 2, so the
 # capacity paths drop tokens and dropless does not.

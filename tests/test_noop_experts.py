@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoeConfig, MoeLayer, routing
-from moe_jax.dispatch import gather_dispatch
-from moe_jax.transformer import Transformer, TransformerConfig
-from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.layers.dispatch import gather_dispatch
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.block import TransformerConfig
+from moe_jax.models.sizes import count_params, flops_per_token
 from tests.reference import moe_layer_loop
 
 M, H = 8, 16

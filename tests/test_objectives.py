@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import objectives, train
-from moe_jax.config import default_config, validate_config
+from moe_jax.training import build, objectives, run_state, train
+from moe_jax.training.config import default_config, validate_config
 from moe_jax.data import ByteTokenizer
-from moe_jax.metrics import read_metrics
-from moe_jax.objectives import OBJECTIVES, bert_mask, mask_batch, pick_counts
+from moe_jax.training.metrics import read_metrics
+from moe_jax.training.objectives import OBJECTIVES, bert_mask, mask_batch, pick_counts
 from tests.test_train import HANG_GUARD_S, RESUME, assert_resume_is_exact, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ def test_masked_lm_attends_bidirectionally():
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 16)), jnp.int32)
   later = tokens.at[0, -1].set((tokens[0, -1] + 1) % 256)
   for objective, changes in (("masked_lm", True), ("causal_lm", False)):
-    model = train.make_model(_tiny(objective))
+    model = build.make_model(_tiny(objective))
     first, _ = model(tokens, deterministic=True)
     second, _ = model(later, deterministic=True)
     moved = float(jnp.max(jnp.abs(first[0, 0] - second[0, 0])))
@@ -162,7 +162,7 @@ def test_masked_lm_attends_bidirectionally():
 
 
 def test_padding_is_hidden_from_bidirectional_attention():
-  model = train.make_model(_tiny("masked_lm"))
+  model = build.make_model(_tiny("masked_lm"))
   rng = np.random.default_rng(3)
   tokens = jnp.asarray(rng.integers(0, 256, (1, 16)), jnp.int32)
   other_pad = tokens.at[0, 12:].set(jnp.asarray(rng.integers(0, 256, 4), jnp.int32))
@@ -186,13 +186,13 @@ def _picked_ce(model, batch):
 
 def test_loss_covers_the_picked_tokens_only():
   config = _tiny("masked_lm", **{"model.dropout": 0.0})
-  model = train.make_model(config)
+  model = build.make_model(config)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (4, 33)), jnp.int32)
   raw = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
   # Eval: the sums are over the picked tokens of the index-0 mask.
   (batch,) = OBJECTIVES["masked_lm"].eval_batches([raw])
-  sums = train.make_eval_step(model)(train.split_model(model)[1], batch)
+  sums = train.make_eval_step(model)(run_state.split_model(model)[1], batch)
   want, count = _picked_ce(model, batch)
   assert count == 4 * 5  # round(0.15 * 32) = round(4.8) = 5 per row, 4 rows
   assert float(sums["tokens"]) == count
@@ -201,15 +201,15 @@ def test_loss_covers_the_picked_tokens_only():
   eval_step = train.make_eval_step(model)
   other = dict(batch, targets=jnp.where(batch["weights"] > 0, batch["targets"],
                                         (batch["targets"] + 7) % 256))
-  again = eval_step(train.split_model(model)[1], other)
+  again = eval_step(run_state.split_model(model)[1], other)
   assert float(again["nats"]) == float(sums["nats"])
 
   # Training: the step's loss is the mean CE over the picked tokens of the mask drawn
   # from fold_in(key(seed), step), which the step derives itself.
-  tx, _ = train.make_optimizer(config)
-  _, params, _ = train.split_model(model)
+  tx, _ = build.make_optimizer(config)
+  _, params, _ = run_state.split_model(model)
   params = jax.tree.map(jnp.copy, params)  # the step donates its state
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(config.seed)))
   _, metrics = train.make_train_step(model, tx, config)(state, raw)

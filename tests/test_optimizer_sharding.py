@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import run_state, sharding, train
-from moe_jax.checkpoint import Checkpointer
+from moe_jax.training import build, run_state, train
+from moe_jax.parallel import sharding
+from moe_jax.models import param_sharding
+from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.peft import finetune
 from tests.test_train import tiny_config
 
@@ -45,10 +47,10 @@ def _setup(name):
   if name not in _setups:
     optimizer, axes, overrides = SETTINGS[name]
     config = _config(optimizer, **overrides)
-    model = train.make_model(config)
+    model = build.make_model(config)
     mesh = sharding.make_mesh(*axes)
-    sharding.shard_model(model, mesh)
-    tx, _ = train.make_optimizer(config)
+    param_sharding.shard_model(model, mesh)
+    tx, _ = build.make_optimizer(config)
     state, state_sharding = train.init_train_state(model, tx, mesh, config.seed)
     _setups[name] = (config, model, tx, state, state_sharding)
   return _setups[name]
@@ -186,9 +188,9 @@ def test_finetuning_optimizer_state_follows_the_trainable_subset():
   # ESFT on a sharded model: the trainable expert weights' moments keep E split, and
   # the chained row-freezing transform (no state) does not get in the way.
   config = _config("adamw")
-  model = train.make_model(config)
+  model = build.make_model(config)
   mesh = sharding.make_mesh(2, 4)
-  sharding.shard_model(model, mesh)
+  param_sharding.shard_model(model, mesh)
   with config.unlocked():
     config.finetune = ml_collections.ConfigDict(finetune.default_finetune_config())
     config.finetune.method = "esft"

@@ -1,4 +1,5 @@
-"""LoRA targets, merge and ESFT selection (moe_jax/lora.py, moe_jax/peft/)."""
+"""LoRA targets, merge and ESFT selection (moe_jax/layers/lora_adapters.py,
+moe_jax/peft/)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import lora, train
-from moe_jax.config import default_config
-from moe_jax.experts import Experts
-from moe_jax.moe_layer import MoeConfig, MoeLayer
+from moe_jax.layers import lora_adapters
+from moe_jax.training import build
+from moe_jax.training.config import default_config
+from moe_jax.layers.experts import Experts
+from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.peft import esft, finetune
 from moe_jax.peft import lora as peft_lora
-from moe_jax.transformer import Transformer, TransformerConfig
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.block import TransformerConfig
 
 ALL_TARGETS = ("router", "experts", "shared_experts", "attention", "dense_ffn")
 M, H, E, HS, V, N_HEADS = 16, 24, 4, 32, 40, 2
@@ -43,7 +47,7 @@ def logits_of(model, x):
 def randomise_b(model, seed=2):
   """Nonzero B factors, so the adapters change the outputs."""
   key = jax.random.key(seed)
-  for i, (_, _, _, ad) in enumerate(lora.adapters(model)):
+  for i, (_, _, _, ad) in enumerate(lora_adapters.adapters(model)):
     b = ad.lora_b
     b.set_value(0.3 * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
 
@@ -73,8 +77,8 @@ def test_merge_equals_the_adapted_model(dispatch):
                + 2.0 * (np.asarray(ad.lora_a[...], np.float64)
                         @ np.asarray(ad.lora_b[...], np.float64)).reshape(
                             getattr(owner, name).shape))
-              for _, owner, name, ad in lora.adapters(model)]
-  assert lora.merge(model) == 18
+              for _, owner, name, ad in lora_adapters.adapters(model)]
+  assert lora_adapters.merge(model) == 18
   for owner, name, want in expected:
     np.testing.assert_allclose(np.asarray(getattr(owner, name)[...]), want, atol=1e-5,
                                rtol=1e-5, err_msg=name)
@@ -103,16 +107,17 @@ def test_expert_adapters_match_a_per_expert_loop():
   experts = Experts(E, M, H, activation="relu", rngs=nnx.Rngs(0))
   rngs = nnx.Rngs(3)
   for name in ("wi", "wo"):
-    lora.attach(experts, name, batch_dims=1, in_dims=1, rank=3, alpha=6.0, rngs=rngs)
+    lora_adapters.attach(experts, name, batch_dims=1, in_dims=1, rank=3, alpha=6.0,
+                         rngs=rngs)
   key = jax.random.key(4)
   for i, name in enumerate(("wi", "wo")):
-    b = lora.adapter(experts, name).lora_b
+    b = lora_adapters.adapter(experts, name).lora_b
     b.set_value(jax.random.normal(jax.random.fold_in(key, i), b.shape))
   x = jax.random.normal(jax.random.key(5), (E, 3, M))
   ref = []
   for e in range(E):
     def w(name):
-      ad = lora.adapter(experts, name)
+      ad = lora_adapters.adapter(experts, name)
       return getattr(experts, name)[e] + 2.0 * ad.lora_a[e] @ ad.lora_b[e]  # 6 / 3
     ref.append(jax.nn.relu(x[e] @ w("wi")) @ w("wo"))
   ref = jnp.stack(ref)
@@ -147,7 +152,7 @@ def test_lora_a_init_bound(a_init, bound_times_sqrt_k):
   a = np.asarray(experts.wo_lora.lora_a[...])  # wo [E, H, M]: K = H = 24
   assert a.shape == (E, H, 64)
   bound = bound_times_sqrt_k / np.sqrt(H)
-  assert lora.a_bound(a_init, H) == pytest.approx(bound)
+  assert lora_adapters.a_bound(a_init, H) == pytest.approx(bound)
   assert np.abs(a).max() <= bound and np.abs(a).max() > 0.99 * bound
   assert a.var() == pytest.approx(bound ** 2 / 3, rel=0.05)
   config.finetune.a_init = "normal"
@@ -170,7 +175,7 @@ def test_trainable_count_equals_the_formula():
   assert peft_lora.lora_param_count(model) == expected
   per_weight = sum(peft_lora.adapter_param_count(w.shape, ad.lora_a.ndim - 2,
                                                  1 if name != "out" else 2, r)
-                   for _, owner, name, ad in lora.adapters(model)
+                   for _, owner, name, ad in lora_adapters.adapters(model)
                    for w in [getattr(owner, name)])
   assert per_weight == expected
 
@@ -187,10 +192,10 @@ def test_targets_the_model_lacks_are_refused_in_one_line():
 def test_lora_params_carry_logical_axes_like_their_weights():
   model = tiny_model()
   peft_lora.add_lora(model, ("experts", "attention"), rank=2, alpha=2.0)
-  ad = lora.adapter(model.blocks[1].ffn.experts, "wi")
+  ad = lora_adapters.adapter(model.blocks[1].ffn.experts, "wi")
   assert ad.lora_a.get_metadata("logical_axes") == ("expert", "embed", None)
   assert ad.lora_b.get_metadata("logical_axes") == ("expert", None, "mlp")
-  ad = lora.adapter(model.blocks[0].mixer, "out")
+  ad = lora_adapters.adapter(model.blocks[0].mixer, "out")
   assert ad.lora_a.shape == (M, 2) and ad.lora_b.shape == (2, M)
 
 
@@ -321,7 +326,7 @@ def test_frozen_rows_gradients_do_not_touch_the_trained_rows_under_clipping():
   tx, _, masks = finetune.make_optimizer(
       config, params, {("experts", "wi"): keep[:, None, None]})
   # The same optimizer on a model holding only the trained rows.
-  ref_tx, _ = train.make_optimizer(config)
+  ref_tx, _ = build.make_optimizer(config)
   ref = {"experts": {"wi": wi[keep]}, "norm": params["norm"]}
   ref_state = ref_tx.init(ref)
 

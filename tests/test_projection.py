@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.projection import project
+from moe_jax.layers.projection import project
 
 
 def test_hand_computed_rows():

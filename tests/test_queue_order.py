@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import decode, routing, train
-from moe_jax.config import ConfigError, default_config, queue_order, validate_config
-from moe_jax.routers import causality
+from moe_jax.inference import decode
+from moe_jax import routing
+from moe_jax.training import build
+from moe_jax.training.config import queue_order, validate_config
+from moe_jax.layers.router_families import causality
 from tests.reference import route_loop, route_zoo_loop
 # The default config with an MoE block every other block, and dotted-key overrides.
 from tests.test_config_validation import switch_config as lm_config
@@ -117,7 +119,7 @@ def test_bad_queue_order_is_refused():
 
 
 def moe_cfg(config):
-  model = train.make_model(config, vocab_size=16)
+  model = build.make_model(config, vocab_size=16)
   return next(b.ffn.cfg for b in model.blocks if b.is_moe)
 
 
@@ -205,7 +207,7 @@ def last_token_spread(overrides, values=range(0, 32, 4), modes=(False, True)):
   streams for every call) and evaluation mode; and the smallest share of choices
   kept."""
   config = lm_config(**{**TIGHT, **overrides})
-  model = train.make_model(config, vocab_size=32, seed=1)
+  model = build.make_model(config, vocab_size=32, seed=1)
   rows = np.tile(np.random.default_rng(0).integers(0, 32, 16), (2, 1)).astype(np.int32)
   graphdef, state = nnx.split(model)
   spread, kept = 0.0, 1.0
@@ -257,7 +259,7 @@ def test_generate_uncached_masks_its_padding():
   config = lm_config(**{**TIGHT, "moe.top_k": 2, "moe.queue_order": "choice_major",
                         "moe.allow_noncausal_routing": True,
                         "moe.capacity_factor": 0.01, "moe.eval_capacity_factor": 0.01})
-  model = train.make_model(config, vocab_size=32, seed=2)
+  model = build.make_model(config, vocab_size=32, seed=2)
   prompt = [3, 1, 4, 1, 5]
   forward = jax.jit(lambda t: model(t, deterministic=True)[0])
   # The padding matters: the unmasked window's logits differ from the prompt's.

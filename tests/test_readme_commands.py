@@ -96,7 +96,7 @@ def _printed_config(argv):
 def test_multi_host_command_config_is_valid_as_printed():
   # The recipe's own batch (256 over 2 processes x 8 devices) passes every check the
   # train CLI makes before compiling; the two-process run below uses a smaller batch.
-  from moe_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
 
   argv = next(c for c in readme_commands() if "--config.distributed=True" in c)
   config = _printed_config(argv)

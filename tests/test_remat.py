@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import train
-from moe_jax.config import ConfigError, check_config
-from moe_jax.losses import training_loss
+from moe_jax.training import build, run_state, train
+from moe_jax.errors import ConfigError
+from moe_jax.training.config import check_config
+from moe_jax.training.losses import training_loss
 from tests.test_train import _zoo_config, tiny_config
 
 REMATS = ("none", "full", "dots")
@@ -42,16 +43,16 @@ def _batches(config, steps):
 
 
 def _state(model, tx, config):
-  _, params, _ = train.split_model(model)
-  return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  _, params, _ = run_state.split_model(model)
+  return run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params),
                           rng=jax.random.key_data(jax.random.key(config.seed)),
-                          model_state=train.model_state(model))
+                          model_state=run_state.model_state(model))
 
 
 def _losses(config, steps=STEPS):
-  model = train.make_model(config)
-  tx, _ = train.make_optimizer(config)
+  model = build.make_model(config)
+  tx, _ = build.make_optimizer(config)
   state = _state(model, tx, config)
   step = train.make_train_step(model, tx, config)
   out = []
@@ -63,14 +64,14 @@ def _losses(config, steps=STEPS):
 
 def _loss_fn(config):
   """The differentiated training loss of ``config``'s model at its initial params."""
-  model = train.make_model(config)
-  graphdef, params, rest = train.split_model(model)
+  model = build.make_model(config)
+  graphdef, params, rest = run_state.split_model(model)
   loss = training_loss(config)
   batch = next(_batches(config, 1))
 
   def f(p):
-    m = train.merge_model(graphdef, p, rest, None)
-    train.reseed(m, jax.random.key(3))
+    m = run_state.merge_model(graphdef, p, rest, None)
+    run_state.reseed(m, jax.random.key(3))
     return loss(m, batch)[0]
 
   return f, params

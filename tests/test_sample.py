@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from moe_jax import train
+from moe_jax.training import train
 from tests.test_train import HANG_GUARD_S, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,6 @@
-"""Sampling frequencies of moe_jax.decode.sample_logits against the distribution it
-promises: ``softmax(logits / T)`` cut to the top k, then to the smallest set whose
-mass reaches top_p, renormalised.
+"""Sampling frequencies of moe_jax.inference.decode.sample_logits against the
+distribution it promises: ``softmax(logits / T)`` cut to the top k, then to the smallest
+set whose mass reaches top_p, renormalised.
 
 Each case draws N tokens with fixed keys (one row per draw, vectorised) and requires
 every token's frequency within 5 standard deviations of its probability, and tokens
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import decode
+from moe_jax.inference import decode
 
 LOGITS = np.array([1.5, -0.5, 2.5, 0.0, 1.0, -1.5, 0.6, -3.0], np.float32)
 N = 4000

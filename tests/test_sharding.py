@@ -19,10 +19,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import MoeConfig, MoeLayer, moe_layer, sharding
+from moe_jax import MoeConfig, MoeLayer
+from moe_jax.parallel import sharding
+from moe_jax.models import param_sharding
 from tests.multiprocess import run_two_processes
 from tests.subprocess_env import cpu_env
-from tests.sharding_demo import train_demo
+from tests.sharding_demo import to_host, train_demo
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]  # (data, expert)
@@ -120,7 +122,8 @@ def _layer(num_experts, group_size=8, dispatch="einsum"):
 @pytest.mark.parametrize("num_experts", NUM_EXPERTS)
 @pytest.mark.parametrize("data,expert", MESHES)
 def test_each_device_holds_its_experts(data, expert, num_experts):
-  layer = sharding.shard_model(_layer(num_experts), sharding.make_mesh(data, expert))
+  layer = param_sharding.shard_model(_layer(num_experts),
+                                     sharding.make_mesh(data, expert))
   per_device = num_experts // expert if num_experts >= expert else num_experts
   for w in (layer.experts.wi, layer.experts.wo):
     shards = w.get_value().addressable_shards
@@ -153,7 +156,7 @@ def _compiled_forward_hlo(layer, mesh, batch=8, length=8):
 def test_forward_hlo_has_all_to_all_iff_experts_are_split(data, expert, num_experts,
                                                           all_to_all):
   mesh = sharding.make_mesh(data, expert)
-  layer = sharding.shard_model(_layer(num_experts), mesh)
+  layer = param_sharding.shard_model(_layer(num_experts), mesh)
   assert ("all-to-all" in _compiled_forward_hlo(layer, mesh)) == all_to_all
 
 
@@ -164,7 +167,7 @@ def test_tokens_move_by_all_to_all_not_all_gather(data, expert, dispatch):
   # receives tokens it never processes (regression: the partitioner all-gathered the
   # tokens when the buffers went straight from the local einsum to the expert layout).
   mesh = sharding.make_mesh(data, expert)
-  layer = sharding.shard_model(_layer(8, dispatch=dispatch), mesh)
+  layer = param_sharding.shard_model(_layer(8, dispatch=dispatch), mesh)
   hlo = _compiled_forward_hlo(layer, mesh)
   assert len(re.findall(r"\ball-to-all(-start)?\(", hlo)) == 2
   assert "all-gather" not in hlo
@@ -193,15 +196,15 @@ def test_invalid_combinations_fail_before_compiling_naming_both_numbers():
     sharding.make_mesh(2, 2, devices=jax.devices()[:2])
   bad = _layer(12)
   with pytest.raises(ValueError, match=r"num_experts=12 does not fit mesh.expert=8"):
-    sharding.shard_model(bad, sharding.make_mesh(1, 8))
-  assert bad.layout is moe_layer.SINGLE_DEVICE  # left untouched
-  assert sharding.describe_sharding(bad)["experts/wi"] == P()
+    param_sharding.shard_model(bad, sharding.make_mesh(1, 8))
+  assert bad.layout is sharding.SINGLE_DEVICE  # left untouched
+  assert param_sharding.describe_sharding(bad)["experts/wi"] == P()
   mesh = sharding.make_mesh(2, 4)
   with pytest.raises(ValueError, match=r"global batch size 12 is not divisible by the 8"):
     sharding.shard_batch({"tokens": np.zeros((12, 4), np.int32)}, mesh)
   # 8 examples of 4 tokens in groups of 8: G=4 groups cannot cover 8 devices. Raised
   # while tracing, before XLA compiles anything.
-  layer = sharding.shard_model(_layer(8, group_size=8), mesh)
+  layer = param_sharding.shard_model(_layer(8, group_size=8), mesh)
   x = sharding.shard_batch({"x": np.zeros((8, 4, 8), np.float32)}, mesh)["x"]
   with pytest.raises(ValueError, match=r"G=4 groups, which is not a multiple of the 8"):
     jax.eval_shape(lambda x: layer(x), x)
@@ -210,9 +213,9 @@ def test_invalid_combinations_fail_before_compiling_naming_both_numbers():
 def test_describe_sharding_metadata_and_optimizer_follow_the_rules():
   mesh = sharding.make_mesh(2, 4)
   layer = _layer(8)
-  assert sharding.describe_sharding(layer)["experts/wi"] == P()  # not placed yet
-  sharding.shard_model(layer, mesh)
-  specs = sharding.describe_sharding(layer)
+  assert param_sharding.describe_sharding(layer)["experts/wi"] == P()  # not placed yet
+  param_sharding.shard_model(layer, mesh)
+  specs = param_sharding.describe_sharding(layer)
   assert specs["experts/wi"] == P("expert") and specs["experts/wo"] == P("expert")
   assert specs["router/kernel"] == P()
   assert layer.experts.wi.get_metadata("logical_axes") == ("expert", "embed", "mlp")
@@ -220,10 +223,10 @@ def test_describe_sharding_metadata_and_optimizer_follow_the_rules():
   assert nnx.get_partition_spec(nnx.state(layer, nnx.Param))["experts"]["wi"].get_value() \
       == P("expert")
   opt = nnx.Optimizer(layer, optax.adam(1e-3), wrt=nnx.Param)
-  opt_specs = sharding.describe_sharding(opt)
+  opt_specs = param_sharding.describe_sharding(opt)
   assert opt_specs["opt_state/0/mu/experts/wi"] == P("expert")
   assert opt_specs["opt_state/0/nu/experts/wo"] == P("expert")
-  table = sharding.format_sharding(layer)
+  table = param_sharding.format_sharding(layer)
   assert "experts/wi" in table and "('expert', 'embed', 'mlp')" in table
 
 
@@ -270,7 +273,8 @@ def test_one_device_mesh_uses_the_first_device():
 _WORKER = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    from moe_jax import sharding
+    from moe_jax.parallel import sharding
+    from moe_jax.models import param_sharding
     sharding.initialize_distributed(timeout_s=600)  # address, count, id from env
     import jax
     from tests.sharding_demo import train_demo
@@ -336,18 +340,18 @@ HYBRID = {"model.num_layers": 4, "model.d_model": 16, "model.num_heads": 2,
 def _sharded_model(overrides, data, expert, tokens):
   """The model of the default config with ``overrides`` (vocabulary 32), laid out on a
   data x expert mesh: ``(model, graphdef, params, rest, sharded tokens)``."""
-  from moe_jax import train  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import default_config  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import default_config  # pylint: disable=import-outside-toplevel
   config = default_config()
   for key, value in overrides.items():
     section, leaf = key.split(".")
     config[section][leaf] = value
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: train.make_model(config, vocab_size=32)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build.make_model(config, vocab_size=32)))
   # Initialised in one compiled function (eager init runs op by op).
-  state = jax.jit(lambda: nnx.state(train.make_model(config, vocab_size=32)))()
+  state = jax.jit(lambda: nnx.state(build.make_model(config, vocab_size=32)))()
   model = nnx.merge(graphdef, state)
   mesh = sharding.make_mesh(data, expert)
-  sharding.shard_model(model, mesh)
+  param_sharding.shard_model(model, mesh)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   batch = sharding.shard_batch({"tokens": tokens}, mesh)["tokens"]
   return model, graphdef, params, rest, batch
@@ -365,9 +369,9 @@ def _hybrid_loss_and_grads(data, expert, tokens):
 
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params,
                                                                             batch)
-  flat = {"/".join(map(str, p)): sharding.to_host(v.get_value())
+  flat = {"/".join(map(str, p)): to_host(v.get_value())
           for p, v in nnx.to_flat_state(grads)}
-  return float(loss), sharding.to_host(logits), flat, sharding.describe_sharding(model)
+  return float(loss), to_host(logits), flat, param_sharding.describe_sharding(model)
 
 
 @pytest.mark.slow
@@ -407,23 +411,23 @@ MOD = {"model.num_layers": 2, "model.d_model": 16, "model.num_heads": 2,
 def _mod_loss_and_grads(data, expert, tokens):
   """Logits, loss (CE + 0.01 aux + 0.01 BCE) and gradients of the MoD/MoDE model on a
   data x expert mesh, its logits when routing with the predictors, and its specs."""
-  from moe_jax import mod  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import depth_metrics  # pylint: disable=import-outside-toplevel
   model, graphdef, params, rest, batch = _sharded_model(MOD, data, expert, tokens)
 
   def loss_fn(params, tokens):
     out = nnx.merge(graphdef, params, rest).forward(tokens[:, :-1], deterministic=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, tokens[:, 1:])
     aux = sum(a.aux_loss for a in out.moe_aux.values())
-    return ce.mean() + 0.01 * aux + 0.01 * mod.depth_loss(out.depth_aux), out.logits
+    return ce.mean() + 0.01 * aux + 0.01 * depth_metrics.depth_loss(out.depth_aux), out.logits
 
   (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params,
                                                                             batch)
   causal = jax.jit(lambda p, t: nnx.merge(graphdef, p, rest)(
       t[:, :-1], deterministic=True, use_predictor=True)[0])(params, batch)
-  flat = {"/".join(map(str, p)): sharding.to_host(v.get_value())
+  flat = {"/".join(map(str, p)): to_host(v.get_value())
           for p, v in nnx.to_flat_state(grads)}
-  return (float(loss), sharding.to_host(logits), flat, sharding.to_host(causal),
-          sharding.describe_sharding(model))
+  return (float(loss), to_host(logits), flat, to_host(causal),
+          param_sharding.describe_sharding(model))
 
 
 @pytest.mark.slow
@@ -464,7 +468,7 @@ def _switch_run(data, expert, tmp_path_factory, dispatch="auto"):
       from configs import switch_small  # pylint: disable=import-outside-toplevel
     finally:
       sys.path.remove(str(REPO / "experiments"))
-    from moe_jax import train  # pylint: disable=import-outside-toplevel
+    from moe_jax.training import train  # pylint: disable=import-outside-toplevel
 
     c = switch_small.get_config()
     c.steps, c.warmup_steps, c.log_every = 3, 1, 1

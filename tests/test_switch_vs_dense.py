@@ -10,7 +10,7 @@ import pytest
 
 from moe_jax.compare import switch_vs_dense as svd
 from moe_jax.compare.runner import run_dir
-from moe_jax.config import default_config, validate_config
+from moe_jax.training.config import default_config, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,8 +68,8 @@ def test_identical_runs_are_shared_between_variants():
 
 def test_dense_params_variants_match_switch_total_params():
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from moe_jax.build import make_model  # pylint: disable=import-outside-toplevel
-  from moe_jax.sizes import count_params  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.build import make_model  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.sizes import count_params  # pylint: disable=import-outside-toplevel
   variants = ["dense_params"] + [f"width_{w}_dense_params" for w in (64, 128, 192)]
   runs = {r.name: r.config for r in svd.build_grid(_base(), variants, seeds=1)}
   for v in variants:

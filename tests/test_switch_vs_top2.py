@@ -196,6 +196,6 @@ def test_orderings_follow_the_paper():
 
 @pytest.mark.parametrize("preset", sorted(compare.PRESETS))
 def test_every_preset_builds_valid_configs(preset):
-  from moe_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
   for run in compare.build_grid(compare.resolve_settings(preset)):
     assert validate_config(run.config, num_devices=1) == [], run.name

@@ -21,10 +21,12 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache as jax_cc
 
-from moe_jax import train
-from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import default_config
-from moe_jax.metrics import read_metrics
+from moe_jax.training import build, run_state, train
+from moe_jax.models import sizes
+from moe_jax.training.checkpoint import Checkpointer
+from moe_jax.training.config import default_config
+from moe_jax.errors import TrainingError
+from moe_jax.training.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,7 +196,7 @@ def _nan_after(step):
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
     tmp_path, monkeypatch):
-  make_optimizer = train.make_optimizer
+  make_optimizer = build.make_optimizer
 
   def poisoned(config):
     tx, schedule = make_optimizer(config)
@@ -202,7 +204,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(
 
   monkeypatch.setattr(train, "make_optimizer", poisoned)
   workdir = str(tmp_path)
-  with pytest.raises(train.TrainingError, match=r"Non-finite loss at step 5\b.*step 4"):
+  with pytest.raises(TrainingError, match=r"Non-finite loss at step 5\b.*step 4"):
     train.train_and_evaluate(tiny_config(checkpoint_every=2, steps=10), workdir)
   assert Checkpointer(os.path.join(workdir, "checkpoints"), keep=3).all_steps() == [2, 4]
 
@@ -252,7 +254,7 @@ def test_stop_at_step_flag_stops_on_the_full_schedule_and_resumes(tmp_path, jit_
   train_rows = read_metrics(workdir, "train")
   assert [r["step"] for r in train_rows] == [2, 4]
   assert [r["step"] for r in read_metrics(workdir, "eval")] == [2, 4]
-  _, schedule = train.make_optimizer(tiny_config(steps=8, warmup_steps=2))
+  _, schedule = build.make_optimizer(tiny_config(steps=8, warmup_steps=2))
   assert train_rows[-1]["learning_rate"] == pytest.approx(float(schedule(3)), rel=1e-6)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=jit_cache,
                         timeout=HANG_GUARD_S)
@@ -276,8 +278,8 @@ def _flops_and_params(**configs):
   out = {}
   for name, module in modules.items():
     config = module.get_config()
-    model = nnx.eval_shape(lambda c=config: train.make_model(c))  # shapes only
-    out[name] = (train.flops_per_token(model, seq_len), train.count_params(model))
+    model = nnx.eval_shape(lambda c=config: build.make_model(c))  # shapes only
+    out[name] = (sizes.flops_per_token(model, seq_len), sizes.count_params(model))
   return out
 
 
@@ -343,7 +345,7 @@ def test_router_zoo_configs_train(name, tmp_path):
   assert [r["step"] for r in rows] == [2, 4]
   assert all(np.isfinite(r["loss"]) and np.isfinite(r["aux_loss"]) for r in rows)
   assert np.isfinite(summary["eval"]["eval_loss"])
-  model, _, step = train.load_model(str(tmp_path))
+  model, _, step = run_state.load_model(str(tmp_path))
   assert step == 4
   layer = model.blocks[1].ffn
   if name == "deepseek_small":
@@ -365,13 +367,13 @@ def _bias_config(**overrides):
 
 def test_train_step_updates_the_bias_by_the_rule_after_the_optimizer_step():
   config = _bias_config()
-  model = train.make_model(config)
-  tx, _ = train.make_optimizer(config)
-  _, params, _ = train.split_model(model)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  model = build.make_model(config)
+  tx, _ = build.make_optimizer(config)
+  _, params, _ = run_state.split_model(model)
+  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params),
                            rng=jax.random.key_data(jax.random.key(0)),
-                           model_state=train.model_state(model))
+                           model_state=run_state.model_state(model))
   assert "selection_bias" not in str(jax.tree_util.tree_structure(state.params))
   tokens = jax.random.randint(jax.random.key(1), (4, 33), 0, 256)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -393,13 +395,13 @@ def test_selection_bias_survives_a_resume_bit_for_bit(tmp_path):
   full, split = str(tmp_path / "full"), str(tmp_path / "split")
   train.train_and_evaluate(_bias_config(**overrides), full)
   train.train_and_evaluate(_bias_config(**overrides), split, stop_at_step=3)
-  mid, _, step = train.load_model(split)
+  mid, _, step = run_state.load_model(split)
   assert step == 3
   mid_bias = np.asarray(mid.blocks[1].ffn.selection_bias[...])
   assert np.any(mid_bias != 0)
   train.train_and_evaluate(_bias_config(**overrides), split)
-  a, _, _ = train.load_model(full)
-  b, _, _ = train.load_model(split)
+  a, _, _ = run_state.load_model(full)
+  b, _, _ = run_state.load_model(split)
   bias_a = np.asarray(a.blocks[1].ffn.selection_bias[...])
   bias_b = np.asarray(b.blocks[1].ffn.selection_bias[...])
   assert bias_a.tobytes() == bias_b.tobytes()
@@ -417,8 +419,8 @@ def test_selection_bias_is_identical_on_a_mesh(tmp_path):
   train.train_and_evaluate(_bias_config(**overrides), single)
   train.train_and_evaluate(_bias_config(**overrides, **{"mesh.data": 2,
                                                         "mesh.expert": 2}), meshed)
-  a, _, _ = train.load_model(single)
-  b, _, _ = train.load_model(meshed)
+  a, _, _ = run_state.load_model(single)
+  b, _, _ = run_state.load_model(meshed)
   bias_a = np.asarray(a.blocks[1].ffn.selection_bias[...])
   assert np.any(bias_a != 0)
   assert bias_a.tobytes() == np.asarray(b.blocks[1].ffn.selection_bias[...]).tobytes()
@@ -461,14 +463,14 @@ def test_checkpoints_without_model_state_still_restore(tmp_path):
 
   checkpointer = Checkpointer(str(tmp_path), keep=2)
   checkpointer.save(3, make(TrainState))
-  abstract = jax.eval_shape(lambda: make(train.TrainState))
-  step, saved, _ = checkpointer.restore(train.to_checkpoint(abstract))
-  state = train.from_checkpoint(saved)
+  abstract = jax.eval_shape(lambda: make(run_state.TrainState))
+  step, saved, _ = checkpointer.restore(run_state.to_checkpoint(abstract))
+  state = run_state.from_checkpoint(saved)
   assert step == 3 and state.model_state == {}
   np.testing.assert_array_equal(state.params["w"], [0.0, 1.0, 2.0])
   # With biases, the state is saved as it is and comes back with them.
-  biased = make(train.TrainState, model_state={"b": jnp.full(4, 0.5)})
-  checkpointer.save(4, train.to_checkpoint(biased))
+  biased = make(run_state.TrainState, model_state={"b": jnp.full(4, 0.5)})
+  checkpointer.save(4, run_state.to_checkpoint(biased))
   _, saved, _ = checkpointer.restore(jax.eval_shape(lambda: biased))
   np.testing.assert_array_equal(saved.model_state["b"], np.full(4, 0.5))
   checkpointer.close()
@@ -488,10 +490,10 @@ def test_weight_decay_skips_mamba_a_log_and_d():
   # Block 0 is Mamba (period 2, offset 1: block 1 is attention).
   config = tiny_config(**{"model.attn_layer_period": 2, "model.attn_layer_offset": 1,
                           "weight_decay": 0.5, "warmup_steps": 0, "grad_clip": 0.0})
-  model = nnx.eval_shape(lambda: train.make_model(config))  # the parameter tree only
-  _, params, _ = train.split_model(model)
+  model = nnx.eval_shape(lambda: build.make_model(config))  # the parameter tree only
+  _, params, _ = run_state.split_model(model)
   params = jax.tree.map(lambda p: jnp.full(p.shape, 2.0, p.dtype), params)
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = build.make_optimizer(config)
   lr = float(schedule(0))
   assert lr > 0
   # AdamW with zero gradients: Adam's moments stay 0, so each update is exactly
@@ -531,10 +533,10 @@ def test_training_loss_leaves_out_padding_as_the_batch_without_it(objective):
   token_mask False) equals that of the batch cut to its real tokens: CE, aux and
   z-loss, whatever the padding holds. Dropless with one routing group per sequence, so
   the cut batch routes its tokens as the padded one routes its real ones."""
-  from moe_jax import losses  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import losses  # pylint: disable=import-outside-toplevel
   config = tiny_config(**{"moe.group_size": 0, "moe.dispatch": "dropless",
                           "model.objective": objective, "sample.length": 0})
-  model = train.make_model(config)
+  model = build.make_model(config)
   loss = losses.training_loss(config)
   rng = np.random.default_rng(6)
   real, length = 10, 16

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.experts import DenseFfn
-from moe_jax.moe_layer import MoeConfig, MoeLayer
-from moe_jax.transformer import Transformer, TransformerConfig
-from moe_jax.sizes import count_params, flops_per_token
+from moe_jax.layers.experts import DenseFfn
+from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.layers.moe_layer import MoeLayer
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.block import TransformerConfig
+from moe_jax.models.sizes import count_params, flops_per_token
 
 M, H, E, V = 16, 32, 4, 259
 

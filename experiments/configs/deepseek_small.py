@@ -24,7 +24,7 @@ only pushes every logit down (the config check refuses the two together). Kept f
 Dropless runs on one device and on any mesh (docs/sharding.md).
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ Same active FLOPs per token as ``switch_small`` (its experts have the same d_ff 
 each token visits one of them).
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

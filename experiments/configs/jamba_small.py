@@ -12,7 +12,7 @@ As in Jamba:
   (``dispatch="dropless"``, the reference block is dropless too); the balance loss
   counts both choices (``balance_choices="all"``, as HF's Mixtral-style loss);
 * Mamba-1 layers with Jamba's RMSNorms on dt, B and C, d_state 16, d_conv 4, expand 2,
-  dt_rank ceil(d_model / 16) (moe_jax/mamba.py);
+  dt_rank ceil(d_model / 16) (moe_jax/models/mamba.py);
 * no positional encoding (``position="none"``); RMSNorm pre-norm blocks; SwiGLU FFNs
   whose width is 3.5 x d_model (Jamba: 14336 for 4096); untied embeddings.
 
@@ -28,7 +28,7 @@ the paper, so that the two compare like for like): load-balancing coefficient 0.
 z-loss 0.001.
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

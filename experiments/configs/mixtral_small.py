@@ -14,7 +14,7 @@ dense blocks included, so the FFN weights are 1.5x those of the GELU configs. Ke
 Dropless runs on one device and on any mesh (docs/sharding.md).
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

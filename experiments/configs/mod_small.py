@@ -13,14 +13,14 @@ As in the paper:
 * isoFLOP with the baseline: the saved compute buys depth. Twice dense_small's blocks
   at its width cost 7.74M forward FLOPs per token against dense_small's 6.95M (1.11x),
   so this config trains for 538 steps instead of 600: the same training FLOPs as
-  dense_small on the same data (``moe_jax.sizes.flops_per_token``).
+  dense_small on the same data (``moe_jax.models.sizes.flops_per_token``).
 
 Scaled down for a 2-core CPU: 8 blocks of width 256 (the paper: up to 3B parameters),
 byte-level vocabulary, dense_small's batch, sequence length and optimizer. Not in the
 paper: the BCE weight 0.01 per routed block (``model.mod_aux_loss_coef``), no MoE.
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

@@ -19,7 +19,7 @@ training FLOPs on the same data. Scaled down as switch_small (4 blocks of width 
 the paper's MoDE models are up to ~1B parameters.
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

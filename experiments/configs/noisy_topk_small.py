@@ -21,7 +21,7 @@ so a token's routing never depends on later tokens; runs before that key existed
 queued choice-major, which looked ahead (docs/routing.md, "Queue order").
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ dense FFN they replace in ``dense_small`` is; docs/results/switch_vs_dense_defau
 the ablations behind these defaults.
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ choice-major order, which runs before that key used, looks ahead (docs/routing.m
 "Queue order").
 """
 
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 
 def get_config():

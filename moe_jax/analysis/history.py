@@ -12,8 +12,8 @@ def load_history(rows: Sequence[Mapping[str, Any]], key: str = "expert_load"
   """Per-layer expert load over training from ``metrics.jsonl`` train lines.
 
   Args:
-    rows: lines from :func:`moe_jax.metrics.read_metrics` (``split="train"``); lines
-      without ``key`` are skipped.
+    rows: lines from :func:`moe_jax.training.metrics.read_metrics` (``split="train"``);
+      lines without ``key`` are skipped.
     key: ``"expert_load"`` (first choices before capacity) or ``"expert_fill"``.
 
   Returns:

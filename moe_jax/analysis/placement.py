@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from moe_jax import moe_layer
+from moe_jax.layers import moe_layer
 from moe_jax.analysis.trace import path_str
 
 
@@ -23,7 +23,7 @@ def experts_by_device(layer: Any) -> dict[jax.Device, list[int]]:
   """The experts whose weights each device holds (all of them where replicated).
 
   Args:
-    layer: a :class:`~moe_jax.moe_layer.MoeLayer`, its ``experts`` module, or a
+    layer: a :class:`~moe_jax.layers.moe_layer.MoeLayer`, its ``experts`` module, or a
       placed ``[E, ...]`` array.
   """
   if isinstance(layer, moe_layer.MoeLayer):
@@ -57,21 +57,22 @@ def placed_bytes_per_device(model: Any) -> dict[jax.Device, int]:
 def planned_bytes_per_device(model: Any, mesh: jax.sharding.Mesh) -> dict[str, int]:
   """Bytes of parameters per device if ``model`` were placed on ``mesh``.
 
-  Uses the same logical-axis rules as :func:`moe_jax.sharding.shard_model`, but only
-  shapes, so ``model`` may be abstract (``nnx.eval_shape``) and nothing is allocated.
-  Every device holds the same amount under these rules.
+  Uses the same logical-axis rules as :func:`moe_jax.models.param_sharding.shard_model`,
+  but only shapes, so ``model`` may be abstract (``nnx.eval_shape``) and nothing is
+  allocated. Every device holds the same amount under these rules.
 
   Returns:
     ``{"experts": ..., "other": ..., "total": ...}`` bytes per device; ``experts`` are
-    the parameters of :class:`~moe_jax.experts.Experts` modules.
+    the parameters of :class:`~moe_jax.layers.experts.Experts` modules.
   """
-  from moe_jax import experts as experts_lib  # pylint: disable=import-outside-toplevel
-  from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers import experts as experts_lib  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.models import param_sharding  # pylint: disable=import-outside-toplevel
 
   out = {"experts": 0, "other": 0}
   for path, parent, var in _params_with_parents(model):
     value = var.get_value()
-    names = sharding.logical_axes_of(parent, path[-1], var)
+    names = param_sharding.logical_axes_of(parent, path[-1], var)
     if names is None:
       spec = jax.sharding.PartitionSpec()
     else:

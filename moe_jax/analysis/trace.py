@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax import moe_layer, routing
+from moe_jax.layers import moe_layer
+from moe_jax import routing
 
 
 def capacity_sweep(
@@ -172,7 +173,7 @@ def trace_routing(model: nnx.Module, *inputs: Any, deterministic: bool = True,
                   rng: jax.Array | None = None,
                   **call_kwargs: Any) -> dict[str, LayerRouting]:
   """Runs ``model(*inputs, deterministic=..., **call_kwargs)`` once and returns the
-  routing of every :class:`~moe_jax.moe_layer.MoeLayer` in it, by path.
+  routing of every :class:`~moe_jax.layers.moe_layer.MoeLayer` in it, by path.
 
   The router logits of each layer are recorded with ``nnx.capture`` (no change to the
   model) and routed again with :func:`moe_jax.routing.route` and the layer's own

@@ -13,7 +13,7 @@ it on ``experiments/configs/finetune_lora.py``'s corpus (``python_stdlib``):
   first;
 * :data:`GRID` / :func:`run_comparison` -- the grid on
   :func:`moe_jax.compare.runner.run_comparison`: pretraining through
-  :func:`moe_jax.train.train_and_evaluate`, fine-tuning through
+  :func:`moe_jax.training.train.train_and_evaluate`, fine-tuning through
   :func:`moe_jax.peft.finetune.finetune`, both resuming from their checkpoints;
   finished runs (``done.json``) are skipped. SIGTERM saves the running run and stops
   the grid before the next one. The report is :mod:`moe_jax.compare.finetune_report`.
@@ -37,8 +37,7 @@ import os
 from typing import Any, Callable
 
 from moe_jax.compare import finetune_report, runner
-from moe_jax.compare.finetune_rows import (BASES, FINETUNE_CONFIG,  # noqa: F401
-                                           METHOD_NAMES, METHODS, Method)
+from moe_jax.compare.finetune_rows import BASES, FINETUNE_CONFIG, METHOD_NAMES, METHODS
 from moe_jax.compare.router_rows import load_row_config, set_key
 from moe_jax.compare.runner import RunSpec
 
@@ -71,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     #   machine); deepseek_small's dropless dispatch ran several times that while
     #   its CPU grouped matmul was a dense masked ragged_dot over its 32 experts
     #   (docs/benchmarks.md); with the expert tiles that replaced it
-    #   (moe_jax/grouped_matmul.py) it pretrained at 0.50 steps/s against
+    #   (moe_jax/layers/grouped_matmul.py) it pretrained at 0.50 steps/s against
     #   switch_small's 0.59, on shared cores;
     # * fine-tuning 40 steps of 32 x 128 bytes, not 500 (warmup 4), each step twice
     #   a pretraining step's tokens; 5 methods x 2 bases is ten runs, deepseek_small's
@@ -89,7 +88,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         pretrain_eval_steps=8, finetune_eval_steps=4, esft_batches=4,
         pretrain_batch_size=None, finetune_batch_size=None, shapes={}),
 }
-OPTIONAL_SETTINGS: dict[str, Any] = {}
+# configs_dir: where the base and fine-tuning config files are (experiments/configs).
+OPTIONAL_SETTINGS: dict[str, Any] = {"configs_dir": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ def make_base_config(settings: dict[str, Any], base: str, seed: int):
   expert width set apart from ``model.d_ff`` keeps its ratio to it, as
   deepseek_small's quarter-width experts), steps, one eval at the end."""
   s = settings
-  c = load_row_config(base)
+  c = load_row_config(base, s["configs_dir"])
   ratio = c.moe.d_ff / c.model.d_ff if c.moe.d_ff else None
   for key, value in s["shapes"].items():
     set_key(c, key, value)
@@ -139,7 +139,7 @@ def make_finetune_config(settings: dict[str, Any], method: str, seed: int):
   """The fine-tuning config of ``method``: ``finetune_lora.py``, the method's
   overrides, the preset's steps, batch, evals and ESFT scoring batches."""
   s = settings
-  c = load_row_config(FINETUNE_CONFIG)
+  c = load_row_config(FINETUNE_CONFIG, s["configs_dir"])
   for key, value in METHODS[method].overrides.items():
     set_key(c, key, value)
   c.steps, c.seed, c.finetune.seed = s["finetune_steps"], seed, seed
@@ -188,6 +188,9 @@ def _positive(flag: str, value) -> list[str]:
 def _check(settings: dict[str, Any]) -> list[str]:
   """The settings' errors, then (when they are sound) every run config's, all before
   anything compiles; lists become tuples."""
+  if not settings["configs_dir"]:
+    return ["configs_dir is unset; pass the directory of the config files "
+            "(configs_dir=\"experiments/configs\")."]
   errors = []
   for flag, known in (("bases", BASES), ("methods", METHOD_NAMES)):
     value = settings[flag]
@@ -198,7 +201,7 @@ def _check(settings: dict[str, Any]) -> list[str]:
     errors += _positive(flag, settings[flag])
   if errors:
     return errors
-  from moe_jax.config import validate_config  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
   from moe_jax.peft import finetune  # pylint: disable=import-outside-toplevel
   seen = set()
   for run in build_grid(dict(settings, seeds=1)):
@@ -254,11 +257,12 @@ def make_trainer(runs: list[FinetuneRun], workdir: str, stop, *,
   runs through ``pretrain_fn(config, workdir)``, fine-tuning runs through
   ``finetune_fn(config, init_from, workdir)`` from their base run's directory.
 
-  ``stop`` (a :class:`moe_jax.loop_utils.Preemption`) is the grid's SIGTERM flag: set,
-  no further run starts (the summary says preempted); a run stopped by SIGTERM sets it.
+  ``stop`` (a :class:`moe_jax.training.loop_utils.Preemption`) is the grid's SIGTERM
+  flag: set, no further run starts (the summary says preempted); a run stopped by
+  SIGTERM sets it.
   """
   if pretrain_fn is None:
-    from moe_jax import train  # pylint: disable=import-outside-toplevel
+    from moe_jax.training import train  # pylint: disable=import-outside-toplevel
     pretrain_fn = train.train_and_evaluate
   if finetune_fn is None:
     from moe_jax.peft import finetune  # pylint: disable=import-outside-toplevel
@@ -294,8 +298,8 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
   Raises:
     ConfigError: a fine-tuning run in ``workdir`` started from another base step.
   """
-  from moe_jax import loop_utils  # pylint: disable=import-outside-toplevel
-  from moe_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import loop_utils  # pylint: disable=import-outside-toplevel
+  from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   runs = build_grid(settings)
   errors = recorded_base_errors(workdir, runs)
   if errors:

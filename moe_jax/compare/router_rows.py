@@ -1,7 +1,7 @@
 """The rows of the router comparison and their equal-FLOPs arithmetic.
 
-Each :class:`Row` is a router of the zoo, taken from its config file in
-``experiments/configs`` plus, for a few rows, one or two overrides. A row whose token
+Each :class:`Row` is a router of the zoo, taken from its config file (the command
+line's ``experiments/configs``, passed in as the ``configs_dir`` setting) plus, for a few rows, one or two overrides. A row whose token
 visits ``k`` routed experts (``top_k``, or the capacity factor for expert choice) plus
 ``s`` shared ones gets experts of width ``d_ff / (k + s)`` and ``num_experts * (k + s)``
 routed experts (:func:`expert_shape`), so every row runs ``d_ff`` hidden units of FFN
@@ -24,8 +24,6 @@ OBJECTIVE_CHOICES = {"causal_lm": (CAUSAL,), "masked_lm": (MASKED,),
                      "both": (CAUSAL, MASKED)}
 SHORT = {CAUSAL: "clm", MASKED: "mlm"}  # run-name prefixes
 BOTH = (CAUSAL, MASKED)
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "experiments", "configs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Row:
   Attributes:
     name: run-name stem and ``family`` column (``switch``).
     label: the report's name for it.
-    config: the ``experiments/configs/NAME.py`` it starts from.
+    config: the ``NAME.py`` of the configs directory it starts from.
     overrides: dotted config keys set after loading it (``{"moe.capacity_factor": 1.0}``).
     objectives: the objectives it runs under (non-causal routers: masked LM only).
     paper: where the router comes from.
@@ -96,9 +94,10 @@ GRID_ROW_NAMES = tuple(r.name for r in ROWS if not r.variant)
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 
-def load_row_config(name: str):
-  """``get_config()`` of ``experiments/configs/NAME.py``."""
-  path = os.path.join(CONFIGS_DIR, f"{name}.py")
+def load_row_config(name: str, configs_dir: str):
+  """``get_config()`` of ``configs_dir/NAME.py`` (the command lines pass
+  ``experiments/configs``)."""
+  path = os.path.join(configs_dir, f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"moe_jax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -116,7 +115,7 @@ def set_key(config, key: str, value) -> None:
 def experts_per_token(config) -> float:
   """Routed experts a token visits: ``top_k``, or the capacity factor for expert
   choice (each expert takes ``cf * S / E`` tokens)."""
-  from moe_jax.routers import ROUTERS  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.router_families import ROUTERS  # pylint: disable=import-outside-toplevel
   return float(ROUTERS[config.moe.router].experts_per_token(config.moe))
 
 
@@ -135,7 +134,7 @@ def expert_shape(config, d_ff: int, num_experts: int) -> tuple[int, int]:
 def ffn_flops_per_token(config) -> float:
   """Forward FLOPs of the FFNs per token (2 per multiply-add), experts at the share a
   token visits: what the rows hold equal."""
-  from moe_jax.config import expert_d_ff, model_pattern  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import (expert_d_ff, model_pattern)  # pylint: disable=import-outside-toplevel
   m = config.model
   mats = 3 if m.activation == "swiglu" else 2
   total = 0.0

@@ -30,12 +30,11 @@ from typing import Any, Callable
 from moe_jax.compare import runner
 from moe_jax.compare.runner import RunSpec
 from moe_jax.compare import routers_report
-# The rows and their equal-FLOPs arithmetic; re-exported, as routers.ROWS etc.
-from moe_jax.compare.router_rows import (BOTH, CAUSAL, CONFIGS_DIR, MASKED,  # noqa: F401
-                                         GRID_ROW_NAMES, OBJECTIVE_CHOICES, ROW_BY_NAME,
-                                         ROW_NAMES, ROWS,
+# The rows and their equal-FLOPs arithmetic.
+from moe_jax.compare.router_rows import (BOTH, GRID_ROW_NAMES, OBJECTIVE_CHOICES,
+                                         ROW_BY_NAME, ROW_NAMES,
                                          SHORT, Row, expert_shape, experts_per_token,
-                                         ffn_flops_per_token, load_row_config, set_key)
+                                         load_row_config, set_key)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole path in CI (train, resume, benchmark, report, plots) on both
@@ -64,14 +63,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_every=1_000, eval_steps=50, final_eval_steps=200, log_every=100,
         checkpoint_every=1_000, bench_steps=20, bench_rounds=0),
 }
-OPTIONAL_SETTINGS = {"dataset": None, "threshold": None}
+# configs_dir: where the rows' config files are (experiments/configs).
+OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "configs_dir": None}
 
 
 def make_config(settings: dict[str, Any], row: Row, objective: str, seed: int):
   """The training config of one run: the row's config file and overrides, the
   objective, the preset's shapes and training settings, equal-FLOPs experts."""
   s = settings
-  c = load_row_config(row.config)
+  c = load_row_config(row.config, s["configs_dir"])
   for key, value in row.overrides.items():
     set_key(c, key, value)
   c.model.objective = objective
@@ -112,6 +112,9 @@ def build_grid(settings: dict[str, Any]) -> list[RunSpec]:
 
 
 def _check(settings: dict[str, Any]) -> list[str]:
+  if not settings["configs_dir"]:
+    return ["configs_dir is unset; pass the directory of the rows' config files "
+            "(configs_dir=\"experiments/configs\")."]
   errors = []
   objectives = settings["objectives"]
   if isinstance(objectives, str):
@@ -132,7 +135,7 @@ def _check(settings: dict[str, Any]) -> list[str]:
     row = ROW_BY_NAME.get(name)
     if row is None:
       continue
-    probe = load_row_config(row.config)
+    probe = load_row_config(row.config, settings["configs_dir"])
     for key, value in row.overrides.items():
       set_key(probe, key, value)
     if probe.model.moe_every:

@@ -10,8 +10,8 @@ finished runs to the grid's report.
 
 Layout of a work directory:
 
-* ``runs/NAME/`` -- one run's checkpoints and metrics (:mod:`moe_jax.train`), plus
-  ``done.json`` (its steps and training seconds) once it finished;
+* ``runs/NAME/`` -- one run's checkpoints and metrics (:mod:`moe_jax.training.train`),
+  plus ``done.json`` (its steps and training seconds) once it finished;
 * ``throughput_bench.json`` -- :func:`measure_throughput`'s result;
 * ``invocations.jsonl`` -- one line per invocation that trained or benchmarked.
 """
@@ -188,16 +188,17 @@ def run_grid(runs: Sequence[RunSpec], workdir: str, *,
   """Trains every unfinished run of ``runs`` in ``workdir/runs/NAME``.
 
   Finished runs (``done.json`` with the same number of steps) are skipped; unfinished
-  ones resume from their checkpoints (:func:`moe_jax.train.train_and_evaluate`). Before
-  each run a progress line gives its index, the elapsed time and an ETA from the
-  measured seconds per step of the models trained so far. Stops early, leaving the rest
-  for the next invocation, when a run is preempted (SIGTERM).
+  ones resume from their checkpoints
+  (:func:`moe_jax.training.train.train_and_evaluate`). Before each run a progress line
+  gives its index, the elapsed time and an ETA from the measured seconds per step of the
+  models trained so far. Stops early, leaving the rest for the next invocation, when a
+  run is preempted (SIGTERM).
 
   Returns:
     ``{"trained": [...names], "skipped": [...], "preempted": bool, "wall_sec": float}``.
   """
   if train_fn is None:
-    from moe_jax import train  # pylint: disable=import-outside-toplevel
+    from moe_jax.training import train  # pylint: disable=import-outside-toplevel
     train_fn = train.train_and_evaluate
   t0 = time.time()
   per_step: dict[tuple, float] = {}
@@ -254,7 +255,8 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from moe_jax import sharding, train  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build, run_state, train  # pylint: disable=import-outside-toplevel
 
   models: dict[str, tuple] = {}
   for run in runs:
@@ -262,15 +264,15 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
     if name in models:
       continue
     c = run.config
-    model = train.make_model(c)
-    tx, _ = train.make_optimizer(c)
-    _, params, _ = train.split_model(model)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    model = build.make_model(c)
+    tx, _ = build.make_optimizer(c)
+    _, params, _ = run_state.split_model(model)
+    state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=sharding.init_optimizer_state(tx, params),
                              rng=jax.random.key_data(jax.random.key(c.seed)),
                              # Selection biases from the start: the step returns them,
                              # and a state without them would compile a second time.
-                             model_state=train.model_state(model))
+                             model_state=run_state.model_state(model))
     step_fn = train.make_train_step(model, tx, c)
     tokens = np.random.default_rng(0).integers(
         0, 256, (c.batch_size, c.data.seq_len + 1), dtype=np.int32)

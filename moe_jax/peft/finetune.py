@@ -43,14 +43,16 @@ from ml_collections import config_dict
 import optax
 from flax import nnx
 
-from moe_jax import lora as lora_lib
-from moe_jax import loop_utils, losses, run_state, sharding, train
-from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config
-from moe_jax.metrics import MetricsWriter
+from moe_jax.layers import lora_adapters as lora_lib
+from moe_jax.training import build, evaluation, loop_utils, losses, run_state, train
+from moe_jax.parallel import sharding
+from moe_jax.training.checkpoint import Checkpointer
+from moe_jax.errors import ConfigError, TrainingError
+from moe_jax.training.config import check_config
+from moe_jax.training.metrics import MetricsWriter
 from moe_jax.peft import esft
 from moe_jax.peft import lora as peft_lora
-from moe_jax.routers import set_training_step
+from moe_jax.layers.router_families import set_training_step
 
 METHODS = ("lora", "esft", "full")
 INFO_FILE = "finetune.json"
@@ -69,7 +71,7 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.alpha = 16.0  # the update is scaled by alpha / rank
   c.seed = 0  # draws the LoRA A factors
   # LoRA's A init: he_uniform (nnx.LoRA's, bound sqrt(6 / K)) | kaiming_uniform_a_sqrt5
-  # (HF PEFT's, bound sqrt(1 / K), 2.45x smaller); moe_jax.lora.A_INITS.
+  # (HF PEFT's, bound sqrt(1 / K), 2.45x smaller); moe_jax.layers.lora_adapters.A_INITS.
   c.a_init = "he_uniform"
   c.esft = ml_collections.ConfigDict()
   c.esft.score = "gate"  # "gate" (ESFT-Gate) | "token" (ESFT-Token)
@@ -158,13 +160,13 @@ def load_base(init_from: str, *, vocab_size: int = 259):
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise ConfigError([f"--init_from={init_from!r} holds no training run (no "
                        "config.json); pass the --workdir of an experiments/train.py run."])
-  objective = train.load_config(path).model.get("objective", "causal_lm")
+  objective = run_state.load_config(path).model.get("objective", "causal_lm")
   if objective != "causal_lm":
     raise ConfigError([f"--init_from={init_from!r} was trained with model.objective="
                        f"{objective!r}; fine-tuning continues causal_lm runs only."])
   try:
-    return train.load_model(path, vocab_size=vocab_size)
-  except train.TrainingError:
+    return run_state.load_model(path, vocab_size=vocab_size)
+  except TrainingError:
     raise ConfigError([f"--init_from={init_from!r} has no checkpoint yet; train it "
                        "first (experiments/train.py) or pass another run."]) from None
 
@@ -285,7 +287,7 @@ def make_step(model, wrt, tx, config, masks, base_step: int):
 
   def loss_fn(params, frozen, batch, key):
     m = nnx.merge(graphdef, params, frozen, rest, copy=True)
-    train.reseed(m, key)
+    run_state.reseed(m, key)
     set_training_step(m, base_step)
     return loss(m, batch)
 
@@ -306,7 +308,7 @@ def make_optimizer(config, params, row_masks):
   """``(tx, schedule, masks)``: pretraining's optimizer (clip, AdamW or Adafactor) on
   the trainable ``params``; with ESFT's ``row_masks``, :func:`esft.freeze_rows` chained
   after it and ``masks`` (a tree like ``params``) for :func:`esft.apply_gradients`."""
-  tx, schedule = train.make_optimizer(config)
+  tx, schedule = build.make_optimizer(config)
   masks = None
   if row_masks:
     masks = esft.mask_tree(params, row_masks)
@@ -392,7 +394,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
   graphdef, params, frozen, _ = split(model, plan["wrt"])
   tx, schedule, masks = make_optimizer(config, params, plan["row_masks"])
   # The optimizer state of the trainable subset lives where its parameters do.
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=sharding.init_optimizer_state(tx, params),
                            rng=jax.random.key_data(jax.random.key(config.seed)))
   trainable = _count(params) if masks is None else int(sum(
@@ -447,10 +449,10 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
 
   def run_eval(step):
     full = _deep_merge(frozen, state.params)
-    values = train.evaluate(eval_step, full, data.eval_iter(
+    values = evaluation.evaluate(eval_step, full, data.eval_iter(
         num_steps=config.eval_steps or None))
     if old is not None:
-      old_values = train.evaluate(eval_step, full, old.eval_iter(
+      old_values = evaluation.evaluate(eval_step, full, old.eval_iter(
           num_steps=config.eval_steps or None))
       values.update({f"old_{k}": v for k, v in old_values.items()})
     summary["eval"] = writer.write("eval", step, values)
@@ -473,7 +475,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
       state, metrics = step_fn(state, frozen, next(train_iter))
       metrics = jax.device_get(metrics)
       if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
-        raise train.TrainingError(
+        raise TrainingError(
             f"Non-finite loss at step {step} (loss={float(metrics['loss'])}); stopping. "
             "Lower --config.learning_rate or enable --config.grad_clip.")
       acc.add(metrics)
@@ -530,7 +532,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   """
   with open(os.path.join(workdir, INFO_FILE), encoding="utf-8") as f:
     info = json.load(f)
-  config = train.load_config(workdir)
+  config = run_state.load_config(workdir)
   model, _, base_step = load_base(info["base_workdir"], vocab_size=vocab_size)
   if base_step != info["base_step"]:
     raise ConfigError([f"the base run {info['base_workdir']!r} is now at step "
@@ -543,7 +545,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   plan = prepare(model, config)
   _, params, _, _ = split(model, plan["wrt"])
   tx, _, _ = make_optimizer(config, params, plan["row_masks"])
-  abstract = jax.eval_shape(lambda p: train.TrainState(
+  abstract = jax.eval_shape(lambda p: run_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.key_data(jax.random.key(0))), params)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -553,7 +555,7 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
   finally:
     checkpointer.close()
   if restored is None:
-    raise train.TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
+    raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
   step, saved, _ = restored
   nnx.update(model, saved.params)
   if merge:

@@ -1,17 +1,17 @@
 """LoRA targets of a Transformer: which weights get an adapter, and what that costs.
 
 A target names a kind of module and the weights of it that get a
-:class:`moe_jax.lora.Adapter` (``nnx.LoRAParam`` factors, B = 0). Each kind is one
+:class:`moe_jax.layers.lora_adapters.Adapter` (``nnx.LoRAParam`` factors, B = 0). Each kind is one
 entry of :data:`TARGETS`, a function from the model to the weights it covers, so a new
 target is one entry and never a branch in the model code.
 
 | target | module | weights (shape -> A, B) |
 |---|---|---|
-| ``router`` | :class:`~moe_jax.moe_layer.Router` | kernel [M, E] -> [M, r], [r, E] (``noisy_topk``'s ``noise_kernel`` gets none and stays frozen) |
-| ``experts`` | :class:`~moe_jax.experts.Experts` | wi, wi_gate [E, M, H] -> [E, M, r], [E, r, H]; wo [E, H, M] -> [E, H, r], [E, r, M] |
-| ``shared_experts`` | an MoE layer's shared :class:`~moe_jax.experts.DenseFfn` | wi, wi_gate [M, H_s], wo [H_s, M] |
-| ``attention`` | :class:`~moe_jax.transformer.Attention` | query [M, N, D] -> [M, r], [r, N*D]; key, value [M, N_kv, D] -> [M, r], [r, N_kv*D] (grouped-query attention's N_kv KV heads); out [N, D, M] -> [N*D, r], [r, M] |
-| ``dense_ffn`` | a block's dense :class:`~moe_jax.experts.DenseFfn` | wi, wi_gate [M, H], wo [H, M] |
+| ``router`` | :class:`~moe_jax.layers.moe_layer.Router` | kernel [M, E] -> [M, r], [r, E] (``noisy_topk``'s ``noise_kernel`` gets none and stays frozen) |
+| ``experts`` | :class:`~moe_jax.layers.experts.Experts` | wi, wi_gate [E, M, H] -> [E, M, r], [E, r, H]; wo [E, H, M] -> [E, H, r], [E, r, M] |
+| ``shared_experts`` | an MoE layer's shared :class:`~moe_jax.layers.experts.DenseFfn` | wi, wi_gate [M, H_s], wo [H_s, M] |
+| ``attention`` | :class:`~moe_jax.models.block.Attention` | query [M, N, D] -> [M, r], [r, N*D]; key, value [M, N_kv, D] -> [M, r], [r, N_kv*D] (grouped-query attention's N_kv KV heads); out [N, D, M] -> [N*D, r], [r, M] |
+| ``dense_ffn`` | a block's dense :class:`~moe_jax.layers.experts.DenseFfn` | wi, wi_gate [M, H], wo [H, M] |
 
 Trainable parameters: a weight ``[*b, *in, *out]`` adds ``prod(b) * r * (K + N)``
 with ``K = prod(in)``, ``N = prod(out)`` (:func:`adapter_param_count`).
@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterator
 import jax
 from flax import nnx
 
-from moe_jax import lora as lora_lib
-from moe_jax.experts import DENSE_AXES, EXPERT_AXES, DenseFfn, Experts
-from moe_jax.moe_layer import Router
-from moe_jax.transformer import ATTENTION_AXES, Attention
+from moe_jax.layers import lora_adapters as lora_lib
+from moe_jax.layers.experts import DENSE_AXES, EXPERT_AXES, DenseFfn, Experts
+from moe_jax.layers.moe_layer import Router
+from moe_jax.models.block import ATTENTION_AXES, Attention
 
 ROUTER_KERNEL_AXES = ("embed", None)
 
@@ -141,7 +141,7 @@ def add_lora(model, targets, *, rank: int, alpha: float, seed: int = 0,
   """Attaches a zero-update adapter to every weight ``targets`` cover; returns how many.
 
   The A factors are drawn from ``seed`` (a stream of their own, so the model's RNG
-  streams are untouched) by ``a_init`` (:data:`moe_jax.lora.A_INITS`).
+  streams are untouched) by ``a_init`` (:data:`moe_jax.layers.lora_adapters.A_INITS`).
   """
   rngs = nnx.Rngs(params=seed)
   weights = target_weights(model, targets)

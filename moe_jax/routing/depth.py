@@ -4,7 +4,7 @@ A routed block's router gives each token a scalar weight ``r`` (f32[B, L]). In e
 sequence the ``k = ceil(capacity * L)`` tokens with the largest ``r`` go through the
 block; the others skip it. The functions here pick those tokens, score a predictor of
 that choice (the causal stand-in used at sampling) and report the block's metrics.
-The block that uses them is :class:`moe_jax.mod.RoutedBlock`; docs/mod.md has the
+The block that uses them is :class:`moe_jax.models.mod.RoutedBlock`; docs/mod.md has the
 formulas and the causality argument.
 
 Shapes: ``B, L`` batch and sequence length, ``k`` the tokens a routed block selects
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 # Predictors of the top-k choice that sampling routes with (Raposo et al. 2024, Sec. 3.5).
-# moe_jax.mod.PREDICTORS holds their modules under the same names.
+# moe_jax.models.mod.PREDICTORS holds their modules under the same names.
 PREDICTOR_NAMES = ("router_bce", "mlp")
 
 

@@ -15,10 +15,11 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from moe_jax.layer_pattern import MAMBA, layer_pattern, pattern_errors
-from moe_jax.mamba import validate_mamba_config
-from moe_jax.moe_layer import DTYPES, validate_moe_config
-from moe_jax.routers import ROUTERS, causality
+from moe_jax.errors import ConfigError
+from moe_jax.models.layer_pattern import MAMBA, layer_pattern, pattern_errors
+from moe_jax.models.mamba import validate_mamba_config
+from moe_jax.layers.moe_config import DTYPES, validate_moe_config
+from moe_jax.layers.router_families import ROUTERS, causality
 from moe_jax.routing import QUEUE_ORDERS
 from moe_jax.routing.depth import depth_errors
 
@@ -26,14 +27,6 @@ OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
 POSITIONS = ("rotary", "learned", "none")
 MODEL_DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """Invalid configuration; ``errors`` holds one sentence per problem."""
-
-  def __init__(self, errors: list[str]):
-    self.errors = list(errors)
-    super().__init__("\n".join(self.errors))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.mod_capacity = 0.125  # the paper's best
   c.model.mod_predictor = "router_bce"  # router_bce | mlp: routes at sampling
   c.model.mod_aux_loss_coef = 0.01  # the predictor's BCE, per routed block
-  # causal_lm | masked_lm (bidirectional, BERT's 15% masking; moe_jax/objectives.py).
+  # causal_lm | masked_lm (bidirectional, BERT's 15% masking;
+  # moe_jax/training/objectives.py).
   c.model.objective = "causal_lm"
   # What each block keeps for the backward pass: none | full (recompute the block) |
   # dots (keep the matmuls without batch dimensions); docs/training.md.
@@ -161,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
   # device). None: the router's default, "group" for topk, "batch" for noisy_topk.
   c.moe.balance_scope = config_dict.placeholder(str)
 
-  # The Mamba mixer of the Mamba blocks (moe_jax/mamba.py; docs/mamba.md).
+  # The Mamba mixer of the Mamba blocks (moe_jax/models/mamba.py; docs/mamba.md).
   c.mamba = ml_collections.ConfigDict()
   c.mamba.d_state = 16  # N
   c.mamba.d_conv = 4  # K
@@ -206,12 +200,12 @@ def queue_order(config) -> str:
   """``moe.queue_order`` with ``"auto"`` resolved: ``"token_major"`` for a causal
   objective (a token's routing then never depends on later tokens), ``"choice_major"``
   for masked LM (GShard's order; it sees the whole sequence anyway). Configs saved
-  before the key existed get ``"choice_major"`` from :func:`moe_jax.run_state.load_config`,
-  the order they trained with."""
+  before the key existed get ``"choice_major"`` from
+  :func:`moe_jax.training.run_state.load_config`, the order they trained with."""
   value = config.moe.get("queue_order", "auto")
   if value != "auto":
     return value
-  from moe_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
   objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
   return "choice_major" if objective is not None and not objective.causal else (
       "token_major")
@@ -280,17 +274,17 @@ def expert_d_ff(config):
 def dataset_name_error(name) -> str | None:
   """Why the data module cannot serve ``name`` (listing what is available), or None."""
   try:
-    from moe_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    from moe_jax.data import sources  # pylint: disable=import-outside-toplevel
   except ImportError as e:  # pragma: no cover - the data package is part of moe_jax
     return f"the data package cannot be imported ({e})"
   if not isinstance(name, str) or not name:
     return ("must name a dataset; available: "
-            f"{', '.join(pipeline.AVAILABLE_BUILTIN)}, a TFDS text dataset, or "
-            f"'{pipeline.TEXT_PREFIX}<glob>'.")
-  if name in pipeline.AVAILABLE_BUILTIN or name.startswith(pipeline.TEXT_PREFIX):
+            f"{', '.join(sources.AVAILABLE_BUILTIN)}, a TFDS text dataset, or "
+            f"'{sources.TEXT_PREFIX}<glob>'.")
+  if name in sources.AVAILABLE_BUILTIN or name.startswith(sources.TEXT_PREFIX):
     return None
   try:
-    pipeline.check_tfds_name(name)
+    sources.check_tfds_name(name)
   except ValueError as e:
     return str(e)
   return None
@@ -486,9 +480,9 @@ def validate_config(config, *, num_devices: int | None = None,
 def _objective_errors(config) -> list[str]:
   """``model.objective``, and the routers that see later tokens of their group
   (expert choice, ``moe.batch_priority``, choice-major queues with ``top_k > 1`` and a
-  capacity; :func:`moe_jax.routers.causality`): a causal LM needs
+  capacity; :func:`moe_jax.layers.router_families.causality`): a causal LM needs
   ``moe.allow_noncausal_routing`` for them, masked LM allows them."""
-  from moe_jax.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
   m, moe = config.model, config.moe
   name = m.get("objective", "causal_lm")
   objective = OBJECTIVES.get(name) if isinstance(name, str) else None
@@ -594,7 +588,7 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
   num_experts = config.moe.num_experts if config.model.moe_every else None
   batch = config.batch_size if _is_int(config.batch_size) and config.batch_size > 0 else None
   try:
-    from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+    from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
     validate_mesh = sharding.validate_mesh
   except (ImportError, AttributeError):
     validate_mesh = None

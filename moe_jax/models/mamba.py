@@ -52,8 +52,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.backend import is_accelerator
-from moe_jax.experts import scaled_init
+from moe_jax.parallel.backend import is_accelerator
+from moe_jax.layers.experts import scaled_init
 
 # Logical axis names (sharding.py's rules). The mixer's weights are replicated, or
 # data-parallel with the batch: only M is named; D_in, N, R and K are left unsharded.
@@ -341,7 +341,7 @@ class MambaMixer(nnx.Module):
     per row.
   * ``mixer.init_cache(batch, max_len, dtype)`` and ``mixer.decode(x, positions, mask)``:
     the same, with the state kept in the module as nnx ``Cache`` variables (the block
-    decode interface of :mod:`moe_jax.decode`).
+    decode interface of :mod:`moe_jax.inference.decode`).
   """
 
   def __init__(self, cfg: MambaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -487,7 +487,7 @@ class MambaMixer(nnx.Module):
     conv = jnp.take_along_axis(history, idx[:, :, None], axis=1)
     return out, MambaState(conv=conv.astype(state.conv.dtype), ssm=h)
 
-  # -- the decode interface of moe_jax.decode (the state as nnx Cache variables) -----
+  # -- the decode interface of moe_jax.inference.decode (the state as nnx Cache variables)
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     """The empty decode state of ``batch`` rows: ``conv_state`` [B, K-1, D_in] in

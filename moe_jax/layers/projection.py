@@ -14,8 +14,8 @@ one matmul; the 2-D form contracts over its single row axis and the matmul reads
 activations in place. ``benchmarks/matmul_forms.py`` measures each projection both ways
 (``docs/benchmarks.md``); the model uses the 2-D form where it measured faster on CPU:
 the dense FFN (and shared experts), the router and the unembedding here, the experts
-in :class:`~moe_jax.experts.Experts` as ``[E, G*C, M]`` rows. Attention's q/k/v and
-output projections measured the same both ways and stay einsums.
+in :class:`~moe_jax.layers.experts.Experts` as ``[E, G*C, M]`` rows. Attention's q/k/v
+and output projections measured the same both ways and stay einsums.
 
 It should not cost more on GPU or TPU (not measured: no such device was at hand). The
 dot emitters want one batch, one contracting and one free axis per operand; XLA's

@@ -2,7 +2,7 @@
 
 Every path has the :class:`Dispatcher` interface and consumes whatever
 :class:`~moe_jax.routing.RoutingOutput` a router family returns, so routers and
-dispatch paths combine freely. :class:`~moe_jax.moe_layer.MoeLayer` picks one by
+dispatch paths combine freely. :class:`~moe_jax.layers.moe_layer.MoeLayer` picks one by
 ``MoeConfig.dispatch``:
 
 * ``"einsum"``: one-hot ``[G, S, E, C]`` dispatch/combine tensors (Mesh-TF, GShard,
@@ -12,10 +12,10 @@ dispatch paths combine freely. :class:`~moe_jax.moe_layer.MoeLayer` picks one by
   instead of ``S*E*C*M``.
 * ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
   as grouped matmuls (``jax.lax.ragged_dot`` as in MegaBlocks and MaxText, or expert
-  tiles on CPU: :mod:`moe_jax.grouped_matmul`), so the work is the routed tokens
+  tiles on CPU: :mod:`moe_jax.layers.grouped_matmul`), so the work is the routed tokens
   (plus under a tile per expert when tiled), however unbalanced. Equal to the other paths with
   ``C = S``. On a mesh each device sorts its own choices and the rows travel to their
-  experts' devices by all-to-all (:mod:`moe_jax.dropless`).
+  experts' devices by all-to-all (:mod:`moe_jax.layers.dropless`).
 
 Every path returns ``(y, lost)``: ``lost`` marks the kept choices the path could not
 compute (bool[G, S, K]; only dropless on a mesh with ``moe.ragged_buffer_factor > 0``
@@ -29,8 +29,9 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from moe_jax import dropless, routing
-from moe_jax.experts import Experts
+from moe_jax.layers import dropless
+from moe_jax import routing
+from moe_jax.layers.experts import Experts
 
 
 class Dispatcher(Protocol):
@@ -41,8 +42,8 @@ class Dispatcher(Protocol):
                deterministic: bool) -> tuple[jax.Array, jax.Array | None]:
     """x: [G, S, M] -> (y [G, S, M], lost bool[G, S, K] or None).
 
-    ``layout`` is the layer's :class:`~moe_jax.moe_layer.Layout` (``constrain`` pins
-    activations; ``mesh`` is None on one device) and ``cfg`` its MoeConfig.
+    ``layout`` is the layer's :class:`~moe_jax.parallel.sharding.Layout` (``constrain``
+    pins activations; ``mesh`` is None on one device) and ``cfg`` its MoeConfig.
     """
 
 
@@ -114,8 +115,8 @@ def dropless_dispatch(x, out, experts, layout, *, cfg, deterministic):
   with more than one device) a global sort would make the partitioner gather every
   device's tokens and the experts' weights, so there each device sorts its own
   choices and exchanges rows with the devices that hold their experts
-  (:func:`moe_jax.dropless.dropless_on_mesh`, configured by ``moe.ragged_exchange``
-  and ``moe.ragged_buffer_factor``).
+  (:func:`moe_jax.layers.dropless.dropless_on_mesh`, configured by
+  ``moe.ragged_exchange`` and ``moe.ragged_buffer_factor``).
   """
   if getattr(layout, "mesh", None) is not None and layout.num_devices > 1:
     return dropless.dropless_on_mesh(
@@ -140,7 +141,7 @@ def gather_dispatch(x, out, experts, layout, *, cfg, deterministic):
 
   Same numbers as the other paths for the same routing (dropped choices add 0), but it
   reads T*K experts' weights rather than all E, so it suits decode steps of a few
-  tokens on one device (:meth:`moe_jax.moe_layer.MoeLayer.decode`). Not a config
+  tokens on one device (:meth:`moe_jax.layers.moe_layer.MoeLayer.decode`). Not a config
   choice: the gathered weights grow with the tokens.
   """
   del layout, cfg

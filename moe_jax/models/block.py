@@ -1,12 +1,13 @@
 """The blocks of the model: its config, norms, attention, the token-mixer registry and
 the pre-norm residual :class:`Block`.
 
-``TransformerConfig`` describes the whole model (:mod:`moe_jax.transformer` builds it
-from these blocks). A block is ``x + mixer(norm(x))``, ``x + ffn(norm(x))``: the mixer
-is causal (or, for masked LM, bidirectional) self-attention with its KV cache or a Mamba
-mixer, built from :data:`MIXERS`; the FFN is an :class:`~moe_jax.moe_layer.MoeLayer` or
-a :class:`~moe_jax.experts.DenseFfn`, as the layer pattern says. Mixture-of-Depths'
-routed block (:mod:`moe_jax.mod`) builds on :class:`Block`.
+``TransformerConfig`` describes the whole model (:mod:`moe_jax.models.transformer`
+builds it from these blocks). A block is ``x + mixer(norm(x))``, ``x + ffn(norm(x))``:
+the mixer is causal (or, for masked LM, bidirectional) self-attention with its KV cache
+or a Mamba mixer, built from :data:`MIXERS`; the FFN is an
+:class:`~moe_jax.layers.moe_layer.MoeLayer` or a
+:class:`~moe_jax.layers.experts.DenseFfn`, as the layer pattern says. Mixture-of-Depths'
+routed block (:mod:`moe_jax.models.mod`) builds on :class:`Block`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.config import ConfigError
-from moe_jax.experts import DenseFfn, scaled_init
+from moe_jax.errors import ConfigError
+from moe_jax.layers.experts import DenseFfn, scaled_init
 from moe_jax.routing.depth import depth_errors, is_routed_layer
-from moe_jax.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind, layer_pattern,
-                                   pattern_errors)
-from moe_jax.mamba import MambaConfig, MambaMixer
-from moe_jax.moe_layer import DTYPES, MoeAux, MoeConfig, MoeLayer
-from moe_jax.lora import weight
+from moe_jax.models.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind,
+                                          layer_pattern, pattern_errors)
+from moe_jax.models.mamba import MambaConfig, MambaMixer
+from moe_jax.layers.moe_config import DTYPES, MoeConfig
+from moe_jax.layers.moe_layer import MoeAux, MoeLayer
+from moe_jax.layers.lora_adapters import weight
 
 POSITIONS = ("rotary", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
@@ -35,7 +37,7 @@ NORMS = ("rmsnorm", "layernorm")
 EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
               "unembed": ("embed", "vocab")}
 # Grouped-query attention's key and value kernels have N_kv heads: "kv_heads" shards over
-# ``model`` only when N_kv divides by it, and is replicated otherwise (moe_jax/sharding.py).
+# ``model`` only when N_kv divides by it, and is replicated otherwise (moe_jax/parallel/sharding.py).
 ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "kv_heads", "kv"),
                   "value": ("embed", "kv_heads", "kv"), "out": ("heads", "kv", "embed")}
 NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
@@ -84,9 +86,9 @@ class TransformerConfig:
       truncated normal of variance ``s / fan_in`` (attention, dense FFN, output
       projection), the embedding from a normal of variance ``s`` and learned positions
       with std ``0.02 * sqrt(s)``; norm scales start at 1. The MoE layer's experts and
-      router take their own absolute scales from ``moe`` (``moe_jax.train`` passes
-      ``s`` times the config's relative ``moe.init_scale`` / ``moe.router_init_scale``).
-      Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
+      router take their own absolute scales from ``moe`` (``moe_jax.training.train``
+      passes ``s`` times the config's relative ``moe.init_scale`` /
+      ``moe.router_init_scale``). Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
     tie_embeddings: output projection is the transposed input embedding.
     dtype: compute dtype, "float32" | "bfloat16".
     rope_base: rotary base frequency.
@@ -97,10 +99,11 @@ class TransformerConfig:
     mod_predictor: what decides routing at sampling, where the top-k over the
       sequence would look ahead: "router_bce" (``sigmoid(r) > 0.5``, with a BCE on the
       router logits) or "mlp" (a small MLP on stop-gradient inputs, with the same
-      BCE); see :mod:`moe_jax.mod`.
+      BCE); see :mod:`moe_jax.models.mod`.
     causal: attention is causal (a language model that generates); False:
       bidirectional, every token attends to every real token of its sequence (masked
-      language modelling, :mod:`moe_jax.objectives`), and the model cannot decode.
+      language modelling, :mod:`moe_jax.training.objectives`), and the model cannot
+      decode.
     remat: what each block keeps for the backward pass (:data:`REMAT_POLICIES`):
       "none" keeps every residual, "full" recomputes the whole block from its input
       (``nnx.remat`` saving nothing), "dots" saves the matmuls without batch
@@ -190,7 +193,8 @@ class TransformerConfig:
 
   @property
   def layers(self) -> tuple[LayerKind, ...]:
-    """``(mixer, ffn)`` of every block (:func:`~moe_jax.layer_pattern.layer_pattern`)."""
+    """``(mixer, ffn)`` of every block
+    (:func:`~moe_jax.models.layer_pattern.layer_pattern`)."""
     return layer_pattern(self.num_layers, attn_layer_period=self.attn_layer_period,
                          attn_layer_offset=self.attn_layer_offset,
                          moe_every=self.moe_every, moe_offset=self.moe_offset)
@@ -393,7 +397,7 @@ class Attention(nnx.Module):
 
 class TokenMixer(Protocol):
   """What a block's token mixer implements (attention, Mamba): training, and the
-  decode interface of :mod:`moe_jax.decode` (its own state as nnx ``Cache``)."""
+  decode interface of :mod:`moe_jax.inference.decode` (its own state as nnx ``Cache``)."""
 
   def __call__(self, x: jax.Array, positions: jax.Array,
                token_mask: jax.Array | None = None) -> jax.Array:
@@ -431,8 +435,8 @@ class BlockAux:
   """What a block reports beside its output.
 
   Attributes:
-    moe: its MoE layer's :class:`~moe_jax.moe_layer.MoeAux`, or None (dense FFN).
-    depth: a Mixture-of-Depths routed block's :class:`~moe_jax.mod.DepthAux`, or
+    moe: its MoE layer's :class:`~moe_jax.layers.moe_layer.MoeAux`, or None (dense FFN).
+    depth: a Mixture-of-Depths routed block's :class:`~moe_jax.models.mod.DepthAux`, or
       None (a full block).
   """
 
@@ -506,7 +510,8 @@ class Block(nnx.Module):
   def mixer_norm(self) -> Norm:
     return getattr(self, f"{self.mixer_attr}_norm")
 
-  # The decode-state interface of moe_jax.decode: every block type owns its state.
+  # The decode-state interface of moe_jax.inference.decode: every block type owns its
+  # state.
 
   def init_cache(self, batch: int, max_len: int, dtype) -> None:
     """Preallocates this block's decode state (the mixer's: attention's KV cache,

@@ -18,17 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import moe_layer
-from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import default_config
-from moe_jax.moe_layer import MoeLayer
-from moe_jax.build import RNG_STREAMS, make_model, make_optimizer
-from moe_jax.routers import SelectionBias
-from moe_jax.transformer import Transformer
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (non-finite loss, unusable work directory, ...)."""
+from moe_jax.parallel import sharding
+from moe_jax.training.checkpoint import Checkpointer
+from moe_jax.training.config import default_config
+from moe_jax.errors import TrainingError
+from moe_jax.layers.moe_layer import MoeLayer
+from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer
+from moe_jax.layers.router_families import SelectionBias
+from moe_jax.models.transformer import Transformer
 
 
 @flax.struct.dataclass
@@ -122,7 +119,7 @@ def single_device_copy(model: Transformer) -> Transformer:
   copy = nnx.merge(graphdef, state)
   for _, module in nnx.iter_modules(copy):
     if isinstance(module, MoeLayer):
-      module.layout = moe_layer.SINGLE_DEVICE
+      module.layout = sharding.SINGLE_DEVICE
   return copy
 
 

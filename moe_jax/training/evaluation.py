@@ -1,6 +1,6 @@
 """Evaluation passes: per-batch sums into the eval line's values.
 
-:func:`moe_jax.train.make_eval_step` computes one batch's sums on device;
+:func:`moe_jax.training.train.make_eval_step` computes one batch's sums on device;
 :func:`evaluate` runs it over an eval stream and turns the sums into ``eval_loss``, its
 standard error over batches (:func:`batch_stderr`), bits per byte and the MoE metrics.
 """
@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import jax
 
-from moe_jax import mod
+from moe_jax.training import depth_metrics
 
 __all__ = ["batch_stderr", "evaluate"]
 
@@ -78,5 +78,5 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   if "predictor_nats" in per_batch[0]:
     line["eval_loss_predictor"] = (sum(b["predictor_nats"] for b in per_batch)
                                    / max(total_tokens, 1.0))
-  line.update(mod.eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
+  line.update(depth_metrics.depth_eval_line({k: token_mean(k) for k in per_batch[0] if "/" in k}))
   return line

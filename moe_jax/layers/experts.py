@@ -4,7 +4,7 @@ Experts hold their weights stacked along a leading E axis (``wi: [E, M, H]``,
 ``wo: [E, H, M]``) so that all experts run as one batched einsum, and so that sharding
 the E axis over a mesh axis is expert parallelism. Both run their matmuls on 2-D token
 rows (per expert for the experts), the form XLA:CPU runs fastest
-(:mod:`moe_jax.projection`).
+(:mod:`moe_jax.layers.projection`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.grouped_matmul import GROUPED_MATMULS, resolve_grouped_matmul
-from moe_jax.lora import weight
-from moe_jax.projection import project
+from moe_jax.layers.grouped_matmul import GROUPED_MATMULS, resolve_grouped_matmul
+from moe_jax.layers.lora_adapters import weight
+from moe_jax.layers.projection import project
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -69,7 +69,8 @@ class Experts(nnx.Module):
     init = scaled_init(init_scale, batch_axis=(0,))
     self.activation = activation
     self.dtype = dtype
-    # How ragged() runs its grouped matmuls (moe_jax.grouped_matmul; "auto": per backend).
+    # How ragged() runs its grouped matmuls (moe_jax.layers.grouped_matmul; "auto": per
+    # backend).
     self.grouped_matmul = grouped_matmul
     self.wi = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
     if activation == "swiglu":
@@ -107,8 +108,8 @@ class Experts(nnx.Module):
 
   def weights(self) -> dict[str, jax.Array]:
     """``{"wi", "wo"[, "wi_gate"]}``: the stacked weights with their LoRA updates
-    (:func:`moe_jax.lora.weight`), as the dispatch paths that take them explicitly
-    read them."""
+    (:func:`moe_jax.layers.lora_adapters.weight`), as the dispatch paths that take them
+    explicitly read them."""
     names = ("wi", "wo") + (("wi_gate",) if self.wi_gate is not None else ())
     return {name: weight(self, name) for name in names}
 
@@ -118,10 +119,11 @@ class Experts(nnx.Module):
              rng: jax.Array | None = None) -> jax.Array:
     """Runs the experts on rows sorted by expert, as grouped matmuls.
 
-    ``self.grouped_matmul`` picks the implementation (:mod:`moe_jax.grouped_matmul`):
-    ``ragged_dot`` or expert ``tiled`` rows, the same products up to float rounding;
-    with dropout, the masks are drawn in the implementation's layout (so a run with
-    expert dropout draws other masks under the other implementation).
+    ``self.grouped_matmul`` picks the implementation
+    (:mod:`moe_jax.layers.grouped_matmul`): ``ragged_dot`` or expert ``tiled`` rows, the
+    same products up to float rounding; with dropout, the masks are drawn in the
+    implementation's layout (so a run with expert dropout draws other masks under the
+    other implementation).
 
     Args:
       x: [N, M] rows; the first ``group_sizes[0]`` belong to expert 0, the next
@@ -129,7 +131,7 @@ class Experts(nnx.Module):
       group_sizes: i32[E] rows per expert; rows past ``sum(group_sizes)`` get output 0.
       weights: ``{"wi", "wo"[, "wi_gate"]}`` to use instead of the module's own, e.g.
         one device's shard ``[E_l, M, H_l]`` inside ``shard_map``
-        (:mod:`moe_jax.dropless`); E is then their leading size.
+        (:mod:`moe_jax.layers.dropless`); E is then their leading size.
       rng: dropout key to use instead of the module's stream.
 
     Returns:

@@ -1,8 +1,8 @@
-"""Parameter and FLOP counts of a :class:`~moe_jax.transformer.Transformer`, read off
-its modules (not from the config), so that every family counts as it is built.
+"""Parameter and FLOP counts of a :class:`~moe_jax.models.transformer.Transformer`, read
+off its modules (not from the config), so that every family counts as it is built.
 
 ``count_params(model)`` and ``flops_per_token(model, seq_len)`` are also importable from
-:mod:`moe_jax.transformer` and :mod:`moe_jax.train`.
+:mod:`moe_jax.models.transformer` and :mod:`moe_jax.training.train`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from moe_jax.experts import DenseFfn
-from moe_jax.mamba import MambaMixer, mixer_cost
-from moe_jax.mod import DepthRouter, MlpPredictor
-from moe_jax.moe_layer import MoeLayer, Router
-from moe_jax.transformer import Attention, Transformer
+from moe_jax.layers.experts import DenseFfn
+from moe_jax.models.mamba import MambaMixer, mixer_cost
+from moe_jax.models.mod import DepthRouter, MlpPredictor
+from moe_jax.layers.moe_layer import MoeLayer, Router
+from moe_jax.models.block import Attention
+from moe_jax.models.transformer import Transformer
 
 
 def _size(module: nnx.Module) -> int:
@@ -70,16 +71,16 @@ def flops_per_token(model: Transformer, seq_len: int) -> dict[str, int]:
     grouped-query attention's fewer KV heads shrink the key and value projections,
     counted with the weights, not this term); the context is ``seq_len``, or ``k`` in
     a routed block;
-  * Mamba mixers: :func:`moe_jax.mamba.mixer_cost` (2 x the projection and conv
+  * Mamba mixers: :func:`moe_jax.models.mamba.mixer_cost` (2 x the projection and conv
     weights plus ``6 * D_in * N`` for the scan; nothing grows with ``seq_len``);
   * routed experts: ``2 x k / (E + N)`` of their weights per token (``active``, as in
     :func:`count_params`) or all of them (``total``, every expert applied to every
     token); shared experts are a dense FFN that every token passes;
-  * Mixture-of-Depths routed blocks (:mod:`moe_jax.mod`) run ``k = ceil(mod_capacity
-    * seq_len)`` of the ``seq_len`` tokens, so everything in them counts ``k /
-    seq_len`` of its per-token cost (their MoE routers too); an MLP predictor runs on
-    every token, 2 x its parameters (biases included). The gather, the scatter and
-    ``r * f`` are not counted;
+  * Mixture-of-Depths routed blocks (:mod:`moe_jax.models.mod`) run
+    ``k = ceil(mod_capacity * seq_len)`` of the ``seq_len`` tokens, so everything in
+    them counts ``k / seq_len`` of its per-token cost (their MoE routers too); an MLP
+    predictor runs on every token, 2 x its parameters (biases included). The gather,
+    the scatter and ``r * f`` are not counted;
   * the routers, ``2 * M * (E + N)`` per token of an MoE block and ``2 * M`` per token
     of a routed block, are reported on their own as ``router`` and left out of
     ``active``/``total``, as Switch does when it calls a model "FLOP-matched" to its

@@ -7,21 +7,18 @@ Layout (flaxformer / t5x style, see ``docs/sharding.md``):
 * Expert weights ``[E, M, H]`` are split along E over ``expert`` (E / expert experts
   per device) and along H over ``model``; everything else is replicated or split over
   ``model`` where that is natural (Megatron-style ``mlp``, ``heads``, ``vocab``).
-* Inside :class:`~moe_jax.moe_layer.MoeLayer` the expert buffers ``[E, G, C, M]`` are
-  pinned to E over ``expert`` and G over ``data``. Going from the group layout to the
-  buffer layout and back is an all-to-all within each ``expert`` row of the mesh.
+* Inside :class:`~moe_jax.layers.moe_layer.MoeLayer` the expert buffers ``[E, G, C, M]``
+  are pinned to E over ``expert`` and G over ``data``. Going from the group layout to
+  the buffer layout and back is an all-to-all within each ``expert`` row of the mesh.
 * With fewer experts than the expert axis (E < expert, expert % E == 0) every device
   holds all E experts and computes them for its own groups: the expert axis then acts
   as extra data parallelism for that layer and no all-to-all is needed.
 
-Parameters carry *logical* axis names (:data:`LOGICAL_AXES`). They come from Variable
-metadata ``logical_axes`` when present (``nnx.Param(w, logical_axes=("vocab",
-"embed"))``), otherwise from per-module defaults (``EXPERT_AXES`` of
-:class:`~moe_jax.experts.Experts`, ``DENSE_AXES`` of
-:class:`~moe_jax.experts.DenseFfn`, the router, ``nnx.Embed`` and the norms). The
-rules table :data:`LOGICAL_RULES` maps them to mesh axes. ``shard_model`` writes the
-resolved spec into flax's ``out_sharding`` metadata as well, so ``nnx.get_partition_spec``
-and ``nnx.Optimizer`` (which builds its state from the parameters' metadata) follow it.
+Here: the mesh, the rules table :data:`LOGICAL_RULES` that maps *logical* axis names
+(:data:`LOGICAL_AXES`) to mesh axes (:func:`logical_to_spec`), the MoE layer's
+activation layouts (:class:`Layout`, :class:`MeshLayout`), the placement of optimizer
+state, batches and multi-process start-up. Placing a model's parameters is
+:mod:`moe_jax.models.param_sharding`'s.
 
 Nothing here changes the numbers: every constraint only moves data, and the grouping of
 tokens never depends on the mesh, so a sharded run equals a single-device run.
@@ -38,11 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from moe_jax import experts as experts_lib
-from moe_jax import moe_layer
 
 MESH_AXES = ("data", "expert", "model")
 # The batch (and the MoE groups) is split over all data-parallel devices.
@@ -62,12 +55,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),        # L
 )
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
-
-# Defaults for modules that do not annotate their parameters, by module type.
-# [M, E]: E of the logits stays replicated; W_noise of noisy top-k alike.
-ROUTER_AXES = {"kernel": ("embed", None), "noise_kernel": ("embed", None)}
-EMBED_AXES = {"embedding": ("vocab", "embed")}
-NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
 
 log = logging.getLogger(__name__)
 
@@ -214,18 +201,18 @@ def _axis_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def _check_mesh(mesh: Mesh) -> None:
+def check_mesh(mesh: Mesh) -> None:
   missing = [a for a in MESH_AXES if a not in mesh.axis_names]
   if missing:
     raise ValueError(
         f"mesh axes {mesh.axis_names} lack {missing}; build the mesh with "
-        "moe_jax.sharding.make_mesh (axes data, expert, model; size 1 is fine).")
+        "moe_jax.parallel.sharding.make_mesh (axes data, expert, model; size 1 is fine).")
   axis_types = getattr(mesh, "axis_types", None)
   explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
   if explicit is not None and axis_types and explicit in axis_types:
     raise ValueError(
         "moe_jax shards with sharding constraints and needs Auto mesh axes, got "
-        f"{axis_types}; build the mesh with moe_jax.sharding.make_mesh.")
+        f"{axis_types}; build the mesh with moe_jax.parallel.sharding.make_mesh.")
 
 
 # ------------------------------------------------------------------------------------
@@ -250,8 +237,41 @@ def experts_are_sharded(num_experts: int, mesh: Mesh) -> bool:
       f"of the expert axis or divide it.")
 
 
+class Layout:
+  """Where MoeLayer's activations live; this default is one device and does nothing.
+
+  :class:`MeshLayout` subclasses it. ``constrain`` pins the layouts
+  between which the tokens move: ``"groups"`` ``[G, S, M]`` and ``"group_buffers"``
+  ``[E, G, C, M]`` with G over the data-parallel devices (each device dispatches its own
+  groups locally), and ``"expert_buffers"`` ``[E, G, C, M]`` with E over the expert
+  axis. Pinning the buffers on both sides of the expert computation makes XLA emit one
+  all-to-all at dispatch and one at combine (without the ``"group_buffers"`` step it
+  may all-gather the tokens instead).
+  A layout is static module data, so it must be hashable.
+
+  Attributes:
+    group_shards: D, the number of devices the G axis is split over.
+    num_devices: devices of the layout's mesh.
+    mesh: the ``jax.sharding.Mesh`` (None on one device); ``dispatch="dropless"``
+      runs its per-device work in a ``shard_map`` over it.
+    experts_sharded: E is split over the mesh's ``expert`` axis.
+  """
+
+  group_shards: int = 1
+  num_devices: int = 1
+  mesh = None
+  experts_sharded: bool = False
+
+  def constrain(self, x: jax.Array, name: str) -> jax.Array:
+    del name
+    return x
+
+
+SINGLE_DEVICE = Layout()
+
+
 @dataclasses.dataclass(frozen=True)
-class MeshLayout(moe_layer.Layout):
+class MeshLayout(Layout):
   """MoeLayer activations on a mesh: groups over data*expert, buffers over expert.
 
   Attributes:
@@ -288,28 +308,13 @@ class MeshLayout(moe_layer.Layout):
 
 
 def moe_layout(mesh: Mesh, num_experts: int) -> MeshLayout:
-  _check_mesh(mesh)
+  check_mesh(mesh)
   return MeshLayout(mesh, experts_are_sharded(num_experts, mesh))
 
 
 # ------------------------------------------------------------------------------------
-# Parameters
+# Logical axes
 # ------------------------------------------------------------------------------------
-
-
-def default_logical_axes(module: Any, name: str) -> tuple[str | None, ...] | None:
-  """Logical axes of parameter ``name`` of ``module`` when it carries none itself."""
-  if isinstance(module, experts_lib.Experts):
-    return experts_lib.EXPERT_AXES.get(name)
-  if isinstance(module, experts_lib.DenseFfn):
-    return experts_lib.DENSE_AXES.get(name)
-  if isinstance(module, moe_layer.Router):
-    return ROUTER_AXES.get(name)
-  if isinstance(module, nnx.Embed):
-    return EMBED_AXES.get(name)
-  if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)):
-    return NORM_AXES.get(name)
-  return None
 
 
 def logical_to_spec(
@@ -367,114 +372,6 @@ def logical_to_spec(
   while out and out[-1] is None:
     out.pop()
   return P(*out)
-
-
-def _path_str(path) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def _variables(model) -> list[tuple[tuple, Any, nnx.Variable]]:
-  """(path, parent, variable) of every array Variable of ``model``."""
-  nodes = dict(nnx.iter_graph(model))
-  out = []
-  for path, node in nodes.items():
-    if isinstance(node, nnx.Variable) and hasattr(node.get_value(), "shape"):
-      out.append((path, nodes.get(path[:-1]), node))
-  return out
-
-
-def logical_axes_of(parent: Any, name: Any, var: nnx.Variable):
-  """The logical axes of ``var``: its ``logical_axes`` metadata, else the default."""
-  names = var.get_metadata("logical_axes", None)
-  if names is None and isinstance(var, nnx.Param):
-    names = default_logical_axes(parent, name)
-  return names
-
-
-def shard_model(model: Any, mesh: Mesh,
-                rules: Iterable[tuple[str, Any]] = LOGICAL_RULES) -> Any:
-  """Places ``model``'s state on ``mesh`` in place and wires MoeLayer constraints.
-
-  Every MoeLayer gets a :class:`MeshLayout` for ``mesh``. Every array Variable is
-  moved to the NamedSharding of its logical axes (parameters without logical axes,
-  RNG state and other variables are replicated), and gets ``logical_axes``,
-  ``out_sharding`` and ``mesh`` metadata so that ``nnx.get_partition_spec`` and an
-  ``nnx.Optimizer`` created afterwards follow the same layout.
-
-  Args:
-    model: any nnx graph node (a Module, or an ``nnx.Optimizer`` created before).
-    mesh: a mesh from :func:`make_mesh`.
-    rules: logical -> mesh axis rules.
-
-  Returns:
-    ``model``, for chaining.
-
-  Raises:
-    ValueError: before anything is compiled, when a MoE layer's E does not fit the
-      expert axis (naming both numbers) or an annotation does not match its shape.
-  """
-  _check_mesh(mesh)
-  rules = tuple(rules)
-  # Resolve everything first, so a bad layer leaves the model untouched.
-  layouts = [(node, moe_layout(mesh, node.cfg.num_experts))
-             for _, node in nnx.iter_graph(model)
-             if isinstance(node, moe_layer.MoeLayer)]
-  placements = []
-  for path, parent, var in _variables(model):
-    names = logical_axes_of(parent, path[-1], var)
-    spec = P() if names is None else logical_to_spec(
-        names, var.get_value().shape, mesh, rules, where=_path_str(path))
-    placements.append((var, names, spec))
-  for layer, layout in layouts:
-    layer.layout = layout
-  for var, names, spec in placements:
-    if names is not None:
-      var.set_metadata(logical_axes=tuple(names))
-    var.set_metadata(out_sharding=tuple(spec), mesh=mesh)
-    var.set_value(_place(var.get_value(), NamedSharding(mesh, spec)))
-  return model
-
-
-def _place(value: Any, sharding: NamedSharding) -> jax.Array:
-  """``device_put`` that also works when the mesh spans several processes.
-
-  Across processes every process must hold the same ``value`` (the same seed), and
-  each one copies its devices' pieces of it.
-  """
-  if sharding.is_fully_addressable:
-    return jax.device_put(value, sharding)
-  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-    data_sharding = NamedSharding(sharding.mesh, P(*sharding.spec))
-    data = _place(jax.random.key_data(value), data_sharding)
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
-  host = np.asarray(jax.device_get(value))
-  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def describe_sharding(model: Any) -> dict[str, P]:
-  """``{parameter path: PartitionSpec}`` of every array Variable, for start-up logs.
-
-  Arrays not on a mesh (a single device) report ``PartitionSpec()``.
-  """
-  out = {}
-  for path, _, var in _variables(model):
-    sharding = getattr(var.get_value(), "sharding", None)
-    out[_path_str(path)] = sharding.spec if isinstance(sharding, NamedSharding) else P()
-  return out
-
-
-def format_sharding(model: Any) -> str:
-  """A table of path, shape, logical axes and PartitionSpec, one line per array."""
-  rows = [("path", "shape", "logical axes", "spec")]
-  specs = describe_sharding(model)
-  for path, parent, var in _variables(model):
-    names = logical_axes_of(parent, path[-1], var)
-    rows.append((_path_str(path), str(tuple(var.get_value().shape)),
-                 "-" if names is None else str(tuple(names)),
-                 str(specs[_path_str(path)])))
-  widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-                   for r in rows)
 
 
 # ------------------------------------------------------------------------------------
@@ -584,7 +481,7 @@ def process_batch_rows(mesh: Mesh, global_batch: int) -> slice:
     covered.update(range(a, b))
   if len(covered) != rows.stop - rows.start:
     raise ValueError("this process's devices do not hold a contiguous block of the "
-                     "batch; build the mesh with moe_jax.sharding.make_mesh.")
+                     "batch; build the mesh with moe_jax.parallel.sharding.make_mesh.")
   return rows
 
 
@@ -650,16 +547,3 @@ def initialize_distributed(
       process_id=process_id, local_device_ids=local_device_ids,
       initialization_timeout=timeout_s)
   return jax.process_index(), jax.process_count()
-
-
-def is_primary() -> bool:
-  """True on process 0, the one that writes logs and metrics."""
-  return jax.process_index() == 0
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """The whole of a (possibly multi-process) global array as numpy, on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -11,33 +11,35 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 * multi-head or grouped-query (``num_kv_heads``) causal self-attention with rotary
   positions (RoFormer), learned absolute positions, or none (Jamba: the Mamba layers
   carry the order);
-* the layer pattern (:mod:`moe_jax.layer_pattern`, Jamba's keys) picks each block's
-  token mixer and FFN. Block ``i`` (0-based) mixes with causal self-attention when
-  ``i % attn_layer_period == attn_layer_offset`` and with a Mamba mixer
-  (:mod:`moe_jax.mamba`) otherwise; the defaults (1, 0) are a plain Transformer. The
-  mixers are built from the :data:`MIXERS` registry, so a block never asks which one it
-  has. Its FFN is an :class:`~moe_jax.moe_layer.MoeLayer` when ``moe_every > 0 and
-  i % moe_every == moe_offset`` (``moe_offset`` None: ``moe_every - 1``), otherwise a
-  :class:`~moe_jax.experts.DenseFfn` of width ``d_ff`` and the same activation. Switch
-  (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks 1, 3, ...
-  A dense model is the same network with ``moe_every=0``;
-* Mixture-of-Depths (Raposo et al. 2024, :mod:`moe_jax.mod`): with ``mod_every > 0``
-  block ``i`` is a routed block when ``i % mod_every == mod_every - 1`` (2: blocks 1,
-  3, ..., alternating with full blocks). Only the ``k = ceil(mod_capacity * L)``
-  tokens of each sequence with the largest router weight ``r`` run it, and they come
-  out as ``x + r * f(x)``; the others skip it. ``forward`` reports each routed block's
-  :class:`~moe_jax.mod.DepthAux`;
+* the layer pattern (:mod:`moe_jax.models.layer_pattern`, Jamba's keys) picks each
+  block's token mixer and FFN. Block ``i`` (0-based) mixes with causal self-attention
+  when ``i % attn_layer_period == attn_layer_offset`` and with a Mamba mixer
+  (:mod:`moe_jax.models.mamba`) otherwise; the defaults (1, 0) are a plain Transformer.
+  The mixers are built from the :data:`~moe_jax.models.block.MIXERS` registry, so a
+  block never asks which one it has. Its FFN is an
+  :class:`~moe_jax.layers.moe_layer.MoeLayer` when ``moe_every > 0 and i % moe_every ==
+  moe_offset`` (``moe_offset`` None: ``moe_every - 1``), otherwise a
+  :class:`~moe_jax.layers.experts.DenseFfn` of width ``d_ff`` and the same activation.
+  Switch (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks
+  1, 3, ... A dense model is the same network with ``moe_every=0``;
+* Mixture-of-Depths (Raposo et al. 2024, :mod:`moe_jax.models.mod`): with
+  ``mod_every > 0`` block ``i`` is a routed block when ``i % mod_every == mod_every -
+  1`` (2: blocks 1, 3, ..., alternating with full blocks). Only the ``k =
+  ceil(mod_capacity * L)`` tokens of each sequence with the largest router weight ``r``
+  run it, and they come out as ``x + r * f(x)``; the others skip it. ``forward`` reports
+  each routed block's :class:`~moe_jax.models.mod.DepthAux`;
 * separate input and output embeddings by default (tying is an option);
 * ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
-  policy of :data:`~moe_jax.block.REMAT_POLICIES` ("none" leaves them unwrapped).
+  policy of :data:`~moe_jax.models.block.REMAT_POLICIES` ("none" leaves them unwrapped).
 
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
 (inside MoeLayer) and the logits stay float32.
 
-Parameters defined here carry logical axis names in their ``logical_axes`` metadata;
-the experts, dense FFNs and router get theirs from :mod:`moe_jax.sharding`'s per-module
-defaults (``EXPERT_AXES``/``DENSE_AXES`` of experts.py). ``sharding.shard_model`` maps
-them onto a mesh; ``sharding.format_sharding`` prints the table.
+Parameters defined here and in :mod:`moe_jax.models.block` carry logical axis names in
+their ``logical_axes`` metadata; the experts, dense FFNs and router get theirs from
+:mod:`moe_jax.models.param_sharding`'s per-module defaults
+(``EXPERT_AXES``/``DENSE_AXES`` of experts.py). ``param_sharding.shard_model`` maps them
+onto a mesh; ``param_sharding.format_sharding`` prints the table.
 """
 
 from __future__ import annotations
@@ -49,16 +51,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.experts import scaled_init
-from moe_jax.moe_layer import MoeAux
-from moe_jax.projection import project
-
-# The blocks and the model's config live in block.py; their names stay importable here.
-from moe_jax.block import (ATTENTION_AXES, EMBED_AXES, MIXERS, NORM_AXES,  # noqa: F401
-                           NORMS, POSITIONS, REMAT_POLICIES, Attention, Block, BlockAux,
-                           MixerKind, Norm, TokenMixer, TransformerConfig, _param,
-                           rotary)
-from moe_jax.mod import RoutedBlock
+from moe_jax.layers.experts import scaled_init
+from moe_jax.layers.moe_layer import MoeAux
+from moe_jax.layers.projection import project
+from moe_jax.models.block import (EMBED_AXES, REMAT_POLICIES, Block, Norm,
+                                  TransformerConfig, _param)
+from moe_jax.models.mod import RoutedBlock
 
 
 @flax.struct.dataclass

@@ -28,8 +28,8 @@ MoE blocks decode in evaluation mode. Prefill routes with ``eval_capacity_factor
 tokens of one data-parallel device, so no token is dropped for capacity. Cached
 logits therefore equal the full forward pass exactly when the full pass drops no token
 either (docs/inference.md). Non-causal routers are refused by ``init_cache``.
-Mixture-of-Depths routed blocks route with their predictors (:mod:`moe_jax.mod`); the
-reference is then the full forward pass with ``use_predictor=True``.
+Mixture-of-Depths routed blocks route with their predictors (:mod:`moe_jax.models.mod`);
+the reference is then the full forward pass with ``use_predictor=True``.
 
 :func:`generate_uncached` is the reference sampler that re-runs the model on the whole
 window for every token (the method before the cache); benchmarks compare against it.
@@ -56,7 +56,7 @@ class DecodeBlock(Protocol):
     """Preallocates this block's decode state as nnx ``Cache`` variables (emptied),
     each with the batch as its leading axis (the decoder empties single rows).
 
-    Raises :class:`moe_jax.config.ConfigError` if the block cannot decode causally.
+    Raises :class:`moe_jax.errors.ConfigError` if the block cannot decode causally.
     """
 
   def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
@@ -169,8 +169,8 @@ class Decoder:
   (beyond MoE capacity at prefill, as in evaluation).
 
   Args:
-    model: a :class:`moe_jax.transformer.Transformer` (left unchanged: the decoder
-      works on a view of its arrays with caches added).
+    model: a :class:`moe_jax.models.transformer.Transformer` (left unchanged: the
+      decoder works on a view of its arrays with caches added).
     batch_size: B, rows of the cache; smaller batches are filled with idle rows.
     max_len: cache length, the longest row before its window slides.
     prefill_len: P, the fixed padded prompt length (default ``max_len``).

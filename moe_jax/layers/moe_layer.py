@@ -4,11 +4,12 @@
 losses and metrics explicitly as a typed :class:`MoeAux` pytree (V-MoE style), so a test
 or notebook reads them without digging through collections.
 
-The router family (``MoeConfig.router``, see :data:`moe_jax.routers.ROUTERS`) and the
-dispatch path (``MoeConfig.dispatch``, see :data:`moe_jax.dispatch.DISPATCHERS`) are
-looked up by name; every family returns the same :class:`~moe_jax.routing.RoutingOutput`
-and every dispatch path consumes it. Optional shared experts (DeepSeek-MoE) are a dense
-FFN that every token passes, added to the routed output.
+The router family (``MoeConfig.router``, see
+:data:`moe_jax.layers.router_families.ROUTERS`) and the dispatch path
+(``MoeConfig.dispatch``, see :data:`moe_jax.layers.dispatch.DISPATCHERS`) are looked up
+by name; every family returns the same :class:`~moe_jax.routing.RoutingOutput` and every
+dispatch path consumes it. Optional shared experts (DeepSeek-MoE) are a dense FFN that
+every token passes, added to the routed output.
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import routing
-from moe_jax.dispatch import (DISPATCHERS, Dispatcher, dropless_dispatch,  # noqa: F401
-                              einsum_dispatch, gather_dispatch, indices_dispatch,
-                              resolve_dispatch)
-from moe_jax.dropless import apply_lost
-from moe_jax.experts import DenseFfn, Experts, scaled_init
-from moe_jax.lora import weight
-# The layer's config and its checks, re-exported: moe_layer.MoeConfig is the public name.
-from moe_jax.moe_config import (DTYPES, MoeConfig, routed_experts,  # noqa: F401
-                                validate_moe_config)
-from moe_jax.projection import project
-from moe_jax.routers import (ROUTERS, RouterInputs, SelectionBias,
-                             TrainingStep, causality)
+from moe_jax.layers.dispatch import (DISPATCHERS, Dispatcher, gather_dispatch,
+                                     resolve_dispatch)
+from moe_jax.layers.dropless import apply_lost
+from moe_jax.layers.experts import DenseFfn, Experts, scaled_init
+from moe_jax.layers.lora_adapters import weight
+from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.layers.projection import project
+from moe_jax.parallel.sharding import SINGLE_DEVICE, Layout
+from moe_jax.layers.router_families import (ROUTERS, RouterInputs, SelectionBias,
+                                            TrainingStep, causality)
 
 
 @flax.struct.dataclass
@@ -103,39 +102,6 @@ def group_tokens(num_tokens: int, group_size: int) -> tuple[int, int]:
   return -(-num_tokens // size), size
 
 
-class Layout:
-  """Where MoeLayer's activations live; this default is one device and does nothing.
-
-  :class:`moe_jax.sharding.MeshLayout` subclasses it. ``constrain`` pins the layouts
-  between which the tokens move: ``"groups"`` ``[G, S, M]`` and ``"group_buffers"``
-  ``[E, G, C, M]`` with G over the data-parallel devices (each device dispatches its own
-  groups locally), and ``"expert_buffers"`` ``[E, G, C, M]`` with E over the expert axis.
-  Pinning the buffers on both sides of the expert computation makes XLA emit one
-  all-to-all at dispatch and one at combine (without the ``"group_buffers"`` step it
-  may all-gather the tokens instead).
-  A layout is static module data, so it must be hashable.
-
-  Attributes:
-    group_shards: D, the number of devices the G axis is split over.
-    num_devices: devices of the layout's mesh.
-    mesh: the ``jax.sharding.Mesh`` (None on one device); ``dispatch="dropless"``
-      runs its per-device work in a ``shard_map`` over it.
-    experts_sharded: E is split over the mesh's ``expert`` axis.
-  """
-
-  group_shards: int = 1
-  num_devices: int = 1
-  mesh = None
-  experts_sharded: bool = False
-
-  def constrain(self, x: jax.Array, name: str) -> jax.Array:
-    del name
-    return x
-
-
-SINGLE_DEVICE = Layout()
-
-
 def check_groups(num_tokens: int, group_size: int, group_shards: int) -> None:
   """Raises unless the groups of ``num_tokens`` tokens split evenly over the devices."""
   if group_shards <= 1:
@@ -160,12 +126,12 @@ class MoeLayer(nnx.Module):
 
   Attributes:
     router: :class:`Router` (float32 logits; ``W_noise`` for "noisy_topk").
-    experts: the E routed :class:`~moe_jax.experts.Experts`.
-    shared_experts: :class:`~moe_jax.experts.DenseFfn` of width
+    experts: the E routed :class:`~moe_jax.layers.experts.Experts`.
+    shared_experts: :class:`~moe_jax.layers.experts.DenseFfn` of width
       ``num_shared_experts * d_ff``, or None.
-    selection_bias: :class:`~moe_jax.routers.SelectionBias` f32[E] when
+    selection_bias: :class:`~moe_jax.layers.router_families.SelectionBias` f32[E] when
       ``bias_update_rate > 0``, else None.
-    training_step: :class:`~moe_jax.routers.TrainingStep` when
+    training_step: :class:`~moe_jax.layers.router_families.TrainingStep` when
       ``noise_anneal_steps > 0``, else None.
   """
 
@@ -189,15 +155,17 @@ class MoeLayer(nnx.Module):
                           if cfg.noise_anneal_steps > 0 else None)
     self.rngs = rngs
     self.deterministic = False
-    # moe_jax.sharding.shard_model swaps in a MeshLayout for the model's mesh.
+    # moe_jax.models.param_sharding.shard_model swaps in a MeshLayout for the model's
+    # mesh.
     self.layout: Layout = SINGLE_DEVICE
 
   @property
   def is_causal(self) -> bool:
     """A token's routing never depends on later tokens, so the layer can run in a
-    causal LM and decode token by token (:func:`moe_jax.routers.causality`). False
-    for expert choice, for Batch Prioritized Routing and for choice-major queues with
-    ``top_k > 1``, unless nothing can be dropped."""
+    causal LM and decode token by token
+    (:func:`moe_jax.layers.router_families.causality`). False for expert choice, for
+    Batch Prioritized Routing and for choice-major queues with ``top_k > 1``, unless
+    nothing can be dropped."""
     return causality(self.cfg) is None
 
   @property
@@ -344,7 +312,8 @@ class MoeLayer(nnx.Module):
     tokens of one data-parallel device with ``C = S``, so no token is dropped for
     capacity: each token picks K distinct experts, so at most S choices reach one. On
     one device, a step whose B*K choices are fewer than E gathers just the chosen
-    experts' weights (:func:`moe_jax.dispatch.gather_dispatch`) instead of running all E.
+    experts' weights (:func:`moe_jax.layers.dispatch.gather_dispatch`) instead of
+    running all E.
     """
     if prefill:
       return self(x, deterministic=True, token_mask=token_mask)[0]

@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax.backend import is_accelerator
+from moe_jax.parallel.backend import is_accelerator
 
 # Largest tile: 128 rows keep the batched matmul efficient while the padding stays
 # below E * 128 rows.

@@ -1,6 +1,6 @@
-"""Plumbing of the training loops (pretraining in :mod:`moe_jax.train`, fine-tuning in
-:mod:`moe_jax.peft.finetune`): the work directory, metric sums over a logging
-interval, the train metrics line, SIGTERM as a stop request, and printing."""
+"""Plumbing of the training loops (pretraining in :mod:`moe_jax.training.train`,
+fine-tuning in :mod:`moe_jax.peft.finetune`): the work directory, metric sums over a
+logging interval, the train metrics line, SIGTERM as a stop request, and printing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax import mod
-from moe_jax.config import ConfigError
+from moe_jax.training import depth_metrics
+from moe_jax.errors import ConfigError
 
 
 class Accumulator:
@@ -68,7 +68,7 @@ def train_line(means: dict, moe_blocks: tuple[int, ...],
                            for i, b in enumerate(moe_blocks)}
     line["expert_fill"] = {f"layer_{b}": means["expert_fill"][i]
                            for i, b in enumerate(moe_blocks)}
-  line.update(mod.train_line(means, mod_blocks))
+  line.update(depth_metrics.depth_train_line(means, mod_blocks))
   return line
 
 

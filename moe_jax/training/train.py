@@ -1,13 +1,14 @@
 """Training library: the jitted train and eval steps and the training loop.
 
-The model and optimizer a config builds are :mod:`moe_jax.build`'s, the run's state and
-its restoring :mod:`moe_jax.run_state`'s; both are re-exported here.
+The model and optimizer a config builds are :mod:`moe_jax.training.build`'s, the run's
+state and its restoring :mod:`moe_jax.training.run_state`'s.
 
 ``train_and_evaluate(config, workdir)`` runs (or resumes) a run in ``workdir``:
 
-* ``workdir/metrics.jsonl`` and ``workdir/tb``: see :mod:`moe_jax.metrics`;
-* ``workdir/checkpoints``: see :mod:`moe_jax.checkpoint` (params, optimizer state,
-  selection biases, step, rng and the data iterator's position; re-running resumes);
+* ``workdir/metrics.jsonl`` and ``workdir/tb``: see :mod:`moe_jax.training.metrics`;
+* ``workdir/checkpoints``: see :mod:`moe_jax.training.checkpoint` (params, optimizer
+  state, selection biases, step, rng and the data iterator's position; re-running
+  resumes);
 * ``workdir/config.json``, ``workdir/model_info.json``: the run's config and sizes.
 
 Loss (what is differentiated)::
@@ -18,9 +19,9 @@ Loss (what is differentiated)::
 with ``R_l`` the sum over the MoE blocks ``l`` for ``moe.loss_reduction="sum"`` (Switch
 and ST-MoE: every layer's loss carries the coefficient) or their mean for ``"mean"`` (the
 coefficient is shared out over the layers), and ``BCE_d`` the predictor loss of
-Mixture-of-Depths routed block ``d`` (:mod:`moe_jax.mod`). ``metrics.jsonl`` reports CE
-as ``loss`` and the two layer means, unscaled, as ``aux_loss`` / ``z_loss``, whatever
-the reduction (and ``mod_aux_loss``, the mean BCE).
+Mixture-of-Depths routed block ``d`` (:mod:`moe_jax.models.mod`). ``metrics.jsonl``
+reports CE as ``loss`` and the two layer means, unscaled, as ``aux_loss`` /
+``z_loss``, whatever the reduction (and ``mod_aux_loss``, the mean BCE).
 
 Randomness (jitter, second-expert sampling, dropout) is a pure function of
 ``(seed, step)``: every step reseeds the model's RNG streams from
@@ -44,37 +45,23 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import decode, mod, objectives
-from moe_jax.checkpoint import Checkpointer
-from moe_jax.config import ConfigError, check_config
-from moe_jax.evaluation import batch_stderr, evaluate
-from moe_jax.metrics import MetricsWriter
-from moe_jax.moe_layer import MoeLayer
-from moe_jax.losses import (LOSS_REDUCTIONS, lm_loss, moe_summary, token_mask,
-                            training_loss)
-from moe_jax.routers import set_training_step
-from moe_jax.sizes import count_params, flops_per_token
-# The training API in one namespace: what a config builds, the run's state, and the
-# loop's plumbing live in their own modules (build, run_state, loop_utils).
-from moe_jax.build import (RNG_STREAMS, make_model, make_optimizer, make_schedule,
-                           mamba_config, model_info, moe_config, transformer_config)
-from moe_jax.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir, say,
-                                train_line)
-from moe_jax.run_state import (TrainingError, TrainState, abstract_like,
-                               from_checkpoint, load_config, load_model, merge_model,
-                               model_state, reseed, single_device_copy, split_model,
-                               to_checkpoint)
+from moe_jax.errors import ConfigError, TrainingError
+from moe_jax.inference import decode
+from moe_jax.layers.moe_layer import MoeLayer
+from moe_jax.layers.router_families import set_training_step
+from moe_jax.training import depth_metrics, objectives
+from moe_jax.training.build import make_model, make_optimizer, model_info
+from moe_jax.training.checkpoint import Checkpointer
+from moe_jax.training.config import check_config
+from moe_jax.training.evaluation import evaluate
+from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir,
+                                         say, train_line)
+from moe_jax.training.losses import lm_loss, moe_summary, token_mask, training_loss
+from moe_jax.training.metrics import MetricsWriter
+from moe_jax.training.run_state import (TrainState, abstract_like, from_checkpoint,
+                                        merge_model, model_state, reseed,
+                                        single_device_copy, split_model, to_checkpoint)
 
-__all__ = [
-    "LOSS_REDUCTIONS", "RNG_STREAMS", "TrainState", "TrainingError", "batch_stderr",
-    "count_params", "evaluate", "flops_per_token", "from_checkpoint",
-    "init_train_state", "lm_loss", "load_config", "load_model", "make_eval_step",
-    "make_model", "make_optimizer", "make_schedule", "make_train_step",
-    "mamba_config", "merge_model", "model_info", "model_state", "moe_config",
-    "moe_summary", "reseed", "single_device_copy", "split_microbatches", "split_model",
-    "to_checkpoint",
-    "train_and_evaluate", "transformer_config",
-]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +78,8 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
 
   ``batch`` is ``{"inputs": i32[B, L], "targets": i32[B, L]}`` (optional ``weights``),
   which the config's objective turns into what the model sees and what is scored
-  (:mod:`moe_jax.objectives`). ``state_sharding`` (a pytree of shardings like the
-  state) fixes the output layout.
+  (:mod:`moe_jax.training.objectives`). ``state_sharding`` (a pytree of shardings like
+  the state) fixes the output layout.
 
   With ``grad_accum_steps`` n > 1 the batch is split into n microbatches
   (:func:`split_microbatches`, after the objective's masking) that run forward and
@@ -228,7 +215,7 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     moe = moe_summary(moe_aux)
     sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
             "bytes": jnp.sum(is_byte), "aux_loss": moe["aux_loss"],
-            "dropped_fraction": moe["dropped_fraction"], **mod.eval_sums(out.depth_aux)}
+            "dropped_fraction": moe["dropped_fraction"], **depth_metrics.depth_eval_sums(out.depth_aux)}
     if out.depth_aux:  # the causal loss: routed blocks route with their predictors
       causal, _ = m(batch["inputs"], deterministic=True, token_mask=mask,
                     use_predictor=True)
@@ -243,13 +230,13 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh,
   """``(state, state_sharding)``: a run's first state on ``mesh`` and the sharding of
   every leaf, which the train step keeps and a checkpoint is restored to.
 
-  ``model`` is placed already (:func:`moe_jax.sharding.shard_model`). The parameters
-  keep their shardings; the optimizer state follows them
-  (:func:`moe_jax.sharding.optimizer_state_sharding`: each expert's moments live on
-  the devices that hold the expert); everything else (step, rng, selection biases,
-  scalar statistics) is replicated.
+  ``model`` is placed already (:func:`moe_jax.models.param_sharding.shard_model`). The
+  parameters keep their shardings; the optimizer state follows them
+  (:func:`moe_jax.parallel.sharding.optimizer_state_sharding`: each expert's moments
+  live on the devices that hold the expert); everything else (step, rng, selection
+  biases, scalar statistics) is replicated.
   """
-  from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
   _, params, _ = split_model(model)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=sharding.init_optimizer_state(tx, params),
@@ -292,14 +279,15 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None
 def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, Any]:
   check_config(config, num_devices=None)
   if config.distributed:
-    from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+    from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()
   check_config(config, num_devices=jax.device_count(),
                process_count=jax.process_count())
   workdir = prepare_workdir(workdir)
 
   from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from moe_jax import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.models import param_sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
 
   primary = jax.process_index() == 0
   if primary:
@@ -339,7 +327,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
       json.dump(info, f, indent=2)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
-  sharding.shard_model(model, mesh)
+  param_sharding.shard_model(model, mesh)
   tx, schedule = make_optimizer(config)
   state, state_sharding = init_train_state(model, tx, mesh, config.seed)
 

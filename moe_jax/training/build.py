@@ -9,13 +9,14 @@ import jax
 import optax
 from flax import nnx
 
-from moe_jax import objectives
-from moe_jax.config import expert_d_ff, model_pattern, pattern_keys, queue_order
-from moe_jax.layer_pattern import MAMBA
-from moe_jax.mamba import NO_WEIGHT_DECAY, MambaConfig
-from moe_jax.moe_layer import MoeConfig
-from moe_jax.sizes import count_params, flops_per_token
-from moe_jax.transformer import Transformer, TransformerConfig
+from moe_jax.training import objectives
+from moe_jax.training.config import expert_d_ff, model_pattern, pattern_keys, queue_order
+from moe_jax.models.layer_pattern import MAMBA
+from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
+from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.models.sizes import count_params, flops_per_token
+from moe_jax.models.transformer import Transformer
+from moe_jax.models.block import TransformerConfig
 
 
 RNG_STREAMS = ("default", "dropout", "jitter", "routing")

@@ -1,6 +1,6 @@
 """Mixture-of-Depths (Raposo et al. 2024): blocks that only some tokens go through.
 
-A routed block (:class:`RoutedBlock`) is a :class:`~moe_jax.transformer.Block` with a
+A routed block (:class:`RoutedBlock`) is a :class:`~moe_jax.models.block.Block` with a
 router in front (paper, Sec. 3):
 
 * the router maps each token's block input to a scalar weight ``r = x . w`` (no bias,
@@ -25,26 +25,27 @@ top-k choice, a token at a time (``mod_predictor``, :data:`PREDICTORS`):
   never touches the LM loss.
 
 The BCE is weighted by ``model.mod_aux_loss_coef`` in the training loss
-(:func:`depth_loss`). At decoding (:meth:`RoutedBlock.decode`) a token the predictor
-does not route writes no KV entry in the block's cache, so later tokens cannot attend
-to it there, and with ``use_predictor=True`` the full forward pass routes the same way
-(the reference of cached decoding). See docs/mod.md.
+(:func:`moe_jax.training.depth_metrics.depth_loss`). At decoding
+(:meth:`RoutedBlock.decode`) a token the predictor does not route writes no KV entry in
+the block's cache, so later tokens cannot attend to it there, and with
+``use_predictor=True`` the full forward pass routes the same way (the reference of
+cached decoding). See docs/mod.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.experts import scaled_init
+from moe_jax.layers.experts import scaled_init
 from moe_jax.routing import depth
-from moe_jax.block import Block, BlockAux, TransformerConfig
+from moe_jax.models.block import Block, BlockAux, TransformerConfig
 
-# Logical axis names of this file's parameters (moe_jax.sharding maps them; all
+# Logical axis names of this file's parameters (moe_jax.parallel.sharding maps them; all
 # replicated but for M, which no rule splits).
 ROUTER_AXES = {"kernel": ("embed",)}
 PREDICTOR_AXES = {"wi": ("embed", None), "bi": (None,), "wo": (None,), "bo": ()}
@@ -136,7 +137,7 @@ class DepthAux:
 
 
 class RoutedBlock(Block):
-  """A Mixture-of-Depths routed block: :class:`~moe_jax.transformer.Block` (same
+  """A Mixture-of-Depths routed block: :class:`~moe_jax.models.block.Block` (same
   mixer, FFN and parameter names) plus ``mod_router`` and ``predictor``.
 
   ``block(x, positions)`` runs the selected tokens only (see the module docstring);
@@ -242,63 +243,3 @@ def _routed_delta(block: RoutedBlock, x, positions, routed, weights, *, prefill)
   h, y = block.decode_branches(x, positions, routed, prefill=prefill)
   return jnp.where(routed[..., None], weights[..., None] * (h + y).astype(jnp.float32),
                    0.0)
-
-
-# ------------------------------------------------------------------------------------
-# Training-loop glue: the loss term and the metrics of the routed blocks.
-# ------------------------------------------------------------------------------------
-
-METRICS = ("routed_fraction", "predicted_fraction", "predictor_accuracy", "router_mean",
-           "router_std")
-# What the eval line reports per routed block (means over the validation tokens).
-EVAL_METRICS = ("predictor_accuracy", "predicted_fraction")
-
-
-def depth_loss(depth_aux: dict[int, DepthAux]) -> jax.Array:
-  """f32[]: the predictors' BCE summed over the routed blocks (each carries the full
-  ``model.mod_aux_loss_coef``, as the MoE losses do with ``loss_reduction="sum"``)."""
-  if not depth_aux:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sum(jnp.stack([a.bce_loss for a in depth_aux.values()]))
-
-
-def depth_summary(depth_aux: dict[int, DepthAux]) -> dict[str, jax.Array]:
-  """Per-step metrics: ``mod_aux_loss`` (mean BCE over the routed blocks) and, per
-  name of :data:`METRICS`, ``mod_<name>`` f32[n] in block order; {} without routed
-  blocks."""
-  if not depth_aux:
-    return {}
-  blocks = [depth_aux[i] for i in sorted(depth_aux)]
-  out = {"mod_aux_loss": jnp.mean(jnp.stack([a.bce_loss for a in blocks]))}
-  for name in METRICS:
-    out[f"mod_{name}"] = jnp.stack([a.metrics[name] for a in blocks])
-  return out
-
-
-def train_line(means: dict[str, Any], mod_blocks: tuple[int, ...]) -> dict[str, Any]:
-  """The train line's MoD entries from :func:`depth_summary`'s means:
-  ``mod_aux_loss`` and ``mod_<metric>: {"layer_<i>": value}``."""
-  if "mod_aux_loss" not in means:
-    return {}
-  line = {"mod_aux_loss": means["mod_aux_loss"]}
-  for name in METRICS:
-    line[f"mod_{name}"] = {f"layer_{b}": means[f"mod_{name}"][i]
-                           for i, b in enumerate(mod_blocks)}
-  return line
-
-
-def eval_sums(depth_aux: dict[int, DepthAux]) -> dict[str, jax.Array]:
-  """An eval batch's MoD metrics, ``"mod_<metric>/layer_<i>"`` scalars (means over
-  the batch's tokens, which the evaluation averages weighted by tokens)."""
-  return {f"mod_{name}/layer_{i}": a.metrics[name]
-          for i, a in depth_aux.items() for name in EVAL_METRICS}
-
-
-def eval_line(means: dict[str, float]) -> dict[str, Any]:
-  """``{"eval_mod_<metric>": {"layer_<i>": value}}`` from :func:`eval_sums`' means."""
-  line: dict[str, Any] = {}
-  for key, value in means.items():
-    if key.startswith("mod_") and "/" in key:
-      name, layer = key.split("/", 1)
-      line.setdefault(f"eval_{name}", {})[layer] = value
-  return line

@@ -12,9 +12,9 @@ batch (G over data*expert) and, when E is split over ``expert``, the E_l = E / X
    and exchanges the per-expert row counts (a small all-to-all of ``i32[X, E_l]``);
 3. moves the rows to their peers over the ``expert`` axis (:func:`exchange_rows`);
 4. sorts what it received by local expert and runs its experts as grouped matmuls
-   (:meth:`moe_jax.experts.Experts.ragged` on its weight shard,
-   :mod:`moe_jax.grouped_matmul`); with H split over ``model`` the partial outputs are
-   summed over ``model``;
+   (:meth:`moe_jax.layers.experts.Experts.ragged` on its weight shard,
+   :mod:`moe_jax.layers.grouped_matmul`); with H split over ``model`` the partial
+   outputs are summed over ``model``;
 5. sends the outputs back the same way and combines them with the gates.
 
 With one expert shard (``mesh.expert == 1``) or replicated experts (E < expert) no row
@@ -46,10 +46,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import routing
-from moe_jax.backend import is_accelerator
+from moe_jax.parallel.backend import is_accelerator
 
 EXCHANGES = ("auto", "ragged", "padded")
-# The expert axis of the mesh (moe_jax.sharding.MESH_AXES), over which rows travel.
+# The expert axis of the mesh (moe_jax.parallel.sharding.MESH_AXES), over which rows
+# travel.
 EXPERT_AXIS = "expert"
 MODEL_AXIS = "model"
 BATCH_AXES = ("data", "expert")
@@ -118,20 +119,6 @@ def exchange_rows(buffers: jax.Array, send_sizes: jax.Array, recv_sizes: jax.Arr
   return out.reshape(num_peers, per_peer, width)
 
 
-def exchange_bytes(layout_peers: int, rows_per_peer: int, d_model: int, itemsize: int,
-                   how: str, routed_rows: int | None = None) -> int:
-  """Bytes one device hands to one all-to-all of rows (one direction, one layer).
-
-  ``"padded"``: the whole buffer, ``X * P * M * itemsize`` ((X-1)/X of it leaves the
-  device). ``"ragged"``: the routed rows only, ``routed_rows * M * itemsize``.
-  """
-  if how == "padded":
-    return layout_peers * rows_per_peer * d_model * itemsize
-  if routed_rows is None:
-    raise ValueError("the ragged exchange's volume needs routed_rows.")
-  return routed_rows * d_model * itemsize
-
-
 def _weight_specs(layout, experts) -> dict[str, P]:
   """Where each expert weight lives: E over ``expert`` when split, H over ``model``."""
   mesh = layout.mesh
@@ -159,14 +146,14 @@ def _unsort(rows: jax.Array, order: jax.Array) -> jax.Array:
 def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
                      deterministic: bool, exchange: str = "auto",
                      buffer_factor: float = -1.0):
-  """The dropless dispatch of :mod:`moe_jax.dispatch` on ``layout.mesh``.
+  """The dropless dispatch of :mod:`moe_jax.layers.dispatch` on ``layout.mesh``.
 
   Args:
     x: [G, S, M] groups in the compute dtype, G over data*expert.
     out: routing with ``C = S`` (only padding and the second-expert policy leave a
       choice unrouted).
-    experts: the layer's :class:`~moe_jax.experts.Experts`.
-    layout: a :class:`~moe_jax.sharding.MeshLayout`.
+    experts: the layer's :class:`~moe_jax.layers.experts.Experts`.
+    layout: a :class:`~moe_jax.parallel.sharding.MeshLayout`.
     deterministic: no expert dropout when True.
     exchange: ``moe.ragged_exchange``.
     buffer_factor: ``moe.ragged_buffer_factor``.

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from moe_jax.errors import CheckpointError
+
 try:
   import grain.checkpoint as grain_checkpoint
   _GRAIN_ITERATORS: tuple[type, ...] = ()
@@ -35,10 +37,6 @@ except ImportError:  # pragma: no cover - grain is a dependency
   _GRAIN_ITERATORS = ()
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-  """No usable checkpoint where one was expected."""
 
 
 def _data_save_args(iterator):

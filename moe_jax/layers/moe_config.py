@@ -1,8 +1,8 @@
 """The configuration of a sparse MoE layer (:class:`MoeConfig`) and its checks.
 
 ``validate_moe_config(cfg)`` returns every problem as a one-line message naming the
-value and the fix; :class:`~moe_jax.moe_layer.MoeLayer` raises them before anything is
-traced.
+value and the fix; :class:`~moe_jax.layers.moe_layer.MoeLayer` raises them before
+anything is traced.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numbers
 import jax.numpy as jnp
 
 from moe_jax import routing
-from moe_jax.dispatch import DISPATCHERS
-from moe_jax.dropless import EXCHANGES
-from moe_jax.experts import ACTIVATIONS
-from moe_jax.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
-from moe_jax.routers import ROUTER_OPTIONS, ROUTERS
+from moe_jax.layers.dispatch import DISPATCHERS
+from moe_jax.layers.dropless import EXCHANGES
+from moe_jax.layers.experts import ACTIVATIONS
+from moe_jax.layers.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
+from moe_jax.layers.router_families import ROUTER_OPTIONS, ROUTERS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -39,11 +39,12 @@ class MoeConfig:
       B*L tokens are split into groups of S in
       row-major order; if B*L < S one group of B*L tokens is used, and if B*L is not a
       multiple of S the last group is padded with masked tokens that are never routed
-      and never enter a loss or a metric. On a mesh (see :mod:`moe_jax.sharding`) each
-      group must come from one device's slice of the batch: B*L must be a multiple of
-      S and G = B*L / S a multiple of the data-parallel device count D = data*expert,
-      i.e. S must divide the B*L / D tokens of a device. The grouping never depends on
-      the mesh, so a sharded run routes exactly like a single-device one.
+      and never enter a loss or a metric. On a mesh (see
+      :mod:`moe_jax.parallel.sharding`) each group must come from one device's slice of
+      the batch: B*L must be a multiple of S and G = B*L / S a multiple of the
+      data-parallel device count D = data*expert, i.e. S must divide the B*L / D tokens
+      of a device. The grouping never depends on the mesh, so a sharded run routes
+      exactly like a single-device one.
     min_capacity: lower bound on C.
     second_policy, second_threshold, normalize_gates, batch_priority: see
       :func:`moe_jax.routing.route`.
@@ -51,9 +52,9 @@ class MoeConfig:
       ``"choice_major"`` (every first choice of a group before any second one;
       GShard) or ``"token_major"`` (each token's choices together, in position order;
       MaxText). With ``top_k > 1`` and a capacity that can drop, only
-      ``"token_major"`` is causal (:func:`moe_jax.routers.causality`); the LM config's
-      ``moe.queue_order="auto"`` picks it for causal LMs. Expert choice has no such
-      queue and ignores it.
+      ``"token_major"`` is causal (:func:`moe_jax.layers.router_families.causality`);
+      the LM config's ``moe.queue_order="auto"`` picks it for causal LMs. Expert choice
+      has no such queue and ignores it.
     jitter_noise: eps of the multiplicative U[1-eps, 1+eps] jitter on router inputs,
       training only (Switch uses 0.01 in some setups; default off).
     expert_dropout: dropout rate on the experts' hidden layer, training only.
@@ -70,7 +71,7 @@ class MoeConfig:
       ``min_capacity`` (no token is dropped for capacity; the second-expert policy
       still applies), and its ``expert_fill`` metric counts kept choices per ``S``
       tokens of a group. It runs on one device and on any mesh (per-device sort and
-      all-to-all of the routed rows, :mod:`moe_jax.dropless`).
+      all-to-all of the routed rows, :mod:`moe_jax.layers.dropless`).
     ragged_exchange: dropless on a mesh: how rows move between the expert shards.
       "ragged" (``jax.lax.ragged_all_to_all``, only the routed rows; GPU and TPU),
       "padded" (``all_to_all`` of the static buffers; every backend) or "auto"
@@ -80,13 +81,13 @@ class MoeConfig:
       the balanced share ``T*K/X`` (MaxText's convention), and rows past it are
       dropped and counted in ``dropped_fraction``.
     grouped_matmul: dropless: how the experts multiply their sorted rows
-      (:mod:`moe_jax.grouped_matmul`): "ragged_dot" (``jax.lax.ragged_dot``; grouped
-      kernels on GPU and TPU, a dense masked matmul over all E experts on CPU),
+      (:mod:`moe_jax.layers.grouped_matmul`): "ragged_dot" (``jax.lax.ragged_dot``;
+      grouped kernels on GPU and TPU, a dense masked matmul over all E experts on CPU),
       "tiled" (each expert's rows padded to whole tiles, one batched matmul) or
       "auto" ("ragged_dot" on GPU and TPU, "tiled" elsewhere). The same products up
       to float rounding (expert dropout draws its masks in each one's layout).
-    router: the router family, a key of :data:`moe_jax.routers.ROUTERS`: "topk"
-      (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
+    router: the router family, a key of :data:`moe_jax.layers.router_families.ROUTERS`:
+      "topk" (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
       "expert_choice" (Zhou et al. 2022; each expert takes ``C = ceil(cf * S / E)``
       tokens, so a token visits ``capacity_factor`` experts on average; not causal).
     score_fn, expert_groups, top_groups, gate_scale, balance_choices: "topk" only; see
@@ -94,16 +95,17 @@ class MoeConfig:
       routing, DeepSeek's ``routed_scaling_factor``, and which choices the balance loss
       counts: "first" is Switch, "all" Mixtral and DeepSeek).
     bias_update_rate: "topk" only. When > 0 the layer holds a float32 selection bias
-      ``[E]`` (:class:`~moe_jax.routers.SelectionBias`, not a parameter) that routing
-      adds to the scores for the choice of experts, and that the training step moves
-      by this rate towards balance (DeepSeek-V3's auxiliary-loss-free balancing,
-      :func:`moe_jax.routing.update_selection_bias`). 0 is off.
+      ``[E]`` (:class:`~moe_jax.layers.router_families.SelectionBias`, not a parameter)
+      that routing adds to the scores for the choice of experts, and that the training
+      step moves by this rate towards balance (DeepSeek-V3's auxiliary-loss-free
+      balancing, :func:`moe_jax.routing.update_selection_bias`). 0 is off.
     num_shared_experts: DeepSeek-MoE shared experts: a dense FFN of width
       ``num_shared_experts * d_ff`` with the experts' activation that every token
       passes; its output is added to the routed output. 0 is none.
     noise_anneal_steps: "noisy_topk" only: the gating noise is scaled by
       ``max(0, 1 - step / noise_anneal_steps)``, with ``step`` the training step the
-      layer's :class:`~moe_jax.routers.TrainingStep` holds. 0 is off (constant noise).
+      layer's :class:`~moe_jax.layers.router_families.TrainingStep` holds. 0 is off
+      (constant noise).
     noop_experts: N, MoDE's no-op experts (Raposo et al. 2024, Sec. 3.5): the router
       chooses among ``E + N`` experts, and a choice of one of the last N computes
       nothing (its output is 0, the token rides the residual). They count in the
@@ -120,9 +122,9 @@ class MoeConfig:
       every valid token of the global batch, all groups and all data-parallel
       devices: ``f_e`` and ``P_e`` of "topk", importance and load of "noisy_topk";
       :func:`moe_jax.routing.pool_groups`). The value is the same on every mesh. None
-      takes the family's default (:attr:`moe_jax.routers.RouterFamily.balance_scope`):
-      "group" for "topk", "batch" for "noisy_topk" (Shazeer et al. 2017). Token-choice
-      routers only.
+      takes the family's default
+      (:attr:`moe_jax.layers.router_families.RouterFamily.balance_scope`): "group" for
+      "topk", "batch" for "noisy_topk" (Shazeer et al. 2017). Token-choice routers only.
   """
 
   d_model: int
@@ -273,7 +275,7 @@ def _noop_errors(cfg) -> list[str]:
 
 
 def _dropless_errors(cfg) -> list[str]:
-  """The keys of the dropless path across devices (:mod:`moe_jax.dropless`)."""
+  """The keys of the dropless path across devices (:mod:`moe_jax.layers.dropless`)."""
   errors = []
   exchange = getattr(cfg, "ragged_exchange", "auto")
   factor = getattr(cfg, "ragged_buffer_factor", -1.0)

@@ -1,13 +1,13 @@
-"""The differentiated training loss (of :mod:`moe_jax.train` and fine-tuning).
+"""The differentiated training loss (of :mod:`moe_jax.training.train` and fine-tuning).
 
-The batch it sees is already the objective's (:mod:`moe_jax.objectives` turns text into
-inputs, targets and weights); ``training_loss(config)(model, batch)`` is what the
-training steps differentiate, for
-pretraining (:mod:`moe_jax.train`) and fine-tuning (:mod:`moe_jax.peft.finetune`)
-alike: CE plus the MoE layers' aux and z losses and the Mixture-of-Depths predictor
-loss, with the coefficients and reduction of the config. The model sees the batch's
-real tokens (:func:`token_mask`) as the evaluation does: padding is neither attended
-to, routed, nor counted in any loss.
+The batch it sees is already the objective's (:mod:`moe_jax.training.objectives` turns
+text into inputs, targets and weights); ``training_loss(config)(model, batch)`` is what
+the training steps differentiate, for
+pretraining (:mod:`moe_jax.training.train`) and fine-tuning
+(:mod:`moe_jax.peft.finetune`) alike: CE plus the MoE layers' aux and z losses and the
+Mixture-of-Depths predictor loss, with the coefficients and reduction of the config. The
+model sees the batch's real tokens (:func:`token_mask`) as the evaluation does: padding
+is neither attended to, routed, nor counted in any loss.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax import mod
+from moe_jax.training import depth_metrics
 
 # How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
 LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
@@ -86,8 +86,8 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
     moe_aux = out.moe_aux
     ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count if num_targets is None else num_targets, 1.0)
-    moe = dict(moe_summary(moe_aux), **mod.depth_summary(out.depth_aux))
-    total = ce + scaled(mod_coef * mod.depth_loss(out.depth_aux), per_token)
+    moe = dict(moe_summary(moe_aux), **depth_metrics.depth_summary(out.depth_aux))
+    total = ce + scaled(mod_coef * depth_metrics.depth_loss(out.depth_aux), per_token)
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
       total = (total + scaled(aux_coef * reduce(jnp.stack([a.aux_loss for a in layers])))

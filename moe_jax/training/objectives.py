@@ -22,7 +22,7 @@ sequence is the window's targets (``window[1:]``), so eval padding lines up with
 batch's ``weights``.
 
 Masking is a pure function of a key. Training draws it from ``fold_in(key(seed), step)``
-(the key of the step's other randomness, see :mod:`moe_jax.train`) folded with
+(the key of the step's other randomness, see :mod:`moe_jax.training.train`) folded with
 :data:`MASK_SALT`, so a resumed run masks exactly as an uninterrupted one; evaluation
 draws batch ``i``'s mask from ``fold_in(key(EVAL_MASK_SEED), i)``, so every run, seed and
 step scores the same picked tokens of the same eval batches.
