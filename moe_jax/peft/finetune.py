@@ -486,7 +486,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
         acc.timed_tokens += tokens_per_step
       if step % config.log_every == 0 or step == config.steps:
         line = loop_utils.train_line(acc.means(), model.cfg.moe_blocks,
-                                 model.cfg.mod_blocks)
+                                     model.cfg.mod_blocks)
         line["tokens_per_sec"] = acc.timed_tokens / acc.time if acc.time else float("nan")
         line["steps_per_sec"] = line["tokens_per_sec"] / tokens_per_step
         line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
@@ -502,8 +502,9 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
         if last_saved != step:
           save(step)
         summary["preempted"] = True
-        loop_utils.say(f"Stopped at step {step} ({'SIGTERM' if preemption.requested else 'stop_at_step'}); "
-                     "the checkpoint is saved; re-run the same command to resume.")
+        why = "SIGTERM" if preemption.requested else "stop_at_step"
+        loop_utils.say(f"Stopped at step {step} ({why}); the checkpoint is saved; "
+                       "re-run the same command to resume.")
         break
   finally:
     writer.flush()

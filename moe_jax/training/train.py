@@ -434,7 +434,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
         summary["preempted"] = True
         why = "Preempted (SIGTERM)" if preemption.requested else "Stopped early"
         say(f"\n{why}: saved the checkpoint at step {step}; re-run the same "
-               "command to resume.")
+            "command to resume.")
         break
   finally:
     pbar.close()
