@@ -37,7 +37,7 @@ import numpy as np
 import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
 from moe_jax.inference import decode
-from moe_jax.training import train as train_lib
+from moe_jax.training import build, run_state
 from moe_jax.models.sizes import count_params
 
 
@@ -173,11 +173,11 @@ def _workdirs() -> dict[str, str]:
 
 def measure_config(name: str, workdir: str | None = None) -> dict:
   if workdir:  # the run's own config: its overrides (steps, evals) change no shapes
-    model, config, step = train_lib.load_model(workdir)
+    model, config, step = run_state.load_model(workdir)
     weights = f"trained, step {step}"
   else:
     config = load_config(name)
-    model = train_lib.make_model(config)
+    model = build.make_model(config)
     weights = "random init"
   counts = count_params(model)
   bytes_per_param = 4  # parameters are float32 whatever the compute dtype

@@ -48,7 +48,7 @@ from flax import nnx
 
 import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
-from moe_jax.training import train as train_lib
+from moe_jax.training import build as build_lib, run_state, train as train_lib
 from moe_jax.training.config import check_config, expert_d_ff
 from moe_jax.models.sizes import count_params, flops_per_token
 
@@ -78,7 +78,7 @@ HYBRID, ATTENTION = "jamba", "attention"
 
 
 def _active_params(config) -> int:
-  model = nnx.eval_shape(lambda: train_lib.make_model(config))  # shapes only
+  model = nnx.eval_shape(lambda: build_lib.make_model(config))  # shapes only
   return count_params(model)["active"]
 
 
@@ -116,13 +116,13 @@ def build(config, seq_len: int, batch_size: int) -> dict:
   config = config.copy_and_resolve_references()
   config.data.seq_len, config.batch_size = seq_len, batch_size
   check_config(config, num_devices=1)
-  model = train_lib.make_model(config)
-  tx, _ = train_lib.make_optimizer(config)
-  _, params, _ = train_lib.split_model(model)
-  state = train_lib.TrainState(
+  model = build_lib.make_model(config)
+  tx, _ = build_lib.make_optimizer(config)
+  _, params, _ = run_state.split_model(model)
+  state = run_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.key(config.seed)),
-      model_state=train_lib.model_state(model))
+      model_state=run_state.model_state(model))
   batch = _batch(config, batch_size, seq_len)
   compiled = train_lib.make_train_step(model, tx, config).lower(state, batch).compile()
   out = {"flops_per_token_active": flops_per_token(model, seq_len)["active"],

@@ -30,7 +30,7 @@ import numpy as np
 import configs as config_files  # benchmarks/configs.py
 import einsum_forms  # benchmarks/einsum_forms.py
 import harness  # benchmarks/harness.py
-from moe_jax.training import train as train_lib
+from moe_jax.training import build as build_lib, run_state, train as train_lib
 from moe_jax.models.sizes import flops_per_token
 
 CONFIGS = ("dense_small", "switch_small", "top2_small")
@@ -59,10 +59,10 @@ def load_config(name: str):
 
 def build(config):
   """A compiled train step and its state for ``config``, on one device."""
-  model = train_lib.make_model(config)
-  tx, _ = train_lib.make_optimizer(config)
-  _, params, _ = train_lib.split_model(model)
-  state = train_lib.TrainState(
+  model = build_lib.make_model(config)
+  tx, _ = build_lib.make_optimizer(config)
+  _, params, _ = run_state.split_model(model)
+  state = run_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       rng=jax.random.key_data(jax.random.key(config.seed)))
   step = train_lib.make_train_step(model, tx, config)

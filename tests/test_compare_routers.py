@@ -91,13 +91,13 @@ def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
 def test_balance_scope_variants_differ_from_their_row_only_in_the_scope():
   # The variants run only when named (not in a preset's grid), and each is its base
   # row's config at the other moe.balance_scope; the study compares them pairwise.
-  settings = routers.resolve_settings("cpu_small")
+  settings = routers.resolve_settings("cpu_small", configs_dir=CONFIGS)
   assert {"switch_batch", "gshard_top2_batch", "noisy_top2_group"}.isdisjoint(
       settings["rows"])
   pairs = {"switch_batch": ("switch", "batch"),
            "gshard_top2_batch": ("gshard_top2", "batch"),
            "noisy_top2_group": ("noisy_top2", "group")}
-  s = routers.resolve_settings("cpu_small", objectives="causal_lm",
+  s = routers.resolve_settings("cpu_small", configs_dir=CONFIGS, objectives="causal_lm",
                                rows=[n for pair in pairs.items() for n in
                                      (pair[0], pair[1][0])])
   by = {r.family: r.config for r in routers.build_grid(s) if r.seed == 0}
