@@ -70,7 +70,8 @@ def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
-# Flags that every comparison grid shares (each overrides its preset when given).
+# Flags that the Switch-vs-top-2 and router grids share (each overrides its preset
+# when given).
 GRID_FLAGS = (
     ("integer", "steps", "Training steps per run."),
     ("integer", "seeds", "Seeds per row (0, 1, ...)."),
@@ -93,52 +94,65 @@ GRID_FLAGS = (
     ("float", "threshold", "Quality threshold as an eval loss in nats/token (a negative "
      "value is read as a quality, -loss); default: the dense row's final eval loss."),
 )
+# Flags of the command line that are not settings of the grid's report.
+NOT_IN_COMMAND = ("--workdir", "--report_only")
 
 
-def define_grid_flags(flags, script: str, presets_help: str) -> tuple[str, ...]:
-  """Defines ``--preset``, ``--workdir`` and :data:`GRID_FLAGS` (all default None, so
-  the preset decides); returns the names of the overriding flags."""
-  flags.DEFINE_enum("preset", "cpu_small", ["smoke", "cpu_small", "base"], presets_help)
-  flags.DEFINE_string("workdir", None, f"Output directory (default /tmp/{script}_PRESET).")
+def define_grid_flags(flags, script: str, presets_help: str | None, *,
+                      shared: bool = True) -> tuple[str, ...]:
+  """Defines ``--preset`` (unless ``presets_help`` is None: a grid with one preset,
+  ``default``, whose ``--workdir`` is then required), ``--workdir`` and, with
+  ``shared``, :data:`GRID_FLAGS`; returns the names of the flags it defined that
+  override settings. Every such flag defaults to None, so the preset decides."""
+  if presets_help is None:
+    flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+  else:
+    # A string, not an enum: an unknown preset gets the grid's one-line error.
+    flags.DEFINE_string("preset", "cpu_small", presets_help)
+    flags.DEFINE_string("workdir", None,
+                        f"Output directory (default /tmp/{script}_PRESET).")
+  if not shared:
+    return ()
   for kind, name, help_ in GRID_FLAGS:
     getattr(flags, f"DEFINE_{kind}")(name, None, help_)
   return tuple(name for _, name, _ in GRID_FLAGS)
 
 
-def run_grid_command(script: str, resolve_settings, run_comparison, flag_values,
-             overrides: tuple[str, ...], **settings_kwargs) -> None:
-  """The body of a grid script's ``main``: settings from the preset and the flags,
-  then the grid in ``--workdir``; a bad value or a failed run exits with one line."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  from moe_jax.errors import ConfigError, TrainingError  # pylint: disable=import-outside-toplevel
-  if not flag_values["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
-    settings = resolve_settings(flag_values.preset, **settings_kwargs,
-                                **{k: getattr(flag_values, k) for k in overrides})
-  except ValueError as e:
-    sys.exit(str(e))
-  workdir = flag_values.workdir or f"/tmp/{script}_{flag_values.preset}"
-  # The settings, without where the outputs went.
-  command = f"python experiments/{script}.py " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--workdir"))
-  try:
-    run_comparison(settings, workdir, command=command.strip())
-  except (ConfigError, TrainingError) as e:
-    sys.exit(str(e))
+def grid_main(script: str, module: str, overrides: tuple[str, ...], *,
+              renamed: dict[str, str] | None = None, **settings_kwargs):
+  """The absl ``main`` of every grid script (``experiments/SCRIPT.py``).
 
-
-def grid_main(script: str, module: str, overrides: tuple[str, ...], **settings_kwargs):
-  """The absl ``main`` of a grid script: no positional arguments, then
-  :func:`run_grid_command` with ``moe_jax.compare.MODULE``'s ``resolve_settings`` and
-  ``run_comparison`` (imported once the flags are parsed) and ``settings_kwargs``."""
+  Once the flags are parsed: ``moe_jax.compare.MODULE``'s ``resolve_settings`` of the
+  preset (``--preset``, or ``default``) with ``settings_kwargs`` and each flag of
+  ``overrides`` (a setting of the same name; ``renamed`` maps setting -> flag where
+  they differ), then its ``run_comparison`` in ``--workdir``. Positional arguments,
+  a bad value or a failed run exit with one line.
+  """
 
   def main(argv):
     if len(argv) > 1:
       sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
     from absl import flags  # pylint: disable=import-outside-toplevel
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    from moe_jax.errors import ConfigError, TrainingError  # pylint: disable=import-outside-toplevel
+    fv = flags.FLAGS
+    if not fv["verbosity"].present:
+      absl_logging.set_verbosity(absl_logging.WARNING)
     grid = importlib.import_module(f"moe_jax.compare.{module}")
-    run_grid_command(script, grid.resolve_settings, grid.run_comparison, flags.FLAGS,
-                     overrides, **settings_kwargs)
+    preset = fv.preset if "preset" in fv else "default"
+    names = {**{k: k for k in overrides}, **(renamed or {})}
+    try:
+      settings = grid.resolve_settings(preset, **settings_kwargs,
+                                       **{k: getattr(fv, f) for k, f in names.items()})
+    except ValueError as e:
+      sys.exit(str(e))
+    workdir = fv.workdir or f"/tmp/{script}_{preset}"
+    # The settings, without where the outputs went.
+    command = f"python experiments/{script}.py " + " ".join(
+        shlex.quote(a) for a in sys.argv[1:] if not a.startswith(NOT_IN_COMMAND))
+    try:
+      grid.run_comparison(settings, workdir, command=command.strip())
+    except (ConfigError, TrainingError) as e:
+      sys.exit(str(e))
 
   return main

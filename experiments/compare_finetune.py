@@ -10,7 +10,7 @@ lora_router_experts, lora_attention, esft), each run in WORKDIR/runs/NAME, then 
 WORKDIR/report.md, results.csv and plots. Re-running the same command skips finished
 runs and resumes unfinished ones from their checkpoints; SIGTERM saves the running run
 and stops. A bad preset, base, method or step count exits with one line. See
-docs/peft.md and moe_jax/compare/finetune.py.
+docs/peft.md and moe_jax/compare/finetune_grid.py.
 """
 
 import os
@@ -22,11 +22,9 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 
 import cli  # pylint: disable=wrong-import-position
 
-# A string, not an enum: an unknown preset gets the grid's one-line error.
-flags.DEFINE_string("preset", "cpu_small", "Grid size: smoke (CI, about a minute), "
-                    "cpu_small (2-core CPU, 36 min measured on shared cores).")
-flags.DEFINE_string("workdir", None,
-                    "Output directory (default /tmp/compare_finetune_PRESET).")
+cli.define_grid_flags(flags, "compare_finetune", "Grid size: smoke (CI, about a "
+                      "minute), cpu_small (2-core CPU, 36 min measured on shared "
+                      "cores).", shared=False)
 flags.DEFINE_list("bases", None, "Base models (default: the preset's); see "
                   "moe_jax/compare/finetune_rows.py BASES.")
 flags.DEFINE_list("methods", None, "Fine-tuning methods (default: the preset's); see "
@@ -37,6 +35,6 @@ flags.DEFINE_integer("finetune_steps", None, "Fine-tuning steps per method.")
 
 
 if __name__ == "__main__":
-  app.run(cli.grid_main("compare_finetune", "finetune", (
+  app.run(cli.grid_main("compare_finetune", "finetune_grid", (
       "bases", "methods", "seeds", "pretrain_steps", "finetune_steps"),
       configs_dir=cli.CONFIGS_DIR))

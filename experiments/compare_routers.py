@@ -30,17 +30,9 @@ flags.DEFINE_enum("objective", "both", ["causal_lm", "masked_lm", "both"],
 flags.DEFINE_list("rows", None, "Rows to run (default: the preset's); see "
                   "moe_jax/compare/router_rows.py ROWS.")
 
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
-  from moe_jax.compare import routers  # pylint: disable=import-outside-toplevel
-  cli.run_grid_command("compare_routers", routers.resolve_settings,
-                       routers.run_comparison, FLAGS, GRID_OVERRIDES + ("rows",),
-                       objectives=FLAGS.objective, configs_dir=cli.CONFIGS_DIR)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.grid_main("compare_routers", "routers", GRID_OVERRIDES + ("rows",),
+                        renamed={"objectives": "objective"},
+                        configs_dir=cli.CONFIGS_DIR))

@@ -42,20 +42,11 @@ flags.DEFINE_enum("loss_reduction", None, ["sum", "mean"],
 flags.DEFINE_bool("normalize_gates", None,
                   "Renormalise top-2 gates to sum to 1 (default true, GShard).")
 
-FLAGS = flags.FLAGS
 OVERRIDES = GRID_OVERRIDES + (
     "capacity_factors", "families", "large_layers", "group_size", "eval_capacity_factor",
     "aux_loss_coef", "z_loss_coef", "init_scale", "expert_init_scale",
     "router_init_scale", "loss_reduction", "normalize_gates")
 
 
-def main(argv):
-  if len(argv) > 1:
-    sys.exit(f"Unexpected arguments: {' '.join(argv[1:])}.")
-  from moe_jax import compare  # pylint: disable=import-outside-toplevel
-  cli.run_grid_command("switch_vs_top2", compare.resolve_settings,
-                       compare.run_comparison, FLAGS, OVERRIDES)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.grid_main("switch_vs_top2", "switch_vs_top2", OVERRIDES))

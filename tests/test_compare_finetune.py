@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from moe_jax.compare import finetune, finetune_report
+from moe_jax.compare import finetune_grid, finetune_report, grid
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +27,9 @@ SCRIPT = os.path.join(ROOT, "experiments", "compare_finetune.py")
 
 
 def test_run_list_bases_first_with_the_methods_overrides():
-  s = finetune.resolve_settings("cpu_small", configs_dir=CONFIGS, seeds=2,
+  s = finetune_grid.resolve_settings("cpu_small", configs_dir=CONFIGS, seeds=2,
                                 finetune_steps=30)
-  runs = finetune.build_grid(s)
+  runs = finetune_grid.build_grid(s)
   assert [r.name for r in runs[:4]] == ["switch_small_s0", "deepseek_small_s0",
                                         "switch_small_s1", "deepseek_small_s1"]
   assert all(not r.method for r in runs[:4]) and all(r.method for r in runs[4:])
@@ -55,9 +55,9 @@ def test_run_list_bases_first_with_the_methods_overrides():
       200, 20, 200, 50)
   assert (base.model.d_model, base.moe.d_ff, base.moe.num_experts) == (256, 256, 32)
   # The smoke shapes keep deepseek's experts at a quarter of model.d_ff.
-  smoke = finetune.resolve_settings("smoke", configs_dir=CONFIGS, bases=["deepseek_small"],
+  smoke = finetune_grid.resolve_settings("smoke", configs_dir=CONFIGS, bases=["deepseek_small"],
                                     methods=["esft"])
-  tiny = finetune.build_grid(smoke)[0].config
+  tiny = finetune_grid.build_grid(smoke)[0].config
   assert (tiny.model.d_ff, tiny.moe.d_ff, tiny.model.num_layers) == (64, 16, 2)
 
 
@@ -79,17 +79,17 @@ def test_settings_errors_name_the_value_and_the_fix():
   ]
   for kwargs, message in cases:
     with pytest.raises(ValueError) as e:
-      finetune.resolve_settings(**kwargs, configs_dir=CONFIGS)
+      finetune_grid.resolve_settings(**kwargs, configs_dir=CONFIGS)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
-  s = finetune.resolve_settings("smoke", configs_dir=CONFIGS, bases=["switch_small"],
+  s = finetune_grid.resolve_settings("smoke", configs_dir=CONFIGS, bases=["switch_small"],
                                 methods=["esft"], pretrain_steps=6)
   assert s["bases"] == ("switch_small",) and s["methods"] == ("esft",)
-  assert [r.name for r in finetune.build_grid(s)] == ["switch_small_s0",
+  assert [r.name for r in finetune_grid.build_grid(s)] == ["switch_small_s0",
                                                       "switch_small_esft_s0"]
 
 
 def test_grid_fine_tunes_from_the_base_dirs_and_stops_on_sigterm(tmp_path):
-  s = finetune.resolve_settings("smoke", configs_dir=CONFIGS,
+  s = finetune_grid.resolve_settings("smoke", configs_dir=CONFIGS,
                                 methods=["lora_experts", "esft"])
   calls = []
 
@@ -106,7 +106,7 @@ def test_grid_fine_tunes_from_the_base_dirs_and_stops_on_sigterm(tmp_path):
     return {"preempted": False}
 
   handler = signal.getsignal(signal.SIGTERM)
-  out = finetune.run_comparison(s, str(tmp_path), pretrain_fn=pretrain,
+  out = finetune_grid.run_comparison(s, str(tmp_path), pretrain_fn=pretrain,
                                 finetune_fn=tune, log=lambda msg: None)
   base_dir = os.path.join(str(tmp_path), "runs", "switch_small_s0")
   assert calls == [("pretrain", "switch_small_s0", 4),
@@ -121,7 +121,7 @@ def test_grid_fine_tunes_from_the_base_dirs_and_stops_on_sigterm(tmp_path):
   (esft_dir / "finetune.json").write_text(json.dumps({"base_step": 3}))
   with pytest.raises(ValueError, match=r"fine-tunes step 3 of switch_small_s0, not "
                      r"--pretrain_steps=4; pass --pretrain_steps=3"):
-    finetune.run_comparison(s, str(tmp_path), pretrain_fn=pretrain, finetune_fn=tune)
+    finetune_grid.run_comparison(s, str(tmp_path), pretrain_fn=pretrain, finetune_fn=tune)
 
 
 # ------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ VERSE = [0.05, 0.35, 0.3, 0.1, 0.1, 0.05, 0.03, 0.02]
 
 
 def _fake_workdir(root, settings):
-  runs = finetune.build_grid(settings)
+  runs = finetune_grid.build_grid(settings)
   base = os.path.join(root, "runs", "switch_small_s0")
   _jsonl(os.path.join(base, "metrics.jsonl"), [
       {"split": "train", "step": 2, "tokens_per_sec": 256.0, "dropped_fraction": 0.1,
@@ -204,9 +204,9 @@ def _csv(path):
 
 
 def test_report_numbers_come_from_the_run_directories(tmp_path):
-  s = finetune.resolve_settings("smoke", configs_dir=CONFIGS)
+  s = finetune_grid.resolve_settings("smoke", configs_dir=CONFIGS)
   runs = _fake_workdir(str(tmp_path), s)
-  out = finetune_report.write_outputs(str(tmp_path), runs, s, {"command": "c"})
+  out = grid.write_outputs(finetune_grid.GRID, str(tmp_path), runs, s, {"command": "c"})
   assert out["complete"]
   rows = _csv(tmp_path / "results.csv")
   base = rows["switch_small_s0"]
@@ -257,7 +257,7 @@ def test_report_numbers_come_from_the_run_directories(tmp_path):
 
   # An unfinished run: its row is left out and the report says so.
   os.remove(tmp_path / "runs" / "switch_small_full_s0" / "finetune.json")
-  out = finetune_report.write_outputs(str(tmp_path), runs, s, {})
+  out = grid.write_outputs(finetune_grid.GRID, str(tmp_path), runs, s, {})
   assert not out["complete"] and "switch_small_full_s0" not in _csv(
       tmp_path / "results.csv")
   assert "PARTIAL: only 3 of 4 runs have finished" in (tmp_path / "report.md").read_text(

@@ -65,7 +65,7 @@ def test_cpu_small_rows_have_equal_active_ffn_flops_and_params():
   settings = routers.resolve_settings("cpu_small", configs_dir=CONFIGS)
   runs = routers.build_grid(settings)
   assert settings["seeds"] >= 2
-  per_objective = {o: {r.family for r in runs if r.config.model.objective == o}
+  per_objective = {o: {r.row for r in runs if r.objective == o}
                    for o in ("causal_lm", "masked_lm")}
   noncausal = {"expert_choice_cf1", "expert_choice_cf2", "switch_bpr_cf1", "switch_cf1"}
   assert per_objective["masked_lm"] == set(router_rows.GRID_ROW_NAMES)
@@ -100,7 +100,7 @@ def test_balance_scope_variants_differ_from_their_row_only_in_the_scope():
   s = routers.resolve_settings("cpu_small", configs_dir=CONFIGS, objectives="causal_lm",
                                rows=[n for pair in pairs.items() for n in
                                      (pair[0], pair[1][0])])
-  by = {r.family: r.config for r in routers.build_grid(s) if r.seed == 0}
+  by = {r.row: r.config for r in routers.build_grid(s) if r.seed == 0}
   for variant, (base, scope) in pairs.items():
     v, b = by[variant].to_dict(), by[base].to_dict()
     assert v["moe"].pop("balance_scope") == scope, variant

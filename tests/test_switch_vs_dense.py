@@ -1,5 +1,6 @@
 """The Switch-vs-dense ablation grid: which runs it builds, how it pairs and reports them."""
 
+import csv
 import json
 import os
 import shutil
@@ -20,6 +21,34 @@ def _base():
   switch.model.moe_every = 2
   dense = default_config()
   return {"switch": switch, "dense": dense}
+
+
+# _base()'s configs as config files, for the grid's settings.
+CONFIG_FILE = """from moe_jax.training.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.model.moe_every = {moe_every}
+  c.warmup_steps = 1  # below the tests' 3 steps
+  return c
+"""
+
+
+def _settings(tmp_path, variants, seeds, **overrides):
+  configs = tmp_path / "configs"
+  configs.mkdir(exist_ok=True)
+  for name, moe_every in (("switch_small", 2), ("dense_small", 0)):
+    (configs / f"{name}.py").write_text(CONFIG_FILE.format(moe_every=moe_every))
+  return svd.resolve_settings(configs_dir=str(configs), variants=variants, seeds=seeds,
+                              steps=3, **overrides)
+
+
+def _run(tmp_path, variants, seeds, **kwargs):
+  settings = _settings(tmp_path, variants, seeds,
+                       report_only=kwargs.pop("report_only", None))
+  return svd.run_comparison(settings, str(tmp_path / "work"), log=lambda s: None,
+                            **kwargs)
 
 
 def test_grid_shares_dense_runs_and_changes_both_models_alike():
@@ -118,13 +147,13 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   losses = {"default_switch_s0": 1.70, "default_switch_s1": 1.74,
             "default_dense_s0": 1.75, "default_dense_s1": 1.77,
             "cf_2_switch_s0": 1.76, "cf_2_switch_s1": 1.78}
-  out = svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3,
-                         train_fn=_fake_train(losses), log=lambda s: None)
+  work = tmp_path / "work"
+  out = _run(tmp_path, ["default", "cf_2"], 2, train_fn=_fake_train(losses))
   default, cf2 = out["results"]
   # Paired margins: dense - Switch per seed: 1.75-1.70 = 0.05, 1.77-1.74 = 0.03.
   assert default["margin"].values == pytest.approx([0.05, 0.03])
   assert cf2["margin"].values == pytest.approx([-0.01, -0.01])
-  report = (tmp_path / "report.md").read_text()
+  report = (work / "report.md").read_text()
   rows = [l for l in report.splitlines() if l.startswith("| `")]
   assert [r.split("|")[1].strip() for r in rows] == ["`default`", "`cf_2`"]
   # Mean 0.04 > goal 0.02 is ticked; the losing row is shown, unticked; the seeds
@@ -132,41 +161,58 @@ def test_margins_are_paired_by_seed_and_reported(tmp_path):
   assert "| 1.7200 ± 0.0283 | 1.7600 ± 0.0141 | +0.0400 ± 0.0141 ✓ | 2 of 2 |" in rows[0]
   assert "-0.0100 ± 0.0000 | 0 of 2 |" in rows[1]
   assert "| 2.50M / 1.00M |" in rows[0]  # model_info's params_total
-  assert (tmp_path / "margins.png").exists()
-  assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
+  assert "3 steps of" in report  # the settings' steps, not the config files'
+  assert (work / "margins.png").exists()
+  # One line per run, sorted by run name; the family column is the model.
+  with open(work / "results.csv", encoding="utf-8") as f:
+    csv_rows = list(csv.DictReader(f))
+  assert [(r["run"], r["family"]) for r in csv_rows] == sorted(
+      (name, name.split("_")[-2]) for name in losses)
   assert "Not at equal active FLOPs" not in report
   # A second invocation trains nothing.
-  again = svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3,
-                           train_fn=_fake_train(losses), log=lambda s: None)
+  again = _run(tmp_path, ["default", "cf_2"], 2, train_fn=_fake_train(losses))
   assert again["trained"] == [] and len(again["skipped"]) == 6
-  assert os.path.exists(os.path.join(run_dir(str(tmp_path), _grid_run(tmp_path)),
-                                     "done.json"))
+  assert os.path.exists(os.path.join(run_dir(str(work), _grid_run()), "done.json"))
   # Report only: a variant with no finished run is a row of dashes; nothing trains.
-  only = svd.run_ablation(_base(), ["default", "cf_2", "aux_0.001"], 2, str(tmp_path),
-                          steps=3, train=False, log=lambda s: None,
-                          train_fn=lambda *a: pytest.fail("trained"))
+  only = _run(tmp_path, ["default", "cf_2", "aux_0.001"], 2, report_only=True,
+              train_fn=lambda *a: pytest.fail("trained"))
   assert only["trained"] == [] and only["results"][2]["margin"] is None
-  row = [l for l in (tmp_path / "report.md").read_text().splitlines()
+  row = [l for l in (work / "report.md").read_text().splitlines()
          if l.startswith("| `aux_0.001`")][0]
   assert "| — / 1.00M | 0 | — | 1.7600 ± 0.0141 | — | — |" in row
   # A row that changes the dense baseline alone is flagged as not FLOP-matched.
-  svd.run_ablation(_base(), ["default", "dense_params"], 2, str(tmp_path), steps=3,
-                   train=False, log=lambda s: None)
-  flagged = [l for l in (tmp_path / "report.md").read_text().splitlines()
+  _run(tmp_path, ["default", "dense_params"], 2, report_only=True)
+  flagged = [l for l in (work / "report.md").read_text().splitlines()
              if l.startswith("Not at equal active FLOPs")]
   assert len(flagged) == 1 and "`dense_params` changes the dense" in flagged[0]
   assert "`default`" not in flagged[0]
   # A variant with Switch finished for seed 0 only: both models over seed 0 alone.
-  shutil.rmtree(run_dir(str(tmp_path), svd.build_grid(_base(), ["cf_2"], 2, steps=3)[1]))
-  svd.run_ablation(_base(), ["default", "cf_2"], 2, str(tmp_path), steps=3, train=False,
-                   log=lambda s: None)
-  row = [l for l in (tmp_path / "report.md").read_text().splitlines()
+  shutil.rmtree(run_dir(str(work), svd.build_grid(_base(), ["cf_2"], 2, steps=3)[1]))
+  _run(tmp_path, ["default", "cf_2"], 2, report_only=True)
+  row = [l for l in (work / "report.md").read_text().splitlines()
          if l.startswith("| `cf_2`")][0]
   assert "| 1 | 1.7600 | 1.7500 | -0.0100 | 0 of 1 |" in row
 
 
-def _grid_run(tmp_path):
+def _grid_run():
   return svd.build_grid(_base(), ["default"], 1, steps=3)[0]
+
+
+def test_settings_errors_name_the_value_and_the_fix(tmp_path):
+  with pytest.raises(ValueError) as e:
+    _settings(tmp_path, ["default", "nope"], 0, switch_config="nope_small")
+  assert str(e.value).splitlines() == [
+      "no config 'nope_small' in " + str(tmp_path / "configs")
+      + "; pick one of dense_small, switch_small.",
+      "--variants has unknown nope; use some of " + ", ".join(svd.VARIANTS) + ".",
+      "--seeds=0 must be a positive number of seeds."]
+  # Every run's config is validated before anything compiles: a variant that breaks
+  # the Switch config names its run and the key.
+  (tmp_path / "configs" / "heads_small.py").write_text(CONFIG_FILE.format(
+      moe_every=2).replace("  return c", "  c.model.num_heads = 3\n  return c"))
+  with pytest.raises(ValueError, match=r"^default_switch_s0: model\.d_model=256 must "
+                     r"be divisible by model\.num_heads=3"):
+    _settings(tmp_path, ["default"], 1, switch_config="heads_small")
 
 
 def test_cli_refuses_a_bad_variant_before_compiling(tmp_path):

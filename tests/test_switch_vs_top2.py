@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from moe_jax import compare
+from moe_jax.compare import switch_vs_top2 as svt
+from moe_jax.compare.aggregation import Stat, steps_to_threshold
+from moe_jax.compare.report import CSV_COLUMNS
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +83,7 @@ def _check_csv_and_plots(smoke):
   with open(os.path.join(workdir, "results.csv"), encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   assert [r["run"] for r in rows] == ["dense_s0", "top2_cf1.0_s0", "switch_cf1.0_s0"]
-  assert tuple(rows[0]) == compare.CSV_COLUMNS
+  assert tuple(rows[0]) == CSV_COLUMNS
   for r in rows:
     assert r["steps"] == "8"
     assert math.isclose(float(r["quality"]), -float(r["final_eval_loss"]))
@@ -111,16 +113,16 @@ def _check_rerun_trains_nothing(smoke):
 
 def test_unfinished_run_resumes_and_partial_report(tmp_path):
   """A run without done.json is trained again (resumed); others are skipped."""
-  settings = compare.resolve_settings("smoke", families=("dense", "switch"),
+  settings = svt.resolve_settings("smoke", families=("dense", "switch"),
                                       capacity_factors=(1.0,))
-  runs = compare.build_grid(settings)
+  runs = svt.build_grid(settings)
   calls = []
 
   def fake_train(config, workdir):
     calls.append(os.path.basename(workdir))
     return {"preempted": True}
 
-  out = compare.run_comparison(settings, str(tmp_path), train_fn=fake_train,
+  out = svt.run_comparison(settings, str(tmp_path), train_fn=fake_train,
                                log=lambda s: None)
   assert calls == ["dense_s0"] and out["preempted"] and not out["rows"]
   assert len(runs) == 2
@@ -129,15 +131,15 @@ def test_unfinished_run_resumes_and_partial_report(tmp_path):
 def test_steps_to_threshold_interpolates():
   curve = [(10, 3.0), (20, 2.0), (30, 1.5)]
   # Crossing 1.8 between (20, 2.0) and (30, 1.5): 20 + 10 * (2.0 - 1.8) / 0.5 = 24.
-  assert compare.steps_to_threshold(curve, 1.8) == pytest.approx(24.0)
-  assert compare.steps_to_threshold(curve, 2.0) == 20.0
-  assert compare.steps_to_threshold(curve, 3.5) == 10.0
-  assert compare.steps_to_threshold(curve, 1.0) is None
+  assert steps_to_threshold(curve, 1.8) == pytest.approx(24.0)
+  assert steps_to_threshold(curve, 2.0) == 20.0
+  assert steps_to_threshold(curve, 3.5) == 10.0
+  assert steps_to_threshold(curve, 1.0) is None
 
 
 def test_cpu_small_grid_matches_the_paper_layout():
-  settings = compare.resolve_settings("cpu_small")
-  runs = compare.build_grid(settings)
+  settings = svt.resolve_settings("cpu_small")
+  runs = svt.build_grid(settings)
   assert len(runs) == 16 and {r.seed for r in runs} == {0, 1}
   names = {r.name.rsplit("_s", 1)[0] for r in runs}
   assert names == {"dense", "dense_large", "top2_cf2.0", "top2_cf1.25", "top2_cf1.0",
@@ -155,23 +157,23 @@ def test_cpu_small_grid_matches_the_paper_layout():
 
 
 def test_overrides_and_errors():
-  s = compare.resolve_settings("cpu_small", steps=10, capacity_factors=["1.5"],
+  s = svt.resolve_settings("cpu_small", steps=10, capacity_factors=["1.5"],
                                num_experts=4)
   assert s["steps"] == 10 and s["capacity_factors"] == (1.5,) and s["num_experts"] == 4
   with pytest.raises(ValueError, match="preset"):
-    compare.resolve_settings("huge")
+    svt.resolve_settings("huge")
   with pytest.raises(ValueError, match="families"):
-    compare.resolve_settings("smoke", families=("dense", "top3"))
+    svt.resolve_settings("smoke", families=("dense", "top3"))
   with pytest.raises(ValueError, match="seeds"):
-    compare.resolve_settings("smoke", seeds=0)
+    svt.resolve_settings("smoke", seeds=0)
 
 
 def _agg(family, cf, quality, time_s, speed, n=2, spread=0.0):
   q = [quality - spread, quality + spread][:n]
   return {"family": family, "capacity_factor": cf, "n": n, "reached": 0 if time_s is None
-          else n, "quality": compare.Stat(q),
-          "time_to_threshold": None if time_s is None else compare.Stat([time_s] * n),
-          "examples_per_sec": compare.Stat([speed] * n)}
+          else n, "quality": Stat(q),
+          "time_to_threshold": None if time_s is None else Stat([time_s] * n),
+          "examples_per_sec": Stat([speed] * n)}
 
 
 def test_orderings_follow_the_paper():
@@ -179,7 +181,7 @@ def test_orderings_follow_the_paper():
           _agg("top2", 1.0, -1.90, 50.0, 60.0),
           _agg("switch", 1.0, -1.95, 40.0, 70.0, spread=0.1)]
   pairs = {(p["winner"], p["loser"], p["metric"]): p
-           for c in compare.orderings(aggs) for p in c["pairs"]}
+           for c in svt.orderings(aggs) for p in c["pairs"]}
   # Paper: Switch cf 1.0 -1.561 beats MoE cf 1.0 -1.572 in quality; here it does not,
   # but the gap (0.05) is below the seeds' spread (std 0.141), so it is marked as noise.
   q = pairs[("Switch (top-1) cf 1.0", "Top-2 MoE cf 1.0", "quality")]
@@ -190,12 +192,12 @@ def test_orderings_follow_the_paper():
   # win on time to threshold.
   assert pairs[("Switch (top-1) cf 1.0", "Dense", "time")]["holds"]
   assert pairs[("Top-2 MoE cf 1.0", "Dense", "quality")]["holds"]
-  text = compare.orderings_paragraph(aggs)
+  text = svt.orderings_paragraph(aggs)
   assert text.startswith("Of the paper's ") and "not reproduced for" in text
 
 
-@pytest.mark.parametrize("preset", sorted(compare.PRESETS))
+@pytest.mark.parametrize("preset", sorted(svt.PRESETS))
 def test_every_preset_builds_valid_configs(preset):
   from moe_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
-  for run in compare.build_grid(compare.resolve_settings(preset)):
+  for run in svt.build_grid(svt.resolve_settings(preset)):
     assert validate_config(run.config, num_devices=1) == [], run.name

@@ -84,9 +84,9 @@ def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
   tokens_per_sec = statistics.median(tps) if tps else float("nan")
   final = evals[-1]
   row = {
-      "run": run.name, "family": run.family, "paper_model": run.paper_model,
+      "run": run.name, "family": "", "paper_model": "", "train_capacity_factor": "",
+      **run.columns(),  # the grid's own: family, paper_model, train_capacity_factor...
       "top_k": c.moe.top_k if c.model.moe_every else 0,
-      "train_capacity_factor": run.capacity_factor if run.capacity_factor else "",
       "eval_capacity_factor": c.moe.eval_capacity_factor if c.model.moe_every else "",
       "seed": run.seed, "steps": final["step"],
       "params_total": info["params_total"], "params_active": info["params_active"],

@@ -37,8 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from moe_jax.compare.aggregation import summarize_run
-from moe_jax.compare.finetune_rows import METHODS
-from moe_jax.compare.report import write_csv
+from moe_jax.compare.finetune_rows import METHODS, FinetuneRun
+from moe_jax.compare.report import run_section
 from moe_jax.compare.runner import read_jsonl, run_dir
 
 SHARES_FILE = "domain_shares.json"
@@ -96,6 +96,12 @@ def summarize_base(workdir: str, run) -> dict[str, Any] | None:
              old_eval_loss_after=row["final_eval_loss"],
              old_eval_loss_after_stderr=row["eval_loss_stderr"])
   return row
+
+
+def summarize(workdir: str, run: FinetuneRun) -> dict[str, Any] | None:
+  """:func:`summarize_base` of a pretraining run, :func:`summarize_finetune` of a
+  fine-tuning one."""
+  return (summarize_finetune if run.method else summarize_base)(workdir, run)
 
 
 def summarize_finetune(workdir: str, run) -> dict[str, Any] | None:
@@ -447,28 +453,24 @@ def _methods_table(runs, settings) -> list[str]:
   return lines
 
 
-def write_outputs(workdir: str, runs: Sequence, settings: dict[str, Any],
-                  meta: dict[str, Any], *, stop=None) -> dict[str, Any]:
-  """``report.md``, ``results.csv`` and the plots of the finished runs.
+def report(workdir: str, runs: Sequence[FinetuneRun], rows: list[dict[str, Any]],
+           settings: dict[str, Any], meta: dict[str, Any], *, stop=None
+           ) -> dict[str, Any]:
+  """``report.md``'s text and the plots of the finished runs' ``rows``
+  (:func:`summarize`).
 
   ``stop`` (the grid's SIGTERM flag): once set, no base model is scored for the
   ESFT analysis (its section says so; the next invocation scores it).
 
   Returns:
-    ``{"rows", "complete", "analysis": {base run: [per-block dicts]}}``; with no
-    finished run, writes nothing.
+    ``{"markdown", "analysis": {base run: [per-block dicts]}}``.
   """
   base_runs = [r for r in runs if not r.method]
   tuned_runs = [r for r in runs if r.method]
-  base_rows = {r.name: row for r in base_runs
-               if (row := summarize_base(workdir, r)) is not None}
-  tuned_rows = [row for r in tuned_runs
-                if (row := summarize_finetune(workdir, r)) is not None]
-  rows = list(base_rows.values()) + tuned_rows
-  out: dict[str, Any] = {"rows": rows, "complete": len(rows) == len(runs),
-                         "analysis": {}}
-  if not rows:
-    return out
+  base_names = {r.name for r in base_runs}
+  base_rows = {row["run"]: row for row in rows if row["run"] in base_names}
+  tuned_rows = [row for row in rows if row["run"] not in base_names]
+  out: dict[str, Any] = {"analysis": {}}
   ft = tuned_runs[0].config
   new_domain = ft.data.name
   old_domain = base_runs[0].config.data.name
@@ -557,13 +559,5 @@ def write_outputs(workdir: str, runs: Sequence, settings: dict[str, Any],
       lines.append(f"(The ESFT run's own scores, in its `finetune.json`, differ from "
                    f"these code shares by at most {diff:.1e}.)")
     lines += ["", f"Plot: `{base_run.name}_expert_shares.png`.", ""]
-  meta = dict(meta)
-  if not out["complete"]:
-    meta["PARTIAL"] = (f"only {len(rows)} of {len(runs)} runs have finished; the "
-                       "tables cover those")
-  lines += ["## Run", "", *[f"- {k}: {v}" for k, v in meta.items() if k != "command"],
-            "", "Per-run numbers: `results.csv`.", ""]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  write_csv(os.path.join(workdir, "results.csv"), rows, CSV_COLUMNS)
-  return out
+  lines += [*run_section(meta), "", "Per-run numbers: `results.csv`.", ""]
+  return {"markdown": "\n".join(lines), **out}

@@ -1,6 +1,6 @@
-"""The fine-tuning comparison's rows: the base models and the methods.
+"""The fine-tuning comparison's rows: the base models, the methods and the runs.
 
-Read by the grid (:mod:`moe_jax.compare.finetune`) and its report
+Read by the grid (:mod:`moe_jax.compare.finetune_grid`) and its report
 (:mod:`moe_jax.compare.finetune_report`); adding a method is one line in
 :data:`METHODS`.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+
+from moe_jax.compare.runner import RunSpec
 
 # Base models: experiments/configs/NAME.py (MoE configs: ESFT needs routed experts).
 BASES = ("switch_small", "deepseek_small")
@@ -45,3 +47,19 @@ METHODS: dict[str, Method] = {
                    {"finetune.method": "esft"}),
 }
 METHOD_NAMES = tuple(METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneRun(RunSpec):
+  """A run of the grid: a base model's pretraining (``method`` empty) or one method's
+  fine-tuning of it.
+
+  Attributes:
+    base: the base model (a name of :data:`BASES`).
+    method: a name of :data:`METHODS`; "" for the pretraining run.
+    base_run: the pretraining run a fine-tuning run starts from (its ``name``).
+  """
+
+  base: str = ""
+  method: str = ""
+  base_run: str = ""

@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Any, Callable, Iterable, Sequence
 
-from moe_jax.compare.aggregation import Stat
+from moe_jax.compare.aggregation import Stat, default_threshold
 from moe_jax.compare.runner import cf_name
 
 CSV_COLUMNS = (
@@ -72,6 +72,29 @@ def eval_sentence(config) -> str:
              f"every {config.eval_every} steps (the curves) score {what(config.eval_steps)}")
   return (f"Eval: {scope}; the same batches for every row and seed, at eval capacity "
           f"factor {cf_name(config.moe.eval_capacity_factor)}.")
+
+
+def threshold_for(rows: Sequence[dict[str, Any]], settings: dict[str, Any],
+                  baseline: str) -> tuple[float, str]:
+  """(quality threshold as an eval loss, where it comes from, in words) for ``rows``.
+
+  ``settings["threshold"]`` when set (a negative value is a quality, -loss); else the
+  dense family's final eval loss (mean over seeds), which ``baseline`` names ("the
+  dense row"); else, with no dense run, the best final eval loss of any run.
+  """
+  threshold = settings.get("threshold")
+  if threshold is not None:
+    return (-threshold if threshold < 0 else threshold), "set with --threshold"
+  threshold = default_threshold(rows)
+  if threshold is None:
+    return (min(r["final_eval_loss"] for r in rows),
+            "no dense run, so the best final eval loss of any run")
+  return threshold, f"{baseline}'s final eval loss (mean over seeds)"
+
+
+def run_section(meta: dict[str, Any]) -> list[str]:
+  """The report's ``## Run`` section: every ``meta`` entry but the command."""
+  return ["## Run", "", *[f"- {k}: {v}" for k, v in meta.items() if k != "command"]]
 
 
 def stderr_cell(stat: Stat) -> str:

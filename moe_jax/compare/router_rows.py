@@ -8,7 +8,7 @@ routed experts (:func:`expert_shape`), so every row runs ``d_ff`` hidden units o
 per token, as the dense row does. Adding a router to the comparison is a config file
 and one line in :data:`ROWS` (docs/compare_routers.md). The grid
 (:mod:`moe_jax.compare.routers`) and its report (:mod:`moe_jax.compare.routers_report`)
-both read these.
+both read these and its runs (:class:`RouterRun`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import importlib.util
 import os
 from typing import Any, Mapping
 
+from moe_jax.compare.runner import RunSpec
 
 CAUSAL, MASKED = "causal_lm", "masked_lm"
 OBJECTIVE_CHOICES = {"causal_lm": (CAUSAL,), "masked_lm": (MASKED,),
@@ -92,6 +93,27 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 # The presets' rows: every row but the variants.
 GRID_ROW_NAMES = tuple(r.name for r in ROWS if not r.variant)
 ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterRun(RunSpec):
+  """A run of the router grid.
+
+  Attributes:
+    row: the :class:`Row`'s name (the ``family`` column).
+    objective: ``causal_lm`` or ``masked_lm``.
+    capacity_factor: train capacity factor (None: dense or dropless).
+    paper: the row's paper (the ``paper_model`` column).
+  """
+
+  row: str = ""
+  objective: str = CAUSAL
+  capacity_factor: float | None = None
+  paper: str = ""
+
+  def columns(self) -> dict[str, Any]:
+    return {"family": self.row, "paper_model": self.paper,
+            "train_capacity_factor": self.capacity_factor or ""}
 
 
 def load_row_config(name: str, configs_dir: str):

@@ -15,9 +15,9 @@ change the FLOPs).
 * :data:`~moe_jax.compare.router_rows.ROWS` -- one :class:`Row` per line, in
   ``router_rows.py``: adding a router to the comparison is a config file and one line
   there (docs/compare_routers.md);
-* :func:`make_config` / :func:`build_grid` -- one
-  :class:`~moe_jax.compare.runner.RunSpec` per (objective, row, seed);
-* :data:`GRID` -- the grid for :func:`moe_jax.compare.runner.run_comparison`; the
+* :func:`make_config` / :func:`build_grid` -- one :class:`RouterRun` per (objective,
+  row, seed);
+* :data:`GRID` -- the grid for :func:`moe_jax.compare.grid.run_comparison`; the
   report (tables, the papers' claims judged on the numbers) is
   :mod:`moe_jax.compare.routers_report`.
 """
@@ -27,14 +27,13 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from moe_jax.compare import runner
-from moe_jax.compare.runner import RunSpec
-from moe_jax.compare import routers_report
+from moe_jax.compare import grid, routers_report
+from moe_jax.compare.aggregation import summarize_run
 # The rows and their equal-FLOPs arithmetic.
 from moe_jax.compare.router_rows import (BOTH, GRID_ROW_NAMES, OBJECTIVE_CHOICES,
-                                         ROW_BY_NAME, ROW_NAMES,
-                                         SHORT, Row, expert_shape, experts_per_token,
-                                         load_row_config, set_key)
+                                         ROW_BY_NAME, ROW_NAMES, SHORT, Row, RouterRun,
+                                         expert_shape, experts_per_token,
+                                         ffn_flops_per_token, load_row_config, set_key)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole path in CI (train, resume, benchmark, report, plots) on both
@@ -75,16 +74,7 @@ def make_config(settings: dict[str, Any], row: Row, objective: str, seed: int):
   for key, value in row.overrides.items():
     set_key(c, key, value)
   c.model.objective = objective
-  c.steps, c.seed, c.batch_size = s["steps"], seed, s["batch_size"]
-  c.learning_rate, c.warmup_steps = s["learning_rate"], s["warmup_steps"]
-  c.log_every, c.eval_every = s["log_every"], s["eval_every"]
-  c.eval_steps, c.final_eval_steps = s["eval_steps"], s.get("final_eval_steps")
-  c.checkpoint_every, c.keep_checkpoints = s["checkpoint_every"], 1
-  c.progress_bar = False
-  c.sample.length = 0
-  c.data.seq_len = s["seq_len"]
-  if s.get("dataset"):
-    c.data.name = s["dataset"]
+  grid.set_training(c, s, seed)
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.d_ff = (s["num_layers"], s["d_model"],
                                                   s["num_heads"], s["d_ff"])
@@ -94,7 +84,7 @@ def make_config(settings: dict[str, Any], row: Row, objective: str, seed: int):
   return c
 
 
-def build_grid(settings: dict[str, Any]) -> list[RunSpec]:
+def build_grid(settings: dict[str, Any]) -> list[RouterRun]:
   """Every (objective, row, seed) run, seed-major so a partial grid covers all rows."""
   runs = []
   for seed in range(settings["seeds"]):
@@ -106,8 +96,9 @@ def build_grid(settings: dict[str, Any]) -> list[RunSpec]:
         config = make_config(settings, row, objective, seed)
         cf = config.moe.capacity_factor if (
             config.model.moe_every and config.moe.dispatch != "dropless") else None
-        runs.append(RunSpec(f"{SHORT[objective]}_{row.name}_s{seed}", row.name, cf, seed,
-                            config, paper_model=row.paper))
+        runs.append(RouterRun(f"{SHORT[objective]}_{row.name}_s{seed}", seed, config,
+                              row=row.name, objective=objective, capacity_factor=cf,
+                              paper=row.paper))
   return runs
 
 
@@ -154,16 +145,26 @@ def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
   Raises:
     ValueError: unknown preset, unknown override, or a value that cannot work.
   """
-  return runner.resolve_settings(GRID, preset, **overrides)
+  return grid.resolve_settings(GRID, preset, **overrides)
 
 
-GRID = runner.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
-                   build=build_grid, write_outputs=routers_report.write_outputs)
+def summarize(workdir: str, run: RouterRun) -> dict[str, Any] | None:
+  """:func:`moe_jax.compare.aggregation.summarize_run` plus the run's active FFN FLOPs
+  per token (what the rows hold equal)."""
+  row = summarize_run(workdir, run)
+  if row is not None:
+    row["ffn_flops_per_token"] = ffn_flops_per_token(run.config)
+  return row
+
+
+GRID = grid.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
+                 build=build_grid, report=routers_report.report, summarize=summarize,
+                 csv_columns=routers_report.ROUTER_CSV_COLUMNS)
 
 
 def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
                    train_fn: Callable | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the router grid in ``workdir`` and writes its report."""
-  return runner.run_comparison(GRID, settings, workdir, command=command,
-                               train_fn=train_fn, log=log)
+  return grid.run_comparison(GRID, settings, workdir, command=command,
+                             train_fn=train_fn, log=log)

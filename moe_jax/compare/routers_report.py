@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import statistics
 from typing import Any, Callable, Sequence
 
 from moe_jax.compare import plots, runner
 from moe_jax.compare.aggregation import (Stat, add_threshold, aggregate,
-                                         default_threshold, steps_to_threshold,
-                                         summarize_run)
-from moe_jax.compare.report import (CSV_COLUMNS, init_and_loss_sentence, stderr_cell,
-                                    threshold_cell, write_csv)
+                                         steps_to_threshold)
+from moe_jax.compare.report import (CSV_COLUMNS, init_and_loss_sentence, run_section,
+                                    stderr_cell, threshold_cell, threshold_for)
 from moe_jax.compare.router_rows import (CAUSAL, MASKED, ROW_BY_NAME, ROW_NAMES,
-                                     experts_per_token, ffn_flops_per_token)
-from moe_jax.compare.runner import RunSpec, cf_name
+                                         RouterRun, experts_per_token)
+from moe_jax.compare.runner import cf_name
 
 ROUTER_CSV_COLUMNS = CSV_COLUMNS + ("objective", "ffn_flops_per_token", "load_cv",
                                     "load_max_mean")
@@ -153,9 +151,9 @@ def _label(agg) -> str:
   return ROW_BY_NAME[agg["family"]].label
 
 
-def _run_config(runs: Sequence[RunSpec], objective: str, row: str):
+def _run_config(runs: Sequence[RouterRun], objective: str, row: str):
   for run in runs:
-    if run.family == row and run.config.model.objective == objective:
+    if run.row == row and run.objective == objective:
       return run.config
   return None
 
@@ -232,7 +230,7 @@ def claims_table(verdicts: Sequence[dict]) -> list[str]:
   return lines
 
 
-def rows_table(runs: Sequence[RunSpec], settings: dict) -> list[str]:
+def rows_table(runs: Sequence[RouterRun], settings: dict) -> list[str]:
   lines = ["| Row | Config (+ overrides) | Objectives | Routing (experts per token of "
            "routed x width, capacity, balancing) |", "|---|---|---|---|"]
   for name in settings["rows"]:
@@ -261,24 +259,14 @@ def _order(key) -> int:
   return ROW_NAMES.index(key[0])
 
 
-def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any],
-                  meta: dict[str, Any]) -> dict[str, Any]:
-  """``report.md``, ``results.csv`` and the plots of every objective's finished runs.
+def report(workdir: str, runs: Sequence[RouterRun], rows: list[dict[str, Any]],
+           settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+  """``report.md``'s text and the plots of every objective's finished runs' ``rows``
+  (each given its objective's threshold).
 
-  Returns ``{"rows", "aggregates" (per objective), "claims" (per objective),
-  "complete"}``; with no finished run, writes nothing.
+  Returns ``{"markdown", "aggregates" (per objective), "claims" (per objective)}``.
   """
-  rows = []
-  for run in runs:
-    row = summarize_run(workdir, run)
-    if row is not None:
-      row["ffn_flops_per_token"] = ffn_flops_per_token(run.config)
-      rows.append(row)
-  complete = len(rows) == len(runs)
-  out: dict[str, Any] = {"rows": rows, "aggregates": {}, "claims": {},
-                         "complete": complete}
-  if not rows:
-    return out
+  out: dict[str, Any] = {"aggregates": {}, "claims": {}}
   bench = runner.read_benchmark(workdir)
   s = settings
   probe = _run_config(runs, settings["objectives"][0], settings["rows"][0])
@@ -330,16 +318,7 @@ def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any
     obj_rows = [r for r in rows if r["objective"] == objective]
     if not obj_rows:
       continue
-    threshold = settings.get("threshold")
-    if threshold is not None:
-      threshold = -threshold if threshold < 0 else threshold
-      source = "set with --threshold"
-    else:
-      threshold = default_threshold(obj_rows)
-      source = "the dense row's final eval loss (mean over seeds)"
-      if threshold is None:
-        threshold = min(r["final_eval_loss"] for r in obj_rows)
-        source = "no dense run, so the best final eval loss of any run"
+    threshold, source = threshold_for(obj_rows, settings, "the dense row")
     for r in obj_rows:
       add_threshold(r, threshold)
     aggs = aggregate(obj_rows, bench, order=_order)
@@ -367,14 +346,5 @@ def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any
         f"`{prefix}throughput.png`.",
         "",
     ]
-  meta = dict(meta)
-  if not complete:
-    meta["PARTIAL"] = (f"only {len(rows)} of {len(runs)} runs have finished; the "
-                       "tables cover those")
-  lines += ["## Run", ""]
-  lines += [f"- {k}: {v}" for k, v in meta.items() if k != "command"]
-  lines += ["", "Per-run numbers: `results.csv`.", ""]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  write_csv(os.path.join(workdir, "results.csv"), rows, ROUTER_CSV_COLUMNS)
-  return out
+  lines += [*run_section(meta), "", "Per-run numbers: `results.csv`.", ""]
+  return {"markdown": "\n".join(lines), **out}

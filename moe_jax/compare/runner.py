@@ -1,12 +1,10 @@
 """The resumable grid runner: one training run per :class:`RunSpec`, in its own folder.
 
-Grid-independent: a grid is a :class:`Grid` (its presets, how it checks its settings,
-builds its ``RunSpec`` list and writes its report), e.g.
-:data:`moe_jax.compare.switch_vs_top2.GRID` and :data:`moe_jax.compare.routers.GRID`.
-:func:`run_comparison` runs any of them: it trains the runs (skipping finished ones,
-resuming unfinished ones from their checkpoints), benchmarks every model's throughput
-in interleaved rounds, records each invocation's wall time and load, and hands the
-finished runs to the grid's report.
+Grid-independent: :func:`run_grid` trains the runs (skipping finished ones, resuming
+unfinished ones from their checkpoints), :func:`benchmark_once` times every model's
+throughput in interleaved rounds, and the work directory's bookkeeping records each
+invocation's wall time and load. :func:`moe_jax.compare.grid.run_comparison` drives
+them for every grid.
 
 Layout of a work directory:
 
@@ -28,125 +26,33 @@ from typing import Any, Callable, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One training run of a grid.
+  """One training run of a grid; each grid subclasses it with its own fields (e.g.
+  :class:`moe_jax.compare.switch_vs_top2.Table1Run`'s family and capacity factor).
 
   Attributes:
-    name: directory name under ``WORKDIR/runs`` (e.g. ``switch_cf1.25_s0``).
-    family: the grid's model family (e.g. ``switch``).
-    capacity_factor: train capacity factor (None for dense rows).
+    name: directory name under ``WORKDIR/runs``, the model's name then ``_s`` and the
+      seed (e.g. ``switch_cf1.25_s0``).
     seed: the run's seed (init, data order, routing noise).
     config: the full training ConfigDict.
-    paper_model: the paper's model this run stands for (the ``paper_model`` column of
-      ``results.csv``; empty when none).
   """
 
   name: str
-  family: str
-  capacity_factor: float | None
   seed: int
   config: Any
-  paper_model: str = ""
 
   @property
-  def model_key(self) -> tuple[str, float | None]:
-    return (self.family, self.capacity_factor)
+  def model_key(self) -> str:
+    """The model the run trains: its name without the seed (``switch_cf1.25``)."""
+    return self.name.rsplit("_s", 1)[0]
+
+  def columns(self) -> dict[str, Any]:
+    """The grid's own ``results.csv`` columns of this run (e.g. ``family``)."""
+    return {}
 
 
 def cf_name(cf: float) -> str:
   """A capacity factor as run names and reports spell it (``1.0``, ``1.25``)."""
   return f"{cf:g}" if cf != int(cf) else f"{cf:.1f}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-  """One comparison: what :func:`resolve_settings` and :func:`run_comparison` need.
-
-  Attributes:
-    presets: preset name -> settings (every key a preset must define; they include
-      ``seeds`` and, for a grid with the throughput benchmark, ``bench_steps`` and
-      ``bench_rounds``).
-    optional: settings a preset may leave unset, with their defaults.
-    check: ``settings -> [error sentences]``; may normalise values in place (lists
-      to tuples).
-    build: ``settings -> [RunSpec]``, ordered seed-major.
-    write_outputs: ``(workdir, runs, settings, meta) -> {"rows", "complete", ...}``,
-      the report of the finished runs (nothing written when none finished).
-  """
-
-  presets: dict[str, dict[str, Any]]
-  optional: dict[str, Any]
-  check: Callable[[dict[str, Any]], list[str]]
-  build: Callable[[dict[str, Any]], list["RunSpec"]]
-  write_outputs: Callable[..., dict[str, Any]]
-
-
-def resolve_settings(grid: Grid, preset: str, **overrides) -> dict[str, Any]:
-  """The preset's settings with every non-None override applied.
-
-  Raises:
-    ValueError: unknown preset, unknown override, or a value that cannot work.
-  """
-  if preset not in grid.presets:
-    raise ValueError(f"--preset={preset!r} is unknown; use one of "
-                     f"{', '.join(grid.presets)}.")
-  settings = {**grid.optional, **grid.presets[preset], "preset": preset}
-  for key, value in overrides.items():
-    if key not in settings:
-      raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(settings))}.")
-    if value is not None:
-      settings[key] = value
-  errors = grid.check(settings)
-  if not (isinstance(settings["seeds"], int) and settings["seeds"] >= 1):
-    errors.append(f"--seeds={settings['seeds']!r} must be a positive number of seeds.")
-  if errors:
-    raise ValueError("\n".join(errors))
-  return settings
-
-
-def run_comparison(grid: Grid, settings: dict[str, Any], workdir: str, *,
-                   command: str = "", train_fn: Callable | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs (or resumes) ``grid`` in ``workdir`` and writes its report.
-
-  Each invocation's wall time and load average (start, end) are appended to
-  ``workdir/invocations.jsonl``; the report gives their total.
-  """
-  os.makedirs(workdir, exist_ok=True)
-  runs = grid.build(settings)
-  load0, t0 = os.getloadavg(), time.time()
-  result = run_grid(runs, workdir, train_fn=train_fn, log=log)
-  benched = not result["preempted"] and benchmark_once(
-      runs, workdir, steps=settings.get("bench_steps", 0),
-      rounds=settings.get("bench_rounds"), log=log)
-  load1, wall = os.getloadavg(), time.time() - t0
-  if result["trained"] or result["preempted"] or benched:
-    record_invocation(workdir, {
-        "start": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-        "wall_sec": wall, "trained": result["trained"], "benchmark": benched,
-        "loadavg_start": load0, "loadavg_end": load1})
-  invocations = read_invocations(workdir)
-  total = sum(i["wall_sec"] for i in invocations)
-  meta = {
-      "command": command,
-      "runs": (f"{len(runs)} ("
-               + ", ".join(sorted({r.name.rsplit("_s", 1)[0] for r in runs})) + ")"),
-      "total wall-clock (training and benchmark)": (
-          f"{fmt_duration(total)} over {len(invocations)} invocation(s) that trained "
-          "or benchmarked"),
-      "load average (1 min) at start / end of each invocation": "; ".join(
-          f"{i['loadavg_start'][0]:.1f} / {i['loadavg_end'][0]:.1f}"
-          for i in invocations) or "n/a",
-      "CPU cores": os.cpu_count(),
-  }
-  out = grid.write_outputs(workdir, runs, settings, meta)
-  out.update(result, total_wall_sec=total)
-  log(f"Grid wall-clock this invocation: {fmt_duration(wall)} "
-      f"(all invocations: {fmt_duration(total)}); load average "
-      f"{load0[0]:.1f} -> {load1[0]:.1f}.")
-  if out["rows"]:
-    log(f"Wrote {os.path.join(workdir, 'report.md')}, results.csv and plots"
-        + ("" if out["complete"] else " (PARTIAL: some runs unfinished)") + ".")
-  return out
 
 
 DONE_FILE = "done.json"
@@ -173,7 +79,7 @@ def fmt_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def _estimate_seconds(run: RunSpec, per_step: dict[tuple, float]) -> float | None:
+def _estimate_seconds(run: RunSpec, per_step: dict[str, float]) -> float | None:
   """Expected seconds for ``run`` from runs of the same model (or the mean of all)."""
   if run.model_key in per_step:
     return per_step[run.model_key] * run.config.steps
@@ -201,7 +107,7 @@ def run_grid(runs: Sequence[RunSpec], workdir: str, *,
     from moe_jax.training import train  # pylint: disable=import-outside-toplevel
     train_fn = train.train_and_evaluate
   t0 = time.time()
-  per_step: dict[tuple, float] = {}
+  per_step: dict[str, float] = {}
   for run in runs:  # seconds per step of runs finished by earlier invocations
     if is_done(workdir, run):
       with open(os.path.join(run_dir(workdir, run), DONE_FILE), encoding="utf-8") as f:
@@ -260,7 +166,7 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
 
   models: dict[str, tuple] = {}
   for run in runs:
-    name = run.name.rsplit("_s", 1)[0]
+    name = run.model_key
     if name in models:
       continue
     c = run.config

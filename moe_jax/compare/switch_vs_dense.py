@@ -10,11 +10,13 @@ seeds), the margin ``dense - switch`` (positive: Switch wins) with its spread, t
 seeds Switch is ahead in, the eval standard error and Switch's dropped tokens.
 
 * :data:`VARIANTS` -- name -> :class:`Variant`;
-* :func:`build_grid` -- the :class:`~moe_jax.compare.runner.RunSpec` of every (variant,
-  model, seed); a variant that changes only MoE settings shares the unchanged dense runs;
+* :func:`build_grid` -- the :class:`AblationRun` of every (variant, model, seed) from
+  the two config files' configs; a variant that changes only MoE settings shares the
+  unchanged dense runs;
 * :func:`rows_by_variant`, :func:`report_markdown`, :func:`write_plots` -- the outputs;
-* :func:`run_ablation` -- train what is missing, then write ``WORKDIR/report.md``,
-  ``results.csv`` and the plots.
+* :data:`GRID` / :func:`run_comparison` -- the grid on
+  :func:`moe_jax.compare.grid.run_comparison`: train what is missing (nothing with
+  ``report_only``), then write ``WORKDIR/report.md``, ``results.csv`` and the plots.
 
 Fairness: a variant that changes a setting both models have (init, learning rate,
 warmup) changes it in both, so the init rule, optimizer and active FLOPs stay equal.
@@ -27,10 +29,10 @@ import dataclasses
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from moe_jax.compare import runner
-from moe_jax.compare.aggregation import Stat, summarize_run
-from moe_jax.compare.report import (eval_sentence, init_and_loss_sentence, stderr_cell,
-                                    write_csv)
+from moe_jax.compare import grid
+from moe_jax.compare.aggregation import Stat
+from moe_jax.compare.report import eval_sentence, init_and_loss_sentence, stderr_cell
+from moe_jax.compare.router_rows import load_row_config, set_key
 from moe_jax.compare.runner import RunSpec
 
 MODELS = ("switch", "dense")
@@ -112,13 +114,27 @@ VARIANTS: dict[str, Variant] = {
 # end (set in build_grid).
 RUN_SETTINGS = {"sample.length": 0, "progress_bar": False}
 
+# The command line's flags; the one preset is their defaults. configs_dir: where the
+# config files are (experiments/configs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(variants=("default",), seeds=3, steps=None,
+                    switch_config="switch_small", dense_config="dense_small"),
+}
+OPTIONAL_SETTINGS: dict[str, Any] = {"configs_dir": None}
 
-def _set(config, key: str, value) -> None:
-  node = config
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+
+@dataclasses.dataclass(frozen=True)
+class AblationRun(RunSpec):
+  """A run of the grid.
+
+  Attributes:
+    model: ``switch`` or ``dense`` (the ``family`` column).
+  """
+
+  model: str = ""
+
+  def columns(self) -> dict[str, Any]:
+    return {"family": self.model}
 
 
 def _check_keys(config, keys) -> None:
@@ -145,7 +161,7 @@ def run_prefix(variant: str, model: str) -> str:
 
 
 def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
-               steps: int | None = None) -> list[RunSpec]:
+               steps: int | None = None) -> list[AblationRun]:
   """One RunSpec per (variant, model, seed); dense runs shared where identical.
 
   Args:
@@ -161,7 +177,7 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
   if unknown:
     raise ValueError(f"--variants has unknown {', '.join(unknown)}; use some of "
                      f"{', '.join(VARIANTS)}.")
-  runs: list[RunSpec] = []
+  runs: list[AblationRun] = []
   names = set()
   for v in variants:
     for model in MODELS:
@@ -175,21 +191,66 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
         changes = {**RUN_SETTINGS, **_changes(v, model)}
         _check_keys(c, changes)
         for key, value in changes.items():
-          _set(c, key, value)
+          set_key(c, key, value)
         c.seed = seed
         if steps is not None:
           c.steps = steps
         c.eval_every = c.steps
-        runs.append(RunSpec(name=name, family=model, capacity_factor=None, seed=seed,
-                            config=c))
+        runs.append(AblationRun(name, seed, c, model=model))
   return runs
 
 
-def rows_by_variant(workdir: str, runs: Sequence[RunSpec], variants: Sequence[str]
-                    ) -> list[dict[str, Any]]:
+def load_base(settings: dict[str, Any], *, steps: bool = False) -> dict[str, Any]:
+  """``{"switch": config, "dense": config}`` of the settings' config files (with the
+  settings' ``steps``, when set and ``steps``)."""
+  base = {m: load_row_config(settings[f"{m}_config"], settings["configs_dir"])
+          for m in MODELS}
+  if steps and settings["steps"] is not None:
+    for c in base.values():
+      c.steps = settings["steps"]
+  return base
+
+
+def build(settings: dict[str, Any]) -> list[AblationRun]:
+  """:func:`build_grid` of the settings' config files, variants, seeds and steps."""
+  return build_grid(load_base(settings), settings["variants"], settings["seeds"],
+                    steps=settings["steps"])
+
+
+def _check(settings: dict[str, Any]) -> list[str]:
+  """The settings' errors, then (when they are sound) every run config's, all before
+  anything compiles; lists become tuples."""
+  configs_dir = settings["configs_dir"]
+  if not configs_dir:
+    return ["configs_dir is unset; pass the directory of the config files "
+            "(configs_dir=\"experiments/configs\")."]
+  settings["variants"] = tuple(settings["variants"])
+  known = sorted(f[:-3] for f in os.listdir(configs_dir) if f.endswith(".py"))
+  errors = [f"no config {settings[f'{m}_config']!r} in {configs_dir}; pick one of "
+            f"{', '.join(known)}." for m in MODELS
+            if settings[f"{m}_config"] not in known]
+  unknown = [v for v in settings["variants"] if v not in VARIANTS]
+  if unknown:
+    errors.append(f"--variants has unknown {', '.join(unknown)}; use some of "
+                  f"{', '.join(VARIANTS)}.")
+  steps = settings["steps"]
+  if steps is not None and not (isinstance(steps, int) and steps >= 1):
+    errors.append(f"--steps={steps!r} must be a positive number of steps.")
+  if errors or not isinstance(settings["seeds"], int) or settings["seeds"] < 1:
+    return errors
+  from moe_jax.training.config import validate_config  # pylint: disable=import-outside-toplevel
+  try:
+    runs = build(settings)
+  except ValueError as e:
+    return [str(e)]
+  return [f"{run.name}: " + "; ".join(problems) for run in runs
+          if (problems := validate_config(run.config))]
+
+
+def rows_by_variant(rows: Sequence[dict[str, Any]], runs: Sequence[AblationRun],
+                    variants: Sequence[str]) -> list[dict[str, Any]]:
   """Per variant: both models' finished rows (by seed) and the paired margins."""
-  done = {r.name: row for r in runs
-          if (row := summarize_run(workdir, r)) is not None}
+  done = {row["run"]: row for row in rows}
   seeds = sorted({r.seed for r in runs})
   out = []
   for v in variants:
@@ -325,32 +386,37 @@ def write_plots(outdir: str, results: Sequence[dict[str, Any]]) -> list[str]:
   return [path]
 
 
-def run_ablation(base: Mapping[str, Any], variants: Sequence[str], seeds: int,
-                 workdir: str, *, steps: int | None = None, command: str = "",
-                 train: bool = True, train_fn: Callable | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Trains the missing runs (unless ``train`` is False: then it reports the finished
-  ones only), then writes report.md, results.csv and margins.png."""
-  runs = build_grid(base, variants, seeds, steps=steps)
-  os.makedirs(workdir, exist_ok=True)
-  if train:
-    out = runner.run_grid(runs, workdir, train_fn=train_fn, log=log)
-  else:
-    out = {"trained": [], "skipped": [r.name for r in runs], "preempted": False}
-  results = rows_by_variant(workdir, runs, variants)
-  rows = [row for r in results for model in MODELS for row in r[model].values()]
-  write_csv(os.path.join(workdir, "results.csv"),
-            sorted({row["run"]: row for row in rows}.values(), key=lambda x: x["run"]))
-  base_with_steps = {m: copy.deepcopy(c) for m, c in base.items()}
-  if steps is not None:
-    for c in base_with_steps.values():
-      c.steps = steps
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(report_markdown(results, base_with_steps, command=command))
+def report(workdir: str, runs: Sequence[AblationRun], rows: list[dict[str, Any]],
+           settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+  """``report.md``'s text and ``margins.png`` (when a margin exists) of the finished
+  runs' ``rows``. Returns ``{"markdown", "results"}`` (:func:`rows_by_variant`)."""
+  results = rows_by_variant(rows, runs, settings["variants"])
   if any(r["margin"] for r in results):
     write_plots(workdir, results)
-  out["results"] = results
-  log(f"Wrote {os.path.join(workdir, 'report.md')}: " + "; ".join(
-      f"{r['variant']} {_margin_cell(r['margin'], GOAL)}" for r in results if r["margin"]))
-  return out
+  return {"markdown": report_markdown(results, load_base(settings, steps=True),
+                                      command=meta.get("command", "")),
+          "results": results}
 
+
+GRID = grid.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check, build=build,
+                 report=report, csv_key=lambda row: row["run"])
+
+
+def resolve_settings(preset: str = "default", **overrides) -> dict[str, Any]:
+  """The preset's settings with every non-None override applied.
+
+  Raises:
+    ValueError: an unknown variant or config file, a bad number, or a run config
+      that does not validate (one line per problem).
+  """
+  return grid.resolve_settings(GRID, preset, **overrides)
+
+
+def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
+                   train_fn: Callable | None = None,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Trains the missing runs (none with ``report_only``), then writes report.md,
+  results.csv and margins.png (:func:`moe_jax.compare.grid.run_comparison` of
+  :data:`GRID`)."""
+  return grid.run_comparison(GRID, settings, workdir, command=command,
+                             train_fn=train_fn, log=log)

@@ -4,17 +4,17 @@ Fedus, Zoph and Shazeer (2021), Table 1, compare T5-Base and T5-Large with top-2
 MoE-Base and top-1 Switch-Base at train capacity factors 2.0, 1.25 and 1.0 on quality
 after a fixed number of steps (negative log perplexity), time to a quality threshold and
 examples per second. This module defines the same grid and runs it through
-:mod:`moe_jax.training.train` with the grid-independent runner, aggregation, report and
-plots of :mod:`moe_jax.compare`, and writes a report in the paper's layout:
+:mod:`moe_jax.training.train` with the grid runner of :mod:`moe_jax.compare.grid`, and
+writes a report in the paper's layout:
 
 * :func:`resolve_settings` -- a preset (``smoke``, ``cpu_small``, ``base``) plus
   overrides;
-* :func:`build_grid` -- one :class:`~moe_jax.compare.runner.RunSpec` (a full training
-  config) per model and seed;
-* :func:`run_comparison` -- trains every run in ``WORKDIR/runs/NAME``
-  (:func:`~moe_jax.compare.runner.run_grid`: finished runs are skipped, unfinished ones
-  resume from their checkpoints), benchmarks throughput, then :func:`write_outputs`:
-  ``results.csv`` (one row per run), ``report.md`` and three plots;
+* :func:`build_grid` -- one :class:`Table1Run` (a full training config, its family and
+  capacity factor) per model and seed;
+* :func:`run_comparison` -- :func:`moe_jax.compare.grid.run_comparison` of
+  :data:`GRID`: trains every run in ``WORKDIR/runs/NAME`` (finished runs are skipped,
+  unfinished ones resume from their checkpoints), benchmarks throughput, then writes
+  ``results.csv`` (one row per run), ``report.md`` and three plots (:func:`report`);
 * :func:`orderings` -- the paper's headline orderings, each checked on the results.
 
 Conventions (see also ``experiments/configs``):
@@ -38,16 +38,15 @@ Conventions (see also ``experiments/configs``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 from typing import Any, Callable, Sequence
 
-from moe_jax.compare import plots, runner
-from moe_jax.compare.aggregation import (add_threshold, aggregate, default_threshold,
-                                         summarize_run)
+from moe_jax.compare import grid, plots, runner
+from moe_jax.compare.aggregation import add_threshold, aggregate
 from moe_jax.compare.report import (claims_paragraph, eval_sentence,
-                                    init_and_loss_sentence, stderr_cell,
-                                    threshold_cell, write_csv)
+                                    init_and_loss_sentence, run_section,
+                                    stderr_cell, threshold_cell, threshold_for)
 from moe_jax.compare.runner import RunSpec, cf_name
 from moe_jax.training.config import default_config
 
@@ -138,12 +137,12 @@ def _check(settings: dict[str, Any]) -> list[str]:
 
 def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
   """The preset's settings with every non-None override applied
-  (:func:`moe_jax.compare.runner.resolve_settings` of :data:`GRID`).
+  (:func:`moe_jax.compare.grid.resolve_settings` of :data:`GRID`).
 
   Raises:
     ValueError: unknown preset, unknown override, or a value that cannot work.
   """
-  return runner.resolve_settings(GRID, preset, **overrides)
+  return grid.resolve_settings(GRID, preset, **overrides)
 
 
 # ------------------------------------------------------------------------------------
@@ -151,27 +150,31 @@ def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Table1Run(RunSpec):
+  """A run of the grid.
+
+  Attributes:
+    family: one of :data:`FAMILIES` (the ``family`` column).
+    capacity_factor: train capacity factor (None for dense rows).
+    paper_model: the paper's model this run stands for (:data:`PAPER_NAME`).
+  """
+
+  family: str = ""
+  capacity_factor: float | None = None
+  paper_model: str = ""
+
+  def columns(self) -> dict[str, Any]:
+    return {"family": self.family, "paper_model": self.paper_model,
+            "train_capacity_factor": self.capacity_factor or ""}
+
+
 def make_config(settings: dict[str, Any], family: str, capacity_factor: float | None,
                 seed: int):
   """The training config of one grid run (dense, dense_large, top2 or switch)."""
   s = settings
   c = default_config()
-  c.steps = s["steps"]
-  c.seed = seed
-  c.batch_size = s["batch_size"]
-  c.learning_rate = s["learning_rate"]
-  c.warmup_steps = s["warmup_steps"]
-  c.log_every = s["log_every"]
-  c.eval_every = s["eval_every"]
-  c.eval_steps = s["eval_steps"]
-  c.final_eval_steps = s.get("final_eval_steps")
-  c.checkpoint_every = s["checkpoint_every"]
-  c.keep_checkpoints = 1
-  c.progress_bar = False
-  c.sample.length = 0
-  c.data.seq_len = s["seq_len"]
-  if s.get("dataset"):
-    c.data.name = s["dataset"]
+  grid.set_training(c, s, seed)
   m = c.model
   m.num_layers = s["large_layers"] if family == "dense_large" else s["num_layers"]
   m.d_model, m.num_heads, m.d_ff = s["d_model"], s["num_heads"], s["d_ff"]
@@ -206,7 +209,7 @@ def make_config(settings: dict[str, Any], family: str, capacity_factor: float | 
   return c
 
 
-def build_grid(settings: dict[str, Any]) -> list[RunSpec]:
+def build_grid(settings: dict[str, Any]) -> list[Table1Run]:
   """Every (model, seed) run, ordered seed-major so a partial grid covers all models."""
   models: list[tuple[str, float | None]] = []
   for family in FAMILIES:
@@ -220,9 +223,9 @@ def build_grid(settings: dict[str, Any]) -> list[RunSpec]:
   for seed in range(settings["seeds"]):
     for family, cf in models:
       name = family if cf is None else f"{family}_cf{cf_name(cf)}"
-      runs.append(RunSpec(f"{name}_s{seed}", family, cf, seed,
-                          make_config(settings, family, cf, seed),
-                          paper_model=PAPER_NAME[family]))
+      runs.append(Table1Run(f"{name}_s{seed}", seed,
+                            make_config(settings, family, cf, seed), family=family,
+                            capacity_factor=cf, paper_model=PAPER_NAME[family]))
   return runs
 
 
@@ -457,11 +460,7 @@ def report_markdown(aggs: Sequence[dict[str, Any]], settings: dict[str, Any],
     lines.append(f"| {name}{ran} | {cf if cf is not None else '—'} | {q:.3f} | "
                  f"{'Not achieved' if h is None else f'{h:.1f}'} | {ex} |")
   lines += ["", "## Which orderings reproduced", "", orderings_paragraph(aggs), ""]
-  lines += ["## Run", ""]
-  for k, v in meta.items():
-    if k != "command":
-      lines.append(f"- {k}: {v}")
-  lines += ["", "Plots: `eval_loss_vs_step.png`, `eval_loss_vs_time.png`, "
+  lines += [*run_section(meta), "", "Plots: `eval_loss_vs_step.png`, `eval_loss_vs_time.png`, "
             "`throughput.png`; per-run numbers: `results.csv`.", ""]
   return "\n".join(lines)
 
@@ -496,50 +495,31 @@ def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float
                            linestyle=_linestyle)
 
 
-def write_outputs(workdir: str, runs: Sequence[RunSpec], settings: dict[str, Any],
-                  meta: dict[str, Any]) -> dict[str, Any]:
-  """Summarises the finished runs into ``report.md``, ``results.csv`` and the plots.
+def report(workdir: str, runs: Sequence[Table1Run], rows: list[dict[str, Any]],
+           settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+  """``report.md``'s text and the plots of the finished runs' ``rows`` (each given
+  the threshold).
 
-  Returns ``{"rows", "aggregates", "threshold", "complete"}``; with no finished run,
-  writes nothing.
+  Returns ``{"markdown", "aggregates", "threshold"}``.
   """
-  rows = [r for r in (summarize_run(workdir, run) for run in runs) if r is not None]
-  complete = len(rows) == len(runs)
-  if not rows:
-    return {"rows": [], "aggregates": [], "threshold": None, "complete": False}
-  threshold = settings.get("threshold")
-  if threshold is not None:
-    threshold = -threshold if threshold < 0 else threshold
-    source = "set with --threshold"
-  else:
-    threshold = default_threshold(rows)
-    source = "the dense baseline's final eval loss (mean over seeds)"
-    if threshold is None:
-      threshold = min(r["final_eval_loss"] for r in rows)
-      source = "no dense run, so the best final eval loss of any run"
+  del runs  # the rows say all
+  threshold, source = threshold_for(rows, settings, "the dense baseline")
   for r in rows:
     add_threshold(r, threshold)
   aggs = aggregate(rows, runner.read_benchmark(workdir), order=model_order)
-  meta = dict(meta)
-  if not complete:
-    meta["PARTIAL"] = (f"only {len(rows)} of {len(runs)} runs have finished; the "
-                       "table covers those")
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(report_markdown(aggs, settings, threshold, source, meta))
-  write_csv(os.path.join(workdir, "results.csv"), rows)
   write_plots(workdir, aggs, threshold)
-  return {"rows": rows, "aggregates": aggs, "threshold": threshold,
-          "complete": complete}
+  return {"markdown": report_markdown(aggs, settings, threshold, source, meta),
+          "aggregates": aggs, "threshold": threshold}
 
 
-GRID = runner.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
-                   build=build_grid, write_outputs=write_outputs)
+GRID = grid.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
+                 build=build_grid, report=report)
 
 
 def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
                    train_fn: Callable | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs (or resumes) the grid in ``workdir`` and writes the report
-  (:func:`moe_jax.compare.runner.run_comparison` of :data:`GRID`)."""
-  return runner.run_comparison(GRID, settings, workdir, command=command,
-                               train_fn=train_fn, log=log)
+  (:func:`moe_jax.compare.grid.run_comparison` of :data:`GRID`)."""
+  return grid.run_comparison(GRID, settings, workdir, command=command,
+                             train_fn=train_fn, log=log)

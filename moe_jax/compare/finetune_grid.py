@@ -12,7 +12,7 @@ it on ``experiments/configs/finetune_lora.py``'s corpus (``python_stdlib``):
   :class:`FinetuneRun` per pretraining run and per (base, method), pretraining runs
   first;
 * :data:`GRID` / :func:`run_comparison` -- the grid on
-  :func:`moe_jax.compare.runner.run_comparison`: pretraining through
+  :func:`moe_jax.compare.grid.run_comparison`: pretraining through
   :func:`moe_jax.training.train.train_and_evaluate`, fine-tuning through
   :func:`moe_jax.peft.finetune.finetune`, both resuming from their checkpoints;
   finished runs (``done.json``) are skipped. SIGTERM saves the running run and stops
@@ -36,10 +36,10 @@ import math
 import os
 from typing import Any, Callable
 
-from moe_jax.compare import finetune_report, runner
-from moe_jax.compare.finetune_rows import BASES, FINETUNE_CONFIG, METHOD_NAMES, METHODS
+from moe_jax.compare import finetune_report, grid, runner
+from moe_jax.compare.finetune_rows import (BASES, FINETUNE_CONFIG, METHOD_NAMES, METHODS,
+                                           FinetuneRun)
 from moe_jax.compare.router_rows import load_row_config, set_key
-from moe_jax.compare.runner import RunSpec
 
 WARMUP_SHARE = 0.1  # warmup: at most this share of a run's steps
 PRETRAIN_CHECKPOINTS = 4  # checkpoints per pretraining run
@@ -90,22 +90,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # configs_dir: where the base and fine-tuning config files are (experiments/configs).
 OPTIONAL_SETTINGS: dict[str, Any] = {"configs_dir": None}
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneRun(RunSpec):
-  """A run of the grid: a base model's pretraining (``method`` empty) or one method's
-  fine-tuning of it.
-
-  Attributes:
-    base: the base model (a name of :data:`BASES`).
-    method: a name of :data:`METHODS`; "" for the pretraining run.
-    base_run: the pretraining run a fine-tuning run starts from (its ``name``).
-  """
-
-  base: str = ""
-  method: str = ""
-  base_run: str = ""
 
 
 def _warmup(steps_in_file: int, steps: int) -> int:
@@ -160,10 +144,9 @@ def make_finetune_config(settings: dict[str, Any], method: str, seed: int):
 def build_grid(settings: dict[str, Any]) -> list[FinetuneRun]:
   """Every pretraining run (seed, base), then every fine-tuning run (seed, base,
   method), so each base has finished before a method starts from it."""
-  bases = [FinetuneRun(f"{b}_s{seed}", b, None, seed, make_base_config(settings, b, seed),
-                       base=b)
+  bases = [FinetuneRun(f"{b}_s{seed}", seed, make_base_config(settings, b, seed), base=b)
            for seed in range(settings["seeds"]) for b in settings["bases"]]
-  tuned = [FinetuneRun(f"{r.base}_{m}_s{r.seed}", f"{r.base}/{m}", None, r.seed,
+  tuned = [FinetuneRun(f"{r.base}_{m}_s{r.seed}", r.seed,
                        make_finetune_config(settings, m, r.seed), base=r.base, method=m,
                        base_run=r.name)
            for r in bases for m in settings["methods"]]
@@ -215,12 +198,14 @@ def _check(settings: dict[str, Any]) -> list[str]:
     for p in validate_config(config, num_devices=None) + problems:
       if p not in seen:
         seen.add(p)
-        errors.append(f"{run.name.rsplit('_s', 1)[0]}: {p}")
+        errors.append(f"{run.model_key}: {p}")
   return errors
 
 
-GRID = runner.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
-                   build=build_grid, write_outputs=finetune_report.write_outputs)
+GRID = grid.Grid(presets=PRESETS, optional=OPTIONAL_SETTINGS, check=_check,
+                 build=build_grid, report=finetune_report.report,
+                 summarize=finetune_report.summarize,
+                 csv_columns=finetune_report.CSV_COLUMNS)
 
 
 def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
@@ -230,7 +215,7 @@ def resolve_settings(preset: str, **overrides) -> dict[str, Any]:
     ValueError: unknown preset or setting, or a value that cannot work (one line per
       problem, naming the flag and the fix).
   """
-  return runner.resolve_settings(GRID, preset, **overrides)
+  return grid.resolve_settings(GRID, preset, **overrides)
 
 
 def recorded_base_errors(workdir: str, runs: list[FinetuneRun]) -> list[str]:
@@ -305,12 +290,12 @@ def run_comparison(settings: dict[str, Any], workdir: str, *, command: str = "",
   if errors:
     raise ConfigError(errors)
   with loop_utils.Preemption() as stop:
-    grid = dataclasses.replace(GRID, write_outputs=functools.partial(
-        finetune_report.write_outputs, stop=stop))
+    stoppable = dataclasses.replace(GRID, report=functools.partial(
+        finetune_report.report, stop=stop))
     train_fn = make_trainer(runs, workdir, stop, pretrain_fn=pretrain_fn,
                             finetune_fn=finetune_fn)
-    out = runner.run_comparison(grid, settings, workdir, command=command,
-                                train_fn=train_fn, log=log)
+    out = grid.run_comparison(stoppable, settings, workdir, command=command,
+                              train_fn=train_fn, log=log)
     if stop.requested:
       log("Stopped (SIGTERM); re-run the same command to resume.")
   return out
