@@ -31,7 +31,6 @@ flags.DEFINE_list("rows", None, "Rows to run (default: the preset's); see "
                   "moe_jax/compare/router_rows.py ROWS.")
 
 
-
 if __name__ == "__main__":
   app.run(cli.grid_main("compare_routers", "routers", GRID_OVERRIDES + ("rows",),
                         renamed={"objectives": "objective"},
