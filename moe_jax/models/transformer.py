@@ -54,9 +54,13 @@ from flax import nnx
 from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.moe_layer import MoeAux
 from moe_jax.layers.projection import project
-from moe_jax.models.block import (EMBED_AXES, REMAT_POLICIES, Block, Norm,
-                                  TransformerConfig, _param)
+from moe_jax.layers.protocols import Flops
+from moe_jax.models.block import REMAT_POLICIES, Block, Norm, TransformerConfig, _param
 from moe_jax.models.mod import RoutedBlock
+
+# Logical axis names of the parameters defined in this file.
+EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
+              "unembed": ("embed", "vocab")}
 
 
 @flax.struct.dataclass
@@ -100,6 +104,12 @@ class Transformer(nnx.Module):
         scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
                                     jnp.float32),
         EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """The output projection, ``2 * M * V``, tied or not; the embedding lookup and
+    learned positions are free."""
+    del tokens
+    return Flops.dense(2 * self.cfg.d_model * self.cfg.vocab_size)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = False,
                token_mask: jax.Array | None = None, use_predictor: bool = False
