@@ -35,11 +35,11 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
 (inside MoeLayer) and the logits stay float32.
 
-Parameters defined here and in :mod:`moe_jax.models.block` carry logical axis names in
-their ``logical_axes`` metadata; the experts, dense FFNs and router get theirs from
-:mod:`moe_jax.models.param_sharding`'s per-module defaults
-(``EXPERT_AXES``/``DENSE_AXES`` of experts.py). ``param_sharding.shard_model`` maps them
-onto a mesh; ``param_sharding.format_sharding`` prints the table.
+Every module declares its parameters' logical axes (``logical_axes`` metadata; this
+file's are :data:`EMBED_AXES`), its forward FLOPs and its LoRA targets
+(:mod:`moe_jax.layers.protocols`). ``param_sharding.shard_model`` maps the axes onto a
+mesh; ``param_sharding.format_sharding`` prints the table; :mod:`moe_jax.models.sizes`
+sums the FLOPs.
 """
 
 from __future__ import annotations
