@@ -38,11 +38,13 @@ class DemoModel(nnx.Module):
 
   def __init__(self, cfg: moe_config.MoeConfig, vocab_size: int,
                num_experts: Sequence[int], *, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(vocab_size, cfg.d_model, rngs=rngs)
+    self.embed = nnx.Embed(vocab_size, cfg.d_model, rngs=rngs,
+                           embedding_metadata={"logical_axes": ("vocab", "embed")})
     self.moe = nnx.List([
         moe_layer.MoeLayer(dataclasses.replace(cfg, num_experts=e), rngs=rngs)
         for e in num_experts])
-    self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs)
+    self.norm = nnx.RMSNorm(cfg.d_model, rngs=rngs,
+                            scale_metadata={"logical_axes": ("norm",)})
     self.head = nnx.Param(
         jax.random.normal(rngs.params(), (cfg.d_model, vocab_size)) / cfg.d_model**0.5,
         logical_axes=("embed", "vocab"))

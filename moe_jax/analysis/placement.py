@@ -67,12 +67,12 @@ def planned_bytes_per_device(model: Any, mesh: jax.sharding.Mesh) -> dict[str, i
   """
   from moe_jax.layers import experts as experts_lib  # pylint: disable=import-outside-toplevel
   from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
-  from moe_jax.models import param_sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.layers.protocols import logical_axes  # pylint: disable=import-outside-toplevel
 
   out = {"experts": 0, "other": 0}
   for path, parent, var in _params_with_parents(model):
     value = var.get_value()
-    names = param_sharding.logical_axes_of(parent, path[-1], var)
+    names = logical_axes(var)
     if names is None:
       spec = jax.sharding.PartitionSpec()
     else:

@@ -19,10 +19,12 @@ from flax import nnx
 from moe_jax.layers.grouped_matmul import GROUPED_MATMULS, resolve_grouped_matmul
 from moe_jax.layers.lora_adapters import weight
 from moe_jax.layers.projection import project
+from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
-# Logical axis names of every parameter; sharding.py maps them onto mesh axes.
+# Logical axis names of every parameter (their ``logical_axes`` metadata); sharding.py
+# maps them onto mesh axes.
 EXPERT_AXES = {
     "wi": ("expert", "embed", "mlp"),
     "wi_gate": ("expert", "embed", "mlp"),
@@ -56,8 +58,18 @@ def activate(activation: str, h: jax.Array, gate: jax.Array | None) -> jax.Array
   raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
 
 
+def _ffn_targets(module, target: str, *, batch_dims: int) -> tuple[LoraWeight, ...]:
+  return tuple(LoraWeight(target, name, batch_dims=batch_dims)
+               for name in ("wi", "wi_gate", "wo") if getattr(module, name) is not None)
+
+
 class Experts(nnx.Module):
-  """E independent FFNs ``x -> act(x W_i) W_o`` applied to per-expert buffers."""
+  """E independent FFNs ``x -> act(x W_i) W_o`` applied to per-expert buffers.
+
+  Declares its logical axes (:data:`EXPERT_AXES`) and LoRA targets (one adapter per
+  expert); its FLOPs are counted by the :class:`~moe_jax.layers.moe_layer.MoeLayer`
+  that routes to it, which alone knows the share of the experts a token visits.
+  """
 
   def __init__(self, num_experts: int, d_model: int, d_ff: int, *,
                activation: str = "relu", dropout_rate: float = 0.0,
@@ -72,13 +84,16 @@ class Experts(nnx.Module):
     # How ragged() runs its grouped matmuls (moe_jax.layers.grouped_matmul; "auto": per
     # backend).
     self.grouped_matmul = grouped_matmul
-    self.wi = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
+    self.wi = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype),
+                        logical_axes=EXPERT_AXES["wi"])
     if activation == "swiglu":
       self.wi_gate = nnx.Param(
-          init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
+          init(rngs.params(), (num_experts, d_model, d_ff), param_dtype),
+          logical_axes=EXPERT_AXES["wi_gate"])
     else:
       self.wi_gate = None
-    self.wo = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype))
+    self.wo = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype),
+                        logical_axes=EXPERT_AXES["wo"])
     # Switch "expert dropout": dropout on the expert hidden layer.
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
@@ -105,6 +120,10 @@ class Experts(nnx.Module):
     h = activate(self.activation, h, gate)
     h = self.dropout(h, deterministic=deterministic)
     return jnp.einsum("ETH,EHM->ETM", h, wo).reshape(shape)
+
+  def lora_targets(self) -> tuple[LoraWeight, ...]:
+    """wi, wi_gate ``[E, M, H]`` and wo ``[E, H, M]``, one adapter per expert."""
+    return _ffn_targets(self, "experts", batch_dims=1)
 
   def weights(self) -> dict[str, jax.Array]:
     """``{"wi", "wo"[, "wi_gate"]}``: the stacked weights with their LoRA updates
@@ -174,23 +193,42 @@ class Experts(nnx.Module):
 
 
 class DenseFfn(nnx.Module):
-  """The dense feed-forward block an MoE layer replaces: same M, H and activation."""
+  """The dense feed-forward block an MoE layer replaces: same M, H and activation.
+
+  ``lora_target`` is the ``finetune.targets`` entry that covers its weights:
+  ``"dense_ffn"`` for a block's FFN, ``"shared_experts"`` for an MoE layer's shared
+  experts.
+  """
 
   def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu",
                dropout_rate: float = 0.0, init_scale: float = 1.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32,
+               lora_target: str = "dense_ffn", rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
     init = scaled_init(init_scale)
     self.activation = activation
     self.dtype = dtype
-    self.wi = nnx.Param(init(rngs.params(), (d_model, d_ff), param_dtype))
+    self.lora_target = lora_target
+    self.wi = nnx.Param(init(rngs.params(), (d_model, d_ff), param_dtype),
+                        logical_axes=DENSE_AXES["wi"])
     if activation == "swiglu":
-      self.wi_gate = nnx.Param(init(rngs.params(), (d_model, d_ff), param_dtype))
+      self.wi_gate = nnx.Param(init(rngs.params(), (d_model, d_ff), param_dtype),
+                               logical_axes=DENSE_AXES["wi_gate"])
     else:
       self.wi_gate = None
-    self.wo = nnx.Param(init(rngs.params(), (d_ff, d_model), param_dtype))
+    self.wo = nnx.Param(init(rngs.params(), (d_ff, d_model), param_dtype),
+                        logical_axes=DENSE_AXES["wo"])
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """2 x its weights: every token passes it."""
+    del tokens
+    return Flops.dense(2 * param_size(self))
+
+  def lora_targets(self) -> tuple[LoraWeight, ...]:
+    """wi, wi_gate ``[M, H]`` and wo ``[H, M]``, under :attr:`lora_target`."""
+    return _ffn_targets(self, self.lora_target, batch_dims=0)
 
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
     """x: [..., M] -> [..., M]."""

@@ -28,8 +28,10 @@ and the optimizer state are the adapters' alone, which is what LoRA saves.
 
 The adapter lives in an attribute ``<weight name>_lora`` of the module that owns the
 weight (``experts.wi_lora``), so checkpoints and the ``nnx.LoRAParam`` filter that
-fine-tuning splits the model by (``nnx.split``) find it by the ordinary state paths. Which weights get one is decided by
-:mod:`moe_jax.peft.lora`; this module knows nothing about the model.
+fine-tuning splits the model by (``nnx.split``) find it by the ordinary state paths. Which
+weights get one is decided by :mod:`moe_jax.peft.lora` from what the model's modules
+declare (``lora_targets()``, :mod:`moe_jax.layers.protocols`); this module knows
+nothing about the model.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from moe_jax.layers.protocols import Flops
 
 SUFFIX = "_lora"
 # The A factor's init, uniform on [-bound, bound] over its fan-in K:
@@ -99,6 +103,12 @@ class Adapter(nnx.Module):
                                 **({"logical_axes": b_axes} if b_axes else {}))
     self.scale = float(alpha) / rank
     self.shape = tuple(shape)
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """0: the update costs one ``A @ B`` per step, not per token, and the owner of the
+    weight counts its factors with its own weights (their parameters are under it)."""
+    del tokens
+    return Flops()
 
   @property
   def rank(self) -> int:

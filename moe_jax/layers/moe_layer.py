@@ -28,9 +28,15 @@ from moe_jax.layers.experts import DenseFfn, Experts, scaled_init
 from moe_jax.layers.lora_adapters import weight
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.layers.projection import project
+from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 from moe_jax.parallel.sharding import SINGLE_DEVICE, Layout
 from moe_jax.layers.router_families import (ROUTERS, RouterInputs, SelectionBias,
                                             TrainingStep, causality)
+
+
+# Logical axis names of the router's parameters: [M, E], E of the logits replicated;
+# W_noise of noisy top-k alike.
+ROUTER_AXES = {"kernel": ("embed", None), "noise_kernel": ("embed", None)}
 
 
 @flax.struct.dataclass
@@ -66,11 +72,25 @@ class Router(nnx.Module):
   def __init__(self, d_model: int, num_experts: int, *, jitter_noise: float = 0.0,
                init_scale: float = 0.1, learned_noise: bool = False, rngs: nnx.Rngs):
     self.kernel = nnx.Param(
-        scaled_init(init_scale)(rngs.params(), (d_model, num_experts), jnp.float32))
-    self.noise_kernel = (nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32))
+        scaled_init(init_scale)(rngs.params(), (d_model, num_experts), jnp.float32),
+        logical_axes=ROUTER_AXES["kernel"])
+    self.noise_kernel = (nnx.Param(jnp.zeros((d_model, num_experts), jnp.float32),
+                                   logical_axes=ROUTER_AXES["noise_kernel"])
                          if learned_noise else None)
     self.jitter_noise = jitter_noise
     self.rngs = rngs
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """``2 * M * E`` (and W_noise's when it has one), counted as routing."""
+    del tokens
+    return Flops(router=2 * param_size(self))
+
+  def param_groups(self) -> dict[str, int]:
+    return {"router": param_size(self)}
+
+  def lora_targets(self) -> tuple[LoraWeight, ...]:
+    """The kernel ``[M, E]``; ``noisy_topk``'s W_noise gets none and stays frozen."""
+    return (LoraWeight("router", "kernel"),)
 
   def noise_std(self, x: jax.Array) -> jax.Array | None:
     """x: [G, S, M] -> f32[G, S, E] ``softplus(x W_noise) + 1e-2``; None without W_noise.
@@ -148,7 +168,8 @@ class MoeLayer(nnx.Module):
     self.shared_experts = (DenseFfn(
         cfg.d_model, cfg.num_shared_experts * cfg.d_ff, activation=cfg.activation,
         dropout_rate=cfg.expert_dropout, init_scale=cfg.init_scale,
-        dtype=cfg.compute_dtype, rngs=rngs) if cfg.num_shared_experts else None)
+        dtype=cfg.compute_dtype, lora_target="shared_experts",
+        rngs=rngs) if cfg.num_shared_experts else None)
     self.selection_bias = (SelectionBias(jnp.zeros((cfg.routed_experts,), jnp.float32))
                            if cfg.bias_update_rate > 0 else None)
     self.training_step = (TrainingStep(jnp.zeros((), jnp.int32))
@@ -173,6 +194,33 @@ class MoeLayer(nnx.Module):
     """Routed experts a token visits on average when training (top_k for token
     choice, capacity_factor for expert choice)."""
     return ROUTERS[self.cfg.router].experts_per_token(self.cfg)
+
+  # Sizes (moe_jax.models.sizes): the layer counts its routed experts' FLOPs, since
+  # only it knows the share of them a token visits; the router and the shared experts
+  # count their own.
+  flops_include = ("experts",)
+
+  def active_count(self, n: int) -> int:
+    """The part of a routed-expert count ``n`` (parameters or FLOPs) that one token
+    uses: ``k / (E + N)`` of it, ``k`` (:attr:`experts_per_token`) of the ``E`` real
+    and ``N`` no-op experts being chosen on average (MoDE: a balanced router sends
+    ``N / (E + N)`` of the choices to no-op experts)."""
+    k = self.experts_per_token
+    if float(k).is_integer():
+      return n * int(k) // self.cfg.routed_experts
+    return round(n * k / self.cfg.routed_experts)
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """The routed experts: ``2 x`` their weights for ``total`` (every expert on every
+    token), :meth:`active_count` of that for ``active``."""
+    del tokens
+    n = 2 * param_size(self.experts)
+    return Flops(active=self.active_count(n), total=n)
+
+  def param_groups(self) -> dict[str, int]:
+    """The routed experts' parameters, and those of them a token does not use."""
+    n = param_size(self.experts)
+    return {"experts": n, "inactive": n - self.active_count(n)}
 
   def constrain(self, x: jax.Array, name: str) -> jax.Array:
     """Sharding hook: ``"groups"`` for ``[G, S, M]``, ``"expert_buffers"`` for

@@ -29,13 +29,13 @@ from moe_jax.models.mamba import MambaConfig, MambaMixer
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
 from moe_jax.layers.moe_layer import MoeAux, MoeLayer
 from moe_jax.layers.lora_adapters import weight
+from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 
 POSITIONS = ("rotary", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
 
-# Logical axis names of the parameters defined in this file (experts.py has the FFNs').
-EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
-              "unembed": ("embed", "vocab")}
+# Logical axis names of the parameters defined in this file (experts.py has the FFNs',
+# transformer.py the embeddings').
 # Grouped-query attention's key and value kernels have N_kv heads: "kv_heads" shards over
 # ``model`` only when N_kv divides by it, and is replicated otherwise (moe_jax/parallel/sharding.py).
 ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "kv_heads", "kv"),
@@ -221,7 +221,8 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
 
 
 class Norm(nnx.Module):
-  """RMSNorm (T5) or LayerNorm over the last axis, computed in float32."""
+  """RMSNorm (T5) or LayerNorm over the last axis, computed in float32 (O(M) per
+  token: counted as 0 FLOPs, like the biases elsewhere)."""
 
   def __init__(self, d_model: int, kind: str = "rmsnorm", eps: float = 1e-6):
     self.kind = kind
@@ -229,6 +230,10 @@ class Norm(nnx.Module):
     self.scale = _param(jnp.ones((d_model,), jnp.float32), NORM_AXES["scale"])
     self.bias = (_param(jnp.zeros((d_model,), jnp.float32), NORM_AXES["bias"])
                  if kind == "layernorm" else None)
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    del tokens
+    return Flops()
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., M] -> [..., M] in x's dtype."""
@@ -282,6 +287,19 @@ class Attention(nnx.Module):
     out_init = scaled_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
     self.out = _param(out_init(rngs.params(), (cfg.num_heads, cfg.head_dim, cfg.d_model),
                                jnp.float32), ATTENTION_AXES["out"])
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """2 x the projection weights, plus ``4 * tokens * N * D`` for the scores and the
+    mixing over a context of ``tokens`` (QK^T and PV for each of the N query heads,
+    the Kaplan et al. 2020 convention; causal masking is not discounted; grouped-query
+    attention's fewer KV heads shrink the key and value weights, not this term)."""
+    width = self.cfg.num_heads * self.cfg.head_dim  # N * D, M by default
+    return Flops.dense(2 * param_size(self) + 4 * tokens * width)
+
+  def lora_targets(self) -> tuple[LoraWeight, ...]:
+    """query, key, value ``[M, N or N_kv, D]`` and out ``[N, D, M]`` (two input axes)."""
+    return (*(LoraWeight("attention", name) for name in ("query", "key", "value")),
+            LoraWeight("attention", "out", in_dims=2))
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     """x: [B, L, M] -> q: [B, L, N, D], k, v: [B, L, N_kv, D] in the compute dtype,
@@ -498,8 +516,10 @@ class Block(nnx.Module):
       y = self.ffn(y, deterministic=deterministic)
     return h, self.dropout(y, deterministic=deterministic).astype(x.dtype), aux
 
-  def tokens_run(self, seq_len: int) -> int:
-    """Tokens of a ``seq_len`` sequence that go through the block (all of them)."""
+  def tokens_run(self, seq_len: int, child: str) -> int:
+    """Tokens of a ``seq_len`` sequence that the block passes to its ``child`` module
+    (all of them; :func:`moe_jax.models.sizes.flops_per_token` asks)."""
+    del child
     return seq_len
 
   @property

@@ -54,6 +54,7 @@ from flax import nnx
 
 from moe_jax.parallel.backend import is_accelerator
 from moe_jax.layers.experts import scaled_init
+from moe_jax.layers.protocols import Flops
 
 # Logical axis names (sharding.py's rules). The mixer's weights are replicated, or
 # data-parallel with the batch: only M is named; D_in, N, R and K are left unsharded.
@@ -429,6 +430,11 @@ class MambaMixer(nnx.Module):
     """
     del positions, token_mask
     return self.prefill(x)[0]
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """:func:`mixer_cost`'s ``flops``: nothing grows with the context."""
+    del tokens
+    return Flops.dense(mixer_cost(self.cfg)["flops"])
 
   def init_state(self, batch_size: int, dtype=None) -> MambaState:
     """The empty state: zero conv inputs (in ``dtype``, default the compute dtype) and

@@ -42,12 +42,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers.experts import scaled_init
+from moe_jax.layers.protocols import Flops, param_size
 from moe_jax.routing import depth
 from moe_jax.models.block import Block, BlockAux, TransformerConfig
 
 # Logical axis names of this file's parameters (moe_jax.parallel.sharding maps them; all
 # replicated but for M, which no rule splits).
-ROUTER_AXES = {"kernel": ("embed",)}
+DEPTH_ROUTER_AXES = {"kernel": ("embed",)}
 PREDICTOR_AXES = {"wi": ("embed", None), "bi": (None,), "wo": (None,), "bo": ()}
 
 
@@ -61,7 +62,15 @@ class DepthRouter(nnx.Module):
 
   def __init__(self, d_model: int, *, init_scale: float = 1.0, rngs: nnx.Rngs):
     w = scaled_init(init_scale)(rngs.params(), (d_model, 1), jnp.float32)[:, 0]
-    self.kernel = nnx.Param(w, logical_axes=ROUTER_AXES["kernel"])
+    self.kernel = nnx.Param(w, logical_axes=DEPTH_ROUTER_AXES["kernel"])
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """``2 * M``, counted as routing."""
+    del tokens
+    return Flops(router=2 * param_size(self))
+
+  def param_groups(self) -> dict[str, int]:
+    return {"router": param_size(self)}
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, L, M] any dtype -> f32[B, L] router weights."""
@@ -98,6 +107,14 @@ class MlpPredictor(nnx.Module):
                                                 jnp.float32)[:, 0],
                         logical_axes=PREDICTOR_AXES["wo"])
     self.bo = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=PREDICTOR_AXES["bo"])
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """2 x its parameters, biases included."""
+    del tokens
+    return Flops.dense(2 * param_size(self))
+
+  def param_groups(self) -> dict[str, int]:
+    return {"predictor": param_size(self)}
 
   def __call__(self, x: jax.Array, weights: jax.Array) -> jax.Array:
     del weights
@@ -151,8 +168,15 @@ class RoutedBlock(Block):
     self.mod_router = DepthRouter(cfg.d_model, init_scale=cfg.init_scale, rngs=rngs)
     self.predictor = PREDICTORS[cfg.mod_predictor](cfg, rngs)
 
-  def tokens_run(self, seq_len: int) -> int:
-    """k = ``ceil(mod_capacity * seq_len)``: the tokens of a sequence that run it."""
+  # Run on every token of the sequence; the mixer, the FFN and their norms on k.
+  SEQUENCE_WIDE = ("mod_router", "predictor")
+
+  def tokens_run(self, seq_len: int, child: str) -> int:
+    """k = ``ceil(mod_capacity * seq_len)`` tokens of a sequence run the block's
+    mixer and FFN (also their attention context); its router and predictor see all
+    ``seq_len``."""
+    if child in self.SEQUENCE_WIDE:
+      return seq_len
     return depth.depth_capacity(seq_len, self.capacity)
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,

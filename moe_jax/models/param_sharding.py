@@ -1,11 +1,12 @@
 """A model's parameters on a mesh (:func:`shard_model`), and how they are laid out.
 
-Parameters carry *logical* axis names (:data:`moe_jax.parallel.sharding.LOGICAL_AXES`).
-They come from Variable metadata ``logical_axes`` when present (``nnx.Param(w,
-logical_axes=("vocab", "embed"))``), otherwise from per-module defaults (``EXPERT_AXES``
-of :class:`~moe_jax.layers.experts.Experts`, ``DENSE_AXES`` of
-:class:`~moe_jax.layers.experts.DenseFfn`, the router, ``nnx.Embed`` and the norms). The
-rules table :data:`~moe_jax.parallel.sharding.LOGICAL_RULES` maps them to mesh axes.
+Parameters carry *logical* axis names (:data:`moe_jax.parallel.sharding.LOGICAL_AXES`)
+in their ``logical_axes`` metadata, declared by the module that creates them
+(``nnx.Param(w, logical_axes=("vocab", "embed"))``, from a dict constant beside the
+module: ``ATTENTION_AXES``, ``EXPERT_AXES``, ...; :mod:`moe_jax.layers.protocols`).
+Nothing here knows a module class. :func:`undeclared_axes` lists the parameters that
+declare none (they are replicated). The rules table
+:data:`~moe_jax.parallel.sharding.LOGICAL_RULES` maps the names to mesh axes.
 ``shard_model`` writes the resolved spec into flax's ``out_sharding`` metadata as well,
 so ``nnx.get_partition_spec`` and ``nnx.Optimizer`` (which builds its state from the
 parameters' metadata) follow it. See ``docs/sharding.md``.
@@ -20,17 +21,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import moe_layer
+from moe_jax.layers.protocols import logical_axes
 from moe_jax.parallel.sharding import (LOGICAL_RULES, check_mesh, logical_to_spec,
                                        moe_layout)
-
-# Defaults for modules that do not annotate their parameters, by module type.
-# [M, E]: E of the logits stays replicated; W_noise of noisy top-k alike.
-ROUTER_AXES = {"kernel": ("embed", None), "noise_kernel": ("embed", None)}
-EMBED_AXES = {"embedding": ("vocab", "embed")}
-NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
-
 
 
 # ------------------------------------------------------------------------------------
@@ -38,41 +32,26 @@ NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
 # ------------------------------------------------------------------------------------
 
 
-def default_logical_axes(module: Any, name: str) -> tuple[str | None, ...] | None:
-  """Logical axes of parameter ``name`` of ``module`` when it carries none itself."""
-  if isinstance(module, experts_lib.Experts):
-    return experts_lib.EXPERT_AXES.get(name)
-  if isinstance(module, experts_lib.DenseFfn):
-    return experts_lib.DENSE_AXES.get(name)
-  if isinstance(module, moe_layer.Router):
-    return ROUTER_AXES.get(name)
-  if isinstance(module, nnx.Embed):
-    return EMBED_AXES.get(name)
-  if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)):
-    return NORM_AXES.get(name)
-  return None
-
-
 def _path_str(path) -> str:
   return "/".join(str(p) for p in path)
 
 
-def _variables(model) -> list[tuple[tuple, Any, nnx.Variable]]:
-  """(path, parent, variable) of every array Variable of ``model``."""
-  nodes = dict(nnx.iter_graph(model))
-  out = []
-  for path, node in nodes.items():
-    if isinstance(node, nnx.Variable) and hasattr(node.get_value(), "shape"):
-      out.append((path, nodes.get(path[:-1]), node))
-  return out
+def _variables(model) -> list[tuple[tuple, nnx.Variable]]:
+  """(path, variable) of every array Variable of ``model``."""
+  return [(path, node) for path, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Variable) and hasattr(node.get_value(), "shape")]
 
 
-def logical_axes_of(parent: Any, name: Any, var: nnx.Variable):
-  """The logical axes of ``var``: its ``logical_axes`` metadata, else the default."""
-  names = var.get_metadata("logical_axes", None)
-  if names is None and isinstance(var, nnx.Param):
-    names = default_logical_axes(parent, name)
-  return names
+def undeclared_axes(model: Any) -> list[str]:
+  """Paths of the parameters (``nnx.Param``, LoRA factors included) of ``model`` that
+  declare no logical axes, or a number of them other than their rank."""
+  bad = []
+  for path, var in _variables(model):
+    if isinstance(var, nnx.Param):
+      names = logical_axes(var)
+      if names is None or len(names) != var.get_value().ndim:
+        bad.append(f"{_path_str(path)} {tuple(var.get_value().shape)}: {names}")
+  return bad
 
 
 def shard_model(model: Any, mesh: Mesh,
@@ -104,8 +83,8 @@ def shard_model(model: Any, mesh: Mesh,
              for _, node in nnx.iter_graph(model)
              if isinstance(node, moe_layer.MoeLayer)]
   placements = []
-  for path, parent, var in _variables(model):
-    names = logical_axes_of(parent, path[-1], var)
+  for path, var in _variables(model):
+    names = logical_axes(var)
     spec = P() if names is None else logical_to_spec(
         names, var.get_value().shape, mesh, rules, where=_path_str(path))
     placements.append((var, names, spec))
@@ -141,7 +120,7 @@ def describe_sharding(model: Any) -> dict[str, P]:
   Arrays not on a mesh (a single device) report ``PartitionSpec()``.
   """
   out = {}
-  for path, _, var in _variables(model):
+  for path, var in _variables(model):
     sharding = getattr(var.get_value(), "sharding", None)
     out[_path_str(path)] = sharding.spec if isinstance(sharding, NamedSharding) else P()
   return out
@@ -151,8 +130,8 @@ def format_sharding(model: Any) -> str:
   """A table of path, shape, logical axes and PartitionSpec, one line per array."""
   rows = [("path", "shape", "logical axes", "spec")]
   specs = describe_sharding(model)
-  for path, parent, var in _variables(model):
-    names = logical_axes_of(parent, path[-1], var)
+  for path, var in _variables(model):
+    names = logical_axes(var)
     rows.append((_path_str(path), str(tuple(var.get_value().shape)),
                  "-" if names is None else str(tuple(names)),
                  str(specs[_path_str(path)])))

@@ -35,11 +35,11 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
 (inside MoeLayer) and the logits stay float32.
 
-Parameters defined here and in :mod:`moe_jax.models.block` carry logical axis names in
-their ``logical_axes`` metadata; the experts, dense FFNs and router get theirs from
-:mod:`moe_jax.models.param_sharding`'s per-module defaults
-(``EXPERT_AXES``/``DENSE_AXES`` of experts.py). ``param_sharding.shard_model`` maps them
-onto a mesh; ``param_sharding.format_sharding`` prints the table.
+Every module declares its parameters' logical axes (``logical_axes`` metadata; this
+file's are :data:`EMBED_AXES`), its forward FLOPs and its LoRA targets
+(:mod:`moe_jax.layers.protocols`). ``param_sharding.shard_model`` maps the axes onto a
+mesh; ``param_sharding.format_sharding`` prints the table; :mod:`moe_jax.models.sizes`
+sums the FLOPs.
 """
 
 from __future__ import annotations
@@ -54,9 +54,13 @@ from flax import nnx
 from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.moe_layer import MoeAux
 from moe_jax.layers.projection import project
-from moe_jax.models.block import (EMBED_AXES, REMAT_POLICIES, Block, Norm,
-                                  TransformerConfig, _param)
+from moe_jax.layers.protocols import Flops
+from moe_jax.models.block import REMAT_POLICIES, Block, Norm, TransformerConfig, _param
 from moe_jax.models.mod import RoutedBlock
+
+# Logical axis names of the parameters defined in this file.
+EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
+              "unembed": ("embed", "vocab")}
 
 
 @flax.struct.dataclass
@@ -100,6 +104,12 @@ class Transformer(nnx.Module):
         scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
                                     jnp.float32),
         EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """The output projection, ``2 * M * V``, tied or not; the embedding lookup and
+    learned positions are free."""
+    del tokens
+    return Flops.dense(2 * self.cfg.d_model * self.cfg.vocab_size)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = False,
                token_mask: jax.Array | None = None, use_predictor: bool = False

@@ -1,11 +1,13 @@
 """LoRA targets of a Transformer: which weights get an adapter, and what that costs.
 
-A target names a kind of module and the weights of it that get a
-:class:`moe_jax.layers.lora_adapters.Adapter` (``nnx.LoRAParam`` factors, B = 0). Each kind is one
-entry of :data:`TARGETS`, a function from the model to the weights it covers, so a new
-target is one entry and never a branch in the model code.
+A target is a ``finetune.targets`` name; the modules of the model declare which of
+their weights each one covers (``lora_targets()``, :class:`~moe_jax.layers.protocols.
+LoraWeight` records; :mod:`moe_jax.layers.protocols`), so a new module's weights are
+covered by its own declaration and never by a branch here. Each covered weight gets a
+:class:`moe_jax.layers.lora_adapters.Adapter` (``nnx.LoRAParam`` factors, B = 0)
+sharded like the weight (its logical axes).
 
-| target | module | weights (shape -> A, B) |
+| target | declared by | weights (shape -> A, B) |
 |---|---|---|
 | ``router`` | :class:`~moe_jax.layers.moe_layer.Router` | kernel [M, E] -> [M, r], [r, E] (``noisy_topk``'s ``noise_kernel`` gets none and stays frozen) |
 | ``experts`` | :class:`~moe_jax.layers.experts.Experts` | wi, wi_gate [E, M, H] -> [E, M, r], [E, r, H]; wo [E, H, M] -> [E, H, r], [E, r, M] |
@@ -21,94 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 from flax import nnx
 
 from moe_jax.layers import lora_adapters as lora_lib
-from moe_jax.layers.experts import DENSE_AXES, EXPERT_AXES, DenseFfn, Experts
-from moe_jax.layers.moe_layer import Router
-from moe_jax.models.block import ATTENTION_AXES, Attention
+from moe_jax.layers.protocols import logical_axes
 
-ROUTER_KERNEL_AXES = ("embed", None)
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetWeight:
-  """One weight a target covers.
-
-  Attributes:
-    path: the owner module's path in the model (tuple of keys).
-    owner: the module holding the weight.
-    name: the weight's attribute name.
-    batch_dims: leading axes with one adapter each (1: the E of stacked experts).
-    in_dims: contracted axes after them (2 for attention's out ``[N, D, M]``).
-    axes: the weight's logical axes (the adapters shard like it).
-  """
-
-  path: tuple
-  owner: Any
-  name: str
-  batch_dims: int
-  in_dims: int
-  axes: tuple
-
-
-def _ffn_weights(path, module, axes, batch_dims) -> Iterator[TargetWeight]:
-  for name in ("wi", "wi_gate", "wo"):
-    if getattr(module, name, None) is not None:
-      yield TargetWeight(path, module, name, batch_dims, 1, axes[name])
-
-
-def _modules(model, kind) -> Iterator[tuple[tuple, Any]]:
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, kind):
-      yield tuple(path), module
-
-
-def _router(model):
-  for path, m in _modules(model, Router):
-    yield TargetWeight(path, m, "kernel", 0, 1, ROUTER_KERNEL_AXES)
-
-
-def _experts(model):
-  for path, m in _modules(model, Experts):
-    yield from _ffn_weights(path, m, EXPERT_AXES, 1)
-
-
-def _is_shared(path) -> bool:
-  return bool(path) and path[-1] == "shared_experts"
-
-
-def _shared_experts(model):
-  for path, m in _modules(model, DenseFfn):
-    if _is_shared(path):
-      yield from _ffn_weights(path, m, DENSE_AXES, 0)
-
-
-def _dense_ffn(model):
-  for path, m in _modules(model, DenseFfn):
-    if not _is_shared(path):
-      yield from _ffn_weights(path, m, DENSE_AXES, 0)
-
-
-def _attention(model):
-  for path, m in _modules(model, Attention):
-    for name in ("query", "key", "value"):
-      yield TargetWeight(path, m, name, 0, 1, ATTENTION_AXES[name])
-    yield TargetWeight(path, m, "out", 0, 2, ATTENTION_AXES["out"])
-
-
-# What each target covers, and what to say when a model has none of it.
-TARGETS: dict[str, Callable[[Any], Iterator[TargetWeight]]] = {
-    "router": _router,
-    "experts": _experts,
-    "shared_experts": _shared_experts,
-    "attention": _attention,
-    "dense_ffn": _dense_ffn,
-}
-MISSING_HINTS = {
+# The targets, and what to say when a model has nothing a target covers.
+TARGETS: dict[str, str] = {
     "router": "the model has no MoE blocks (model.moe_every=0)",
     "experts": "the model has no MoE blocks (model.moe_every=0)",
     "shared_experts": "its MoE layers have no shared experts (moe.num_shared_experts=0)",
@@ -117,20 +41,61 @@ MISSING_HINTS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetWeight:
+  """One weight a target covers.
+
+  Attributes:
+    target: the target that covers it.
+    path: the owner module's path in the model (tuple of keys).
+    owner: the module holding the weight.
+    name: the weight's attribute name.
+    batch_dims: leading axes with one adapter each (1: the E of stacked experts).
+    in_dims: contracted axes after them (2 for attention's out ``[N, D, M]``).
+    axes: the weight's logical axes (the adapters shard like it).
+  """
+
+  target: str
+  path: tuple
+  owner: Any
+  name: str
+  batch_dims: int
+  in_dims: int
+  axes: tuple | None
+
+
+def declared_weights(model) -> Iterator[TargetWeight]:
+  """Every weight the modules of ``model`` declare as a LoRA target, in graph order.
+
+  Raises:
+    ValueError: a module declares a target that is not in :data:`TARGETS`.
+  """
+  for path, module in nnx.iter_modules(model):
+    declare = getattr(module, "lora_targets", None)  # HasLoraTargets
+    for w in (declare() if declare is not None else ()):
+      if w.target not in TARGETS:
+        raise ValueError(f"{type(module).__name__} declares LoRA target {w.target!r}, "
+                         f"which is not in peft.lora.TARGETS ({', '.join(TARGETS)}); "
+                         "add it there with its missing-target hint.")
+      yield TargetWeight(w.target, tuple(path), module, w.name, w.batch_dims,
+                         w.in_dims, logical_axes(getattr(module, w.name)))
+
+
 def target_weights(model, targets) -> list[TargetWeight]:
   """The weights ``targets`` cover in ``model``, in graph order.
 
   Raises:
     ValueError: a target name is unknown, or the model has nothing it covers.
   """
+  declared = list(declared_weights(model))
   found = []
   for t in targets:
     if t not in TARGETS:
       raise ValueError(f"finetune.targets has {t!r}, which is not a target; use some of "
                        f"{', '.join(TARGETS)}.")
-    weights = list(TARGETS[t](model))
+    weights = [w for w in declared if w.target == t]
     if not weights:
-      raise ValueError(f"finetune.targets has {t!r}, but {MISSING_HINTS[t]}; drop it "
+      raise ValueError(f"finetune.targets has {t!r}, but {TARGETS[t]}; drop it "
                        "from finetune.targets.")
     found.extend(weights)
   return found
