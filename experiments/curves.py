@@ -28,16 +28,13 @@ import os
 import sys
 from typing import Any, Sequence
 
+from moe_jax.training.metrics import read_metrics
+
 XS = ("step", "train_sec", "train_flops")
 X_LABELS = {"step": "training step", "train_sec": "training seconds (evals left out)",
             "train_flops": "training FLOPs (3 x forward)"}
 COLUMNS = ("run", "step", "train_sec", "train_flops", "eval_loss", "eval_loss_stderr",
            "eval_tokens", "eval_loss_predictor")
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def train_seconds(train_rows: Sequence[dict[str, Any]], tokens_per_step: int
@@ -64,7 +61,7 @@ def _interp(points: Sequence[tuple[int, float]], step: int) -> float | None:
 
 def read_curve(name: str, workdir: str) -> list[dict[str, Any]]:
   """One row per eval of the run in ``workdir`` (columns: ``COLUMNS``)."""
-  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  rows = read_metrics(workdir)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = json.load(f)
   with open(os.path.join(workdir, "model_info.json"), encoding="utf-8") as f:

@@ -26,12 +26,17 @@ CONFIGS = {
     "deepseek": {"moe.top_k": 2, "moe.score_fn": "sigmoid", "moe.z_loss_coef": 0.0,
                  "moe.bias_update_rate": 0.01, "moe.balance_choices": "all",
                  "moe.group_size": 32},
+    # Expert choice on padded batches: its experts_per_token (a mean over valid tokens)
+    # weighs the microbatches by their real tokens (metric_schema); one group of 64
+    # tokens per microbatch.
+    "expert_choice": {"moe.router": "expert_choice", "moe.capacity_factor": 1.3,
+                      "moe.allow_noncausal_routing": True},
     # Masked LM: each microbatch has its own count of picked (scored) tokens.
     "masked_lm": {"model.objective": "masked_lm"},
 }
 # Batches with padding (rows of 8 to 32 real tokens), so the microbatches score
 # different numbers of tokens.
-PADDED = ("masked_lm", "padded")
+PADDED = ("masked_lm", "padded", "expert_choice")
 CONFIGS["padded"] = {}
 
 

@@ -20,7 +20,9 @@ import os
 import statistics
 from typing import Any, Callable, Sequence
 
-from moe_jax.compare.runner import RunSpec, read_jsonl, run_dir
+from moe_jax.analysis.history import load_history
+from moe_jax.compare.runner import RunSpec, run_dir
+from moe_jax.training.metrics import read_metrics
 
 
 def steps_to_threshold(curve: Sequence[tuple[int, float]], threshold: float
@@ -58,18 +60,16 @@ def load_balance(load: Sequence[float]) -> tuple[float, float]:
 def balance_curves(train: Sequence[dict[str, Any]]) -> dict[str, list[tuple]]:
   """Per MoE layer, ``[(step, CV, max/mean), ...]`` of the logged expert loads (each
   train line's load is the mean over its logging interval); {} for a dense model."""
-  curves: dict[str, list[tuple]] = {}
-  for line in train:
-    for layer, load in (line.get("expert_load") or {}).items():
-      curves.setdefault(layer, []).append((line["step"], *load_balance(load)))
-  return curves
+  steps, loads = load_history(train)
+  return {layer: [(int(s), *load_balance(l.tolist())) for s, l in zip(steps, load)]
+          for layer, load in loads.items()}
 
 
 def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
                   ) -> dict[str, Any] | None:
   """One row of ``results.csv`` for a finished run (None if it has no final eval)."""
   rdir = run_dir(workdir, run)
-  lines = read_jsonl(os.path.join(rdir, "metrics.jsonl"))
+  lines = read_metrics(rdir)
   train = [l for l in lines if l.get("split") == "train"]
   evals = [l for l in lines if l.get("split") == "eval"]
   if not evals or evals[-1]["step"] < run.config.steps or not train:

@@ -39,7 +39,8 @@ import numpy as np
 from moe_jax.compare.aggregation import summarize_run
 from moe_jax.compare.finetune_rows import METHODS, FinetuneRun
 from moe_jax.compare.report import run_section
-from moe_jax.compare.runner import read_jsonl, run_dir
+from moe_jax.compare.runner import run_dir
+from moe_jax.training.metrics import read_metrics
 
 SHARES_FILE = "domain_shares.json"
 # The ESFT method of finetune.json's plan: its optimizer state holds whole stacks.
@@ -107,7 +108,7 @@ def summarize(workdir: str, run: FinetuneRun) -> dict[str, Any] | None:
 def summarize_finetune(workdir: str, run) -> dict[str, Any] | None:
   """One row for a finished fine-tuning run (None before its last eval)."""
   rdir = run_dir(workdir, run)
-  lines = read_jsonl(os.path.join(rdir, "metrics.jsonl"))
+  lines = read_metrics(rdir)
   train = [l for l in lines if l.get("split") == "train"]
   evals = [l for l in lines if l.get("split") == "eval"]
   info_path = os.path.join(rdir, "finetune.json")

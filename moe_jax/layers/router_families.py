@@ -135,6 +135,25 @@ def expert_choice_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
 
 
 @dataclasses.dataclass(frozen=True)
+class FamilyMetric:
+  """A scalar metric a family's routing adds to the common ones (its
+  ``RoutingOutput.metrics``); the train line logs its mean over the MoE layers
+  (:mod:`moe_jax.training.metric_schema`).
+
+  Attributes:
+    name: its key in ``RoutingOutput.metrics`` and in the train line.
+    doc: what it measures (one line of the metrics table of docs/training.md).
+    per_group: a mean over routing groups, like ``aux_loss``: gradient accumulation
+      averages the microbatches' values; False: a mean over valid tokens, weighted by
+      each microbatch's real tokens.
+  """
+
+  name: str
+  doc: str
+  per_group: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class RouterFamily:
   """One entry of :data:`ROUTERS`.
 
@@ -158,6 +177,8 @@ class RouterFamily:
       ``balance_scope`` is None: ``"group"`` (per routing group) or ``"batch"`` (over
       the whole global batch, :func:`moe_jax.routing.pool_groups`); None for a family
       without a balance loss.
+    metrics: the metrics its routing adds to the common ones, which the train line
+      logs (:class:`FamilyMetric`).
   """
 
   route: Callable[[Any, RouterInputs], routing.RoutingOutput]
@@ -170,6 +191,7 @@ class RouterFamily:
   experts_per_token: Callable[[Any], float]
   noop: bool = False
   balance_scope: str | None = None
+  metrics: tuple[FamilyMetric, ...] = ()
 
 
 # Router-specific config keys and their defaults. A key left at its default means the
@@ -206,14 +228,21 @@ ROUTERS: dict[str, RouterFamily] = {
         options=frozenset({"top_k", "noise_anneal_steps", "balance_scope"}),
         uses_rng=lambda cfg, deterministic: not deterministic,
         # Shazeer et al. count importance and load over the batch.
-        experts_per_token=lambda cfg: cfg.top_k, noop=True, balance_scope="batch"),
+        experts_per_token=lambda cfg: cfg.top_k, noop=True, balance_scope="batch",
+        metrics=(FamilyMetric("importance_cv2", "`cv2` of the gates each expert "
+                              "received (the importance term of `aux_loss`)",
+                              per_group=True),
+                 FamilyMetric("load_cv2", "`cv2` of each expert's (smooth) load, the "
+                              "load term of `aux_loss`", per_group=True))),
     # Each expert takes C = ceil(cf * S / E) tokens, so a token visits cf experts on
     # average (Zhou et al. 2022, Sec. 3.1).
     "expert_choice": RouterFamily(
         route=expert_choice_router, paper="Zhou et al. 2022", tokens_choose=False,
         dropless=False, learned_noise=False, options=frozenset(),
         uses_rng=lambda cfg, deterministic: False,
-        experts_per_token=lambda cfg: cfg.capacity_factor),
+        experts_per_token=lambda cfg: cfg.capacity_factor,
+        metrics=(FamilyMetric("experts_per_token", "mean number of experts that "
+                              "picked each valid token"),)),
 }
 
 

@@ -1,6 +1,6 @@
 """The training loop's view of Mixture-of-Depths: the routed blocks' loss term and metrics.
 
-The loss, the train line and the eval line import this, not the model code
+The loss and the eval line import this, not the model code
 (:mod:`moe_jax.models.mod`): a model without routed blocks has an empty ``depth_aux``
 and every function here returns nothing for it.
 """
@@ -12,14 +12,19 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 
+from moe_jax.training import metric_schema
+
 if TYPE_CHECKING:
   from moe_jax.models.mod import DepthAux
 
 
-METRICS = ("routed_fraction", "predicted_fraction", "predictor_accuracy", "router_mean",
-           "router_std")
-# What the eval line reports per routed block (means over the validation tokens).
-EVAL_METRICS = ("predictor_accuracy", "predicted_fraction")
+# The routed blocks' metrics the train line reports per block as ``mod_<name>``, and
+# the eval line as ``eval_mod_<name>`` (means over the validation tokens): the
+# schema's Mixture-of-Depths keys.
+METRICS = tuple(m.name[len("mod_"):] for m in metric_schema.TRAIN
+                if m.when == metric_schema.MOD and m.layers == "per_layer")
+EVAL_METRICS = tuple(m.name[len("eval_mod_"):] for m in metric_schema.EVAL
+                     if m.when == metric_schema.MOD and m.layers == "per_layer")
 
 
 def depth_loss(depth_aux: dict[int, DepthAux]) -> jax.Array:
@@ -41,18 +46,6 @@ def depth_summary(depth_aux: dict[int, DepthAux]) -> dict[str, jax.Array]:
   for name in METRICS:
     out[f"mod_{name}"] = jnp.stack([a.metrics[name] for a in blocks])
   return out
-
-
-def depth_train_line(means: dict[str, Any], mod_blocks: tuple[int, ...]) -> dict[str, Any]:
-  """The train line's MoD entries from :func:`depth_summary`'s means:
-  ``mod_aux_loss`` and ``mod_<metric>: {"layer_<i>": value}``."""
-  if "mod_aux_loss" not in means:
-    return {}
-  line = {"mod_aux_loss": means["mod_aux_loss"]}
-  for name in METRICS:
-    line[f"mod_{name}"] = {f"layer_{b}": means[f"mod_{name}"][i]
-                           for i, b in enumerate(mod_blocks)}
-  return line
 
 
 def depth_eval_sums(depth_aux: dict[int, DepthAux]) -> dict[str, jax.Array]:

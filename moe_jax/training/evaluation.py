@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import jax
 
-from moe_jax.training import depth_metrics
+from moe_jax.training import depth_metrics, metric_schema
 
 __all__ = ["batch_stderr", "evaluate"]
 
@@ -45,7 +45,8 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   by the batches' ``weights``), ``eval_loss_stderr`` its standard error over batches
   (:func:`batch_stderr`), ``eval_perplexity`` its exp, and ``eval_bits_per_byte`` the
   CE over byte targets only (the EOS separators are not bytes) in bits. The MoE
-  metrics are token-weighted means over batches. A model with Mixture-of-Depths
+  metrics (:func:`moe_jax.training.metric_schema.eval_layer_means`) are token-weighted
+  means over batches. A model with Mixture-of-Depths
   blocks also reports ``eval_loss_predictor`` (the loss when every routed block
   routes with its predictor, as sampling does; ``eval_loss`` uses the top-k) and
   per block ``eval_mod_predictor_accuracy`` and ``eval_mod_predicted_fraction``.
@@ -71,8 +72,7 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
       "eval_tokens": int(round(total_tokens)),
       "eval_perplexity": math.exp(min(loss, 700.0)),
       "eval_bits_per_byte": byte_nats / max(num_bytes, 1.0) / math.log(2),
-      "eval_aux_loss": token_mean("aux_loss"),
-      "eval_dropped_fraction": token_mean("dropped_fraction"),
+      **{f"eval_{name}": token_mean(name) for name in metric_schema.eval_layer_means()},
       "eval_batches": len(per_batch),
   }
   if "predictor_nats" in per_batch[0]:

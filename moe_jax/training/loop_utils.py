@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from moe_jax.training import depth_metrics
+from moe_jax.training import metric_schema
 from moe_jax.errors import ConfigError
 
 
@@ -55,20 +55,29 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
+def per_layer(values: Any, blocks: tuple[int, ...]) -> dict[str, Any]:
+  """``{"layer_<b>": values[i]}`` for the ``i``-th of ``blocks``: how a line keys a
+  per-layer metric (f32[n, ...] in block order) by block index."""
+  return {f"layer_{b}": values[i] for i, b in enumerate(blocks)}
+
+
 def train_line(means: dict, moe_blocks: tuple[int, ...],
-                mod_blocks: tuple[int, ...] = ()) -> dict[str, Any]:
-  line = {k: means[k] for k in ("loss", "aux_loss", "z_loss", "dropped_fraction",
-                                "grad_norm")}
-  for k in ("router_confidence", "router_entropy", "second_kept_fraction",
-            "noop_fraction"):
-    if k in means:
-      line[k] = means[k]
-  if "expert_load" in means:
-    line["expert_load"] = {f"layer_{b}": means["expert_load"][i]
-                           for i, b in enumerate(moe_blocks)}
-    line["expert_fill"] = {f"layer_{b}": means["expert_fill"][i]
-                           for i, b in enumerate(moe_blocks)}
-  line.update(depth_metrics.depth_train_line(means, mod_blocks))
+               mod_blocks: tuple[int, ...] = ()) -> dict[str, Any]:
+  """The train line's metrics (:data:`moe_jax.training.metric_schema.TRAIN`, in its
+  order) from the interval's means of the step metrics: every one the steps
+  reported, the per-layer ones keyed by block (MoE blocks, or routed blocks for the
+  Mixture-of-Depths ones). The loop adds its own (:data:`~metric_schema.LOOP`)."""
+  line = {}
+  for m in metric_schema.TRAIN:
+    if m.name not in means:
+      if m.when == metric_schema.ALWAYS:
+        raise KeyError(f"the step metrics lack {m.name!r}, which every train line has")
+      continue
+    if m.layers == "per_layer":
+      line[m.name] = per_layer(means[m.name],
+                               mod_blocks if m.when == metric_schema.MOD else moe_blocks)
+    else:
+      line[m.name] = means[m.name]
   return line
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax.training import depth_metrics
+from moe_jax.training import depth_metrics, metric_schema
 
 # How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
 LOSS_REDUCTIONS = {"sum": jnp.sum, "mean": jnp.mean}
@@ -46,19 +46,26 @@ def token_mask(batch: dict) -> jax.Array | None:
 
 
 def moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
-  """Layer means of the MoE losses and scalar metrics, plus per-layer expert load."""
+  """The step's MoE metrics of :func:`moe_jax.training.metric_schema.moe_layer_metrics`
+  that the layers report: layer means, and ``f32[n, E]`` per-layer vectors in block
+  order. Without MoE layers, the :data:`~moe_jax.training.metric_schema.ALWAYS` ones
+  are 0."""
+  specs = metric_schema.moe_layer_metrics()
   if not moe_aux:
     zero = jnp.zeros((), jnp.float32)
-    return {"aux_loss": zero, "z_loss": zero, "dropped_fraction": zero}
+    return {m.name: zero for m in specs if m.when == metric_schema.ALWAYS}
   layers = [moe_aux[i] for i in sorted(moe_aux)]
-  out = {"aux_loss": jnp.mean(jnp.stack([a.aux_loss for a in layers])),
-         "z_loss": jnp.mean(jnp.stack([a.z_loss for a in layers]))}
-  for name in ("dropped_fraction", "router_confidence", "router_entropy",
-               "second_kept_fraction", "noop_fraction"):
-    if name in layers[0].metrics:  # noop_fraction: MoDE's no-op experts only
-      out[name] = jnp.mean(jnp.stack([a.metrics[name] for a in layers]))
-  out["expert_load"] = jnp.stack([a.metrics["expert_load"] for a in layers])  # [n, E]
-  out["expert_fill"] = jnp.stack([a.metrics["expert_fill"] for a in layers])
+  fields = {"aux_loss": [a.aux_loss for a in layers],
+            "z_loss": [a.z_loss for a in layers]}
+  out = {}
+  for m in specs:
+    if m.name in fields:
+      values = fields[m.name]
+    elif m.name in layers[0].metrics:  # noop_fraction: MoDE's no-op experts only
+      values = [a.metrics[m.name] for a in layers]
+    else:
+      continue
+    out[m.name] = jnp.mean(jnp.stack(values)) if m.layers == "mean" else jnp.stack(values)
   return out
 
 

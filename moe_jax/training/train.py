@@ -49,7 +49,7 @@ from moe_jax.errors import ConfigError, TrainingError
 from moe_jax.inference import decode
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.layers.router_families import set_training_step
-from moe_jax.training import depth_metrics, objectives
+from moe_jax.training import depth_metrics, metric_schema, objectives
 from moe_jax.training.build import make_model, make_optimizer, model_info
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import check_config
@@ -128,7 +128,8 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
     grads, (metrics, counts) = jax.lax.scan(
         body, zeros, (jnp.arange(accum), micro, token_share))
     # CE is already each microbatch's share of the global batch's; the aux loss and
-    # the expert fill (means over routing groups and their slots) average, the metrics
+    # the expert fill (means over routing groups and their slots; the schema's
+    # microbatch means) average, the metrics
     # over real tokens weigh each
     # microbatch by its real tokens (a standard deviation is pooled from the
     # microbatches' moments), and the choice counts add up.
@@ -138,7 +139,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
       return jnp.tensordot(token_share, v, axes=1)
 
     metrics = {k: jnp.sum(v, 0) if k == "loss" else
-               jnp.mean(v, 0) if k in ("aux_loss", "expert_fill") else weighted(v)
+               jnp.mean(v, 0) if k in metric_schema.microbatch_means() else weighted(v)
                for k, v in stacked.items()}
     if "mod_router_std" in stacked:
       mean, std = stacked["mod_router_mean"], stacked["mod_router_std"]
@@ -214,8 +215,9 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     moe = moe_summary(moe_aux)
     sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
-            "bytes": jnp.sum(is_byte), "aux_loss": moe["aux_loss"],
-            "dropped_fraction": moe["dropped_fraction"], **depth_metrics.depth_eval_sums(out.depth_aux)}
+            "bytes": jnp.sum(is_byte),
+            **{k: moe[k] for k in metric_schema.eval_layer_means()},
+            **depth_metrics.depth_eval_sums(out.depth_aux)}
     if out.depth_aux:  # the causal loss: routed blocks route with their predictors
       causal, _ = m(batch["inputs"], deterministic=True, token_mask=mask,
                     use_predictor=True)
