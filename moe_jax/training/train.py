@@ -152,8 +152,9 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
         body, zeros, (jnp.arange(accum), micro, token_share))
     # CE is already each microbatch's share of the global batch's; the aux loss and
     # the expert fill (means over routing groups and their slots) average, the metrics
-    # over real tokens weigh each microbatch by its real tokens (a standard deviation
-    # is pooled from the microbatches' moments), and the choice counts add up.
+    # over real tokens weigh each
+    # microbatch by its real tokens (a standard deviation is pooled from the
+    # microbatches' moments), and the choice counts add up.
     stacked = metrics
 
     def weighted(v):
