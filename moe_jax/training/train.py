@@ -55,7 +55,7 @@ from moe_jax.errors import ConfigError, TrainingError
 from moe_jax.inference import decode
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.layers.router_families import set_training_step
-from moe_jax.training import depth_metrics, objectives, run_state
+from moe_jax.training import depth_metrics, objectives
 from moe_jax.training.build import make_model, make_optimizer, model_info
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import check_config
@@ -65,8 +65,9 @@ from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_w
 from moe_jax.training.losses import lm_loss, moe_summary, token_mask, training_loss
 from moe_jax.training.metrics import MetricsWriter
 from moe_jax.training.run_state import (TrainState, abstract_like, merge_model,
-                                        model_state, reseed, single_device_copy,
-                                        split_model, split_trainable, to_checkpoint)
+                                        model_state, reseed, restore,
+                                        single_device_copy, split_model,
+                                        split_trainable, to_checkpoint)
 
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
   _, _, frozen, _ = split_trainable(model, wrt)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
-  restored = run_state.restore(checkpointer, abstract_like(state),
+  restored = restore(checkpointer, abstract_like(state),
                                data_iterator=train_iter)
   saved_meta: dict[str, Any] = {}
   step0 = 0
