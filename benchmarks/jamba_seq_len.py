@@ -48,7 +48,7 @@ from flax import nnx
 
 import configs as config_files  # benchmarks/configs.py
 import harness  # benchmarks/harness.py
-from moe_jax.training import build as build_lib, run_state, train as train_lib
+from moe_jax.training import build as build_lib, train as train_lib
 from moe_jax.training.config import check_config, expert_d_ff
 from moe_jax.models.sizes import count_params, flops_per_token
 
@@ -118,13 +118,10 @@ def build(config, seq_len: int, batch_size: int) -> dict:
   check_config(config, num_devices=1)
   model = build_lib.make_model(config)
   tx, _ = build_lib.make_optimizer(config)
-  _, params, _ = run_state.split_model(model)
-  state = run_state.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-      rng=jax.random.key_data(jax.random.key(config.seed)),
-      model_state=run_state.model_state(model))
+  state, state_sharding = train_lib.init_train_state(model, tx, seed=config.seed)
   batch = _batch(config, batch_size, seq_len)
-  compiled = train_lib.make_train_step(model, tx, config).lower(state, batch).compile()
+  compiled = train_lib.make_train_step(model, tx, config, state_sharding=state_sharding
+                                       ).lower(state, batch).compile()
   out = {"flops_per_token_active": flops_per_token(model, seq_len)["active"],
          "params_active": count_params(model)["active"]}
   try:

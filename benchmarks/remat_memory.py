@@ -64,15 +64,11 @@ def memory(config) -> dict[str, int]:
   check_config(checked, num_devices=1)
   model = build.make_model(config)
   tx, _ = build.make_optimizer(config)
-  _, params, _ = run_state.split_model(model)
-  state = run_state.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-      rng=jax.random.key_data(jax.random.key(config.seed)),
-      model_state=run_state.model_state(model))
+  state, state_sharding = train.init_train_state(model, tx, seed=config.seed)
   tokens = np.zeros((config.batch_size, config.data.seq_len), np.int32)
   batch = {"inputs": jnp.asarray(tokens), "targets": jnp.asarray(tokens)}
-  m = train.make_train_step(model, tx, config).lower(state, batch).compile(
-      ).memory_analysis()
+  m = train.make_train_step(model, tx, config, state_sharding=state_sharding).lower(
+      state, batch).compile().memory_analysis()
   micro = jax.tree.map(lambda x: x[:config.batch_size // config.grad_accum_steps],
                        batch)
   return {"temp": int(m.temp_size_in_bytes), "args": int(m.argument_size_in_bytes),

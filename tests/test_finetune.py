@@ -19,7 +19,7 @@ from moe_jax.training import run_state, train
 from moe_jax.errors import ConfigError
 from moe_jax.training.metrics import read_metrics
 from moe_jax.peft import finetune
-from tests.test_train import jit_cache, tiny_config  # noqa: F401  (fixture)
+from tests.test_train import _bias_config, jit_cache, tiny_config  # noqa: F401  (fixture)
 
 # Its tests share a module-scoped run: one pytest-xdist worker runs them all, so the
 # run is made once (--dist loadgroup in pytest.ini).
@@ -201,6 +201,35 @@ def test_targets_default_per_method_and_esft_refuses_experts(tmp_path):
       section)[0]
   section.method, section.targets = "lora", ()
   assert "LoRA needs at least one target" in finetune.finetune_errors(section)[0]
+
+
+def test_finetuning_moves_the_selection_bias_by_the_rule(tmp_path):
+  # A DeepSeek-style base (sigmoid top-2 with bias balancing): fine-tuning runs
+  # pretraining's step, so the biases keep balancing after each optimizer step. At
+  # step 1 the LoRA adapters are zero (B = 0): the model routes as the base, so the
+  # step's choice counts are the base model's on the first fine-tuning batch.
+  base_dir, workdir = str(tmp_path / "base"), str(tmp_path / "ft")
+  train.train_and_evaluate(_bias_config(steps=2, warmup_steps=1, eval_every=2,
+                                        checkpoint_every=2), base_dir)
+  base, base_config, _ = run_state.load_model(base_dir)
+  config = ft_config(steps=1, warmup_steps=0, log_every=1, eval_every=1,
+                     checkpoint_every=1)
+  finetune.finetune(config, base_dir, workdir)
+  run = finetune.run_config(config, base_config, base_dir)
+  from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import losses  # pylint: disable=import-outside-toplevel
+  batch = next(data_lib.make_lm_datasets(
+      run.data.name, data_dir=run.data.data_dir, seq_len=run.data.seq_len,
+      batch_size=run.batch_size, seed=run.seed).train_iter())
+  out = base.forward(batch["inputs"], deterministic=False,
+                     token_mask=losses.token_mask(batch))
+  counts = np.asarray(out.moe_aux[1].metrics["choice_counts"])
+  before = np.asarray(base.blocks[1].ffn.selection_bias[...])
+  tuned, step = _params(workdir, merge=False)
+  after = np.asarray(tuned.blocks[1].ffn.selection_bias[...])
+  assert step == 1 and np.any(after != before)
+  expected = before + np.float32(0.01) * np.sign(np.mean(counts) - counts)
+  np.testing.assert_allclose(after, expected.astype(np.float32), rtol=0, atol=1e-7)
 
 
 @pytest.mark.slow

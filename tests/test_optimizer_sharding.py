@@ -196,7 +196,7 @@ def test_finetuning_optimizer_state_follows_the_trainable_subset():
     config.finetune.method = "esft"
     config.finetune.esft_selected = {"1": [True, False] * (E // 2)}
   plan = finetune.prepare(model, config)
-  _, params, _, _ = finetune.split(model, plan["wrt"])
+  _, params, _, _ = run_state.split_trainable(model, plan["wrt"])
   tx, _, masks = finetune.make_optimizer(config, params, plan["row_masks"])
   assert masks is not None
   opt_state = sharding.init_optimizer_state(tx, params)

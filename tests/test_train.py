@@ -473,6 +473,18 @@ def test_checkpoints_without_model_state_still_restore(tmp_path):
   checkpointer.save(4, run_state.to_checkpoint(biased))
   _, saved, _ = checkpointer.restore(jax.eval_shape(lambda: biased))
   np.testing.assert_array_equal(saved.model_state["b"], np.full(4, 0.5))
+  # run_state.restore reads each checkpoint in the layout it was saved in: the state
+  # of a model with biases restores from a checkpoint without them (a fine-tuning run
+  # saved before fine-tuning moved them) with an empty model_state (the step then
+  # starts from the model's own biases), and from one with them as it was saved.
+  step, state, _ = run_state.restore(checkpointer, jax.eval_shape(lambda: biased))
+  assert step == 4
+  np.testing.assert_array_equal(state.model_state["b"], np.full(4, 0.5))
+  checkpointer.manager.delete(4)
+  step, state, _ = run_state.restore(checkpointer, jax.eval_shape(lambda: biased))
+  assert step == 3 and state.model_state == {}
+  np.testing.assert_array_equal(state.params["w"], [0.0, 1.0, 2.0])
+  assert checkpointer.all_steps() == [3]  # nothing was set aside as unreadable
   checkpointer.close()
 
 

@@ -1,8 +1,12 @@
-"""Fine-tuning runs: a pretrained run's model, a PEFT method, the training loop.
+"""Fine-tuning runs: a pretrained run's model, a PEFT method, pretraining's loop.
 
 ``finetune(ft_config, init_from, workdir)`` (``experiments/finetune.py``) loads the
 latest checkpoint of the pretraining run in ``init_from``, prepares the method of
-``finetune.method`` and trains on ``data.name`` (default ``python_stdlib``):
+``finetune.method`` and trains on ``data.name`` (default ``python_stdlib``) in the
+training loop of pretraining (:func:`moe_jax.training.train.run_training`: the same
+step, mesh, objective, gradient accumulation, selection-bias update, logging,
+checkpoints and SIGTERM handling). Fine-tuning differs in what trains, what is loaded
+and what is evaluated:
 
 | method | trainable (the nnx filter the model is split by; the optimizer sees that part only) |
 |---|---|
@@ -21,8 +25,10 @@ The run's config is the base run's with the fine-tuning file's training keys on 
   step 0 (before fine-tuning) and every ``eval_every`` steps, with the new domain as
   ``eval_*`` and the base run's data (the old domain) as ``old_eval_*``;
 * ``checkpoints``: the trainable parameters only (adapters, or the trainable
-  weights), their optimizer state, step, rng and the data position, with the base
-  run's path and step in the checkpoint's meta. A re-run resumes exactly; SIGTERM
+  weights), their optimizer state, step, rng, the selection biases (DeepSeek-style
+  models: they keep balancing the experts on the new data) and the data position,
+  with the base run's path and step in the checkpoint's meta. The routers' step
+  (noise annealing) stays at the base run's last. A re-run resumes exactly; SIGTERM
   saves and stops, as in pretraining.
 
 :func:`load_model` rebuilds a fine-tuned model (adapters merged or not) for sampling.
@@ -30,9 +36,9 @@ The run's config is the base run's with the fine-tuning file's training keys on 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -44,15 +50,14 @@ import optax
 from flax import nnx
 
 from moe_jax.layers import lora_adapters as lora_lib
-from moe_jax.training import build, evaluation, loop_utils, losses, run_state, train
+from moe_jax.models import param_sharding
+from moe_jax.training import build, loop_utils, run_state, train
 from moe_jax.parallel import sharding
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.errors import ConfigError, TrainingError
 from moe_jax.training.config import check_config
-from moe_jax.training.metrics import MetricsWriter
 from moe_jax.peft import esft
 from moe_jax.peft import lora as peft_lora
-from moe_jax.layers.router_families import set_training_step
 
 METHODS = ("lora", "esft", "full")
 INFO_FILE = "finetune.json"
@@ -255,53 +260,8 @@ def prepare(model, config, score_batches=None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------
-# Steps
+# The optimizer
 # ------------------------------------------------------------------------------------
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and k in out else v
-  return out
-
-
-def split(model, wrt):
-  """``(graphdef, trainable, frozen, rest)``: pure dicts of the trainable and the other
-  parameters, and the non-parameter state."""
-  graphdef, trainable, frozen, rest = nnx.split(model, wrt, nnx.Param, ...)
-  return graphdef, trainable.to_pure_dict(), frozen.to_pure_dict(), rest
-
-
-def make_step(model, wrt, tx, config, masks, base_step: int):
-  """``state, metrics = step(state, frozen, batch)``, jitted, donating ``state``.
-
-  ``state.params`` holds only the trainable parameters; ``frozen`` the others, passed
-  as an argument (not baked into the program as constants). ``masks`` (ESFT) zero
-  the frozen expert rows' gradients before the optimizer (``grad_norm`` is their
-  norm) and restore the rows after the update (:func:`esft.apply_gradients`). The routing step of noise annealing stays
-  at the base run's last step.
-  """
-  graphdef, _, _, rest = split(model, wrt)
-  loss = losses.training_loss(config)
-
-  def loss_fn(params, frozen, batch, key):
-    m = nnx.merge(graphdef, params, frozen, rest, copy=True)
-    run_state.reseed(m, key)
-    set_training_step(m, base_step)
-    return loss(m, batch)
-
-  def step(state, frozen, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params, frozen, batch,
-                                                          key)
-    params, opt_state, grads, updates = esft.apply_gradients(
-        tx, grads, state.opt_state, state.params, masks)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["update_norm"] = optax.global_norm(updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return jax.jit(step, donate_argnums=0)
 
 
 def make_optimizer(config, params, row_masks):
@@ -391,12 +351,11 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
   total_base = _count(nnx.state(model, nnx.Param))
   plan = prepare(model, config, score_batches)
 
-  graphdef, params, frozen, _ = split(model, plan["wrt"])
+  # The model, its adapters included, on the run's mesh, as pretraining places it.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
+  param_sharding.shard_model(model, mesh)
+  _, params, _, _ = run_state.split_trainable(model, plan["wrt"])
   tx, schedule, masks = make_optimizer(config, params, plan["row_masks"])
-  # The optimizer state of the trainable subset lives where its parameters do.
-  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=sharding.init_optimizer_state(tx, params),
-                           rng=jax.random.key_data(jax.random.key(config.seed)))
   trainable = _count(params) if masks is None else int(sum(
       x.size if m is None else x.size // m.shape[0] * int(m.sum())
       for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(
@@ -410,7 +369,7 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
           "params_base": total_base, "params_trainable": trainable,
           "params_in_optimizer": _count(params),
           "trainable_fraction": trainable / total_base,
-          "optimizer_state_bytes": _nbytes(state.opt_state),
+          "optimizer_state_bytes": _nbytes(jax.eval_shape(tx.init, params)),
           "checkpoint_params_bytes": _nbytes(params)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -423,96 +382,21 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
       f"({100 * trainable / total_base:.3f}%); optimizer state "
       f"{info['optimizer_state_bytes']:,} bytes.")
 
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              keep=config.keep_checkpoints)
-  train_iter = data.train_iter()
-  restored = checkpointer.restore(
-      run_state.to_checkpoint(run_state.abstract_like(state)),
-      data_iterator=train_iter)
-  meta: dict[str, Any] = {}
-  step0 = 0
-  if restored is not None:
-    step0, saved, meta = restored
-    state = run_state.from_checkpoint(saved)
-    loop_utils.say(f"Resuming from the checkpoint at step {step0}.")
-
-  writer = MetricsWriter(workdir, resume_step=step0, enabled=jax.process_index() == 0,
-                        tags={"objective": config.model.objective})
-  step_fn = make_step(model, plan["wrt"], tx, config, masks, base_step)
-  eval_step = train.make_eval_step(model)
-  acc = loop_utils.Accumulator(meta.get("accumulator"))
-  elapsed_before = float(meta.get("elapsed_sec", 0.0))
-  t_start = time.perf_counter()
-  tokens_per_step = config.batch_size * config.data.seq_len
-  summary: dict[str, Any] = {"info": info, "preempted": False, "train": None,
-                             "eval": None}
-
-  def run_eval(step):
-    full = _deep_merge(frozen, state.params)
-    values = evaluation.evaluate(eval_step, full, data.eval_iter(
-        num_steps=config.eval_steps or None))
-    if old is not None:
-      old_values = evaluation.evaluate(eval_step, full, old.eval_iter(
-          num_steps=config.eval_steps or None))
-      values.update({f"old_{k}": v for k, v in old_values.items()})
-    summary["eval"] = writer.write("eval", step, values)
-    loop_utils.say(f"step {step}: eval_loss {values['eval_loss']:.4f}"
-                 + (f", old domain {values['old_eval_loss']:.4f}" if old else ""))
-
-  def save(step):
-    checkpointer.save(step, run_state.to_checkpoint(state),
-                      data_iterator=train_iter, meta={
-                          "accumulator": acc.state(), "base_workdir": ft.init_from,
-                          "base_step": base_step, "method": ft.method,
-                          "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
-
-  step, last_saved, first = step0, step0, True
-  try:
-    if step0 == 0:
-      run_eval(0)
-    for step in range(step0 + 1, config.steps + 1):
-      t0 = time.perf_counter()
-      state, metrics = step_fn(state, frozen, next(train_iter))
-      metrics = jax.device_get(metrics)
-      if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
-        raise TrainingError(
-            f"Non-finite loss at step {step} (loss={float(metrics['loss'])}); stopping. "
-            "Lower --config.learning_rate or enable --config.grad_clip.")
-      acc.add(metrics)
-      if first:
-        first = False  # the compiling step is left out of the throughput
-      else:
-        acc.time += time.perf_counter() - t0
-        acc.timed_tokens += tokens_per_step
-      if step % config.log_every == 0 or step == config.steps:
-        line = loop_utils.train_line(acc.means(), model.cfg.moe_blocks,
-                                     model.cfg.mod_blocks)
-        line["tokens_per_sec"] = acc.timed_tokens / acc.time if acc.time else float("nan")
-        line["steps_per_sec"] = line["tokens_per_sec"] / tokens_per_step
-        line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
-        line["learning_rate"] = float(schedule(step - 1))
-        summary["train"] = writer.write("train", step, line)
-        acc = loop_utils.Accumulator()
-      if step % config.eval_every == 0 or step == config.steps:
-        run_eval(step)
-      if step % config.checkpoint_every == 0 or step == config.steps:
-        save(step)
-        last_saved = step
-      if preemption.requested or step == stop_at_step:
-        if last_saved != step:
-          save(step)
-        summary["preempted"] = True
-        why = "SIGTERM" if preemption.requested else "stop_at_step"
-        loop_utils.say(f"Stopped at step {step} ({why}); the checkpoint is saved; "
-                       "re-run the same command to resume.")
-        break
-  finally:
-    writer.flush()
-    checkpointer.close()
-    writer.close()
-  summary["step"] = step
-  summary["params"] = state.params
-  return summary
+  # Pretraining's loop; what differs: the trainable part (plan["wrt"]) and ESFT's
+  # frozen rows, the routers' step (fixed at the base run's), the eval at step 0 and
+  # on the old domain, and the base run in every checkpoint's meta.
+  out = train.run_training(
+      model, config, workdir, mesh=mesh, tx=tx, schedule=schedule,
+      train_iter=data.train_iter(),
+      evals={"": data, **({"old_": old} if old is not None else {})},
+      preemption=preemption, stop_at_step=stop_at_step, wrt=plan["wrt"],
+      apply_gradients=(None if masks is None else
+                       functools.partial(esft.apply_gradients, masks=masks)),
+      routing_step=base_step, eval_at_start=True,
+      meta={"base_workdir": ft.init_from, "base_step": base_step, "method": ft.method},
+      steps_per_sec=True)
+  state = out.pop("state")
+  return {"info": info, **out, "params": state.params}
 
 
 # ------------------------------------------------------------------------------------
@@ -544,21 +428,24 @@ def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
     if "selected" in info["plan"]:
       config.finetune.esft_selected = info["plan"]["selected"]
   plan = prepare(model, config)
-  _, params, _, _ = split(model, plan["wrt"])
+  _, params, _, _ = run_state.split_trainable(model, plan["wrt"])
   tx, _, _ = make_optimizer(config, params, plan["row_masks"])
-  abstract = jax.eval_shape(lambda p: run_state.TrainState(
+  abstract = jax.eval_shape(lambda p, s: run_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-      rng=jax.random.key_data(jax.random.key(0))), params)
+      rng=jax.random.key_data(jax.random.key(0)), model_state=s), params,
+      run_state.model_state(model))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = checkpointer.restore(run_state.to_checkpoint(abstract))
+    restored = run_state.restore(checkpointer, abstract)
   finally:
     checkpointer.close()
   if restored is None:
     raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
   step, saved, _ = restored
   nnx.update(model, saved.params)
+  if saved.model_state:  # the selection biases as fine-tuning left them
+    nnx.update(model, saved.model_state)
   if merge:
     lora_lib.merge(model)
   return model, config, step

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from moe_jax.errors import CheckpointError
 
@@ -90,7 +91,8 @@ class Checkpointer:
 
     Args:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) describing
-        the state to restore.
+        the state to restore, or a function from the saved state's top-level keys
+        (a frozenset of str) to that pytree, for states whose layout changed.
       data_iterator: restored in place to the saved position.
 
     Returns:
@@ -102,11 +104,13 @@ class Checkpointer:
     steps = self.all_steps()
     failures = []
     for step in reversed(steps):
-      items = {"state": ocp.args.StandardRestore(abstract_state),
-               "meta": ocp.args.JsonRestore()}
-      if data_iterator is not None:
-        items["data"] = _data_restore_args(data_iterator)
       try:
+        target = (abstract_state(self._saved_keys(step)) if callable(abstract_state)
+                  else abstract_state)
+        items = {"state": ocp.args.StandardRestore(target),
+                 "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+          items["data"] = _data_restore_args(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -125,6 +129,12 @@ class Checkpointer:
           "Refusing to start from scratch over saved progress; move the work directory "
           "away (or delete it) to start a new run.")
     return None
+
+  def _saved_keys(self, step: int) -> frozenset[str]:
+    """The top-level keys of the state saved at ``step`` (read from its metadata)."""
+    path = os.path.join(self.directory, str(step), "state")
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
+    return frozenset(tree)
 
   def _quarantine(self, step: int) -> None:
     """Moves an unreadable step out of the manager's way (kept for inspection)."""

@@ -1,6 +1,6 @@
-"""Plumbing of the training loops (pretraining in :mod:`moe_jax.training.train`,
-fine-tuning in :mod:`moe_jax.peft.finetune`): the work directory, metric sums over a
-logging interval, the train metrics line, SIGTERM as a stop request, and printing."""
+"""Plumbing of the training loop (:func:`moe_jax.training.train.run_training`, which
+pretraining and fine-tuning share): the work directory, metric sums over a logging
+interval, the train metrics line, SIGTERM as a stop request, and printing."""
 
 from __future__ import annotations
 

@@ -75,6 +75,28 @@ def from_checkpoint(saved) -> TrainState:
                     rng=saved.rng)
 
 
+def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=None
+            ) -> tuple[int, TrainState, dict[str, Any]] | None:
+  """``(step, state, meta)`` of the newest readable checkpoint, or None when there is
+  none (:meth:`Checkpointer.restore`).
+
+  ``abstract`` is the state's layout (``jax.ShapeDtypeStruct`` leaves, with their
+  shardings). A checkpoint saved without ``model_state`` (a model without selection
+  biases, or a fine-tuning run from before fine-tuning moved them) restores with an
+  empty ``model_state``: the model's own selection biases.
+  """
+  def layout(saved_keys):
+    if "model_state" in saved_keys and abstract.model_state:
+      return abstract
+    return to_checkpoint(abstract.replace(model_state={}))
+
+  restored = checkpointer.restore(layout, data_iterator=data_iterator)
+  if restored is None:
+    return None
+  step, saved, meta = restored
+  return step, from_checkpoint(saved), meta
+
+
 def abstract_like(state: Any) -> Any:
   """``state`` as ``jax.ShapeDtypeStruct`` s with its shardings: the target a
   checkpoint is restored to, so a resumed run's leaves (parameters and optimizer
@@ -98,6 +120,13 @@ def reseed(model: nnx.Module, key: jax.Array) -> None:
 def split_model(model: nnx.Module):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, params.to_pure_dict(), rest
+
+
+def split_trainable(model: nnx.Module, wrt: Any = nnx.Param):
+  """``(graphdef, trainable, frozen, rest)``: pure dicts of the parameters the nnx
+  filter ``wrt`` takes and of the other parameters, and the non-parameter state."""
+  graphdef, trainable, frozen, rest = nnx.split(model, wrt, nnx.Param, ...)
+  return graphdef, trainable.to_pure_dict(), frozen.to_pure_dict(), rest
 
 
 def model_state(model: nnx.Module) -> dict[str, Any]:
@@ -175,11 +204,10 @@ def load_model(workdir: str, *, vocab_size: int | None = None
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = checkpointer.restore(to_checkpoint(abstract))
+    restored = restore(checkpointer, abstract)
   finally:
     checkpointer.close()
   if restored is None:
     raise TrainingError(f"--workdir={workdir!r} has no checkpoint yet.")
   step, state, _ = restored
-  state = from_checkpoint(state)
   return merge_model(graphdef, state.params, rest, state.model_state), config, step

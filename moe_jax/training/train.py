@@ -1,9 +1,15 @@
-"""Training library: the jitted train and eval steps and the training loop.
+"""Training library: the jitted train and eval steps and the one training loop.
 
 The model and optimizer a config builds are :mod:`moe_jax.training.build`'s, the run's
 state and its restoring :mod:`moe_jax.training.run_state`'s.
 
-``train_and_evaluate(config, workdir)`` runs (or resumes) a run in ``workdir``:
+:func:`run_training` is the loop of every run, pretraining and fine-tuning
+(:mod:`moe_jax.peft.finetune`) alike, with :func:`make_train_step` its step: resuming,
+logging, evaluating, checkpointing, SIGTERM, gradient accumulation and the selection
+biases' update are done there once; a caller says what trains (an nnx filter), what
+the optimizer is, what was loaded and what is evaluated.
+
+``train_and_evaluate(config, workdir)`` (pretraining) runs (or resumes) a run in ``workdir``:
 
 * ``workdir/metrics.jsonl`` and ``workdir/tb``: see :mod:`moe_jax.training.metrics`;
 * ``workdir/checkpoints``: see :mod:`moe_jax.training.checkpoint` (params, optimizer
@@ -58,9 +64,10 @@ from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_w
                                          say, train_line)
 from moe_jax.training.losses import lm_loss, moe_summary, token_mask, training_loss
 from moe_jax.training.metrics import MetricsWriter
-from moe_jax.training.run_state import (TrainState, abstract_like, from_checkpoint,
-                                        merge_model, model_state, reseed,
-                                        single_device_copy, split_model, to_checkpoint)
+from moe_jax.training.run_state import (TrainState, abstract_like, merge_model,
+                                        model_state, reseed, restore,
+                                        single_device_copy, split_model,
+                                        split_trainable, to_checkpoint)
 
 
 log = logging.getLogger(__name__)
@@ -72,14 +79,23 @@ log = logging.getLogger(__name__)
 
 
 def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config, *,
-                    state_sharding=None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """``state, metrics = train_step(state, batch)``, jitted, donating ``state``.
+                    wrt: Any = nnx.Param, apply_gradients: Callable | None = None,
+                    routing_step: int | None = None, state_sharding=None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """``state, metrics = train_step(state, batch, frozen=None)``, jitted, donating
+  ``state``: the one step of pretraining and fine-tuning.
 
   ``batch`` is ``{"inputs": i32[B, L], "targets": i32[B, L]}`` (optional ``weights``),
   which the config's objective turns into what the model sees and what is scored
-  (:mod:`moe_jax.training.objectives`). ``state_sharding`` (a pytree of shardings like
-  the state) fixes the output layout.
+  (:mod:`moe_jax.training.objectives`). ``state.params`` holds the parameters the nnx
+  filter ``wrt`` takes (all of them by default), ``frozen`` the others
+  (:func:`moe_jax.training.run_state.split_trainable`; an argument, not constants baked
+  into the program). ``apply_gradients(tx, grads, opt_state, params)`` returns
+  ``(params, opt_state, grads, updates)`` (default: ``tx``'s update, applied; ESFT
+  masks frozen rows), ``grad_norm`` being the norm of the returned ``grads``.
+  ``routing_step`` fixes the step the routers see (noise annealing; default the
+  state's step). ``state_sharding`` (a pytree of shardings like the state) fixes the
+  output layout.
 
   With ``grad_accum_steps`` n > 1 the batch is split into n microbatches
   (:func:`split_microbatches`, after the objective's masking) that run forward and
@@ -87,22 +103,30 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   microbatch's activations are live), microbatch ``j`` drawing its randomness from
   ``fold_in(step key, j)``; their gradients add up to the global batch's (CE over the
   global batch's targets, the other losses averaged), and one optimizer update
-  follows. Selection biases move once, by the choice counts of all microbatches.
+  follows. Selection biases (DeepSeek-V3's auxiliary-loss-free balancing) move after
+  the optimizer step, once, by the choice counts of the global batch.
   """
-  graphdef, _, rest = split_model(model)
+  graphdef, _, _, rest = split_trainable(model, wrt)
   objective = objectives.get_objective(config)
   initial_model_state = model_state(model)
   loss = training_loss(config)
   accum = config.get("grad_accum_steps", 1)
   shards = config.mesh.data * config.mesh.expert
+  apply_gradients = apply_gradients or _apply_gradients
 
-  def loss_fn(params, model_state_, batch, key, step, **kwargs):
-    m = merge_model(graphdef, params, rest, model_state_)
+  def merged(params, frozen, model_state_):
+    m = nnx.merge(graphdef, params, frozen, rest, copy=True)
+    if model_state_:
+      nnx.update(m, model_state_)
+    return m
+
+  def loss_fn(params, frozen, model_state_, batch, key, step, **kwargs):
+    m = merged(params, frozen, model_state_)
     reseed(m, key)
-    set_training_step(m, step)
+    set_training_step(m, step if routing_step is None else routing_step)
     return loss(m, batch, **kwargs)
 
-  def accumulated_grads(params, model_state_, batch, key, step):
+  def accumulated_grads(params, frozen, model_state_, batch, key, step):
     """The gradients, metrics and choice counts of the global batch from ``accum``
     microbatches, one forward and backward pass at a time (``lax.scan``)."""
     micro = split_microbatches(batch, accum, shards)
@@ -120,7 +144,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
     def body(grads, xs):
       index, mb, share = xs
       g, (metrics, counts) = jax.grad(loss_fn, has_aux=True)(
-          params, model_state_, mb, jax.random.fold_in(key, index), step,
+          params, frozen, model_state_, mb, jax.random.fold_in(key, index), step,
           num_targets=num_targets, share=1.0 / accum, token_share=share)
       return jax.tree.map(jnp.add, grads, g), (metrics, counts)
 
@@ -147,24 +171,25 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
           weighted(std * std + mean * mean) - metrics["mod_router_mean"] ** 2, 0.0))
     return grads, (metrics, jax.tree.map(lambda c: jnp.sum(c, 0), counts))
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen=None):
+    frozen = frozen or {}
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = objective.train_batch(batch, key)
     model_state_ = state.model_state or initial_model_state
     if accum == 1:
       grads, (metrics, choice_counts) = jax.grad(loss_fn, has_aux=True)(
-          state.params, model_state_, batch, key, state.step)
+          state.params, frozen, model_state_, batch, key, state.step)
     else:
       grads, (metrics, choice_counts) = accumulated_grads(
-          state.params, model_state_, batch, key, state.step)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+          state.params, frozen, model_state_, batch, key, state.step)
+    params, opt_state, grads, updates = apply_gradients(tx, grads, state.opt_state,
+                                                        state.params)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_norm"] = optax.global_norm(updates)
     if model_state_:
       # DeepSeek-V3: after the optimizer step, each selection bias moves towards
       # balance by this step's choice counts; jit sums them over the global batch.
-      m = merge_model(graphdef, params, rest, model_state_)
+      m = merged(params, frozen, model_state_)
       m.update_selection_biases(choice_counts)
       model_state_ = model_state(m)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -174,6 +199,11 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   if state_sharding is None:
     return jax.jit(train_step, donate_argnums=0)
   return jax.jit(train_step, donate_argnums=0, out_shardings=(state_sharding, None))
+
+
+def _apply_gradients(tx, grads, opt_state, params):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, grads, updates
 
 
 def split_microbatches(batch: dict, num: int, shards: int = 1) -> dict:
@@ -227,19 +257,22 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   return jax.jit(eval_step)
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh,
-                     seed: int) -> tuple[TrainState, Any]:
-  """``(state, state_sharding)``: a run's first state on ``mesh`` and the sharding of
-  every leaf, which the train step keeps and a checkpoint is restored to.
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh=None,
+                     seed: int = 0, *, wrt: Any = nnx.Param
+                     ) -> tuple[TrainState, Any]:
+  """``(state, state_sharding)``: a run's first state and the sharding of every leaf,
+  which the train step keeps and a checkpoint is restored to.
 
-  ``model`` is placed already (:func:`moe_jax.models.param_sharding.shard_model`). The
-  parameters keep their shardings; the optimizer state follows them
+  ``state.params`` are the parameters the nnx filter ``wrt`` takes (all by default).
+  ``mesh`` None: one device (the first). Otherwise ``model`` is placed on ``mesh``
+  already (:func:`moe_jax.models.param_sharding.shard_model`). The parameters keep
+  their shardings; the optimizer state follows them
   (:func:`moe_jax.parallel.sharding.optimizer_state_sharding`: each expert's moments
   live on the devices that hold the expert); everything else (step, rng, selection
   biases, scalar statistics) is replicated.
   """
   from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
-  _, params, _ = split_model(model)
+  _, params, _, _ = split_trainable(model, wrt)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=sharding.init_optimizer_state(tx, params),
                      rng=jax.random.key_data(jax.random.key(seed)),
@@ -247,7 +280,8 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh,
   # Pin every leaf's sharding (parameters as shard_model placed them, the optimizer
   # state like them, the rest replicated) and make the step keep it, so the second
   # step does not recompile.
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   state_sharding = jax.tree.map(
       lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
       else replicated, state)
@@ -256,6 +290,188 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh,
 
 # ------------------------------------------------------------------------------------
 # The training loop
+# ------------------------------------------------------------------------------------
+
+
+def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
+                 train_iter, evals: dict[str, Any], preemption: Preemption,
+                 stop_at_step: int | None = None, wrt: Any = nnx.Param,
+                 apply_gradients: Callable | None = None,
+                 routing_step: int | None = None, eval_at_start: bool = False,
+                 meta: dict[str, Any] | None = None, start_texts: dict | None = None,
+                 steps_per_sec: bool = False,
+                 finish: Callable | None = None) -> dict[str, Any]:
+  """The training loop of pretraining and fine-tuning: resumes from
+  ``workdir/checkpoints``, trains to ``config.steps``, logs, evaluates, checkpoints,
+  stops on SIGTERM or after ``stop_at_step`` (checkpoint, return).
+
+  ``model`` is placed on ``mesh`` already. What trains is the nnx filter ``wrt``
+  (the other parameters stay as loaded), updated by ``tx`` (``schedule`` the learning
+  rate logged) through ``apply_gradients`` and ``routing_step``
+  (:func:`make_train_step`). ``train_iter`` is the (checkpointable) iterator of
+  this process's training batches. ``evals`` maps a metric prefix to a dataset whose
+  ``eval_iter(num_steps=...)`` is scored at every eval (``""``: ``eval_*``, the run's
+  own data; e.g. ``"old_"``: ``old_eval_*``), also at step 0 with ``eval_at_start``.
+  ``meta`` is saved in every checkpoint's meta; ``start_texts`` (``{tag: text}``) are
+  written to TensorBoard when the run starts at step 0; ``steps_per_sec`` adds that
+  to the train lines. ``finish(writer, state, step)`` runs after the last step of a
+  run that was not stopped, before the writer closes.
+
+  Returns:
+    ``{"step", "preempted", "train", "eval", "state"}``: the last step, whether the
+    run stopped before ``config.steps``, the last train and eval lines, and the
+    state.
+
+  Raises:
+    CheckpointError: the work directory holds checkpoints none of which is readable.
+    TrainingError: the loss became non-finite (the last good checkpoint is kept).
+  """
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  primary = jax.process_index() == 0
+  objective = objectives.get_objective(config)
+  state, state_sharding = init_train_state(model, tx, mesh, config.seed, wrt=wrt)
+  _, _, frozen, _ = split_trainable(model, wrt)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.keep_checkpoints)
+  restored = restore(checkpointer, abstract_like(state),
+                               data_iterator=train_iter)
+  saved_meta: dict[str, Any] = {}
+  step0 = 0
+  if restored is not None:
+    step0, state, saved_meta = restored
+    say(f"Resuming from the checkpoint at step {step0} in {checkpointer.directory}.")
+  if step0 >= config.steps:
+    say(f"Already trained to step {step0} >= steps={config.steps}; nothing to do.")
+
+  writer = MetricsWriter(workdir, resume_step=step0, enabled=primary,
+                         tags={"objective": objective.name})
+  if primary and step0 == 0:
+    for tag, text in (start_texts or {}).items():
+      writer.write_text(tag, text, 0)
+  train_step = make_train_step(model, tx, config, wrt=wrt,
+                               apply_gradients=apply_gradients,
+                               routing_step=routing_step, state_sharding=state_sharding)
+  eval_step = make_eval_step(model)
+  acc = Accumulator(saved_meta.get("accumulator"))
+  elapsed_before = float(saved_meta.get("elapsed_sec", 0.0))
+  t_start = time.perf_counter()
+  tokens_per_step = config.batch_size * config.data.seq_len
+  summary: dict[str, Any] = {"preempted": False, "train": None, "eval": None}
+
+  def save(step: int) -> None:
+    checkpointer.save(step, to_checkpoint(state), data_iterator=train_iter, meta={
+        "accumulator": acc.state(), **(meta or {}),
+        "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
+
+  def run_eval(step: int) -> None:
+    num_steps = config.eval_steps
+    if step == config.steps and config.get("final_eval_steps") is not None:
+      num_steps = config.final_eval_steps
+    score = functools.partial(eval_step, model_state=state.model_state)
+    params = _deep_merge(frozen, state.params)
+    values: dict[str, Any] = {}
+    for prefix, dataset in evals.items():
+      batches = objective.eval_batches(
+          sharding.shard_batch(b, mesh)
+          for b in dataset.eval_iter(num_steps=num_steps or None))
+      values.update({prefix + k: v for k, v in
+                     evaluate(score, params, batches).items()})
+    summary["eval"] = writer.write("eval", step, values)
+    if primary:
+      pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f} ± "
+                 f"{values['eval_loss_stderr']:.4f} over {values['eval_tokens']:,} tokens, "
+                 f"bits/byte {values['eval_bits_per_byte']:.3f}" + "".join(
+                     f"; {p}eval_loss {values[p + 'eval_loss']:.4f}" for p in evals if p))
+
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  pbar = tqdm(total=config.steps, initial=min(step0, config.steps), unit="step",
+              dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
+              disable=not (primary and config.progress_bar))
+  first = True
+  step = step0
+  last_saved = step0
+  try:
+    if eval_at_start and step0 == 0:
+      run_eval(0)
+    for step in range(step0 + 1, config.steps + 1):
+      t0 = time.perf_counter()
+      batch = sharding.shard_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch, frozen)
+      metrics = jax.device_get(metrics)
+      dt = time.perf_counter() - t0
+      # A finite loss with a non-finite update would save NaN parameters next.
+      if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
+        good = checkpointer.latest_step()
+        raise TrainingError(
+            f"Non-finite loss at step {step} (loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}, "
+            f"update_norm={float(metrics['update_norm'])}); stopping. "
+            + (f"The last good checkpoint (step {good}) is kept; "
+               if good is not None else "No checkpoint was saved yet; ")
+            + "lower --config.learning_rate or enable --config.grad_clip.")
+      acc.add(metrics)
+      if first:
+        first = False  # the step that compiled is left out of tokens/sec
+      else:
+        acc.time += dt
+        acc.timed_tokens += tokens_per_step
+      if primary:
+        pbar.update(1)
+        tps = acc.timed_tokens / acc.time if acc.time else float("nan")
+        pbar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tps:,.0f}",
+                         refresh=False)
+      if step % config.log_every == 0 or step == config.steps:
+        line = train_line(acc.means(), model.cfg.moe_blocks, model.cfg.mod_blocks)
+        line["tokens_per_sec"] = (acc.timed_tokens / acc.time if acc.time
+                                  else float("nan"))
+        if steps_per_sec:
+          line["steps_per_sec"] = line["tokens_per_sec"] / tokens_per_step
+        line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
+        line["learning_rate"] = float(schedule(step - 1))
+        summary["train"] = writer.write("train", step, line)
+        acc = Accumulator()
+      if step % config.eval_every == 0 or step == config.steps:
+        run_eval(step)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        save(step)
+        last_saved = step
+      if preemption.requested or step == stop_at_step:
+        if last_saved != step:
+          save(step)
+          last_saved = step
+        summary["preempted"] = True
+        why = "Preempted (SIGTERM)" if preemption.requested else "Stopped early"
+        say(f"\n{why}: saved the checkpoint at step {step}; re-run the same "
+            "command to resume.")
+        break
+  finally:
+    pbar.close()
+    writer.flush()
+    checkpointer.close()
+
+  summary["step"], summary["state"] = step, state
+  if not summary["preempted"] and summary["eval"] and step > step0:
+    ev = summary["eval"]
+    say(f"Finished step {step} in {elapsed_before + time.perf_counter() - t_start:.0f}s"
+        f" of training: eval_loss {ev['eval_loss']:.4f} (perplexity "
+        f"{ev['eval_perplexity']:.2f}, {ev['eval_bits_per_byte']:.3f} bits/byte).")
+  try:
+    if finish is not None and not summary["preempted"] and step >= config.steps:
+      finish(writer, state, step)
+  finally:
+    writer.close()
+  return summary
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
+
+
+# ------------------------------------------------------------------------------------
+# Pretraining
 # ------------------------------------------------------------------------------------
 
 
@@ -331,145 +547,37 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
   param_sharding.shard_model(model, mesh)
   tx, schedule = make_optimizer(config)
-  state, state_sharding = init_train_state(model, tx, mesh, config.seed)
+  summary: dict[str, Any] = {"model_info": info, "sample": None}
 
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              keep=config.keep_checkpoints)
-  train_iter = data.train_iter()
-  restored = checkpointer.restore(to_checkpoint(abstract_like(state)),
-                                  data_iterator=train_iter)
-  meta: dict[str, Any] = {}
-  if restored is not None:
-    step0, state, meta = restored
-    state = from_checkpoint(state)
-    say(f"Resuming from the checkpoint at step {step0} in {checkpointer.directory}.")
-  else:
-    step0 = 0
-  if step0 >= config.steps:
-    say(f"Already trained to step {step0} >= steps={config.steps}; nothing to do.")
-
-  writer = MetricsWriter(workdir, resume_step=step0, enabled=primary,
-                         tags={"objective": objective.name})
-  if primary and step0 == 0:
-    writer.write_text("model_info", json.dumps(info), 0)
-  train_step = make_train_step(model, tx, config, state_sharding=state_sharding)
-  eval_step = make_eval_step(model)
-  acc = Accumulator(meta.get("accumulator"))
-  elapsed_before = float(meta.get("elapsed_sec", 0.0))
-  t_start = time.perf_counter()
-  tokens_per_step = config.batch_size * config.data.seq_len
-  moe_blocks = model.cfg.moe_blocks
-  summary: dict[str, Any] = {"model_info": info, "preempted": False, "train": None,
-                             "eval": None, "sample": None}
-
-  def save(step: int) -> None:
-    checkpointer.save(step, to_checkpoint(state), data_iterator=train_iter, meta={
-        "accumulator": acc.state(),
-        "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
-
-  def run_eval(step: int) -> None:
-    num_steps = config.eval_steps
-    if step == config.steps and config.get("final_eval_steps") is not None:
-      num_steps = config.final_eval_steps
-    batches = objective.eval_batches(sharding.shard_batch(b, mesh)
-                                     for b in data.eval_iter(num_steps=num_steps or None))
-    values = evaluate(functools.partial(eval_step, model_state=state.model_state),
-                      state.params, batches)
-    summary["eval"] = writer.write("eval", step, values)
-    if primary:
-      pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f} ± "
-                 f"{values['eval_loss_stderr']:.4f} over {values['eval_tokens']:,} tokens, "
-                 f"bits/byte {values['eval_bits_per_byte']:.3f}")
-
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  pbar = tqdm(total=config.steps, initial=min(step0, config.steps), unit="step",
-              dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
-              disable=not (primary and config.progress_bar))
-  first = True
-  step = step0
-  last_saved = step0
-  try:
-    for step in range(step0 + 1, config.steps + 1):
-      t0 = time.perf_counter()
-      batch = sharding.shard_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
-      metrics = jax.device_get(metrics)
-      dt = time.perf_counter() - t0
-      # A finite loss with a non-finite update would save NaN parameters next.
-      if not all(np.isfinite(metrics[k]) for k in ("loss", "grad_norm", "update_norm")):
-        good = checkpointer.latest_step()
-        raise TrainingError(
-            f"Non-finite loss at step {step} (loss={float(metrics['loss'])}, "
-            f"grad_norm={float(metrics['grad_norm'])}, "
-            f"update_norm={float(metrics['update_norm'])}); stopping. "
-            + (f"The last good checkpoint (step {good}) is kept; "
-               if good is not None else "No checkpoint was saved yet; ")
-            + "lower --config.learning_rate or enable --config.grad_clip.")
-      acc.add(metrics)
-      if first:
-        first = False  # the step that compiled is left out of tokens/sec
-      else:
-        acc.time += dt
-        acc.timed_tokens += tokens_per_step
-      if primary:
-        pbar.update(1)
-        tps = acc.timed_tokens / acc.time if acc.time else float("nan")
-        pbar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tps:,.0f}",
-                         refresh=False)
-      if step % config.log_every == 0 or step == config.steps:
-        line = train_line(acc.means(), moe_blocks, model.cfg.mod_blocks)
-        line["tokens_per_sec"] = (acc.timed_tokens / acc.time if acc.time
-                                  else float("nan"))
-        line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
-        line["learning_rate"] = float(schedule(step - 1))
-        summary["train"] = writer.write("train", step, line)
-        acc = Accumulator()
-      if step % config.eval_every == 0 or step == config.steps:
-        run_eval(step)
-      if step % config.checkpoint_every == 0 or step == config.steps:
-        save(step)
-        last_saved = step
-      if preemption.requested or step == stop_at_step:
-        if last_saved != step:
-          save(step)
-          last_saved = step
-        summary["preempted"] = True
-        why = "Preempted (SIGTERM)" if preemption.requested else "Stopped early"
-        say(f"\n{why}: saved the checkpoint at step {step}; re-run the same "
-            "command to resume.")
-        break
-  finally:
-    pbar.close()
-    writer.flush()
-    checkpointer.close()
-
-  summary["step"] = step
-  if not summary["preempted"] and summary["eval"] and step > step0:
-    ev = summary["eval"]
-    say(f"Finished step {step} in {elapsed_before + time.perf_counter() - t_start:.0f}s"
-           f" of training: eval_loss {ev['eval_loss']:.4f} (perplexity "
-           f"{ev['eval_perplexity']:.2f}, {ev['eval_bits_per_byte']:.3f} bits/byte).")
-  if not summary["preempted"] and config.sample.length and step >= config.steps:
+  def sample(writer, state, step) -> None:
     s = config.sample
+    if not s.length:
+      return
     sampler = single_device_copy(merge_model(*_merge_parts(model, state.params),
-                                        state.model_state))
-    if primary:
-      prompt = tokenizer.encode(s.prompt) if s.prompt else np.array([tokenizer.eos_id])
-      window = max(config.data.seq_len, 2)
-      try:
-        ids = decode.generate(sampler, [prompt[-window:]], s.length, max_len=window,
-                              temperature=s.temperature, top_k=s.top_k,
-                              seed=config.seed)[0]
-      except ConfigError as e:  # a model that cannot decode (a non-causal router)
-        say(f"\nNo sample: {e}")
-      else:
-        text = s.prompt + tokenizer.decode(ids)
-        summary["sample"] = text
-        writer.write_text("sample", text, step)
-        say(f"\nSample at step {step} (temperature {s.temperature}, top-k "
-               f"{s.top_k}):\n{text}")
-  writer.close()
-  return summary
+                                             state.model_state))
+    if not primary:
+      return
+    prompt = tokenizer.encode(s.prompt) if s.prompt else np.array([tokenizer.eos_id])
+    window = max(config.data.seq_len, 2)
+    try:
+      ids = decode.generate(sampler, [prompt[-window:]], s.length, max_len=window,
+                            temperature=s.temperature, top_k=s.top_k,
+                            seed=config.seed)[0]
+    except ConfigError as e:  # a model that cannot decode (a non-causal router)
+      say(f"\nNo sample: {e}")
+    else:
+      text = s.prompt + tokenizer.decode(ids)
+      summary["sample"] = text
+      writer.write_text("sample", text, step)
+      say(f"\nSample at step {step} (temperature {s.temperature}, top-k "
+          f"{s.top_k}):\n{text}")
+
+  out = run_training(model, config, workdir, mesh=mesh, tx=tx, schedule=schedule,
+                     train_iter=data.train_iter(), evals={"": data},
+                     preemption=preemption, stop_at_step=stop_at_step,
+                     start_texts={"model_info": json.dumps(info)}, finish=sample)
+  del out["state"]
+  return {**summary, **out}
 
 
 def _moe_layers(model: nnx.Module) -> list[MoeLayer]:
