@@ -15,6 +15,7 @@ whether a layer's routing is causal is derived from that and the config
 | ``"topk"`` | Switch, GShard, Mixtral, DeepSeek | :func:`moe_jax.routing.route` |
 | ``"noisy_topk"`` | Shazeer et al. 2017 | :func:`moe_jax.routing.noisy_top_k` |
 | ``"expert_choice"`` | Zhou et al. 2022 | :func:`moe_jax.routing.expert_choice` |
+| ``"hash"`` | Roller et al. 2021 | :func:`moe_jax.routing.hash_route` |
 
 Routing state that is not learned by gradient descent lives in :class:`RoutingState`
 variables (not ``nnx.Param``), so optimizers and ``nnx.grad`` never see it:
@@ -159,6 +160,18 @@ def expert_choice_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
                                token_mask=inputs.token_mask)
 
 
+def hash_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
+  """Roller et al. (2021) hash layers: each token id goes to a fixed expert
+  (:func:`moe_jax.routing.hash_route`), top-1 with gate 1; no router, no logits."""
+  token_ids = None if inputs.context is None else inputs.context.token_ids
+  if token_ids is None:
+    raise ValueError("router='hash' routes by token id: call the MoE layer with "
+                     "context=TokenContext(token_ids=...) (a Transformer passes its "
+                     "input tokens).")
+  return routing.hash_route(token_ids, cfg.num_experts, capacity=inputs.capacity,
+                            token_mask=inputs.token_mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterFamily:
   """One entry of :data:`ROUTERS`.
@@ -244,6 +257,13 @@ ROUTERS: dict[str, RouterFamily] = {
         dropless=False, learned_noise=False, options=frozenset(),
         uses_rng=lambda cfg, deterministic: False,
         experts_per_token=lambda cfg: cfg.capacity_factor),
+    # A fixed assignment of token ids to experts: top-1 (top_k stays 1), no router
+    # parameters, no balance loss or z-loss (both 0), no no-op experts.
+    "hash": RouterFamily(
+        route=hash_router, paper="Roller et al. 2021", tokens_choose=True,
+        dropless=True, learned_noise=False, options=frozenset(),
+        uses_rng=lambda cfg, deterministic: False,
+        experts_per_token=lambda cfg: 1, router_kernel=False),
 }
 
 
