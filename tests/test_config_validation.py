@@ -32,7 +32,7 @@ def errors_for(num_devices=1, **overrides):
 
 CONFIG_NAMES = ["dense_small", "switch_small", "top2_small", "mixtral_small",
                 "deepseek_small", "noisy_topk_small", "jamba_small", "mod_small",
-                "mode_small"]
+                "mode_small", "hash_small"]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)

@@ -8,7 +8,7 @@ per job, all re-exported here so that ``from moe_jax import analysis`` reaches t
   :func:`moe_jax.routing.route` against the capacity factor, for fixed logits) and
   :func:`trace_routing` (runs any nnx model once and returns, for every
   :class:`~moe_jax.layers.moe_layer.MoeLayer` in it, which expert each token went to, as
-  ``[B, L, K]`` arrays read from the router logits with ``nnx.capture``).
+  ``[B, L, K]`` arrays read from the routing each layer sows under ``nnx.capture``).
 * :mod:`~moe_jax.analysis.categories`: :func:`char_labels`, :func:`word_class_labels`,
   :func:`script_role_labels`, :func:`speaker_labels` (per-byte categories of a play
   script), :func:`routing_table` and :func:`mutual_information` (the expert

@@ -123,12 +123,14 @@ def path_str(path: Iterable[Any]) -> str:
 def _captured(intermediates: Any, path: tuple) -> tuple:
   node = intermediates
   for key in path:
+    if key not in node:
+      return ()
     node = node[key]
   value = node.get_value() if isinstance(node, nnx.Variable) else node
   return tuple(value)
 
 
-def _trace(model, inputs, rng, deterministic, call_kwargs):
+def _trace(model, inputs, deterministic, call_kwargs):
   _, intermediates = nnx.capture(model, nnx.Intermediate,
                                  method_outputs=nnx.Intermediate)(
                                      *inputs, deterministic=deterministic,
@@ -138,20 +140,22 @@ def _trace(model, inputs, rng, deterministic, call_kwargs):
     if not isinstance(layer, moe_layer.MoeLayer):
       continue
     calls = _captured(intermediates, tuple(path) + ("__call__",))
-    logits_calls = _captured(intermediates, tuple(path) + ("router", "__call__"))
-    if len(calls) != 1 or len(logits_calls) != 1:
+    routed = _captured(intermediates, tuple(path) + ("routing",))
+    if len(calls) != 1 or len(routed) != 1:
       raise ValueError(f"MoE layer {path_str(path)!r} ran {len(calls)} times in one "
                        "forward pass; trace_routing needs exactly one call per layer.")
     y, _ = calls[0]
-    logits = logits_calls[0]  # f32[G, S, E]
+    r = routed[0]  # the RoutingOutput the layer dispatched with
     batch_shape = y.shape[:-1]
     num_tokens = math.prod(batch_shape)
-    num_groups, group_size = logits.shape[:2]
-    noise_std = None
-    if not deterministic:  # noisy top-k: the learned noise scale of this call
-      noise_std = _captured(intermediates, tuple(path) + ("router", "noise_std"))[0]
-    r = layer.route(logits, num_tokens, deterministic=deterministic, rng=rng,
-                    noise_std=noise_std)
+    num_groups, group_size = r.expert_index.shape[:2]
+    logits_calls = _captured(intermediates, tuple(path) + ("router", "__call__"))
+    if logits_calls:
+      logits = logits_calls[0]  # f32[G, S, E]
+    else:  # no router (a fixed assignment): a point mass on the token's choices
+      hot = jnp.any(jax.nn.one_hot(r.expert_index, r.metrics["expert_load"].shape[-1],
+                                   dtype=jnp.bool_), axis=-2)
+      logits = jnp.where(hot, 0.0, -jnp.inf)
 
     def per_token(a):
       a = a.reshape((num_groups * group_size,) + a.shape[2:])[:num_tokens]
@@ -170,16 +174,16 @@ _trace_jit = nnx.jit(_trace, static_argnames=("deterministic", "call_kwargs"))
 
 
 def trace_routing(model: nnx.Module, *inputs: Any, deterministic: bool = True,
-                  rng: jax.Array | None = None,
                   **call_kwargs: Any) -> dict[str, LayerRouting]:
   """Runs ``model(*inputs, deterministic=..., **call_kwargs)`` once and returns the
   routing of every :class:`~moe_jax.layers.moe_layer.MoeLayer` in it, by path.
 
-  The router logits of each layer are recorded with ``nnx.capture`` (no change to the
-  model) and routed again with :func:`moe_jax.routing.route` and the layer's own
-  settings, so ``expert_index``, ``kept`` and ``gates`` are those of the forward pass.
-  Each MoE layer must be called exactly once per forward pass. The forward pass is
-  jitted; the model's RNG state advances as in a normal call.
+  Each layer records, with ``nnx.capture`` and its ``sow_routing`` switch (set for the
+  call and reset afterwards), the :class:`~moe_jax.routing.RoutingOutput` it dispatched
+  with, so ``expert_index``, ``kept`` and ``gates`` are those of the forward pass
+  (its noise and random second choices included; nothing is routed again), and its
+  router's logits. Each MoE layer must be called exactly once per forward pass. The
+  forward pass is jitted; the model's RNG state advances as in a normal call.
 
   Args:
     model: any nnx module containing MoE layers (a ``Transformer``, a ``MoeLayer``).
@@ -187,17 +191,22 @@ def trace_routing(model: nnx.Module, *inputs: Any, deterministic: bool = True,
       input ``[B, L, M]`` become the ``[B, L]`` of the result.
     deterministic: evaluation mode (``eval_capacity_factor``, no jitter), the default.
       With ``False`` the jittered logits of this call are the ones recorded.
-    rng: key for ``second_policy="random"`` and the gating noise of "noisy_topk"
-      (its draws differ from the forward pass).
     **call_kwargs: more keyword arguments for the model (hashable values).
 
   Returns:
-    ``{path: LayerRouting}`` in the model's graph order.
+    ``{path: LayerRouting}`` in the model's graph order. A layer whose family has no
+    router (no logits) reports as ``logits`` a point mass on each token's choices
+    (0 there, -inf elsewhere).
   """
-  if rng is None:
-    rng = jax.random.key(0)
-  out = _trace_jit(model, inputs, rng, deterministic=deterministic,
-                   call_kwargs=tuple(sorted(call_kwargs.items())))
+  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, moe_layer.MoeLayer)]
+  for layer in layers:
+    layer.sow_routing = True
+  try:
+    out = _trace_jit(model, inputs, deterministic=deterministic,
+                     call_kwargs=tuple(sorted(call_kwargs.items())))
+  finally:
+    for layer in layers:
+      layer.sow_routing = False
   return {path: LayerRouting(path=path, capacity=int(v.pop("capacity")),
                              **{k: np.asarray(a) for k, a in v.items()})
           for path, v in out.items()}

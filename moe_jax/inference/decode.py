@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moe_jax.layers.router_families import TokenContext
+
 PADDINGS = ("right", "left")
 
 
@@ -60,9 +62,10 @@ class DecodeBlock(Protocol):
     """
 
   def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
-             prefill: bool) -> jax.Array:
+             prefill: bool, context: TokenContext | None = None) -> jax.Array:
     """x: [B, L, M] new tokens at positions i32[B, L]; mask bool[B, L] is False on
-    padding (which must leave the state as it was) -> [B, L, M]."""
+    padding (which must leave the state as it was) -> [B, L, M]. ``context`` holds
+    the new tokens' ids for the MoE layers."""
 
 
 def init_cache(model, batch: int, max_len: int, dtype=None) -> None:
@@ -74,10 +77,15 @@ def init_cache(model, batch: int, max_len: int, dtype=None) -> None:
 
 def forward(model, tokens: jax.Array, positions: jax.Array, mask: jax.Array, *,
             prefill: bool) -> jax.Array:
-  """i32[B, L] new tokens -> [B, L, M] last hidden states, updating every cache."""
+  """i32[B, L] new tokens -> [B, L, M] last hidden states, updating every cache.
+
+  The MoE layers receive the token ids in their
+  :class:`~moe_jax.layers.router_families.TokenContext`, as in the full forward pass.
+  """
   x = model.embed(tokens, positions)
+  context = TokenContext(token_ids=tokens)
   for block in model.blocks:
-    x = block.decode(x, positions, mask, prefill=prefill)
+    x = block.decode(x, positions, mask, prefill=prefill, context=context)
   return x
 
 

@@ -371,6 +371,10 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
       users = [r for r, f in ROUTERS.items() if name in f.options]
       errors.append(f"{name}={value!r} has no effect with router={cfg.router!r}; leave "
                     f"it at {default!r} or use router={' or '.join(map(repr, users))}.")
+  if not family.router_kernel and cfg.jitter_noise:
+    errors.append(f"jitter_noise={cfg.jitter_noise!r} has no effect with "
+                  f"router={cfg.router!r}, which has no router to jitter; leave it at "
+                  "0.0.")
   if cfg.dispatch == "dropless" and not family.dropless:
     errors.append(f"dispatch='dropless' needs a capacity-free router, but "
                   f"router={cfg.router!r} picks a fixed number of tokens per expert; use "

@@ -10,6 +10,13 @@ The router family (``MoeConfig.router``, see
 by name; every family returns the same :class:`~moe_jax.routing.RoutingOutput` and every
 dispatch path consumes it. Optional shared experts (DeepSeek-MoE) are a dense FFN that
 every token passes, added to the routed output.
+
+The layer is open in both directions: ``context=``
+(:class:`~moe_jax.layers.router_families.TokenContext`, e.g. the token ids) reaches the
+router family grouped like the tokens, and with ``sow_routing`` set the layer records
+the :class:`~moe_jax.routing.RoutingOutput` it dispatched with as an ``nnx.Intermediate``
+named ``"routing"`` under ``nnx.capture`` (:func:`moe_jax.analysis.trace.trace_routing`
+reads it), so nothing has to route twice.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from moe_jax.layers.projection import project
 from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 from moe_jax.parallel.sharding import SINGLE_DEVICE, Layout
 from moe_jax.layers.router_families import (ROUTERS, RouterInputs, SelectionBias,
-                                            TrainingStep, causality)
+                                            TokenContext, TrainingStep, causality)
 
 
 # Logical axis names of the router's parameters: [M, E], E of the logits replicated;
@@ -145,7 +152,8 @@ class MoeLayer(nnx.Module):
   these, ``eval_capacity_factor``).
 
   Attributes:
-    router: :class:`Router` (float32 logits; ``W_noise`` for "noisy_topk").
+    router: :class:`Router` (float32 logits; ``W_noise`` for "noisy_topk"), or None
+      for a family without one (``RouterFamily.router_kernel`` False).
     experts: the E routed :class:`~moe_jax.layers.experts.Experts`.
     shared_experts: :class:`~moe_jax.layers.experts.DenseFfn` of width
       ``num_shared_experts * d_ff``, or None.
@@ -153,14 +161,20 @@ class MoeLayer(nnx.Module):
       ``bias_update_rate > 0``, else None.
     training_step: :class:`~moe_jax.layers.router_families.TrainingStep` when
       ``noise_anneal_steps > 0``, else None.
+    sow_routing: when True, each call sows its final
+      :class:`~moe_jax.routing.RoutingOutput` (after the dropless path's lost choices)
+      as ``nnx.Intermediate`` ``"routing"``; only under ``nnx.capture`` (False: the
+      default, nothing is recorded).
   """
 
   def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     family = ROUTERS[cfg.router]
-    self.router = Router(cfg.d_model, cfg.routed_experts, jitter_noise=cfg.jitter_noise,
-                         init_scale=cfg.router_init_scale,
-                         learned_noise=family.learned_noise, rngs=rngs)
+    self.router = (Router(cfg.d_model, cfg.routed_experts,
+                          jitter_noise=cfg.jitter_noise,
+                          init_scale=cfg.router_init_scale,
+                          learned_noise=family.learned_noise, rngs=rngs)
+                   if family.router_kernel else None)
     self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff,
                            activation=cfg.activation, dropout_rate=cfg.expert_dropout,
                            init_scale=cfg.init_scale, dtype=cfg.compute_dtype,
@@ -176,6 +190,7 @@ class MoeLayer(nnx.Module):
                           if cfg.noise_anneal_steps > 0 else None)
     self.rngs = rngs
     self.deterministic = False
+    self.sow_routing = False
     # moe_jax.models.param_sharding.shard_model swaps in a MeshLayout for the model's
     # mesh.
     self.layout: Layout = SINGLE_DEVICE
@@ -251,12 +266,16 @@ class MoeLayer(nnx.Module):
     step = self.training_step[...].astype(jnp.float32)
     return jnp.maximum(0.0, 1.0 - step / self.cfg.noise_anneal_steps)
 
-  def route(self, logits: jax.Array, num_tokens: int, *, deterministic: bool,
+  def route(self, logits: jax.Array | None, num_tokens: int, *, deterministic: bool,
             rng: jax.Array | None = None,
             noise_std: jax.Array | None = None,
             token_mask: jax.Array | None = None,
-            capacity: int | None = None) -> routing.RoutingOutput:
+            capacity: int | None = None,
+            context: TokenContext | None = None,
+            groups: tuple[int, int] | None = None) -> routing.RoutingOutput:
     """Routes f32[G, S, E] router logits with this layer's router family and settings.
+
+    A family without a router gets ``logits=None`` and ``groups=(G, S)``.
 
     ``num_tokens`` is B*L: when it is less than G*S, the trailing tokens of the last
     group are padding and are masked out. ``token_mask`` (bool[G, S], False for
@@ -265,9 +284,11 @@ class MoeLayer(nnx.Module):
     otherwise). ``noise_std`` is :meth:`Router.noise_std` of the grouped inputs
     ("noisy_topk" when training; without it the routing has no noise). ``capacity``
     overrides :meth:`capacity` (decode steps; ignored by ``dispatch="dropless"``).
+    ``context`` is the :class:`~moe_jax.layers.router_families.TokenContext` grouped
+    to ``[G, S, ...]``, handed to the family as is.
     """
     cfg = self.cfg
-    num_groups, group_size, _ = logits.shape
+    num_groups, group_size = groups if logits is None else logits.shape[:2]
     if token_mask is None and num_groups * group_size != num_tokens:
       token_mask = (jnp.arange(num_groups * group_size) < num_tokens).reshape(
           num_groups, group_size)
@@ -286,7 +307,7 @@ class MoeLayer(nnx.Module):
         token_mask=token_mask,
         rng=rng if family.uses_rng(cfg, deterministic) else None,
         noise_std=None if deterministic else noise_std,
-        noise_scale=self.noise_scale(), selection_bias=bias)
+        noise_scale=self.noise_scale(), selection_bias=bias, context=context)
     return routing.split_noop_experts(
         family.route(cfg, inputs), num_experts=cfg.num_experts, capacity=capacity,
         noop_capacity=noop_capacity, token_mask=token_mask)
@@ -302,12 +323,15 @@ class MoeLayer(nnx.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
                token_mask: jax.Array | None = None, group_size: int | None = None,
                capacity: int | None = None,
-               dispatcher: Dispatcher | None = None) -> tuple[jax.Array, MoeAux]:
+               dispatcher: Dispatcher | None = None,
+               context: TokenContext | None = None) -> tuple[jax.Array, MoeAux]:
     """x: [B, L, M] -> (y: [B, L, M] in the compute dtype, MoeAux).
 
     ``token_mask`` (bool[B, L], optional) marks padding with False: padded tokens are
     never routed (their routed output is 0), take no expert slot and enter no loss or
     metric. Shared experts, like a dense FFN, still run on every position.
+    ``context`` (:class:`~moe_jax.layers.router_families.TokenContext` of ``[B, L,
+    ...]`` fields, optional) is grouped like the tokens and handed to the router family.
     ``group_size``, ``capacity`` and ``dispatcher`` override the config's S, C and
     dispatch path; they serve decoding (:meth:`decode`).
     """
@@ -325,8 +349,10 @@ class MoeLayer(nnx.Module):
       tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
     grouped = self.constrain(tokens.reshape(num_groups, group_size, d_model), "groups")
 
-    logits = self.router(grouped, deterministic=deterministic)  # f32[G, S, E]
-    noise_std = None if deterministic else self.router.noise_std(grouped)
+    logits = noise_std = None
+    if self.router is not None:
+      logits = self.router(grouped, deterministic=deterministic)  # f32[G, S, E]
+      noise_std = None if deterministic else self.router.noise_std(grouped)
     rng = None
     if ROUTERS[cfg.router].uses_rng(cfg, deterministic):
       rng = self.rngs.routing()
@@ -334,14 +360,25 @@ class MoeLayer(nnx.Module):
     if token_mask is not None:
       mask = jnp.pad(token_mask.reshape(num_tokens).astype(jnp.bool_), (0, pad))
       mask = mask.reshape(num_groups, group_size)
+
+    def group(a):  # [B, L, ...] -> [G, S, ...], padding tokens 0
+      a = a.reshape((num_tokens,) + a.shape[2:])
+      a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+      return a.reshape((num_groups, group_size) + a.shape[1:])
+
+    if context is not None:
+      context = jax.tree.map(group, context)
     out = self.route(logits, num_tokens, deterministic=deterministic, rng=rng,
-                     noise_std=noise_std, token_mask=mask, capacity=capacity)
+                     noise_std=noise_std, token_mask=mask, capacity=capacity,
+                     context=context, groups=(num_groups, group_size))
     dispatch = dispatcher or DISPATCHERS[resolve_dispatch(cfg.dispatch)]
     y, lost = dispatch(grouped.astype(cfg.compute_dtype), out, self.experts,
                        self.layout, cfg=cfg, deterministic=deterministic)
     if lost is not None:
       # Over the valid tokens, as the routers count (padding is never routed or lost).
       out = apply_lost(out, lost, num_tokens if mask is None else jnp.sum(mask))
+    if self.sow_routing:
+      self.sow(nnx.Intermediate, "routing", out)
     y = self.constrain(y, "groups")
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     y = y.reshape(batch, length, d_model)
@@ -352,7 +389,8 @@ class MoeLayer(nnx.Module):
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=metrics)
     return y, aux
 
-  def decode(self, x: jax.Array, token_mask: jax.Array, *, prefill: bool) -> jax.Array:
+  def decode(self, x: jax.Array, token_mask: jax.Array, *, prefill: bool,
+             context: TokenContext | None = None) -> jax.Array:
     """The layer at decode time (evaluation mode): x: [B, L, M] -> [B, L, M].
 
     Padding (``token_mask`` False) takes no capacity. Prefill routes like evaluation
@@ -361,10 +399,10 @@ class MoeLayer(nnx.Module):
     capacity: each token picks K distinct experts, so at most S choices reach one. On
     one device, a step whose B*K choices are fewer than E gathers just the chosen
     experts' weights (:func:`moe_jax.layers.dispatch.gather_dispatch`) instead of
-    running all E.
+    running all E. ``context`` is the new tokens' (see :meth:`__call__`).
     """
     if prefill:
-      return self(x, deterministic=True, token_mask=token_mask)[0]
+      return self(x, deterministic=True, token_mask=token_mask, context=context)[0]
     num_tokens = x.shape[0] * x.shape[1]
     shards = self.layout.group_shards
     if num_tokens % shards:
@@ -375,4 +413,5 @@ class MoeLayer(nnx.Module):
     few = (self.layout.num_devices == 1
            and num_tokens * self.cfg.top_k < self.cfg.num_experts)
     return self(x, deterministic=True, token_mask=token_mask, group_size=size,
-                capacity=size, dispatcher=gather_dispatch if few else None)[0]
+                capacity=size, dispatcher=gather_dispatch if few else None,
+                context=context)[0]

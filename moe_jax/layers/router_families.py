@@ -2,8 +2,9 @@
 
 Each family is one pure function ``(cfg, RouterInputs) -> RoutingOutput`` in
 :data:`ROUTERS` (flaxformer's router subclasses, vmoe's dispatchers): the MoE layer
-computes float32 logits, gathers what the family may need into :class:`RouterInputs`,
-and hands the result to whichever dispatch path the config names. The layer never asks
+computes float32 logits, gathers what the family may need into :class:`RouterInputs`
+(the per-token :class:`TokenContext` of the model input included, grouped like the
+tokens), and hands the result to whichever dispatch path the config names. The layer never asks
 which router it has; what differs between families (who chooses, whether it learns a
 noise scale, which config keys it reads) is data in its :class:`RouterFamily`, and
 whether a layer's routing is causal is derived from that and the config
@@ -14,6 +15,7 @@ whether a layer's routing is causal is derived from that and the config
 | ``"topk"`` | Switch, GShard, Mixtral, DeepSeek | :func:`moe_jax.routing.route` |
 | ``"noisy_topk"`` | Shazeer et al. 2017 | :func:`moe_jax.routing.noisy_top_k` |
 | ``"expert_choice"`` | Zhou et al. 2022 | :func:`moe_jax.routing.expert_choice` |
+| ``"hash"`` | Roller et al. 2021 | :func:`moe_jax.routing.hash_route` |
 
 Routing state that is not learned by gradient descent lives in :class:`RoutingState`
 variables (not ``nnx.Param``), so optimizers and ``nnx.grad`` never see it:
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -55,13 +58,33 @@ def set_training_step(model: Any, step: jax.Array) -> None:
       node.set_value(jnp.asarray(step, jnp.int32))
 
 
+@flax.struct.dataclass
+class TokenContext:
+  """What the model knows about each token besides its hidden state, for the router
+  families that need it.
+
+  The model fills it once per call (:meth:`moe_jax.models.transformer.Transformer.forward`,
+  and :func:`moe_jax.inference.decode.forward` at decode time); blocks hand it to their
+  MoE layer unchanged (Mixture-of-Depths gathers it with the tokens it runs), and the
+  layer groups every field like the tokens into :attr:`RouterInputs.context`. A family
+  that needs more per-token input adds a field here and fills it in those two places.
+
+  Attributes:
+    token_ids: i32[B, L] the model's input token ids, or None (a layer called on its
+      own).
+  """
+
+  token_ids: jax.Array | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterInputs:
   """What a layer hands its router family, besides its config.
 
   Attributes:
     logits: f32[G, S, E] clean router logits (after Switch jitter, when training); E
-      counts MoDE's no-op experts too.
+      counts MoDE's no-op experts too. None for a family without a router
+      (:attr:`RouterFamily.router_kernel` False).
     capacity: C, slots per expert and group (with no-op experts, the larger of the
       real and the no-op capacity; the layer cuts each queue afterwards).
     token_mask: bool[G, S] or None; False marks padding.
@@ -71,15 +94,18 @@ class RouterInputs:
       None.
     noise_scale: f32[] annealing factor of the noise in [0, 1], or None (1).
     selection_bias: f32[E] or None.
+    context: the layer's :class:`TokenContext` with every field grouped to
+      ``[G, S, ...]`` (padding tokens hold 0), or None when the layer was given none.
   """
 
-  logits: jax.Array
+  logits: jax.Array | None
   capacity: int
   token_mask: jax.Array | None = None
   rng: jax.Array | None = None
   noise_std: jax.Array | None = None
   noise_scale: jax.Array | None = None
   selection_bias: jax.Array | None = None
+  context: TokenContext | None = None
 
 
 def balance_scope(cfg) -> str:
@@ -134,6 +160,18 @@ def expert_choice_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
                                token_mask=inputs.token_mask)
 
 
+def hash_router(cfg, inputs: RouterInputs) -> routing.RoutingOutput:
+  """Roller et al. (2021) hash layers: each token id goes to a fixed expert
+  (:func:`moe_jax.routing.hash_route`), top-1 with gate 1; no router, no logits."""
+  token_ids = None if inputs.context is None else inputs.context.token_ids
+  if token_ids is None:
+    raise ValueError("router='hash' routes by token id: call the MoE layer with "
+                     "context=TokenContext(token_ids=...) (a Transformer passes its "
+                     "input tokens).")
+  return routing.hash_route(token_ids, cfg.num_experts, capacity=inputs.capacity,
+                            token_mask=inputs.token_mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilyMetric:
   """A scalar metric a family's routing adds to the common ones (its
@@ -165,6 +203,10 @@ class RouterFamily:
       the whole group (expert choice). :func:`causality` reads it.
     dropless: works without capacity (``dispatch="dropless"``).
     learned_noise: the router learns a noise projection ``W_noise [M, E]``.
+    router_kernel: the layer has a learned :class:`~moe_jax.layers.moe_layer.Router`
+      (the logits ``x W``); False: no router parameters at all, and ``route`` gets
+      ``logits=None`` (a fixed assignment, e.g. from the token ids of
+      :attr:`RouterInputs.context`).
     options: the router-specific config keys (of :data:`ROUTER_OPTIONS`) it reads.
     uses_rng: ``(cfg, deterministic) -> bool``: whether ``route`` needs a key.
     experts_per_token: ``cfg -> float``: experts a token visits on average when
@@ -192,6 +234,7 @@ class RouterFamily:
   noop: bool = False
   balance_scope: str | None = None
   metrics: tuple[FamilyMetric, ...] = ()
+  router_kernel: bool = True
 
 
 # Router-specific config keys and their defaults. A key left at its default means the
@@ -243,6 +286,13 @@ ROUTERS: dict[str, RouterFamily] = {
         experts_per_token=lambda cfg: cfg.capacity_factor,
         metrics=(FamilyMetric("experts_per_token", "mean number of experts that "
                               "picked each valid token"),)),
+    # A fixed assignment of token ids to experts: top-1 (top_k stays 1), no router
+    # parameters, no balance loss or z-loss (both 0), no no-op experts.
+    "hash": RouterFamily(
+        route=hash_router, paper="Roller et al. 2021", tokens_choose=True,
+        dropless=True, learned_noise=False, options=frozenset(),
+        uses_rng=lambda cfg, deterministic: False,
+        experts_per_token=lambda cfg: 1, router_kernel=False),
 }
 
 

@@ -28,6 +28,7 @@ from moe_jax.models.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind,
 from moe_jax.models.mamba import MambaConfig, MambaMixer
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
 from moe_jax.layers.moe_layer import MoeAux, MoeLayer
+from moe_jax.layers.router_families import TokenContext
 from moe_jax.layers.lora_adapters import weight
 from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 
@@ -489,19 +490,22 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
                token_mask: jax.Array | None = None,
-               use_predictor: bool = False) -> tuple[jax.Array, BlockAux]:
+               use_predictor: bool = False,
+               context: TokenContext | None = None) -> tuple[jax.Array, BlockAux]:
     """x: [B, L, M] -> ([B, L, M], BlockAux); token_mask: bool[B, L] or None.
 
     ``use_predictor`` is for Mixture-of-Depths routed blocks (sampling without a
-    cache); a full block runs every token either way.
+    cache); a full block runs every token either way. ``context`` (the model input's
+    :class:`~moe_jax.layers.router_families.TokenContext`) goes to the MoE layer.
     """
     del use_predictor
     h, y, aux = self.branches(x, positions, deterministic=deterministic,
-                              token_mask=token_mask)
+                              token_mask=token_mask, context=context)
     return (x + h) + y, BlockAux(moe=aux)
 
   def branches(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
-               token_mask: jax.Array | None = None
+               token_mask: jax.Array | None = None,
+               context: TokenContext | None = None
                ) -> tuple[jax.Array, jax.Array, MoeAux | None]:
     """The two residual branches, ``h = mixer(norm(x))`` and ``y = ffn(norm(x + h))``
     (dropout on both, in x's dtype), and the MoE layer's aux: the block is ``x + h +
@@ -511,7 +515,8 @@ class Block(nnx.Module):
     y = self.ffn_norm(x + h)
     aux = None
     if self.is_moe:
-      y, aux = self.ffn(y, deterministic=deterministic, token_mask=token_mask)
+      y, aux = self.ffn(y, deterministic=deterministic, token_mask=token_mask,
+                        context=context)
     else:
       y = self.ffn(y, deterministic=deterministic)
     return h, self.dropout(y, deterministic=deterministic).astype(x.dtype), aux
@@ -549,23 +554,25 @@ class Block(nnx.Module):
     self.mixer.init_cache(batch, max_len, dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
-             prefill: bool) -> jax.Array:
+             prefill: bool, context: TokenContext | None = None) -> jax.Array:
     """x: [B, L, M] new tokens at i32[B, L] positions, bool[B, L] real -> [B, L, M].
 
     MoE routing at decode drops no token for capacity at a step, and uses the
-    evaluation capacity at prefill (:meth:`MoeLayer.decode`).
+    evaluation capacity at prefill (:meth:`MoeLayer.decode`). ``context`` is the new
+    tokens' :class:`~moe_jax.layers.router_families.TokenContext`.
     """
-    h, y = self.decode_branches(x, positions, mask, prefill=prefill)
+    h, y = self.decode_branches(x, positions, mask, prefill=prefill, context=context)
     return (x + h) + y
 
   def decode_branches(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
-                      prefill: bool) -> tuple[jax.Array, jax.Array]:
+                      prefill: bool, context: TokenContext | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
     """:meth:`branches` against the decode state; tokens where ``mask`` is False
     write no state (and their branches are to be thrown away)."""
     h = self.mixer.decode(self.mixer_norm(x), positions, mask).astype(x.dtype)
     y = self.ffn_norm(x + h)
     if self.is_moe:
-      y = self.ffn.decode(y, mask, prefill=prefill)
+      y = self.ffn.decode(y, mask, prefill=prefill, context=context)
     else:
       y = self.ffn(y, deterministic=True)
     return h, y.astype(x.dtype)

@@ -43,6 +43,7 @@ from flax import nnx
 
 from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.protocols import Flops, param_size
+from moe_jax.layers.router_families import TokenContext
 from moe_jax.routing import depth
 from moe_jax.models.block import Block, BlockAux, TransformerConfig
 
@@ -181,7 +182,8 @@ class RoutedBlock(Block):
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, deterministic: bool,
                token_mask: jax.Array | None = None,
-               use_predictor: bool = False) -> tuple[jax.Array, BlockAux]:
+               use_predictor: bool = False,
+               context: TokenContext | None = None) -> tuple[jax.Array, BlockAux]:
     """x: [B, L, M] at positions i32[L] -> ([B, L, M], BlockAux with a DepthAux).
 
     Without ``use_predictor`` the top-k tokens of each row run the block, gathered
@@ -191,6 +193,8 @@ class RoutedBlock(Block):
     of the MoE capacity and come out unchanged (this is the reference for cached
     decoding, not a saving).
     ``token_mask`` (bool[B, L]) marks padding, which ranks below every real token.
+    ``context`` (the model input's
+    :class:`~moe_jax.layers.router_families.TokenContext`) is gathered with the tokens.
     """
     batch, length, _ = x.shape
     valid = (jnp.ones((batch, length), jnp.bool_) if token_mask is None
@@ -216,8 +220,10 @@ class RoutedBlock(Block):
       if run is not None:
         run_mask = run_mask & run
     xs = depth.gather_tokens(x, index)  # [B, k, M] (or [B, L, M])
+    if context is not None:
+      context = jax.tree.map(lambda a: depth.gather_tokens(a, index), context)
     h, y, moe_aux = self.branches(xs, pos, deterministic=deterministic,
-                                  token_mask=run_mask)
+                                  token_mask=run_mask, context=context)
     r = depth.gather_tokens(weights, index)[..., None]  # f32[B, k, 1]
     delta = r * (h + y).astype(jnp.float32)  # x + r * f(x), f = h + y
     if run is not None:
@@ -230,7 +236,7 @@ class RoutedBlock(Block):
     return out, BlockAux(moe=moe_aux, depth=aux)
 
   def decode(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
-             prefill: bool) -> jax.Array:
+             prefill: bool, context: TokenContext | None = None) -> jax.Array:
     """x: [B, L, M] new tokens at i32[B, L] positions, bool[B, L] real -> [B, L, M].
 
     A token goes through the block when the predictor routes it (and it is real);
@@ -242,28 +248,31 @@ class RoutedBlock(Block):
     weights = self.mod_router(x)
     routed = depth.predicted(self.predictor(x, weights)) & mask
     if prefill:
-      delta = _routed_delta(self, x, positions, routed, weights, prefill=True)
+      delta = _routed_delta(self, x, positions, routed, weights, prefill=True,
+                            context=context)
     else:
       # A functional cond: the parameters are read, the decode state (and RNG
       # counts) come back out of the branch that ran.
       graphdef, params, state = nnx.split(self, nnx.Param, ...)
 
       def branch(run):
-        def fn(state, x, positions, routed, weights):
+        def fn(state, x, positions, routed, weights, context):
           block = nnx.merge(graphdef, params, state)
-          delta = (_routed_delta(block, x, positions, routed, weights, prefill=False)
+          delta = (_routed_delta(block, x, positions, routed, weights, prefill=False,
+                                 context=context)
                    if run else jnp.zeros(x.shape, jnp.float32))
           return delta, nnx.state(block, nnx.Not(nnx.Param))
         return fn
 
       delta, state = jax.lax.cond(jnp.any(routed), branch(True), branch(False), state,
-                                  x, positions, routed, weights)
+                                  x, positions, routed, weights, context)
       nnx.update(self, state)
     return x + delta.astype(x.dtype)
 
 
-def _routed_delta(block: RoutedBlock, x, positions, routed, weights, *, prefill):
+def _routed_delta(block: RoutedBlock, x, positions, routed, weights, *, prefill,
+                  context=None):
   """f32[B, L, M]: ``r * f(x)`` where routed, 0 elsewhere, against the decode state."""
-  h, y = block.decode_branches(x, positions, routed, prefill=prefill)
+  h, y = block.decode_branches(x, positions, routed, prefill=prefill, context=context)
   return jnp.where(routed[..., None], weights[..., None] * (h + y).astype(jnp.float32),
                    0.0)

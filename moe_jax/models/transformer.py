@@ -55,6 +55,7 @@ from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.moe_layer import MoeAux
 from moe_jax.layers.projection import project
 from moe_jax.layers.protocols import Flops
+from moe_jax.layers.router_families import TokenContext
 from moe_jax.models.block import REMAT_POLICIES, Block, Norm, TransformerConfig, _param
 from moe_jax.models.mod import RoutedBlock
 
@@ -133,22 +134,24 @@ class Transformer(nnx.Module):
     Mixture-of-Depths routed blocks select each sequence's top-k tokens by router
     weight (training and evaluation; the choice looks at later tokens, see
     docs/mod.md), or with ``use_predictor`` the tokens their predictor routes, one
-    token at a time, as cached sampling does (causal).
+    token at a time, as cached sampling does (causal). Every block's MoE layer receives
+    the token ids in its :class:`~moe_jax.layers.router_families.TokenContext`.
     """
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     x = self.embed(tokens, positions)
+    context = TokenContext(token_ids=tokens)
     moe_aux, depth_aux = {}, {}
 
-    def run(block, x, positions, token_mask):
+    def run(block, x, positions, token_mask, context):
       return block(x, positions, deterministic=deterministic, token_mask=token_mask,
-                   use_predictor=use_predictor)
+                   use_predictor=use_predictor, context=context)
 
     if self.cfg.remat != "none":
       # Each block's backward pass recomputes its forward pass from the block's input
       # (and the RNG counts it read, so the recomputation draws the same noise).
       run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
-      x, aux = run(block, x, positions, token_mask)
+      x, aux = run(block, x, positions, token_mask, context)
       if aux.moe is not None:
         moe_aux[block.index] = aux.moe
       if aux.depth is not None:

@@ -11,6 +11,8 @@ result in per-choice form, so every dispatch path consumes any of them:
   tokens (Zhou et al. 2022).
 * :mod:`~moe_jax.routing.noisy`: :func:`noisy_top_k`, noisy top-k gating with the
   importance and load losses (Shazeer et al. 2017).
+* :mod:`~moe_jax.routing.hash`: :func:`hash_route`, hash layers (Roller et al. 2021):
+  each token id goes to a fixed expert by a fixed random hash, no learned router.
 * :mod:`~moe_jax.routing.balance`: the auxiliary losses, DeepSeek-V3's
   :func:`update_selection_bias`, :func:`cv2` and :func:`pool_groups` (per-group or
   whole-batch balance statistics).
@@ -32,6 +34,7 @@ from moe_jax.routing.common import (QUEUE_ORDERS, SECOND_POLICIES, RoutingOutput
                                     expert_capacity, gate_mass)
 from moe_jax.routing.depth import depth_capacity, select_top_k
 from moe_jax.routing.expert_choice import expert_choice
+from moe_jax.routing.hash import hash_route
 from moe_jax.routing.noisy import noisy_top_k, smooth_load
 from moe_jax.routing.noop import split_noop_experts
 from moe_jax.routing.token_choice import SCORE_FNS, mask_to_top_groups, route
@@ -48,6 +51,7 @@ __all__ = [
     "expert_capacity",
     "expert_choice",
     "gate_mass",
+    "hash_route",
     "load_balance_summary",
     "load_balancing_loss",
     "mask_to_top_groups",
