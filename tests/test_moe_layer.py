@@ -323,7 +323,8 @@ def test_expert_dropout_only_in_training():
 
 def test_init_scale_follows_switch():
   # Truncated normal with variance 0.1 / fan_in: std of wi ~ sqrt(.1 / M).
-  layer = MoeLayer(MoeConfig(d_model=256, d_ff=512, num_experts=4), rngs=nnx.Rngs(0))
+  layer = MoeLayer(MoeConfig(d_model=256, d_ff=512, num_experts=4, init_scale=0.1),
+                   rngs=nnx.Rngs(0))
   std = float(jnp.std(layer.experts.wi[...]))
   assert std == pytest.approx((0.1 / 256) ** 0.5, rel=0.05)
   std = float(jnp.std(layer.experts.wo[...]))
