@@ -26,7 +26,8 @@ DISPATCHES = ["einsum", "indices", "dropless", "dropless:ragged_dot"]
 
 def _layer(**kw):
   base = dict(d_model=8, d_ff=16, num_experts=4, top_k=1, capacity_factor=1.0,
-              eval_capacity_factor=2.0, group_size=8, min_capacity=1)
+              eval_capacity_factor=2.0, group_size=8, min_capacity=1, init_scale=0.1,
+              router_init_scale=0.1)
   base.update(kw)
   if ":" in base.get("dispatch", ""):
     base["dispatch"], base["grouped_matmul"] = base["dispatch"].split(":")
