@@ -102,7 +102,9 @@ def train_demo(
         group_size=group_size, d_ff=d_ff, num_processes=jax.process_count()):
       raise ValueError(msg)
   cfg = moe_config.MoeConfig(d_model=d_model, d_ff=d_ff, num_experts=num_experts[0],
-                            group_size=group_size, dispatch=dispatch, **dict(moe or {}))
+                            group_size=group_size, dispatch=dispatch,
+                            **{"capacity_factor": 1.0, "init_scale": 0.1,
+                               "router_init_scale": 0.1, **dict(moe or {})})
   net = DemoModel(cfg, vocab_size, num_experts, rngs=nnx.Rngs(seed))
   mesh = sharding.make_mesh(data, expert, model)
   param_sharding.shard_model(net, mesh)

@@ -45,7 +45,8 @@ def test_capacity_sweep_top2_second_choices_use_leftover_slots():
 
 def _layer(**kw):
   base = dict(d_model=8, d_ff=16, num_experts=4, top_k=1, capacity_factor=1.0,
-              eval_capacity_factor=1.0, group_size=8, min_capacity=1)
+              eval_capacity_factor=1.0, group_size=8, min_capacity=1, init_scale=0.1,
+              router_init_scale=0.1)
   base.update(kw)
   layer = MoeLayer(MoeConfig(**base), rngs=nnx.Rngs(0))
   # A sharper router, so that capacity bites and choices are well separated.
@@ -353,7 +354,8 @@ def test_planned_bytes_per_device_matches_the_placed_model():
   from moe_jax.parallel import sharding
   from moe_jax.models import param_sharding
 
-  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8)
+  cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   mesh = sharding.make_mesh(data=2, expert=4)
   # Experts wi [8, 8, 16] and wo [8, 16, 8]: 2048 floats split over expert=4 -> 2048
   # bytes per device; the router [8, 8] is replicated: 256 bytes.

@@ -204,6 +204,7 @@ def test_family_defaults():
 
 
 def _layer_aux(**kw):
+  kw = {"capacity_factor": 1.0, "init_scale": 0.1, "router_init_scale": 0.1, **kw}
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=4, group_size=8, top_k=2, **kw)
   layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (4, 8, 8), jnp.float32)

@@ -211,7 +211,7 @@ def test_einsum_forms_compute_the_same_model_with_n_d_dots_and_are_undone():
   # einsum dispatch with swiglu (wi_gate), a noisy router (block 1), the unembedding.
   moe = moe_config.MoeConfig(d_model=8, d_ff=16, num_experts=4, capacity_factor=2.0,
                             group_size=8, dispatch="einsum", activation="swiglu",
-                            router="noisy_topk")
+                            router="noisy_topk", init_scale=0.1, router_init_scale=0.1)
   cfg = block.TransformerConfig(vocab_size=32, num_layers=2, d_model=8,
                                       num_heads=2, d_ff=16, moe_every=2, moe=moe,
                                       activation="swiglu", max_len=16)

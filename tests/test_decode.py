@@ -228,7 +228,8 @@ def _one_expert_layer():
   from moe_jax.layers.moe_layer import MoeLayer  # pylint: disable=import-outside-toplevel
   layer = MoeLayer(MoeConfig(d_model=4, d_ff=8, num_experts=2, top_k=1,
                              eval_capacity_factor=0.5, min_capacity=1, group_size=8,
-                             activation="gelu"),
+                             activation="gelu",
+                             capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1),
                    rngs=nnx.Rngs(0))
   layer.router.kernel.set_value(jnp.array([[1.0, -1.0]] * 4))
   x = jax.random.uniform(jax.random.key(1), (4, 1, 4), minval=0.5, maxval=1.5)
@@ -265,7 +266,9 @@ def test_a_step_of_few_tokens_gathers_only_the_chosen_experts():
   from moe_jax.layers.moe_config import MoeConfig  # pylint: disable=import-outside-toplevel
   from moe_jax.layers.moe_layer import MoeLayer  # pylint: disable=import-outside-toplevel
   layer = MoeLayer(MoeConfig(d_model=8, d_ff=16, num_experts=8, top_k=2,
-                             activation="swiglu", dispatch="indices"), rngs=nnx.Rngs(0))
+                             activation="swiglu", dispatch="indices",
+                             capacity_factor=1.0, group_size=1024, init_scale=0.1,
+                             router_init_scale=0.1), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(2), (2, 1, 8))
   mask = jnp.array([[True], [False]])
   gathered = layer.decode(x, mask, prefill=False)

@@ -70,7 +70,8 @@ SKEW_SECOND = np.array([1] * 6 + [4] * 2)
 
 def _skewed_layers(top_k, factor=-1.0):
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=top_k,
-                  dispatch="dropless", ragged_buffer_factor=factor)
+                  dispatch="dropless", ragged_buffer_factor=factor,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   layers = []
   for mesh in (None, sharding.make_mesh(2, 4)):
     layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
@@ -177,7 +178,8 @@ def test_expert_dropout_on_a_mesh_masks_hidden_units():
   # Training draws a dropout key outside shard_map and folds in each device's mesh
   # position: outputs change against eval, stay finite, and two calls differ.
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=2,
-                  dispatch="dropless", expert_dropout=0.5)
+                  dispatch="dropless", expert_dropout=0.5,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   mesh = sharding.make_mesh(2, 4)
   layer = param_sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
   x = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
@@ -229,7 +231,8 @@ def _all_to_alls(hlo):
 def _step_hlo(top_k, data, expert, exchange="auto", compile_=True):
   mesh = sharding.make_mesh(data, expert)
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=top_k,
-                  dispatch="dropless", ragged_exchange=exchange)
+                  dispatch="dropless", ragged_exchange=exchange,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   layer = param_sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
   x = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
   x = sharding.shard_batch({"x": x}, mesh)["x"]

@@ -329,7 +329,7 @@ def test_head_dim_frees_d_model_from_num_heads():
 
 @pytest.mark.parametrize("kw,match", [
     ({"num_kv_heads": 3}, "num_kv_heads=3 must divide num_heads=4"),
-    ({"num_kv_heads": -1}, "num_kv_heads=-1 must divide"),
+    ({"num_kv_heads": -1}, "num_kv_heads=-1 must be an integer >= 0"),
     ({"head_dim": -2}, "head_dim=-2 must be a positive integer"),
     ({"d_model": 30}, "d_model=30 must be divisible by num_heads=4"),
 ])

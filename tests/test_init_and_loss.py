@@ -46,8 +46,8 @@ def _kind(name: str) -> str:
 
 @pytest.mark.parametrize("key,scaled", [
     ("model.init_scale", {"model", "experts", "router"}),  # the whole model
-    ("moe.init_scale", {"experts"}),
-    ("moe.router_init_scale", {"router"}),
+    ("moe.init_scale_factor", {"experts"}),
+    ("moe.router_init_scale_factor", {"router"}),
 ])
 def test_each_init_scale_reaches_exactly_the_weights_it_names(key, scaled):
   # Variance x4 is std x2, drawn from the same keys: each named weight is exactly twice
@@ -73,8 +73,8 @@ def test_each_init_scale_reaches_exactly_the_weights_it_names(key, scaled):
 
 
 def test_moe_scales_are_relative_to_the_model_scale():
-  c = _config(**{"model.init_scale": 0.1, "moe.init_scale": 1.0,
-                 "moe.router_init_scale": 0.5})
+  c = _config(**{"model.init_scale": 0.1, "moe.init_scale_factor": 1.0,
+                 "moe.router_init_scale_factor": 0.5})
   moe = build.moe_config(c)
   assert (moe.init_scale, moe.router_init_scale) == pytest.approx((0.1, 0.05))
 

@@ -79,7 +79,8 @@ DM, V, L = 16, 32, 12
 
 def hybrid_config(**kw):
   moe = MoeConfig(d_model=DM, d_ff=32, num_experts=4, top_k=2, capacity_factor=4.0,
-                  eval_capacity_factor=4.0, group_size=L)
+                  eval_capacity_factor=4.0, group_size=L,
+                  init_scale=0.1, router_init_scale=0.1)
   base = dict(vocab_size=V, num_layers=4, d_model=DM, num_heads=2, d_ff=32, max_len=L,
               attn_layer_period=4, attn_layer_offset=1, moe_every=2, moe_offset=1,
               moe=moe, mamba=MambaConfig(d_model=DM, chunk_size=4), position="none")

@@ -30,7 +30,8 @@ def tiny_model(dispatch):
   experts and a shared expert); C = S at evaluation, so nothing is dropped."""
   moe = MoeConfig(d_model=M, d_ff=H, num_experts=E, top_k=2, group_size=16,
                   dispatch=dispatch, num_shared_experts=1, activation="swiglu",
-                  eval_capacity_factor=float(E))
+                  eval_capacity_factor=float(E),
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   cfg = TransformerConfig(vocab_size=V, num_layers=2, d_model=M, num_heads=2,
                           d_ff=HS, moe_every=2, moe=moe, activation="swiglu")
   return Transformer(cfg, rngs=nnx.Rngs(0))

@@ -396,7 +396,8 @@ def test_flops_of_an_moe_with_no_op_experts_in_a_routed_block_by_hand():
   # top-1. Per routed token: attention 2 * 4 M^2 + 4 k M = 2048 + 256; experts
   # 2 * (4 * 2 M H) * 1 / (E + N) = 2 * 4096 / 8 = 1024 (total: all 8192); MoE
   # router 2 M (E + N) = 256; times k / L = 1/4.
-  moe = MoeConfig(d_model=M, d_ff=H, num_experts=4, noop_experts=4, group_size=0)
+  moe = MoeConfig(d_model=M, d_ff=H, num_experts=4, noop_experts=4, group_size=0,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   model = nnx.eval_shape(lambda: Transformer(config(moe=moe, moe_every=2),
                                              rngs=nnx.Rngs(0)))
   f = flops_per_token(model, 16)

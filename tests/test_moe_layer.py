@@ -26,7 +26,8 @@ DISPATCHES = ["einsum", "indices", "dropless", "dropless:ragged_dot"]
 
 def _layer(**kw):
   base = dict(d_model=8, d_ff=16, num_experts=4, top_k=1, capacity_factor=1.0,
-              eval_capacity_factor=2.0, group_size=8, min_capacity=1)
+              eval_capacity_factor=2.0, group_size=8, min_capacity=1, init_scale=0.1,
+              router_init_scale=0.1)
   base.update(kw)
   if ":" in base.get("dispatch", ""):
     base["dispatch"], base["grouped_matmul"] = base["dispatch"].split(":")
@@ -323,7 +324,8 @@ def test_expert_dropout_only_in_training():
 
 def test_init_scale_follows_switch():
   # Truncated normal with variance 0.1 / fan_in: std of wi ~ sqrt(.1 / M).
-  layer = MoeLayer(MoeConfig(d_model=256, d_ff=512, num_experts=4), rngs=nnx.Rngs(0))
+  layer = MoeLayer(MoeConfig(d_model=256, d_ff=512, num_experts=4, init_scale=0.1),
+                   rngs=nnx.Rngs(0))
   std = float(jnp.std(layer.experts.wi[...]))
   assert std == pytest.approx((0.1 / 256) ** 0.5, rel=0.05)
   std = float(jnp.std(layer.experts.wo[...]))

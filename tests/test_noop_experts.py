@@ -44,7 +44,7 @@ def test_no_op_choices_by_hand():
 
 
 def _layer(dispatch="einsum", **kw):
-  kw = {"capacity_factor": 2.0, **kw}
+  kw = {"capacity_factor": 2.0, "init_scale": 0.1, **kw}
   cfg = MoeConfig(d_model=M, d_ff=H, num_experts=4, noop_experts=4, group_size=8,
                   min_capacity=1, router_init_scale=10.0, dispatch=dispatch, **kw)
   return MoeLayer(cfg, rngs=nnx.Rngs(0))
@@ -103,7 +103,8 @@ def test_capacity_is_the_share_over_real_and_no_op_experts():
 
 
 def test_counts_with_no_op_experts_by_hand():
-  moe = MoeConfig(d_model=M, d_ff=H, num_experts=4, noop_experts=4, group_size=0)
+  moe = MoeConfig(d_model=M, d_ff=H, num_experts=4, noop_experts=4, group_size=0,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   cfg = TransformerConfig(vocab_size=32, num_layers=2, d_model=M, num_heads=2, d_ff=H,
                           moe_every=2, moe=moe, max_len=16)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

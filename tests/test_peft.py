@@ -30,7 +30,8 @@ def tiny_model(dispatch="indices", *, shared=1, activation="swiglu", seed=0):
   """Block 0: attention + dense FFN; block 1: attention + MoE (top-2, shared experts)."""
   moe = MoeConfig(d_model=M, d_ff=H, num_experts=E, top_k=2, group_size=16,
                   dispatch=dispatch, num_shared_experts=shared, activation=activation,
-                  capacity_factor=1.0, eval_capacity_factor=1.0)
+                  capacity_factor=1.0, eval_capacity_factor=1.0,
+                  init_scale=0.1, router_init_scale=0.1)
   cfg = TransformerConfig(vocab_size=V, num_layers=2, d_model=M, num_heads=N_HEADS,
                           d_ff=HS, moe_every=2, moe=moe, activation=activation)
   return Transformer(cfg, rngs=nnx.Rngs(seed))
@@ -274,7 +275,8 @@ def test_gate_and_token_scores_hand_example(capacity_factor):
   """
   cfg = MoeConfig(d_model=2, d_ff=4, num_experts=3, top_k=2, group_size=3,
                   min_capacity=1, capacity_factor=capacity_factor,
-                  eval_capacity_factor=capacity_factor, dispatch="indices")
+                  eval_capacity_factor=capacity_factor, dispatch="indices",
+                  init_scale=0.1, router_init_scale=0.1)
   layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
   ln = np.log
   layer.router.kernel.set_value(jnp.array([[0.0, ln(2), ln(5)], [ln(3), ln(2), 0.0]],

@@ -115,7 +115,8 @@ def test_every_router_sharded_equals_single_device(router, data, expert, dispatc
 
 def _layer(num_experts, group_size=8, dispatch="einsum"):
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=num_experts, group_size=group_size,
-                  dispatch=dispatch)
+                  dispatch=dispatch,
+                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
   return MoeLayer(cfg, rngs=nnx.Rngs(0))
 
 

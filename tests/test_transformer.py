@@ -19,7 +19,7 @@ M, H, E, V = 16, 32, 4, 259
 def config(moe_every=2, num_layers=4, top_k=1, dtype="float32", **kw):
   moe = MoeConfig(d_model=M, d_ff=H, num_experts=E, top_k=top_k, capacity_factor=2.0,
                   eval_capacity_factor=4.0, group_size=64, dtype=dtype,
-                  activation="gelu")
+                  activation="gelu", init_scale=0.1, router_init_scale=0.1)
   return TransformerConfig(vocab_size=V, num_layers=num_layers, d_model=M, num_heads=2,
                            d_ff=H, moe_every=moe_every, moe=moe, dtype=dtype,
                            max_len=32, **kw)
@@ -125,6 +125,7 @@ def test_flops_per_token_switch_equals_dense():
 
 
 def _zoo_config(**moe_kw):
+  moe_kw = {"init_scale": 0.1, "router_init_scale": 0.1, **moe_kw}
   moe = MoeConfig(d_model=M, d_ff=H // 4, num_experts=E, capacity_factor=2.0,
                   group_size=64, activation="gelu", **moe_kw)
   return TransformerConfig(vocab_size=V, num_layers=2, d_model=M, num_heads=2, d_ff=H,

@@ -62,9 +62,10 @@ VARIANTS: dict[str, Variant] = {
     "default": Variant("the config files as they are"),
     "expert_init_0.1": Variant(
         "experts and router at 0.1 relative to the dense weights (the earlier default)",
-        switch={"moe.init_scale": 0.1, "moe.router_init_scale": 0.1}),
+        switch={"moe.init_scale_factor": 0.1,
+                "moe.router_init_scale_factor": 0.1}),
     "router_init_0.1": Variant("router at 0.1 relative to the other weights",
-                               switch={"moe.router_init_scale": 0.1}),
+                               switch={"moe.router_init_scale_factor": 0.1}),
     "model_init_0.1": Variant("the Switch recipe: every weight of both models at 0.1",
                               both={"model.init_scale": 0.1}),
     "cf_2": Variant("train capacity factor 2.0", switch={"moe.capacity_factor": 2.0}),

@@ -1,5 +1,11 @@
 """The configuration of a sparse MoE layer (:class:`MoeConfig`) and its checks.
 
+:class:`MoeConfig` owns the MoE keys and their defaults: the LM config's ``moe``
+section is built from its fields (:func:`moe_jax.training.config.default_config`), and
+the MoeConfig of a run is derived back from that section
+(:func:`moe_jax.training.config.derive`), so a new field here is a new LM key with no
+other edit.
+
 ``validate_moe_config(cfg)`` returns every problem as a one-line message naming the
 value and the fix; :class:`~moe_jax.layers.moe_layer.MoeLayer` raises them before
 anything is traced.
@@ -18,7 +24,7 @@ from moe_jax.layers.dispatch import DISPATCHERS
 from moe_jax.layers.dropless import EXCHANGES
 from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
-from moe_jax.layers.router_families import ROUTER_OPTIONS, ROUTERS
+from moe_jax.layers.router_families import ROUTER_OPTIONS, ROUTERS, routed_experts
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,10 +65,13 @@ class MoeConfig:
       training only (Switch uses 0.01 in some setups; default off).
     expert_dropout: dropout rate on the experts' hidden layer, training only.
     activation: "relu" | "gelu" | "swiglu".
-    init_scale: variance scale of the experts' truncated-normal fan-in init (Switch:
-      0.1).
-    router_init_scale: the same for the router's kernel (Switch: 0.1). It sets the
-      spread of the router logits, and so the router's confidence, at init.
+    init_scale: variance scale s of the experts' truncated-normal fan-in init
+      (variance ``s / fan_in``), absolute like every ``init_scale`` of the project
+      (Switch: 0.1). The LM config derives it as ``model.init_scale *
+      moe.init_scale_factor``.
+    router_init_scale: the same for the router's kernel (Switch: 0.1; the LM:
+      ``model.init_scale * moe.router_init_scale_factor``). It sets the spread of the
+      router logits, and so the router's confidence, at init.
     dtype: compute dtype of dispatch and experts; the router is always float32.
     dispatch: "einsum" | "indices" | "dropless" | "auto". "auto" picks, per backend,
       the capacity-based path that measured faster (docs/benchmarks.md): "indices" on
@@ -131,9 +140,9 @@ class MoeConfig:
   d_ff: int
   num_experts: int
   top_k: int = 1
-  capacity_factor: float = 1.0
+  capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
-  group_size: int = 1024
+  group_size: int = 0
   min_capacity: int = 4
   second_policy: str = "all"
   second_threshold: float = 0.2
@@ -143,8 +152,8 @@ class MoeConfig:
   jitter_noise: float = 0.0
   expert_dropout: float = 0.0
   activation: str = "relu"
-  init_scale: float = 0.1
-  router_init_scale: float = 0.1
+  init_scale: float = 1.0
+  router_init_scale: float = 1.0
   dtype: str = "float32"
   dispatch: str = "auto"
   router: str = "topk"
@@ -174,13 +183,7 @@ class MoeConfig:
   @property
   def routed_experts(self) -> int:
     """E + N: the experts the router chooses among (no-op experts included)."""
-    return self.num_experts + self.noop_experts
-
-
-def routed_experts(cfg) -> int:
-  """E + N of any object with MoeConfig's attributes (N: 0 when it has none)."""
-  noop = getattr(cfg, "noop_experts", 0)
-  return cfg.num_experts + (noop if _is_int(noop) and noop > 0 else 0)
+    return routed_experts(self)
 
 
 def validate_moe_config(cfg) -> list[str]:

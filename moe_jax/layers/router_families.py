@@ -29,6 +29,7 @@ variables (not ``nnx.Param``), so optimizers and ``nnx.grad`` never see it:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 import flax.struct
@@ -296,13 +297,20 @@ ROUTERS: dict[str, RouterFamily] = {
 }
 
 
+def routed_experts(cfg) -> int:
+  """E + N, the experts the router chooses among, of any object with MoeConfig's
+  attributes (N: MoDE's no-op experts; 0 when it has none or a bad value)."""
+  noop = getattr(cfg, "noop_experts", 0)
+  ok = isinstance(noop, numbers.Integral) and not isinstance(noop, bool) and noop > 0
+  return cfg.num_experts + (noop if ok else 0)
+
+
 def never_drops(cfg) -> bool:
   """No choice can be dropped for capacity: ``dispatch="dropless"``, or both capacity
   factors at least the number of experts the router chooses among (then ``C = S``)."""
   if cfg.dispatch == "dropless":
     return True
-  experts = cfg.num_experts + getattr(cfg, "noop_experts", 0)
-  return min(cfg.capacity_factor, cfg.eval_capacity_factor) >= experts
+  return min(cfg.capacity_factor, cfg.eval_capacity_factor) >= routed_experts(cfg)
 
 
 def causality(cfg) -> str | None:

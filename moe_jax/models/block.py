@@ -13,6 +13,8 @@ routed block (:mod:`moe_jax.models.mod`) builds on :class:`Block`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable, NamedTuple, Protocol
 
 import flax.struct
@@ -34,6 +36,7 @@ from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 
 POSITIONS = ("rotary", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
+MODEL_DTYPES = ("float32", "bfloat16")  # compute dtypes of the model
 
 # Logical axis names of the parameters defined in this file (experts.py has the FFNs',
 # transformer.py the embeddings').
@@ -55,6 +58,11 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Hyper-parameters of the language model.
+
+  Its fields are the LM config's ``model`` keys and defaults (all but ``vocab_size``,
+  ``max_len``, ``moe``, ``mamba`` and ``causal``, which a run resolves;
+  :func:`moe_jax.training.config.default_config`); :func:`validate_transformer_config`
+  holds their rules.
 
   Attributes:
     vocab_size: V.
@@ -87,9 +95,9 @@ class TransformerConfig:
       truncated normal of variance ``s / fan_in`` (attention, dense FFN, output
       projection), the embedding from a normal of variance ``s`` and learned positions
       with std ``0.02 * sqrt(s)``; norm scales start at 1. The MoE layer's experts and
-      router take their own absolute scales from ``moe`` (``moe_jax.training.train``
-      passes ``s`` times the config's relative ``moe.init_scale`` /
-      ``moe.router_init_scale``). Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
+      router take their own absolute scales from ``moe`` (an LM config derives them
+      as ``s`` times its ``moe.init_scale_factor`` / ``moe.router_init_scale_factor``).
+      Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
     tie_embeddings: output projection is the transposed input embedding.
     dtype: compute dtype, "float32" | "bfloat16".
     rope_base: rotary base frequency.
@@ -142,36 +150,13 @@ class TransformerConfig:
   remat: str = "none"
 
   def __post_init__(self):
-    if self.head_dim < 0:
-      raise ValueError(f"head_dim={self.head_dim} must be a positive integer, or 0 for "
-                       "d_model // num_heads.")
-    if not self.head_dim and self.d_model % self.num_heads:
-      raise ValueError(f"d_model={self.d_model} must be divisible by "
-                       f"num_heads={self.num_heads}.")
-    if self.num_kv_heads < 0 or (self.num_kv_heads
-                                 and self.num_heads % self.num_kv_heads):
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads="
-                       f"{self.num_heads} (0: num_heads).")
+    for msg in validate_transformer_config(self):
+      raise ValueError(msg)
     # Resolved here, so every reader sees the numbers in use.
     object.__setattr__(self, "head_dim", self.head_dim or self.d_model // self.num_heads)
     object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
     if self.moe_every and self.moe is None:
       raise ValueError("moe_every > 0 needs a MoeConfig in `moe`.")
-    if self.position not in POSITIONS:
-      raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}.")
-    if self.norm not in NORMS:
-      raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}.")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got "
-                       f"{self.remat!r}.")
-    for msg in pattern_errors(self.num_layers, self.attn_layer_period,
-                              self.attn_layer_offset, self.moe_every, self.moe_offset):
-      raise ValueError(msg)
-    for msg in depth_errors(self.num_layers, self.mod_every, self.mod_capacity,
-                            self.mod_predictor):
-      raise ValueError(msg)
     if self.mamba_blocks and self.mamba is None:
       raise ValueError(f"blocks {self.mamba_blocks} are Mamba blocks (attn_layer_period="
                        f"{self.attn_layer_period}); they need a MambaConfig in `mamba`.")
@@ -215,6 +200,77 @@ class TransformerConfig:
   def mod_blocks(self) -> tuple[int, ...]:
     """The Mixture-of-Depths routed blocks."""
     return tuple(i for i in range(self.num_layers) if is_routed_layer(i, self.mod_every))
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_transformer_config(cfg, *, prefix: str = "",
+                                seq_len: int | None = None) -> list[str]:
+  """Every problem with the model keys of ``cfg``, one sentence each naming the key
+  and the fix; the one home of these rules.
+
+  ``cfg`` may be a :class:`TransformerConfig` or any object with its attributes: the
+  LM config's ``model`` section is checked with ``prefix="model."`` (put before every
+  key name) and its ``seq_len``, which Mixture-of-Depths' capacity needs. The
+  sub-configs (``moe``, ``mamba``) have their own checks; the fields an LM config
+  resolves (``vocab_size``, ``max_len``, ``causal``) are not checked here.
+  """
+  p, errors = prefix, []
+
+  def need(name: str, ok: bool, fix: str):
+    if not ok:
+      errors.append(f"{p}{name}={getattr(cfg, name)!r} {fix}")
+
+  for name in ("num_layers", "d_model", "num_heads", "d_ff"):
+    need(name, _is_int(getattr(cfg, name)) and getattr(cfg, name) >= 1,
+         "must be a positive integer.")
+  kv_heads, head_dim, d_model, num_heads = (cfg.num_kv_heads, cfg.head_dim, cfg.d_model,
+                                            cfg.num_heads)
+  need("num_kv_heads", _is_int(kv_heads) and kv_heads >= 0,
+       "must be an integer >= 0 (0: num_heads, multi-head attention).")
+  need("head_dim", _is_int(head_dim) and head_dim >= 0,
+       "must be a positive integer, or 0 for d_model / num_heads.")
+  heads_ok = _is_int(num_heads) and num_heads >= 1
+  if _is_int(kv_heads) and kv_heads >= 1 and heads_ok and num_heads % kv_heads:
+    errors.append(f"{p}num_kv_heads={kv_heads} must divide {p}num_heads={num_heads}; use "
+                  "a divisor of num_heads (0: num_heads).")
+  if _is_int(head_dim) and head_dim >= 1 and cfg.position == "rotary" and head_dim % 2:
+    errors.append(f"{p}head_dim={head_dim} must be even for rotary positions; use an "
+                  f"even head_dim or {p}position='learned'.")
+  if _is_int(d_model) and d_model >= 1 and heads_ok and head_dim == 0:
+    if d_model % num_heads:
+      errors.append(f"{p}d_model={d_model} must be divisible by {p}num_heads={num_heads}"
+                    f"; change one of them, or set {p}head_dim.")
+    elif cfg.position == "rotary" and (d_model // num_heads) % 2:
+      errors.append(f"{p}d_model / {p}num_heads = {d_model // num_heads} must be even "
+                    f"for rotary positions; change num_heads or use {p}position="
+                    "'learned'.")
+  need("moe_every", _is_int(cfg.moe_every) and cfg.moe_every >= 0,
+       "must be an integer >= 0 (0 dense, 2 Switch: every other block).")
+  errors.extend(pattern_errors(cfg.num_layers, cfg.attn_layer_period,
+                               cfg.attn_layer_offset, cfg.moe_every, cfg.moe_offset,
+                               prefix=p))
+  errors.extend(depth_errors(cfg.num_layers, cfg.mod_every, cfg.mod_capacity,
+                             cfg.mod_predictor, prefix=p, seq_len=seq_len))
+  need("dtype", cfg.dtype in MODEL_DTYPES, f"is unknown; use one of "
+       f"{', '.join(MODEL_DTYPES)}.")
+  need("position", cfg.position in POSITIONS, "is unknown; use 'rotary', 'learned' or "
+       "'none' (no positional encoding, Jamba).")
+  need("norm", cfg.norm in NORMS, "is unknown; use 'rmsnorm' or 'layernorm'.")
+  need("dropout", _is_real(cfg.dropout) and 0 <= cfg.dropout < 1, "must be in [0, 1).")
+  need("init_scale", _is_real(cfg.init_scale) and cfg.init_scale > 0, "must be > 0.")
+  need("rope_base", _is_real(cfg.rope_base) and cfg.rope_base > 0,
+       "must be a finite number > 0 (RoFormer: 10000).")
+  need("remat", cfg.remat in REMAT_POLICIES, "is unknown; use 'none', 'full' (recompute "
+       "each block in the backward pass) or 'dots' (keep the matmuls without batch "
+       "dimensions).")
+  return errors
 
 
 def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:

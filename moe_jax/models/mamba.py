@@ -72,6 +72,9 @@ NO_WEIGHT_DECAY = ("A_log", "D")
 class MambaConfig:
   """Hyper-parameters of one Mamba mixer (defaults: Mamba-1 and Jamba).
 
+  Its fields are the LM config's ``mamba`` keys and their defaults (``d_model`` and
+  ``init_scale`` are the model's; :func:`moe_jax.training.config.default_config`).
+
   Attributes:
     d_model: M.
     d_state: N (16).

@@ -10,7 +10,8 @@ import optax
 from flax import nnx
 
 from moe_jax.training import objectives
-from moe_jax.training.config import expert_d_ff, model_pattern, pattern_keys, queue_order
+from moe_jax.training.config import (SECTIONS, derive, expert_d_ff, model_pattern,
+                                     queue_order)
 from moe_jax.models.layer_pattern import MAMBA
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.layers.moe_config import MoeConfig
@@ -25,66 +26,42 @@ RNG_STREAMS = ("default", "dropout", "jitter", "routing")
 def moe_config(config) -> MoeConfig | None:
   """The MoeConfig of the model's MoE blocks, or None for a dense model.
 
-  The config's ``moe.init_scale`` and ``moe.router_init_scale`` are relative to the
-  model-wide ``model.init_scale``; the MoeConfig gets their products (absolute scales).
+  Every field is the ``moe`` key of its name (:func:`derive`) but those resolved here:
+  the model's width, activation and dtype, the expert width (``moe.d_ff``, 0:
+  ``model.d_ff``), the queue order (``"auto"``: by the objective) and the absolute init
+  scales, ``model.init_scale`` times ``moe.init_scale_factor`` and
+  ``moe.router_init_scale_factor``.
   """
   if not config.model.moe_every:
     return None
-  m = config.moe
-  return MoeConfig(
-      d_model=config.model.d_model, d_ff=expert_d_ff(config), num_experts=m.num_experts,
-      top_k=m.top_k, capacity_factor=m.capacity_factor,
-      eval_capacity_factor=m.eval_capacity_factor, group_size=m.group_size,
-      min_capacity=m.min_capacity, second_policy=m.second_policy,
-      second_threshold=m.second_threshold, normalize_gates=m.normalize_gates,
-      batch_priority=m.get("batch_priority", False), queue_order=queue_order(config),
-      jitter_noise=m.jitter_noise, expert_dropout=m.expert_dropout,
-      activation=config.model.activation,
-      init_scale=config.model.init_scale * m.init_scale,
-      # Runs from before router_init_scale existed drew the router at moe.init_scale.
-      router_init_scale=config.model.init_scale * m.get("router_init_scale",
-                                                        m.init_scale),
-      dtype=config.model.dtype, dispatch=m.dispatch, router=m.router,
-      score_fn=m.score_fn, expert_groups=m.expert_groups, top_groups=m.top_groups,
-      gate_scale=m.gate_scale, balance_choices=m.balance_choices,
-      bias_update_rate=m.bias_update_rate, num_shared_experts=m.num_shared_experts,
-      noise_anneal_steps=m.noise_anneal_steps, ragged_exchange=m.ragged_exchange,
-      ragged_buffer_factor=m.ragged_buffer_factor,
-      grouped_matmul=m.get("grouped_matmul", "auto"), noop_experts=m.get("noop_experts", 0),
-      noop_capacity_factor=m.get("noop_capacity_factor", None),
-      balance_scope=m.get("balance_scope", None))
+  m, s = config.model, config.moe
+  return derive(SECTIONS["moe"].cls, s, d_model=m.d_model, d_ff=expert_d_ff(config),
+                activation=m.activation, dtype=m.dtype, queue_order=queue_order(config),
+                init_scale=m.init_scale * s.init_scale_factor,
+                router_init_scale=m.init_scale * s.router_init_scale_factor)
 
 
 def mamba_config(config) -> MambaConfig | None:
   """The MambaConfig of the model's Mamba blocks, or None if the pattern has none.
 
-  Its projections take the model-wide ``model.init_scale``.
+  Every field is the ``mamba`` key of its name (:func:`derive`) but ``d_model`` and the
+  projections' ``init_scale``, the model-wide ``model.init_scale``.
   """
   if not any(kind.mixer == MAMBA for kind in model_pattern(config)):
     return None
-  s = config.mamba
-  return MambaConfig(
-      d_model=config.model.d_model, d_state=s.d_state, d_conv=s.d_conv,
-      expand=s.expand, dt_rank=s.dt_rank, dt_min=s.dt_min, dt_max=s.dt_max,
-      inner_norms=s.inner_norms, chunk_size=s.chunk_size, scan=s.get("scan", "auto"),
-      init_scale=config.model.init_scale)
+  m = config.model
+  return derive(SECTIONS["mamba"].cls, config.mamba, d_model=m.d_model,
+                init_scale=m.init_scale)
 
 
 def transformer_config(config, vocab_size: int) -> TransformerConfig:
-  m = config.model
-  period, offset, _, moe_offset = pattern_keys(m)
-  return TransformerConfig(
-      vocab_size=vocab_size, num_layers=m.num_layers, d_model=m.d_model,
-      num_heads=m.num_heads, d_ff=m.d_ff, max_len=max(config.data.seq_len, 1),
-      moe_every=m.moe_every, moe=moe_config(config), activation=m.activation,
-      position=m.position, norm=m.norm, dropout=m.dropout, init_scale=m.init_scale,
-      tie_embeddings=m.tie_embeddings, dtype=m.dtype, moe_offset=moe_offset,
-      attn_layer_period=period, attn_layer_offset=offset, mamba=mamba_config(config),
-      mod_every=m.get("mod_every", 0), mod_capacity=m.get("mod_capacity", 0.125),
-      mod_predictor=m.get("mod_predictor", "router_bce"),
-      causal=objectives.get_objective(config).causal, remat=m.get("remat", "none"),
-      # Configs saved before grouped-query attention: multi-head, d_model / num_heads.
-      num_kv_heads=m.get("num_kv_heads", 0), head_dim=m.get("head_dim", 0))
+  """The TransformerConfig of ``config``: every field is the ``model`` key of its name
+  (:func:`derive`) but the vocabulary, ``max_len`` (``data.seq_len``), the MoE and
+  Mamba configs and ``causal`` (the objective's)."""
+  return derive(SECTIONS["model"].cls, config.model, vocab_size=vocab_size,
+                max_len=max(config.data.seq_len, 1), moe=moe_config(config),
+                mamba=mamba_config(config),
+                causal=objectives.get_objective(config).causal)
 
 
 def make_model(config, *, vocab_size: int | None = None, seed: int | None = None

