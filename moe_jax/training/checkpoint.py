@@ -102,6 +102,7 @@ class Checkpointer:
     steps = self.all_steps()
     failures = []
     for step in reversed(steps):
+      self._check_dtypes(step, abstract_state)
       items = {"state": ocp.args.StandardRestore(abstract_state),
                "meta": ocp.args.JsonRestore()}
       if data_iterator is not None:
@@ -125,6 +126,27 @@ class Checkpointer:
           "Refusing to start from scratch over saved progress; move the work directory "
           "away (or delete it) to start a new run.")
     return None
+
+  def _check_dtypes(self, step: int, abstract_state: Any) -> None:
+    """Raises :class:`CheckpointError` when the checkpoint at ``step`` stores a leaf in
+    another dtype than ``abstract_state`` asks for (orbax would cast it silently): a
+    run resumed with another ``model.param_dtype`` or ``moment_dtype`` than it was
+    saved with. A step whose metadata cannot be read is left to :meth:`restore`."""
+    try:
+      saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
+      wanted = ocp.tree.to_flat_dict(
+          ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    except Exception:  # pylint: disable=broad-except
+      return
+    for key, leaf in wanted.items():
+      old = getattr(saved.get(key), "dtype", None)
+      new = getattr(leaf, "dtype", None)
+      if old is not None and new is not None and old != new:
+        raise CheckpointError(
+            f"The checkpoint at step {step} in {self.directory} stores "
+            f"{'.'.join(map(str, key))} as {old}, but this run builds it as {new}: "
+            "model.param_dtype or moment_dtype differs from the run's; resume with "
+            "the dtypes it was saved with, or start a new work directory.")
 
   def _quarantine(self, step: int) -> None:
     """Moves an unreadable step out of the manager's way (kept for inspection)."""

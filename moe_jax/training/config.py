@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 50
   c.lr_end_fraction = 0.1  # cosine decays to this fraction of the peak
   c.optimizer = "adamw"
+  # Storage dtype of the optimizer's moments: both of AdamW's (mu and nu); Adafactor's
+  # factored statistics stay float32 (bfloat16 is refused for it). docs/training.md.
+  c.moment_dtype = "float32"
   c.weight_decay = 0.1  # AdamW, on matrices only
   c.b1 = 0.9
   c.b2 = 0.95
@@ -77,7 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
   # otherwise (docs/jamba.md). 1 and 0: every block is attention. Jamba: 8 and 4.
   c.model.attn_layer_period = 1
   c.model.attn_layer_offset = 0
-  c.model.dtype = "float32"
+  c.model.dtype = "float32"  # compute dtype of the matmuls
+  # Storage dtype of the weights (routers, norms and vectors stay float32 whatever it
+  # is; docs/training.md, "Precision").
+  c.model.param_dtype = "float32"
   c.model.activation = "gelu"
   c.model.position = "rotary"  # rotary | learned | none (Jamba: none)
   c.model.norm = "rmsnorm"
@@ -400,6 +406,16 @@ def validate_config(config, *, num_devices: int | None = None,
        "mod_predictor='router_bce' untrained).")
   need("model.dtype", m.dtype in MODEL_DTYPES,
        f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
+  need("model.param_dtype", m.get("param_dtype", "float32") in MODEL_DTYPES,
+       f"is unknown; use one of {', '.join(MODEL_DTYPES)} (routers stay float32 "
+       "either way).")
+  moments = config.get("moment_dtype", "float32")
+  need("moment_dtype", moments in MODEL_DTYPES,
+       f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
+  if moments == "bfloat16" and config.optimizer == "adafactor":
+    errors.append("moment_dtype='bfloat16' with optimizer='adafactor': Adafactor keeps "
+                  "only factored row and column statistics, which stay float32; use "
+                  "--config.moment_dtype=float32 or optimizer='adamw'.")
   need("model.position", m.position in POSITIONS,
        "is unknown; use 'rotary', 'learned' or 'none' (no positional encoding, "
        "Jamba).")
