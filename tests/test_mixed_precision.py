@@ -7,6 +7,10 @@ close to its float32 twin; checkpoints keep the dtypes exactly and refuse to be
 restored into other ones.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +21,10 @@ from moe_jax.models.precision import param_dtypes
 from moe_jax.training import build, run_state, train
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import validate_config
-from tests.test_train import tiny_config
+from tests.subprocess_env import cpu_env
+from tests.test_train import cli_overrides, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The four pairs of (model.param_dtype, moment_dtype) a run may take.
 PAIRS = [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16"),
@@ -130,6 +137,9 @@ def test_bfloat16_checkpoint_round_trips_exactly_and_refuses_other_dtypes(runs, 
   _, state = runs[("bfloat16", "bfloat16")]
   checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=1)
   checkpointer.save(10, run_state.to_checkpoint(state))
+  checkpointer.close()
+  # A new Checkpointer, as a resumed run has: its manager has not saved anything.
+  checkpointer = Checkpointer(str(tmp_path / "checkpoints"), keep=1)
   abstract = run_state.to_checkpoint(run_state.abstract_like(state))
   step, restored, _ = checkpointer.restore(abstract)
   assert step == 10
@@ -150,6 +160,24 @@ def test_bfloat16_checkpoint_round_trips_exactly_and_refuses_other_dtypes(runs, 
   assert "\n" not in str(e.value)
   assert checkpointer.all_steps() == [10]  # refused, not quarantined as unreadable
   checkpointer.close()
+
+
+def test_resuming_with_another_param_dtype_is_refused_on_the_command_line(tmp_path):
+  # A fresh process restores through a manager that has saved nothing, unlike the
+  # Checkpointer above: the dtype check must read the checkpoint's own metadata.
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+         f"--config={os.path.join(ROOT, 'experiments', 'configs', 'switch_small.py')}",
+         f"--workdir={tmp_path}", *cli_overrides(steps=2, warmup_steps=1, **{
+             "sample.length": 0, "eval_every": 2, "eval_steps": 1})]
+  run = lambda *extra: subprocess.run(cmd + list(extra), capture_output=True,  # noqa: E731
+                                      text=True, env=cpu_env(), timeout=900)
+  first = run("--config.model.param_dtype=bfloat16")
+  assert first.returncode == 0, first.stderr[-2000:]
+  resumed = run()  # param_dtype back to its default, float32
+  assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
+  lines = [l for l in resumed.stderr.splitlines() if "The checkpoint at step 2" in l]
+  assert len(lines) == 1 and "as bfloat16, but this run builds it as float32" in lines[0]
+  assert Checkpointer(str(tmp_path / "checkpoints"), keep=3).all_steps() == [2]
 
 
 @pytest.mark.parametrize("overrides,error", [

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from moe_jax.errors import CheckpointError
 
@@ -133,7 +134,9 @@ class Checkpointer:
     run resumed with another ``model.param_dtype`` or ``moment_dtype`` than it was
     saved with. A step whose metadata cannot be read is left to :meth:`restore`."""
     try:
-      saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
+      # Read from the files: the manager knows the item's handler only after a save.
+      saved = ocp.tree.to_flat_dict(ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "state").tree)
       wanted = ocp.tree.to_flat_dict(
           ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
     except Exception:  # pylint: disable=broad-except
