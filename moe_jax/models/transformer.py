@@ -32,8 +32,10 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 * ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
   policy of :data:`~moe_jax.models.block.REMAT_POLICIES` ("none" leaves them unwrapped).
 
-Compute runs in ``dtype`` (float32 or bfloat16); parameters, norms, softmax, the router
-(inside MoeLayer) and the logits stay float32.
+Compute runs in ``dtype`` (float32 or bfloat16); norms, softmax, the router (inside
+MoeLayer) and the logits stay float32. The weights are built float32;
+``moe_jax.training.build.make_model`` stores them in ``model.param_dtype``
+(:mod:`moe_jax.models.precision`: routers, norm scales and vectors stay float32).
 
 Every module declares its parameters' logical axes (``logical_axes`` metadata; this
 file's are :data:`EMBED_AXES`), its forward FLOPs and its LoRA targets
@@ -160,7 +162,9 @@ class Transformer(nnx.Module):
 
   def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """i32[B, L] tokens at i32[L] or i32[B, L] positions -> [B, L, M] (compute dtype)."""
+    # Added in float32 when that is the compute dtype (bfloat16 weights cast up first).
     x = jnp.take(self.embedding[...], tokens, axis=0)
+    x = x.astype(jnp.promote_types(x.dtype, self.cfg.compute_dtype))
     if self.positions is not None:
       x = x + jnp.take(self.positions[...], positions, axis=0)
     return x.astype(self.cfg.compute_dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -14,7 +15,8 @@ from moe_jax.training.config import (SECTIONS, derive, expert_d_ff, model_patter
                                      queue_order)
 from moe_jax.models.layer_pattern import MAMBA
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
-from moe_jax.layers.moe_config import MoeConfig
+from moe_jax.layers.moe_config import DTYPES, MoeConfig
+from moe_jax.models.precision import cast_params
 from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.models.transformer import Transformer
 from moe_jax.models.block import TransformerConfig
@@ -66,7 +68,9 @@ def transformer_config(config, vocab_size: int) -> TransformerConfig:
 
 def make_model(config, *, vocab_size: int | None = None, seed: int | None = None
                ) -> Transformer:
-  """The Transformer of ``config`` (dense if ``model.moe_every == 0``).
+  """The Transformer of ``config`` (dense if ``model.moe_every == 0``), its
+  parameters stored in ``model.param_dtype`` (:func:`moe_jax.models.precision.cast_params`:
+  routers, norms and vectors stay float32).
 
   ``vocab_size`` defaults to the byte tokenizer's of the config's objective: 256 bytes
   + PAD/BOS/EOS, + MASK for masked LM.
@@ -74,7 +78,8 @@ def make_model(config, *, vocab_size: int | None = None, seed: int | None = None
   seed = config.seed if seed is None else seed
   vocab_size = vocab_size or objectives.get_objective(config).vocab_size
   rngs = nnx.Rngs(params=seed, **{s: seed + 1 + i for i, s in enumerate(RNG_STREAMS)})
-  return Transformer(transformer_config(config, vocab_size), rngs=rngs)
+  model = Transformer(transformer_config(config, vocab_size), rngs=rngs)
+  return cast_params(model, config.model.get("param_dtype", "float32"))
 
 
 def make_schedule(config) -> optax.Schedule:
@@ -94,17 +99,52 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(decay, params)
 
 
+def _floats(tree, dtype):
+  """``tree`` with its floating-point leaves cast to ``dtype`` (None stays None)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _in_float32(opt: optax.GradientTransformation, moment_dtype
+                ) -> optax.GradientTransformation:
+  """``opt`` computing in float32 with its state in ``moment_dtype``: the state is
+  built from the parameters cast to ``moment_dtype`` (AdamW's mu and nu; Adafactor's
+  statistics), and every update casts the gradients and parameters to float32 first,
+  so the clipping norm, the moments' arithmetic and the updates are float32 whatever
+  the parameter dtype. The updates come out float32; ``optax.apply_updates`` rounds
+  ``p + u`` to the parameter's dtype."""
+  def init(params):
+    return opt.init(_floats(params, moment_dtype))
+
+  def update(grads, state, params=None):
+    return opt.update(_floats(grads, jnp.float32), state,
+                      None if params is None else _floats(params, jnp.float32))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (default) or Adafactor with the warmup-cosine schedule and global-norm clip."""
+  """AdamW (default) or Adafactor with the warmup-cosine schedule and global-norm clip.
+
+  ``moment_dtype`` is the storage dtype of both of AdamW's moments (Adafactor's
+  statistics stay float32). With ``model.param_dtype`` or ``moment_dtype`` other than
+  float32 the optimizer computes in float32 (:func:`_in_float32`); with both float32
+  it is the plain optax chain.
+  """
   schedule = make_schedule(config)
+  moments = DTYPES[config.get("moment_dtype", "float32")]
   if config.optimizer == "adafactor":
     opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=(
         config.weight_decay or None), weight_decay_mask=_decay_mask)
   else:
+    mu_dtype = None if moments == jnp.float32 else moments
     opt = optax.adamw(schedule, b1=config.b1, b2=config.b2,
-                      weight_decay=config.weight_decay, mask=_decay_mask)
+                      weight_decay=config.weight_decay, mask=_decay_mask,
+                      mu_dtype=mu_dtype)
   if config.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+  if moments != jnp.float32 or config.model.get("param_dtype", "float32") != "float32":
+    opt = _in_float32(opt, moments)
   return opt, schedule
 
 

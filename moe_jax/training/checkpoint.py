@@ -104,6 +104,7 @@ class Checkpointer:
     steps = self.all_steps()
     failures = []
     for step in reversed(steps):
+      self._check_dtypes(step, abstract_state)
       try:
         target = (abstract_state(self._saved_keys(step)) if callable(abstract_state)
                   else abstract_state)
@@ -135,6 +136,31 @@ class Checkpointer:
     path = os.path.join(self.directory, str(step), "state")
     tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
     return frozenset(tree)
+
+  def _check_dtypes(self, step: int, abstract_state: Any) -> None:
+    """Raises :class:`CheckpointError` when the checkpoint at ``step`` stores a leaf in
+    another dtype than ``abstract_state`` asks for (orbax would cast it silently): a
+    run resumed with another ``model.param_dtype`` or ``moment_dtype`` than it was
+    saved with. A step whose metadata cannot be read is left to :meth:`restore`."""
+    try:
+      if callable(abstract_state):
+        abstract_state = abstract_state(self._saved_keys(step))
+      # Read from the files: the manager knows the item's handler only after a save.
+      saved = ocp.tree.to_flat_dict(ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "state").tree)
+      wanted = ocp.tree.to_flat_dict(
+          ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    except Exception:  # pylint: disable=broad-except
+      return
+    for key, leaf in wanted.items():
+      old = getattr(saved.get(key), "dtype", None)
+      new = getattr(leaf, "dtype", None)
+      if old is not None and new is not None and old != new:
+        raise CheckpointError(
+            f"The checkpoint at step {step} in {self.directory} stores "
+            f"{'.'.join(map(str, key))} as {old}, but this run builds it as {new}: "
+            "model.param_dtype or moment_dtype differs from the run's; resume with "
+            "the dtypes it was saved with, or start a new work directory.")
 
   def _quarantine(self, step: int) -> None:
     """Moves an unreadable step out of the manager's way (kept for inspection)."""

@@ -27,7 +27,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.errors import ConfigError
-from moe_jax.models.block import TransformerConfig, validate_transformer_config
+from moe_jax.models.block import (MODEL_DTYPES, TransformerConfig,
+                                  validate_transformer_config)
 from moe_jax.models.layer_pattern import MAMBA, layer_pattern
 from moe_jax.models.mamba import MambaConfig, validate_mamba_config
 from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
@@ -128,6 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 50
   c.lr_end_fraction = 0.1  # cosine decays to this fraction of the peak
   c.optimizer = "adamw"
+  # Storage dtype of the optimizer's moments: both of AdamW's (mu and nu); Adafactor's
+  # factored statistics stay float32 (bfloat16 is refused for it). docs/training.md.
+  c.moment_dtype = "float32"
   c.weight_decay = 0.1  # AdamW, on matrices only
   c.b1 = 0.9
   c.b2 = 0.95
@@ -145,6 +149,9 @@ def default_config() -> ml_collections.ConfigDict:
   # TransformerConfig's fields (vocab_size, max_len and causal come from the
   # objective and data.seq_len), and:
   c.model = section("model")
+  # Storage dtype of the weights (routers, norms and vectors stay float32 whatever it
+  # is; docs/training.md, "Precision"); model.dtype is the compute dtype.
+  c.model.param_dtype = "float32"
   # causal_lm | masked_lm (bidirectional, BERT's 15% masking;
   # moe_jax/training/objectives.py).
   c.model.objective = "causal_lm"
@@ -378,6 +385,16 @@ def validate_config(config, *, num_devices: int | None = None,
     if key in config[part]:
       errors.append(f"{old}={config[part][key]!r} is now {new}, a factor on "
                     f"model.init_scale; set --config.{new} instead.")
+  need("model.param_dtype", m.get("param_dtype", "float32") in MODEL_DTYPES,
+       f"is unknown; use one of {', '.join(MODEL_DTYPES)} (routers stay float32 "
+       "either way).")
+  moments = config.get("moment_dtype", "float32")
+  need("moment_dtype", moments in MODEL_DTYPES,
+       f"is unknown; use one of {', '.join(MODEL_DTYPES)}.")
+  if moments == "bfloat16" and config.optimizer == "adafactor":
+    errors.append("moment_dtype='bfloat16' with optimizer='adafactor': Adafactor keeps "
+                  "only factored row and column statistics, which stay float32; use "
+                  "--config.moment_dtype=float32 or optimizer='adamw'.")
 
   # MoE section: the MoE layer's own rules, with the keys prefixed as in the config.
   moe_view = _moe_view(config)

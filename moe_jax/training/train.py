@@ -148,7 +148,10 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
           num_targets=num_targets, share=1.0 / accum, token_share=share)
       return jax.tree.map(jnp.add, grads, g), (metrics, counts)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    # Summed in float32 whatever the parameter dtype (bfloat16 parameters give
+    # bfloat16 gradients; the optimizer reads them in float32 anyway).
+    zeros = jax.tree.map(
+        lambda p: jnp.zeros_like(p, jnp.promote_types(p.dtype, jnp.float32)), params)
     grads, (metrics, counts) = jax.lax.scan(
         body, zeros, (jnp.arange(accum), micro, token_share))
     # CE is already each microbatch's share of the global batch's; the aux loss and
