@@ -12,7 +12,7 @@ from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models.block import TransformerConfig
 from moe_jax.models.mamba import MambaConfig
 from moe_jax.training import build, config as config_lib, run_state
-from moe_jax.training.config import SECTIONS, default_config, derive, validate_config
+from moe_jax.training.config import SECTIONS, default_config, derive, load_config_file, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,11 +32,7 @@ def _set(config, overrides):
 
 
 def _load(name):
-  sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
-  try:
-    return __import__(name).get_config()
-  finally:
-    sys.path.pop(0)
+  return load_config_file(os.path.join(ROOT, "experiments", "configs", f"{name}.py"))
 
 
 def test_sections_are_the_module_configs_fields_with_their_defaults():
@@ -61,11 +57,17 @@ def test_the_listed_defaults_agree():
   moe, lm = MoeConfig(d_model=8, d_ff=16, num_experts=4), default_config()
   assert (moe.group_size, lm.moe.group_size) == (0, 0)
   assert (moe.capacity_factor, lm.moe.capacity_factor) == (1.25, 1.25)
-  # init_scale is absolute everywhere; the LM's relative keys are *_factor.
-  derived = build.moe_config(_set(default_config(), {"model.moe_every": 2}))
-  assert (moe.init_scale, moe.router_init_scale) == (
-      derived.init_scale, derived.router_init_scale) == (1.0, 1.0)
-  assert "init_scale" not in lm.moe and "router_init_scale" not in lm.moe
+  # init_scale is a factor on the model-wide scale everywhere: the LM's
+  # model.init_scale is MoeConfig.model_init_scale, and moe.init_scale /
+  # moe.router_init_scale are MoeConfig's factors of the same names.
+  derived = build.moe_config(_set(default_config(), {"model.moe_every": 2,
+                                                     "model.init_scale": 0.1,
+                                                     "moe.router_init_scale": 0.5}))
+  assert (moe.model_init_scale, moe.init_scale, moe.router_init_scale) == (1.0, 1.0, 1.0)
+  assert (lm.moe.init_scale, lm.moe.router_init_scale) == (1.0, 1.0)
+  assert (derived.model_init_scale, derived.init_scale, derived.router_init_scale) == (
+      0.1, 1.0, 0.5)
+  assert "model_init_scale" not in lm.moe
 
 
 @pytest.mark.parametrize("name", sorted(SECTIONS))
@@ -117,22 +119,20 @@ def test_derive_names_no_field_and_refuses_unknown_ones():
     derive(MambaConfig, section, d_model=32, not_a_field=1)
 
 
-def test_runs_saved_with_the_old_relative_keys_load(tmp_path):
+def test_runs_saved_before_router_init_scale_load(tmp_path):
   config = default_config()
   saved = json.loads(config.to_json())
   moe = saved["moe"]
-  del moe["init_scale_factor"], moe["router_init_scale_factor"]
+  del moe["router_init_scale"]
   moe["init_scale"] = 0.5  # before moe.router_init_scale: the router drew at this too
   (tmp_path / "config.json").write_text(json.dumps(saved))
   loaded = run_state.load_config(str(tmp_path))
-  assert (loaded.moe.init_scale_factor, loaded.moe.router_init_scale_factor) == (0.5, 0.5)
-  assert "init_scale" not in loaded.moe
+  assert (loaded.moe.init_scale, loaded.moe.router_init_scale) == (0.5, 0.5)
   assert validate_config(loaded, num_devices=1) == []
   moe["router_init_scale"] = 0.25
   (tmp_path / "config.json").write_text(json.dumps(saved))
   loaded = run_state.load_config(str(tmp_path))
-  assert (loaded.moe.init_scale_factor, loaded.moe.router_init_scale_factor) == (
-      0.5, 0.25)
+  assert (loaded.moe.init_scale, loaded.moe.router_init_scale) == (0.5, 0.25)
 
 
 def test_one_view_serves_the_moe_checks_and_the_causality_check(monkeypatch):

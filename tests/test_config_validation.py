@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from moe_jax.errors import ConfigError
-from moe_jax.training.config import check_config, default_config, validate_config
+from moe_jax.training.config import check_config, default_config, load_config_file, set_keys, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -17,12 +17,7 @@ SWITCH = os.path.join(ROOT, "experiments", "configs", "switch_small.py")
 def switch_config(**overrides):
   config = default_config()
   config.model.moe_every = 2
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(config, overrides)
   return config
 
 
@@ -54,7 +49,7 @@ moe.expert_dropout data.name data.seq_len data.data_dir mesh.data mesh.expert
 moe.router moe.score_fn moe.expert_groups moe.top_groups moe.gate_scale
 moe.balance_choices moe.bias_update_rate moe.num_shared_experts moe.noise_anneal_steps
 moe.d_ff moe.allow_noncausal_routing
-final_eval_steps model.init_scale moe.init_scale_factor moe.router_init_scale_factor
+final_eval_steps model.init_scale moe.init_scale moe.router_init_scale
 moe.loss_reduction model.position model.moe_offset model.attn_layer_period
 model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
 mamba.chunk_size mamba.scan model.mod_every model.mod_capacity model.mod_predictor
@@ -87,11 +82,7 @@ def test_configs_have_every_contract_key(name):
 
 
 def _load(name):
-  sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
-  try:
-    return __import__(name).get_config()
-  finally:
-    sys.path.pop(0)
+  return load_config_file(os.path.join(ROOT, "experiments", "configs", f"{name}.py"))
 
 
 def test_router_zoo_settings():
@@ -157,13 +148,9 @@ RULES = [
      "moe.second_threshold=0.0", "> 0"),
     ({"moe.num_experts": 0}, "moe.num_experts=0", "positive"),
     ({"moe.group_size": -1}, "moe.group_size=-1", "0: one group per sequence"),
-    ({"moe.init_scale_factor": 0.0}, "moe.init_scale_factor=0.0", "> 0"),
-    ({"moe.router_init_scale_factor": -0.1}, "moe.router_init_scale_factor=-0.1",
+    ({"moe.init_scale": 0.0}, "moe.init_scale=0.0", "> 0"),
+    ({"moe.router_init_scale": -0.1}, "moe.router_init_scale=-0.1",
      "> 0"),
-    # The keys' old names (relative scales then too) get a one-line error.
-    ({"moe.init_scale": 0.1}, "moe.init_scale=0.1", "now moe.init_scale_factor"),
-    ({"moe.router_init_scale": 0.1}, "moe.router_init_scale=0.1",
-     "now moe.router_init_scale_factor"),
     ({"model.rope_base": 0.0}, "model.rope_base=0.0", "> 0"),
     ({"mamba.norm_eps": 0.0}, "mamba.norm_eps=0.0", "> 0"),
     ({"model.remat": "some"}, "model.remat='some'", "'dots'"),
@@ -303,8 +290,8 @@ def test_default_grouping_fits_every_mesh_that_divides_the_batch(data, expert):
 def test_new_keys_have_valid_defaults():
   c = default_config()
   assert (c.eval_steps, c.moe.loss_reduction) == (0, "sum")
-  assert (c.model.init_scale, c.moe.init_scale_factor,
-          c.moe.router_init_scale_factor) == (1.0, 1.0, 1.0)
+  assert (c.model.init_scale, c.moe.init_scale,
+          c.moe.router_init_scale) == (1.0, 1.0, 1.0)
   assert c.final_eval_steps is None  # as eval_steps
   assert (c.model.num_kv_heads, c.model.head_dim) == (0, 0)  # multi-head, M / N
   assert errors_for(**{"moe.loss_reduction": "mean", "eval_steps": 3,

@@ -20,7 +20,7 @@ from moe_jax.parallel import sharding
 from moe_jax.models import param_sharding
 from moe_jax.training import build
 from moe_jax.errors import ConfigError
-from moe_jax.training.config import default_config
+from moe_jax.training.config import default_config, set_keys
 from moe_jax.models.transformer import Transformer
 
 TINY = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,
@@ -57,12 +57,7 @@ PREFILL_LEN, MAX_LEN = 12, 24
 
 def make_model(overrides, **more):
   config = default_config()
-  for key, value in {**TINY, **overrides, **more}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(config, {**TINY, **overrides, **more})
   return build.make_model(config, vocab_size=64, seed=0)
 
 

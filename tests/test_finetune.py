@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moe_jax.training.config import set_keys
 from moe_jax.layers import lora_adapters
 from moe_jax.training import run_state, train
 from moe_jax.errors import ConfigError
@@ -38,12 +39,7 @@ def ft_config(**overrides):
            "checkpoint_every": 3, "batch_size": 4, "warmup_steps": 1,
            "finetune.rank": 2, "finetune.alpha": 4.0, "finetune.esft.batches": 2,
            "finetune.esft.top_p": 0.5, "weight_decay": 0.1}
-  for key, value in {**small, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(c, {**small, **overrides})
   return c
 
 

@@ -23,7 +23,7 @@ from moe_jax.parallel import sharding
 from moe_jax.training import build, train
 from moe_jax.peft import lora as peft_lora
 from moe_jax.models.block import Attention
-from moe_jax.training.config import default_config, validate_config
+from moe_jax.training.config import default_config, set_keys, validate_config
 from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.models.block import TransformerConfig
 from moe_jax.models.transformer import Transformer
@@ -249,12 +249,7 @@ def _train(data, expert, model_axis, steps=3):
   """Losses and final parameters of ``steps`` train steps of the SHARDED config on a
   data x expert x model mesh, and the parameters' PartitionSpecs."""
   config = default_config()
-  for key, value in SHARDED.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(config, SHARDED)
   assert validate_config(config, num_devices=8) == []
   mesh = sharding.make_mesh(data, expert, model_axis)
   model = build.make_model(config, vocab_size=64, seed=0)

@@ -1,5 +1,7 @@
 """Init scales reach exactly the weights they name; sum vs mean of the per-layer losses."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
+from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.training import build, run_state, train
-from moe_jax.training.config import default_config
+from moe_jax.training.config import default_config, set_keys
 
 
 def _config(**overrides):
@@ -19,12 +22,7 @@ def _config(**overrides):
   c.model.position = "learned"  # so the positions table exists too
   c.moe.num_experts = 4
   c.grad_clip = 0.0
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(c, overrides)
   return c
 
 
@@ -46,8 +44,8 @@ def _kind(name: str) -> str:
 
 @pytest.mark.parametrize("key,scaled", [
     ("model.init_scale", {"model", "experts", "router"}),  # the whole model
-    ("moe.init_scale_factor", {"experts"}),
-    ("moe.router_init_scale_factor", {"router"}),
+    ("moe.init_scale", {"experts"}),
+    ("moe.router_init_scale", {"router"}),
 ])
 def test_each_init_scale_reaches_exactly_the_weights_it_names(key, scaled):
   # Variance x4 is std x2, drawn from the same keys: each named weight is exactly twice
@@ -73,10 +71,16 @@ def test_each_init_scale_reaches_exactly_the_weights_it_names(key, scaled):
 
 
 def test_moe_scales_are_relative_to_the_model_scale():
-  c = _config(**{"model.init_scale": 0.1, "moe.init_scale_factor": 1.0,
-                 "moe.router_init_scale_factor": 0.5})
+  c = _config(**{"model.init_scale": 0.1, "moe.init_scale": 1.0,
+                 "moe.router_init_scale": 0.5})
   moe = build.moe_config(c)
-  assert (moe.init_scale, moe.router_init_scale) == pytest.approx((0.1, 0.05))
+  assert (moe.model_init_scale, moe.init_scale, moe.router_init_scale) == (0.1, 1.0, 0.5)
+  # The layer draws its experts at 0.1 * 1.0 and its router at 0.1 * 0.5.
+  layer = MoeLayer(moe, rngs=nnx.Rngs(0))
+  router = MoeLayer(dataclasses.replace(moe, model_init_scale=1.0, init_scale=0.1,
+                                        router_init_scale=0.05), rngs=nnx.Rngs(0))
+  assert jnp.array_equal(layer.router.kernel.value, router.router.kernel.value)
+  assert jnp.array_equal(layer.experts.wo.value, router.experts.wo.value)
 
 
 def _grads(config):

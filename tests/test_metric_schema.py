@@ -14,7 +14,7 @@ from moe_jax import routing
 from moe_jax.layers.moe_layer import MoeAux
 from moe_jax.layers.router_families import ROUTERS
 from moe_jax.training import loop_utils, metric_schema, train
-from moe_jax.training.config import default_config
+from moe_jax.training.config import default_config, set_keys
 from moe_jax.training.losses import moe_summary
 from moe_jax.training.metrics import read_metrics
 
@@ -43,12 +43,7 @@ FAMILIES = {
 
 def tiny_config(overrides):
   config = default_config()
-  for key, value in {**TINY, **overrides}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(config, {**TINY, **overrides})
   return config
 
 

@@ -67,7 +67,7 @@ def _check_report_structure(smoke):
   float(dense[4]), float(dense[5]), float(dense[8])
   # Every row's init rule, loss convention and eval data are stated.
   assert "Init (every row alike): model-wide scale `model.init_scale=1`" in report
-  assert "`moe.router_init_scale_factor=1`" in report  # the config default
+  assert "`moe.router_init_scale=1`" in report  # the config default
   assert 'Loss convention: `moe.loss_reduction="sum"`' in report
   assert "Eval: every eval scores a fixed sample of 2 batches" in report
   # The paper's table sits beside ours, and the closing paragraph is computed.

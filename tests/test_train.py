@@ -24,7 +24,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cc
 from moe_jax.training import build, run_state, train
 from moe_jax.models import sizes
 from moe_jax.training.checkpoint import Checkpointer
-from moe_jax.training.config import default_config
+from moe_jax.training.config import default_config, set_keys
 from moe_jax.errors import TrainingError
 from moe_jax.training.metrics import read_metrics
 
@@ -49,12 +49,7 @@ def tiny_config(**overrides):
   """switch_small shrunk to 2 blocks of width 32 (one MoE block, 4 experts)."""
   config = default_config()
   config.model.moe_every = 2
-  for key, value in {**TINY, **overrides}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(config, {**TINY, **overrides})
   return config
 
 
@@ -327,12 +322,7 @@ def _zoo_config(name, **overrides):
   tiny = dict(TINY, **{"sample.length": 0})
   if name == "deepseek_small":
     tiny.update({"moe.num_experts": 8, "moe.d_ff": 16, "moe.group_size": 32})
-  for key, value in {**tiny, **overrides}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_keys(config, {**tiny, **overrides})
   return config
 
 

@@ -39,7 +39,8 @@ from typing import Any, Callable
 from moe_jax.compare import finetune_report, grid, runner
 from moe_jax.compare.finetune_rows import (BASES, FINETUNE_CONFIG, METHOD_NAMES, METHODS,
                                            FinetuneRun)
-from moe_jax.compare.router_rows import load_row_config, set_key
+from moe_jax.compare.router_rows import load_row_config
+from moe_jax.training.config import set_keys
 
 WARMUP_SHARE = 0.1  # warmup: at most this share of a run's steps
 PRETRAIN_CHECKPOINTS = 4  # checkpoints per pretraining run
@@ -104,7 +105,7 @@ def make_base_config(settings: dict[str, Any], base: str, seed: int):
   c = load_row_config(base, s["configs_dir"])
   ratio = c.moe.d_ff / c.model.d_ff if c.moe.d_ff else None
   for key, value in s["shapes"].items():
-    set_key(c, key, value)
+    set_keys(c, {key: value})
   if ratio is not None:
     c.moe.d_ff = max(1, round(ratio * c.model.d_ff))
   c.steps, c.seed = s["pretrain_steps"], seed
@@ -125,7 +126,7 @@ def make_finetune_config(settings: dict[str, Any], method: str, seed: int):
   s = settings
   c = load_row_config(FINETUNE_CONFIG, s["configs_dir"])
   for key, value in METHODS[method].overrides.items():
-    set_key(c, key, value)
+    set_keys(c, {key: value})
   c.steps, c.seed, c.finetune.seed = s["finetune_steps"], seed, seed
   if s["finetune_batch_size"]:
     c.batch_size = s["finetune_batch_size"]

@@ -49,10 +49,10 @@ def init_and_loss_sentence(config) -> str:
   return (f"Init (every row alike): model-wide scale `model.init_scale={s:g}`: every "
           f"weight matrix, dense FFNs and attention included, is drawn with variance "
           f"{s:g}/fan_in (the embedding with variance {s:g}); experts at "
-          f"`moe.init_scale_factor={moe.init_scale_factor:g}` and the router at "
-          f"`moe.router_init_scale_factor={moe.router_init_scale_factor:g}` times it, "
-          f"i.e. {s * moe.init_scale_factor:g}/fan_in and "
-          f"{s * moe.router_init_scale_factor:g}/fan_in. "
+          f"`moe.init_scale={moe.init_scale:g}` and the router at "
+          f"`moe.router_init_scale={moe.router_init_scale:g}` times it, "
+          f"i.e. {s * moe.init_scale:g}/fan_in and "
+          f"{s * moe.router_init_scale:g}/fan_in. "
           f"Loss convention: `moe.loss_reduction=\"{reduction}\"`, the aux and z losses "
           f"{how}.")
 

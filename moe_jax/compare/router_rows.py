@@ -14,11 +14,11 @@ both read these and its runs (:class:`RouterRun`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Mapping
 
 from moe_jax.compare.runner import RunSpec
+from moe_jax.training.config import load_config_file
 
 CAUSAL, MASKED = "causal_lm", "masked_lm"
 OBJECTIVE_CHOICES = {"causal_lm": (CAUSAL,), "masked_lm": (MASKED,),
@@ -119,19 +119,7 @@ class RouterRun(RunSpec):
 def load_row_config(name: str, configs_dir: str):
   """``get_config()`` of ``configs_dir/NAME.py`` (the command lines pass
   ``experiments/configs``)."""
-  path = os.path.join(configs_dir, f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"moe_jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def set_key(config, key: str, value) -> None:
-  node = config
-  *parents, leaf = key.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  return load_config_file(os.path.join(configs_dir, f"{name}.py"))
 
 
 def experts_per_token(config) -> float:

@@ -30,10 +30,11 @@ from typing import Any, Callable
 from moe_jax.compare import grid, routers_report
 from moe_jax.compare.aggregation import summarize_run
 # The rows and their equal-FLOPs arithmetic.
+from moe_jax.training.config import set_keys
 from moe_jax.compare.router_rows import (BOTH, GRID_ROW_NAMES, OBJECTIVE_CHOICES,
                                          ROW_BY_NAME, ROW_NAMES, SHORT, Row, RouterRun,
                                          expert_shape, experts_per_token,
-                                         ffn_flops_per_token, load_row_config, set_key)
+                                         ffn_flops_per_token, load_row_config)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The whole path in CI (train, resume, benchmark, report, plots) on both
@@ -72,7 +73,7 @@ def make_config(settings: dict[str, Any], row: Row, objective: str, seed: int):
   s = settings
   c = load_row_config(row.config, s["configs_dir"])
   for key, value in row.overrides.items():
-    set_key(c, key, value)
+    set_keys(c, {key: value})
   c.model.objective = objective
   grid.set_training(c, s, seed)
   m = c.model
@@ -128,7 +129,7 @@ def _check(settings: dict[str, Any]) -> list[str]:
       continue
     probe = load_row_config(row.config, settings["configs_dir"])
     for key, value in row.overrides.items():
-      set_key(probe, key, value)
+      set_keys(probe, {key: value})
     if probe.model.moe_every:
       units = experts_per_token(probe) + probe.moe.num_shared_experts
       if not math.isclose(d_ff / units, round(d_ff / units)):

@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 from moe_jax.compare import grid
 from moe_jax.compare.aggregation import Stat
 from moe_jax.compare.report import eval_sentence, init_and_loss_sentence, stderr_cell
-from moe_jax.compare.router_rows import load_row_config, set_key
+from moe_jax.compare.router_rows import load_row_config
+from moe_jax.training.config import set_keys
 from moe_jax.compare.runner import RunSpec
 
 MODELS = ("switch", "dense")
@@ -62,10 +63,10 @@ VARIANTS: dict[str, Variant] = {
     "default": Variant("the config files as they are"),
     "expert_init_0.1": Variant(
         "experts and router at 0.1 relative to the dense weights (the earlier default)",
-        switch={"moe.init_scale_factor": 0.1,
-                "moe.router_init_scale_factor": 0.1}),
+        switch={"moe.init_scale": 0.1,
+                "moe.router_init_scale": 0.1}),
     "router_init_0.1": Variant("router at 0.1 relative to the other weights",
-                               switch={"moe.router_init_scale_factor": 0.1}),
+                               switch={"moe.router_init_scale": 0.1}),
     "model_init_0.1": Variant("the Switch recipe: every weight of both models at 0.1",
                               both={"model.init_scale": 0.1}),
     "cf_2": Variant("train capacity factor 2.0", switch={"moe.capacity_factor": 2.0}),
@@ -192,7 +193,7 @@ def build_grid(base: Mapping[str, Any], variants: Sequence[str], seeds: int, *,
         changes = {**RUN_SETTINGS, **_changes(v, model)}
         _check_keys(c, changes)
         for key, value in changes.items():
-          set_key(c, key, value)
+          set_keys(c, {key: value})
         c.seed = seed
         if steps is not None:
           c.steps = steps

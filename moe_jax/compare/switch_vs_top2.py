@@ -114,8 +114,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         aux_loss_coef=0.01, z_loss_coef=0.001, bench_steps=20, bench_rounds=0,
         init_scale=0.1, expert_init_scale=1.0, router_init_scale=1.0),
 }
-# Unset: the config default (model.init_scale 1.0; moe.init_scale_factor and
-# moe.router_init_scale_factor 1.0, relative to it; moe.loss_reduction; moe.normalize_gates).
+# Unset: the config default (model.init_scale 1.0; moe.init_scale and
+# moe.router_init_scale 1.0, relative to it; moe.loss_reduction; moe.normalize_gates).
 OPTIONAL_SETTINGS = {"dataset": None, "threshold": None, "final_eval_steps": None,
                      "init_scale": None,
                      "expert_init_scale": None, "router_init_scale": None,
@@ -199,9 +199,9 @@ def make_config(settings: dict[str, Any], family: str, capacity_factor: float | 
   if s.get("init_scale") is not None:
     m.init_scale = s["init_scale"]
   if s.get("expert_init_scale") is not None:
-    moe.init_scale_factor = s["expert_init_scale"]
+    moe.init_scale = s["expert_init_scale"]
   if s.get("router_init_scale") is not None:
-    moe.router_init_scale_factor = s["router_init_scale"]
+    moe.router_init_scale = s["router_init_scale"]
   if s.get("loss_reduction") is not None:
     moe.loss_reduction = s["loss_reduction"]
   if s.get("normalize_gates") is not None:

@@ -65,13 +65,15 @@ class MoeConfig:
       training only (Switch uses 0.01 in some setups; default off).
     expert_dropout: dropout rate on the experts' hidden layer, training only.
     activation: "relu" | "gelu" | "swiglu".
-    init_scale: variance scale s of the experts' truncated-normal fan-in init
-      (variance ``s / fan_in``), absolute like every ``init_scale`` of the project
-      (Switch: 0.1). The LM config derives it as ``model.init_scale *
-      moe.init_scale_factor``.
-    router_init_scale: the same for the router's kernel (Switch: 0.1; the LM:
-      ``model.init_scale * moe.router_init_scale_factor``). It sets the spread of the
-      router logits, and so the router's confidence, at init.
+    model_init_scale: the model-wide variance scale s of every weight's
+      truncated-normal fan-in init (variance ``s / fan_in``; the LM's
+      ``model.init_scale``; the Switch recipe is 0.1).
+    init_scale: the experts' scale as a factor on ``model_init_scale`` (the LM's
+      ``moe.init_scale``): their variance is ``model_init_scale * init_scale /
+      fan_in``; 1.0 gives them a dense FFN's init.
+    router_init_scale: the same factor for the router's kernel (the LM's
+      ``moe.router_init_scale``). It sets the spread of the router logits, and so
+      the router's confidence, at init.
     dtype: compute dtype of dispatch and experts; the router is always float32.
     dispatch: "einsum" | "indices" | "dropless" | "auto". "auto" picks, per backend,
       the capacity-based path that measured faster (docs/benchmarks.md): "indices" on
@@ -152,6 +154,7 @@ class MoeConfig:
   jitter_noise: float = 0.0
   expert_dropout: float = 0.0
   activation: str = "relu"
+  model_init_scale: float = 1.0
   init_scale: float = 1.0
   router_init_scale: float = 1.0
   dtype: str = "float32"
@@ -233,7 +236,7 @@ def validate_moe_config(cfg) -> list[str]:
   if cfg.activation not in ACTIVATIONS:
     errors.append(f"activation={cfg.activation!r} is unknown; use one of "
                   f"{', '.join(ACTIVATIONS)}.")
-  for name in ("init_scale", "router_init_scale"):
+  for name in ("model_init_scale", "init_scale", "router_init_scale"):
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
       errors.append(f"{name}={v!r} must be a number > 0 (Switch: 0.1).")

@@ -172,16 +172,18 @@ class MoeLayer(nnx.Module):
     family = ROUTERS[cfg.router]
     self.router = (Router(cfg.d_model, cfg.routed_experts,
                           jitter_noise=cfg.jitter_noise,
-                          init_scale=cfg.router_init_scale,
+                          init_scale=cfg.model_init_scale * cfg.router_init_scale,
                           learned_noise=family.learned_noise, rngs=rngs)
                    if family.router_kernel else None)
     self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff,
                            activation=cfg.activation, dropout_rate=cfg.expert_dropout,
-                           init_scale=cfg.init_scale, dtype=cfg.compute_dtype,
+                           init_scale=cfg.model_init_scale * cfg.init_scale,
+                           dtype=cfg.compute_dtype,
                            grouped_matmul=cfg.grouped_matmul, rngs=rngs)
     self.shared_experts = (DenseFfn(
         cfg.d_model, cfg.num_shared_experts * cfg.d_ff, activation=cfg.activation,
-        dropout_rate=cfg.expert_dropout, init_scale=cfg.init_scale,
+        dropout_rate=cfg.expert_dropout,
+        init_scale=cfg.model_init_scale * cfg.init_scale,
         dtype=cfg.compute_dtype, lora_target="shared_experts",
         rngs=rngs) if cfg.num_shared_experts else None)
     self.selection_bias = (SelectionBias(jnp.zeros((cfg.routed_experts,), jnp.float32))

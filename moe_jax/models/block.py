@@ -96,7 +96,7 @@ class TransformerConfig:
       projection), the embedding from a normal of variance ``s`` and learned positions
       with std ``0.02 * sqrt(s)``; norm scales start at 1. The MoE layer's experts and
       router take their own absolute scales from ``moe`` (an LM config derives them
-      as ``s`` times its ``moe.init_scale_factor`` / ``moe.router_init_scale_factor``).
+      as ``s`` times its ``moe.init_scale`` / ``moe.router_init_scale``).
       Switch (Fedus et al. 2021, Sec. 2.3) uses s = 0.1.
     tie_embeddings: output projection is the transposed input embedding.
     dtype: compute dtype, "float32" | "bfloat16".

@@ -30,17 +30,16 @@ def moe_config(config) -> MoeConfig | None:
 
   Every field is the ``moe`` key of its name (:func:`derive`) but those resolved here:
   the model's width, activation and dtype, the expert width (``moe.d_ff``, 0:
-  ``model.d_ff``), the queue order (``"auto"``: by the objective) and the absolute init
-  scales, ``model.init_scale`` times ``moe.init_scale_factor`` and
-  ``moe.router_init_scale_factor``.
+  ``model.d_ff``), the queue order (``"auto"``: by the objective) and the model-wide
+  ``model.init_scale`` (``moe.init_scale`` and ``moe.router_init_scale`` are factors
+  on it).
   """
   if not config.model.moe_every:
     return None
   m, s = config.model, config.moe
   return derive(SECTIONS["moe"].cls, s, d_model=m.d_model, d_ff=expert_d_ff(config),
                 activation=m.activation, dtype=m.dtype, queue_order=queue_order(config),
-                init_scale=m.init_scale * s.init_scale_factor,
-                router_init_scale=m.init_scale * s.router_init_scale_factor)
+                model_init_scale=m.init_scale)
 
 
 def mamba_config(config) -> MambaConfig | None:

@@ -18,10 +18,12 @@ without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import numbers
 import os
 import typing
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
@@ -61,17 +63,10 @@ class Section:
 SECTIONS = {
     "model": Section(TransformerConfig, ("vocab_size", "max_len", "moe", "mamba", "causal"),
                      {"num_layers": 4, "d_model": 256, "num_heads": 4, "d_ff": 1024}),
-    "moe": Section(MoeConfig, ("d_model", "activation", "dtype", "init_scale",
-                               "router_init_scale"),
+    "moe": Section(MoeConfig, ("d_model", "activation", "dtype", "model_init_scale"),
                    {"num_experts": 8, "d_ff": 0, "queue_order": "auto"}),
     "mamba": Section(MambaConfig, ("d_model", "init_scale")),
 }
-
-# Keys renamed since runs were saved: old key -> new key (saved configs are read with
-# the new name, a user config that sets the old one gets a one-line error).
-RENAMED_KEYS = {"moe.init_scale": "moe.init_scale_factor",
-                "moe.router_init_scale": "moe.router_init_scale_factor"}
-
 
 def section(name: str) -> ml_collections.ConfigDict:
   """The ``name`` section of :data:`SECTIONS` as a ConfigDict: every field of its
@@ -164,12 +159,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.moe.aux_loss_coef = 0.01
   c.moe.z_loss_coef = 0.001
   c.moe.loss_reduction = "sum"  # per-layer aux and z losses summed (Switch, ST-MoE)
-  # The experts' and the router's init scales as factors on model.init_scale: 1.0
-  # gives them the init of every other weight (a dense FFN's), so dense and MoE
-  # configs share one init rule. The Switch recipe scales the whole model:
-  # model.init_scale=0.1 (docs/training.md).
-  c.moe.init_scale_factor = 1.0
-  c.moe.router_init_scale_factor = 1.0
   # Expert choice, batch_priority and choice-major queues with top_k > 1 see later
   # tokens of the group; a causal LM needs this to train them (masked_lm allows them:
   # it sees the whole sequence anyway).
@@ -245,14 +234,12 @@ class _View:
 # The MoE keys a run resolves from other LM keys, named as in the LM config.
 _MOE_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff",
              "activation": "model.activation", "dtype": "model.dtype",
-             "init_scale": "moe.init_scale_factor",
-             "router_init_scale": "moe.router_init_scale_factor"}
+             "model_init_scale": "model.init_scale"}
 
 
 def _moe_view(config) -> _View:
   """The MoE section seen as a MoeConfig, for :func:`validate_moe_config` and
-  :func:`causality`: the init scales are the factors (> 0 exactly when the products
-  are, with a valid ``model.init_scale``), so their errors name the LM keys."""
+  :func:`causality`, its errors named by the LM keys."""
   m, moe = config.model, config.moe
   # A bad moe.queue_order is reported once, with "auto" among the choices.
   order = moe.get("queue_order", "auto")
@@ -261,7 +248,9 @@ def _moe_view(config) -> _View:
       queue_order=queue_order(config) if order in QUEUE_ORDER_KEYS else "choice_major",
       # A bad model.dtype is reported once, as a model key.
       dtype=m.dtype if m.dtype in DTYPES else "float32",
-      init_scale=moe.init_scale_factor, router_init_scale=moe.router_init_scale_factor)
+      # A bad model.init_scale is reported once, as a model key.
+      model_init_scale=m.init_scale if _is_real(m.init_scale) and m.init_scale > 0
+      else 1.0)
 
 
 def pattern_keys(model) -> tuple:
@@ -380,11 +369,6 @@ def validate_config(config, *, num_devices: int | None = None,
   need("model.mod_aux_loss_coef", _is_real(coef) and coef >= 0,
        "must be a finite number >= 0 (the predictor's BCE weight; 0 leaves "
        "mod_predictor='router_bce' untrained).")
-  for old, new in RENAMED_KEYS.items():
-    part, key = old.split(".")
-    if key in config[part]:
-      errors.append(f"{old}={config[part][key]!r} is now {new}, a factor on "
-                    f"model.init_scale; set --config.{new} instead.")
   need("model.param_dtype", m.get("param_dtype", "float32") in MODEL_DTYPES,
        f"is unknown; use one of {', '.join(MODEL_DTYPES)} (routers stay float32 "
        "either way).")
@@ -625,3 +609,25 @@ def check_config(config, **kwargs) -> None:
   errors = validate_config(config, **kwargs)
   if errors:
     raise ConfigError(errors)
+
+
+def set_keys(config, values: Mapping[str, Any]):
+  """Sets each dotted key of ``values`` (``"moe.top_k": 2``) in ``config``, in order,
+  and returns ``config``."""
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def load_config_file(path: str):
+  """``get_config()`` of the config file at ``path`` (the command lines' config files
+  live in ``experiments/configs``; the library never imports them itself)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"moe_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

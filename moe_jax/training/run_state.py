@@ -20,7 +20,7 @@ from flax import nnx
 
 from moe_jax.parallel import sharding
 from moe_jax.training.checkpoint import Checkpointer
-from moe_jax.training.config import RENAMED_KEYS, default_config
+from moe_jax.training.config import default_config
 from moe_jax.errors import TrainingError
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer
@@ -172,15 +172,10 @@ def load_config(workdir: str):
   # Keys added since the run started take their defaults (which reproduce the old model),
   # except two whose defaults changed the routing: runs from before moe.queue_order
   # queued choice-major, and runs from before moe.balance_scope balanced per group.
-  # Renamed keys are read under their new names (RENAMED_KEYS); runs from before
-  # moe.router_init_scale drew the router at moe.init_scale.
+  # Runs from before moe.router_init_scale drew the router at moe.init_scale.
   old_moe = saved.get("moe", {})
   if "init_scale" in old_moe and "router_init_scale" not in old_moe:
     old_moe["router_init_scale"] = old_moe["init_scale"]
-  for old, new in RENAMED_KEYS.items():
-    (part, key), (new_part, new_key) = old.split("."), new.split(".")
-    if key in saved.get(part, {}):
-      saved.setdefault(new_part, {})[new_key] = saved[part].pop(key)
   config = default_config()
   _update_known(config, saved)
   if "queue_order" not in old_moe:
