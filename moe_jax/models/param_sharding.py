@@ -5,7 +5,9 @@ They come from Variable metadata ``logical_axes`` when present (``nnx.Param(w,
 logical_axes=("vocab", "embed"))``), otherwise from per-module defaults (``EXPERT_AXES``
 of :class:`~moe_jax.layers.experts.Experts`, ``DENSE_AXES`` of
 :class:`~moe_jax.layers.experts.DenseFfn`, the router, ``nnx.Embed`` and the norms). The
-rules table :data:`~moe_jax.parallel.sharding.LOGICAL_RULES` maps them to mesh axes.
+rules table :data:`~moe_jax.parallel.sharding.LOGICAL_RULES` maps them to mesh axes;
+a parameter the rules leave unsplit over ``fsdp`` is split over it along another
+dimension (:func:`~moe_jax.parallel.sharding.fsdp_spec`).
 ``shard_model`` writes the resolved spec into flax's ``out_sharding`` metadata as well,
 so ``nnx.get_partition_spec`` and ``nnx.Optimizer`` (which builds its state from the
 parameters' metadata) follow it. See ``docs/sharding.md``.
@@ -22,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.layers import experts as experts_lib
 from moe_jax.layers import moe_layer
-from moe_jax.parallel.sharding import (LOGICAL_RULES, check_mesh, logical_to_spec,
-                                       moe_layout)
+from moe_jax.parallel.sharding import (LOGICAL_RULES, check_mesh, fsdp_spec,
+                                       logical_to_spec, moe_layout)
 
 # Defaults for modules that do not annotate their parameters, by module type.
 # [M, E]: E of the logits stays replicated; W_noise of noisy top-k alike.
@@ -81,8 +83,9 @@ def shard_model(model: Any, mesh: Mesh,
 
   Every MoeLayer gets a :class:`MeshLayout` for ``mesh``. Every array Variable is
   moved to the NamedSharding of its logical axes (parameters without logical axes,
-  RNG state and other variables are replicated), and gets ``logical_axes``,
-  ``out_sharding`` and ``mesh`` metadata so that ``nnx.get_partition_spec`` and an
+  RNG state and other variables are replicated); every parameter is split over the
+  ``fsdp`` axis too (:func:`~moe_jax.parallel.sharding.fsdp_spec`). Each also gets
+  ``logical_axes``, ``out_sharding`` and ``mesh`` metadata so that ``nnx.get_partition_spec`` and an
   ``nnx.Optimizer`` created afterwards follow the same layout.
 
   Args:
@@ -106,8 +109,11 @@ def shard_model(model: Any, mesh: Mesh,
   placements = []
   for path, parent, var in _variables(model):
     names = logical_axes_of(parent, path[-1], var)
+    shape = var.get_value().shape
     spec = P() if names is None else logical_to_spec(
-        names, var.get_value().shape, mesh, rules, where=_path_str(path))
+        names, shape, mesh, rules, where=_path_str(path))
+    if isinstance(var, nnx.Param):
+      spec = fsdp_spec(spec, shape, mesh)
     placements.append((var, names, spec))
   for layer, layout in layouts:
     layer.layout = layout

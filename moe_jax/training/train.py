@@ -94,7 +94,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   initial_model_state = model_state(model)
   loss = training_loss(config)
   accum = config.get("grad_accum_steps", 1)
-  shards = config.mesh.data * config.mesh.expert
+  shards = config.mesh.data * config.mesh.get("fsdp", 1) * config.mesh.expert
 
   def loss_fn(params, model_state_, batch, key, step, **kwargs):
     m = merge_model(graphdef, params, rest, model_state_)
@@ -326,7 +326,8 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
     with open(os.path.join(workdir, "model_info.json"), "w", encoding="utf-8") as f:
       json.dump(info, f, indent=2)
 
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model,
+                            fsdp=config.mesh.get("fsdp", 1))
   param_sharding.shard_model(model, mesh)
   tx, schedule = make_optimizer(config)
   state, state_sharding = init_train_state(model, tx, mesh, config.seed)
