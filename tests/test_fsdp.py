@@ -259,3 +259,19 @@ def test_compiled_fsdp_step_gathers_each_weight_and_reduce_scatters_gradients():
             for name, shapes in reduced if w.shape in shapes]
     assert hits, (w.shape, "no reduce-scatter or all-reduce of the gradient")
     assert all(_sliced_per_device(hlo, *hit) for hit in hits), w.shape
+
+
+def test_fsdp_holds_an_eighth_of_the_weights_and_moments_per_device():
+  # XLA's memory analysis of the compiled step (benchmarks/fsdp_memory.py at full
+  # size): on data=8 each device holds all parameters and AdamW moments, on fsdp=8 an
+  # eighth (all but a few odd-sized weights split; the batch is split either way).
+  args = {}
+  for axes in ((8, 1, 1, 1), (1, 8, 1, 1)):
+    config, model, tx, state, state_sharding, mesh = _setup("switch_small", axes)
+    step = train.make_train_step(model, tx, config, state_sharding=state_sharding)
+    batch = sharding.shard_batch(next(_batches(config)), mesh)
+    args[axes[1]] = step.lower(state, batch).compile().memory_analysis(
+        ).argument_size_in_bytes
+  params = sum(x.nbytes for x in jax.tree.leaves(state.params))
+  assert args[1] > 3 * params
+  assert args[8] < args[1] / 8 * 1.05
