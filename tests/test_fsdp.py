@@ -193,8 +193,8 @@ def test_fsdp_config_checks_fail_before_compiling():
 # The compiled step: weights gathered one at a time, gradients reduce-scattered
 # ---------------------------------------------------------------------------------
 
-_OP = re.compile(r"^\s*(%\S+) = (.*?) (all-gather|all-reduce|reduce-scatter)(?:-start)?\(",
-                 re.M)
+_OP = re.compile(
+    r"^\s*(%\S+) = (.*?) (all-gather|all-reduce|reduce-scatter)(?:-start)?\(", re.M)
 
 
 def _shapes(result_type):

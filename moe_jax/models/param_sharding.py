@@ -85,8 +85,9 @@ def shard_model(model: Any, mesh: Mesh,
   moved to the NamedSharding of its logical axes (parameters without logical axes,
   RNG state and other variables are replicated); every parameter is split over the
   ``fsdp`` axis too (:func:`~moe_jax.parallel.sharding.fsdp_spec`). Each also gets
-  ``logical_axes``, ``out_sharding`` and ``mesh`` metadata so that ``nnx.get_partition_spec`` and an
-  ``nnx.Optimizer`` created afterwards follow the same layout.
+  ``logical_axes``, ``out_sharding`` and ``mesh`` metadata so that
+  ``nnx.get_partition_spec`` and an ``nnx.Optimizer`` created afterwards follow the
+  same layout.
 
   Args:
     model: any nnx graph node (a Module, or an ``nnx.Optimizer`` created before).

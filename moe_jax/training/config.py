@@ -328,8 +328,8 @@ def validate_config(config, *, num_devices: int | None = None,
   need("grad_accum_steps", _is_int(accum) and accum >= 1 and (
       per_device < 1 or per_device % accum == 0),
        f"must be a positive integer that divides the per-device batch (batch_size / "
-       f"(mesh.data*mesh.fsdp*mesh.expert) = {per_device}); pass --config.grad_accum_steps=N with "
-       "N a divisor of it.")
+       f"(mesh.data*mesh.fsdp*mesh.expert) = {per_device}); pass "
+       "--config.grad_accum_steps=N with N a divisor of it.")
   need("model.remat", config.model.get("remat", "none") in ("none", "full", "dots"),
        "is unknown; use 'none', 'full' (recompute each block in the backward pass) or "
        "'dots' (keep the matmuls without batch dimensions).")
