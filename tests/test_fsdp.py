@@ -7,9 +7,9 @@ batch over data*fsdp*expert. Routing groups never depend on the mesh, so 20 trai
 steps on any mesh give the one-device losses up to float32 rounding, and the
 DeepSeek-V3 selection biases (moved by whole-number choice counts) bit for bit.
 
-The default suite runs a covering subset (every mesh and every model once,
-``COVER``); the whole 4 x 4 matrix is ``test_fsdp_matrix_equals_one_device`` under the
-``slow`` marker (``pytest -m slow tests/test_fsdp.py``).
+``-m "not slow"`` runs a covering subset (every mesh and every model once, ``COVER``);
+the whole 4 x 4 matrix is ``test_fsdp_matrix_equals_one_device`` under the ``slow``
+marker (``pytest -m slow tests/test_fsdp.py``).
 """
 
 import re
