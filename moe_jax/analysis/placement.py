@@ -77,6 +77,7 @@ def planned_bytes_per_device(model: Any, mesh: jax.sharding.Mesh) -> dict[str, i
       spec = jax.sharding.PartitionSpec()
     else:
       spec = sharding.logical_to_spec(names, value.shape, mesh, where=path_str(path))
+    spec = sharding.fsdp_spec(spec, value.shape, mesh)  # as shard_model splits Params
     shard = NamedSharding(mesh, spec).shard_shape(tuple(value.shape))
     nbytes = math.prod(shard) * np.dtype(value.dtype).itemsize
     out["experts" if isinstance(parent, experts_lib.Experts) else "other"] += nbytes

@@ -53,7 +53,7 @@ EXCHANGES = ("auto", "ragged", "padded")
 # travel.
 EXPERT_AXIS = "expert"
 MODEL_AXIS = "model"
-BATCH_AXES = ("data", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # sharding.BATCH_AXES
 
 
 def resolve_exchange(name: str, backend: str | None = None) -> str:
@@ -186,8 +186,10 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
     if use_rng:
       # A different mask on every device's rows and every H slice; replicas of the
       # same slice over `model` must draw the same mask.
+      # (fsdp only when split, so that meshes without it draw what they drew before)
       for axis in BATCH_AXES + ((MODEL_AXIS,) if split_h else ()):
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        if axis != "fsdp" or mesh.shape[axis] > 1:
+          key = jax.random.fold_in(key, jax.lax.axis_index(axis))
       rng = key
     y = experts.ragged(rows, group_sizes.astype(jnp.int32), deterministic=deterministic,
                        weights=weights, rng=rng)

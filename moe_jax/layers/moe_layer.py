@@ -139,7 +139,7 @@ def check_groups(num_tokens: int, group_size: int, group_shards: int) -> None:
     raise ValueError(
         f"MoE groups must not straddle devices: {num_tokens} tokens (B*L) in groups of "
         f"group_size={size} give G={num_tokens / size:g} groups, which is not a "
-        f"multiple of the {group_shards} data-parallel devices (data*expert). Set "
+        f"multiple of the {group_shards} data-parallel devices (data*fsdp*expert). Set "
         f"moe.group_size to a divisor of the {per_device:g} tokens per device, or to 0 "
         "(one group per sequence).")
 

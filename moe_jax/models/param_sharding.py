@@ -7,6 +7,8 @@ module: ``ATTENTION_AXES``, ``EXPERT_AXES``, ...; :mod:`moe_jax.layers.protocols
 Nothing here knows a module class. :func:`undeclared_axes` lists the parameters that
 declare none (they are replicated). The rules table
 :data:`~moe_jax.parallel.sharding.LOGICAL_RULES` maps the names to mesh axes.
+a parameter the rules leave unsplit over ``fsdp`` is split over it along another
+dimension (:func:`~moe_jax.parallel.sharding.fsdp_spec`).
 ``shard_model`` writes the resolved spec into flax's ``out_sharding`` metadata as well,
 so ``nnx.get_partition_spec`` and ``nnx.Optimizer`` (which builds its state from the
 parameters' metadata) follow it. See ``docs/sharding.md``.
@@ -23,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.layers import moe_layer
 from moe_jax.layers.protocols import logical_axes
-from moe_jax.parallel.sharding import (LOGICAL_RULES, check_mesh, logical_to_spec,
-                                       moe_layout)
+from moe_jax.parallel.sharding import (LOGICAL_RULES, check_mesh, fsdp_spec,
+                                       logical_to_spec, moe_layout)
 
 
 # ------------------------------------------------------------------------------------
@@ -60,9 +62,11 @@ def shard_model(model: Any, mesh: Mesh,
 
   Every MoeLayer gets a :class:`MeshLayout` for ``mesh``. Every array Variable is
   moved to the NamedSharding of its logical axes (parameters without logical axes,
-  RNG state and other variables are replicated), and gets ``logical_axes``,
-  ``out_sharding`` and ``mesh`` metadata so that ``nnx.get_partition_spec`` and an
-  ``nnx.Optimizer`` created afterwards follow the same layout.
+  RNG state and other variables are replicated); every parameter is split over the
+  ``fsdp`` axis too (:func:`~moe_jax.parallel.sharding.fsdp_spec`). Each also gets
+  ``logical_axes``, ``out_sharding`` and ``mesh`` metadata so that
+  ``nnx.get_partition_spec`` and an ``nnx.Optimizer`` created afterwards follow the
+  same layout.
 
   Args:
     model: any nnx graph node (a Module, or an ``nnx.Optimizer`` created before).
@@ -85,8 +89,11 @@ def shard_model(model: Any, mesh: Mesh,
   placements = []
   for path, var in _variables(model):
     names = logical_axes(var)
+    shape = var.get_value().shape
     spec = P() if names is None else logical_to_spec(
-        names, var.get_value().shape, mesh, rules, where=_path_str(path))
+        names, shape, mesh, rules, where=_path_str(path))
+    if isinstance(var, nnx.Param):
+      spec = fsdp_spec(spec, shape, mesh)
     placements.append((var, names, spec))
   for layer, layout in layouts:
     layer.layout = layout

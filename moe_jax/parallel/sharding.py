@@ -1,15 +1,21 @@
-"""Expert parallelism on a ``jax.sharding.Mesh`` with axes ``("data", "expert", "model")``.
+"""Expert parallelism and FSDP on a ``jax.sharding.Mesh`` with axes
+``("data", "fsdp", "expert", "model")``.
 
 Layout (flaxformer / t5x style, see ``docs/sharding.md``):
 
 * The batch, and with it the MoE groups ``[G, S, M]``, is split over every
-  data-parallel device: ``data`` and ``expert`` together, D = data*expert shards.
+  data-parallel device: ``data``, ``fsdp`` and ``expert`` together, D =
+  data*fsdp*expert shards.
 * Expert weights ``[E, M, H]`` are split along E over ``expert`` (E / expert experts
   per device) and along H over ``model``; everything else is replicated or split over
   ``model`` where that is natural (Megatron-style ``mlp``, ``heads``, ``vocab``).
+* FSDP: every weight is also split over ``fsdp``, along M (logical ``embed``), or,
+  for a weight without M, along its largest dimension that ``fsdp`` divides
+  (:func:`fsdp_spec`); its optimizer state follows it. The compiled step all-gathers
+  a weight where it is used and reduce-scatters its gradient.
 * Inside :class:`~moe_jax.layers.moe_layer.MoeLayer` the expert buffers ``[E, G, C, M]``
-  are pinned to E over ``expert`` and G over ``data``. Going from the group layout to
-  the buffer layout and back is an all-to-all within each ``expert`` row of the mesh.
+  are pinned to E over ``expert`` and G over ``data*fsdp``. Going from the group layout
+  to the buffer layout and back is an all-to-all within each ``expert`` row of the mesh.
 * With fewer experts than the expert axis (E < expert, expert % E == 0) every device
   holds all E experts and computes them for its own groups: the expert axis then acts
   as extra data parallelism for that layer and no all-to-all is needed.
@@ -37,9 +43,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "model")
 # The batch (and the MoE groups) is split over all data-parallel devices.
-BATCH_AXES = ("data", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
+# Every weight is split over this axis as well (fully sharded data parallelism).
+FSDP_AXIS = "fsdp"
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -49,7 +57,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "model"),      # attention heads (Megatron: q/k/v column-, out row-split)
     ("kv_heads", "model"),   # N_kv key/value heads; replicated when fewer than `model`
     ("vocab", "model"),      # V of embeddings and output projection
-    ("embed", None),         # M, model width
+    ("embed", "fsdp"),       # M, model width: the FSDP axis of every weight with M
     ("kv", None),            # per-head width
     ("norm", None),          # scale / bias of LayerNorm and RMSNorm
     ("length", None),        # L
@@ -76,6 +84,8 @@ def validate_mesh(
     group_size: int | None = None,
     d_ff: int | None = None,
     num_processes: int = 1,
+    fsdp: int = 1,
+    d_model: int | None = None,
 ) -> list[str]:
   """Every problem with a mesh for a model and batch, one sentence each.
 
@@ -83,37 +93,41 @@ def validate_mesh(
 
   Args:
     num_devices: devices available (``jax.device_count()``).
-    data, expert, model: mesh axis sizes (``mesh.data``, ``mesh.expert``,
-      ``mesh.model``).
+    data, expert, model, fsdp: mesh axis sizes (``mesh.data``, ``mesh.expert``,
+      ``mesh.model``, ``mesh.fsdp``).
     num_experts: E; must be a multiple of ``expert`` (E / expert experts per device)
       or divide it (the experts are then replicated over the expert axis).
-    global_batch: B; must be a multiple of the data-parallel devices data*expert.
+    global_batch: B; must be a multiple of the data-parallel devices
+      data*fsdp*expert.
     seq_len, group_size: L and the MoE group size S; with ``global_batch`` they check
-      that the G = B*L / S groups split evenly over data*expert devices.
+      that the G = B*L / S groups split evenly over data*fsdp*expert devices.
     d_ff: H of the experts; must be a multiple of ``model``.
     num_processes: with more than one process the mesh must span all devices.
+    d_model: M; must be a multiple of ``fsdp`` (every weight with M is split along
+      it over ``fsdp``).
 
   Returns:
     A list of one-line errors naming the keys and numbers involved (empty if valid).
   """
   errors = []
-  sizes = {"mesh.data": data, "mesh.expert": expert, "mesh.model": model}
+  sizes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert,
+           "mesh.model": model}
   for key, v in sizes.items():
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       errors.append(f"{key}={v!r} must be a positive integer.")
   if errors:
     return errors
-  total = data * expert * model
+  total = data * fsdp * expert * model
   if total > num_devices:
     errors.append(
-        f"mesh.data*mesh.expert*mesh.model = {data}*{expert}*{model} = {total} devices, "
-        f"but only {num_devices} are available; shrink the mesh to at most "
-        f"{num_devices} devices.")
+        f"mesh.data*mesh.fsdp*mesh.expert*mesh.model = {data}*{fsdp}*{expert}*{model} = "
+        f"{total} devices, but only {num_devices} are available; shrink the mesh to at "
+        f"most {num_devices} devices.")
   elif num_processes > 1 and total != num_devices:
     errors.append(
-        f"mesh.data*mesh.expert*mesh.model = {total} devices, but a run over "
+        f"mesh.data*mesh.fsdp*mesh.expert*mesh.model = {total} devices, but a run over "
         f"{num_processes} processes must use all {num_devices} devices.")
-  dp = data * expert
+  dp = data * fsdp * expert
   if num_experts is not None:
     if num_experts % expert and expert % num_experts:
       errors.append(
@@ -124,7 +138,8 @@ def validate_mesh(
   if global_batch is not None and global_batch % dp:
     errors.append(
         f"global batch size {global_batch} is not divisible by the {dp} data-parallel "
-        f"devices (mesh.data*mesh.expert = {data}*{expert}); use a multiple of {dp}.")
+        f"devices (mesh.data*mesh.fsdp*mesh.expert = {data}*{fsdp}*{expert}); use a "
+        f"multiple of {dp}.")
   if (global_batch is not None and seq_len is not None and group_size is not None
       and not global_batch % dp):
     tokens = global_batch * seq_len
@@ -138,6 +153,10 @@ def validate_mesh(
     errors.append(
         f"moe.d_ff={d_ff} is not divisible by mesh.model={model}; the expert hidden "
         f"width H is split over the model axis.")
+  if d_model is not None and d_model % fsdp:
+    errors.append(
+        f"model.d_model={d_model} is not divisible by mesh.fsdp={fsdp}; every weight "
+        f"is split along M over the fsdp axis; use a divisor of {d_model} for mesh.fsdp.")
   return errors
 
 
@@ -147,19 +166,19 @@ def _auto_axis_types(n: int):
 
 
 def make_mesh(data: int = 1, expert: int = 1, model: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``(data, expert, model)`` mesh with Auto axes (sharding by constraints).
+              devices: Sequence[jax.Device] | None = None, *, fsdp: int = 1) -> Mesh:
+  """A ``(data, fsdp, expert, model)`` mesh with Auto axes (sharding by constraints).
 
   Args:
-    data, expert, model: axis sizes.
-    devices: the devices to use; their number must equal data*expert*model. By default
-      the first data*expert*model of ``jax.devices()`` (all of them when the run spans
-      several processes).
+    data, expert, model, fsdp: axis sizes.
+    devices: the devices to use; their number must equal data*fsdp*expert*model. By
+      default the first data*fsdp*expert*model of ``jax.devices()`` (all of them when
+      the run spans several processes).
 
   Raises:
     ValueError: naming both numbers when the product does not match the devices.
   """
-  shape = (data, expert, model)
+  shape = (data, fsdp, expert, model)
   for name, v in zip(MESH_AXES, shape):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"mesh.{name}={v!r} must be a positive integer.")
@@ -168,17 +187,18 @@ def make_mesh(data: int = 1, expert: int = 1, model: int = 1,
     available = jax.devices()
     if total > len(available):
       raise ValueError(
-          f"mesh data*expert*model = {data}*{expert}*{model} = {total} devices, but "
-          f"only {len(available)} devices are available.")
+          f"mesh data*fsdp*expert*model = {data}*{fsdp}*{expert}*{model} = {total} "
+          f"devices, but only {len(available)} devices are available.")
     if jax.process_count() > 1 and total != len(available):
       raise ValueError(
-          f"a multi-process mesh must span all devices: data*expert*model = {total}, "
+          f"a multi-process mesh must span all devices: data*fsdp*expert*model = "
+          f"{total}, "
           f"but the {jax.process_count()} processes have {len(available)} devices.")
     devices = available[:total]
   elif total != len(devices):
     raise ValueError(
-        f"mesh data*expert*model = {data}*{expert}*{model} = {total} devices, but "
-        f"{len(devices)} devices were given.")
+        f"mesh data*fsdp*expert*model = {data}*{fsdp}*{expert}*{model} = {total} "
+        f"devices, but {len(devices)} devices were given.")
   devices = list(devices)
   axis_types = _auto_axis_types(len(shape))
   try:
@@ -206,7 +226,8 @@ def check_mesh(mesh: Mesh) -> None:
   if missing:
     raise ValueError(
         f"mesh axes {mesh.axis_names} lack {missing}; build the mesh with "
-        "moe_jax.parallel.sharding.make_mesh (axes data, expert, model; size 1 is fine).")
+        "moe_jax.parallel.sharding.make_mesh (axes data, fsdp, expert, model; size 1 "
+        "is fine).")
   axis_types = getattr(mesh, "axis_types", None)
   explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
   if explicit is not None and axis_types and explicit in axis_types:
@@ -272,10 +293,10 @@ SINGLE_DEVICE = Layout()
 
 @dataclasses.dataclass(frozen=True)
 class MeshLayout(Layout):
-  """MoeLayer activations on a mesh: groups over data*expert, buffers over expert.
+  """MoeLayer activations on a mesh: groups over data*fsdp*expert, buffers over expert.
 
   Attributes:
-    mesh: a mesh with axes ``data``, ``expert``, ``model`` (Auto axis types).
+    mesh: a mesh with axes ``data``, ``fsdp``, ``expert``, ``model`` (Auto axis types).
     experts_sharded: E is split over ``expert`` (else experts are replicated and the
       buffers stay split along G like the groups, so no all-to-all happens).
   """
@@ -298,7 +319,7 @@ class MeshLayout(Layout):
       return P(None, BATCH_AXES, None, None)
     if name == "expert_buffers":  # [E, G, C, M]
       if self.experts_sharded:
-        return P("expert", "data", None, None)
+        return P("expert", ("data", FSDP_AXIS), None, None)
       return P(None, BATCH_AXES, None, None)
     raise ValueError(f"unknown MoE layout name {name!r}; use 'groups', "
                      "'group_buffers' or 'expert_buffers'.")
@@ -372,6 +393,34 @@ def logical_to_spec(
   while out and out[-1] is None:
     out.pop()
   return P(*out)
+
+
+def fsdp_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """``spec`` of a weight of ``shape``, split over the ``fsdp`` axis as well.
+
+  A weight whose logical axes put ``fsdp`` on a dimension already (``embed``: M) keeps
+  its spec. Any other weight (a norm's ``[M]``, Mamba's ``[K, D_in]`` conv kernel,
+  ``[D_in, N]`` ``A_log``, ...) is split over ``fsdp`` along its largest dimension that
+  is not split yet and that ``fsdp`` divides (the first of equal ones); a weight with
+  none (a scalar, a ``[R]`` norm that ``fsdp`` does not divide) stays replicated over
+  ``fsdp``. So a dimension ``fsdp`` does not divide is never padded or refused: only
+  M must be a multiple of it (config validation).
+  """
+  size = mesh.shape.get(FSDP_AXIS, 1)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries if e is not None
+          for a in ((e,) if isinstance(e, str) else e)}
+  if size == 1 or FSDP_AXIS in used:
+    return spec
+  free = [i for i, (d, e) in enumerate(zip(shape, entries))
+          if e is None and d % size == 0]
+  if not free:
+    return spec
+  best = max(free, key=lambda i: (shape[i], -i))
+  entries[best] = FSDP_AXIS
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
 
 
 # ------------------------------------------------------------------------------------
@@ -457,7 +506,7 @@ def init_optimizer_state(tx: optax.GradientTransformation, params: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """NamedSharding of ``[B, ...]`` batches: B over ``("data", "expert")``."""
+  """NamedSharding of ``[B, ...]`` batches: B over ``("data", "fsdp", "expert")``."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -470,7 +519,7 @@ def process_batch_rows(mesh: Mesh, global_batch: int) -> slice:
   dp = _axis_size(mesh, BATCH_AXES)
   if global_batch % dp:
     raise ValueError(f"global batch size {global_batch} is not divisible by the {dp} "
-                     "data-parallel devices (mesh.data*mesh.expert).")
+                     "data-parallel devices (mesh.data*mesh.fsdp*mesh.expert).")
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
   starts = [idx[0].start or 0 for idx in index_map.values()]
   stops = [global_batch if idx[0].stop is None else idx[0].stop
@@ -493,7 +542,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   ``jax.make_array_from_process_local_data``.
 
   Raises:
-    ValueError: naming both numbers when B is not a multiple of data*expert.
+    ValueError: naming both numbers when B is not a multiple of data*fsdp*expert.
   """
   sharding = batch_sharding(mesh)
   dp = _axis_size(mesh, BATCH_AXES)
@@ -505,7 +554,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     if global_batch % dp:
       raise ValueError(
           f"batch[{key!r}]: global batch size {global_batch} is not divisible by the "
-          f"{dp} data-parallel devices (mesh.data*mesh.expert); use a multiple of {dp}.")
+          f"{dp} data-parallel devices (mesh.data*mesh.fsdp*mesh.expert); use a "
+          f"multiple of {dp}.")
     out[key] = jax.make_array_from_process_local_data(
         sharding, value, (global_batch,) + value.shape[1:])
   return out

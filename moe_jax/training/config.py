@@ -175,6 +175,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
+  c.mesh.fsdp = 1  # FSDP: every weight and its optimizer state split over this axis
   c.mesh.expert = 1
   c.mesh.model = 1
 
@@ -323,15 +324,16 @@ def validate_config(config, *, num_devices: int | None = None,
     positive_int(key, config[key], f"must be a positive integer; pass --config.{key}=N "
                  "with N >= 1.")
   accum = config.get("grad_accum_steps", 1)
-  dp = config.mesh.data * config.mesh.expert if all(
-      _is_int(config.mesh[k]) and config.mesh[k] >= 1 for k in ("data", "expert")) else 1
+  dp = config.mesh.data * config.mesh.fsdp * config.mesh.expert if all(
+      _is_int(config.mesh[k]) and config.mesh[k] >= 1
+      for k in ("data", "fsdp", "expert")) else 1
   per_device = (config.batch_size // dp if _is_int(config.batch_size)
                 and config.batch_size % dp == 0 else 0)  # else batch_size is reported
   need("grad_accum_steps", _is_int(accum) and accum >= 1 and (
       per_device < 1 or per_device % accum == 0),
        f"must be a positive integer that divides the per-device batch (batch_size / "
-       f"(mesh.data*mesh.expert) = {per_device}); pass --config.grad_accum_steps=N with "
-       "N a divisor of it.")
+       f"(mesh.data*mesh.fsdp*mesh.expert) = {per_device}); pass "
+       "--config.grad_accum_steps=N with N a divisor of it.")
   need("eval_steps", _is_int(config.eval_steps) and config.eval_steps >= 0,
        "must be an integer >= 0 (0 evaluates the whole validation split).")
   final = config.get("final_eval_steps")
@@ -438,7 +440,7 @@ def validate_config(config, *, num_devices: int | None = None,
   errors.extend(_microbatch_group_errors(config, per_device, dp))
 
   mesh_ok = True
-  for key in ("data", "expert", "model"):
+  for key in ("data", "fsdp", "expert", "model"):
     if not (_is_int(config.mesh[key]) and config.mesh[key] >= 1):
       mesh_ok = False
       errors.append(f"mesh.{key}={config.mesh[key]!r} must be a positive integer.")
@@ -518,7 +520,8 @@ def _routed_moe_errors(config) -> list[str]:
   mesh = config.mesh
   if not (_is_int(every) and every >= 2 and _is_real(capacity) and 0 < capacity <= 1
           and all(_is_int(v) and v >= 1 for v in (batch, seq_len, size, mesh.data,
-                                                  mesh.expert, m.num_layers))):
+                                                  mesh.fsdp, mesh.expert,
+                                                  m.num_layers))):
     return []
   try:
     pattern = model_pattern(config)
@@ -528,7 +531,7 @@ def _routed_moe_errors(config) -> list[str]:
              for i, kind in enumerate(pattern)):
     return []
   k = math.ceil(capacity * seq_len - 1e-9)
-  tokens, dp = batch * k, mesh.data * mesh.expert
+  tokens, dp = batch * k, mesh.data * mesh.fsdp * mesh.expert
   group = min(size, tokens)
   if k >= 1 and (tokens % group or (tokens // group) % dp):
     return [f"moe.group_size={size} does not split the {tokens} tokens that the MoE "
@@ -569,7 +572,7 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
   except (ImportError, AttributeError):
     validate_mesh = None
   errors = []
-  size = mesh.data * mesh.expert * mesh.model
+  size = mesh.data * mesh.fsdp * mesh.expert * mesh.model
   if num_devices is not None and validate_mesh is not None:
     seq_len = config.data.seq_len
     seq_len = seq_len if _is_int(seq_len) and seq_len > 0 else None
@@ -583,23 +586,28 @@ def _mesh_errors(config, num_devices, process_count) -> list[str]:
     d_ff, expert_width = config.model.d_ff, config.moe.get("d_ff", 0)
     d_ff_ok = _is_int(d_ff) and d_ff >= 1
     expert_width_set = num_experts and _is_int(expert_width) and expert_width >= 1
+    d_model = config.model.d_model
     for msg in validate_mesh(num_devices=num_devices, data=mesh.data, expert=mesh.expert,
                              model=mesh.model, num_experts=num_experts,
                              global_batch=batch, seq_len=seq_len, group_size=group_size,
-                             d_ff=expert_width if expert_width_set else None):
+                             d_ff=expert_width if expert_width_set else None,
+                             fsdp=mesh.fsdp,
+                             d_model=d_model if _is_int(d_model) and d_model >= 1
+                             else None):
       errors.append(msg if msg.startswith("mesh.") else f"mesh: {msg}")
     if d_ff_ok and d_ff % mesh.model:
       errors.append(f"mesh: model.d_ff={d_ff} is not divisible by mesh.model="
                     f"{mesh.model}; the FFN hidden width is split over the model axis.")
   elif num_devices is not None:
     if size != num_devices:
-      errors.append(f"mesh.data*mesh.expert*mesh.model={size} must equal the "
+      errors.append(f"mesh.data*mesh.fsdp*mesh.expert*mesh.model={size} must equal the "
                     f"{num_devices} available device(s); change --config.mesh.*.")
   # validate_mesh checks how the batch splits over the mesh; without it, check here.
-  shards = process_count if validate_mesh else mesh.data * mesh.expert * process_count
+  shards = (process_count if validate_mesh
+            else mesh.data * mesh.fsdp * mesh.expert * process_count)
   if batch and batch % shards:
     errors.append(f"batch_size={batch} must be divisible by {shards} (the batch shards "
-                  "over mesh.data*mesh.expert and the processes); change "
+                  "over mesh.data*mesh.fsdp*mesh.expert and the processes); change "
                   "--config.batch_size.")
   return errors
 

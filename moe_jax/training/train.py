@@ -111,7 +111,7 @@ def make_train_step(model: nnx.Module, tx: optax.GradientTransformation, config,
   initial_model_state = model_state(model)
   loss = training_loss(config)
   accum = config.get("grad_accum_steps", 1)
-  shards = config.mesh.data * config.mesh.expert
+  shards = config.mesh.data * config.mesh.get("fsdp", 1) * config.mesh.expert
   apply_gradients = apply_gradients or _apply_gradients
 
   def merged(params, frozen, model_state_):
@@ -547,7 +547,8 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
     with open(os.path.join(workdir, "model_info.json"), "w", encoding="utf-8") as f:
       json.dump(info, f, indent=2)
 
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.expert, config.mesh.model,
+                            fsdp=config.mesh.get("fsdp", 1))
   param_sharding.shard_model(model, mesh)
   tx, schedule = make_optimizer(config)
   summary: dict[str, Any] = {"model_info": info, "sample": None}
