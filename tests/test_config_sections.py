@@ -12,7 +12,8 @@ from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models.block import TransformerConfig
 from moe_jax.models.mamba import MambaConfig
 from moe_jax.training import build, config as config_lib, run_state
-from moe_jax.training.config import SECTIONS, default_config, derive, load_config_file, validate_config
+from moe_jax.training.config import default_config, load_config_file, validate_config
+from moe_jax.training.sections import SECTIONS, derive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,7 @@
 :class:`MoeConfig` owns the MoE keys and their defaults: the LM config's ``moe``
 section is built from its fields (:func:`moe_jax.training.config.default_config`), and
 the MoeConfig of a run is derived back from that section
-(:func:`moe_jax.training.config.derive`), so a new field here is a new LM key with no
+(:func:`moe_jax.training.sections.derive`), so a new field here is a new LM key with no
 other edit.
 
 ``validate_moe_config(cfg)`` returns every problem as a one-line message naming the

@@ -11,8 +11,8 @@ import optax
 from flax import nnx
 
 from moe_jax.training import objectives
-from moe_jax.training.config import (SECTIONS, derive, expert_d_ff, model_pattern,
-                                     queue_order)
+from moe_jax.training.config import expert_d_ff, model_pattern, queue_order
+from moe_jax.training.sections import SECTIONS, derive
 from moe_jax.models.layer_pattern import MAMBA
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.layers.moe_config import DTYPES, MoeConfig

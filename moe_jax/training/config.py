@@ -5,10 +5,10 @@ validation function.
 them differ. The ``model``, ``moe`` and ``mamba`` sections are built from the fields of
 the module configs (:class:`~moe_jax.models.block.TransformerConfig`,
 :class:`~moe_jax.layers.moe_config.MoeConfig`,
-:class:`~moe_jax.models.mamba.MambaConfig`; :data:`SECTIONS`), which own those keys and
-their defaults, plus a few LM-only keys; :func:`derive` builds a module config back
-from its section without naming the fields again, so a field added to a module config
-is an LM key with no other edit. :func:`validate_config` turns every bad value into one
+:class:`~moe_jax.models.mamba.MambaConfig`; :mod:`moe_jax.training.sections`), which
+own those keys and their defaults, plus a few LM-only keys; ``sections.derive`` builds a
+module config back from its section without naming the fields again, so a field added
+to a module config is an LM key with no other edit. :func:`validate_config` turns every bad value into one
 sentence naming the key and the fix, and runs before anything is traced (the module
 rules come from the modules' own checks, with the keys named as in the LM config);
 :class:`ConfigError` carries those sentences to the command line, which prints them
@@ -17,12 +17,10 @@ without a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import numbers
 import os
-import typing
 from typing import Any, Mapping
 
 import ml_collections
@@ -36,73 +34,10 @@ from moe_jax.models.mamba import MambaConfig, validate_mamba_config
 from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
 from moe_jax.layers.router_families import ROUTERS, causality
 from moe_jax.routing import QUEUE_ORDERS
+from moe_jax.training.sections import SECTIONS, SectionView, section
 
 OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
-
-
-@dataclasses.dataclass(frozen=True)
-class Section:
-  """How an LM config section mirrors a module config.
-
-  Attributes:
-    cls: the module config dataclass; each of its fields is a key of the section with
-      the field's default, except ``resolved``.
-    resolved: fields a run resolves from other keys (``moe.d_model`` is
-      ``model.d_model``), not keys of the section.
-    values: the LM's values of fields without a default (``model.d_model``), and the
-      LM-only values that a run resolves (``moe.d_ff=0``: ``model.d_ff``;
-      ``moe.queue_order="auto"``). No other default lives here.
-  """
-
-  cls: type
-  resolved: tuple[str, ...] = ()
-  values: dict = dataclasses.field(default_factory=dict)
-
-
-SECTIONS = {
-    "model": Section(TransformerConfig, ("vocab_size", "max_len", "moe", "mamba", "causal"),
-                     {"num_layers": 4, "d_model": 256, "num_heads": 4, "d_ff": 1024}),
-    "moe": Section(MoeConfig, ("d_model", "activation", "dtype", "model_init_scale"),
-                   {"num_experts": 8, "d_ff": 0, "queue_order": "auto"}),
-    "mamba": Section(MambaConfig, ("d_model", "init_scale")),
-}
-
-def section(name: str) -> ml_collections.ConfigDict:
-  """The ``name`` section of :data:`SECTIONS` as a ConfigDict: every field of its
-  module config (but the resolved ones) with its default, or the section's value;
-  a None default becomes a typed placeholder (``--config.moe.top_groups=4`` works)."""
-  spec = SECTIONS[name]
-  hints = typing.get_type_hints(spec.cls)
-  c = ml_collections.ConfigDict()
-  for f in dataclasses.fields(spec.cls):
-    if f.name in spec.resolved:
-      continue
-    if f.name in spec.values:
-      value = spec.values[f.name]
-    elif f.default is not dataclasses.MISSING:
-      value = f.default
-    else:
-      raise TypeError(f"{spec.cls.__name__}.{f.name} has no default; give the LM's value "
-                      f"in SECTIONS[{name!r}].values.")
-    if value is None:
-      kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
-      value = config_dict.placeholder(kinds[0] if len(kinds) == 1 else object)
-    c[f.name] = value
-  return c
-
-
-def derive(cls, values, **resolved):
-  """An instance of the dataclass ``cls`` from an LM config section ``values``: each
-  field takes the section's key of its name, ``resolved`` gives the fields a run
-  resolves (and overrides LM-only values like ``"auto"``), and fields in neither (a
-  config saved before the field existed) take the dataclass default."""
-  names = [f.name for f in dataclasses.fields(cls)]
-  unknown = set(resolved) - set(names)
-  if unknown:
-    raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}.")
-  kwargs = {n: values[n] for n in names if n not in resolved and n in values}
-  return cls(**kwargs, **resolved)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -213,38 +148,19 @@ def queue_order(config) -> str:
       "token_major")
 
 
-class _View:
-  """A config section seen as the module config ``cls``, for that module's checks:
-  ``values`` first (what a run resolves from other keys), then the section's keys,
-  then the dataclass defaults (keys a config saved before they existed lacks)."""
-
-  def __init__(self, cls, values, **resolved):
-    self._section, self._resolved = values, resolved
-    self._defaults = {f.name: f.default for f in dataclasses.fields(cls)
-                      if f.default is not dataclasses.MISSING}
-
-  def __getattr__(self, name):
-    if name.startswith("_"):
-      raise AttributeError(name)
-    for source in (self._resolved, self._section, self._defaults):
-      if name in source:
-        return source[name]
-    raise AttributeError(name)
-
-
 # The MoE keys a run resolves from other LM keys, named as in the LM config.
 _MOE_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff",
              "activation": "model.activation", "dtype": "model.dtype",
              "model_init_scale": "model.init_scale"}
 
 
-def _moe_view(config) -> _View:
+def _moe_view(config) -> SectionView:
   """The MoE section seen as a MoeConfig, for :func:`validate_moe_config` and
   :func:`causality`, its errors named by the LM keys."""
   m, moe = config.model, config.moe
   # A bad moe.queue_order is reported once, with "auto" among the choices.
   order = moe.get("queue_order", "auto")
-  return _View(
+  return SectionView(
       MoeConfig, moe, d_model=m.d_model, d_ff=expert_d_ff(config), activation=m.activation,
       queue_order=queue_order(config) if order in QUEUE_ORDER_KEYS else "choice_major",
       # A bad model.dtype is reported once, as a model key.
@@ -365,7 +281,7 @@ def validate_config(config, *, num_devices: int | None = None,
   m = config.model
   seq_len = config.data.seq_len
   errors.extend(validate_transformer_config(
-      _View(TransformerConfig, m), prefix="model.",
+      SectionView(TransformerConfig, m), prefix="model.",
       seq_len=seq_len if _is_int(seq_len) else None))
   coef = m.get("mod_aux_loss_coef", 0.0)
   need("model.mod_aux_loss_coef", _is_real(coef) and coef >= 0,
@@ -409,7 +325,7 @@ def validate_config(config, *, num_devices: int | None = None,
 
   # Mamba section: the mixer's own rules (checked whatever the pattern, like moe.*).
   d_model = m.d_model
-  mamba_view = _View(MambaConfig, config.mamba, init_scale=m.init_scale,
+  mamba_view = SectionView(MambaConfig, config.mamba, init_scale=m.init_scale,
                      # A bad model.d_model is reported once, as a model key.
                      d_model=d_model if _is_int(d_model) and d_model >= 1 else 1)
   for msg in validate_mamba_config(mamba_view):
