@@ -25,6 +25,7 @@ from moe_jax.errors import TrainingError
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer
 from moe_jax.layers.router_families import SelectionBias
+from moe_jax.models.scan import BLOCKS, SCAN
 from moe_jax.models.transformer import Transformer
 
 
@@ -111,10 +112,47 @@ def _path_salt(path) -> int:
 
 
 def reseed(model: nnx.Module, key: jax.Array) -> None:
-  """Points every RNG stream of ``model`` at a key derived from ``key`` and its path."""
+  """Points every RNG stream of ``model`` at a key derived from ``key`` and its path.
+
+  A scanned model's streams get the keys the unrolled model's get: those of its
+  stacked streams (``scan/j/...``, one key per row) are drawn as the unrolled paths
+  ``blocks/<prefix + r * period + j>/...`` are, in the unrolled order.
+  """
   keys = {s: jax.random.fold_in(key, i) for i, s in enumerate(RNG_STREAMS)}
-  nnx.reseed(model, policy=lambda path, k, shape: jax.random.fold_in(k, _path_salt(path)),
-             **keys)
+  if not getattr(getattr(model, "cfg", None), "scan_layers", False):
+    nnx.reseed(model, policy=lambda path, k, shape: jax.random.fold_in(
+        k, _path_salt(path)), **keys)
+    return
+  unit = model.unit
+  streams = [(tuple(path), s) for path, s in nnx.iter_graph(model)
+             if isinstance(s, nnx.RngStream) and s.key.tag in keys]
+  scanned = [(p, s) for p, s in streams if str(p[0]) == SCAN]
+  # (unrolled path, stream, row or None for an unstacked stream) in nnx.reseed's
+  # order for the unrolled model: the prefix blocks, the rows in turn, the rest. The
+  # MoE layers' shared streams (unstacked, under the first MoE block) come once.
+  order = [(p, s, None) for p, s in streams if str(p[0]) == BLOCKS]
+  for r in range(unit.repeats):
+    for j in range(unit.period):
+      for p, s in scanned:
+        if int(p[1]) == j and (s.key.shape != () or r == 0):
+          order.append(((BLOCKS, unit.block_index(r, j), *p[2:]), s,
+                        r if s.key.shape != () else None))
+  order += [(p, s, None) for p, s in streams if str(p[0]) not in (BLOCKS, SCAN)]
+  draw = nnx.Rngs(**keys)
+  rows: dict[int, list] = {}
+  for path, stream, row in order:
+    k = jax.random.fold_in(draw[stream.key.tag](), _path_salt(path))
+    if row is None:
+      stream.key.set_value(k)
+    else:
+      rows.setdefault(id(stream), [None] * unit.repeats)[row] = k
+  for _, stream in scanned:
+    value = jnp.stack(rows[id(stream)]) if id(stream) in rows else stream.key.get_value()
+    stream.key.set_value(value)
+    stream.count.set_value(jnp.zeros(value.shape, jnp.uint32))
+  for _, stream, row in order:
+    if row is None:
+      stream.count.set_value(jnp.zeros((), jnp.uint32))
 
 
 def split_model(model: nnx.Module):
