@@ -17,6 +17,7 @@ from moe_jax.models.scan import (ScanUnit, block_kinds, find_unit, stack_layers,
 from moe_jax.training import build, run_state, train
 from moe_jax.training.config import check_config
 from moe_jax.training.metrics import read_metrics
+from tests import test_decode
 from tests.test_remat import NOISE, _batches, _state
 from tests.test_train import _zoo_config, tiny_config
 
@@ -102,18 +103,22 @@ def test_scanned_remat_and_selection_biases_train_as_unrolled():
                unrolled.model_state)
 
 
-def test_cached_decoding_of_a_scanned_model_equals_its_full_forward():
-  config = tiny_config(**{"model.num_layers": 4, "model.scan_layers": True,
-                          "moe.group_size": 0})
-  model = build.make_model(config)
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)), jnp.int32)
-  full = model(tokens, deterministic=True)[0]
-  decoder = decode.Decoder(model, batch_size=2, max_len=16)
-  first = decoder.prefill([list(map(int, row[:8])) for row in tokens])
-  np.testing.assert_allclose(first, full[:, 7], atol=2e-5)
-  for t in range(8, 12):
-    logits = decoder.step(tokens[:, t])
-    np.testing.assert_allclose(logits, full[:, t], atol=2e-5)
+@pytest.mark.parametrize("name", ["switch", "jamba"])
+def test_cached_decoding_of_a_scanned_model_equals_its_full_forward(name):
+  """tests/test_decode.py's check on scanned models with a prefix (5 blocks: one
+  unscanned, then two units) and their unrolled twins."""
+  model = test_decode.make_model(test_decode.MODELS[name], **{
+      "model.num_layers": 5 if name == "switch" else 9, "model.scan_layers": True})
+  assert model.unit == ((1, 2, 2) if name == "switch" else (1, 4, 2))
+  decoder = decode.Decoder(model, batch_size=3, max_len=test_decode.MAX_LEN,
+                           prefill_len=test_decode.PREFILL_LEN)
+  rows = [p + f for p, f in zip(test_decode.PROMPTS, test_decode.FORCED)]
+  expected = test_decode.full_logits(model, rows)
+  np.testing.assert_allclose(np.concatenate(test_decode.full_logits(
+      model.unrolled(), rows)), np.concatenate(expected), atol=1e-5, rtol=0)
+  cached = test_decode.teacher_forced(decoder, "left")
+  for b in range(len(rows)):
+    np.testing.assert_allclose(cached[b], expected[b], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["switch", "jamba"])

@@ -201,7 +201,8 @@ class Decoder:
                        f"positions; use max_len <= {cfg.max_len}.")
     self.batch_size, self.max_len, self.prefill_len = batch_size, max_len, prefill_len
     self.pad_id = pad_id
-    view = nnx.merge(*nnx.split(model))  # new Variables around the same arrays
+    # A scanned model decodes as its unrolled copy (the same arrays, one cache per block).
+    view = nnx.merge(*nnx.split(model.unrolled()))  # new Variables, the same arrays
     init_cache(view, batch_size, max_len, dtype)
     self._graphdef, self._params, self._empty, self._rest = nnx.split(
         view, nnx.Param, nnx.Cache, ...)

@@ -122,7 +122,9 @@ def _stack_node(node: dict, unit: ScanUnit) -> dict:
   blocks = node[BLOCKS]
   key = lambda i: _key(blocks.keys(), i)  # noqa: E731
   out = {k: v for k, v in node.items() if k != BLOCKS}
-  out[BLOCKS] = {key(i): blocks[key(i)] for i in range(unit.prefix) if key(i) in blocks}
+  prefix = {key(i): blocks[key(i)] for i in range(unit.prefix) if key(i) in blocks}
+  if prefix:  # an empty nnx.List has no entry in the model's state
+    out[BLOCKS] = prefix
   scan = {}
   for j in range(unit.period):
     rows = [blocks.get(key(unit.block_index(r, j))) for r in range(unit.repeats)]

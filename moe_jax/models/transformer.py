@@ -247,8 +247,8 @@ class Transformer(nnx.Module):
 
   def unrolled(self, *, abstract: bool = False) -> "Transformer":
     """This model with ``scan_layers=False``: itself when not scanned, otherwise a copy
-    with the unit's rows as blocks ``prefix .. L-1`` (the same arrays, sliced; MoE
-    layers keep this model's layout). ``abstract``: shapes only (``nnx.eval_shape``),
+    with the unit's rows as blocks ``prefix .. L-1`` (the same values; MoE layers
+    keep this model's layout; its RNG streams are fresh, seed 0). ``abstract``: shapes only (``nnx.eval_shape``),
     for counting parameters and FLOPs."""
     if not self.cfg.scan_layers:
       return self
@@ -256,10 +256,15 @@ class Transformer(nnx.Module):
     copy = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     if abstract:
       return copy
-    graphdef, state = nnx.split(copy)
-    values = unstack_layers(nnx.state(self).to_pure_dict(), self.unit)
+    graphdef, streams, state = nnx.split(copy, nnx.RngState, ...)
+    values = unstack_layers(
+        nnx.state(self, nnx.Not(nnx.RngState)).to_pure_dict(), self.unit)
     nnx.replace_by_pure_dict(state, values)
-    copy = nnx.merge(graphdef, state)
+    copy = nnx.merge(graphdef, streams, state)
+    for _, stream in nnx.iter_graph(copy):  # fresh streams (reseed before training)
+      if isinstance(stream, nnx.RngStream):
+        stream.key.set_value(jax.random.key(0))
+        stream.count.set_value(jnp.zeros((), jnp.uint32))
     layouts = [m.layout for _, m in nnx.iter_modules(self) if isinstance(m, MoeLayer)]
     for _, module in nnx.iter_modules(copy):
       if isinstance(module, MoeLayer) and layouts:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from functools import partial
 from typing import Any
 
 import flax.struct
@@ -25,7 +26,8 @@ from moe_jax.errors import TrainingError
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer
 from moe_jax.layers.router_families import SelectionBias
-from moe_jax.models.scan import BLOCKS, SCAN
+from moe_jax.models.scan import (BLOCKS, SCAN, ScanUnit, block_kinds, find_unit,
+                                 stack_layers, unstack_layers)
 from moe_jax.models.transformer import Transformer
 
 
@@ -76,7 +78,8 @@ def from_checkpoint(saved) -> TrainState:
                     rng=saved.rng)
 
 
-def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=None
+def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=None,
+            scan_unit: ScanUnit | None = None
             ) -> tuple[int, TrainState, dict[str, Any]] | None:
   """``(step, state, meta)`` of the newest readable checkpoint, or None when there is
   none (:meth:`Checkpointer.restore`).
@@ -84,18 +87,48 @@ def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=N
   ``abstract`` is the state's layout (``jax.ShapeDtypeStruct`` leaves, with their
   shardings). A checkpoint saved without ``model_state`` (a model without selection
   biases, or a fine-tuning run from before fine-tuning moved them) restores with an
-  empty ``model_state``: the model's own selection biases.
+  empty ``model_state``: the model's own selection biases. A checkpoint saved with the
+  other ``model.scan_layers`` setting (its params have ``scan`` or not) is read in its
+  own layout on one device, converted (:func:`~moe_jax.models.scan.stack_layers` /
+  :func:`~moe_jax.models.scan.unstack_layers` of ``scan_unit``, the model's unit)
+  and placed as ``abstract`` says.
   """
+  run_stacked = SCAN in abstract.params
+
   def layout(saved_keys):
     if "model_state" in saved_keys and abstract.model_state:
-      return abstract
-    return to_checkpoint(abstract.replace(model_state={}))
+      target = abstract
+    else:
+      target = to_checkpoint(abstract.replace(model_state={}))
+    if (f"params/{SCAN}" in saved_keys) == run_stacked:
+      return target
+    if scan_unit is None:
+      raise TrainingError("the checkpoint's blocks are laid out for the other "
+                          "model.scan_layers setting and the model has no scan unit; "
+                          "resume with the setting it was saved with.")
+    convert = (partial(unstack_layers, pattern=scan_unit) if run_stacked
+               else partial(stack_layers, pattern=scan_unit))
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
+                        jax.eval_shape(convert, target))
 
   restored = checkpointer.restore(layout, data_iterator=data_iterator)
   if restored is None:
     return None
   step, saved, meta = restored
-  return step, from_checkpoint(saved), meta
+  state = from_checkpoint(saved)
+  if (SCAN in state.params) != run_stacked:
+    convert = stack_layers if run_stacked else unstack_layers
+    state = convert(state, scan_unit)
+    place = lambda tree, like: jax.tree.map(  # noqa: E731
+        lambda x, a: jax.device_put(x, a.sharding), tree, like)
+    state = state.replace(
+        step=place(state.step, abstract.step), rng=place(state.rng, abstract.rng),
+        params=place(state.params, abstract.params),
+        opt_state=place(state.opt_state, abstract.opt_state),
+        model_state=(place(state.model_state, abstract.model_state)
+                     if state.model_state else {}))
+  return step, state, meta
 
 
 def abstract_like(state: Any) -> Any:
@@ -245,7 +278,8 @@ def load_model(workdir: str, *, vocab_size: int | None = None
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = restore(checkpointer, abstract)
+    restored = restore(checkpointer, abstract,
+                       scan_unit=find_unit(block_kinds(config.model)))
   finally:
     checkpointer.close()
   if restored is None:
