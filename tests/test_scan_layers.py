@@ -57,6 +57,11 @@ def _config(name, scan, **overrides):
   if name == "switch":
     return tiny_config(**NOISE, **{"model.num_layers": 4, "model.scan_layers": scan,
                                    "sample.length": 0, **overrides})
+  if name == "mod":  # Mixture-of-Depths: blocks 1 and 3 are routed and hold MoE layers
+    return _zoo_config("mod_small", **{
+        "model.num_layers": 4, "model.moe_every": 2, "moe.group_size": 0,
+        "model.mod_capacity": 0.25, "model.dropout": 0.1, "moe.jitter_noise": 0.1,
+        "model.scan_layers": scan, **overrides})
   # Jamba-like: blocks 0-3 = Mamba+dense, Mamba+MoE, attention+dense, Mamba+MoE, twice.
   return _zoo_config("jamba_small", **{
       "model.num_layers": 8, "model.attn_layer_period": 4, "model.attn_layer_offset": 2,
@@ -76,7 +81,7 @@ def _losses(config, steps=STEPS):
   return np.array(out), state
 
 
-@pytest.mark.parametrize("name", ["switch", "jamba"])
+@pytest.mark.parametrize("name", ["switch", "jamba", "mod"])
 def test_scanned_trains_as_unrolled_random_draws_included(name):
   want, unrolled = _losses(_config(name, False))
   assert np.all(np.isfinite(want)) and np.all(want[:, 1] > 0)
@@ -167,3 +172,48 @@ def test_a_run_resumes_across_the_setting(first, tmp_path):
   got = [r["loss"] for r in read_metrics(str(split), "train")]
   assert len(got) == len(want) == 20
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_stacked_parameters_shard_as_their_layers():
+  """The leading ``layers`` axis stays unsplit; each layer is split as unrolled, FSDP
+  included (a stacked norm scale [R, M] splits M, never R)."""
+  from moe_jax.models import param_sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(1, 2, 1, fsdp=4)
+  specs = {}
+  for scan in (False, True):
+    config = tiny_config(**{"model.num_layers": 8, "model.scan_layers": scan,
+                            "mesh.expert": 2, "mesh.fsdp": 4, "mesh.data": 1})
+    model = param_sharding.shard_model(build.make_model(config), mesh)
+    specs[scan] = param_sharding.describe_sharding(model)
+  stacked = {k: v for k, v in specs[True].items() if k.startswith("scan/")}
+  assert stacked
+  for path, spec in stacked.items():
+    _, j, rest = path.split("/", 2)
+    assert tuple(spec)[:1] in ((), (None,)), path
+    assert tuple(spec)[1:] == tuple(specs[False][f"blocks/{j}/{rest}"]), path
+  assert any("fsdp" in str(spec) for spec in stacked.values())
+
+
+def test_tracing_refuses_a_scanned_model_and_traces_its_unrolled_twin():
+  from moe_jax.analysis import trace  # pylint: disable=import-outside-toplevel
+  model = build.make_model(tiny_config(**{"model.num_layers": 4,
+                                          "model.scan_layers": True}))
+  tokens = jnp.zeros((2, 32), jnp.int32)
+  with pytest.raises(ValueError, match=r"trace model.unrolled\(\)"):
+    trace.trace_routing(model, tokens)
+  assert len(trace.trace_routing(model.unrolled(), tokens)) == 2
+
+
+def test_fine_tuning_starts_from_the_unrolled_twin_of_a_scanned_run(tmp_path):
+  from moe_jax.peft import finetune  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"model.num_layers": 4, "model.scan_layers": True, "steps": 2,
+                          "warmup_steps": 1,
+                          "eval_every": 2, "checkpoint_every": 2, "sample.length": 0})
+  train.train_and_evaluate(config, str(tmp_path))
+  scanned, _, _ = run_state.load_model(str(tmp_path))
+  model, base_config, step = finetune.load_base(str(tmp_path))
+  assert step == 2 and base_config.model.scan_layers is False
+  assert not model.cfg.scan_layers and len(model.blocks) == 4
+  want = unstack_layers(run_state.split_model(scanned)[1], scanned.unit)
+  jax.tree.map(np.testing.assert_array_equal, run_state.split_model(model)[1], want)

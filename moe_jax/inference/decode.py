@@ -3,7 +3,8 @@
 Every block type owns its decode state behind one small interface
 (:class:`DecodeBlock`): ``init_cache(batch, max_len, dtype)`` preallocates it as nnx
 ``Cache`` variables, and ``decode(x, positions, mask, prefill=)`` runs the block on new
-tokens while reading and writing that state. The decoder loops over ``model.blocks``
+tokens while reading and writing that state (a scanned model decodes as its
+unrolled twin, ``model.unrolled()``). The decoder loops over ``model.blocks``
 and never asks which kind of block it has, so a Mamba mixer (its conv and SSM states)
 or a Mixture-of-Depths block (a KV cache it writes only for the tokens it routes) plugs
 in by implementing the same two methods.

@@ -31,6 +31,10 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 * separate input and output embeddings by default (tying is an option);
 * ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
   policy of :data:`~moe_jax.models.block.REMAT_POLICIES` ("none" leaves them unwrapped).
+* ``scan_layers`` (``model.scan_layers``): the blocks after an unscanned prefix run as
+  a ``jax.lax.scan`` over the layer pattern's repeating unit (:mod:`moe_jax.models.scan`),
+  whose parameters are stacked (``scan/j``); the values are the unrolled model's, and
+  :meth:`Transformer.unrolled` gives the unrolled twin (decoding uses it).
 
 Compute runs in ``dtype`` (float32 or bfloat16); norms, softmax, the router (inside
 MoeLayer) and the logits stay float32. The weights are built float32;
@@ -58,7 +62,7 @@ from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.moe_layer import MoeAux, MoeLayer
 from moe_jax.layers.projection import project
 from moe_jax.layers.protocols import Flops
-from moe_jax.layers.router_families import TokenContext
+from moe_jax.layers.router_families import SelectionBias, TokenContext
 from moe_jax.models.block import REMAT_POLICIES, Block, Norm, TransformerConfig, _param
 from moe_jax.models.mod import RoutedBlock
 from moe_jax.models.scan import LAYERS_AXIS, ScanUnit, model_unit, unstack_layers
@@ -237,19 +241,19 @@ class Transformer(nnx.Module):
       if not block.is_moe or unit.block_index(0, j) not in choice_counts:
         continue
       # Row by row: each row is a layer whose bias moves by its own counts.
-      graphdef, state = nnx.split(block.ffn)
+      graphdef, biases, rest = nnx.split(block.ffn, SelectionBias, ...)
       rows = []
       for r in range(unit.repeats):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], state))
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], biases), rest)
         layer.update_selection_bias(choice_counts[unit.block_index(r, j)])
-        rows.append(nnx.state(layer))
+        rows.append(nnx.state(layer, SelectionBias))
       nnx.update(block.ffn, jax.tree.map(lambda *a: jnp.stack(a), *rows))
 
   def unrolled(self, *, abstract: bool = False) -> "Transformer":
     """This model with ``scan_layers=False``: itself when not scanned, otherwise a copy
     with the unit's rows as blocks ``prefix .. L-1`` (the same values; MoE layers
-    keep this model's layout; its RNG streams are fresh, seed 0). ``abstract``: shapes only (``nnx.eval_shape``),
-    for counting parameters and FLOPs."""
+    keep this model's layout; its RNG streams are fresh, seed 0). ``abstract``:
+    shapes only (``nnx.eval_shape``), for counting parameters and FLOPs."""
     if not self.cfg.scan_layers:
       return self
     cfg = dataclasses.replace(self.cfg, scan_layers=False)
