@@ -176,13 +176,13 @@ def test_a_run_resumes_across_the_setting(first, tmp_path):
 
 def test_stacked_parameters_shard_as_their_layers():
   """The leading ``layers`` axis stays unsplit; each layer is split as unrolled, FSDP
-  included (a stacked norm scale [R, M] splits M, never R)."""
+  included: a stacked norm scale [R, M] with R = 36 > M = 32 splits M, never R."""
   from moe_jax.models import param_sharding  # pylint: disable=import-outside-toplevel
   from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(1, 2, 1, fsdp=4)
   specs = {}
   for scan in (False, True):
-    config = tiny_config(**{"model.num_layers": 8, "model.scan_layers": scan,
+    config = tiny_config(**{"model.num_layers": 72, "model.scan_layers": scan,
                             "mesh.expert": 2, "mesh.fsdp": 4, "mesh.data": 1})
     model = param_sharding.shard_model(build.make_model(config), mesh)
     specs[scan] = param_sharding.describe_sharding(model)
