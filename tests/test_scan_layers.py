@@ -185,6 +185,7 @@ def test_stacked_parameters_shard_as_their_layers():
     config = tiny_config(**{"model.num_layers": 72, "model.scan_layers": scan,
                             "mesh.expert": 2, "mesh.fsdp": 4, "mesh.data": 1})
     model = param_sharding.shard_model(build.make_model(config), mesh)
+    assert param_sharding.undeclared_axes(model) == []  # "layers" + the layer's axes
     specs[scan] = param_sharding.describe_sharding(model)
   stacked = {k: v for k, v in specs[True].items() if k.startswith("scan/")}
   assert stacked
