@@ -51,6 +51,10 @@ def test_a_pattern_without_a_unit_is_refused_in_one_line():
     check_config(config, num_devices=1)
   check_config(tiny_config(**{"model.scan_layers": True, "model.num_layers": 4}),
                num_devices=1)
+  with pytest.raises(ConfigError, match=r"model.scan_layers=True with "
+                     r"optimizer='adafactor'"):
+    check_config(tiny_config(**{"model.scan_layers": True, "model.num_layers": 4,
+                                "optimizer": "adafactor"}), num_devices=1)
 
 
 def _config(name, scan, **overrides):
