@@ -193,11 +193,18 @@ def trace_routing(model: nnx.Module, *inputs: Any, deterministic: bool = True,
       With ``False`` the jittered logits of this call are the ones recorded.
     **call_kwargs: more keyword arguments for the model (hashable values).
 
+  Raises:
+    ValueError: for a scanned model (trace its ``unrolled()`` copy).
+
   Returns:
     ``{path: LayerRouting}`` in the model's graph order. A layer whose family has no
     router (no logits) reports as ``logits`` a point mass on each token's choices
     (0 there, -inf elsewhere).
   """
+  if getattr(getattr(model, "cfg", None), "scan_layers", False):
+    raise ValueError("trace_routing: a scanned model (model.scan_layers=True) calls its "
+                     "MoE layers inside a scan; trace model.unrolled(), the same model "
+                     "unrolled, instead.")
   layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, moe_layer.MoeLayer)]
   for layer in layers:
     layer.sow_routing = True

@@ -3,7 +3,8 @@
 Every block type owns its decode state behind one small interface
 (:class:`DecodeBlock`): ``init_cache(batch, max_len, dtype)`` preallocates it as nnx
 ``Cache`` variables, and ``decode(x, positions, mask, prefill=)`` runs the block on new
-tokens while reading and writing that state. The decoder loops over ``model.blocks``
+tokens while reading and writing that state (a scanned model decodes as its
+unrolled twin, ``model.unrolled()``). The decoder loops over ``model.blocks``
 and never asks which kind of block it has, so a Mamba mixer (its conv and SSM states)
 or a Mixture-of-Depths block (a KV cache it writes only for the tokens it routes) plugs
 in by implementing the same two methods.
@@ -201,7 +202,8 @@ class Decoder:
                        f"positions; use max_len <= {cfg.max_len}.")
     self.batch_size, self.max_len, self.prefill_len = batch_size, max_len, prefill_len
     self.pad_id = pad_id
-    view = nnx.merge(*nnx.split(model))  # new Variables around the same arrays
+    # A scanned model decodes as its unrolled copy (the same arrays, one cache per block).
+    view = nnx.merge(*nnx.split(model.unrolled()))  # new Variables, the same arrays
     init_cache(view, batch_size, max_len, dtype)
     self._graphdef, self._params, self._empty, self._rest = nnx.split(
         view, nnx.Param, nnx.Cache, ...)

@@ -28,6 +28,7 @@ from moe_jax.routing.depth import depth_errors, is_routed_layer
 from moe_jax.models.layer_pattern import (ATTENTION, MAMBA, MOE, LayerKind,
                                           layer_pattern, pattern_errors)
 from moe_jax.models.mamba import MambaConfig, MambaMixer
+from moe_jax.models.scan import scan_errors
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
 from moe_jax.layers.moe_layer import MoeAux, MoeLayer
 from moe_jax.layers.router_families import TokenContext
@@ -119,6 +120,10 @@ class TransformerConfig:
       dimensions (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``) and
       recomputes the rest. The values are the same either way; only memory and
       compute change.
+    scan_layers: run the blocks as a scan over the layer pattern's repeating unit
+      (:mod:`moe_jax.models.scan`), so a deep model traces and compiles one unit; the
+      values are the same as unrolled. The parameters of the unit are stacked
+      (``scan/j`` with a leading ``[repeats]`` axis), so the checkpoint layout differs.
   """
 
   vocab_size: int
@@ -148,6 +153,7 @@ class TransformerConfig:
   num_kv_heads: int = 0
   head_dim: int = 0
   remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     for msg in validate_transformer_config(self):
@@ -270,6 +276,8 @@ def validate_transformer_config(cfg, *, prefix: str = "",
   need("remat", cfg.remat in REMAT_POLICIES, "is unknown; use 'none', 'full' (recompute "
        "each block in the backward pass) or 'dots' (keep the matmuls without batch "
        "dimensions).")
+  if not errors:  # the unit is looked for in a valid pattern only
+    errors.extend(scan_errors(cfg, prefix=p))
   return errors
 
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.layers import moe_layer
 from moe_jax.layers.protocols import logical_axes
+from moe_jax.models.scan import LAYERS_AXIS
 from moe_jax.parallel.sharding import (LOGICAL_RULES, check_mesh, fsdp_spec,
                                        logical_to_spec, moe_layout)
 
@@ -92,7 +93,10 @@ def shard_model(model: Any, mesh: Mesh,
     shape = var.get_value().shape
     spec = P() if names is None else logical_to_spec(
         names, shape, mesh, rules, where=_path_str(path))
-    if isinstance(var, nnx.Param):
+    if isinstance(var, nnx.Param) and names and names[0] == LAYERS_AXIS:
+      # A scanned model's stacked blocks: fsdp splits one layer's dims, as unrolled.
+      spec = P(None, *fsdp_spec(P(*tuple(spec)[1:]), shape[1:], mesh))
+    elif isinstance(var, nnx.Param):
       spec = fsdp_spec(spec, shape, mesh)
     placements.append((var, names, spec))
   for layer, layout in layouts:

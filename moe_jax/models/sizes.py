@@ -36,6 +36,7 @@ def count_params(model: Any) -> dict[str, int]:
   (``mod_predictor="mlp"``); both are in ``total`` and ``active``. The groups are the
   modules' ``param_groups()``.
   """
+  model = _unrolled(model)
   groups = {"experts": 0, "inactive": 0, "router": 0, "predictor": 0}
   for _, module in nnx.iter_modules(model):
     declare = getattr(module, "param_groups", None)
@@ -45,6 +46,12 @@ def count_params(model: Any) -> dict[str, int]:
   return {"total": total, "active": total - groups["inactive"],
           "experts": groups["experts"], "router": groups["router"],
           "predictor": groups["predictor"]}
+
+
+def _unrolled(model: Any) -> Any:
+  """A scanned model's unrolled shapes (its stacked unit counted once per row)."""
+  unrolled = getattr(model, "unrolled", None)
+  return model if unrolled is None else unrolled(abstract=True)
 
 
 def _owns_params(module: Any) -> bool:
@@ -117,6 +124,6 @@ def flops_per_token(model: Any, seq_len: int) -> dict[str, int]:
   Raises:
     UndeclaredFlops: a module owns parameters but declares no FLOP count.
   """
-  cost = _sequence_flops(model, seq_len, ())
+  cost = _sequence_flops(_unrolled(model), seq_len, ())
   return {"active": cost.active // seq_len, "total": cost.total // seq_len,
           "router": cost.router // seq_len}

@@ -31,6 +31,10 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
 * separate input and output embeddings by default (tying is an option);
 * ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
   policy of :data:`~moe_jax.models.block.REMAT_POLICIES` ("none" leaves them unwrapped).
+* ``scan_layers`` (``model.scan_layers``): the blocks after an unscanned prefix run as
+  a ``jax.lax.scan`` over the layer pattern's repeating unit (:mod:`moe_jax.models.scan`),
+  whose parameters are stacked (``scan/j``); the values are the unrolled model's, and
+  :meth:`Transformer.unrolled` gives the unrolled twin (decoding uses it).
 
 Compute runs in ``dtype`` (float32 or bfloat16); norms, softmax, the router (inside
 MoeLayer) and the logits stay float32. The weights are built float32;
@@ -46,6 +50,7 @@ sums the FLOPs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -54,12 +59,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers.experts import scaled_init
-from moe_jax.layers.moe_layer import MoeAux
+from moe_jax.layers.moe_layer import MoeAux, MoeLayer
 from moe_jax.layers.projection import project
 from moe_jax.layers.protocols import Flops
-from moe_jax.layers.router_families import TokenContext
+from moe_jax.layers.router_families import SelectionBias, TokenContext
 from moe_jax.models.block import REMAT_POLICIES, Block, Norm, TransformerConfig, _param
 from moe_jax.models.mod import RoutedBlock
+from moe_jax.models.scan import LAYERS_AXIS, ScanUnit, model_unit, unstack_layers
 
 # Logical axis names of the parameters defined in this file.
 EMBED_AXES = {"embedding": ("vocab", "embed"), "positions": ("length", "embed"),
@@ -99,9 +105,15 @@ class Transformer(nnx.Module):
     self.positions = (_param(
         0.02 * std * jax.random.normal(rngs.params(), (cfg.max_len, cfg.d_model)),
         EMBED_AXES["positions"]) if cfg.position == "learned" else None)
-    self.blocks = nnx.List([
-        (RoutedBlock if i in cfg.mod_blocks else Block)(cfg, i, rngs=rngs)
-        for i in range(cfg.num_layers)])
+    blocks = [(RoutedBlock if i in cfg.mod_blocks else Block)(cfg, i, rngs=rngs)
+              for i in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      # Built unrolled (the same draws), then the unit's blocks take the stacked state.
+      unit = model_unit(cfg)
+      self.blocks = nnx.List(blocks[:unit.prefix])
+      self.scan = nnx.List([_stacked(blocks, unit, j) for j in range(unit.period)])
+    else:
+      self.blocks = nnx.List(blocks)
     self.final_norm = Norm(cfg.d_model, cfg.norm)
     self.unembed = (_param(
         scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
@@ -158,7 +170,44 @@ class Transformer(nnx.Module):
         moe_aux[block.index] = aux.moe
       if aux.depth is not None:
         depth_aux[block.index] = aux.depth
+    if self.cfg.scan_layers:
+      x = self._run_scan(run, x, positions, token_mask, context, moe_aux, depth_aux)
     return ModelOutput(logits=self.head(x), moe_aux=moe_aux, depth_aux=depth_aux)
+
+  @property
+  def unit(self) -> ScanUnit:
+    """The scanned unit (``cfg.scan_layers`` only)."""
+    return model_unit(self.cfg)
+
+  def _run_scan(self, run, x, positions, token_mask, context, moe_aux, depth_aux):
+    """Runs the stacked unit ``repeats`` times (``jax.lax.scan``): each step merges row
+    ``r`` of every unit block's state into modules, runs them in order and returns
+    their new state (RNG counts), which goes back into the stacked variables. The aux
+    of row ``r`` of unit block ``j`` is block ``prefix + r * period + j``'s."""
+    unit = self.unit
+    shared = _shared_rngs(self.scan)
+    graphdef, rngs, state = nnx.split(self.scan, shared, ...)
+
+    def body(carry, row_state):
+      x, rngs = carry
+      blocks = nnx.merge(graphdef, rngs, row_state)
+      auxes = []
+      for block in blocks:
+        x, aux = run(block, x, positions, token_mask, context)
+        auxes.append(aux)
+      _, rngs, row_state = nnx.split(blocks, shared, ...)
+      return (x, rngs), (row_state, auxes)
+
+    (x, rngs), (state, auxes) = jax.lax.scan(body, (x, rngs), state)
+    nnx.update(self.scan, rngs, state)
+    for j, aux in enumerate(auxes):
+      for r in range(unit.repeats):
+        index = unit.block_index(r, j)
+        if aux.moe is not None:
+          moe_aux[index] = jax.tree.map(lambda a, r=r: a[r], aux.moe)
+        if aux.depth is not None:
+          depth_aux[index] = jax.tree.map(lambda a, r=r: a[r], aux.depth)
+    return x
 
   def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
     """i32[B, L] tokens at i32[L] or i32[B, L] positions -> [B, L, M] (compute dtype)."""
@@ -185,3 +234,68 @@ class Transformer(nnx.Module):
     for block in self.blocks:
       if block.is_moe and block.index in choice_counts:
         block.ffn.update_selection_bias(choice_counts[block.index])
+    if not self.cfg.scan_layers:
+      return
+    unit = self.unit
+    for j, block in enumerate(self.scan):
+      if not block.is_moe or unit.block_index(0, j) not in choice_counts:
+        continue
+      # Row by row: each row is a layer whose bias moves by its own counts.
+      graphdef, biases, rest = nnx.split(block.ffn, SelectionBias, ...)
+      rows = []
+      for r in range(unit.repeats):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], biases), rest)
+        layer.update_selection_bias(choice_counts[unit.block_index(r, j)])
+        rows.append(nnx.state(layer, SelectionBias))
+      nnx.update(block.ffn, jax.tree.map(lambda *a: jnp.stack(a), *rows))
+
+  def unrolled(self, *, abstract: bool = False) -> "Transformer":
+    """This model with ``scan_layers=False``: itself when not scanned, otherwise a copy
+    with the unit's rows as blocks ``prefix .. L-1`` (the same values; MoE layers
+    keep this model's layout; its RNG streams are fresh, seed 0). ``abstract``:
+    shapes only (``nnx.eval_shape``), for counting parameters and FLOPs."""
+    if not self.cfg.scan_layers:
+      return self
+    cfg = dataclasses.replace(self.cfg, scan_layers=False)
+    copy = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    if abstract:
+      return copy
+    graphdef, streams, state = nnx.split(copy, nnx.RngState, ...)
+    values = unstack_layers(
+        nnx.state(self, nnx.Not(nnx.RngState)).to_pure_dict(), self.unit)
+    nnx.replace_by_pure_dict(state, values)
+    copy = nnx.merge(graphdef, streams, state)
+    for _, stream in nnx.iter_graph(copy):  # fresh streams (reseed before training)
+      if isinstance(stream, nnx.RngStream):
+        stream.key.set_value(jax.random.key(0))
+        stream.count.set_value(jnp.zeros((), jnp.uint32))
+    layouts = [m.layout for _, m in nnx.iter_modules(self) if isinstance(m, MoeLayer)]
+    for _, module in nnx.iter_modules(copy):
+      if isinstance(module, MoeLayer) and layouts:
+        module.layout = layouts[0]
+    return copy
+
+
+def _shared_rngs(module):
+  """An nnx filter of the state under the model-wide ``nnx.Rngs`` that the MoE layers
+  share (jitter and routing draws): one stream whose count runs on from block to
+  block, so a scan carries it instead of stacking it."""
+  prefixes = [tuple(path) for path, node in nnx.iter_graph(module)
+              if isinstance(node, nnx.Rngs)]
+  return lambda path, _: any(tuple(path[:len(p)]) == p for p in prefixes)
+
+
+def _stacked(blocks: list[Block], unit: ScanUnit, position: int) -> Block:
+  """Unit block ``position`` holding the state of its ``unit.repeats`` rows stacked
+  along a new leading axis, whose logical axis is ``"layers"``."""
+  rows = [blocks[unit.block_index(r, position)] for r in range(unit.repeats)]
+  block = rows[0]
+  shared = _shared_rngs(block)
+  nnx.update(block, jax.tree.map(lambda *a: jnp.stack(a), *[
+      nnx.split(row, shared, ...)[2] for row in rows]))
+  for _, var in nnx.iter_graph(block):
+    if isinstance(var, nnx.Param):
+      axes = var.get_metadata().get("logical_axes")
+      if axes is not None:
+        var.set_metadata(logical_axes=(LAYERS_AXIS, *axes))
+  return block

@@ -61,6 +61,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),            # per-head width
     ("norm", None),          # scale / bias of LayerNorm and RMSNorm
     ("length", None),        # L
+    ("layers", None),        # the stacked blocks of a scanned model (model.scan_layers)
 )
 LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)
 

@@ -159,7 +159,8 @@ def _require_init_from(init_from: str | None) -> None:
 
 
 def load_base(init_from: str, *, vocab_size: int = 259):
-  """``(model, config, step)`` of the pretraining run in ``init_from``."""
+  """``(model, config, step)`` of the pretraining run in ``init_from``; a scanned
+  run's model comes unrolled (``model.scan_layers=False``), as fine-tuning needs."""
   _require_init_from(init_from)
   path = os.path.abspath(os.path.expanduser(init_from))
   if not os.path.isfile(os.path.join(path, "config.json")):
@@ -170,10 +171,15 @@ def load_base(init_from: str, *, vocab_size: int = 259):
     raise ConfigError([f"--init_from={init_from!r} was trained with model.objective="
                        f"{objective!r}; fine-tuning continues causal_lm runs only."])
   try:
-    return run_state.load_model(path, vocab_size=vocab_size)
+    model, config, step = run_state.load_model(path, vocab_size=vocab_size)
   except TrainingError:
     raise ConfigError([f"--init_from={init_from!r} has no checkpoint yet; train it "
                        "first (experiments/train.py) or pass another run."]) from None
+  if config.model.get("scan_layers", False):
+    # Adapters and expert masks address blocks one by one: fine-tune the unrolled twin.
+    model = model.unrolled()
+    config.model.scan_layers = False
+  return model, config, step
 
 
 def run_config(ft_config, base_config, init_from: str) -> ml_collections.ConfigDict:

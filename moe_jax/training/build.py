@@ -15,6 +15,7 @@ from moe_jax.training.config import expert_d_ff, model_pattern, queue_order
 from moe_jax.training.sections import SECTIONS, derive
 from moe_jax.models.layer_pattern import MAMBA
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
+from moe_jax.models.scan import SCAN
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
 from moe_jax.models.precision import cast_params
 from moe_jax.models.sizes import count_params, flops_per_token
@@ -91,10 +92,13 @@ def make_schedule(config) -> optax.Schedule:
 
 def _decay_mask(params):
   """True where weight decay applies: matrices only (norms' scales and biases stay
-  undecayed), and never Mamba's A_log and D (Mamba's ``_no_weight_decay``)."""
+  undecayed), and never Mamba's A_log and D (Mamba's ``_no_weight_decay``). The
+  stacked parameters of a scanned model (under ``scan``) count one layer's dims."""
   def decay(path, x):
-    name = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
-    return x.ndim >= 2 and name not in NO_WEIGHT_DECAY
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    name = keys[-1] if keys else None
+    ndim = x.ndim - (SCAN in keys)
+    return ndim >= 2 and name not in NO_WEIGHT_DECAY
   return jax.tree_util.tree_map_with_path(decay, params)
 
 

@@ -92,7 +92,8 @@ class Checkpointer:
     Args:
       abstract_state: pytree of ``jax.ShapeDtypeStruct`` (with shardings) describing
         the state to restore, or a function from the saved state's top-level keys
-        (a frozenset of str) to that pytree, for states whose layout changed.
+        (a frozenset of str, with ``params/<key>`` for the keys of its ``params``) to
+        that pytree, for states whose layout changed.
       data_iterator: restored in place to the saved position.
 
     Returns:
@@ -132,10 +133,14 @@ class Checkpointer:
     return None
 
   def _saved_keys(self, step: int) -> frozenset[str]:
-    """The top-level keys of the state saved at ``step`` (read from its metadata)."""
+    """The top-level keys of the state saved at ``step`` (read from its metadata),
+    and ``params/<key>`` for each top-level key of its ``params`` (the layout of the
+    model's blocks: unrolled or scanned)."""
     path = os.path.join(self.directory, str(step), "state")
     tree = ocp.StandardCheckpointHandler().metadata(epath.Path(path)).tree
-    return frozenset(tree)
+    params = tree.get("params") if hasattr(tree, "get") else None
+    return frozenset(tree) | frozenset(
+        f"params/{k}" for k in (params if hasattr(params, "keys") else ()))
 
   def _check_dtypes(self, step: int, abstract_state: Any) -> None:
     """Raises :class:`CheckpointError` when the checkpoint at ``step`` stores a leaf in

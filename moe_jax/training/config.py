@@ -297,6 +297,11 @@ def validate_config(config, *, num_devices: int | None = None,
     errors.append("moment_dtype='bfloat16' with optimizer='adafactor': Adafactor keeps "
                   "only factored row and column statistics, which stay float32; use "
                   "--config.moment_dtype=float32 or optimizer='adamw'.")
+  if m.get("scan_layers", False) is True and config.optimizer == "adafactor":
+    errors.append("model.scan_layers=True with optimizer='adafactor': Adafactor's "
+                  "factored statistics and parameter scale would span the stacked "
+                  "layers, not one layer; use optimizer='adamw' or "
+                  "model.scan_layers=False.")
 
   # MoE section: the MoE layer's own rules, with the keys prefixed as in the config.
   moe_view = _moe_view(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from functools import partial
 from typing import Any
 
 import flax.struct
@@ -25,6 +26,8 @@ from moe_jax.errors import TrainingError
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer
 from moe_jax.layers.router_families import SelectionBias
+from moe_jax.models.scan import (BLOCKS, SCAN, ScanUnit, block_kinds, find_unit,
+                                 stack_layers, unstack_layers)
 from moe_jax.models.transformer import Transformer
 
 
@@ -75,7 +78,8 @@ def from_checkpoint(saved) -> TrainState:
                     rng=saved.rng)
 
 
-def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=None
+def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=None,
+            scan_unit: ScanUnit | None = None
             ) -> tuple[int, TrainState, dict[str, Any]] | None:
   """``(step, state, meta)`` of the newest readable checkpoint, or None when there is
   none (:meth:`Checkpointer.restore`).
@@ -83,18 +87,48 @@ def restore(checkpointer: Checkpointer, abstract: TrainState, *, data_iterator=N
   ``abstract`` is the state's layout (``jax.ShapeDtypeStruct`` leaves, with their
   shardings). A checkpoint saved without ``model_state`` (a model without selection
   biases, or a fine-tuning run from before fine-tuning moved them) restores with an
-  empty ``model_state``: the model's own selection biases.
+  empty ``model_state``: the model's own selection biases. A checkpoint saved with the
+  other ``model.scan_layers`` setting (its params have ``scan`` or not) is read in its
+  own layout on one device, converted (:func:`~moe_jax.models.scan.stack_layers` /
+  :func:`~moe_jax.models.scan.unstack_layers` of ``scan_unit``, the model's unit)
+  and placed as ``abstract`` says.
   """
+  run_stacked = SCAN in abstract.params
+
   def layout(saved_keys):
     if "model_state" in saved_keys and abstract.model_state:
-      return abstract
-    return to_checkpoint(abstract.replace(model_state={}))
+      target = abstract
+    else:
+      target = to_checkpoint(abstract.replace(model_state={}))
+    if (f"params/{SCAN}" in saved_keys) == run_stacked:
+      return target
+    if scan_unit is None:
+      raise TrainingError("the checkpoint's blocks are laid out for the other "
+                          "model.scan_layers setting and the model has no scan unit; "
+                          "resume with the setting it was saved with.")
+    convert = (partial(unstack_layers, pattern=scan_unit) if run_stacked
+               else partial(stack_layers, pattern=scan_unit))
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
+                        jax.eval_shape(convert, target))
 
   restored = checkpointer.restore(layout, data_iterator=data_iterator)
   if restored is None:
     return None
   step, saved, meta = restored
-  return step, from_checkpoint(saved), meta
+  state = from_checkpoint(saved)
+  if (SCAN in state.params) != run_stacked:
+    convert = stack_layers if run_stacked else unstack_layers
+    state = convert(state, scan_unit)
+    place = lambda tree, like: jax.tree.map(  # noqa: E731
+        lambda x, a: jax.device_put(x, a.sharding), tree, like)
+    state = state.replace(
+        step=place(state.step, abstract.step), rng=place(state.rng, abstract.rng),
+        params=place(state.params, abstract.params),
+        opt_state=place(state.opt_state, abstract.opt_state),
+        model_state=(place(state.model_state, abstract.model_state)
+                     if state.model_state else {}))
+  return step, state, meta
 
 
 def abstract_like(state: Any) -> Any:
@@ -111,10 +145,47 @@ def _path_salt(path) -> int:
 
 
 def reseed(model: nnx.Module, key: jax.Array) -> None:
-  """Points every RNG stream of ``model`` at a key derived from ``key`` and its path."""
+  """Points every RNG stream of ``model`` at a key derived from ``key`` and its path.
+
+  A scanned model's streams get the keys the unrolled model's get: those of its
+  stacked streams (``scan/j/...``, one key per row) are drawn as the unrolled paths
+  ``blocks/<prefix + r * period + j>/...`` are, in the unrolled order.
+  """
   keys = {s: jax.random.fold_in(key, i) for i, s in enumerate(RNG_STREAMS)}
-  nnx.reseed(model, policy=lambda path, k, shape: jax.random.fold_in(k, _path_salt(path)),
-             **keys)
+  if not getattr(getattr(model, "cfg", None), "scan_layers", False):
+    nnx.reseed(model, policy=lambda path, k, shape: jax.random.fold_in(
+        k, _path_salt(path)), **keys)
+    return
+  unit = model.unit
+  streams = [(tuple(path), s) for path, s in nnx.iter_graph(model)
+             if isinstance(s, nnx.RngStream) and s.key.tag in keys]
+  scanned = [(p, s) for p, s in streams if str(p[0]) == SCAN]
+  # (unrolled path, stream, row or None for an unstacked stream) in nnx.reseed's
+  # order for the unrolled model: the prefix blocks, the rows in turn, the rest. The
+  # MoE layers' shared streams (unstacked, under the first MoE block) come once.
+  order = [(p, s, None) for p, s in streams if str(p[0]) == BLOCKS]
+  for r in range(unit.repeats):
+    for j in range(unit.period):
+      for p, s in scanned:
+        if int(p[1]) == j and (s.key.shape != () or r == 0):
+          order.append(((BLOCKS, unit.block_index(r, j), *p[2:]), s,
+                        r if s.key.shape != () else None))
+  order += [(p, s, None) for p, s in streams if str(p[0]) not in (BLOCKS, SCAN)]
+  draw = nnx.Rngs(**keys)
+  rows: dict[int, list] = {}
+  for path, stream, row in order:
+    k = jax.random.fold_in(draw[stream.key.tag](), _path_salt(path))
+    if row is None:
+      stream.key.set_value(k)
+    else:
+      rows.setdefault(id(stream), [None] * unit.repeats)[row] = k
+  for _, stream in scanned:
+    value = jnp.stack(rows[id(stream)]) if id(stream) in rows else stream.key.get_value()
+    stream.key.set_value(value)
+    stream.count.set_value(jnp.zeros(value.shape, jnp.uint32))
+  for _, stream, row in order:
+    if row is None:
+      stream.count.set_value(jnp.zeros((), jnp.uint32))
 
 
 def split_model(model: nnx.Module):
@@ -207,7 +278,8 @@ def load_model(workdir: str, *, vocab_size: int | None = None
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
-    restored = restore(checkpointer, abstract)
+    restored = restore(checkpointer, abstract,
+                       scan_unit=find_unit(block_kinds(config.model)))
   finally:
     checkpointer.close()
   if restored is None:

@@ -64,6 +64,7 @@ from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_w
                                          say, train_line)
 from moe_jax.training.losses import lm_loss, moe_summary, token_mask, training_loss
 from moe_jax.training.metrics import MetricsWriter
+from moe_jax.models.scan import block_kinds, find_unit
 from moe_jax.training.run_state import (TrainState, abstract_like, merge_model,
                                         model_state, reseed, restore,
                                         single_device_copy, split_model,
@@ -336,8 +337,8 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
   _, _, frozen, _ = split_trainable(model, wrt)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
-  restored = restore(checkpointer, abstract_like(state),
-                               data_iterator=train_iter)
+  restored = restore(checkpointer, abstract_like(state), data_iterator=train_iter,
+                     scan_unit=find_unit(block_kinds(config.model)))
   saved_meta: dict[str, Any] = {}
   step0 = 0
   if restored is not None:
