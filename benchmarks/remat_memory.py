@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import configs as config_files  # benchmarks/configs.py
-from moe_jax.models import block
+from moe_jax.models import model_config
 from moe_jax.training import build, run_state, train
 from moe_jax.training.config import check_config
 from moe_jax.training.losses import training_loss
@@ -37,8 +37,8 @@ _OVERRIDES = flags.DEFINE_list("config_overrides", [],
 # a row for comparison that saves every matmul, batch dimensions or not.
 SETTINGS = (("none", 1), ("dots", 1), ("dots_saveable", 1), ("full", 1), ("none", 4),
             ("full", 4))
-block.REMAT_POLICIES.setdefault("dots_saveable",
-                                    jax.checkpoint_policies.dots_saveable)
+model_config.REMAT_POLICIES.setdefault("dots_saveable",
+                                       jax.checkpoint_policies.dots_saveable)
 
 
 def residual_bytes(model, config, batch) -> int:

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.layers import experts, moe_config, moe_layer, projection
-from moe_jax.models import block, transformer
+from moe_jax.models import model_config, transformer
 from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,7 +212,7 @@ def test_einsum_forms_compute_the_same_model_with_n_d_dots_and_are_undone():
   moe = moe_config.MoeConfig(d_model=8, d_ff=16, num_experts=4, capacity_factor=2.0,
                             group_size=8, dispatch="einsum", activation="swiglu",
                             router="noisy_topk", init_scale=0.1, router_init_scale=0.1)
-  cfg = block.TransformerConfig(vocab_size=32, num_layers=2, d_model=8,
+  cfg = model_config.TransformerConfig(vocab_size=32, num_layers=2, d_model=8,
                                       num_heads=2, d_ff=16, moe_every=2, moe=moe,
                                       activation="swiglu", max_len=16)
   model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))

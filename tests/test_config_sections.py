@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from moe_jax.layers.moe_config import MoeConfig
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.mamba import MambaConfig
 from moe_jax.training import build, config as config_lib, run_state
 from moe_jax.training.config import default_config, load_config_file, validate_config

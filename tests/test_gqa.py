@@ -25,7 +25,7 @@ from moe_jax.peft import lora as peft_lora
 from moe_jax.models.block import Attention
 from moe_jax.training.config import default_config, set_keys, validate_config
 from moe_jax.models.sizes import count_params, flops_per_token
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.transformer import Transformer
 from tests.sharding_demo import to_host
 from tests.reference import routed_block_loop

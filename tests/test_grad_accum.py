@@ -154,7 +154,7 @@ def test_split_microbatches_keeps_each_microbatch_spread_over_the_devices():
     ({"grad_accum_steps": 0}, "grad_accum_steps=0 must be a positive integer"),
     ({"grad_accum_steps": -2}, "grad_accum_steps=-2 must be a positive integer"),
     ({"grad_accum_steps": 3}, r"divides the per-device batch \(batch_size / "
-     r"\(mesh.data\*mesh.expert\) = 4\)"),
+     r"\(mesh.data\*mesh.fsdp\*mesh.expert\) = 4\)"),
     ({"batch_size": 8, "mesh.data": 2, "mesh.expert": 2, "grad_accum_steps": 4},
      r"per-device batch .* = 2\)"),
     # Microbatches of one 32-token row per device, groups of 64 tokens.

@@ -12,7 +12,8 @@ from moe_jax.models.layer_pattern import layer_pattern, pattern_errors
 from moe_jax.models.mamba import MambaConfig, MambaMixer, mixer_cost
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.layers.moe_layer import MoeLayer
-from moe_jax.models.block import MIXERS, Attention, TransformerConfig
+from moe_jax.models.block import MIXERS, Attention
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.transformer import Transformer
 from moe_jax.models.sizes import count_params, flops_per_token
 

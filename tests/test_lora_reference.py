@@ -18,7 +18,7 @@ from moe_jax.layers import lora_adapters
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.peft import lora as peft_lora
 from moe_jax.models.transformer import Transformer
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 
 ALL_TARGETS = ("router", "experts", "shared_experts", "attention", "dense_ffn")
 M, H, E, HS, V = 32, 24, 4, 48, 40

@@ -16,7 +16,7 @@ from moe_jax import routing
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.routing import depth
 from moe_jax.models.transformer import Transformer
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.sizes import count_params, flops_per_token
 from tests.reference import routed_block_loop
 from tests.test_decode import FORCED, MAX_LEN, PROMPTS, teacher_forced

@@ -10,7 +10,7 @@ from flax import nnx
 from moe_jax import MoeConfig, MoeLayer, routing
 from moe_jax.layers.dispatch import gather_dispatch
 from moe_jax.models.transformer import Transformer
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.sizes import count_params, flops_per_token
 from tests.reference import moe_layer_loop
 

@@ -20,7 +20,7 @@ from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.peft import esft, finetune
 from moe_jax.peft import lora as peft_lora
 from moe_jax.models.transformer import Transformer
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 
 ALL_TARGETS = ("router", "experts", "shared_experts", "attention", "dense_ffn")
 M, H, E, HS, V, N_HEADS = 16, 24, 4, 32, 40, 2

@@ -10,7 +10,7 @@ from moe_jax.layers.experts import DenseFfn
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.models.transformer import Transformer
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.sizes import count_params, flops_per_token
 
 M, H, E, V = 16, 32, 4, 259

@@ -45,7 +45,8 @@ from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.protocols import Flops, param_size
 from moe_jax.layers.router_families import TokenContext
 from moe_jax.routing import depth
-from moe_jax.models.block import Block, BlockAux, TransformerConfig
+from moe_jax.models.block import Block, BlockAux
+from moe_jax.models.model_config import TransformerConfig
 
 # Logical axis names of this file's parameters (moe_jax.parallel.sharding maps them; all
 # replicated but for M, which no rule splits).

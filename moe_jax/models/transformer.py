@@ -30,7 +30,7 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   each routed block's :class:`~moe_jax.models.mod.DepthAux`;
 * separate input and output embeddings by default (tying is an option);
 * ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
-  policy of :data:`~moe_jax.models.block.REMAT_POLICIES` ("none" leaves them unwrapped).
+  policy of :data:`~moe_jax.models.model_config.REMAT_POLICIES` ("none" leaves them unwrapped).
 * ``scan_layers`` (``model.scan_layers``): the blocks after an unscanned prefix run as
   a ``jax.lax.scan`` over the layer pattern's repeating unit (:mod:`moe_jax.models.scan`),
   whose parameters are stacked (``scan/j``); the values are the unrolled model's, and
@@ -63,7 +63,8 @@ from moe_jax.layers.moe_layer import MoeAux, MoeLayer
 from moe_jax.layers.projection import project
 from moe_jax.layers.protocols import Flops
 from moe_jax.layers.router_families import SelectionBias, TokenContext
-from moe_jax.models.block import REMAT_POLICIES, Block, Norm, TransformerConfig, _param
+from moe_jax.models.block import Block, Norm, _param
+from moe_jax.models.model_config import REMAT_POLICIES, TransformerConfig
 from moe_jax.models.mod import RoutedBlock
 from moe_jax.models.scan import LAYERS_AXIS, ScanUnit, model_unit, unstack_layers
 

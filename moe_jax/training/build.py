@@ -20,7 +20,7 @@ from moe_jax.layers.moe_config import DTYPES, MoeConfig
 from moe_jax.models.precision import cast_params
 from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.models.transformer import Transformer
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 
 
 RNG_STREAMS = ("default", "dropout", "jitter", "routing")

@@ -3,7 +3,7 @@ validation function.
 
 ``experiments/configs/*.py`` start from :func:`default_config` and change what makes
 them differ. The ``model``, ``moe`` and ``mamba`` sections are built from the fields of
-the module configs (:class:`~moe_jax.models.block.TransformerConfig`,
+the module configs (:class:`~moe_jax.models.model_config.TransformerConfig`,
 :class:`~moe_jax.layers.moe_config.MoeConfig`,
 :class:`~moe_jax.models.mamba.MambaConfig`; :mod:`moe_jax.training.sections`), which
 own those keys and their defaults, plus a few LM-only keys; ``sections.derive`` builds a
@@ -27,8 +27,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.errors import ConfigError
-from moe_jax.models.block import (MODEL_DTYPES, TransformerConfig,
-                                  validate_transformer_config)
+from moe_jax.models.model_config import MODEL_DTYPES, TransformerConfig, validate_transformer_config
 from moe_jax.models.layer_pattern import MAMBA, layer_pattern
 from moe_jax.models.mamba import MambaConfig, validate_mamba_config
 from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config

@@ -1,5 +1,5 @@
 """The LM config's module sections: how its ``model``, ``moe`` and ``mamba`` sections
-mirror :class:`~moe_jax.models.block.TransformerConfig`,
+mirror :class:`~moe_jax.models.model_config.TransformerConfig`,
 :class:`~moe_jax.layers.moe_config.MoeConfig` and
 :class:`~moe_jax.models.mamba.MambaConfig` (:data:`SECTIONS`), which own those keys and
 their defaults. :func:`section` builds a section from its dataclass's fields,
@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax.layers.moe_config import MoeConfig
-from moe_jax.models.block import TransformerConfig
+from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.mamba import MambaConfig
 
 
