@@ -10,7 +10,7 @@ import pytest
 
 from moe_jax.models import param_sharding
 from moe_jax.parallel import sharding
-from moe_jax.training import build, run_state, train
+from moe_jax.training import build, train
 from moe_jax.errors import ConfigError
 from moe_jax.training.config import check_config
 from moe_jax.training.losses import training_loss
@@ -57,11 +57,7 @@ def _run(config, steps=STEPS, mesh=None, padded=False):
   model = build.make_model(config)
   tx, _ = build.make_optimizer(config)
   if mesh is None:
-    _, params, _ = run_state.split_model(model)
-    state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params),
-                             rng=jax.random.key_data(jax.random.key(config.seed)),
-                             model_state=run_state.model_state(model))
+    state, _ = train.init_train_state(model, tx, None, config.seed)
     step = train.make_train_step(model, tx, config)
     put = lambda b: jax.tree.map(jnp.asarray, b)  # noqa: E731
   else:

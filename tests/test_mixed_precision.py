@@ -96,11 +96,7 @@ def _run(config, steps):
   """Losses of ``steps`` train steps on one fixed batch (memorisable), and the state."""
   model = build.make_model(config)
   tx, _ = build.make_optimizer(config)
-  _, params, _ = run_state.split_model(model)
-  state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=tx.init(params),
-                               rng=jax.random.key_data(jax.random.key(config.seed)),
-                               model_state=run_state.model_state(model))
+  state, _ = train.init_train_state(model, tx, None, config.seed)
   step = train.make_train_step(model, tx, config)
   t = np.random.default_rng(0).integers(0, 256, (config.batch_size,
                                                 config.data.seq_len + 1), np.int32)

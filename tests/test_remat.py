@@ -42,24 +42,21 @@ def _batches(config, steps):
     yield {"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:])}
 
 
-def _state(model, tx, config):
-  _, params, _ = run_state.split_model(model)
-  return run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.key(config.seed)),
-                          model_state=run_state.model_state(model))
-
-
-def _losses(config, steps=STEPS):
+def _run(config, steps=STEPS):
+  """``(f32[steps, 2] loss and aux loss per step, final state)`` on one device."""
   model = build.make_model(config)
   tx, _ = build.make_optimizer(config)
-  state = _state(model, tx, config)
+  state, _ = train.init_train_state(model, tx, None, config.seed)
   step = train.make_train_step(model, tx, config)
   out = []
   for batch in _batches(config, steps):
     state, metrics = step(state, batch)
     out.append((float(metrics["loss"]), float(metrics["aux_loss"])))
-  return np.array(out)
+  return np.array(out), state
+
+
+def _losses(config, steps=STEPS):
+  return _run(config, steps)[0]
 
 
 def _loss_fn(config):

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from moe_jax.errors import ConfigError
 from moe_jax.inference import decode
@@ -18,7 +17,7 @@ from moe_jax.training import build, run_state, train
 from moe_jax.training.config import check_config
 from moe_jax.training.metrics import read_metrics
 from tests import test_decode
-from tests.test_remat import NOISE, _batches, _state
+from tests.test_remat import NOISE, _batches, _run
 from tests.test_train import _zoo_config, tiny_config
 
 STEPS = 20
@@ -73,23 +72,11 @@ def _config(name, scan, **overrides):
       "moe.jitter_noise": 0.1, **overrides})
 
 
-def _losses(config, steps=STEPS):
-  model = build.make_model(config)
-  tx, _ = build.make_optimizer(config)
-  state = _state(model, tx, config)
-  step = train.make_train_step(model, tx, config)
-  out = []
-  for batch in _batches(config, steps):
-    state, metrics = step(state, batch)
-    out.append((float(metrics["loss"]), float(metrics["aux_loss"])))
-  return np.array(out), state
-
-
 @pytest.mark.parametrize("name", ["switch", "jamba", "mod"])
 def test_scanned_trains_as_unrolled_random_draws_included(name):
-  want, unrolled = _losses(_config(name, False))
+  want, unrolled = _run(_config(name, False))
   assert np.all(np.isfinite(want)) and np.all(want[:, 1] > 0)
-  got, scanned = _losses(_config(name, True))
+  got, scanned = _run(_config(name, True))
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   # The same parameters at the end, layer by layer.
   unit = find_unit(block_kinds(_config(name, True).model))
@@ -100,8 +87,8 @@ def test_scanned_trains_as_unrolled_random_draws_included(name):
 def test_scanned_remat_and_selection_biases_train_as_unrolled():
   """remat inside the scan, and DeepSeek-V3's selection biases updated row by row."""
   extra = {"model.remat": "full", "moe.bias_update_rate": 0.01}
-  want, unrolled = _losses(_config("switch", False, **extra), steps=6)
-  got, scanned = _losses(_config("switch", True, **extra), steps=6)
+  want, unrolled = _run(_config("switch", False, **extra), steps=6)
+  got, scanned = _run(_config("switch", True, **extra), steps=6)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
   unit = ScanUnit(0, 2, 2)
   biases = unstack_layers(scanned.model_state, unit)
@@ -142,7 +129,7 @@ def test_conversion_round_trips_bit_exactly():
   config = _config("switch", False, **{"moe.bias_update_rate": 0.01})
   model = build.make_model(config)
   tx, _ = build.make_optimizer(config)
-  state = _state(model, tx, config)
+  state, _ = train.init_train_state(model, tx, None, config.seed)
   step = train.make_train_step(model, tx, config)
   state, _ = step(state, next(_batches(config, 1)))  # non-zero moments
   unit = find_unit(block_kinds(config.model))
