@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from moe_jax.layers import dropless
 from moe_jax import routing
 from moe_jax.layers.experts import Experts
+from moe_jax.parallel.backend import resolve_backend
 
 
 class Dispatcher(Protocol):
@@ -165,8 +166,8 @@ DISPATCHERS: dict[str, Dispatcher] = {
 
 
 def resolve_dispatch(name: str, backend: str | None = None) -> str:
-  """The dispatch path ``name`` stands for on ``backend`` (default: jax's)."""
+  """The dispatch path ``name`` stands for on ``backend`` (default: the compile target,
+  :func:`moe_jax.parallel.backend.target_backend`)."""
   if name != "auto":
     return name
-  backend = backend or jax.default_backend()
-  return "einsum" if backend == "tpu" else "indices"
+  return "einsum" if resolve_backend(backend) == "tpu" else "indices"
