@@ -27,7 +27,12 @@ setuptools.setup(
         "numpy>=1.26",
     ],
     extras_require={
+        # The compilers of experiments/plan.py: libtpu at the version jax[tpu] pins for
+        # the installed jax, and the CUDA PJRT plugin of the same jax version without
+        # the CUDA libraries (cuda12-local). Used only to compile; no accelerator needed.
+        "plan": ["jax[tpu,cuda12-local]"],
         "test": [
+            "jax[tpu,cuda12-local]",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "chex>=0.1.90",

@@ -21,8 +21,10 @@ def _load_config_or_fail(path: str):
     fail(f"--config={path!r}: no such config file; pick one of experiments/configs/*.py.")
 
 
-def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
-  """Parses flags and calls ``main(config, workdir)`` with clean error handling."""
+def run_main(main, *, needs_config: bool, extra_flags=None,
+             needs_workdir: bool = True) -> None:
+  """Parses flags and calls ``main(config, workdir)`` with clean error handling
+  (``workdir`` None when the command has no ``--workdir``)."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
 
   for arg in sys.argv[1:]:
@@ -32,10 +34,12 @@ def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
     from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
     config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                     lock_config=True)
-  flags.DEFINE_string("workdir", None, "Work directory (metrics, checkpoints).")
+  if needs_workdir:
+    flags.DEFINE_string("workdir", None, "Work directory (metrics, checkpoints).")
   if extra_flags:
     extra_flags(flags)
-  flags.mark_flag_as_required("workdir")
+  if needs_workdir:
+    flags.mark_flag_as_required("workdir")
   if needs_config:
     flags.mark_flag_as_required("config")
 
@@ -48,7 +52,8 @@ def run_main(main, *, needs_config: bool, extra_flags=None) -> None:
     if not flags.FLAGS["verbosity"].present:
       absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-      main(flags.FLAGS.config if needs_config else None, flags.FLAGS.workdir)
+      main(flags.FLAGS.config if needs_config else None,
+           flags.FLAGS.workdir if needs_workdir else None)
     except (ConfigError, CheckpointError, TrainingError) as e:
       fail(str(e))
 

@@ -4,6 +4,7 @@ way conftest.py compiles the in-process tests."""
 from __future__ import annotations
 
 import os
+import re
 
 # XLA:CPU without LLVM's optimisation passes: the tests' programs are small, so
 # compiling them costs more than running them. It changes how fast the generated code
@@ -34,3 +35,16 @@ def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
   env.update(extra)
   return env
+
+
+# What the accelerator plugins' C++ runtimes print on every start of a CPU-only host
+# (the CUDA plugin's "Could not find cuda drivers"), not the program's own output.
+_RUNTIME_LOG = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|[IWEF]\d{4} [0-9:.]+ +\d+ \S+:\d+\])")
+
+
+def program_lines(stderr: str) -> list[str]:
+  """The lines of a subprocess's stderr that the program wrote: without the runtime
+  log lines the installed accelerator plugins print when they load."""
+  return [l for l in stderr.strip().splitlines() if l and not _RUNTIME_LOG.match(l)]

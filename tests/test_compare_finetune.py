@@ -19,7 +19,7 @@ import time
 import pytest
 
 from moe_jax.compare import finetune_grid, finetune_report, grid
-from tests.subprocess_env import cpu_env
+from tests.subprocess_env import cpu_env, program_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
@@ -281,7 +281,7 @@ def _run_script(workdir, *extra, ok=True):
 @pytest.mark.slow
 def test_smoke_runs_the_whole_path_and_resumes(tmp_path):
   bad = _run_script(tmp_path, "--methods=esft,lora", ok=False)
-  assert bad.stderr.strip().splitlines() == [
+  assert program_lines(bad.stderr) == [
       "--methods has unknown 'lora'; use some of full, lora_experts, "
       "lora_router_experts, lora_attention, esft."]
   t0 = time.time()

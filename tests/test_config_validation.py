@@ -8,6 +8,7 @@ import pytest
 
 from moe_jax.errors import ConfigError
 from moe_jax.training.config import check_config, default_config, load_config_file, set_keys, validate_config
+from tests.subprocess_env import program_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -382,7 +383,7 @@ def _cli(*args):
 
 def _assert_one_line_error(out, *words):
   assert out.returncode != 0
-  lines = out.stderr.strip().splitlines()
+  lines = program_lines(out.stderr)
   assert len(lines) == 1, out.stderr
   assert "Traceback" not in out.stderr + out.stdout
   for w in words:

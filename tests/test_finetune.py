@@ -21,6 +21,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.training.metrics import read_metrics
 from moe_jax.peft import finetune
 from tests.test_train import _bias_config, jit_cache, tiny_config  # noqa: F401  (fixture)
+from tests.subprocess_env import program_lines
 
 # Its tests share a module-scoped run: one pytest-xdist worker runs them all, so the
 # run is made once (--dist loadgroup in pytest.ini).
@@ -239,7 +240,7 @@ def test_cli_runs_and_reports_errors_in_one_line(base_run, tmp_path, jit_cache):
                               f"--workdir={tmp_path / 'a'}"], env=env,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 1 and "Traceback" not in out.stderr
-  assert out.stderr.strip().count("\n") == 0 and "--init_from" in out.stderr
+  assert len(program_lines(out.stderr)) == 1 and "--init_from" in out.stderr
   workdir = tmp_path / "b"
   out = subprocess.run(cmd + [f"--init_from={base_run}", f"--workdir={workdir}"],
                        env=env, capture_output=True, text=True, timeout=900)

@@ -32,6 +32,7 @@ LAYERS = {
     "peft": 6,
     "analysis": 6,
     "compare": 7,
+    "planner": 7,
     # moe_jax/__init__.py: the package's short names (MoeConfig, MoeLayer, ...), for
     # users; nothing in the library goes through it.
     "__init__": 8,

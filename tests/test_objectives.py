@@ -18,6 +18,7 @@ from moe_jax.data import ByteTokenizer
 from moe_jax.training.metrics import read_metrics
 from moe_jax.training.objectives import OBJECTIVES, bert_mask, mask_batch, pick_counts
 from tests.test_train import HANG_GUARD_S, RESUME, assert_resume_is_exact, tiny_config
+from tests.subprocess_env import program_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_ID = ByteTokenizer(mask_token=True).mask_id
@@ -241,7 +242,7 @@ def test_sample_refuses_a_masked_lm_checkpoint(tmp_path):
                         f"--workdir={tmp_path}"], capture_output=True, text=True,
                        timeout=HANG_GUARD_S, check=False)
   assert out.returncode == 1
-  assert out.stderr.strip().count("\n") == 0, out.stderr  # one line, no traceback
+  assert len(program_lines(out.stderr)) == 1, out.stderr  # one line, no traceback
   assert "model.objective='masked_lm'" in out.stderr and "causal_lm" in out.stderr
 
 

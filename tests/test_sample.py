@@ -9,6 +9,7 @@ import pytest
 
 from moe_jax.training import train
 from tests.test_train import HANG_GUARD_S, tiny_config
+from tests.subprocess_env import program_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "experiments", "sample.py")
@@ -57,7 +58,7 @@ def test_bad_values_get_one_line(workdir, flag, message):
   out = _sample(f"--workdir={workdir}", flag)
   assert out.returncode == 1
   assert message in out.stderr and "Traceback" not in out.stderr
-  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert len(program_lines(out.stderr)) == 1, out.stderr
 
 
 def test_learned_positions_refuse_a_longer_cache(tmp_path):

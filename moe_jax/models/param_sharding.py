@@ -113,8 +113,11 @@ def _place(value: Any, sharding: NamedSharding) -> jax.Array:
   """``device_put`` that also works when the mesh spans several processes.
 
   Across processes every process must hold the same ``value`` (the same seed), and
-  each one copies its devices' pieces of it.
+  each one copies its devices' pieces of it. An abstract value (``jax.ShapeDtypeStruct``,
+  a model from ``nnx.eval_shape``) only gets the sharding.
   """
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
   if sharding.is_fully_addressable:
     return jax.device_put(value, sharding)
   if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):

@@ -207,11 +207,26 @@ def make_mesh(data: int = 1, expert: int = 1, model: int = 1,
       return jax.make_mesh(shape, MESH_AXES, devices=devices)
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
   except TypeError:  # make_mesh without devices= / axis_types=
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices)
-    if axis_types is None:
-      return Mesh(grid, MESH_AXES)
-    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    grid = _device_grid(shape, devices)
+  except NotImplementedError:
+    # A TPU torus whose physical axes do not factor into the mesh's (8 x 8 on
+    # 4x4x4): split physical axes, else lay the devices out in their order.
+    grid = _device_grid(shape, devices)
+  if axis_types is None:
+    return Mesh(grid, MESH_AXES)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _device_grid(shape, devices) -> np.ndarray:
+  """The devices as an array of ``shape``, following the physical topology where
+  jax can (splitting physical axes if needed), else in the devices' order."""
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  for kwargs in ({}, {"allow_split_physical_axes": True}):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, **kwargs)
+    except (NotImplementedError, ValueError, TypeError):
+      continue
+  return np.asarray(devices, dtype=object).reshape(shape)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

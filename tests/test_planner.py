@@ -1,0 +1,158 @@
+"""The AOT planner: steps compiled for TPU and GPU topologies on this CPU host.
+
+libtpu and the CUDA plugin (the test extra installs both) give compile-only devices;
+nothing here runs on an accelerator. The configs are the small ones: full sizes are
+compiled by the report command, not by the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax.errors import ConfigError
+from moe_jax.parallel import sharding
+from moe_jax.planner import compile as planner
+from moe_jax.planner import hlo
+from moe_jax.planner.targets import make_target, parse_target
+from moe_jax.training.config import load_config_file, set_keys
+from tests.subprocess_env import cpu_env, program_lines
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
+PLAN = os.path.join(ROOT, "experiments", "plan.py")
+KEYS = ("target", "devices", "mesh", "mode", "compile_s", "fits", "bytes_per_device",
+        "flops_per_step", "flops_per_step_model", "tokens_per_step", "step_s_bound",
+        "mfu_bound", "collectives", "params_total", "params_active")
+
+
+
+def _config(name, **overrides):
+  return set_keys(load_config_file(os.path.join(CONFIGS, f"{name}.py")), overrides)
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("v9:2x2", "unknown chip 'v9'"), ("v5e:2", "bad topology '2'"),
+    ("h100:8", "HOSTSxGPUS"), ("v5p:4x4", "3-D"), ("h100:0x8", ">= 1")])
+def test_bad_targets_are_refused_in_one_line_before_anything_loads(spec, words):
+  with pytest.raises(ConfigError) as e:
+    parse_target(spec)
+  assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_mesh_fills_the_devices_with_data_parallelism():
+  config = _config("switch_small", **{"mesh.expert": 2})
+  assert planner.resolve_mesh(config, 8) == {"data": 4, "fsdp": 1, "expert": 2,
+                                             "model": 1}
+  with pytest.raises(planner.PlanError, match="does not divide"):
+    planner.resolve_mesh(_config("switch_small", **{"mesh.expert": 3}), 8)
+
+
+def test_make_mesh_lays_out_axes_that_do_not_factor_the_torus():
+  # jax.make_mesh refuses 8 x 8 on v5p's 4x4x4 torus (NotImplementedError).
+  devices = make_target("v5p:4x4x4").devices
+  mesh = sharding.make_mesh(8, 8, 1, devices=devices)
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "expert": 8, "model": 1}
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+def test_hlo_counts_a_scanned_loop_as_often_as_it_runs():
+  devices = make_target("v5p:2x2x1").devices
+  mesh = jax.sharding.Mesh(devices, ("x",))
+  w = jax.ShapeDtypeStruct((6, 256, 256), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(None, None, "x")))
+  x = jax.ShapeDtypeStruct((128, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
+
+  def scanned(w, x):
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0].sum()
+
+  def unrolled(w, x):
+    for i in range(w.shape[0]):
+      x = jnp.tanh(x @ w[i])
+    return x.sum()
+
+  counts = {}
+  for f in (scanned, unrolled):
+    compiled = jax.jit(f).lower(w, x).compile()
+    counts[f.__name__] = hlo.analyze(compiled.as_text())
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    counts[f.__name__ + "_xla"] = xla["flops"]
+  ideal = 6 * 2 * 128 * 256 * 256 / 4  # per device
+  assert counts["scanned"].flops == pytest.approx(ideal, rel=0.01)
+  assert counts["unrolled"].flops == pytest.approx(ideal, rel=0.01)
+  # XLA's own count agrees where there is no loop (it adds the elementwise work) and
+  # counts the loop body once.
+  assert counts["unrolled_xla"] == pytest.approx(ideal, rel=0.05)
+  assert counts["scanned_xla"] < ideal / 3
+  # One gather per layer either way (XLA may pick a different operand to gather).
+  assert (counts["scanned"].collectives["all-gather"]["count"]
+          == counts["unrolled"].collectives["all-gather"]["count"] == 6)
+
+
+def _assert_complete(plan, target):
+  assert set(KEYS) <= set(plan), set(KEYS) - set(plan)
+  assert plan["target"] == target and plan["fits"] is True
+  b = plan["bytes_per_device"]
+  assert set(b) >= {"params", "optimizer", "temp", "peak", "hbm"}
+  assert 0 < b["params"] < b["peak"] < b["hbm"]
+  assert b["optimizer"] == pytest.approx(2 * b["params"], rel=0.01)  # Adam, fp32
+  assert plan["tokens_per_step"] == 16 * 128
+  # The compiled matmuls and the model's own count agree within what attention
+  # masking, the router and the capacity padding add.
+  assert 0.8 < plan["flops_per_step"] / plan["flops_per_step_model"] < 1.5
+  assert 0 < plan["mfu_bound"] <= 1
+  assert "all-reduce" in plan["collectives"]  # the data-parallel gradient sum
+
+
+@pytest.mark.parametrize("target", ["v5e:2x2", "h100:1x8"])
+def test_switch_small_plans_on_tpu_and_gpu(target):
+  plan = planner.plan(_config("switch_small"), make_target(target))
+  _assert_complete(plan, target)
+  json.dumps(plan)  # JSON-ready
+
+
+def test_mixtral_small_dropless_sends_rows_with_a_ragged_all_to_all_on_v5p():
+  config = _config("mixtral_small", **{"mesh.expert": 4, "moe.ragged_exchange": "ragged"})
+  target = make_target("v5p:2x2x1")
+  texts = []
+  original = planner._step_report
+
+  def keep_text(compiled, *args):
+    texts.append(compiled.as_text())
+    return original(compiled, *args)
+
+  planner._step_report = keep_text
+  try:
+    plan = planner.plan(config, target)
+  finally:
+    planner._step_report = original
+  assert plan["mesh"]["expert"] == 4 and plan["fits"]
+  assert plan["collectives"]["ragged-all-to-all"]["count"] > 0
+  # The expert weights stay where they live: no all-gather returns a whole expert
+  # weight (E = 8 experts of 256 x 1024).
+  comps, _ = hlo.parse_module(texts[0])
+  gathered = [i.shape for insts in comps.values() for i in insts
+              if i.opcode.startswith("all-gather") and "8,256,1024" in i.shape
+              or i.opcode.startswith("all-gather") and "8,1024,256" in i.shape]
+  assert not gathered, gathered
+
+
+def test_an_oversized_step_exits_1_with_one_line_naming_the_hbm():
+  proc = subprocess.run(
+      [sys.executable, PLAN, f"--config={CONFIGS}/switch_small.py", "--target=v5e:2x2",
+       "--config.model.d_model=4096", "--config.model.d_ff=16384",
+       "--config.moe.num_experts=32"],
+      capture_output=True, text=True, timeout=900, check=False, env=cpu_env())
+  lines = program_lines(proc.stderr)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr + proc.stdout
+  assert len(lines) == 1, lines
+  assert "GiB HBM" in lines[0] and "over" in lines[0] and "mesh.fsdp" in lines[0]
