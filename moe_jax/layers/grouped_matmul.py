@@ -35,11 +35,14 @@ rows.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config  # the manual-axis check megablox needs off
 
 from moe_jax.parallel.backend import resolve_backend
 
@@ -173,6 +176,54 @@ def megablox_tiling(num_rows: int, width_in: int, width_out: int) -> tuple[int, 
   return tm, min(MEGABLOX_TILE_WIDTH, width_in), min(MEGABLOX_TILE_WIDTH, width_out)
 
 
+def _varying(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (none outside)."""
+  kind = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(kind.varying) if kind is not None else frozenset()
+
+
+def _to_varying(x: jax.Array, axes: frozenset[str]) -> jax.Array:
+  missing = tuple(sorted(axes - _varying(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _megablox_kernels():
+  """The module with megablox's ``gmm`` and ``tgmm`` (imported on first use; the
+  package's own ``gmm`` attribute is the differentiable op, not this module)."""
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _megablox(a, w, sizes, tiling, interpret):
+  return _megablox_fwd(a, w, sizes, tiling, interpret)[0]
+
+
+def _megablox_fwd(a, w, sizes, tiling, interpret):
+  """``megablox.gmm``, traced without manual-axis checks (its ``pallas_call`` declares
+  none for its output) and marked varying over the axes its operands vary over."""
+  kernels = _megablox_kernels()
+  with jax_config._check_vma(False):  # pylint: disable=protected-access
+    y = kernels.gmm(a, w, sizes, a.dtype, tiling, interpret=interpret)
+  return _to_varying(y, _varying(a)), (a, w, sizes)
+
+
+def _megablox_bwd(tiling, interpret, residual, dy):
+  """The input gradient is ``gmm`` against the transposed weights, the weight gradient
+  ``tgmm`` (as ``megablox.ops.gmm``'s VJP)."""
+  kernels = _megablox_kernels()
+  a, w, sizes = residual
+  with jax_config._check_vma(False):  # pylint: disable=protected-access
+    da = kernels.gmm(dy, w, sizes, a.dtype, tiling, transpose_rhs=True,
+                     interpret=interpret)
+    dw = kernels.tgmm(a.swapaxes(0, 1), dy, sizes, w.dtype, tiling,
+                      num_actual_groups=w.shape[0], interpret=interpret)
+  axes = _varying(a)
+  return _to_varying(da, axes), _to_varying(dw, axes), None
+
+
+_megablox.defvjp(_megablox_fwd, _megablox_bwd)
+
+
 def megablox_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
   """The Pallas TPU megablox kernels (``gmm``; its weight gradient is ``tgmm``).
 
@@ -180,11 +231,12 @@ def megablox_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
   unrouted rows past ``sum(group_sizes)`` are zeroed on the way in (so their input
   gradient is 0) and on the way out of every matmul (the kernel leaves them unwritten).
   The kernel takes bfloat16 or float32 operands: other compute dtypes run in float32.
-  Off TPU (the compile target, :func:`moe_jax.parallel.backend.resolve_backend`) the
-  kernels run in Pallas' interpret mode: slow, for checking numbers.
+  Inside ``shard_map`` (the dropless path on a mesh) the operands are first marked
+  varying over every manual axis any of them varies over, so that a weight shared
+  across ``data`` gets its gradient summed over ``data`` as usual. Off TPU (the compile
+  target, :func:`moe_jax.parallel.backend.resolve_backend`) the kernels run in Pallas'
+  interpret mode: slow, for checking numbers.
   """
-  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # pylint: disable=g-import-not-at-top
-
   num_rows, width = x.shape
   kernel_dtype = dtype if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32) else jnp.float32
   sizes = group_sizes.astype(jnp.int32)
@@ -196,9 +248,11 @@ def megablox_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
 
   def matmul(a, w):
     a = jnp.where(valid, a.astype(kernel_dtype), 0)
+    w = w.astype(kernel_dtype)
+    axes = _varying(a) | _varying(w) | _varying(sizes)
     tiling = megablox_tiling(padded, w.shape[1], w.shape[2])
-    y = megablox.gmm(a, w.astype(kernel_dtype), sizes, kernel_dtype, tiling, None, None,
-                     False, interpret)
+    y = _megablox(_to_varying(a, axes), _to_varying(w, axes), _to_varying(sizes, axes),
+                  tiling, interpret)
     return jnp.where(valid, y, 0)
 
   return Grouped(rows, matmul, lambda y: y[:num_rows].astype(dtype))
