@@ -213,7 +213,8 @@ def _megablox_bwd(tiling, interpret, residual, dy):
   kernels = _megablox_kernels()
   a, w, sizes = residual
   with jax_config._check_vma(False):  # pylint: disable=protected-access
-    da = kernels.gmm(dy, w, sizes, a.dtype, tiling, transpose_rhs=True,
+    tm, tk, tn = tiling  # da contracts over H and produces M: swap the widths' tiles
+    da = kernels.gmm(dy, w, sizes, a.dtype, (tm, tn, tk), transpose_rhs=True,
                      interpret=interpret)
     dw = kernels.tgmm(a.swapaxes(0, 1), dy, sizes, w.dtype, tiling,
                       num_actual_groups=w.shape[0], interpret=interpret)
