@@ -355,8 +355,8 @@ def test_dropless_is_accepted_on_every_mesh(data, expert):
      "moe.ragged_buffer_factor=0.0", "-1"),
     ({"moe.dispatch": "dropless", "moe.ragged_buffer_factor": -2.0},
      "moe.ragged_buffer_factor=-2.0", "> 0"),
-    ({"moe.dispatch": "indices", "moe.ragged_buffer_factor": 2.0},
-     "moe.ragged_buffer_factor=2.0", "dispatch='dropless'"),
+    ({"moe.dispatch": "indices", "moe.ragged_buffer_factor": -1.0},
+     "moe.ragged_buffer_factor=-1.0", "dispatch='dropless'"),
     ({"moe.dispatch": "einsum", "moe.ragged_exchange": "ragged"},
      "moe.ragged_exchange='ragged'", "no effect with dispatch='einsum'"),
 ])

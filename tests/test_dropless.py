@@ -27,6 +27,8 @@ _refs = {}
 
 
 def _demo(data, expert, model=1, num_experts=NUM_EXPERTS, **moe):
+  # Worst-case buffers: the mesh must drop nothing to equal one device.
+  moe = {"ragged_buffer_factor": -1.0, **moe}
   return train_demo(data, expert, model, num_experts=num_experts, steps=2,
                              dispatch="dropless", moe=moe)
 
@@ -68,17 +70,19 @@ SKEW_FIRST = np.array([0] * 6 + [5] * 2)
 SKEW_SECOND = np.array([1] * 6 + [4] * 2)
 
 
-def _skewed_layers(top_k, factor=-1.0):
+def _skewed_layers(top_k, factor=-1.0, first=SKEW_FIRST, second=SKEW_SECOND):
+  """The one-device and 2x4 layers and x [8, 8, 8]; ``factor=None``: the default."""
+  buffer = {} if factor is None else {"ragged_buffer_factor": factor}
   cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=top_k,
-                  dispatch="dropless", ragged_buffer_factor=factor,
-                  capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
+                  dispatch="dropless", capacity_factor=1.0, init_scale=0.1,
+                  router_init_scale=0.1, **buffer)
   layers = []
   for mesh in (None, sharding.make_mesh(2, 4)):
     layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
     layer.router.kernel[...] = 10.0 * np.eye(8, dtype=np.float32)
     layers.append(layer if mesh is None else param_sharding.shard_model(layer, mesh))
   eye = np.eye(8, dtype=np.float32)
-  x = eye[SKEW_FIRST] + 0.5 * eye[SKEW_SECOND]  # [S, M]
+  x = eye[first] + 0.5 * eye[second]  # [S, M]
   x = x[None] + 0.01 * np.random.default_rng(0).normal(size=(8, 8, 8))
   return layers, x.astype(np.float32)
 
@@ -94,8 +98,8 @@ def _run(layer, x, token_mask=None):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_skewed_router_drops_nothing_at_the_default_buffer(top_k):
-  # Worst-case buffers: P = T * min(K, E_l) = 8 * min(K, 2) rows per shard; shard 0
+def test_skewed_router_drops_nothing_at_the_worst_case_buffer(top_k):
+  # Worst-case buffers (f = -1): P = T * min(K, E_l) = 8 * min(K, 2) rows per shard; shard 0
   # receives 6 (top-1) or 12 (top-2) rows from each device, all of which fit.
   (single, meshed), x = _skewed_layers(top_k)
   y1, m1 = _run(single, x)
@@ -106,6 +110,23 @@ def test_skewed_router_drops_nothing_at_the_default_buffer(top_k):
   np.testing.assert_allclose(m2["expert_fill"], m1["expert_fill"], atol=1e-7)
   # 6 of 8 tokens per group chose expert 0 first: fill 6/8 of C = S = 8 slots.
   assert m2["expert_fill"][0] == pytest.approx(0.75)
+
+
+def test_default_buffer_counts_overflow_in_dropped_fraction():
+  # Every token of every group picks expert 0 (shard 0). The default f = 2 gives
+  # P = ceil(2 * T*K/X) = ceil(2 * 8 / 4) = 4 rows per shard, of the 8 each device
+  # sends to shard 0: tokens 4-7 of every group are dropped, 32 of 64 -> 0.5, and their
+  # output is 0. The same layer on one device sends nothing and drops nothing.
+  assert MoeConfig(8, 16, 8).ragged_buffer_factor == dropless.BUFFER_FACTOR == 2.0
+  (single, meshed), x = _skewed_layers(1, None, first=np.zeros(8, int),
+                                       second=np.ones(8, int))
+  y1, m1 = _run(single, x)
+  y, m = _run(meshed, x)
+  assert m1["dropped_fraction"] == 0.0 and np.all(np.abs(y1).sum(-1) > 0)
+  assert m["dropped_fraction"] == pytest.approx(0.5, abs=1e-7)
+  np.testing.assert_array_equal(y[:, 4:], 0.0)
+  np.testing.assert_allclose(y[:, :4], y1[:, :4], rtol=1e-5, atol=1e-6)
+  assert m["expert_fill"][0] == pytest.approx(0.5)  # 4 of C = S = 8 slots
 
 
 @pytest.mark.parametrize("top_k,factor,lost_tokens,lost_rows,dropped,second_kept", [
@@ -174,6 +195,36 @@ def test_small_buffer_metrics_count_valid_tokens_only(top_k, factor, lost_tokens
   np.testing.assert_array_equal(y[:, 6:], 0.0)  # padding is never routed
 
 
+def test_megablox_on_a_mesh_equals_tiled_on_one_device_with_gradients():
+  # The megablox kernels (Pallas interpret mode on CPU) inside the dropless shard_map
+  # of a 2x4 mesh: each device's rows vary over every batch axis but its weight shard
+  # only over `expert`, so the weight gradient must be summed over `data` as under the
+  # other implementations. Loss and every parameter gradient equal one device's tiles.
+  x = np.random.default_rng(1).normal(size=(8, 8, 8)).astype(np.float32)
+  results = []
+  for how, mesh in (("tiled", None), ("megablox", sharding.make_mesh(2, 4))):
+    cfg = MoeConfig(d_model=8, d_ff=16, num_experts=8, group_size=8, top_k=2,
+                    dispatch="dropless", grouped_matmul=how, ragged_buffer_factor=-1.0,
+                    capacity_factor=1.0, init_scale=0.1, router_init_scale=0.1)
+    layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
+    xs = x
+    if mesh is not None:
+      layer = param_sharding.shard_model(layer, mesh)
+      xs = sharding.shard_batch({"x": x}, mesh)["x"]
+
+    def loss(layer, x):
+      y, aux = layer(x, deterministic=True)
+      return (y ** 2).sum() + aux.aux_loss
+
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(layer, xs)
+    results.append((float(value), [np.asarray(g) for g in jax.tree.leaves(grads)]))
+  (want, want_grads), (got, got_grads) = results
+  assert got == pytest.approx(want, rel=1e-5)
+  assert len(got_grads) == len(want_grads) >= 3
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_expert_dropout_on_a_mesh_masks_hidden_units():
   # Training draws a dropout key outside shard_map and folds in each device's mesh
   # position: outputs change against eval, stay finite, and two calls differ.
@@ -194,8 +245,9 @@ def test_expert_dropout_on_a_mesh_masks_hidden_units():
 
 def test_buffer_rows_formula():
   # T = 8 tokens, K = 2, E_l = 2 experts per shard, X = 4 shards.
-  assert dropless.buffer_rows(8, 2, 2, 4) == 16  # worst case: 8 * min(2, 2)
-  assert dropless.buffer_rows(8, 2, 1, 4) == 8  # one expert per shard: 8 * min(2, 1)
+  assert dropless.buffer_rows(8, 2, 2, 4, -1.0) == 16  # worst case: 8 * min(2, 2)
+  assert dropless.buffer_rows(8, 2, 1, 4, -1.0) == 8  # one expert per shard: 8 * min(2, 1)
+  assert dropless.buffer_rows(8, 2, 2, 4) == 8  # default f = 2: ceil(2 * 8 * 2 / 4)
   assert dropless.buffer_rows(8, 2, 2, 4, 1.0) == 4  # ceil(1.0 * 8 * 2 / 4)
   assert dropless.buffer_rows(8, 1, 2, 4, 1.5) == 3  # ceil(1.5 * 8 / 4)
   assert dropless.buffer_rows(8, 2, 2, 4, 100.0) == 16  # never above the worst case
@@ -255,12 +307,13 @@ def test_train_step_moves_tokens_only_by_all_to_all_of_the_padded_buffer(
   # The only all-reduces are gradient and metric sums, never token-sized: the
   # weight gradients over `data` and the router's, and scalars.
   a2a = _all_to_alls(hlo)
-  # 64 tokens on 8 devices: T = 8 per device; E_l = 8 / expert; P = T * min(K, E_l):
-  # 2x4: 8 * min(2, 2) = 16 rows; 1x8: 8 * min(1, 1) = 8 rows. One padded buffer is
-  # X * P * M * 4 bytes: 4 * 16 * 8 * 4 = 2048 and 8 * 8 * 8 * 4 = 2048.
+  # 64 tokens on 8 devices: T = 8 per device; E_l = 8 / expert; at the default f = 2,
+  # P = ceil(2 * T * K / X): 2x4: ceil(2 * 16 / 4) = 8 rows; 1x8: ceil(2 * 8 / 8) = 2
+  # rows (the worst case T * min(K, E_l) would be 16 and 8). One padded buffer is
+  # X * P * M * 4 bytes: 4 * 8 * 8 * 4 = 1024 and 8 * 2 * 8 * 4 = 512.
   rows = dropless.buffer_rows(8, top_k, 8 // expert, expert)
   buffer = expert * rows * 8 * 4
-  assert buffer == 2048
+  assert buffer == {2: 1024, 1: 512}[top_k]
   rows_a2a = [b for t, b in a2a if t == "f32"]
   # Forward: rows out and back; backward: the outputs' cotangents back to the
   # experts (the dispatched rows need no cotangent: x is not differentiated here).
@@ -301,7 +354,7 @@ def _zoo_losses(name, data, expert, tmp_path_factory):
         "steps": 2, "log_every": 1, "eval_every": 2, "eval_steps": 1,
         "checkpoint_every": 2, "warmup_steps": 1, "batch_size": 8,
         "data.seq_len": 16, "moe.group_size": 16, "mesh.data": data,
-        "mesh.expert": expert})
+        "mesh.expert": expert, "moe.ragged_buffer_factor": -1.0})
     assert config.moe.dispatch == "dropless"
     workdir = tmp_path_factory.mktemp(f"{name}_{data}x{expert}")
     train.train_and_evaluate(config, str(workdir))

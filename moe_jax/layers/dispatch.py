@@ -11,9 +11,9 @@ dispatch paths combine freely. :class:`~moe_jax.layers.moe_layer.MoeLayer` picks
   building the one-hot tensors. Same numbers, work proportional to ``S*K*M`` per group
   instead of ``S*E*C*M``.
 * ``"dropless"``: no capacity. Every kept choice is sorted by expert and the experts run
-  as grouped matmuls (``jax.lax.ragged_dot`` as in MegaBlocks and MaxText, or expert
-  tiles on CPU: :mod:`moe_jax.layers.grouped_matmul`), so the work is the routed tokens
-  (plus under a tile per expert when tiled), however unbalanced. Equal to the other paths with
+  as grouped matmuls (megablox kernels on TPU as in MaxText, expert tiles on GPU and
+  CPU: :mod:`moe_jax.layers.grouped_matmul`), so the work is the routed tokens (plus
+  under a tile per expert), however unbalanced. Equal to the other paths with
   ``C = S``. On a mesh each device sorts its own choices and the rows travel to their
   experts' devices by all-to-all (:mod:`moe_jax.layers.dropless`).
 

@@ -28,13 +28,17 @@ The exchange has two implementations with identical results (``moe.ragged_exchan
 TPU) and ``"padded"`` (a plain ``all_to_all`` of the whole static buffer; every backend,
 and the only one XLA:CPU compiles). ``"auto"`` takes ``"ragged"`` on GPU and TPU.
 
-Buffers are static: P rows per peer. The default (``moe.ragged_buffer_factor = -1``)
-is the worst case, ``P = T * min(K, E_l)`` (every token of the device sends all its
-choices that can land on one peer to that peer), so nothing is dropped. A factor f > 0
-sizes P to f times the balanced share, ``P = min(worst, ceil(f * T * K / X))``, as
-MaxText's ``ragged_buffer_factor`` does; rows past P are dropped (the last ones in
-expert, then token order), output 0, and are counted in ``dropped_fraction``,
-``second_kept_fraction`` and ``expert_fill`` (:func:`apply_lost`).
+Buffers are static: P rows per peer, ``P = min(worst, ceil(f * T * K / X))``, f times
+the balanced share of the ``T * K`` rows a device sends to its X peers
+(``moe.ragged_buffer_factor = f``, as MaxText's ``ragged_buffer_factor``; the default
+:data:`BUFFER_FACTOR` = 2). Rows past P are dropped (the last ones in expert, then
+token order), output 0, and are counted in ``dropped_fraction``,
+``second_kept_fraction`` and ``expert_fill`` (:func:`apply_lost`), never silently.
+``f = -1`` is the worst case, ``P = T * min(K, E_l)`` (every token of the device sends
+all its choices that can land on one peer to that peer), so nothing is dropped: exact,
+at ``X * min(K, E_l) / K`` times the balanced buffer (8x for top-1 over 8 shards). On
+one device, or with the experts not split over ``expert``, no row travels and the
+factor has no effect.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ EXCHANGES = ("auto", "ragged", "padded")
 EXPERT_AXIS = "expert"
 MODEL_AXIS = "model"
 BATCH_AXES = ("data", "fsdp", "expert")  # sharding.BATCH_AXES
+# Default moe.ragged_buffer_factor: a device may send each expert shard twice its
+# balanced share of rows, the slack GShard's capacity factor 2 gives each expert, here
+# pooled over the shard's E_l experts (a shard overflows less often than an expert).
+# The worst case (-1) is X * min(K, E_l) / K times the balanced buffer.
+BUFFER_FACTOR = 2.0
 
 
 def resolve_exchange(name: str, backend: str | None = None) -> str:
@@ -68,7 +77,7 @@ def resolve_exchange(name: str, backend: str | None = None) -> str:
 
 
 def buffer_rows(tokens: int, top_k: int, experts_per_peer: int, num_peers: int,
-                factor: float = -1.0) -> int:
+                factor: float = BUFFER_FACTOR) -> int:
   """P, the static rows per peer of a device's send buffer.
 
   Args:
@@ -145,7 +154,7 @@ def _unsort(rows: jax.Array, order: jax.Array) -> jax.Array:
 
 def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
                      deterministic: bool, exchange: str = "auto",
-                     buffer_factor: float = -1.0):
+                     buffer_factor: float = BUFFER_FACTOR):
   """The dropless dispatch of :mod:`moe_jax.layers.dispatch` on ``layout.mesh``.
 
   Args:
@@ -247,7 +256,8 @@ def dropless_on_mesh(x, out: routing.RoutingOutput, experts, layout, *,
       in_specs=(groups_spec, groups_spec, groups_spec, groups_spec, w_specs, P()),
       out_specs=(groups_spec, groups_spec))
   y, lost = fn(x, out.expert_index, out.kept, out.gates, weights, key)
-  can_lose = peers > 1 and rows_per_peer < buffer_rows(tokens, top_k, per_peer, peers)
+  can_lose = peers > 1 and rows_per_peer < buffer_rows(tokens, top_k, per_peer, peers,
+                                                       -1.0)
   return y, (lost if can_lose else None)
 
 

@@ -139,8 +139,8 @@ class Experts(nnx.Module):
     """Runs the experts on rows sorted by expert, as grouped matmuls.
 
     ``self.grouped_matmul`` picks the implementation
-    (:mod:`moe_jax.layers.grouped_matmul`): ``ragged_dot`` or expert ``tiled`` rows, the
-    same products up to float rounding; with dropout, the masks are drawn in the
+    (:mod:`moe_jax.layers.grouped_matmul`): ``megablox``, expert ``tiled`` rows or
+    ``ragged_dot``, the same products up to float rounding; with dropout, the masks are drawn in the
     implementation's layout (so a run with expert dropout draws other masks under the
     other implementation).
 

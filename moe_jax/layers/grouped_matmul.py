@@ -2,22 +2,32 @@
 
 ``dispatch="dropless"`` sorts the kept choices by expert into ``N`` rows, ``group_sizes[e]``
 of them for expert ``e`` (the rest, past ``sum(group_sizes)``, are unrouted and must come
-out 0), and multiplies each expert's rows by that expert's weight. Two implementations
+out 0), and multiplies each expert's rows by that expert's weight. Three implementations
 with the same products up to float rounding, behind :data:`GROUPED_MATMULS`
 (``moe.grouped_matmul``):
 
-* ``"ragged_dot"``: ``jax.lax.ragged_dot``, as in MegaBlocks and MaxText. GPU and TPU
-  have grouped kernels for it; XLA:CPU lowers it to a dense masked matmul, every row
-  against every expert, ``E`` times the routed work.
+* ``"ragged_dot"``: ``jax.lax.ragged_dot``, as in MegaBlocks and MaxText. How it
+  compiles depends on the backend (jax 0.10.2, compiled costs in
+  ``docs/results/grouped_matmul/``): on TPU the forward and input-gradient matmuls are
+  grouped kernels but the weight gradient is a dense masked product over all E
+  experts, so forward + backward costs ``(2 + E) / 3`` times the routed FLOPs (22x at
+  E = 64); on GPU and CPU every matmul is a dense masked one over all E experts, E
+  times the routed FLOPs and E times the temporary memory.
 * ``"tiled"``: each expert's rows are padded to whole tiles of ``b`` rows, so every tile
   belongs to one expert; the tiles are multiplied by their expert's gathered weight in
   one batched matmul ``[tiles, b, M] x [tiles, M, H]``. The tile count is static,
   ``ceil(N / b) + E`` (each expert wastes less than one tile), so the work is
   ``(ceil(N / b) + E) * b`` rows whatever the routing (below ``3 N`` with
   :func:`tile_rows`'s ``b``, and below ``2 N`` once ``N / E > 128``) instead of
-  ``E * N``: the path that is fast on CPU.
+  ``E * N``, on every backend; the gathered weights cost memory traffic.
+* ``"megablox"``: the Pallas TPU grouped-matmul kernels
+  (``jax.experimental.pallas.ops.tpu.megablox``): ``gmm`` for the forward and input
+  gradient, ``tgmm`` for the weight gradient, all three grouped, about the routed FLOPs.
+  TPU only; on any other compile target it runs in Pallas' interpret mode (slow, for
+  checking numbers on CPU).
 
-``"auto"`` picks ``"ragged_dot"`` on GPU and TPU and ``"tiled"`` elsewhere.
+``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU, ``"tiled"``
+on GPU and CPU.
 
 Shapes: ``N`` sorted rows, ``E`` experts, ``M`` input and ``H`` output width, ``b`` tile
 rows.
@@ -25,17 +35,22 @@ rows.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config  # the manual-axis check megablox needs off
 
-from moe_jax.parallel.backend import is_accelerator
+from moe_jax.parallel.backend import resolve_backend
 
 # Largest tile: 128 rows keep the batched matmul efficient while the padding stays
 # below E * 128 rows.
 MAX_TILE_ROWS = 128
+# megablox's input and output tile width (a multiple of TPU's 128 lanes).
+MEGABLOX_TILE_WIDTH = 512
 
 
 def tile_rows(num_rows: int, num_experts: int) -> int:
@@ -153,12 +168,112 @@ def tiled_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
                  lambda y: from_tiles(y, layout))
 
 
+def megablox_tiling(num_rows: int, width_in: int, width_out: int) -> tuple[int, int, int]:
+  """``(tm, tk, tn)`` for megablox: rows per tile (128, or ``N`` rounded up to 16 when
+  smaller), and 512-wide input/output tiles (or the whole width when narrower; TPU
+  blocks must be multiples of 128 or the full dimension)."""
+  tm = MAX_TILE_ROWS if num_rows >= MAX_TILE_ROWS else -(-max(num_rows, 1) // 16) * 16
+  return tm, min(MEGABLOX_TILE_WIDTH, width_in), min(MEGABLOX_TILE_WIDTH, width_out)
+
+
+def _varying(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (none outside)."""
+  kind = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(kind.varying) if kind is not None else frozenset()
+
+
+def _to_varying(x: jax.Array, axes: frozenset[str]) -> jax.Array:
+  missing = tuple(sorted(axes - _varying(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _megablox_kernels():
+  """The module with megablox's ``gmm`` and ``tgmm`` (imported on first use; the
+  package's own ``gmm`` attribute is the differentiable op, not this module)."""
+  return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _megablox(a, w, sizes, tiling, interpret):
+  return _megablox_fwd(a, w, sizes, tiling, interpret)[0]
+
+
+def _megablox_fwd(a, w, sizes, tiling, interpret):
+  """``megablox.gmm``, traced without manual-axis checks (its ``pallas_call`` declares
+  none for its output) and marked varying over the axes its operands vary over."""
+  kernels = _megablox_kernels()
+  with jax_config._check_vma(False):  # pylint: disable=protected-access
+    y = kernels.gmm(a, w, sizes, a.dtype, tiling, interpret=interpret)
+  return _to_varying(y, _varying(a)), (a, w, sizes)
+
+
+def _megablox_bwd(tiling, interpret, residual, dy):
+  """The input gradient is ``gmm`` against the transposed weights, the weight gradient
+  ``tgmm`` (as ``megablox.ops.gmm``'s VJP)."""
+  kernels = _megablox_kernels()
+  a, w, sizes = residual
+  with jax_config._check_vma(False):  # pylint: disable=protected-access
+    tm, tk, tn = tiling  # da contracts over H and produces M: swap the widths' tiles
+    da = kernels.gmm(dy, w, sizes, a.dtype, (tm, tn, tk), transpose_rhs=True,
+                     interpret=interpret)
+    dw = kernels.tgmm(a.swapaxes(0, 1), dy, sizes, w.dtype, tiling,
+                      num_actual_groups=w.shape[0], interpret=interpret)
+  axes = _varying(a)
+  return _to_varying(da, axes), _to_varying(dw, axes), None
+
+
+_megablox.defvjp(_megablox_fwd, _megablox_bwd)
+
+
+def megablox_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
+  """The Pallas TPU megablox kernels (``gmm``; its weight gradient is ``tgmm``).
+
+  The rows are padded to a whole number of ``tm``-row tiles; the padding and the
+  unrouted rows past ``sum(group_sizes)`` are zeroed on the way in (so their input
+  gradient is 0) and on the way out of every matmul (the kernel leaves them unwritten).
+  The kernel takes bfloat16 or float32 operands: other compute dtypes run in float32.
+  Inside ``shard_map`` (the dropless path on a mesh) the operands are first marked
+  varying over every manual axis any of them varies over, so that a weight shared
+  across ``data`` gets its gradient summed over ``data`` as usual. Off TPU (the compile
+  target, :func:`moe_jax.parallel.backend.resolve_backend`) the kernels run in Pallas'
+  interpret mode: slow, for checking numbers.
+  """
+  num_rows, width = x.shape
+  kernel_dtype = dtype if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32) else jnp.float32
+  sizes = group_sizes.astype(jnp.int32)
+  tm = megablox_tiling(num_rows, width, width)[0]
+  padded = -(-num_rows // tm) * tm
+  valid = (jnp.arange(padded, dtype=jnp.int32) < jnp.sum(sizes))[:, None]
+  rows = jnp.pad(x.astype(kernel_dtype), ((0, padded - num_rows), (0, 0)))
+  interpret = resolve_backend() != "tpu"
+
+  def matmul(a, w):
+    a = jnp.where(valid, a.astype(kernel_dtype), 0)
+    w = w.astype(kernel_dtype)
+    axes = _varying(a) | _varying(w) | _varying(sizes)
+    tiling = megablox_tiling(padded, w.shape[1], w.shape[2])
+    y = _megablox(_to_varying(a, axes), _to_varying(w, axes), _to_varying(sizes, axes),
+                  tiling, interpret)
+    return jnp.where(valid, y, 0)
+
+  return Grouped(rows, matmul, lambda y: y[:num_rows].astype(dtype))
+
+
 # name -> (x f[N, M], group_sizes i32[E], dtype) -> Grouped.
 GROUPED_MATMULS: dict[str, Callable[..., Grouped]] = {
     "ragged_dot": ragged_dot_rows,
     "tiled": tiled_rows,
+    "megablox": megablox_rows,
 }
 CHOICES = ("auto",) + tuple(GROUPED_MATMULS)
+
+# What "auto" stands for per compile target. The choice rests on compiled FLOPs, bytes
+# accessed and temporary memory of forward + backward (a roofline; no timing), from
+# benchmarks/grouped_matmul_compiled.py at N = 8192, M = 1024, H = 4096, E = 8 and 64,
+# bf16 (docs/results/grouped_matmul/): on a TPU v5p, megablox costs 1.00x the routed
+# FLOPs, tiled 1.13-2.0x with about 3x megablox's bytes, ragged_dot 3.3-22x; on an H100,
+# tiled 1.13-2.0x and ragged_dot 8-64x (megablox is TPU-only). CPU: tiled, as GPU.
+AUTO = {"tpu": "megablox", "gpu": "tiled", "cpu": "tiled"}
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
@@ -169,10 +284,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
 
 
 def resolve_grouped_matmul(name: str, backend: str | None = None) -> str:
-  """The implementation ``name`` stands for on ``backend`` (default: jax's).
+  """The implementation ``name`` stands for on ``backend`` (default: the compile target,
+  :func:`moe_jax.parallel.backend.resolve_backend`).
 
-  ``"auto"`` is ``"ragged_dot"`` on GPU and TPU and ``"tiled"`` elsewhere.
+  ``"auto"`` is :data:`AUTO` of the backend: ``"megablox"`` on TPU, ``"tiled"`` on GPU
+  and CPU.
   """
   if name != "auto":
     return name
-  return "ragged_dot" if is_accelerator(backend) else "tiled"
+  return AUTO.get(resolve_backend(backend), "tiled")

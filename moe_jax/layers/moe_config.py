@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from moe_jax import routing
 from moe_jax.layers.dispatch import DISPATCHERS
-from moe_jax.layers.dropless import EXCHANGES
+from moe_jax.layers.dropless import BUFFER_FACTOR, EXCHANGES
 from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.grouped_matmul import CHOICES as GROUPED_MATMUL_CHOICES
 from moe_jax.layers.router_families import ROUTER_OPTIONS, ROUTERS, routed_experts
@@ -88,15 +88,19 @@ class MoeConfig:
       "padded" (``all_to_all`` of the static buffers; every backend) or "auto"
       ("ragged" on GPU and TPU, "padded" elsewhere). Both give the same numbers.
     ragged_buffer_factor: dropless on a mesh: the static rows a device may send to
-      each expert shard. -1 is the worst case (nothing is dropped); f > 0 is f times
-      the balanced share ``T*K/X`` (MaxText's convention), and rows past it are
-      dropped and counted in ``dropped_fraction``.
+      each expert shard, f > 0 times the balanced share ``T*K/X`` (MaxText's
+      convention; default 2, :data:`moe_jax.layers.dropless.BUFFER_FACTOR`); rows past
+      it are dropped and counted in ``dropped_fraction``. -1 is the worst case
+      ``T*min(K, E_l)`` (nothing is dropped, ``X*min(K, E_l)/K`` times the balanced
+      buffer). No effect on one device or when the experts are not split.
     grouped_matmul: dropless: how the experts multiply their sorted rows
-      (:mod:`moe_jax.layers.grouped_matmul`): "ragged_dot" (``jax.lax.ragged_dot``;
-      grouped kernels on GPU and TPU, a dense masked matmul over all E experts on CPU),
-      "tiled" (each expert's rows padded to whole tiles, one batched matmul) or
-      "auto" ("ragged_dot" on GPU and TPU, "tiled" elsewhere). The same products up
-      to float rounding (expert dropout draws its masks in each one's layout).
+      (:mod:`moe_jax.layers.grouped_matmul`): "megablox" (the Pallas TPU grouped
+      kernels; interpret mode elsewhere), "tiled" (each expert's rows padded to whole
+      tiles, one batched matmul), "ragged_dot" (``jax.lax.ragged_dot``; a dense masked
+      matmul over all E experts on GPU and CPU and in its weight gradient on TPU) or
+      "auto" ("megablox" on TPU, "tiled" on GPU and CPU, from compiled costs). The
+      same products up to float rounding (expert dropout draws its masks in each
+      one's layout).
     router: the router family, a key of :data:`moe_jax.layers.router_families.ROUTERS`:
       "topk" (Switch, GShard, Mixtral, DeepSeek), "noisy_topk" (Shazeer et al. 2017) or
       "expert_choice" (Zhou et al. 2022; each expert takes ``C = ceil(cf * S / E)``
@@ -169,7 +173,7 @@ class MoeConfig:
   num_shared_experts: int = 0
   noise_anneal_steps: int = 0
   ragged_exchange: str = "auto"
-  ragged_buffer_factor: float = -1.0
+  ragged_buffer_factor: float = BUFFER_FACTOR
   grouped_matmul: str = "auto"
   noop_experts: int = 0
   noop_capacity_factor: float | None = None
@@ -284,7 +288,7 @@ def _dropless_errors(cfg) -> list[str]:
   """The keys of the dropless path across devices (:mod:`moe_jax.layers.dropless`)."""
   errors = []
   exchange = getattr(cfg, "ragged_exchange", "auto")
-  factor = getattr(cfg, "ragged_buffer_factor", -1.0)
+  factor = getattr(cfg, "ragged_buffer_factor", BUFFER_FACTOR)
   matmul = getattr(cfg, "grouped_matmul", "auto")
   if exchange not in EXCHANGES:
     errors.append(f"ragged_exchange={exchange!r} is unknown; use one of "
@@ -297,7 +301,7 @@ def _dropless_errors(cfg) -> list[str]:
                   "nothing dropped) or a finite number > 0 (times the balanced share).")
   if cfg.dispatch in DISPATCHERS and cfg.dispatch != "dropless":
     for name, value, default in (("ragged_exchange", exchange, "auto"),
-                                 ("ragged_buffer_factor", factor, -1.0),
+                                 ("ragged_buffer_factor", factor, BUFFER_FACTOR),
                                  ("grouped_matmul", matmul, "auto")):
       if value != default and not any(e.startswith(f"{name}=") for e in errors):
         errors.append(f"{name}={value!r} has no effect with dispatch={cfg.dispatch!r}; "
