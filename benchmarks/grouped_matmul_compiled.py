@@ -31,10 +31,10 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.experimental import topologies
 
 from moe_jax.layers import grouped_matmul as gm
 from moe_jax.parallel.backend import compile_target
+from moe_jax.planner.targets import make_target
 
 _ROWS = flags.DEFINE_integer("rows", 8192, "N, sorted rows.")
 _WIDTH = flags.DEFINE_integer("width", 1024, "M, input width.")
@@ -44,22 +44,8 @@ _TARGETS = flags.DEFINE_list("targets", ["tpu_v5p", "h100"], "Compile targets.")
 _OUT = flags.DEFINE_string("out", "docs/results/grouped_matmul",
                            "Folder for results.json and results.md.")
 
-# A minimal GpuTargetConfigProto (text) for an H100 80GB.
-H100_TARGET_CONFIG = """
-gpu_device_info { threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152 shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98 device_memory_size: 84942979072 shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536 }
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 1 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
-
-# target -> (platform for compile_target, topology factory).
-TARGETS = {
-    "tpu_v5p": ("tpu", lambda: topologies.get_topology_desc(
-        topology_name="v5:2x2x1", platform="tpu")),
-    "h100": ("gpu", lambda: topologies.get_topology_desc(
-        platform="cuda", topology_name="", target_config=H100_TARGET_CONFIG,
-        topology="1x1x1")),
-}
+# target -> (platform for compile_target, planner target: one chip of each).
+TARGETS = {"tpu_v5p": ("tpu", "v5p:2x2x1"), "h100": ("gpu", "h100:1x1")}
 
 
 def fwd_bwd(how: str):
@@ -96,7 +82,7 @@ def measure(target: str, num_experts: int, how: str) -> dict:
   row = {"target": target, "experts": num_experts, "impl": how, "N": n, "M": m, "H": h}
   if how == "megablox" and platform != "tpu":
     return row | {"error": "TPU-only kernel (Pallas interpret mode elsewhere)"}
-  device = topology().devices[0]
+  device = make_target(topology).devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   args = (jax.ShapeDtypeStruct((n, m), jnp.bfloat16),
           jax.ShapeDtypeStruct((num_experts, m, h), jnp.bfloat16),

@@ -132,15 +132,12 @@ def test_megablox_compiles_to_three_grouped_kernels_on_tpu():
   # Compile-only for one TPU v5p chip (libtpu, no TPU needed): forward, input gradient
   # and weight gradient are Mosaic kernels (gmm, gmm, tgmm), with no dense XLA dot or
   # convolution left, and the compiled FLOPs are the routed ones, 3 * 2 * N * M * H.
-  topologies = pytest.importorskip("jax.experimental.topologies")
-  try:
-    topo = topologies.get_topology_desc(topology_name="v5:2x2x1", platform="tpu")
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f"no TPU compiler: {e}")
+  from moe_jax.planner.targets import make_target  # pylint: disable=import-outside-toplevel
+  devices = make_target("v5p:2x2x1").devices  # the test extra installs libtpu
   # M = 200 is below a 512-wide tile and not a multiple of 128, so its tile must be the
   # whole width wherever M is a tiled dimension (the input gradient produces M).
   n, m, h, e = 256, 200, 640, 8
-  sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
+  sharding = jax.sharding.SingleDeviceSharding(devices[0])
 
   def fwd_bwd(x, w, sizes, dy):
     y, vjp = jax.vjp(lambda x, w: gm.grouped_matmul(x, w, sizes, how="auto"), x, w)
