@@ -1,0 +1,185 @@
+r"""Writes docs/results/scale_plan/: the full-size configs planned on v5p and H100
+clusters (the smallest topology where a training step fits, the smallest where bf16
+serving fits) and the dispatch paths compared, every number from a compile for that
+topology on this host (no accelerator).
+
+  python experiments/scale_plan.py [--out=docs/results/scale_plan]
+      [--parts=train,serve,dispatch] [--configs=mixtral_8x7b,...] [--chips=v5p,h100]
+      [--report_only]
+
+Each compile appends one JSON row to OUT/rows.jsonl as it finishes, and a re-run skips
+the rows already there, so an interrupted run resumes. Two processes with different
+--parts can share OUT. README.md and memory.png are rewritten from all rows at the end
+(or alone with --report_only).
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # pylint: disable=wrong-import-position
+
+from cli import CONFIGS_DIR, fail  # pylint: disable=wrong-import-position
+
+# The full-size configs, each with the global batch (tokens) and the sequence length of
+# its training plan: the paper's where it gives them, else 4M tokens of 4096.
+FULL_SIZE = {
+    "switch_base_128": {"tokens": 2 ** 20, "seq_len": 512},
+    "glam_1_2t": {"tokens": 2 ** 20, "seq_len": 1024},
+    "mixtral_8x7b": {"tokens": 2 ** 22, "seq_len": 4096},
+    "grok_1": {"tokens": 2 ** 22, "seq_len": 8192},
+    "deepseek_moe_16b": {"tokens": 2 ** 22, "seq_len": 4096},
+    "jamba_v0_1": {"tokens": 2 ** 22, "seq_len": 4096},
+    "olmoe_1b_7b": {"tokens": 2 ** 22, "seq_len": 4096},
+}
+DISPATCH_CONFIGS = ("switch_base_128", "mixtral_8x7b")
+DISPATCHES = (("einsum", {}), ("indices", {}),
+              ("dropless", {"moe.ragged_exchange": "ragged"}))
+SERVE_BATCH, SERVE_CONTEXT = 8, 32768
+
+_OUT = flags.DEFINE_string("out", "docs/results/scale_plan", "Output folder.")
+_PARTS = flags.DEFINE_list("parts", ["train", "serve", "dispatch"], "What to compile.")
+_CONFIGS = flags.DEFINE_list("configs", list(FULL_SIZE), "Full-size configs.")
+_CHIPS = flags.DEFINE_list("chips", ["v5p", "h100"], "Chips (ladders of planner.scale).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS_DIR,
+                                                                    f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _rows(path):
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
+  from moe_jax.planner import scale, scale_report  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import set_keys  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.sizes import count_params  # pylint: disable=import-outside-toplevel
+  for name in _CONFIGS.value:
+    if name not in FULL_SIZE:
+      fail(f"--configs: {name!r} is not one of {', '.join(FULL_SIZE)}.")
+  for chip in _CHIPS.value:
+    if chip not in scale.LADDERS:
+      fail(f"--chips: {chip!r} has no ladder; use {', '.join(scale.LADDERS)}.")
+  os.makedirs(_OUT.value, exist_ok=True)
+  path = os.path.join(_OUT.value, "rows.jsonl")
+
+  def log(row):
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    print(f"{row['part']:8s} {row['config']:18s} {row['chip']}:{row['topology']:7s} "
+          f"{row.get('dispatch', ''):9s} fits={row.get('fits')} "
+          f"peak={row.get('bytes_per_device', {}).get('peak', 0) / 2**30:.1f}GiB "
+          f"compile={row.get('compile_s', 0)}s {row.get('error', '')[:120]}", flush=True)
+
+  done = {(r["part"], r["config"], r["chip"], r.get("dispatch", "")) for r in _rows(path)}
+
+  def tagged(part, name, chip, extra=None):
+    def add(row):
+      row.update({"part": part, "config": name, **(extra or {})})
+      if "mesh" in row:
+        row["mesh_reason"] = scale.mesh_reason(row["mesh"], base(name).moe.num_experts)
+      log(row)
+    return add
+
+  def base(name):
+    return _load(name)
+
+  if not _REPORT_ONLY.value:
+    for name in _CONFIGS.value:
+      settings = FULL_SIZE[name]
+      params = None
+      for chip in _CHIPS.value:
+        if "train" in _PARTS.value and ("train", name, chip, "") not in done:
+          def make(devices, name=name, settings=settings):
+            c = base(name)
+            return set_keys(c, scale.training_overrides(
+                c, devices, settings["tokens"], settings["seq_len"]))
+          params = params or _count(name, count_params)
+          scale.smallest_fit(make, chip, params, scale.TRAIN_STATE_BYTES,
+                             log=tagged("train", name, chip))
+        if "serve" in _PARTS.value and ("serve", name, chip, "") not in done:
+          c0 = base(name)
+          context = min(SERVE_CONTEXT, c0.data.seq_len)
+
+          def make_serve(devices, name=name):
+            c = base(name)
+            return set_keys(c, scale.serving_overrides(c, devices))
+          params = params or _count(name, count_params)
+          scale.smallest_fit(make_serve, chip, params, 2, log=tagged("serve", name, chip),
+                             mode="serve", serve_batch=SERVE_BATCH, serve_len=context)
+    if "dispatch" in _PARTS.value:
+      rows = _rows(path)
+      for name in DISPATCH_CONFIGS:
+        if name not in _CONFIGS.value:
+          continue
+        for chip in _CHIPS.value:
+          fit = scale_report._fit_row(rows, "train", name, chip)  # pylint: disable=protected-access
+          if fit is None:
+            continue
+          for dispatch, extra in DISPATCHES:
+            if ("dispatch", name, chip, dispatch) in done:
+              continue
+            settings = FULL_SIZE[name]
+
+            def make_d(devices, name=name, settings=settings, dispatch=dispatch,
+                       extra=extra):
+              c = base(name)
+              set_keys(c, scale.training_overrides(c, devices, settings["tokens"],
+                                                   settings["seq_len"]))
+              return set_keys(c, {"moe.dispatch": dispatch, **extra})
+            row = scale._try(make_d, chip, fit["topology"])  # pylint: disable=protected-access
+            tagged("dispatch", name, chip, {"dispatch": dispatch})(row)
+  rows = _rows(path)
+  intro_path = os.path.join(_OUT.value, "notes.md")
+  notes = open(intro_path, encoding="utf-8").read() if os.path.exists(intro_path) else ""
+  paths = scale_report.write_report(
+      _OUT.value, rows, [c for c in FULL_SIZE if c in _CONFIGS.value], _CHIPS.value,
+      intro=INTRO, notes=notes)
+  print("wrote " + ", ".join(paths))
+
+
+def _count(name, count_params):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
+  config = _load(name)
+  model = nnx.eval_shape(lambda: build.make_model(config))
+  return count_params(model)["total"]
+
+
+INTRO = """# Scale plan: the full-size configs on v5p and H100, compiled on a CPU host
+
+Produced by `python experiments/scale_plan.py`. Every number below comes from compiling
+the real step (`experiments/plan.py`, `moe_jax.planner`) for the named topology with
+libtpu or the CUDA compiler on a host without accelerators. Nothing ran on a TPU or a
+GPU: "fits" is the compiler's memory plan against the chip's HBM, FLOPs and bytes are
+read from the optimized HLO, and the step time is a roofline **bound** (compiled FLOPs
+at the chip's peak, or the step's arguments and results moved once at its HBM
+bandwidth, whichever is slower), never a measurement. Each search starts where the
+fp32 training state would take half the HBM and walks the ladder of topologies
+(`moe_jax/planner/scale.py`) until a fitting compile sits next to a failing one; every
+compile it made is listed in the last column.
+
+Training plans: bf16 compute over fp32 weights and Adam moments, full
+rematerialisation, scanned layers, the global batch in microbatches of one sequence per
+device. Mesh: experts over `expert` (gcd(E, devices)), the rest ZeRO-3 over `fsdp`.
+Serving plans: bf16 weights, batch 8, a 32K context (or the model's, if shorter), the
+prefill of the whole context and one decode step against the full KV cache."""
+
+
+if __name__ == "__main__":
+  app.run(main)

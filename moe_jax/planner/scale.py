@@ -1,0 +1,130 @@
+"""Full-size plans: the smallest topology on which a config trains or serves, found by
+compiling (:func:`moe_jax.planner.compile.plan`), and the dispatch paths compared.
+
+The search walks a ladder of topologies per chip, smallest first, starting at the first
+rung where the training state alone (fp32 weights and Adam moments) would take at most
+half of the devices' HBM, and compiles there: a step that fits moves one rung down (if
+the rung below was not tried yet), one that does not fit moves up. So every answer is a
+compile that fit next to one that did not (or the ladder's first rung).
+
+The mesh on ``D`` devices (:func:`choose_mesh`): the experts over ``expert``, as many
+shards as divide both E and D (each device holds E/X experts and their moments, and a
+dropless exchange crosses X devices); everything else ZeRO-3 over ``fsdp`` (weights,
+gradients and moments split D ways); the batch over all D devices; no tensor
+parallelism (``model=1``), which the widths here do not need once FSDP splits them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from moe_jax.planner.compile import PlanError, plan
+from moe_jax.planner.targets import CHIPS, make_target
+from moe_jax.errors import ConfigError
+
+# Topology ladders: v5p tori (chips = product) and H100 hosts of 8 GPUs.
+LADDERS = {
+    "v5p": ["2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8",
+            "8x8x16", "8x16x16"],
+    "h100": ["1x8", "2x8", "4x8", "8x8", "16x8", "32x8", "64x8", "128x8"],
+}
+# Bytes per parameter of the training state: fp32 weights and two fp32 Adam moments.
+TRAIN_STATE_BYTES = 12
+
+
+def choose_mesh(num_experts: int, devices: int, d_model: int) -> dict[str, int]:
+  """``{data, fsdp, expert, model}`` for ``devices`` (see the module docstring)."""
+  expert = math.gcd(max(num_experts, 1), devices)
+  fsdp = devices // expert
+  while fsdp > 1 and d_model % fsdp:  # fsdp splits M: keep it a divisor
+    fsdp //= 2
+  return {"data": devices // (expert * fsdp), "fsdp": fsdp, "expert": expert, "model": 1}
+
+
+def mesh_reason(mesh: dict[str, int], num_experts: int) -> str:
+  why = [f"expert={mesh['expert']}: gcd(E={num_experts}, devices)"]
+  if mesh["fsdp"] > 1:
+    why.append(f"fsdp={mesh['fsdp']}: ZeRO-3 over the rest")
+  if mesh["data"] > 1:
+    why.append(f"data={mesh['data']}: fsdp must divide d_model")
+  return "; ".join(why)
+
+
+def _devices(chip: str, topology: str) -> int:
+  per_chip = 2 if chip in ("v4",) else 1  # compile-only v4 devices are TensorCores
+  return math.prod(int(d) for d in topology.split("x")) * per_chip
+
+
+def training_overrides(config, devices: int, global_tokens: int,
+                       seq_len: int) -> dict[str, Any]:
+  """The keys of a full-size training plan on ``devices``: bf16 compute over fp32
+  weights, full rematerialisation, scanned layers, and ``global_tokens`` per step in
+  microbatches of one sequence per device (``grad_accum_steps``)."""
+  sequences = max(devices, -(-global_tokens // seq_len))
+  sequences = -(-sequences // devices) * devices
+  mesh = choose_mesh(config.moe.num_experts if config.model.moe_every else 1, devices,
+                     config.model.d_model)
+  return {"data.seq_len": seq_len, "batch_size": sequences,
+          "grad_accum_steps": sequences // devices, "model.dtype": "bfloat16",
+          "model.param_dtype": "float32", "model.remat": "full",
+          "model.scan_layers": True,
+          **{f"mesh.{k}": v for k, v in mesh.items()}}
+
+
+def serving_overrides(config, devices: int) -> dict[str, Any]:
+  """bf16 weights and compute, scanned layers, the experts over ``expert`` and the rest
+  of the devices over ``fsdp`` (each device holds 1/D of the weights)."""
+  mesh = choose_mesh(config.moe.num_experts if config.model.moe_every else 1, devices,
+                     config.model.d_model)
+  return {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
+          "model.scan_layers": True, **{f"mesh.{k}": v for k, v in mesh.items()}}
+
+
+def _try(make_config: Callable[[int], Any], chip: str, topology: str,
+         **plan_kwargs) -> dict[str, Any]:
+  """One compile; a refusal or an OOM becomes a row with ``fits`` False."""
+  target = make_target(f"{chip}:{topology}")
+  config = make_config(len(target.devices))
+  row: dict[str, Any] = {"chip": chip, "topology": topology,
+                         "devices": len(target.devices)}
+  try:
+    row.update(plan(config, target, **plan_kwargs))
+  except (PlanError, ConfigError) as e:
+    row.update({"fits": False, "error": str(e)})
+  return row
+
+
+def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: float,
+                 bytes_per_param: float, log: Callable[[dict], None] = lambda r: None,
+                 **plan_kwargs) -> list[dict[str, Any]]:
+  """Every compile of the search for the smallest rung of ``LADDERS[chip]`` where the
+  step fits; the last fitting row is the answer (none fit: the ladder ran out)."""
+  ladder = LADDERS[chip]
+  hbm = CHIPS[chip].hbm_bytes
+  start = 0
+  while (start < len(ladder) - 1 and params_total * bytes_per_param
+         / _devices(chip, ladder[start]) > 0.5 * hbm):
+    start += 1
+  rows, tried, i = [], {}, start
+  while 0 <= i < len(ladder) and i not in tried:
+    row = _try(make_config, chip, ladder[i], **plan_kwargs)
+    row["rung"] = i
+    rows.append(row)
+    log(row)
+    tried[i] = row["fits"]
+    if row["fits"]:
+      if i - 1 in tried or i == 0:
+        break
+      i -= 1
+    else:
+      if i + 1 in tried:
+        break
+      i += 1
+  return rows
+
+
+def answer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """The smallest fitting row of a search (None when nothing fit)."""
+  fits = [r for r in rows if r.get("fits")]
+  return min(fits, key=lambda r: r["devices"]) if fits else None

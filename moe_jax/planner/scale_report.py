@@ -1,0 +1,161 @@
+"""The scale-plan report (``docs/results/scale_plan/``): markdown tables and the
+memory figure, from the rows that :mod:`moe_jax.planner.scale` compiled.
+
+Rows are JSON objects, one per compile: ``part`` ("train", "serve", "dispatch"),
+``config``, ``chip``, ``topology``, ``fits`` and, when the compile succeeded, the
+plan's keys (:func:`moe_jax.planner.compile.plan`); ``error`` when it did not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from moe_jax.planner.table import human_bytes, human_count
+
+GiB = 2 ** 30
+
+
+def _gib(n) -> str:
+  return "-" if n is None else f"{n / GiB:.1f}"
+
+
+def _a2a(row) -> float:
+  c = row.get("collectives", {})
+  return sum(v["bytes"] for k, v in c.items() if "all-to-all" in k)
+
+
+def _fit_row(rows, part, config, chip):
+  fits = [r for r in rows if r["part"] == part and r["config"] == config
+          and r["chip"] == chip and r.get("fits")]
+  return min(fits, key=lambda r: r["devices"]) if fits else None
+
+
+def _tried(rows, part, config, chip) -> str:
+  out = []
+  for r in sorted((r for r in rows if r["part"] == part and r["config"] == config
+                   and r["chip"] == chip), key=lambda r: r["devices"]):
+    out.append(f"{r['topology']} {'fits' if r.get('fits') else 'no'}")
+  return ", ".join(out)
+
+
+def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
+  head = ("| config | chip | smallest topology (devices) | mesh | why | tokens/step | "
+          "params / optimizer / temp / peak per device (GiB) | FLOPs/step compiled | "
+          "FLOPs/step model | all-to-all / device | compile (s) | step bound (s) | "
+          "MFU bound | compiles tried |\n|" + "---|" * 14)
+  lines = [head]
+  for config in configs:
+    for chip in chips:
+      r = _fit_row(rows, "train", config, chip)
+      tried = _tried(rows, "train", config, chip)
+      if r is None:
+        lines.append(f"| {config} | {chip} | none fits | | | | | | | | | | | {tried} |")
+        continue
+      b = r["bytes_per_device"]
+      mesh = " ".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+      lines.append(
+          f"| {config} | {chip} | {r['topology']} ({r['devices']}) | {mesh} | "
+          f"{r.get('mesh_reason', '')} | {human_count(r['tokens_per_step'])} | "
+          f"{_gib(b['params'])} / {_gib(b['optimizer'])} / {_gib(b['temp'])} / "
+          f"{_gib(b['peak'])} | {human_count(r['flops_per_step'])} | "
+          f"{human_count(r['flops_per_step_model'])} | {human_bytes(_a2a(r))} | "
+          f"{r['compile_s']:.0f} | {r['step_s_bound']:.3g} | "
+          f"{100 * (r['mfu_bound'] or 0):.0f}% | {tried} |")
+  return "\n".join(lines)
+
+
+def serve_table(rows, configs, chips) -> str:
+  head = ("| config | chip | smallest topology (devices) | batch x context | weights / "
+          "KV cache / peak per device (GiB) | decode step bound (ms) | prefill compile + "
+          "decode compile (s) | compiles tried |\n|" + "---|" * 8)
+  lines = [head]
+  for config in configs:
+    for chip in chips:
+      r = _fit_row(rows, "serve", config, chip)
+      tried = _tried(rows, "serve", config, chip)
+      if r is None:
+        lines.append(f"| {config} | {chip} | none fits | | | | | {tried} |")
+        continue
+      b = r["bytes_per_device"]
+      lines.append(
+          f"| {config} | {chip} | {r['topology']} ({r['devices']}) | "
+          f"{r['serve_batch']} x {human_count(r['serve_len'])} | {_gib(b['params'])} / "
+          f"{_gib(b['kv_cache'])} / {_gib(b['peak'])} | {1e3 * r['step_s_bound']:.2f} | "
+          f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f} | {tried} |")
+  return "\n".join(lines)
+
+
+def dispatch_table(rows) -> str:
+  head = ("| config | chip | topology | dispatch | compiled FLOPs/step | / model | "
+          "HBM traffic / device | all-to-all / device | temp / peak (GiB) | fits | "
+          "error |\n|" + "---|" * 11)
+  lines = [head]
+  for r in sorted((r for r in rows if r["part"] == "dispatch"),
+                  key=lambda r: (r["config"], r["chip"], r["dispatch"])):
+    if "flops_per_step" not in r:
+      lines.append(f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
+                   f"- | - | - | - | - | no | {r.get('error', '')[:160]} |")
+      continue
+    b = r["bytes_per_device"]
+    lines.append(
+        f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
+        f"{human_count(r['flops_per_step'])} | "
+        f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | "
+        f"{human_bytes(r['hbm_traffic_per_device'])} | {human_bytes(_a2a(r))} | "
+        f"{_gib(b['temp'])} / {_gib(b['peak'])} | {'yes' if r['fits'] else 'no'} | "
+        f"{r.get('error', '')[:160]} |")
+  return "\n".join(lines)
+
+
+def memory_figure(rows, configs, chips, path: str) -> str:
+  """Stacked bars per config and chip of the fitting training plan's bytes per
+  device: parameters, optimizer state, and the rest of the peak (temporaries)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  labels, params, opt, other, hbm = [], [], [], [], []
+  for config in configs:
+    for chip in chips:
+      r = _fit_row(rows, "train", config, chip)
+      if r is None:
+        continue
+      b = r["bytes_per_device"]
+      labels.append(f"{config}\n{chip} {r['topology']}")
+      params.append(b["params"] / GiB)
+      opt.append(b["optimizer"] / GiB)
+      other.append(max(b["peak"] - b["params"] - b["optimizer"], 0) / GiB)
+      hbm.append(b["hbm"] / GiB)
+  fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 5))
+  x = range(len(labels))
+  ax.bar(x, params, label="parameters (fp32)")
+  ax.bar(x, opt, bottom=params, label="Adam moments (fp32)")
+  ax.bar(x, other, bottom=[p + o for p, o in zip(params, opt)],
+         label="rest of the peak (temporaries, gradients, activations)")
+  ax.scatter(x, hbm, marker="_", s=400, color="k", label="HBM per device")
+  ax.set_xticks(list(x))
+  ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+  ax.set_ylabel("GiB per device (compiled)")
+  ax.set_title("Training step memory per device at the smallest fitting topology")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def write_report(outdir: str, rows: list[dict[str, Any]], configs, chips, *,
+                 intro: str, notes: str) -> list[str]:
+  os.makedirs(outdir, exist_ok=True)
+  fig = memory_figure(rows, configs, chips, os.path.join(outdir, "memory.png"))
+  text = "\n\n".join([
+      intro,
+      "## Training: the smallest fitting topology\n\n" + train_table(rows, configs, chips),
+      "![memory per device](memory.png)",
+      "## Serving: bf16 weights, KV cache\n\n" + serve_table(rows, configs, chips),
+      "## Dispatch paths compared\n\n" + dispatch_table(rows),
+      notes])
+  path = os.path.join(outdir, "README.md")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text.rstrip() + "\n")
+  return [path, fig]
