@@ -8,9 +8,10 @@ block's FFN a top-2 MoE of 64 experts (E), the others dense, hidden width 32768 
 256K SentencePiece vocabulary (256000 here), context 1024 tokens (``data.seq_len``,
 which sets ``model.max_len``). As in Sec. 4.1, the dense (non-MoE) FFNs are gated
 (GLU with a GELU, 3 matrices) and the experts are plain two-matrix FFNs with a GELU
-(``moe.activation="gelu"``); the input and output embeddings are one matrix (tied).
-These are the readings under which the table's two sizes both come out: each expert
-has 2 x 8192 x 32768 weights, so total - active = 32 x 62 experts = 1065B, and the
+(``moe.activation="gelu"``); the input and output embeddings are one matrix (tied:
+inferred from the sizes, an untied output projection would add 2.1B to both). These are
+the readings under which the table's two sizes both come out: total - active = 32 MoE
+blocks x 62 idle experts = 1065B gives each expert 2 x 8192 x 32768 weights, and the
 active 96.6B then needs the 16384-wide attention and the 3-matrix dense FFNs.
 
 Published sizes (Du et al. 2022, Table 4): 1.2T total, given as 1162B in the text,

@@ -14,7 +14,7 @@ over all 8 logits and keeps the top 2 without renormalising (``normalize_gates=F
 Published size: 314B total (README). xAI states no exact active count, only that "25%
 of the weights" are active on a token, which is the share of the experts (2 of 8);
 with the attention and the embedding, which every token uses, this model's active count
-is 26.6% of its total. ``tests/test_full_size_configs.py`` checks the total within 2%
+is 26.5% of its total. ``tests/test_full_size_configs.py`` checks the total within 2%
 and that the routed experts' active share is exactly 2/8.
 
 Approximated: Grok's experts are gated GELU (``gelu(x W) * (x V)``), here SwiGLU
