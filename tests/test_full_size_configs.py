@@ -1,7 +1,8 @@
 """The full-size configs of experiments/configs/ against their published sizes.
 
 Each model is built abstractly (``nnx.eval_shape``: shapes only, no weight allocated,
-nothing compiled) and counted by :func:`moe_jax.models.sizes.count_params`. Tracing a
+nothing compiled) and counted by :func:`moe_jax.models.sizes.count_params` and
+:func:`~moe_jax.models.sizes.flops_per_token` (at the model's context length). Tracing a
 deep model's construction costs time quadratic in its depth, so the counts come from
 two short models of the same widths, the pattern's unrolled prefix plus one and plus
 two copies of its repeating unit (:func:`moe_jax.models.scan.find_unit`): every count
@@ -11,6 +12,7 @@ is the prefix's plus ``repeats`` times the unit's, so the full depth follows exa
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -18,7 +20,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.models.scan import find_unit
-from moe_jax.models.sizes import count_params
+from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.training import build
 from moe_jax.training.config import model_pattern, validate_config
 
@@ -74,8 +76,10 @@ def load(name):
 
 
 def direct_counts(config, vocab_size):
+  """``count_params`` and ``flops_per_token`` (over the context, keys ``flops_*``)."""
   model = nnx.eval_shape(lambda: build.make_model(config, vocab_size=vocab_size))
-  return count_params(model)
+  flops = flops_per_token(model, config.data.seq_len)
+  return {**count_params(model), **{f"flops_{k}": v for k, v in flops.items()}}
 
 
 def with_layers(config, num_layers):
@@ -92,6 +96,13 @@ def counts(config, vocab_size):
   one, two = (direct_counts(with_layers(config, unit.prefix + r * unit.period), vocab_size)
               for r in (1, 2))
   return {k: one[k] + (unit.repeats - 1) * (two[k] - one[k]) for k in one}
+
+
+@functools.lru_cache(maxsize=None)
+def published_model_counts(name):
+  """``counts`` of the shipped config ``name`` at its published vocabulary."""
+  module = load(name)
+  return counts(module.get_config(), module.VOCAB_SIZE)
 
 
 def _encoder_decoder(n, config, vocab_size):
@@ -122,7 +133,7 @@ def test_config_is_valid_with_its_context_length(name):
 def test_total_and_active_match_the_published_sizes(name):
   module, published = load(name), PUBLISHED[name]
   config = module.get_config()
-  n = counts(config, module.VOCAB_SIZE)
+  n = published_model_counts(name)
   total, active = n["total"], n["active"]
   if name == "switch_base_128":
     assert config.model.tie_embeddings  # one embedding for encoder, decoder and output
@@ -136,11 +147,27 @@ def test_total_and_active_match_the_published_sizes(name):
         f"({published.source})")
 
 
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_active_flops_are_twice_the_active_weights_plus_attention(name):
+  # Kaplan et al. 2020: 2 FLOPs per active weight (the input embedding's lookup is
+  # free; a tied embedding is used once, as the output projection) plus 4 * L * N * D
+  # per attention block for the scores and the mixing; Mamba's scan and the routers
+  # (reported apart) are < 1%.
+  module = load(name)
+  config = module.get_config()
+  n, m = published_model_counts(name), config.model
+  lookup = 0 if m.tie_embeddings else module.VOCAB_SIZE * m.d_model
+  attention_blocks = sum(kind.mixer == "attention" for kind in model_pattern(config))
+  context = PUBLISHED[name].context
+  want = 2 * (n["active"] - lookup) + attention_blocks * 4 * context * m.num_heads * (
+      m.head_dim or m.d_model // m.num_heads)
+  assert _error(n["flops_active"], want) < 0.01, (n["flops_active"], want)
+
+
 def test_grok_1_routes_a_quarter_of_its_experts():
   # xAI: "25% of the weights active on a given token", i.e. 2 of the 8 experts; the
   # attention and the embedding, used by every token, come on top (26.5% in all).
-  module = load("grok_1")
-  n = counts(module.get_config(), module.VOCAB_SIZE)
+  n = published_model_counts("grok_1")
   shared = n["total"] - n["experts"]
   assert n["active"] - shared == n["experts"] // 4
   assert 0.25 < n["active"] / n["total"] < 0.27
