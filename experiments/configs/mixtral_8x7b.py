@@ -10,9 +10,9 @@ positions with base 1e6 (``rope_theta``), untied input and output embeddings ove
 32000-token vocabulary, context 32768 tokens (``max_position_embeddings``;
 ``data.seq_len`` here, which sets ``model.max_len``). Routing as in ``mixtral_small``:
 the top-2 gates renormalised over the two (Hugging Face's softmax-then-renormalise),
-no token dropped (``dispatch="dropless"``), the balance loss over both choices; the
-coefficient 0.01 is Hugging Face's ``router_aux_loss_coef`` 0.02 over k = 2
-(docs/routing.md); no z-loss (Mixtral has none).
+no token dropped (``dispatch="dropless"``), the balance loss over both choices with
+coefficient 0.04: Hugging Face's ``router_aux_loss_coef`` 0.02 on its loss, which is
+k = 2 times this one (docs/routing.md); no z-loss (Mixtral has none).
 
 Published sizes (Jiang et al. 2024, Sec. 2): 46.7B total, 12.9B active, embeddings
 included in both. ``tests/test_full_size_configs.py`` checks them with
@@ -52,6 +52,6 @@ def get_config():
   config.moe.second_policy = "all"
   config.moe.dispatch = "dropless"
   config.moe.balance_choices = "all"
-  config.moe.aux_loss_coef = 0.01
+  config.moe.aux_loss_coef = 0.04  # HF's 0.02 on a loss k = 2 times this one
   config.moe.z_loss_coef = 0.0
   return config

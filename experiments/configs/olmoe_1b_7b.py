@@ -6,8 +6,10 @@ Dimensions from the paper (Table 1) and Hugging Face ``allenai/OLMoE-1B-7B-0924`
 block's FFN an MoE of 64 SwiGLU experts of width 1024 (``num_experts``,
 ``intermediate_size``) of which each token takes 8 (``num_experts_per_tok``), softmax
 gates not renormalised over the 8 (``norm_topk_prob=false``), no token dropped
-(``dispatch="dropless"``), load-balancing loss 0.01 over all 8 choices and router
-z-loss 0.001 (``router_aux_loss_coef``, the paper's z-loss weight). RMSNorm pre-norm
+(``dispatch="dropless"``), a load-balancing loss over all 8 choices with coefficient
+0.08 (the paper's and Hugging Face's ``router_aux_loss_coef`` 0.01 on a loss that sums
+over the k choices without dividing by k, so k = 8 times this one: docs/routing.md)
+and router z-loss 0.001 (the paper's). RMSNorm pre-norm
 blocks, rotary positions (base 10000), untied embeddings over a 50304-token vocabulary,
 context 4096 tokens (``max_position_embeddings``; ``data.seq_len`` here, which sets
 ``model.max_len``).
@@ -49,6 +51,6 @@ def get_config():
   config.moe.second_policy = "all"
   config.moe.dispatch = "dropless"
   config.moe.balance_choices = "all"
-  config.moe.aux_loss_coef = 0.01
+  config.moe.aux_loss_coef = 0.08  # 0.01 on a loss k = 8 times this one
   config.moe.z_loss_coef = 0.001
   return config
