@@ -9,7 +9,9 @@ every block's FFN a top-2 MoE of 8 gated experts of width 32768
 131072-token SentencePiece vocabulary whose embedding is also the output projection
 (``InOutEmbed``: tied), rotary positions, context 8192 tokens (``sequence_len``;
 ``data.seq_len`` here, which sets ``model.max_len``). Grok's router takes the softmax
-over all 8 logits and keeps the top 2 without renormalising (``normalize_gates=False``).
+over all 8 logits and keeps the top 2 without renormalising (``normalize_gates=False``);
+no token is dropped (``dispatch="dropless"``). xAI publishes no training settings: the
+balance loss (over both choices, 0.01) and z-loss (0.001) are ``switch_small``'s.
 
 Published size: 314B total (README). xAI states no exact active count, only that "25%
 of the weights" are active on a token, which is the share of the experts (2 of 8);
