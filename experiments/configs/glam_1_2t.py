@@ -25,9 +25,9 @@ Transformer-XL-style relative position bias of each layer (rotary positions here
 parameters; GLaM's bias is a few thousand numbers per layer). Routing is GShard's
 top-2 as in ``top2_small`` (GLaM builds on GShard; the paper lists no routing
 settings): the second choice kept with probability min(1, g2 / 0.2), capacity factor 2
-at train time and 4 at eval, balance loss 0.01 and z-loss 0.001 (``switch_small``'s). The library's data is
-byte-level, so a training run builds the same network with the byte tokenizer's
-vocabulary; the published one is :data:`VOCAB_SIZE`
+at train time and 4 at eval, balance loss 0.01 and z-loss 0.001 (``switch_small``'s).
+The library's data is byte-level, so a training run builds the same network with the
+byte tokenizer's vocabulary; the published one is :data:`VOCAB_SIZE`
 (``make_model(config, vocab_size=VOCAB_SIZE)``).
 """
 

@@ -152,7 +152,8 @@ def ffn_flops_per_token(config) -> float:
   for kind in model_pattern(config):
     if kind.ffn == "moe":
       units = experts_per_token(config) + config.moe.num_shared_experts
-      total += 2 * mats(expert_activation(config)) * m.d_model * expert_d_ff(config) * units
+      width = expert_d_ff(config) * units
+      total += 2 * mats(expert_activation(config)) * m.d_model * width
     else:
       total += 2 * mats(m.activation) * m.d_model * m.d_ff
   return total

@@ -40,7 +40,8 @@ def moe_config(config) -> MoeConfig | None:
     return None
   m, s = config.model, config.moe
   return derive(SECTIONS["moe"].cls, s, d_model=m.d_model, d_ff=expert_d_ff(config),
-                activation=expert_activation(config), dtype=m.dtype, queue_order=queue_order(config),
+                activation=expert_activation(config), dtype=m.dtype,
+                queue_order=queue_order(config),
                 model_init_scale=m.init_scale)
 
 
