@@ -28,7 +28,7 @@ def errors_for(num_devices=1, **overrides):
 
 CONFIG_NAMES = ["dense_small", "switch_small", "top2_small", "mixtral_small",
                 "deepseek_small", "noisy_topk_small", "jamba_small", "mod_small",
-                "mode_small", "hash_small"]
+                "mode_small", "hash_small"]  # the full-size ones: test_full_size_configs
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -187,6 +187,13 @@ RULES = [
     ({"model.moe_offset": -1}, "model.moe_offset=-1", ">= 0"),
     ({"model.moe_every": 4, "model.moe_offset": 3, "model.num_layers": 3},
      "model.moe_every=4", "places no MoE block"),
+    ({"model.first_dense_layers": -1}, "model.first_dense_layers=-1", ">= 0"),
+    ({"model.first_dense_layers": 4}, "model.first_dense_layers=4",
+     "places no MoE block"),
+    # The experts' activation is its own key; a bad model.activation is reported once.
+    ({"moe.activation": "tanh"}, "moe.activation='tanh'", "swiglu"),
+    ({"model.activation": "tanh", "moe.activation": "gelu"},
+     "model.activation='tanh'", "relu"),
     ({"mamba.d_state": 0}, "mamba.d_state=0", "positive"),
     ({"mamba.chunk_size": 0}, "mamba.chunk_size=0", "positive"),
     ({"mamba.scan": "parallel"}, "mamba.scan='parallel'", "associative, sequential"),
@@ -322,6 +329,26 @@ def test_moe_d_ff_sets_the_expert_width():
   assert build.moe_config(switch_config()).d_ff == 1024  # 0: model.d_ff
   assert build.moe_config(switch_config(**{"moe.d_ff": 256})).d_ff == 256
   assert errors_for(**{"moe.d_ff": 256}) == []
+
+
+def test_moe_activation_sets_the_experts_activation():
+  # GLaM: gated dense FFNs, plain GELU experts. "" (the default) is model.activation.
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from moe_jax.models.sizes import count_params  # pylint: disable=import-outside-toplevel
+  assert build.moe_config(switch_config(**{"model.activation": "swiglu"})).activation == (
+      "swiglu")
+  config = switch_config(**{"model.activation": "swiglu", "moe.activation": "gelu"})
+  assert validate_config(config, num_devices=1) == []
+  model = nnx.eval_shape(lambda: build.make_model(config))
+  dense, moe = model.blocks[0].ffn, model.blocks[1].ffn
+  assert (dense.activation, moe.experts.activation) == ("swiglu", "gelu")
+  # Two matrices per expert, three in the dense FFN: 8 experts x 2 x 256 x 1024 fewer
+  # weights per MoE block than all-SwiGLU.
+  swiglu = nnx.eval_shape(lambda: build.make_model(
+      switch_config(**{"model.activation": "swiglu"})))
+  per_block = 8 * 256 * 1024
+  assert count_params(swiglu)["total"] - count_params(model)["total"] == 2 * per_block
 
 
 def test_both_ffn_widths_must_split_over_the_model_axis():

@@ -54,6 +54,28 @@ def test_moe_offset_none_keeps_the_rule_from_before_the_offset():
     assert got == [every > 0 and (i + 1) % every == 0 for i in range(6)], every
 
 
+def test_first_dense_layers_keep_the_first_blocks_dense():
+  # DeepSeekMoE 16B: block 0 dense, every later block MoE (first_k_dense_replace=1).
+  assert [k.ffn for k in layer_pattern(4, moe_every=1, moe_offset=0,
+                                       first_dense_layers=1)] == [d, e, e, e]
+  # With moe_every=2 the rule still picks the blocks: 1 falls in the prefix.
+  assert [k.ffn for k in layer_pattern(6, moe_every=2, first_dense_layers=2)] == [
+      d, d, d, e, d, e]
+  assert pattern_errors(4, 1, 0, 1, 0, first_dense_layers=1) == []
+  errors = pattern_errors(4, 1, 0, 1, 0, first_dense_layers=4, prefix="model.")
+  assert len(errors) == 1 and "model.first_dense_layers=4" in errors[0], errors
+  errors = pattern_errors(4, 1, 0, 1, 0, first_dense_layers=-1, prefix="model.")
+  assert len(errors) == 1 and "model.first_dense_layers=-1 must be" in errors[0], errors
+  # The model builds a dense FFN of width d_ff in the prefix, experts of moe.d_ff after.
+  cfg = TransformerConfig(vocab_size=V, num_layers=3, d_model=DM, num_heads=2, d_ff=48,
+                          moe_every=1, moe_offset=0, first_dense_layers=1,
+                          moe=MoeConfig(d_model=DM, d_ff=8, num_experts=4))
+  assert cfg.moe_blocks == (1, 2)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  assert isinstance(model.blocks[0].ffn, DenseFfn) and model.blocks[0].ffn.wi.shape == (DM, 48)
+  assert all(isinstance(model.blocks[i].ffn, MoeLayer) for i in (1, 2))
+
+
 @pytest.mark.parametrize("keys,words", [
     ((8, 0, 0, 0, None), ["attn_layer_period=0", "positive"]),
     ((8, 8, 8, 0, None), ["attn_layer_offset=8", "[0, 7]"]),

@@ -144,14 +144,16 @@ def expert_shape(config, d_ff: int, num_experts: int) -> tuple[int, int]:
 def ffn_flops_per_token(config) -> float:
   """Forward FLOPs of the FFNs per token (2 per multiply-add), experts at the share a
   token visits: what the rows hold equal."""
-  from moe_jax.training.config import (expert_d_ff, model_pattern)  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import (expert_activation, expert_d_ff, model_pattern)  # pylint: disable=import-outside-toplevel
   m = config.model
-  mats = 3 if m.activation == "swiglu" else 2
+  def mats(activation):
+    return 3 if activation == "swiglu" else 2
   total = 0.0
   for kind in model_pattern(config):
     if kind.ffn == "moe":
       units = experts_per_token(config) + config.moe.num_shared_experts
-      total += 2 * mats * m.d_model * expert_d_ff(config) * units
+      width = expert_d_ff(config) * units
+      total += 2 * mats(expert_activation(config)) * m.d_model * width
     else:
-      total += 2 * mats * m.d_model * m.d_ff
+      total += 2 * mats(m.activation) * m.d_model * m.d_ff
   return total

@@ -19,6 +19,7 @@ from moe_jax.models.layer_pattern import (MAMBA, MOE, LayerKind, layer_pattern,
                                           pattern_errors)
 from moe_jax.models.mamba import MambaConfig
 from moe_jax.models.scan import scan_errors
+from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
 
 POSITIONS = ("rotary", "learned", "none")
@@ -59,6 +60,9 @@ class TransformerConfig:
     moe_every: an MoE block every ``moe_every`` blocks; 0 is a dense model.
     moe_offset: block ``i`` is MoE when ``i % moe_every == moe_offset``; None is
       ``moe_every - 1`` (Switch's blocks 1, 3, ...; Jamba: 1).
+    first_dense_layers: blocks ``i < first_dense_layers`` have a dense FFN whatever
+      ``moe_every`` says (DeepSeek-MoE's ``first_k_dense_replace``; DeepSeekMoE 16B:
+      1, with ``moe_every=1``). 0: none.
     attn_layer_period, attn_layer_offset: block ``i`` mixes with attention when
       ``i % attn_layer_period == attn_layer_offset``, with Mamba otherwise (1, 0:
       all attention; Jamba: 8, 4).
@@ -66,7 +70,8 @@ class TransformerConfig:
       pattern has Mamba blocks.
     moe: the MoE layer's settings (its ``d_model`` must match; its ``d_ff`` is each
       expert's width, below ``d_ff`` for fine-grained experts); None if dense.
-    activation: FFN activation, shared by the dense FFN and the experts.
+    activation: the dense FFNs' activation; the experts' is ``moe.activation`` (an LM
+      config's ``moe.activation=""`` takes this one).
     position: "rotary" | "learned" | "none".
     norm: "rmsnorm" | "layernorm".
     dropout: dropout on attention output and FFN output (residual branches).
@@ -132,6 +137,7 @@ class TransformerConfig:
   head_dim: int = 0
   remat: str = "none"
   scan_layers: bool = False
+  first_dense_layers: int = 0
 
   def __post_init__(self):
     for msg in validate_transformer_config(self):
@@ -167,7 +173,8 @@ class TransformerConfig:
     (:func:`~moe_jax.models.layer_pattern.layer_pattern`)."""
     return layer_pattern(self.num_layers, attn_layer_period=self.attn_layer_period,
                          attn_layer_offset=self.attn_layer_offset,
-                         moe_every=self.moe_every, moe_offset=self.moe_offset)
+                         moe_every=self.moe_every, moe_offset=self.moe_offset,
+                         first_dense_layers=self.first_dense_layers)
 
   def is_moe_block(self, index: int) -> bool:
     return self.layers[index].ffn == MOE
@@ -239,6 +246,7 @@ def validate_transformer_config(cfg, *, prefix: str = "",
        "must be an integer >= 0 (0 dense, 2 Switch: every other block).")
   errors.extend(pattern_errors(cfg.num_layers, cfg.attn_layer_period,
                                cfg.attn_layer_offset, cfg.moe_every, cfg.moe_offset,
+                               first_dense_layers=cfg.first_dense_layers,
                                prefix=p))
   errors.extend(depth_errors(cfg.num_layers, cfg.mod_every, cfg.mod_capacity,
                              cfg.mod_predictor, prefix=p, seq_len=seq_len))
@@ -246,6 +254,8 @@ def validate_transformer_config(cfg, *, prefix: str = "",
        f"{', '.join(MODEL_DTYPES)}.")
   need("position", cfg.position in POSITIONS, "is unknown; use 'rotary', 'learned' or "
        "'none' (no positional encoding, Jamba).")
+  need("activation", cfg.activation in ACTIVATIONS, f"is unknown; use one of "
+       f"{', '.join(ACTIVATIONS)}.")
   need("norm", cfg.norm in NORMS, "is unknown; use 'rmsnorm' or 'layernorm'.")
   need("dropout", _is_real(cfg.dropout) and 0 <= cfg.dropout < 1, "must be in [0, 1).")
   need("init_scale", _is_real(cfg.init_scale) and cfg.init_scale > 0, "must be > 0.")

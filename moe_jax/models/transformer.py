@@ -18,8 +18,9 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   The mixers are built from the :data:`~moe_jax.models.block.MIXERS` registry, so a
   block never asks which one it has. Its FFN is an
   :class:`~moe_jax.layers.moe_layer.MoeLayer` when ``moe_every > 0 and i % moe_every ==
-  moe_offset`` (``moe_offset`` None: ``moe_every - 1``), otherwise a
-  :class:`~moe_jax.layers.experts.DenseFfn` of width ``d_ff`` and the same activation.
+  moe_offset`` (``moe_offset`` None: ``moe_every - 1``) and ``i >= first_dense_layers``,
+  otherwise a :class:`~moe_jax.layers.experts.DenseFfn` of width ``d_ff`` and
+  ``activation`` (the experts' are ``moe.d_ff`` and ``moe.activation``).
   Switch (Fedus et al. 2021) replaces every other FFN, i.e. ``moe_every=2`` -> blocks
   1, 3, ... A dense model is the same network with ``moe_every=0``;
 * Mixture-of-Depths (Raposo et al. 2024, :mod:`moe_jax.models.mod`): with

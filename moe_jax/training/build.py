@@ -11,7 +11,8 @@ import optax
 from flax import nnx
 
 from moe_jax.training import objectives
-from moe_jax.training.config import expert_d_ff, model_pattern, queue_order
+from moe_jax.training.config import (expert_activation, expert_d_ff, model_pattern,
+                                     queue_order)
 from moe_jax.training.sections import SECTIONS, derive
 from moe_jax.models.layer_pattern import MAMBA
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
@@ -30,16 +31,17 @@ def moe_config(config) -> MoeConfig | None:
   """The MoeConfig of the model's MoE blocks, or None for a dense model.
 
   Every field is the ``moe`` key of its name (:func:`derive`) but those resolved here:
-  the model's width, activation and dtype, the expert width (``moe.d_ff``, 0:
-  ``model.d_ff``), the queue order (``"auto"``: by the objective) and the model-wide
-  ``model.init_scale`` (``moe.init_scale`` and ``moe.router_init_scale`` are factors
-  on it).
+  the model's width and dtype, the expert width (``moe.d_ff``, 0: ``model.d_ff``),
+  the experts' activation (``moe.activation``, "": ``model.activation``), the queue
+  order (``"auto"``: by the objective) and the model-wide ``model.init_scale``
+  (``moe.init_scale`` and ``moe.router_init_scale`` are factors on it).
   """
   if not config.model.moe_every:
     return None
   m, s = config.model, config.moe
   return derive(SECTIONS["moe"].cls, s, d_model=m.d_model, d_ff=expert_d_ff(config),
-                activation=m.activation, dtype=m.dtype, queue_order=queue_order(config),
+                activation=expert_activation(config), dtype=m.dtype,
+                queue_order=queue_order(config),
                 model_init_scale=m.init_scale)
 
 

@@ -30,6 +30,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.models.model_config import MODEL_DTYPES, TransformerConfig, validate_transformer_config
 from moe_jax.models.layer_pattern import MAMBA, layer_pattern
 from moe_jax.models.mamba import MambaConfig, validate_mamba_config
+from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
 from moe_jax.layers.router_families import ROUTERS, causality
 from moe_jax.routing import QUEUE_ORDERS
@@ -86,9 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.objective = "causal_lm"
   c.model.mod_aux_loss_coef = 0.01  # Mixture-of-Depths predictor's BCE, per routed block
 
-  # MoeConfig's fields (d_model, activation and dtype are the model's; moe.d_ff=0 is
-  # model.d_ff; moe.queue_order="auto" is token_major for a causal objective and
-  # choice_major for masked LM), and:
+  # MoeConfig's fields (d_model and dtype are the model's; moe.d_ff=0 is model.d_ff;
+  # moe.activation="" is model.activation; moe.queue_order="auto" is token_major for
+  # a causal objective and choice_major for masked LM), and:
   c.moe = section("moe")
   c.moe.aux_loss_coef = 0.01
   c.moe.z_loss_coef = 0.001
@@ -148,8 +149,7 @@ def queue_order(config) -> str:
 
 
 # The MoE keys a run resolves from other LM keys, named as in the LM config.
-_MOE_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff",
-             "activation": "model.activation", "dtype": "model.dtype",
+_MOE_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff", "dtype": "model.dtype",
              "model_init_scale": "model.init_scale"}
 
 
@@ -160,7 +160,10 @@ def _moe_view(config) -> SectionView:
   # A bad moe.queue_order is reported once, with "auto" among the choices.
   order = moe.get("queue_order", "auto")
   return SectionView(
-      MoeConfig, moe, d_model=m.d_model, d_ff=expert_d_ff(config), activation=m.activation,
+      MoeConfig, moe, d_model=m.d_model, d_ff=expert_d_ff(config),
+      # A bad model.activation is reported once, as a model key.
+      activation=moe.get("activation", "") or (
+          m.activation if m.activation in ACTIVATIONS else "relu"),
       queue_order=queue_order(config) if order in QUEUE_ORDER_KEYS else "choice_major",
       # A bad model.dtype is reported once, as a model key.
       dtype=m.dtype if m.dtype in DTYPES else "float32",
@@ -170,18 +173,20 @@ def _moe_view(config) -> SectionView:
 
 
 def pattern_keys(model) -> tuple:
-  """``(attn_layer_period, attn_layer_offset, moe_every, moe_offset)`` of a config's
-  ``model`` section (keys missing from older configs take the all-attention,
-  ``moe_every - 1`` defaults)."""
+  """``(attn_layer_period, attn_layer_offset, moe_every, moe_offset,
+  first_dense_layers)`` of a config's ``model`` section (keys missing from older
+  configs take the all-attention, ``moe_every - 1``, no-dense-prefix defaults)."""
   return (model.get("attn_layer_period", 1), model.get("attn_layer_offset", 0),
-          model.moe_every, model.get("moe_offset", None))
+          model.moe_every, model.get("moe_offset", None),
+          model.get("first_dense_layers", 0))
 
 
 def model_pattern(config):
   """The per-block ``(mixer, ffn)`` list of a config (:func:`layer_pattern`)."""
-  period, offset, every, moe_offset = pattern_keys(config.model)
+  period, offset, every, moe_offset, first_dense = pattern_keys(config.model)
   return layer_pattern(config.model.num_layers, attn_layer_period=period,
-                       attn_layer_offset=offset, moe_every=every, moe_offset=moe_offset)
+                       attn_layer_offset=offset, moe_every=every, moe_offset=moe_offset,
+                       first_dense_layers=first_dense)
 
 
 def expert_d_ff(config):
@@ -189,6 +194,12 @@ def expert_d_ff(config):
   which the config check reports as ``moe.d_ff``)."""
   d_ff = config.moe.get("d_ff", 0)
   return d_ff if _is_int(d_ff) and d_ff > 0 else config.model.d_ff
+
+
+def expert_activation(config) -> str:
+  """The experts' activation: ``moe.activation``, or ``model.activation`` when it is
+  "" (GLaM: gated GELU in the dense FFNs, plain GELU in the experts)."""
+  return config.moe.get("activation", "") or config.model.activation
 
 
 def dataset_name_error(name) -> str | None:

@@ -43,8 +43,8 @@ class Section:
 SECTIONS = {
     "model": Section(TransformerConfig, ("vocab_size", "max_len", "moe", "mamba", "causal"),
                      {"num_layers": 4, "d_model": 256, "num_heads": 4, "d_ff": 1024}),
-    "moe": Section(MoeConfig, ("d_model", "activation", "dtype", "model_init_scale"),
-                   {"num_experts": 8, "d_ff": 0, "queue_order": "auto"}),
+    "moe": Section(MoeConfig, ("d_model", "dtype", "model_init_scale"),
+                   {"num_experts": 8, "d_ff": 0, "activation": "", "queue_order": "auto"}),
     "mamba": Section(MambaConfig, ("d_model", "init_scale")),
 }
 
