@@ -55,7 +55,7 @@ moe.loss_reduction model.position model.moe_offset model.attn_layer_period
 model.attn_layer_offset mamba.d_state mamba.d_conv mamba.expand mamba.dt_rank
 mamba.chunk_size mamba.scan model.mod_every model.mod_capacity model.mod_predictor
 model.mod_aux_loss_coef moe.noop_experts moe.noop_capacity_factor
-moe.balance_scope model.num_kv_heads model.head_dim""".split()
+moe.balance_scope model.num_kv_heads model.head_dim data.vocab_size""".split()
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -139,6 +139,8 @@ def test_switch_and_top2_settings():
 
 # (override, the key the one error must name, a word of the fix)
 RULES = [
+    ({"data.vocab_size": 100}, "data.vocab_size=100", "at least 259"),
+    ({"data.vocab_size": -1}, "data.vocab_size=-1", "positive integer"),
     ({"moe.top_k": 9}, "moe.top_k=9", "num_experts"),
     ({"moe.top_k": 0}, "moe.top_k=0", ">= 1"),
     ({"moe.capacity_factor": 0.0}, "moe.capacity_factor=0.0", "> 0"),

@@ -183,3 +183,10 @@ def test_counts_from_two_short_models_equal_the_direct_count(name, num_layers):
   unit = find_unit(model_pattern(config))
   assert unit.repeats > 2 and (unit.prefix > 0) == (name == "deepseek_moe_16b")
   assert counts(config, module.VOCAB_SIZE) == direct_counts(config, module.VOCAB_SIZE)
+
+
+def test_data_vocab_size_sets_the_embedding_rows():
+  config = load("mixtral_8x7b").get_config()
+  assert build.vocab_size_of(config) == 32000
+  config.data.vocab_size = 0  # the byte tokenizer's
+  assert build.vocab_size_of(config) == 259

@@ -22,9 +22,9 @@ Published sizes (Dai et al. 2024, Table 2 / Sec. 5): 16.4B total, 2.8B active,
 embeddings included in both. ``tests/test_full_size_configs.py`` checks them with
 :func:`moe_jax.models.sizes.count_params` on an abstract model (no weights).
 
-The library's data is byte-level, so a training run builds the same network with the
-byte tokenizer's vocabulary; the published one is :data:`VOCAB_SIZE`
-(``make_model(config, vocab_size=VOCAB_SIZE)``).
+The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use.
 """
 
 from moe_jax.training.config import default_config
@@ -48,6 +48,7 @@ def get_config():
   m.moe_offset = 0
   m.first_dense_layers = 1
   config.data.seq_len = 4096
+  config.data.vocab_size = VOCAB_SIZE
   config.moe.num_experts = 64
   config.moe.d_ff = 1408
   config.moe.num_shared_experts = 2

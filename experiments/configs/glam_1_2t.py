@@ -26,9 +26,9 @@ parameters; GLaM's bias is a few thousand numbers per layer). Routing is GShard'
 top-2 as in ``top2_small`` (GLaM builds on GShard; the paper lists no routing
 settings): the second choice kept with probability min(1, g2 / 0.2), capacity factor 2
 at train time and 4 at eval, balance loss 0.01 and z-loss 0.001 (``switch_small``'s).
-The library's data is byte-level, so a training run builds the same network with the
-byte tokenizer's vocabulary; the published one is :data:`VOCAB_SIZE`
-(``make_model(config, vocab_size=VOCAB_SIZE)``).
+The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use.
 """
 
 from moe_jax.training.config import default_config
@@ -51,6 +51,7 @@ def get_config():
   m.moe_every = 2
   m.moe_offset = 1
   config.data.seq_len = 1024
+  config.data.vocab_size = VOCAB_SIZE
   config.moe.activation = "gelu"  # the experts: plain two-matrix GELU FFNs
   config.moe.num_experts = 64
   config.moe.top_k = 2

@@ -22,10 +22,9 @@ and that the routed experts' active share is exactly 2/8.
 Approximated: Grok's experts are gated GELU (``gelu(x W) * (x V)``), here SwiGLU
 (``activation="swiglu"``, the same weights and FLOPs). Not modelled, all without
 parameters or with a negligible number of them: the extra RMSNorms after the attention
-and the FFN, the attention-logit soft cap (30) and the output multipliers. The library's
-data is byte-level, so a training run builds the same network with the byte tokenizer's
-vocabulary; the published one is :data:`VOCAB_SIZE`
-(``make_model(config, vocab_size=VOCAB_SIZE)``).
+and the FFN, the attention-logit soft cap (30) and the output multipliers. The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use.
 """
 
 from moe_jax.training.config import default_config
@@ -49,6 +48,7 @@ def get_config():
   m.moe_every = 1
   m.moe_offset = 0
   config.data.seq_len = 8192
+  config.data.vocab_size = VOCAB_SIZE
   config.moe.num_experts = 8
   config.moe.top_k = 2
   config.moe.normalize_gates = False

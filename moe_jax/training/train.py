@@ -523,7 +523,7 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
       process_index=jax.process_index(), process_count=jax.process_count())
   tokenizer = data.tokenizer
 
-  model = make_model(config, vocab_size=objective.vocab_size)
+  model = make_model(config)
   info = dict(model_info(model, config.data.seq_len), objective=objective.name)
   routed = (f"top-{config.moe.top_k}" if config.moe.router == "topk" else
             f"{config.moe.router}, {_moe_layers(model)[0].experts_per_token:g} "
