@@ -47,7 +47,11 @@ def _config(name):
   extra = dict(JAMBA_TINY) if name == "jamba_small" else {}
   if name == "deepseek_small":
     extra["moe.d_ff"] = 8
-  return _zoo_config(name, **SMALL, **extra)
+  config = _zoo_config(name, **SMALL, **extra)
+  if config.moe.dispatch == "dropless":
+    # The worst-case buffer: a finite one may drop rows that one device keeps.
+    config.moe.ragged_buffer_factor = -1.0
+  return config
 
 
 def _setup(name, axes):
@@ -136,8 +140,15 @@ def test_every_weight_and_its_moments_are_split_over_fsdp(mesh_name):
       replicated.append(jax.tree_util.keystr(path))
       continue
     assert len(axes) == 1
-    # M where the weight has it (embed), else its largest dimension fsdp divides.
-    assert w.sharding.shard_shape(w.shape)[axes[0]] == w.shape[axes[0]] // fsdp
+    # M where the weight has it (embed), else its largest dimension fsdp divides;
+    # a weight that is not an expert's is split over the expert axis there too
+    # (ZeRO-3 over every data-parallel device) when fsdp * expert divides it.
+    entry = w.sharding.spec[axes[0]]
+    is_expert = any(e == "expert" for e in w.sharding.spec)
+    over = fsdp * (mesh.shape["expert"] if isinstance(entry, tuple) else 1)
+    assert is_expert or over == fsdp * mesh.shape["expert"] or (
+        w.shape[axes[0]] % (fsdp * mesh.shape["expert"])), jax.tree_util.keystr(path)
+    assert w.sharding.shard_shape(w.shape)[axes[0]] == w.shape[axes[0]] // over
   # Only weights with no dimension that fsdp divides stay whole over it (fsdp=8:
   # Mamba's [R] dt_norm, R = ceil(32 / 16) = 2).
   assert replicated == [jax.tree_util.keystr(p) for p, w in params
@@ -159,9 +170,13 @@ def test_fsdp_spec_rule():
   P = jax.sharding.PartitionSpec
   # M (embed) carries fsdp: kept.
   assert sharding.fsdp_spec(P("expert", "fsdp"), (4, 8, 16), mesh) == P("expert", "fsdp")
-  # No M: the largest free dimension fsdp divides, the first of equal ones.
-  assert sharding.fsdp_spec(P(), (4, 64), mesh) == P(None, "fsdp")
-  assert sharding.fsdp_spec(P(), (8, 8), mesh) == P("fsdp")
+  # No M: the largest free dimension fsdp divides, the first of equal ones; not an
+  # expert's weight, so over (fsdp, expert) where fsdp * expert = 8 divides it.
+  assert sharding.fsdp_spec(P(), (4, 64), mesh) == P(None, ("fsdp", "expert"))
+  assert sharding.fsdp_spec(P(), (8, 8), mesh) == P(("fsdp", "expert"))
+  assert sharding.fsdp_spec(P(), (12,), mesh) == P("fsdp")  # 8 does not divide 12
+  assert sharding.fsdp_spec(P(None, "fsdp"), (4, 16), mesh) == P(None, ("fsdp", "expert"))
+  # An expert's weight keeps E alone on the expert axis.
   assert sharding.fsdp_spec(P("expert"), (8, 6, 4), mesh) == P("expert", None, "fsdp")
   # Nothing fsdp divides (or a scalar): replicated over fsdp.
   assert sharding.fsdp_spec(P(), (6,), mesh) == P()

@@ -11,8 +11,9 @@ Layout (flaxformer / t5x style, see ``docs/sharding.md``):
   ``model`` where that is natural (Megatron-style ``mlp``, ``heads``, ``vocab``).
 * FSDP: every weight is also split over ``fsdp``, along M (logical ``embed``), or,
   for a weight without M, along its largest dimension that ``fsdp`` divides
-  (:func:`fsdp_spec`); its optimizer state follows it. The compiled step all-gathers
-  a weight where it is used and reduce-scatters its gradient.
+  (:func:`fsdp_spec`), and a weight that is not an expert's over ``expert`` as well;
+  its optimizer state follows it. The compiled step all-gathers a weight where it is
+  used and reduce-scatters its gradient.
 * Inside :class:`~moe_jax.layers.moe_layer.MoeLayer` the expert buffers ``[E, G, C, M]``
   are pinned to E over ``expert`` and G over ``data*fsdp``. Going from the group layout
   to the buffer layout and back is an all-to-all within each ``expert`` row of the mesh.
@@ -48,6 +49,7 @@ MESH_AXES = ("data", "fsdp", "expert", "model")
 BATCH_AXES = ("data", "fsdp", "expert")
 # Every weight is split over this axis as well (fully sharded data parallelism).
 FSDP_AXIS = "fsdp"
+EXPERT_AXIS = "expert"
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
@@ -412,28 +414,45 @@ def logical_to_spec(
 
 
 def fsdp_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """``spec`` of a weight of ``shape``, split over the ``fsdp`` axis as well.
+  """``spec`` of a weight of ``shape``, split over the ``fsdp`` axis as well, and over
+  ``expert`` too when the weight is not an expert's.
 
   A weight whose logical axes put ``fsdp`` on a dimension already (``embed``: M) keeps
-  its spec. Any other weight (a norm's ``[M]``, Mamba's ``[K, D_in]`` conv kernel,
+  that dimension. Any other weight (a norm's ``[M]``, Mamba's ``[K, D_in]`` conv kernel,
   ``[D_in, N]`` ``A_log``, ...) is split over ``fsdp`` along its largest dimension that
   is not split yet and that ``fsdp`` divides (the first of equal ones); a weight with
   none (a scalar, a ``[R]`` norm that ``fsdp`` does not divide) stays replicated over
   ``fsdp``. So a dimension ``fsdp`` does not divide is never padded or refused: only
   M must be a multiple of it (config validation).
+
+  A weight that does not use the ``expert`` axis (attention, dense FFNs, embeddings,
+  routers: everything but the experts' E) would otherwise be replicated over it, E/X
+  copies of the dense model's weights and moments. With FSDP on (``fsdp > 1``) ZeRO-3
+  splits those over every data-parallel device, so its ``fsdp`` dimension is split
+  over ``(fsdp, expert)`` when ``fsdp * expert`` divides it (MaxText shards ``embed``
+  over its expert axis too). Without FSDP they stay replicated (plain expert and data
+  parallelism).
   """
   size = mesh.shape.get(FSDP_AXIS, 1)
+  experts = mesh.shape.get(EXPERT_AXIS, 1)
   entries = list(spec) + [None] * (len(shape) - len(spec))
   used = {a for e in entries if e is not None
           for a in ((e,) if isinstance(e, str) else e)}
-  if size == 1 or FSDP_AXIS in used:
+  if size == 1 or (FSDP_AXIS in used and EXPERT_AXIS in used):
     return spec
-  free = [i for i, (d, e) in enumerate(zip(shape, entries))
-          if e is None and d % size == 0]
-  if not free:
-    return spec
-  best = max(free, key=lambda i: (shape[i], -i))
-  entries[best] = FSDP_AXIS
+  if FSDP_AXIS in used:
+    dim = next(i for i, e in enumerate(entries)
+               if e == FSDP_AXIS or (not isinstance(e, str) and e and FSDP_AXIS in e))
+  else:
+    free = [i for i, (d, e) in enumerate(zip(shape, entries))
+            if e is None and d % size == 0]
+    if not free:
+      return spec
+    dim = max(free, key=lambda i: (shape[i], -i))
+    entries[dim] = FSDP_AXIS
+  if (experts > 1 and EXPERT_AXIS not in used and entries[dim] == FSDP_AXIS
+      and shape[dim] % (size * experts) == 0):
+    entries[dim] = (FSDP_AXIS, EXPERT_AXIS)
   while entries and entries[-1] is None:
     entries.pop()
   return P(*entries)

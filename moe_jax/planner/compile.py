@@ -193,6 +193,9 @@ def plan(config, target: Target, *, mode: str = "train", serve_batch: int = 8,
   with config.unlocked():
     for k, v in mesh_shape.items():
       config.mesh[k] = v
+    if mode == "serve":  # the training batch plays no part: one row per device
+      config.batch_size = devices
+      config.grad_accum_steps = 1
   errors = validate_config(config, num_devices=devices)
   if errors:
     raise ConfigError(errors)

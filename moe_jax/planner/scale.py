@@ -90,8 +90,10 @@ def _try(make_config: Callable[[int], Any], chip: str, topology: str,
                          "devices": len(target.devices)}
   try:
     row.update(plan(config, target, **plan_kwargs))
-  except (PlanError, ConfigError) as e:
+  except PlanError as e:  # does not fit, or the compiler refuses the step
     row.update({"fits": False, "error": str(e)})
+  except ConfigError as e:  # the config itself is wrong here: no point going on
+    row.update({"fits": False, "error": str(e), "config_error": True})
   return row
 
 
@@ -113,6 +115,8 @@ def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: flo
     rows.append(row)
     log(row)
     tried[i] = row["fits"]
+    if row.get("config_error"):
+      break
     if row["fits"]:
       if i - 1 in tried or i == 0:
         break
