@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax.training import build, run_state, train
-from moe_jax.parallel import sharding
+from moe_jax.parallel import optimizer_sharding, sharding
 from moe_jax.models import param_sharding
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.peft import finetune
@@ -199,7 +199,7 @@ def test_finetuning_optimizer_state_follows_the_trainable_subset():
   _, params, _, _ = run_state.split_trainable(model, plan["wrt"])
   tx, _, masks = finetune.make_optimizer(config, params, plan["row_masks"])
   assert masks is not None
-  opt_state = sharding.init_optimizer_state(tx, params)
+  opt_state = optimizer_sharding.init_optimizer_state(tx, params)
   kinds = assert_follows_parameters(opt_state, params)
   assert kinds["same"] == 2 * len(jax.tree.leaves(params))
   assert all(_spec(x.sharding) == ("expert",) for p, x in _flat(opt_state)
@@ -210,7 +210,7 @@ def test_factored_statistic_keeps_only_the_axes_it_is_sure_of():
   mesh = sharding.make_mesh(2, 2, 2)
   param = NamedSharding(mesh, P("expert", None, "model"))
   replicated = NamedSharding(mesh, P())
-  stat = sharding._stat_sharding  # pylint: disable=protected-access
+  stat = optimizer_sharding._stat_sharding  # pylint: disable=protected-access
   assert stat((4, 8, 16), (4, 8, 16), param, replicated) is param
   assert stat((4, 8), (4, 8, 16), param, replicated).spec == P("expert")
   assert stat((4, 16), (4, 8, 16), param, replicated).spec == P("expert", "model")

@@ -161,7 +161,7 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import optimizer_sharding  # pylint: disable=import-outside-toplevel
   from moe_jax.training import build, run_state, train  # pylint: disable=import-outside-toplevel
 
   models: dict[str, tuple] = {}
@@ -174,7 +174,7 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
     tx, _ = build.make_optimizer(c)
     _, params, _ = run_state.split_model(model)
     state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=sharding.init_optimizer_state(tx, params),
+                             opt_state=optimizer_sharding.init_optimizer_state(tx, params),
                              rng=jax.random.key_data(jax.random.key(c.seed)),
                              # Selection biases from the start: the step returns them,
                              # and a state without them would compile a second time.

@@ -30,7 +30,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.inference import decode
 from moe_jax.models.param_sharding import shard_model
 from moe_jax.models.sizes import count_params, flops_per_token
-from moe_jax.parallel import backend, sharding
+from moe_jax.parallel import backend, optimizer_sharding, sharding
 from moe_jax.planner import hlo
 from moe_jax.planner.targets import Target
 from moe_jax.training import build
@@ -95,7 +95,7 @@ def abstract_model(config, mesh):
 
 def _abstract_train_state(model, tx, mesh):
   _, params, _, _ = split_trainable(model, nnx.Param)
-  opt_sharding = sharding.optimizer_state_sharding(tx, params)
+  opt_sharding = optimizer_sharding.optimizer_state_sharding(tx, params)
   opt_state = jax.tree.map(_with_sharding, jax.eval_shape(tx.init, params), opt_sharding)
   replicated = NamedSharding(mesh, P())
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)

@@ -271,14 +271,14 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, mesh=N
   ``mesh`` None: one device (the first). Otherwise ``model`` is placed on ``mesh``
   already (:func:`moe_jax.models.param_sharding.shard_model`). The parameters keep
   their shardings; the optimizer state follows them
-  (:func:`moe_jax.parallel.sharding.optimizer_state_sharding`: each expert's moments
+  (:func:`moe_jax.parallel.optimizer_sharding.optimizer_state_sharding`: each expert's moments
   live on the devices that hold the expert); everything else (step, rng, selection
   biases, scalar statistics) is replicated.
   """
-  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import optimizer_sharding  # pylint: disable=import-outside-toplevel
   _, params, _, _ = split_trainable(model, wrt)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=sharding.init_optimizer_state(tx, params),
+                     opt_state=optimizer_sharding.init_optimizer_state(tx, params),
                      rng=jax.random.key_data(jax.random.key(seed)),
                      model_state=model_state(model))
   # Pin every leaf's sharding (parameters as shard_model placed them, the optimizer
