@@ -156,3 +156,20 @@ def test_an_oversized_step_exits_1_with_one_line_naming_the_hbm():
   assert "Traceback" not in proc.stderr + proc.stdout
   assert len(lines) == 1, lines
   assert "GiB HBM" in lines[0] and "over" in lines[0] and "mesh.fsdp" in lines[0]
+
+
+def test_serving_plans_the_kv_cache_at_its_batch_and_context():
+  config = _config("switch_small")
+  plan = planner.plan(config, make_target("h100:1x8"), mode="serve", serve_batch=8,
+                      serve_len=256)
+  assert set(KEYS) <= set(plan) and plan["fits"]
+  m = config.model
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  kv_heads = m.num_kv_heads or m.num_heads
+  rows = 8 // 8  # the cache's rows split over the 8 data-parallel devices
+  per_block = 2 * rows * 256 * kv_heads * head_dim * 4 + rows * 256 * 4  # K, V, positions
+  assert plan["bytes_per_device"]["kv_cache"] == m.num_layers * per_block
+  assert plan["bytes_per_device"]["optimizer"] == 0
+  assert plan["tokens_per_step"] == 8 and plan["prefill"]["tokens_per_step"] == 8 * 256
+  # The decode step is one token per row: its FLOPs are a small share of the prefill's.
+  assert 0 < plan["flops_per_step"] < plan["prefill"]["flops_per_step"] / 50

@@ -23,11 +23,12 @@ from moe_jax.planner.compile import PlanError, plan
 from moe_jax.planner.targets import CHIPS, make_target
 from moe_jax.errors import ConfigError
 
-# Topology ladders: v5p tori (chips = product) and H100 hosts of 8 GPUs.
+# Topology ladders: v5p tori (chips = product); H100: one host of 1 to 8 GPUs, then
+# hosts of 8.
 LADDERS = {
     "v5p": ["2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8",
             "8x8x16", "8x16x16"],
-    "h100": ["1x8", "2x8", "4x8", "8x8", "16x8", "32x8", "64x8", "128x8"],
+    "h100": ["1x1", "1x2", "1x4", "1x8", "2x8", "4x8", "8x8", "16x8", "32x8", "64x8", "128x8"],
 }
 # Bytes per parameter of the training state: fp32 weights and two fp32 Adam moments.
 TRAIN_STATE_BYTES = 12

@@ -108,6 +108,24 @@ def dispatch_table(rows) -> str:
   return "\n".join(lines)
 
 
+def published_table(rows) -> str:
+  head = ("| published setup | topology | fits | peak / HBM per device (GiB) | compiled "
+          "FLOPs / model | our MFU bound | reported |\n|" + "---|" * 7)
+  lines = [head]
+  for r in (r for r in rows if r["part"] == "published"):
+    if "flops_per_step" not in r:
+      lines.append(f"| {r['setup']} | {r['chip']}:{r['topology']} | no | - | - | - | "
+                   f"{r['reported']} ({r.get('error', '')[:160]}) |")
+      continue
+    b = r["bytes_per_device"]
+    lines.append(
+        f"| {r['setup']} | {r['chip']}:{r['topology']} ({r['devices']}) | "
+        f"{'yes' if r['fits'] else 'no'} | {_gib(b['peak'])} / {_gib(b['hbm'])} | "
+        f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | "
+        f"{100 * (r['mfu_bound'] or 0):.0f}% | {r['reported']} |")
+  return "\n".join(lines)
+
+
 def memory_figure(rows, configs, chips, path: str) -> str:
   """Stacked bars per config and chip of the fitting training plan's bytes per
   device: parameters, optimizer state, and the rest of the peak (temporaries)."""
@@ -154,6 +172,7 @@ def write_report(outdir: str, rows: list[dict[str, Any]], configs, chips, *,
       "![memory per device](memory.png)",
       "## Serving: bf16 weights, KV cache\n\n" + serve_table(rows, configs, chips),
       "## Dispatch paths compared\n\n" + dispatch_table(rows),
+      "## Published setups planned as published\n\n" + published_table(rows),
       notes])
   path = os.path.join(outdir, "README.md")
   with open(path, "w", encoding="utf-8") as f:
