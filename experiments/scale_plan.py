@@ -122,7 +122,7 @@ def main(argv):
   def tagged(part, name, chip, extra=None):
     def add(row):
       row.update({"part": part, "config": name, **(extra or {})})
-      if "mesh" in row:
+      if "mesh" in row and part in ("train", "dispatch"):
         row["mesh_reason"] = scale.mesh_reason(row["mesh"], base(name).moe.num_experts)
       log(row)
     return add
@@ -149,7 +149,7 @@ def main(argv):
 
           def make_serve(devices, name=name):
             c = base(name)
-            return set_keys(c, scale.serving_overrides(c, devices))
+            return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH))
           params = params or _count(name, count_params)
           scale.smallest_fit(make_serve, chip, params, 2, log=tagged("serve", name, chip),
                              mode="serve", serve_batch=SERVE_BATCH, serve_len=context)

@@ -173,3 +173,44 @@ def test_serving_plans_the_kv_cache_at_its_batch_and_context():
   assert plan["tokens_per_step"] == 8 and plan["prefill"]["tokens_per_step"] == 8 * 256
   # The decode step is one token per row: its FLOPs are a small share of the prefill's.
   assert 0 < plan["flops_per_step"] < plan["prefill"]["flops_per_step"] / 50
+
+
+def test_the_search_ends_on_a_fitting_rung_next_to_a_failing_one(monkeypatch):
+  from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
+  ladder = scale.LADDERS["v5p"]
+  need = 32  # devices the fake step needs
+  tried = []
+
+  def fake_try(make_config, chip, topology, **kwargs):
+    del make_config, kwargs
+    tried.append(topology)
+    devices = scale._devices(chip, topology)  # pylint: disable=protected-access
+    return {"chip": chip, "topology": topology, "devices": devices,
+            "fits": devices >= need}
+
+  monkeypatch.setattr(scale, "_try", fake_try)
+  # The analytic start (state / devices <= HBM / 2) is 2x2x2 here; the search climbs.
+  rows = scale.smallest_fit(None, "v5p", params_total=40e9, bytes_per_param=12)
+  assert scale.answer(rows)["topology"] == "2x4x4"  # 32 chips
+  assert tried == ["2x2x4", "2x4x4"]
+  tried.clear()
+  need = 4  # starting too high, it walks down until a rung fails (or the ladder ends)
+  rows = scale.smallest_fit(None, "v5p", params_total=2e12, bytes_per_param=12)
+  assert scale.answer(rows)["topology"] == ladder[0] and tried[-1] == ladder[0]
+
+
+def test_the_mesh_rules():
+  from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
+  # Training: experts over gcd(E, D), ZeRO-3 over the rest.
+  assert scale.choose_mesh(64, 512, 8192) == {"data": 1, "fsdp": 8, "expert": 64,
+                                              "model": 1}
+  assert scale.choose_mesh(8, 4, 4096) == {"data": 1, "fsdp": 1, "expert": 4, "model": 1}
+  assert scale.choose_mesh(128, 8, 768)["expert"] == 8
+  # fsdp must divide d_model: the remainder goes to data.
+  assert scale.choose_mesh(1, 64, 96) == {"data": 2, "fsdp": 32, "expert": 1, "model": 1}
+  # Serving: heads over model, then experts and fsdp within the batch's rows.
+  config = _config("mixtral_small")
+  mesh = scale.serving_mesh(config, 16, 8)
+  assert mesh["model"] == config.model.num_heads and (
+      mesh["fsdp"] * mesh["expert"] * mesh["model"] == 16)
+  assert 8 % (mesh["fsdp"] * mesh["expert"]) == 0

@@ -73,11 +73,22 @@ def training_overrides(config, devices: int, global_tokens: int,
           **{f"mesh.{k}": v for k, v in mesh.items()}}
 
 
-def serving_overrides(config, devices: int) -> dict[str, Any]:
-  """bf16 weights and compute, scanned layers, the experts over ``expert`` and the rest
-  of the devices over ``fsdp`` (each device holds 1/D of the weights)."""
-  mesh = choose_mesh(config.moe.num_experts if config.model.moe_every else 1, devices,
-                     config.model.d_model)
+def serving_mesh(config, devices: int, batch: int) -> dict[str, int]:
+  """The serving mesh on ``devices`` for ``batch`` rows: tensor parallelism over
+  ``model`` as far as the heads allow (every weight split along heads, H or V, the
+  batch whole on each device), then the experts over ``expert`` and the rest over
+  ``fsdp``, both batch axes, so their product must divide ``batch`` (the MoE groups
+  are never split across devices)."""
+  model = math.gcd(devices, config.model.num_heads)
+  rest = devices // model
+  experts = config.moe.num_experts if config.model.moe_every else 1
+  expert = math.gcd(math.gcd(rest, experts), batch)
+  return {"data": 1, "fsdp": rest // expert, "expert": expert, "model": model}
+
+
+def serving_overrides(config, devices: int, batch: int) -> dict[str, Any]:
+  """bf16 weights and compute, scanned layers, :func:`serving_mesh`."""
+  mesh = serving_mesh(config, devices, batch)
   return {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
           "model.scan_layers": True, **{f"mesh.{k}": v for k, v in mesh.items()}}
 

@@ -25,6 +25,11 @@ def _a2a(row) -> float:
   return sum(v["bytes"] for k, v in c.items() if "all-to-all" in k)
 
 
+def _mesh(row) -> str:
+  """``fsdp8 expert64``: the mesh axes above 1."""
+  return " ".join(f"{k}{v}" for k, v in row["mesh"].items() if v > 1) or "one device"
+
+
 def _fit_row(rows, part, config, chip):
   fits = [r for r in rows if r["part"] == part and r["config"] == config
           and r["chip"] == chip and r.get("fits")]
@@ -53,7 +58,7 @@ def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
         lines.append(f"| {config} | {chip} | none fits | | | | | | | | | | | {tried} |")
         continue
       b = r["bytes_per_device"]
-      mesh = " ".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+      mesh = _mesh(r)
       lines.append(
           f"| {config} | {chip} | {r['topology']} ({r['devices']}) | {mesh} | "
           f"{r.get('mesh_reason', '')} | {human_count(r['tokens_per_step'])} | "
@@ -66,20 +71,20 @@ def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
 
 
 def serve_table(rows, configs, chips) -> str:
-  head = ("| config | chip | smallest topology (devices) | batch x context | weights / "
-          "KV cache / peak per device (GiB) | decode step bound (ms) | prefill compile + "
-          "decode compile (s) | compiles tried |\n|" + "---|" * 8)
+  head = ("| config | chip | smallest topology (devices) | mesh | batch x context | "
+          "weights / KV cache / peak per device (GiB) | decode step bound (ms) | prefill "
+          "compile + decode compile (s) | compiles tried |\n|" + "---|" * 9)
   lines = [head]
   for config in configs:
     for chip in chips:
       r = _fit_row(rows, "serve", config, chip)
       tried = _tried(rows, "serve", config, chip)
       if r is None:
-        lines.append(f"| {config} | {chip} | none fits | | | | | {tried} |")
+        lines.append(f"| {config} | {chip} | none fits | | | | | | {tried} |")
         continue
       b = r["bytes_per_device"]
       lines.append(
-          f"| {config} | {chip} | {r['topology']} ({r['devices']}) | "
+          f"| {config} | {chip} | {r['topology']} ({r['devices']}) | {_mesh(r)} | "
           f"{r['serve_batch']} x {human_count(r['serve_len'])} | {_gib(b['params'])} / "
           f"{_gib(b['kv_cache'])} / {_gib(b['peak'])} | {1e3 * r['step_s_bound']:.2f} | "
           f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f} | {tried} |")
