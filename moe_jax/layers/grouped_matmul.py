@@ -42,7 +42,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax._src import config as jax_config  # the manual-axis check megablox needs off
 
 from moe_jax.parallel.backend import resolve_backend
 
@@ -199,11 +198,10 @@ def _megablox(a, w, sizes, tiling, interpret):
 
 
 def _megablox_fwd(a, w, sizes, tiling, interpret):
-  """``megablox.gmm``, traced without manual-axis checks (its ``pallas_call`` declares
-  none for its output) and marked varying over the axes its operands vary over."""
+  """``megablox.gmm``, its output marked varying over the axes its operands vary over
+  (its ``pallas_call`` declares none)."""
   kernels = _megablox_kernels()
-  with jax_config._check_vma(False):  # pylint: disable=protected-access
-    y = kernels.gmm(a, w, sizes, a.dtype, tiling, interpret=interpret)
+  y = kernels.gmm(a, w, sizes, a.dtype, tiling, interpret=interpret)
   return _to_varying(y, _varying(a)), (a, w, sizes)
 
 
@@ -212,12 +210,11 @@ def _megablox_bwd(tiling, interpret, residual, dy):
   ``tgmm`` (as ``megablox.ops.gmm``'s VJP)."""
   kernels = _megablox_kernels()
   a, w, sizes = residual
-  with jax_config._check_vma(False):  # pylint: disable=protected-access
-    tm, tk, tn = tiling  # da contracts over H and produces M: swap the widths' tiles
-    da = kernels.gmm(dy, w, sizes, a.dtype, (tm, tn, tk), transpose_rhs=True,
-                     interpret=interpret)
-    dw = kernels.tgmm(a.swapaxes(0, 1), dy, sizes, w.dtype, tiling,
-                      num_actual_groups=w.shape[0], interpret=interpret)
+  tm, tk, tn = tiling  # da contracts over H and produces M: swap the widths' tiles
+  da = kernels.gmm(dy, w, sizes, a.dtype, (tm, tn, tk), transpose_rhs=True,
+                   interpret=interpret)
+  dw = kernels.tgmm(a.swapaxes(0, 1), dy, sizes, w.dtype, tiling,
+                    num_actual_groups=w.shape[0], interpret=interpret)
   axes = _varying(a)
   return _to_varying(da, axes), _to_varying(dw, axes), None
 
@@ -234,7 +231,11 @@ def megablox_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
   The kernel takes bfloat16 or float32 operands: other compute dtypes run in float32.
   Inside ``shard_map`` (the dropless path on a mesh) the operands are first marked
   varying over every manual axis any of them varies over, so that a weight shared
-  across ``data`` gets its gradient summed over ``data`` as usual. Off TPU (the compile
+  across ``data`` gets its gradient summed over ``data`` as usual; the dropless
+  ``shard_map`` runs with ``check_vma=False`` because megablox's group metadata
+  concatenates an invariant constant with the varying group sizes, which jax's
+  manual-axis check refuses once remat or a scan re-traces it
+  (:func:`moe_jax.layers.dropless.dropless_on_mesh`). Off TPU (the compile
   target, :func:`moe_jax.parallel.backend.resolve_backend`) the kernels run in Pallas'
   interpret mode: slow, for checking numbers.
   """

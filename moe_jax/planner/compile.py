@@ -39,6 +39,8 @@ from moe_jax.training.run_state import TrainState, model_state, split_trainable
 from moe_jax.training.train import make_train_step
 
 MODES = ("train", "serve")
+# What a compiler's refusal raises (jax.errors.JaxRuntimeError in jax >= 0.4.36).
+_COMPILER_ERRORS = (getattr(jax.errors, "JaxRuntimeError", RuntimeError), RuntimeError)
 MESH_KEYS = ("data", "fsdp", "expert", "model")
 
 
@@ -98,7 +100,8 @@ def _abstract_train_state(model, tx, mesh):
   opt_sharding = optimizer_sharding.optimizer_state_sharding(tx, params)
   opt_state = jax.tree.map(_with_sharding, jax.eval_shape(tx.init, params), opt_sharding)
   replicated = NamedSharding(mesh, P())
-  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+  rng = _with_sharding(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+                       replicated)
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                      params=params, opt_state=opt_state, rng=rng,
                      model_state=jax.tree.map(lambda x: _with_sharding(x, replicated),
@@ -110,8 +113,13 @@ def _compile(fn, args, what: str, target: Target):
   """``(compiled, seconds)``; the compiler's refusal becomes one PlanError line."""
   start = time.perf_counter()
   try:
-    compiled = fn.lower(*args).compile()
-  except Exception as e:  # pylint: disable=broad-except
+    lowered = fn.lower(*args)
+  except ValueError as e:  # a layout the model's own checks refuse while tracing
+    raise PlanError(f"{what} on {target.name}: {' '.join(str(e).split())[:400]}"
+                    ) from None
+  try:
+    compiled = lowered.compile()
+  except _COMPILER_ERRORS as e:
     msg = " ".join(str(e).split())
     if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg.lower():
       m = re.search(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)",
@@ -250,8 +258,7 @@ def _plan_train(config, target, mesh, model) -> dict[str, Any]:
   tokens = config.batch_size * config.data.seq_len
   per_token = flops_per_token(model, config.data.seq_len)
   model_flops = 3.0 * (per_token["active"] + per_token["router"]) * tokens
-  compiled, seconds = _compile(jax.jit(step) if not hasattr(step, "lower") else step,
-                               (state, batch), "train step", target)
+  compiled, seconds = _compile(step, (state, batch), "train step", target)
   report = _step_report(compiled, target, model_flops, tokens, seconds)
   mem = report["memory"]
   report["bytes_per_device"] = {
