@@ -58,8 +58,10 @@ def test_tiled_equals_ragged_dot_and_the_loop(num_rows, num_experts):
     sizes = jnp.asarray(sizes, jnp.int32)
     tiled = gm.grouped_matmul(x, w, sizes, how="tiled")
     ragged = gm.grouped_matmul(x, w, sizes, how="ragged_dot")
+    scanned = gm.grouped_matmul(x, w, sizes, how="tile_scan")
     np.testing.assert_allclose(tiled, _loop(x, w, sizes), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scanned, tiled, rtol=1e-6, atol=1e-6)
     assert not np.asarray(tiled[routed:]).any()
 
     def loss(x, w, how):
@@ -67,8 +69,10 @@ def test_tiled_equals_ragged_dot_and_the_loop(num_rows, num_experts):
 
     g_tiled = jax.grad(loss, argnums=(0, 1))(x, w, "tiled")
     g_ragged = jax.grad(loss, argnums=(0, 1))(x, w, "ragged_dot")
-    for a, b in zip(g_tiled, g_ragged):
+    g_scanned = jax.grad(loss, argnums=(0, 1))(x, w, "tile_scan")
+    for a, b, c in zip(g_tiled, g_ragged, g_scanned):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+      np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
 
 
 def test_tiled_work_is_bounded_by_rows_plus_a_tile_per_expert():
@@ -88,10 +92,10 @@ def test_tiled_work_is_bounded_by_rows_plus_a_tile_per_expert():
 def test_auto_resolves_per_backend():
   assert gm.resolve_grouped_matmul("auto", "cpu") == "tiled"
   for backend in ("gpu", "cuda", "rocm"):
-    assert gm.resolve_grouped_matmul("auto", backend) == "tiled"
+    assert gm.resolve_grouped_matmul("auto", backend) == "tile_scan"
   assert gm.resolve_grouped_matmul("auto", "tpu") == "megablox"
   assert gm.resolve_grouped_matmul("ragged_dot", "cpu") == "ragged_dot"
-  assert set(gm.CHOICES) == {"auto", "ragged_dot", "tiled", "megablox"}
+  assert set(gm.CHOICES) == {"auto", "ragged_dot", "tiled", "tile_scan", "megablox"}
   assert gm.resolve_grouped_matmul("auto") == "tiled"  # the host (conftest: CPU)
   with compile_target("tpu"):
     assert gm.resolve_grouped_matmul("auto") == "megablox"
@@ -155,6 +159,22 @@ def test_megablox_compiles_to_three_grouped_kernels_on_tpu():
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   assert cost["flops"] == pytest.approx(3 * 2 * n * m * h, rel=0.01)
+
+
+def test_tile_scan_reads_one_weight_at_a_time():
+  # The tiled path's one batched matmul reads a gathered [tiles, M, H] weight copy;
+  # tile_scan's matmul is a [b, M] x [M, H] product inside a scan over the tiles.
+  num_rows, num_experts = 512, 8
+  x = jnp.zeros((num_rows, 8))
+  w = jnp.zeros((num_experts, 8, 4))
+  sizes = jnp.full((num_experts,), num_rows // num_experts, jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda x, w: gm.grouped_matmul(x, w, sizes, how="tile_scan"))(x, w)
+  assert not [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  tiles = math.ceil(num_rows / gm.tile_rows(num_rows, num_experts)) + num_experts
+  assert scan.params["length"] == tiles
+  (dot,) = [e for e in scan.params["jaxpr"].jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [v.aval.shape for v in dot.invars] == [(64, 8), (8, 4)]
 
 
 def test_bfloat16_rows_stay_bfloat16():

@@ -2,7 +2,7 @@
 
 ``dispatch="dropless"`` sorts the kept choices by expert into ``N`` rows, ``group_sizes[e]``
 of them for expert ``e`` (the rest, past ``sum(group_sizes)``, are unrouted and must come
-out 0), and multiplies each expert's rows by that expert's weight. Three implementations
+out 0), and multiplies each expert's rows by that expert's weight. Four implementations
 with the same products up to float rounding, behind :data:`GROUPED_MATMULS`
 (``moe.grouped_matmul``):
 
@@ -19,15 +19,19 @@ with the same products up to float rounding, behind :data:`GROUPED_MATMULS`
   ``ceil(N / b) + E`` (each expert wastes less than one tile), so the work is
   ``(ceil(N / b) + E) * b`` rows whatever the routing (below ``3 N`` with
   :func:`tile_rows`'s ``b``, and below ``2 N`` once ``N / E > 128``) instead of
-  ``E * N``, on every backend; the gathered weights cost memory traffic.
+  ``E * N``, on every backend; the gathered weights cost memory traffic, and their
+  copy ``[tiles, M, H]`` grows with the rows: fast on CPU at small widths, tens of GB
+  at full ones.
+* ``"tile_scan"``: the same tiles multiplied one at a time (``lax.scan``), each step
+  reading one expert's weight: the tiled FLOPs in one weight's memory.
 * ``"megablox"``: the Pallas TPU grouped-matmul kernels
   (``jax.experimental.pallas.ops.tpu.megablox``): ``gmm`` for the forward and input
   gradient, ``tgmm`` for the weight gradient, all three grouped, about the routed FLOPs.
   TPU only; on any other compile target it runs in Pallas' interpret mode (slow, for
   checking numbers on CPU).
 
-``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU, ``"tiled"``
-on GPU and CPU.
+``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU,
+``"tile_scan"`` on GPU and ``"tiled"`` on CPU.
 
 Shapes: ``N`` sorted rows, ``E`` experts, ``M`` input and ``H`` output width, ``b`` tile
 rows.
@@ -135,6 +139,22 @@ def matmul_tiles(tiles: jax.Array, w: jax.Array, layout: TileLayout,
   return jnp.einsum("tbm,tmh->tbh", tiles, weights, preferred_element_type=dtype)
 
 
+def matmul_tiles_scan(tiles: jax.Array, w: jax.Array, layout: TileLayout,
+                      dtype) -> jax.Array:
+  """:func:`matmul_tiles` one tile at a time (``lax.scan``): the same products, but
+  only one expert's weight ``[M, H]`` is read per step instead of a gathered
+  ``[tiles, M, H]`` copy, whose size grows with the rows (at Grok-1's widths, 136
+  tiles of 6144 x 32768 weights are 55 GB)."""
+  w = w.astype(dtype)
+
+  def one(_, xs):
+    tile, expert = xs
+    weight = jax.lax.dynamic_index_in_dim(w, expert, axis=0, keepdims=False)
+    return None, jnp.dot(tile, weight, preferred_element_type=dtype)
+
+  return jax.lax.scan(one, None, (tiles, layout.tile_expert))[1]
+
+
 class Grouped(NamedTuple):
   """Sorted rows in an implementation's layout, with its grouped matmul.
 
@@ -164,6 +184,15 @@ def tiled_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
   layout = tile_layout(group_sizes, x.shape[0])
   return Grouped(to_tiles(x.astype(dtype), layout),
                  lambda a, w: matmul_tiles(a, w, layout, dtype),
+                 lambda y: from_tiles(y, layout))
+
+
+def tile_scan_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
+  """Expert tiles (:func:`tile_layout`), multiplied one tile at a time
+  (:func:`matmul_tiles_scan`): the tiled path's FLOPs in one weight's memory."""
+  layout = tile_layout(group_sizes, x.shape[0])
+  return Grouped(to_tiles(x.astype(dtype), layout),
+                 lambda a, w: matmul_tiles_scan(a, w, layout, dtype),
                  lambda y: from_tiles(y, layout))
 
 
@@ -264,6 +293,7 @@ def megablox_rows(x: jax.Array, group_sizes: jax.Array, dtype) -> Grouped:
 GROUPED_MATMULS: dict[str, Callable[..., Grouped]] = {
     "ragged_dot": ragged_dot_rows,
     "tiled": tiled_rows,
+    "tile_scan": tile_scan_rows,
     "megablox": megablox_rows,
 }
 CHOICES = ("auto",) + tuple(GROUPED_MATMULS)
@@ -274,7 +304,10 @@ CHOICES = ("auto",) + tuple(GROUPED_MATMULS)
 # bf16 (docs/results/grouped_matmul/): on a TPU v5p, megablox costs 1.00x the routed
 # FLOPs, tiled 1.13-2.0x with about 3x megablox's bytes, ragged_dot 3.3-22x; on an H100,
 # tiled 1.13-2.0x and ragged_dot 8-64x (megablox is TPU-only). CPU: tiled, as GPU.
-AUTO = {"tpu": "megablox", "gpu": "tiled", "cpu": "tiled"}
+# On GPU the batched "tiled" matmul gathers a weight copy per tile, [tiles, M, H]:
+# compiled for H100 at full widths that is tens of GB of temporaries (Grok-1: 318 GiB
+# per device, docs/results/scale_plan/), so GPU takes the same tiles one at a time.
+AUTO = {"tpu": "megablox", "gpu": "tile_scan", "cpu": "tiled"}
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
