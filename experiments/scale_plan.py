@@ -117,7 +117,14 @@ def main(argv):
           f"peak={row.get('bytes_per_device', {}).get('peak', 0) / 2**30:.1f}GiB "
           f"compile={row.get('compile_s', 0)}s {row.get('error', '')[:120]}", flush=True)
 
-  done = {(r["part"], r["config"], r["chip"], r.get("dispatch", "")) for r in _rows(path)}
+  previous = _rows(path)
+  done = {(r["part"], r["config"], r["chip"], r.get("dispatch", "")) for r in previous
+          if r["part"] not in ("train", "serve")}
+
+  def search(part, name, chip):
+    """(settled, {topology: row}) of the compiles already made for one search."""
+    rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)]
+    return scale.search_done(rows, chip), {r["topology"]: r for r in rows}
 
   def tagged(part, name, chip, extra=None):
     def add(row):
@@ -135,15 +142,17 @@ def main(argv):
       settings = FULL_SIZE[name]
       params = None
       for chip in _CHIPS.value:
-        if "train" in _PARTS.value and ("train", name, chip, "") not in done:
+        settled, known = search("train", name, chip)
+        if "train" in _PARTS.value and not settled:
           def make(devices, name=name, settings=settings):
             c = base(name)
             return set_keys(c, scale.training_overrides(
                 c, devices, settings["tokens"], settings["seq_len"]))
           params = params or _count(name, count_params)
           scale.smallest_fit(make, chip, params, scale.TRAIN_STATE_BYTES,
-                             log=tagged("train", name, chip))
-        if "serve" in _PARTS.value and ("serve", name, chip, "") not in done:
+                             log=tagged("train", name, chip), known=known)
+        settled, known = search("serve", name, chip)
+        if "serve" in _PARTS.value and not settled:
           c0 = base(name)
           context = min(SERVE_CONTEXT, c0.data.seq_len)
 
@@ -152,7 +161,8 @@ def main(argv):
             return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH))
           params = params or _count(name, count_params)
           scale.smallest_fit(make_serve, chip, params, 2, log=tagged("serve", name, chip),
-                             mode="serve", serve_batch=SERVE_BATCH, serve_len=context)
+                             known=known, mode="serve", serve_batch=SERVE_BATCH,
+                             serve_len=context)
     if "dispatch" in _PARTS.value:
       rows = _rows(path)
       for name in DISPATCH_CONFIGS:

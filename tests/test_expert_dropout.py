@@ -27,7 +27,9 @@ def identity_layer(dispatch, mesh=None):
   cfg = MoeConfig(d_model=M, d_ff=M, num_experts=E, top_k=1, group_size=L,
                   dispatch=dispatch, activation="relu", expert_dropout=P_DROP,
                   capacity_factor=float(E), eval_capacity_factor=float(E),
-                  init_scale=0.1, router_init_scale=0.1)
+                  init_scale=0.1, router_init_scale=0.1,
+                  # Dropless with the worst-case buffer: nothing dropped, as indices.
+                  **({"ragged_buffer_factor": -1.0} if dispatch == "dropless" else {}))
   layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
   eye = np.broadcast_to(np.eye(M, dtype=np.float32), (E, M, M))
   layer.experts.wi[...] = eye

@@ -111,9 +111,12 @@ def _try(make_config: Callable[[int], Any], chip: str, topology: str,
 
 def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: float,
                  bytes_per_param: float, log: Callable[[dict], None] = lambda r: None,
+                 known: dict[str, dict[str, Any]] | None = None,
                  **plan_kwargs) -> list[dict[str, Any]]:
   """Every compile of the search for the smallest rung of ``LADDERS[chip]`` where the
-  step fits; the last fitting row is the answer (none fit: the ladder ran out)."""
+  step fits; the last fitting row is the answer (none fit: the ladder ran out).
+  ``known`` (topology -> row) holds compiles of an interrupted search, reused."""
+  known = known or {}
   ladder = LADDERS[chip]
   hbm = CHIPS[chip].hbm_bytes
   start = 0
@@ -122,10 +125,13 @@ def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: flo
     start += 1
   rows, tried, i = [], {}, start
   while 0 <= i < len(ladder) and i not in tried:
-    row = _try(make_config, chip, ladder[i], **plan_kwargs)
-    row["rung"] = i
+    if ladder[i] in known:
+      row = known[ladder[i]]
+    else:
+      row = _try(make_config, chip, ladder[i], **plan_kwargs)
+      row["rung"] = i
+      log(row)
     rows.append(row)
-    log(row)
     tried[i] = row["fits"]
     if row.get("config_error"):
       break
@@ -138,6 +144,19 @@ def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: flo
         break
       i += 1
   return rows
+
+
+def search_done(rows: list[dict[str, Any]], chip: str) -> bool:
+  """Whether the compiles ``rows`` of one search settle it: a fitting rung whose rung
+  below failed (or the first rung), the top rung failing, or a config error."""
+  ladder = LADDERS[chip]
+  fits = {r["topology"]: r.get("fits") for r in rows}
+  if any(r.get("config_error") for r in rows):
+    return True
+  for i, topology in enumerate(ladder):
+    if fits.get(topology) and (i == 0 or fits.get(ladder[i - 1]) is False):
+      return True
+  return fits.get(ladder[-1]) is False
 
 
 def answer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
