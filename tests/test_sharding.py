@@ -480,6 +480,8 @@ def _switch_run(data, expert, tmp_path_factory, dispatch="auto"):
     c.moe.group_size = 16  # 8*16 tokens -> G = 8 groups: one per device on 8 devices
     c.mesh.data, c.mesh.expert = data, expert
     c.moe.dispatch = dispatch
+    if dispatch == "dropless":  # the worst-case buffer: nothing dropped, as one device
+      c.moe.ragged_buffer_factor = -1.0
     workdir = tmp_path_factory.mktemp(f"switch_{dispatch}_{data}x{expert}")
     train.train_and_evaluate(c, str(workdir))
     with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
