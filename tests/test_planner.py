@@ -216,3 +216,22 @@ def test_the_mesh_rules():
   assert mesh["model"] == config.model.num_heads and (
       mesh["fsdp"] * mesh["expert"] * mesh["model"] == 16)
   assert 8 % (mesh["fsdp"] * mesh["expert"]) == 0
+
+
+def test_the_search_stops_when_more_devices_do_not_shrink_the_peak(monkeypatch):
+  from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
+  tried = []
+
+  def fake_try(make_config, chip, topology, **kwargs):
+    del make_config, kwargs
+    tried.append(topology)
+    devices = scale._devices(chip, topology)  # pylint: disable=protected-access
+    peak = 500e9 + 1e12 / devices  # mostly a part that no device count divides
+    return {"chip": chip, "topology": topology, "devices": devices, "fits": False,
+            "bytes_per_device": {"peak": peak}}
+
+  monkeypatch.setattr(scale, "_try", fake_try)
+  rows = scale.smallest_fit(None, "h100", params_total=1e9, bytes_per_param=2)
+  # Peaks 1500, 1000, 750, 625 GB on 1, 2, 4, 8 GPUs: 625 / 750 > 0.8 ends it.
+  assert scale.answer(rows) is None and tried == ["1x1", "1x2", "1x4", "1x8"]
+  assert scale.search_done(rows, "h100")

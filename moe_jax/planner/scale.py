@@ -5,7 +5,10 @@ The search walks a ladder of topologies per chip, smallest first, starting at th
 rung where the training state alone (fp32 weights and Adam moments) would take at most
 half of the devices' HBM, and compiles there: a step that fits moves one rung down (if
 the rung below was not tried yet), one that does not fit moves up. So every answer is a
-compile that fit next to one that did not (or the ladder's first rung).
+compile that fit next to one that did not (or the ladder's first rung). A search also
+stops when two failing rungs in a row show a peak per device that doubling the devices
+cut by less than a fifth: what does not shrink with the devices (a sequence's attention
+scores, KV heads replicated over ``model``) will not fit higher up either.
 
 The mesh on ``D`` devices (:func:`choose_mesh`): the experts over ``expert``, as many
 shards as divide both E and D (each device holds E/X experts and their moments, and a
@@ -17,6 +20,7 @@ parallelism (``model=1``), which the widths here do not need once FSDP splits th
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 from moe_jax.planner.compile import PlanError, plan
@@ -104,6 +108,9 @@ def _try(make_config: Callable[[int], Any], chip: str, topology: str,
     row.update(plan(config, target, **plan_kwargs))
   except PlanError as e:  # does not fit, or the compiler refuses the step
     row.update({"fits": False, "error": str(e)})
+    need = re.search(r"needs ([0-9.]+) GiB", str(e))
+    if need:  # the TPU compiler's own figure for the peak
+      row["peak_needed"] = float(need.group(1)) * 2 ** 30
   except ConfigError as e:  # the config itself is wrong here: no point going on
     row.update({"fits": False, "error": str(e), "config_error": True})
   return row
@@ -133,7 +140,7 @@ def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: flo
       log(row)
     rows.append(row)
     tried[i] = row["fits"]
-    if row.get("config_error"):
+    if row.get("config_error") or _not_shrinking(rows):
       break
     if row["fits"]:
       if i - 1 in tried or i == 0:
@@ -146,6 +153,21 @@ def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: flo
   return rows
 
 
+def _peak(row: dict[str, Any]) -> float | None:
+  return row.get("bytes_per_device", {}).get("peak") or row.get("peak_needed")
+
+
+def _not_shrinking(rows: list[dict[str, Any]]) -> bool:
+  """Two failing compiles in a row whose peak per device fell by less than a fifth
+  from twice the devices: what does not shrink with more devices (an attention
+  score matrix per sequence, replicated KV heads) will not fit higher up either."""
+  if len(rows) < 2 or rows[-1].get("fits") or rows[-2].get("fits"):
+    return False
+  before, after = _peak(rows[-2]), _peak(rows[-1])
+  return (before is not None and after is not None and rows[-1]["devices"] > rows[-2]["devices"]
+          and after > 0.8 * before)
+
+
 def search_done(rows: list[dict[str, Any]], chip: str) -> bool:
   """Whether the compiles ``rows`` of one search settle it: a fitting rung whose rung
   below failed (or the first rung), the top rung failing, or a config error."""
@@ -156,7 +178,9 @@ def search_done(rows: list[dict[str, Any]], chip: str) -> bool:
   for i, topology in enumerate(ladder):
     if fits.get(topology) and (i == 0 or fits.get(ladder[i - 1]) is False):
       return True
-  return fits.get(ladder[-1]) is False
+  tried = sorted((r for r in rows if r["topology"] in ladder),
+                 key=lambda r: ladder.index(r["topology"]))
+  return fits.get(ladder[-1]) is False or _not_shrinking(tried)
 
 
 def answer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
