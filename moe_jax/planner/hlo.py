@@ -16,10 +16,10 @@ Counted per device (the module is the SPMD program of one device):
   (Pallas). Elementwise work is not counted; it is small next to the matmuls of a
   transformer step, and a test checks the total against XLA's count on a loop-free
   module.
-* HBM bytes: the operands and results of every instruction outside fusions (a fusion
-  reads its operands from HBM and writes its result once), the usual roofline
-  traffic model. Layout-only instructions (``parameter``, ``tuple``,
-  ``get-tuple-element``, ``bitcast``, ``constant``) move nothing.
+* Bytes: the operands and results of every instruction outside fusions. A crude
+  model that counts a sliced or gathered operand whole (a loop that reads one expert's
+  weight per step counts all of them each time), so the planner does not report it;
+  its roofline takes the bytes it must move from XLA's memory analysis instead.
 * Collectives: the count and result bytes of every ``all-reduce``, ``all-gather``,
   ``reduce-scatter``, ``all-to-all``, ``ragged-all-to-all``, ``collective-permute``
   and ``collective-broadcast`` (async ``-start`` forms counted once, ``-done``

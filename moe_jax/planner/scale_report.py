@@ -55,7 +55,8 @@ def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
       r = _fit_row(rows, "train", config, chip)
       tried = _tried(rows, "train", config, chip)
       if r is None:
-        lines.append(f"| {config} | {chip} | none fits | | | | | | | | | | | {tried} |")
+        what = "none fits" if tried else "not compiled in this run"
+        lines.append(f"| {config} | {chip} | {what} | | | | | | | | | | | {tried} |")
         continue
       b = r["bytes_per_device"]
       mesh = _mesh(r)
@@ -80,7 +81,8 @@ def serve_table(rows, configs, chips) -> str:
       r = _fit_row(rows, "serve", config, chip)
       tried = _tried(rows, "serve", config, chip)
       if r is None:
-        lines.append(f"| {config} | {chip} | none fits | | | | | | {tried} |")
+        what = "none fits" if tried else "not compiled in this run"
+        lines.append(f"| {config} | {chip} | {what} | | | | | | {tried} |")
         continue
       b = r["bytes_per_device"]
       lines.append(
@@ -93,21 +95,19 @@ def serve_table(rows, configs, chips) -> str:
 
 def dispatch_table(rows) -> str:
   head = ("| config | chip | topology | dispatch | compiled FLOPs/step | / model | "
-          "HBM traffic / device | all-to-all / device | temp / peak (GiB) | fits | "
-          "error |\n|" + "---|" * 11)
+          "all-to-all / device | temp / peak (GiB) | fits | error |\n|" + "---|" * 10)
   lines = [head]
   for r in sorted((r for r in rows if r["part"] == "dispatch"),
                   key=lambda r: (r["config"], r["chip"], r["dispatch"])):
     if "flops_per_step" not in r:
       lines.append(f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
-                   f"- | - | - | - | - | no | {r.get('error', '')[:160]} |")
+                   f"- | - | - | - | no | {r.get('error', '')[:160]} |")
       continue
     b = r["bytes_per_device"]
     lines.append(
         f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
         f"{human_count(r['flops_per_step'])} | "
-        f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | "
-        f"{human_bytes(r['hbm_traffic_per_device'])} | {human_bytes(_a2a(r))} | "
+        f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | {human_bytes(_a2a(r))} | "
         f"{_gib(b['temp'])} / {_gib(b['peak'])} | {'yes' if r['fits'] else 'no'} | "
         f"{r.get('error', '')[:160]} |")
   return "\n".join(lines)
@@ -160,7 +160,7 @@ def memory_figure(rows, configs, chips, path: str) -> str:
   ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
   ax.set_ylabel("GiB per device (compiled)")
   ax.set_title("Training step memory per device at the smallest fitting topology")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
