@@ -44,53 +44,54 @@ def _tried(rows, part, config, chip) -> str:
   return ", ".join(out)
 
 
-def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
-  head = ("| config | chip | smallest topology (devices) | mesh | why | tokens/step | "
-          "params / optimizer / temp / peak per device (GiB) | FLOPs/step compiled | "
-          "FLOPs/step model | all-to-all / device | compile (s) | step bound (s) | "
-          "MFU bound | compiles tried |\n|" + "---|" * 14)
-  lines = [head]
+def _search_table(rows, part: str, configs, chips, columns: Sequence[str],
+                  cells) -> str:
+  """One row per config and chip: ``cells(row)`` of the smallest fitting compile, or
+  why there is none, then the compiles the search made."""
+  lines = ["| config | chip | smallest topology (devices) | mesh | " +
+           " | ".join(columns) + " | compiles tried |",
+           "|" + "---|" * (len(columns) + 5)]
   for config in configs:
     for chip in chips:
-      r = _fit_row(rows, "train", config, chip)
-      tried = _tried(rows, "train", config, chip)
+      r = _fit_row(rows, part, config, chip)
+      tried = _tried(rows, part, config, chip)
       if r is None:
         what = "none fits" if tried else "not compiled in this run"
-        lines.append(f"| {config} | {chip} | {what} | | | | | | | | | | | {tried} |")
+        lines.append(f"| {config} | {chip} | {what} | |" + " |" * len(columns) +
+                     f" {tried} |")
         continue
-      b = r["bytes_per_device"]
-      mesh = _mesh(r)
-      lines.append(
-          f"| {config} | {chip} | {r['topology']} ({r['devices']}) | {mesh} | "
-          f"{r.get('mesh_reason', '')} | {human_count(r['tokens_per_step'])} | "
-          f"{_gib(b['params'])} / {_gib(b['optimizer'])} / {_gib(b['temp'])} / "
-          f"{_gib(b['peak'])} | {human_count(r['flops_per_step'])} | "
-          f"{human_count(r['flops_per_step_model'])} | {human_bytes(_a2a(r))} | "
-          f"{r['compile_s']:.0f} | {r['step_s_bound']:.3g} | "
-          f"{100 * (r['mfu_bound'] or 0):.0f}% | {tried} |")
+      lines.append(f"| {config} | {chip} | {r['topology']} ({r['devices']}) | "
+                   f"{_mesh(r)} | " + " | ".join(cells(r)) + f" | {tried} |")
   return "\n".join(lines)
+
+
+def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
+  def cells(r):
+    b = r["bytes_per_device"]
+    return [r.get("mesh_reason", ""), human_count(r["tokens_per_step"]),
+            f"{_gib(b['params'])} / {_gib(b['optimizer'])} / {_gib(b['temp'])} / "
+            f"{_gib(b['peak'])}", human_count(r["flops_per_step"]),
+            human_count(r["flops_per_step_model"]), human_bytes(_a2a(r)),
+            f"{r['compile_s']:.0f}", f"{r['step_s_bound']:.3g}",
+            f"{100 * (r['mfu_bound'] or 0):.0f}%"]
+
+  return _search_table(rows, "train", configs, chips, [
+      "why", "tokens/step", "params / optimizer / temp / peak per device (GiB)",
+      "FLOPs/step compiled", "FLOPs/step model", "all-to-all / device", "compile (s)",
+      "step bound (s)", "MFU bound"], cells)
 
 
 def serve_table(rows, configs, chips) -> str:
-  head = ("| config | chip | smallest topology (devices) | mesh | batch x context | "
-          "weights / KV cache / peak per device (GiB) | decode step bound (ms) | prefill "
-          "compile + decode compile (s) | compiles tried |\n|" + "---|" * 9)
-  lines = [head]
-  for config in configs:
-    for chip in chips:
-      r = _fit_row(rows, "serve", config, chip)
-      tried = _tried(rows, "serve", config, chip)
-      if r is None:
-        what = "none fits" if tried else "not compiled in this run"
-        lines.append(f"| {config} | {chip} | {what} | | | | | | {tried} |")
-        continue
-      b = r["bytes_per_device"]
-      lines.append(
-          f"| {config} | {chip} | {r['topology']} ({r['devices']}) | {_mesh(r)} | "
-          f"{r['serve_batch']} x {human_count(r['serve_len'])} | {_gib(b['params'])} / "
-          f"{_gib(b['kv_cache'])} / {_gib(b['peak'])} | {1e3 * r['step_s_bound']:.2f} | "
-          f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f} | {tried} |")
-  return "\n".join(lines)
+  def cells(r):
+    b = r["bytes_per_device"]
+    return [f"{r['serve_batch']} x {human_count(r['serve_len'])}",
+            f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_gib(b['peak'])}",
+            f"{1e3 * r['step_s_bound']:.2f}",
+            f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f}"]
+
+  return _search_table(rows, "serve", configs, chips, [
+      "batch x context", "weights / KV cache / peak per device (GiB)",
+      "decode step bound (ms)", "prefill compile + decode compile (s)"], cells)
 
 
 def dispatch_table(rows) -> str:
