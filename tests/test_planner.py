@@ -47,6 +47,12 @@ def test_bad_targets_are_refused_in_one_line_before_anything_loads(spec, words):
   assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_bad_serving_sizes_are_refused_before_anything_compiles():
+  with pytest.raises(ConfigError, match="--serve_batch=0"):
+    planner.plan(_config("switch_small"), make_target("h100:1x1"), mode="serve",
+                 serve_batch=0)
+
+
 def test_the_mesh_fills_the_devices_with_data_parallelism():
   config = _config("switch_small", **{"mesh.expert": 2})
   assert planner.resolve_mesh(config, 8) == {"data": 4, "fsdp": 1, "expert": 2,

@@ -214,6 +214,9 @@ def plan(config, target: Target, *, mode: str = "train", serve_batch: int = 8,
   """
   if mode not in MODES:
     raise ConfigError([f"--mode={mode!r} is unknown; use train or serve."])
+  if mode == "serve" and (serve_batch < 1 or serve_len < 0):
+    raise ConfigError([f"--serve_batch={serve_batch} --serve_len={serve_len}: the batch "
+                       "must be >= 1 and the context >= 0 (0: data.seq_len)."])
   devices = len(target.devices)
   mesh_shape = resolve_mesh(config, devices)
   config = config.copy_and_resolve_references()
