@@ -34,6 +34,14 @@ def _config(name: str, **changes):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.model.d_model, c.model.num_heads, c.model.d_ff = 16, 2, 24
+  # The full-size configs, shrunk as the small ones: one KV head, the default head
+  # width, the byte vocabulary, expert widths like d_ff and at most 8 blocks (Jamba's
+  # pattern unit: every module kind once).
+  c.model.num_kv_heads = min(c.model.num_kv_heads, 1)
+  c.model.head_dim, c.data.vocab_size = 0, 0
+  c.model.num_layers = min(c.model.num_layers, 8)
+  if c.moe.get("d_ff", 0):
+    c.moe.d_ff = 24
   c.data.seq_len = SEQ
   for key, value in changes.items():
     section, field = key.split(".")
