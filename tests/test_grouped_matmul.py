@@ -92,7 +92,7 @@ def test_tiled_work_is_bounded_by_rows_plus_a_tile_per_expert():
 def test_auto_resolves_per_backend():
   assert gm.resolve_grouped_matmul("auto", "cpu") == "tiled"
   for backend in ("gpu", "cuda", "rocm"):
-    assert gm.resolve_grouped_matmul("auto", backend) == "tile_scan"
+    assert gm.resolve_grouped_matmul("auto", backend) == "tiled"
   assert gm.resolve_grouped_matmul("auto", "tpu") == "megablox"
   assert gm.resolve_grouped_matmul("ragged_dot", "cpu") == "ragged_dot"
   assert set(gm.CHOICES) == {"auto", "ragged_dot", "tiled", "tile_scan", "megablox"}

@@ -30,8 +30,8 @@ with the same products up to float rounding, behind :data:`GROUPED_MATMULS`
   TPU only; on any other compile target it runs in Pallas' interpret mode (slow, for
   checking numbers on CPU).
 
-``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU,
-``"tile_scan"`` on GPU and ``"tiled"`` on CPU.
+``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU and
+``"tiled"`` on GPU and CPU.
 
 Shapes: ``N`` sorted rows, ``E`` experts, ``M`` input and ``H`` output width, ``b`` tile
 rows.
@@ -144,7 +144,7 @@ def matmul_tiles_scan(tiles: jax.Array, w: jax.Array, layout: TileLayout,
   """:func:`matmul_tiles` one tile at a time (``lax.scan``): the same products, but
   only one expert's weight ``[M, H]`` is read per step instead of a gathered
   ``[tiles, M, H]`` copy, whose size grows with the rows (at Grok-1's widths, 136
-  tiles of 6144 x 32768 weights are 55 GB)."""
+  tiles of 6144 x 32768 weights would be 55 GB if XLA materialised it)."""
   w = w.astype(dtype)
 
   def one(_, xs):
@@ -304,10 +304,10 @@ CHOICES = ("auto",) + tuple(GROUPED_MATMULS)
 # bf16 (docs/results/grouped_matmul/): on a TPU v5p, megablox costs 1.00x the routed
 # FLOPs, tiled 1.13-2.0x with about 3x megablox's bytes, ragged_dot 3.3-22x; on an H100,
 # tiled 1.13-2.0x and ragged_dot 8-64x (megablox is TPU-only). CPU: tiled, as GPU.
-# On GPU the batched "tiled" matmul gathers a weight copy per tile, [tiles, M, H]:
-# compiled for H100 at full widths that is tens of GB of temporaries (Grok-1: 318 GiB
-# per device, docs/results/scale_plan/), so GPU takes the same tiles one at a time.
-AUTO = {"tpu": "megablox", "gpu": "tile_scan", "cpu": "tiled"}
+# "tile_scan" bounds what "tiled" writes as a gathered [tiles, M, H] weight copy, but the
+# full-size H100 plans compiled so far (Mixtral 8x7B, Grok-1) show the same peak memory
+# with either (their temporaries are attention's), so GPU keeps "tiled".
+AUTO = {"tpu": "megablox", "gpu": "tiled", "cpu": "tiled"}
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
