@@ -118,6 +118,9 @@ def published_table(rows) -> str:
   head = ("| published setup | topology | fits | peak / HBM per device (GiB) | compiled "
           "FLOPs / model | our MFU bound | reported |\n|" + "---|" * 7)
   lines = [head]
+  if not any(r["part"] == "published" for r in rows):
+    return ("None was compiled in this run (`python experiments/scale_plan.py "
+            "--parts=published`).")
   for r in (r for r in rows if r["part"] == "published"):
     if "flops_per_step" not in r:
       lines.append(f"| {r['setup']} | {r['chip']}:{r['topology']} | no | - | - | - | "
