@@ -30,8 +30,8 @@ with the same products up to float rounding, behind :data:`GROUPED_MATMULS`
   TPU only; on any other compile target it runs in Pallas' interpret mode (slow, for
   checking numbers on CPU).
 
-``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU and
-``"tiled"`` on GPU and CPU.
+``"auto"`` picks per compile target (:data:`AUTO`): ``"megablox"`` on TPU,
+``"tile_scan"`` on GPU and ``"tiled"`` on CPU.
 
 Shapes: ``N`` sorted rows, ``E`` experts, ``M`` input and ``H`` output width, ``b`` tile
 rows.
@@ -144,9 +144,12 @@ def matmul_tiles_scan(tiles: jax.Array, w: jax.Array, layout: TileLayout,
   """:func:`matmul_tiles` one tile at a time (``lax.scan``): the same products, but
   only one expert's weight ``[M, H]`` is read per step instead of a gathered
   ``[tiles, M, H]`` copy, whose size grows with the rows (at Grok-1's widths, 136
-  tiles of 6144 x 32768 weights would be 55 GB if XLA materialised it)."""
+  tiles of 6144 x 32768 weights are 55 GB)."""
   w = w.astype(dtype)
 
+  # Rematerialised: otherwise autodiff saves each step's weight slice for the backward
+  # pass, a stacked [tiles, M, H] copy again.
+  @jax.checkpoint
   def one(_, xs):
     tile, expert = xs
     weight = jax.lax.dynamic_index_in_dim(w, expert, axis=0, keepdims=False)
@@ -304,10 +307,11 @@ CHOICES = ("auto",) + tuple(GROUPED_MATMULS)
 # bf16 (docs/results/grouped_matmul/): on a TPU v5p, megablox costs 1.00x the routed
 # FLOPs, tiled 1.13-2.0x with about 3x megablox's bytes, ragged_dot 3.3-22x; on an H100,
 # tiled 1.13-2.0x and ragged_dot 8-64x (megablox is TPU-only). CPU: tiled, as GPU.
-# "tile_scan" bounds what "tiled" writes as a gathered [tiles, M, H] weight copy, but the
-# full-size H100 plans compiled so far (Mixtral 8x7B, Grok-1) show the same peak memory
-# with either (their temporaries are attention's), so GPU keeps "tiled".
-AUTO = {"tpu": "megablox", "gpu": "tiled", "cpu": "tiled"}
+# GPU: "tile_scan". Mixtral 8x7B's training step compiled for H100 4x8 (4M tokens,
+# one 4096-token microbatch per device) peaks at 36.6 GiB per device with it and at
+# 77.1 GiB with "tiled", whose gathered [tiles, M, H] weight copies are the difference,
+# for the same FLOPs (847 vs 851 PFLOP per step).
+AUTO = {"tpu": "megablox", "gpu": "tile_scan", "cpu": "tiled"}
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
