@@ -1,4 +1,4 @@
-"""What a compiled step does, read from its optimized HLO text: FLOPs, HBM bytes and
+"""What a compiled step does, read from its optimized HLO text: FLOPs and
 collectives, with every loop counted as many times as it runs.
 
 XLA's own ``compiled.cost_analysis()`` counts a ``while`` body once, however many times
@@ -16,10 +16,6 @@ Counted per device (the module is the SPMD program of one device):
   (Pallas). Elementwise work is not counted; it is small next to the matmuls of a
   transformer step, and a test checks the total against XLA's count on a loop-free
   module.
-* Bytes: the operands and results of every instruction outside fusions. A crude
-  model that counts a sliced or gathered operand whole (a loop that reads one expert's
-  weight per step counts all of them each time), so the planner does not report it;
-  its roofline takes the bytes it must move from XLA's memory analysis instead.
 * Collectives: the count and result bytes of every ``all-reduce``, ``all-gather``,
   ``reduce-scatter``, ``all-to-all``, ``ragged-all-to-all``, ``collective-permute``
   and ``collective-broadcast`` (async ``-start`` forms counted once, ``-done``
@@ -35,10 +31,6 @@ import re
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "ragged-all-to-all", "collective-permute", "collective-broadcast")
-_FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant",
-         "after-all", "partition-id", "replica-id", "opt-barrier", "copy-done",
-         "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
-         "send-done", "recv-done", "while", "conditional", "call"}
 _BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16,
          "u16": 16, "s32": 32, "u32": 32, "s64": 64, "u64": 64, "f16": 16, "bf16": 16,
          "f32": 32, "f64": 64, "c64": 64, "c128": 128, "f8e4m3fn": 8, "f8e5m2": 8,
@@ -63,7 +55,6 @@ class Instruction:
 class Costs:
   """Per-device totals of one compiled module, loops counted as often as they run."""
   flops: float = 0.0
-  bytes: float = 0.0
   collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   unknown_loops: int = 0  # while loops without a known trip count (counted once)
 
@@ -280,7 +271,6 @@ def _collective_bytes(inst: Instruction) -> float:
 
 def _add(total: Costs, part: Costs, times: float) -> None:
   total.flops += times * part.flops
-  total.bytes += times * part.bytes
   total.unknown_loops += part.unknown_loops
   for kind, v in part.collectives.items():
     entry = total.collectives.setdefault(kind, {"count": 0.0, "bytes": 0.0})
@@ -293,11 +283,6 @@ def analyze(text: str) -> Costs:
   comps, entry = parse_module(text)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text.")
-  fused = set()
-  for insts in comps.values():
-    for inst in insts:
-      if inst.opcode == "fusion":
-        fused.update(_attr_computations(inst.attrs, "calls"))
   memo: dict[str, Costs] = {}
 
   def cost_of(name: str, depth: int = 0) -> Costs:
@@ -308,7 +293,6 @@ def analyze(text: str) -> Costs:
     if name not in comps or depth > 64:
       return costs
     shapes = {inst.name: inst.shape for inst in comps[name]}
-    in_fusion = name in fused
     for inst in comps[name]:
       op = inst.opcode
       if op == "dot":
@@ -322,9 +306,6 @@ def analyze(text: str) -> Costs:
         entry_ = costs.collectives.setdefault(kind, {"count": 0.0, "bytes": 0.0})
         entry_["count"] += 1
         entry_["bytes"] += _collective_bytes(inst)
-      if not in_fusion and op not in _FREE and not op.endswith("-done"):
-        operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in inst.operands)
-        costs.bytes += shape_bytes(inst.shape) + operand_bytes
       if op == "while":
         trips = _trip_count(inst, comps)
         if trips is None:
@@ -338,7 +319,7 @@ def analyze(text: str) -> Costs:
                     + _attr_computations(inst.attrs, "false_computation"))
         subs = [cost_of(b, depth + 1) for b in branches]
         if subs:
-          _add(costs, max(subs, key=lambda c: (c.flops, c.bytes)), 1)
+          _add(costs, max(subs, key=lambda c: c.flops), 1)
       elif op in ("fusion", "call", "async-start"):
         callees = _attr_computations(inst.attrs, "calls")
         if op == "call":
