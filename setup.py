@@ -36,6 +36,17 @@ setuptools.setup(
         # the installed jax, and the CUDA PJRT plugin of the same jax version without
         # the CUDA libraries (cuda12-local). Used only to compile; no accelerator needed.
         "plan": ["jax[tpu,cuda12-local]"],
+        # tools/hf_fixtures.py, which writes tests/fixtures/hf/ (the tests read only its
+        # safetensors/json/npz). torch's CPU wheel comes from the PyTorch CPU index:
+        # install it first into a separate environment (the command is in the script's
+        # docstring); from PyPI, torch pulls the CUDA libraries.
+        "fixtures": [
+            "torch==2.13.0",
+            "transformers==5.25.0",
+            "safetensors>=0.4",
+            "tokenizers>=0.20",
+            "numpy>=1.26",
+        ],
         "test": [
             "jax[tpu,cuda12-local]",
             "pytest>=8",
