@@ -117,6 +117,9 @@ class MoeConfig:
     num_shared_experts: DeepSeek-MoE shared experts: a dense FFN of width
       ``num_shared_experts * d_ff`` with the experts' activation that every token
       passes; its output is added to the routed output. 0 is none.
+    shared_expert_gate: the shared experts' output is scaled per token by
+      ``sigmoid(x . w)`` with a learned ``w [M]`` before it is added (Qwen2-MoE's
+      ``shared_expert_gate``); needs ``num_shared_experts > 0``.
     noise_anneal_steps: "noisy_topk" only: the gating noise is scaled by
       ``max(0, 1 - step / noise_anneal_steps)``, with ``step`` the training step the
       layer's :class:`~moe_jax.layers.router_families.TrainingStep` holds. 0 is off
@@ -171,6 +174,7 @@ class MoeConfig:
   balance_choices: str = "first"
   bias_update_rate: float = 0.0
   num_shared_experts: int = 0
+  shared_expert_gate: bool = False
   noise_anneal_steps: int = 0
   ragged_exchange: str = "auto"
   ragged_buffer_factor: float = BUFFER_FACTOR
@@ -349,6 +353,13 @@ def _router_errors(cfg, sizes_ok: bool) -> list[str]:
     v = getattr(cfg, name)
     if not (_is_int(v) and v >= 0):
       errors.append(f"{name}={v!r} must be an integer >= 0 ({what}).")
+  gate = getattr(cfg, "shared_expert_gate", False)
+  if gate is not True and gate is not False:
+    errors.append(f"shared_expert_gate={gate!r} must be True or False.")
+  elif gate and not (_is_int(cfg.num_shared_experts) and cfg.num_shared_experts > 0):
+    errors.append(f"shared_expert_gate=True gates the shared experts, but "
+                  f"num_shared_experts={cfg.num_shared_experts!r}; set "
+                  "num_shared_experts >= 1 or shared_expert_gate=False.")
   groups, top_groups = cfg.expert_groups, cfg.top_groups
   groups_ok = _is_int(groups) and groups >= 1
   routed = routed_experts(cfg) if sizes_ok else 0

@@ -144,6 +144,29 @@ def check_groups(num_tokens: int, group_size: int, group_shards: int) -> None:
         "(one group per sequence).")
 
 
+class SharedExpertGate(nnx.Module):
+  """Qwen2-MoE's gate on the shared experts: ``x [..., M] -> f32[..., 1]
+  sigmoid(x . w)``, with ``w [M]`` (a vector, so float32 and not decayed; Hugging Face's
+  ``shared_expert_gate.weight [1, M]``), computed in float32."""
+
+  def __init__(self, d_model: int, *, init_scale: float, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(
+        scaled_init(init_scale, in_axis=0, out_axis=())(rngs.params(), (d_model,),
+                                                        jnp.float32),
+        logical_axes=("norm",))
+
+  def flops_per_token(self, tokens: int) -> Flops:
+    """``2 * M``, dense."""
+    del tokens
+    return Flops.dense(2 * self.kernel.size)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    logit = jnp.einsum("...M,M->...", x.astype(jnp.float32),
+                       self.kernel[...].astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return jax.nn.sigmoid(logit)[..., None]
+
+
 class MoeLayer(nnx.Module):
   """Sparse MoE FFN: ``y, aux = layer(x)`` with ``x, y: [B, L, M]``.
 
@@ -157,6 +180,8 @@ class MoeLayer(nnx.Module):
     experts: the E routed :class:`~moe_jax.layers.experts.Experts`.
     shared_experts: :class:`~moe_jax.layers.experts.DenseFfn` of width
       ``num_shared_experts * d_ff``, or None.
+    shared_gate: :class:`SharedExpertGate` on the shared experts'
+      output (``shared_expert_gate``), or None.
     selection_bias: :class:`~moe_jax.layers.router_families.SelectionBias` f32[E] when
       ``bias_update_rate > 0``, else None.
     training_step: :class:`~moe_jax.layers.router_families.TrainingStep` when
@@ -186,6 +211,9 @@ class MoeLayer(nnx.Module):
         init_scale=cfg.model_init_scale * cfg.init_scale,
         dtype=cfg.compute_dtype, lora_target="shared_experts",
         rngs=rngs) if cfg.num_shared_experts else None)
+    self.shared_gate = (SharedExpertGate(
+        cfg.d_model, init_scale=cfg.model_init_scale * cfg.router_init_scale, rngs=rngs)
+                        if cfg.shared_expert_gate else None)
     self.selection_bias = (SelectionBias(jnp.zeros((cfg.routed_experts,), jnp.float32))
                            if cfg.bias_update_rate > 0 else None)
     self.training_step = (TrainingStep(jnp.zeros((), jnp.int32))
@@ -385,8 +413,12 @@ class MoeLayer(nnx.Module):
     y = y.reshape(num_groups * group_size, d_model)[:num_tokens]
     y = y.reshape(batch, length, d_model)
     if self.shared_experts is not None:
-      # DeepSeek-MoE: every token also passes the shared experts.
-      y = y + self.shared_experts(x, deterministic=deterministic).astype(y.dtype)
+      # DeepSeek-MoE: every token also passes the shared experts (Qwen2-MoE: scaled by
+      # its gate).
+      shared = self.shared_experts(x, deterministic=deterministic)
+      if self.shared_gate is not None:
+        shared = shared * self.shared_gate(x).astype(shared.dtype)
+      y = y + shared.astype(y.dtype)
     metrics = dict(out.metrics, gate_mass=routing.gate_mass(out))
     aux = MoeAux(aux_loss=out.aux_loss, z_loss=out.z_loss, metrics=metrics)
     return y, aux

@@ -36,6 +36,11 @@ from moe_jax.models.model_config import TransformerConfig
 ATTENTION_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "kv_heads", "kv"),
                   "value": ("embed", "kv_heads", "kv"), "out": ("heads", "kv", "embed")}
 NORM_AXES = {"scale": ("norm",), "bias": ("norm",)}
+# The optional vectors of attention (model.qkv_bias, model.qk_norm), stored flat as
+# Hugging Face stores them ([N * D], [N_kv * D]; [D] for per-head norms): vectors, so
+# replicated, kept in float32 and not decayed, like the norms' scales.
+ATTENTION_VECTOR_AXES = {name: ("norm",) for name in (
+    "query_bias", "key_bias", "value_bias", "query_norm", "key_norm")}
 
 def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
   return nnx.Param(value, logical_axes=axes)
@@ -68,6 +73,15 @@ class Norm(nnx.Module):
     return h.astype(x.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axes: tuple[int, ...]
+             ) -> jax.Array:
+  """RMSNorm of x over ``axes`` in float32, times ``scale`` (shaped like those axes);
+  returns x's dtype."""
+  h = x.astype(jnp.float32)
+  h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=axes, keepdims=True) + eps)
+  return (h * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   """RoFormer rotary embedding (rotate-half form).
 
@@ -90,6 +104,12 @@ class Attention(nnx.Module):
   ``n`` reads KV head ``n // (N / N_kv)``, as Llama's ``repeat_kv``); the scores are a
   grouped einsum, without repeating K and V. ``N_kv = N`` is multi-head attention.
 
+  Options (Hugging Face families): ``cfg.qkv_bias`` adds biases to the query, key and
+  value projections (Qwen2); ``cfg.qk_norm`` RMS-normalises the queries and keys before
+  the rotary embedding, over each token's whole projection (``"projection"``, OLMoE:
+  scales of ``N * D`` and ``N_kv * D``) or over each head (``"head"``, Qwen3: scales of
+  ``D`` shared by the heads).
+
   ``attn(x, positions)`` attends over ``x`` itself (training, evaluation). For cached
   decoding, :meth:`init_cache` preallocates ``[B, max_len, N_kv, D]`` key and value caches
   (nnx ``Cache`` variables) and :meth:`decode` writes each new token at the slot of
@@ -108,6 +128,18 @@ class Attention(nnx.Module):
     out_init = scaled_init(cfg.init_scale, in_axis=(0, 1), out_axis=2)
     self.out = _param(out_init(rngs.params(), (cfg.num_heads, cfg.head_dim, cfg.d_model),
                                jnp.float32), ATTENTION_AXES["out"])
+    widths = {"query": cfg.num_heads * cfg.head_dim,
+              "key": cfg.num_kv_heads * cfg.head_dim,
+              "value": cfg.num_kv_heads * cfg.head_dim}
+    for name in ("query", "key", "value"):
+      setattr(self, f"{name}_bias", _param(
+          jnp.zeros((widths[name],), jnp.float32), ATTENTION_VECTOR_AXES[f"{name}_bias"])
+              if cfg.qkv_bias else None)
+    for name in ("query", "key"):
+      width = {"projection": widths[name], "head": cfg.head_dim}.get(cfg.qk_norm)
+      setattr(self, f"{name}_norm", _param(
+          jnp.ones((width,), jnp.float32), ATTENTION_VECTOR_AXES[f"{name}_norm"])
+              if width else None)
 
   def flops_per_token(self, tokens: int) -> Flops:
     """2 x the projection weights, plus ``4 * tokens * N * D`` for the scores and the
@@ -115,7 +147,8 @@ class Attention(nnx.Module):
     the Kaplan et al. 2020 convention; causal masking is not discounted; grouped-query
     attention's fewer KV heads shrink the key and value weights, not this term)."""
     width = self.cfg.num_heads * self.cfg.head_dim  # N * D, M by default
-    return Flops.dense(2 * param_size(self) + 4 * tokens * width)
+    weights = sum(getattr(self, name).size for name in ATTENTION_AXES)  # not the vectors
+    return Flops.dense(2 * weights + 4 * tokens * width)
 
   def lora_targets(self) -> tuple[LoraWeight, ...]:
     """query, key, value ``[M, N or N_kv, D]`` and out ``[N, D, M]`` (two input axes)."""
@@ -124,7 +157,7 @@ class Attention(nnx.Module):
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     """x: [B, L, M] -> q: [B, L, N, D], k, v: [B, L, N_kv, D] in the compute dtype,
-    rotated."""
+    biased, normalised and rotated as the config says."""
     cfg = self.cfg
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
@@ -132,6 +165,14 @@ class Attention(nnx.Module):
     # (docs/benchmarks.md, "The model's own matmuls").
     q, k, v = (jnp.einsum("BLM,MND->BLND", x, weight(self, name).astype(dtype))
                for name in ("query", "key", "value"))
+    if cfg.qkv_bias:
+      q, k, v = (a + getattr(self, f"{name}_bias")[...].reshape(a.shape[2:]).astype(dtype)
+                 for a, name in ((q, "query"), (k, "key"), (v, "value")))
+    if cfg.qk_norm != "none":
+      axes = (-2, -1) if cfg.qk_norm == "projection" else (-1,)
+      q, k = (rms_norm(a, getattr(self, f"{name}_norm")[...].reshape(
+          a.shape[-len(axes):]), cfg.norm_eps, axes) for a, name in ((q, "query"),
+                                                                      (k, "key")))
     if cfg.position == "rotary":
       q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
     return q, k, v
@@ -297,9 +338,9 @@ class Block(nnx.Module):
     kind = cfg.layers[index]
     self.mixer_kind = kind.mixer
     self.mixer_attr = MIXERS[kind.mixer].attr
-    setattr(self, f"{self.mixer_attr}_norm", Norm(cfg.d_model, cfg.norm))
+    setattr(self, f"{self.mixer_attr}_norm", Norm(cfg.d_model, cfg.norm, cfg.norm_eps))
     setattr(self, self.mixer_attr, MIXERS[kind.mixer].build(cfg, rngs))
-    self.ffn_norm = Norm(cfg.d_model, cfg.norm)
+    self.ffn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.is_moe = kind.ffn == MOE
     if self.is_moe:
       self.ffn = MoeLayer(cfg.moe, rngs=rngs)

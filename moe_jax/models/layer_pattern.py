@@ -11,7 +11,9 @@ Jamba's keys (Lieber et al. 2024; Hugging Face ``JambaConfig``), 0-based layer `
   = blocks 1, 3, ...). Jamba's ``expert_layer_period=2, expert_layer_offset=1`` is
   ``moe_every=2, moe_offset=1``, the same blocks. The first ``first_dense_layers``
   blocks are dense whatever the rule says (DeepSeek-MoE's ``first_k_dense_replace``:
-  DeepSeekMoE 16B's block 0 is a dense FFN, every later block MoE).
+  DeepSeekMoE 16B's block 0 is a dense FFN, every later block MoE), and so are the
+  blocks listed in ``dense_layers`` (Qwen2-MoE's and Qwen3-MoE's ``mlp_only_layers``;
+  their ``decoder_sparse_step`` is ``moe_every`` with the default offset).
 
 The pattern is a pure function of these integers, so the config check, the model and
 the tests read the same list.
@@ -46,15 +48,15 @@ def is_attention_layer(index: int, attn_layer_period: int = 1,
 
 
 def is_moe_layer(index: int, moe_every: int = 0, moe_offset: int | None = None,
-                 first_dense_layers: int = 0) -> bool:
-  return (moe_every > 0 and index >= first_dense_layers
+                 first_dense_layers: int = 0, dense_layers=()) -> bool:
+  return (moe_every > 0 and index >= first_dense_layers and index not in dense_layers
           and index % moe_every == resolve_moe_offset(moe_every, moe_offset))
 
 
 def layer_pattern(num_layers: int, *, attn_layer_period: int = 1,
                   attn_layer_offset: int = 0, moe_every: int = 0,
-                  moe_offset: int | None = None,
-                  first_dense_layers: int = 0) -> tuple[LayerKind, ...]:
+                  moe_offset: int | None = None, first_dense_layers: int = 0,
+                  dense_layers=()) -> tuple[LayerKind, ...]:
   """``(mixer, ffn)`` of each of the ``num_layers`` blocks, in order.
 
   For example ``layer_pattern(4, attn_layer_period=4, attn_layer_offset=2,
@@ -65,13 +67,14 @@ def layer_pattern(num_layers: int, *, attn_layer_period: int = 1,
   return tuple(
       LayerKind(ATTENTION if is_attention_layer(i, attn_layer_period, attn_layer_offset)
                 else MAMBA,
-                MOE if is_moe_layer(i, moe_every, moe_offset, first_dense_layers)
-                else DENSE)
+                MOE if is_moe_layer(i, moe_every, moe_offset, first_dense_layers,
+                                    dense_layers) else DENSE)
       for i in range(num_layers))
 
 
 def pattern_errors(num_layers, attn_layer_period, attn_layer_offset, moe_every,
-                   moe_offset, *, first_dense_layers=0, prefix: str = "") -> list[str]:
+                   moe_offset, *, first_dense_layers=0, dense_layers=(),
+                   prefix: str = "") -> list[str]:
   """Every problem with the pattern keys, one sentence each naming value and fix.
 
   ``prefix`` is put before the key names (``"model."`` for an experiment config).
@@ -109,13 +112,26 @@ def pattern_errors(num_layers, attn_layer_period, attn_layer_offset, moe_every,
   if not first_ok:
     errors.append(f"{p}first_dense_layers={first_dense_layers!r} must be an integer >= 0 "
                   "(the first blocks that stay dense; DeepSeekMoE 16B: 1).")
+  layers_ok = is_int(num_layers) and num_layers >= 1
+  dense_ok = (isinstance(dense_layers, (tuple, list))
+              and all(is_int(i) and i >= 0 for i in dense_layers)
+              and len(set(dense_layers)) == len(dense_layers))
+  if not dense_ok:
+    errors.append(f"{p}dense_layers={dense_layers!r} must be a list of distinct block "
+                  "indices >= 0 (blocks kept dense, Hugging Face's mlp_only_layers; "
+                  "() for none).")
+  elif layers_ok and any(i >= num_layers for i in dense_layers):
+    errors.append(f"{p}dense_layers={tuple(dense_layers)!r} names blocks past "
+                  f"{p}num_layers={num_layers}; use indices in [0, {num_layers - 1}].")
   offset_ok = moe_offset is None or (is_int(moe_offset) and moe_offset >= 0)
-  if (every_ok and moe_every and offset_ok and first_ok and is_int(num_layers)
-      and num_layers >= 1 and resolve_moe_offset(moe_every, moe_offset) < moe_every
-      and not any(is_moe_layer(i, moe_every, moe_offset, first_dense_layers)
-                  for i in range(num_layers))):
-    errors.append(f"{p}moe_every={moe_every} with {p}moe_offset={moe_offset!r} and "
-                  f"{p}first_dense_layers={first_dense_layers} places no MoE block among "
+  if (every_ok and moe_every and offset_ok and first_ok and dense_ok and layers_ok
+      and resolve_moe_offset(moe_every, moe_offset) < moe_every
+      and not any(is_moe_layer(i, moe_every, moe_offset, first_dense_layers,
+                               dense_layers) for i in range(num_layers))):
+    errors.append(f"{p}moe_every={moe_every} with {p}moe_offset={moe_offset!r}, "
+                  f"{p}first_dense_layers={first_dense_layers} and {p}dense_layers="
+                  f"{tuple(dense_layers)!r} places no MoE block among "
                   f"{p}num_layers={num_layers}; use {p}moe_every=0 for a dense model, or "
-                  "a smaller moe_every / moe_offset / first_dense_layers.")
+                  "a smaller moe_every / moe_offset / first_dense_layers, or fewer "
+                  "dense_layers.")
   return errors

@@ -24,6 +24,9 @@ from moe_jax.layers.moe_config import DTYPES, MoeConfig
 
 POSITIONS = ("rotary", "learned", "none")
 NORMS = ("rmsnorm", "layernorm")
+# model.qk_norm: an RMSNorm on the queries and keys before the rotary embedding, over
+# each whole projection (N * D values: OLMoE) or over each head (D values: Qwen3).
+QK_NORMS = ("none", "projection", "head")
 MODEL_DTYPES = ("float32", "bfloat16")  # compute dtypes of the model
 
 # model.remat -> the jax.checkpoint policy of each block (None: jax.checkpoint's
@@ -63,6 +66,8 @@ class TransformerConfig:
     first_dense_layers: blocks ``i < first_dense_layers`` have a dense FFN whatever
       ``moe_every`` says (DeepSeek-MoE's ``first_k_dense_replace``; DeepSeekMoE 16B:
       1, with ``moe_every=1``). 0: none.
+    dense_layers: blocks listed here have a dense FFN whatever ``moe_every`` says
+      (Hugging Face Qwen2-MoE's and Qwen3-MoE's ``mlp_only_layers``). (): none.
     attn_layer_period, attn_layer_offset: block ``i`` mixes with attention when
       ``i % attn_layer_period == attn_layer_offset``, with Mamba otherwise (1, 0:
       all attention; Jamba: 8, 4).
@@ -74,6 +79,15 @@ class TransformerConfig:
       config's ``moe.activation=""`` takes this one).
     position: "rotary" | "learned" | "none".
     norm: "rmsnorm" | "layernorm".
+    norm_eps: the epsilon of every norm of the blocks and the final norm (and of the
+      q/k norms), added to the mean square (the variance for LayerNorm) under the
+      square root (T5, Switch: 1e-6; Mixtral, OLMoE: 1e-5).
+    qk_norm: "none" | "projection" (an RMSNorm over each token's whole query
+      projection, ``N * D`` values, and over its whole key projection, ``N_kv * D``:
+      OLMoE) | "head" (an RMSNorm over each head's ``D`` values, one scale shared by
+      the heads: Qwen3), applied before the rotary embedding.
+    qkv_bias: the query, key and value projections add a learned bias (Qwen2); the
+      output projection has none.
     dropout: dropout on attention output and FFN output (residual branches).
     init_scale: the model-wide init scale s. Every weight matrix is drawn from a
       truncated normal of variance ``s / fan_in`` (attention, dense FFN, output
@@ -138,8 +152,14 @@ class TransformerConfig:
   remat: str = "none"
   scan_layers: bool = False
   first_dense_layers: int = 0
+  dense_layers: tuple[int, ...] = ()
+  norm_eps: float = 1e-6
+  qk_norm: str = "none"
+  qkv_bias: bool = False
 
   def __post_init__(self):
+    if isinstance(self.dense_layers, list):  # a config read back from JSON
+      object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
     for msg in validate_transformer_config(self):
       raise ValueError(msg)
     # Resolved here, so every reader sees the numbers in use.
@@ -174,7 +194,8 @@ class TransformerConfig:
     return layer_pattern(self.num_layers, attn_layer_period=self.attn_layer_period,
                          attn_layer_offset=self.attn_layer_offset,
                          moe_every=self.moe_every, moe_offset=self.moe_offset,
-                         first_dense_layers=self.first_dense_layers)
+                         first_dense_layers=self.first_dense_layers,
+                         dense_layers=self.dense_layers)
 
   def is_moe_block(self, index: int) -> bool:
     return self.layers[index].ffn == MOE
@@ -247,7 +268,7 @@ def validate_transformer_config(cfg, *, prefix: str = "",
   errors.extend(pattern_errors(cfg.num_layers, cfg.attn_layer_period,
                                cfg.attn_layer_offset, cfg.moe_every, cfg.moe_offset,
                                first_dense_layers=cfg.first_dense_layers,
-                               prefix=p))
+                               dense_layers=cfg.dense_layers, prefix=p))
   errors.extend(depth_errors(cfg.num_layers, cfg.mod_every, cfg.mod_capacity,
                              cfg.mod_predictor, prefix=p, seq_len=seq_len))
   need("dtype", cfg.dtype in MODEL_DTYPES, f"is unknown; use one of "
@@ -257,6 +278,12 @@ def validate_transformer_config(cfg, *, prefix: str = "",
   need("activation", cfg.activation in ACTIVATIONS, f"is unknown; use one of "
        f"{', '.join(ACTIVATIONS)}.")
   need("norm", cfg.norm in NORMS, "is unknown; use 'rmsnorm' or 'layernorm'.")
+  need("norm_eps", _is_real(cfg.norm_eps) and cfg.norm_eps > 0,
+       "must be a finite number > 0 (T5: 1e-6; Mixtral: 1e-5).")
+  need("qk_norm", cfg.qk_norm in QK_NORMS, "is unknown; use 'none', 'projection' (over "
+       "the whole query and key projections, OLMoE) or 'head' (per head, Qwen3).")
+  need("qkv_bias", cfg.qkv_bias is True or cfg.qkv_bias is False,
+       "must be True or False.")
   need("dropout", _is_real(cfg.dropout) and 0 <= cfg.dropout < 1, "must be in [0, 1).")
   need("init_scale", _is_real(cfg.init_scale) and cfg.init_scale > 0, "must be > 0.")
   need("rope_base", _is_real(cfg.rope_base) and cfg.rope_base > 0,

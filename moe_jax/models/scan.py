@@ -73,7 +73,8 @@ def block_kinds(cfg) -> tuple[tuple[str, str, bool], ...]:
   kinds = layer_pattern(cfg.num_layers, attn_layer_period=cfg.attn_layer_period,
                         attn_layer_offset=cfg.attn_layer_offset,
                         moe_every=cfg.moe_every, moe_offset=cfg.moe_offset,
-                        first_dense_layers=cfg.first_dense_layers)
+                        first_dense_layers=cfg.first_dense_layers,
+                        dense_layers=tuple(getattr(cfg, "dense_layers", ())))
   return tuple((k.mixer, k.ffn, is_routed_layer(i, cfg.mod_every))
                for i, k in enumerate(kinds))
 

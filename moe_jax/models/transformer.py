@@ -116,7 +116,7 @@ class Transformer(nnx.Module):
       self.scan = nnx.List([_stacked(blocks, unit, j) for j in range(unit.period)])
     else:
       self.blocks = nnx.List(blocks)
-    self.final_norm = Norm(cfg.d_model, cfg.norm)
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.unembed = (_param(
         scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
                                     jnp.float32),

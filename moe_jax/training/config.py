@@ -178,19 +178,20 @@ def _moe_view(config) -> SectionView:
 
 def pattern_keys(model) -> tuple:
   """``(attn_layer_period, attn_layer_offset, moe_every, moe_offset,
-  first_dense_layers)`` of a config's ``model`` section (keys missing from older
-  configs take the all-attention, ``moe_every - 1``, no-dense-prefix defaults)."""
+  first_dense_layers, dense_layers)`` of a config's ``model`` section (keys missing
+  from older configs take the all-attention, ``moe_every - 1``, no-dense-block
+  defaults)."""
   return (model.get("attn_layer_period", 1), model.get("attn_layer_offset", 0),
           model.moe_every, model.get("moe_offset", None),
-          model.get("first_dense_layers", 0))
+          model.get("first_dense_layers", 0), tuple(model.get("dense_layers", ())))
 
 
 def model_pattern(config):
   """The per-block ``(mixer, ffn)`` list of a config (:func:`layer_pattern`)."""
-  period, offset, every, moe_offset, first_dense = pattern_keys(config.model)
+  period, offset, every, moe_offset, first_dense, dense = pattern_keys(config.model)
   return layer_pattern(config.model.num_layers, attn_layer_period=period,
                        attn_layer_offset=offset, moe_every=every, moe_offset=moe_offset,
-                       first_dense_layers=first_dense)
+                       first_dense_layers=first_dense, dense_layers=dense)
 
 
 def expert_d_ff(config):

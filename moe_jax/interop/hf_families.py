@@ -1,0 +1,354 @@
+"""The Hugging Face MoE families moe_jax converts: how each one's ``config.json`` maps to
+an LM config and back, and which tensor on disk each moe_jax parameter is.
+
+A family is data (:class:`Family`), registered in :data:`FAMILIES` by its
+``model_type``; :mod:`moe_jax.interop.hf` reads and writes the files. Every family here
+is a pre-norm decoder with RMSNorm, rotary positions (``rope_theta``), grouped-query
+attention, SwiGLU experts and a float32 softmax top-k router:
+
+============  =================  ==========  =========  =====================================
+family        experts            q/k norm    q/k/v bias  other
+============  =================  ==========  =========  =====================================
+mixtral       ``w1, w3, w2``     none        no         gates renormalised over the top k
+olmoe         ``gate/up/down``   projection  no         ``norm_topk_prob`` (False)
+qwen2_moe     ``gate/up/down``   none        yes        gated shared expert, dense blocks
+qwen3_moe     ``gate/up/down``   head        no         ``head_dim``, dense blocks
+============  =================  ==========  =========  =====================================
+
+Layouts: Hugging Face ``nn.Linear`` weights are ``[out, in]``; moe_jax's kernels are
+``[in, out]``, attention's split by head (query ``[M, N, D]``, out ``[N, D, M]``) and the
+experts' stacked (``[E, M, H]``). :class:`Tensor` records the one transform between the
+two, so reading and writing are the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+# How a moe_jax parameter is laid out relative to its tensor on disk.
+IDENTITY = "identity"      # the same array (norm scales, biases, the embedding)
+TRANSPOSE = "transpose"    # [out, in] on disk -> [in, out]
+IN_HEADS = "in_heads"      # [N * D, M] -> [M, N, D] (query, key, value)
+OUT_HEADS = "out_heads"    # [M, N * D] -> [N, D, M] (attention output)
+ROW = "row"                # [1, M] -> [M] (Qwen2-MoE's shared_expert_gate)
+LAYOUTS = (IDENTITY, TRANSPOSE, IN_HEADS, OUT_HEADS, ROW)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One moe_jax parameter and where it lives on disk.
+
+  Attributes:
+    path: the parameter's path in the model's state (``("blocks", 0, "attn", "query")``).
+    names: the tensor names on disk; one, or one per expert for stacked experts (the
+      parameter is their stack along a new leading axis).
+    layout: one of :data:`LAYOUTS`, applied to each name's tensor.
+    heads: N for ``in_heads`` / ``out_heads`` (the head count of that projection).
+    stacked: the parameter stacks ``names`` (one per expert) along a new leading axis.
+  """
+
+  path: tuple
+  names: tuple[str, ...]
+  layout: str = IDENTITY
+  heads: int = 0
+  stacked: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A Hugging Face MoE family.
+
+  Attributes:
+    model_type: ``config.json``'s ``model_type``.
+    architecture: its ``architectures[0]`` (the causal-LM class).
+    experts_key: the config key of the number of routed experts.
+    expert_width_key: the key of each expert's hidden width.
+    dense_width_key: the key of the dense blocks' hidden width, or None when every
+      block is MoE.
+    norm_topk_key: the key of ``norm_topk_prob``, or None when the gates are always
+      renormalised (Mixtral); ``norm_topk_default`` is its value when absent.
+    sparse_layout: the family has ``decoder_sparse_step`` and ``mlp_only_layers``.
+    qk_norm: ``model.qk_norm`` of the family ("none", "projection", "head").
+    qkv_bias: the query, key and value projections have biases.
+    shared_expert: a sigmoid-gated shared expert (``shared_expert_intermediate_size``).
+    moe_prefix: the MoE block's module name under a layer (``block_sparse_moe`` / ``mlp``).
+    expert_names: the names of the gate, up and down projections of an expert.
+    z_loss_key: the config key of the router z-loss coefficient, if any.
+    refused: ``(key, allowed values, why)`` of config values this converter cannot
+      express; a value outside ``allowed`` is refused with one line.
+    extra: keys written to ``config.json`` on export as they are.
+  """
+
+  model_type: str
+  architecture: str
+  experts_key: str
+  expert_width_key: str
+  dense_width_key: str | None
+  norm_topk_key: str | None
+  norm_topk_default: bool
+  sparse_layout: bool
+  qk_norm: str
+  qkv_bias: bool
+  shared_expert: bool
+  moe_prefix: str
+  expert_names: tuple[str, str, str]
+  z_loss_key: str | None = None
+  refused: tuple[tuple[str, tuple, str], ...] = ()
+  extra: dict = dataclasses.field(default_factory=dict)
+
+
+_COMMON_REFUSED = (
+    ("tie_word_embeddings", (False, None), "tied input and output embeddings"),
+    ("hidden_act", ("silu", None), "an activation other than SiLU (SwiGLU experts)"),
+    ("rope_scaling", (None,), "rotary scaling (YaRN, linear, dynamic)"),
+    ("attention_bias", (False, None), "an attention output bias"),
+)
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family(
+        model_type="mixtral", architecture="MixtralForCausalLM",
+        experts_key="num_local_experts", expert_width_key="intermediate_size",
+        dense_width_key=None, norm_topk_key=None, norm_topk_default=True,
+        sparse_layout=False, qk_norm="none", qkv_bias=False, shared_expert=False,
+        moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+        refused=_COMMON_REFUSED + (
+            ("sliding_window", (None,), "sliding-window attention"),),
+        extra={"sliding_window": None}),
+    "olmoe": Family(
+        model_type="olmoe", architecture="OlmoeForCausalLM",
+        experts_key="num_experts", expert_width_key="intermediate_size",
+        dense_width_key=None, norm_topk_key="norm_topk_prob", norm_topk_default=False,
+        sparse_layout=False, qk_norm="projection", qkv_bias=False,
+        shared_expert=False, moe_prefix="mlp",
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        z_loss_key="router_z_loss_coef",
+        refused=_COMMON_REFUSED + (("clip_qkv", (None,), "clipped q/k/v"),),
+        extra={"clip_qkv": None, "attention_bias": False}),
+    "qwen2_moe": Family(
+        model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
+        experts_key="num_experts", expert_width_key="moe_intermediate_size",
+        dense_width_key="intermediate_size", norm_topk_key="norm_topk_prob",
+        norm_topk_default=False, sparse_layout=True, qk_norm="none", qkv_bias=True,
+        shared_expert=True, moe_prefix="mlp",
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        refused=_COMMON_REFUSED[:3] + (
+            ("use_sliding_window", (False, None), "sliding-window attention"),),
+        extra={"use_sliding_window": False}),
+    "qwen3_moe": Family(
+        model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
+        experts_key="num_experts", expert_width_key="moe_intermediate_size",
+        dense_width_key="intermediate_size", norm_topk_key="norm_topk_prob",
+        norm_topk_default=True, sparse_layout=True, qk_norm="head", qkv_bias=False,
+        shared_expert=False, moe_prefix="mlp",
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        refused=_COMMON_REFUSED + (
+            ("use_sliding_window", (False, None), "sliding-window attention"),),
+        extra={"use_sliding_window": False, "attention_bias": False}),
+}
+
+
+class ConversionError(ValueError):
+  """A checkpoint or model this converter cannot convert; the message is one line."""
+
+
+def family_of(hf_config: dict[str, Any], where: str) -> Family:
+  model_type = hf_config.get("model_type")
+  if model_type not in FAMILIES:
+    raise ConversionError(
+        f"{where}: model_type={model_type!r} is not a family moe_jax converts; use one "
+        f"of {', '.join(FAMILIES)}.")
+  return FAMILIES[model_type]
+
+
+def rope_theta(hf_config: dict[str, Any]) -> float:
+  """``rope_theta``, top level (transformers 4) or in ``rope_parameters`` (5)."""
+  params = hf_config.get("rope_parameters") or {}
+  if "rope_theta" in hf_config:
+    return float(hf_config["rope_theta"])
+  return float(params.get("rope_theta", 10000.0))
+
+
+def _refusals(family: Family, hf_config: dict[str, Any], where: str) -> None:
+  for key, allowed, what in family.refused:
+    if hf_config.get(key) not in allowed:
+      raise ConversionError(
+          f"{where}: {key}={hf_config.get(key)!r} asks for {what}, which moe_jax does "
+          f"not implement for {family.model_type}; only {allowed[0]!r} converts.")
+  rope = hf_config.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise ConversionError(
+        f"{where}: rope_parameters.rope_type={rope.get('rope_type')!r} asks for rotary "
+        "scaling, which moe_jax does not implement here; only 'default' converts.")
+
+
+def lm_config(hf_config: dict[str, Any], *, dtype: str = "float32",
+              where: str = "config.json") -> ml_collections.ConfigDict:
+  """The moe_jax LM config of a Hugging Face ``config.json`` (a dict).
+
+  The model keys reproduce the family's forward pass exactly; routing is dropless
+  (``moe.dispatch="dropless"``, one group per sequence), so no token is dropped, as in
+  the reference. The training keys (balance loss, z-loss) take the checkpoint's
+  coefficients where it states them. ``data.vocab_size`` is the checkpoint's
+  vocabulary; ``data.seq_len`` is ``min(max_position_embeddings, 4096)``.
+
+  Raises:
+    ConversionError: an unknown family or an option moe_jax cannot express.
+  """
+  from moe_jax.training.config import default_config  # pylint: disable=import-outside-toplevel
+  family = family_of(hf_config, where)
+  _refusals(family, hf_config, where)
+  h = hf_config
+  c = default_config()
+  m = c.model
+  m.num_layers = int(h["num_hidden_layers"])
+  m.d_model = int(h["hidden_size"])
+  m.num_heads = int(h["num_attention_heads"])
+  m.num_kv_heads = int(h.get("num_key_value_heads") or h["num_attention_heads"])
+  m.head_dim = int(h.get("head_dim") or m.d_model // m.num_heads)
+  m.d_ff = int(h[family.dense_width_key] if family.dense_width_key
+               else h[family.expert_width_key])
+  m.activation = "swiglu"
+  m.norm = "rmsnorm"
+  m.norm_eps = float(h.get("rms_norm_eps", 1e-6))
+  m.position = "rotary"
+  m.rope_base = rope_theta(h)
+  m.tie_embeddings = False
+  m.qk_norm = family.qk_norm
+  m.qkv_bias = family.qkv_bias
+  m.dtype = dtype
+  m.param_dtype = dtype
+  m.dropout = 0.0
+  m.moe_every = 1
+  m.moe_offset = None
+  if family.sparse_layout:
+    m.moe_every = int(h.get("decoder_sparse_step", 1) or 1)
+    m.dense_layers = tuple(int(i) for i in h.get("mlp_only_layers") or ())
+  c.data.vocab_size = int(h["vocab_size"])
+  c.data.seq_len = min(int(h.get("max_position_embeddings", 4096)), 4096)
+  moe = c.moe
+  moe.num_experts = int(h[family.experts_key])
+  moe.top_k = int(h["num_experts_per_tok"])
+  moe.d_ff = int(h[family.expert_width_key])
+  moe.router = "topk"
+  moe.score_fn = "softmax"
+  moe.second_policy = "all"
+  moe.normalize_gates = bool(h.get(family.norm_topk_key, family.norm_topk_default)
+                             if family.norm_topk_key else True)
+  moe.dispatch = "dropless"
+  moe.group_size = 0
+  moe.jitter_noise = 0.0
+  moe.expert_dropout = 0.0
+  if "router_aux_loss_coef" in h:
+    moe.aux_loss_coef = float(h["router_aux_loss_coef"])
+  moe.z_loss_coef = float(h.get(family.z_loss_key, 0.0)) if family.z_loss_key else 0.0
+  if family.shared_expert:
+    width, expert = int(h["shared_expert_intermediate_size"]), moe.d_ff
+    if width % expert:
+      raise ConversionError(
+          f"{where}: shared_expert_intermediate_size={width} is not a multiple of "
+          f"moe_intermediate_size={expert}; moe_jax's shared experts are "
+          "num_shared_experts x the expert width.")
+    moe.num_shared_experts = width // expert
+    moe.shared_expert_gate = True
+  return c
+
+
+def hf_config(config: ml_collections.ConfigDict, family: Family,
+              vocab_size: int) -> dict[str, Any]:
+  """The ``config.json`` dict of an LM config in ``family`` (the inverse of
+  :func:`lm_config` on the keys that define the forward pass)."""
+  m, moe = config.model, config.moe
+  out = {
+      "model_type": family.model_type,
+      "architectures": [family.architecture],
+      "vocab_size": vocab_size,
+      "hidden_size": m.d_model,
+      "num_hidden_layers": m.num_layers,
+      "num_attention_heads": m.num_heads,
+      "num_key_value_heads": m.num_kv_heads or m.num_heads,
+      "head_dim": m.head_dim or m.d_model // m.num_heads,
+      "hidden_act": "silu",
+      "rms_norm_eps": m.norm_eps,
+      "rope_theta": m.rope_base,
+      "rope_scaling": None,
+      "max_position_embeddings": config.data.seq_len,
+      "tie_word_embeddings": False,
+      "torch_dtype": m.param_dtype,
+      family.experts_key: moe.num_experts,
+      family.expert_width_key: moe.d_ff or m.d_ff,
+      "num_experts_per_tok": moe.top_k,
+      "router_aux_loss_coef": moe.aux_loss_coef,
+      "output_router_logits": False,
+  }
+  if family.dense_width_key:
+    out[family.dense_width_key] = m.d_ff
+  if family.norm_topk_key:
+    out[family.norm_topk_key] = bool(moe.normalize_gates)
+  if family.sparse_layout:
+    out["decoder_sparse_step"] = m.moe_every
+    out["mlp_only_layers"] = sorted(int(i) for i in m.dense_layers)
+  if family.z_loss_key:
+    out[family.z_loss_key] = moe.z_loss_coef
+  if family.shared_expert:
+    out["shared_expert_intermediate_size"] = moe.num_shared_experts * (moe.d_ff or m.d_ff)
+  out.update(family.extra)
+  return out
+
+
+def tensors(config: ml_collections.ConfigDict, family: Family,
+            is_moe: Callable[[int], bool]) -> list[Tensor]:
+  """Every parameter of the (unscanned) model of ``config`` with its tensors on disk;
+  ``is_moe(i)`` says whether block ``i`` has an MoE FFN."""
+  m = config.model
+  heads = {"query": m.num_heads, "key": m.num_kv_heads or m.num_heads}
+  heads["value"] = heads["key"]
+  proj = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+  out = [Tensor(("embedding",), ("model.embed_tokens.weight",)),
+         Tensor(("final_norm", "scale"), ("model.norm.weight",)),
+         Tensor(("unembed",), ("lm_head.weight",), TRANSPOSE)]
+  gate, up, down = family.expert_names
+  for i in range(m.num_layers):
+    layer = f"model.layers.{i}"
+    b = ("blocks", i)
+    out += [Tensor(b + ("attn_norm", "scale"), (f"{layer}.input_layernorm.weight",)),
+            Tensor(b + ("ffn_norm", "scale"),
+                   (f"{layer}.post_attention_layernorm.weight",)),
+            Tensor(b + ("attn", "out"), (f"{layer}.self_attn.o_proj.weight",), OUT_HEADS,
+                   heads["query"])]
+    for name in ("query", "key", "value"):
+      out.append(Tensor(b + ("attn", name), (f"{layer}.self_attn.{proj[name]}.weight",),
+                        IN_HEADS, heads[name]))
+      if m.qkv_bias:
+        out.append(Tensor(b + ("attn", f"{name}_bias"),
+                          (f"{layer}.self_attn.{proj[name]}.bias",)))
+    if m.qk_norm != "none":
+      out += [Tensor(b + ("attn", "query_norm"), (f"{layer}.self_attn.q_norm.weight",)),
+              Tensor(b + ("attn", "key_norm"), (f"{layer}.self_attn.k_norm.weight",))]
+    if not is_moe(i):
+      mlp = f"{layer}.mlp"
+      out += [Tensor(b + ("ffn", "wi_gate"), (f"{mlp}.gate_proj.weight",), TRANSPOSE),
+              Tensor(b + ("ffn", "wi"), (f"{mlp}.up_proj.weight",), TRANSPOSE),
+              Tensor(b + ("ffn", "wo"), (f"{mlp}.down_proj.weight",), TRANSPOSE)]
+      continue
+    moe = f"{layer}.{family.moe_prefix}"
+    experts = range(config.moe.num_experts)
+    out.append(Tensor(b + ("ffn", "router", "kernel"), (f"{moe}.gate.weight",),
+                      TRANSPOSE))
+    for attr, name in (("wi_gate", gate), ("wi", up), ("wo", down)):
+      out.append(Tensor(b + ("ffn", "experts", attr),
+                        tuple(f"{moe}.experts.{e}.{name}.weight" for e in experts),
+                        TRANSPOSE, stacked=True))
+    if family.shared_expert:
+      shared = f"{moe}.shared_expert"
+      out += [Tensor(b + ("ffn", "shared_experts", "wi_gate"),
+                     (f"{shared}.gate_proj.weight",), TRANSPOSE),
+              Tensor(b + ("ffn", "shared_experts", "wi"), (f"{shared}.up_proj.weight",),
+                     TRANSPOSE),
+              Tensor(b + ("ffn", "shared_experts", "wo"),
+                     (f"{shared}.down_proj.weight",), TRANSPOSE),
+              Tensor(b + ("ffn", "shared_gate", "kernel"),
+                     (f"{moe}.shared_expert_gate.weight",), ROW)]
+  return out
