@@ -64,7 +64,9 @@ class Family:
   Attributes:
     model_type: ``config.json``'s ``model_type``.
     architecture: its ``architectures[0]`` (the causal-LM class).
-    experts_key: the config key of the number of routed experts.
+    experts_key: the config keys of the number of routed experts: the first is
+      written, any is read (transformers 5 renamed Qwen3-MoE's ``num_experts`` to
+      ``num_local_experts``; checkpoints on the hub carry the old name).
     expert_width_key: the key of each expert's hidden width.
     dense_width_key: the key of the dense blocks' hidden width, or None when every
       block is MoE.
@@ -84,7 +86,7 @@ class Family:
 
   model_type: str
   architecture: str
-  experts_key: str
+  experts_key: tuple[str, ...]
   expert_width_key: str
   dense_width_key: str | None
   norm_topk_key: str | None
@@ -110,7 +112,7 @@ _COMMON_REFUSED = (
 FAMILIES: dict[str, Family] = {
     "mixtral": Family(
         model_type="mixtral", architecture="MixtralForCausalLM",
-        experts_key="num_local_experts", expert_width_key="intermediate_size",
+        experts_key=("num_local_experts",), expert_width_key="intermediate_size",
         dense_width_key=None, norm_topk_key=None, norm_topk_default=True,
         sparse_layout=False, qk_norm="none", qkv_bias=False, shared_expert=False,
         moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2"),
@@ -119,7 +121,7 @@ FAMILIES: dict[str, Family] = {
         extra={"sliding_window": None}),
     "olmoe": Family(
         model_type="olmoe", architecture="OlmoeForCausalLM",
-        experts_key="num_experts", expert_width_key="intermediate_size",
+        experts_key=("num_experts",), expert_width_key="intermediate_size",
         dense_width_key=None, norm_topk_key="norm_topk_prob", norm_topk_default=False,
         sparse_layout=False, qk_norm="projection", qkv_bias=False,
         shared_expert=False, moe_prefix="mlp",
@@ -129,7 +131,7 @@ FAMILIES: dict[str, Family] = {
         extra={"clip_qkv": None, "attention_bias": False}),
     "qwen2_moe": Family(
         model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
-        experts_key="num_experts", expert_width_key="moe_intermediate_size",
+        experts_key=("num_experts",), expert_width_key="moe_intermediate_size",
         dense_width_key="intermediate_size", norm_topk_key="norm_topk_prob",
         norm_topk_default=False, sparse_layout=True, qk_norm="none", qkv_bias=True,
         shared_expert=True, moe_prefix="mlp",
@@ -139,7 +141,7 @@ FAMILIES: dict[str, Family] = {
         extra={"use_sliding_window": False}),
     "qwen3_moe": Family(
         model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
-        experts_key="num_experts", expert_width_key="moe_intermediate_size",
+        experts_key=("num_local_experts", "num_experts"), expert_width_key="moe_intermediate_size",
         dense_width_key="intermediate_size", norm_topk_key="norm_topk_prob",
         norm_topk_default=True, sparse_layout=True, qk_norm="head", qkv_bias=False,
         shared_expert=False, moe_prefix="mlp",
@@ -197,10 +199,22 @@ def lm_config(hf_config: dict[str, Any], *, dtype: str = "float32",
   Raises:
     ConversionError: an unknown family or an option moe_jax cannot express.
   """
-  from moe_jax.training.config import default_config  # pylint: disable=import-outside-toplevel
   family = family_of(hf_config, where)
   _refusals(family, hf_config, where)
-  h = hf_config
+  try:
+    return _lm_config(hf_config, family, dtype, where)
+  except KeyError as e:
+    raise ConversionError(f"{where}: no {e.args[0]!r}, which a {family.model_type} "
+                          "config.json must have.") from None
+  except (TypeError, ValueError) as e:
+    if isinstance(e, ConversionError):
+      raise
+    raise ConversionError(f"{where}: a value of the wrong type ({e}).") from None
+
+
+def _lm_config(h: dict[str, Any], family: Family, dtype: str,
+               where: str) -> ml_collections.ConfigDict:
+  from moe_jax.training.config import default_config  # pylint: disable=import-outside-toplevel
   c = default_config()
   m = c.model
   m.num_layers = int(h["num_hidden_layers"])
@@ -229,7 +243,11 @@ def lm_config(hf_config: dict[str, Any], *, dtype: str = "float32",
   c.data.vocab_size = int(h["vocab_size"])
   c.data.seq_len = min(int(h.get("max_position_embeddings", 4096)), 4096)
   moe = c.moe
-  moe.num_experts = int(h[family.experts_key])
+  key = next((k for k in family.experts_key if k in h), None)
+  if key is None:
+    raise ConversionError(f"{where}: no {' or '.join(family.experts_key)}; a "
+                          f"{family.model_type} config.json names its expert count.")
+  moe.num_experts = int(h[key])
   moe.top_k = int(h["num_experts_per_tok"])
   moe.d_ff = int(h[family.expert_width_key])
   moe.router = "topk"
@@ -252,7 +270,7 @@ def lm_config(hf_config: dict[str, Any], *, dtype: str = "float32",
           f"moe_intermediate_size={expert}; moe_jax's shared experts are "
           "num_shared_experts x the expert width.")
     moe.num_shared_experts = width // expert
-    moe.shared_expert_gate = True
+    moe.shared_expert_gate = width > 0
   return c
 
 
@@ -276,8 +294,7 @@ def hf_config(config: ml_collections.ConfigDict, family: Family,
       "rope_scaling": None,
       "max_position_embeddings": config.data.seq_len,
       "tie_word_embeddings": False,
-      "torch_dtype": m.param_dtype,
-      family.experts_key: moe.num_experts,
+      family.experts_key[0]: moe.num_experts,
       family.expert_width_key: moe.d_ff or m.d_ff,
       "num_experts_per_tok": moe.top_k,
       "router_aux_loss_coef": moe.aux_loss_coef,
