@@ -33,6 +33,7 @@ LAYERS = {
     "analysis": 6,
     "compare": 7,
     "planner": 7,
+    "interop": 7,
     # moe_jax/__init__.py: the package's short names (MoeConfig, MoeLayer, ...), for
     # users; nothing in the library goes through it.
     "__init__": 8,

@@ -1,0 +1,73 @@
+r"""Converts Hugging Face checkpoints into moe_jax runs and runs back into checkpoints.
+
+  python experiments/convert.py --from_hf=HF_DIR --workdir=RUN_DIR [--dtype=float32]
+  python experiments/convert.py --to_hf=OUT_DIR --workdir=RUN_DIR [--family=mixtral]
+      [--dtype=bfloat16]
+
+``--from_hf`` reads a Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE directory (config.json and
+safetensors; pickle-based weights are refused) and writes a run directory that
+``sample.py --workdir``, ``finetune.py --init_from`` and the analysis read. Its
+``tokenizer.json`` is copied into the run, whose ``data.tokenizer`` then names it.
+
+``--to_hf`` exports the latest checkpoint of a training or fine-tuning run (LoRA
+adapters folded into the weights) as config.json and safetensors that transformers
+loads with ``from_pretrained``, with the run's tokenizer.json when it has one. A model
+with an option the family cannot express is refused with one line.
+"""
+
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from cli import fail, run_main  # pylint: disable=wrong-import-position
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _flags(flags):
+  flags.DEFINE_string("from_hf", None, "Hugging Face model directory to convert.")
+  flags.DEFINE_string("to_hf", None, "Directory to export the run into.")
+  flags.DEFINE_string("dtype", None, "float32 or bfloat16 (default: float32 in, the "
+                      "run's parameter dtype out).")
+  flags.DEFINE_string("family", None, "Family to export as (default: the one that "
+                      "expresses the model).")
+
+
+def main(_, workdir):
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  if bool(f.from_hf) == bool(f.to_hf):
+    fail("pass exactly one of --from_hf=HF_DIR (into --workdir) or --to_hf=OUT_DIR "
+         "(from --workdir).")
+  if f.dtype not in (None, "float32", "bfloat16"):
+    fail(f"--dtype={f.dtype!r} is not a model dtype; use float32 or bfloat16.")
+  from moe_jax.interop import hf, run_dir, safetensors_io  # pylint: disable=import-outside-toplevel
+  from moe_jax.interop.hf_families import ConversionError  # pylint: disable=import-outside-toplevel
+  try:
+    if f.from_hf:
+      model, config = hf.load(f.from_hf, f.dtype or "float32")
+      if os.path.isfile(os.path.join(f.from_hf, "tokenizer.json")):
+        config.data.tokenizer = "hf:tokenizer.json"  # resolved against the run
+      path = run_dir.write_run(model, config, workdir)
+      for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(f.from_hf, name)):
+          shutil.copy(os.path.join(f.from_hf, name), path)
+      print(f"{f.from_hf} -> {path} ({config.model.num_layers} blocks, "
+            f"{config.moe.num_experts} experts, top-{config.moe.top_k})")
+    else:
+      model, config, step = run_dir.read_run(workdir)
+      family = hf.save(model, config, f.to_hf, family=f.family, dtype=f.dtype)
+      for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(workdir, name)):
+          shutil.copy(os.path.join(workdir, name), f.to_hf)
+      print(f"{workdir} (step {step}) -> {f.to_hf} ({family.model_type})")
+  except (ConversionError, safetensors_io.CheckpointError) as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  run_main(main, needs_config=False, extra_flags=_flags)
