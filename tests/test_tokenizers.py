@@ -303,3 +303,26 @@ def test_train_and_sample_with_a_tokenizer_json(files, tmp_path, monkeypatch):
   assert out.returncode == 1
   assert "has an embedding of 300 rows, fewer than the 400 ids" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_iterator_state_names_a_subword_tokenizer(files, tmp_path):
+  for i in range(12):
+    (tmp_path / f"doc{i}.txt").write_text("".join(CORPUS[i % 4:i % 4 + 3]), encoding="utf-8")
+  name = f"text:{tmp_path}/*.txt"
+
+  def lm(tokenizer):
+    return pipeline.make_lm_datasets(name, seq_len=16, batch_size=2, process_index=0,
+                                     process_count=1, tokenizer=tokenizer)
+
+  hf = make_tokenizer(f"hf:{files['hf']}")
+  byte_state = lm(None).train_iter().get_state()
+  assert "tokenizer" not in byte_state["pipeline"]  # byte states as before the key
+  it = lm(hf).train_iter()
+  next(it)
+  state = it.get_state()
+  assert state["pipeline"]["tokenizer"] == "hf:300"
+  resumed = lm(hf).train_iter()
+  resumed.set_state(state)
+  assert np.array_equal(next(resumed)["inputs"], next(it)["inputs"])
+  with pytest.raises(ValueError, match="different pipeline"):
+    lm(None).train_iter().set_state(state)

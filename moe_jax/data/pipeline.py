@@ -339,9 +339,11 @@ class LmData:
         return np.concatenate([order, np.full(pad, -1, order.dtype)])
 
     def _fingerprint(self, split: str, shuffled: bool) -> dict[str, int | str]:
-        # The byte tokenizer's states carry no tokenizer key: they predate it.
-        extra = ({} if isinstance(self.tokenizer, ByteTokenizer)
-                 else {"tokenizer": self.tokenizer.spec})
+        # The byte tokenizer's states carry no tokenizer key: they predate it. The
+        # others' carry their kind and vocabulary, not the path (a run may move).
+        tok = self.tokenizer
+        extra = ({} if isinstance(tok, ByteTokenizer)
+                 else {"tokenizer": f"{tok.spec.partition(':')[0]}:{tok.vocab_size}"})
         return {**extra,
             "name": self.name,
             "split": split,
