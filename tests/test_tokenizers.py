@@ -326,3 +326,17 @@ def test_iterator_state_names_a_subword_tokenizer(files, tmp_path):
   assert np.array_equal(next(resumed)["inputs"], next(it)["inputs"])
   with pytest.raises(ValueError, match="different pipeline"):
     lm(None).train_iter().set_state(state)
+
+
+def test_token_labels_take_each_tokens_first_byte(files):
+  from moe_jax.analysis.categories import char_labels, token_labels
+  text = "ROMEO:\nBut, soft! what light"
+  byte = ByteTokenizer()
+  labels = char_labels(text)[0]
+  assert np.array_equal(token_labels(labels, byte.encode(text), byte), labels)
+  hf = make_tokenizer(f"hf:{files['hf']}")
+  ids = np.concatenate([[hf.eos_id], hf.encode(text)])
+  starts = np.cumsum([0] + [len(hf.decode([i]).encode()) for i in ids[1:-1]])
+  got = token_labels(labels, ids, hf)
+  assert len(ids) < len(labels)  # merges: fewer tokens than bytes
+  assert got[0] == -1 and np.array_equal(got[1:], labels[starts])
