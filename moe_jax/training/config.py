@@ -360,24 +360,22 @@ def validate_config(config, *, num_devices: int | None = None,
   d = config.data
   positive_int("data.seq_len", d.seq_len,
                "must be a positive integer (e.g. --config.data.seq_len=256).")
+  from moe_jax.data.tokenizer import make_tokenizer  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
+  try:  # an unknown objective is reported apart
+    tokens = make_tokenizer(d.get("tokenizer", "byte"), base_dir=workdir,
+                            mask_token=bool(objective and objective.mask_token)).vocab_size
+  except ConfigError as e:  # data.tokenizer: a bad scheme, a missing file
+    errors.extend(e.errors)
+    tokens = 0
   vocab = d.get("vocab_size", 0)
   if not (_is_int(vocab) and vocab >= 0):
     errors.append(f"data.vocab_size={vocab!r} must be 0 (the tokenizer's vocabulary) "
                   "or a positive integer.")
-  else:
-    from moe_jax.data.tokenizer import make_tokenizer  # pylint: disable=import-outside-toplevel
-    from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
-    objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
-    try:  # an unknown objective is reported apart
-      tokens = make_tokenizer(d.get("tokenizer", "byte"), base_dir=workdir,
-                              mask_token=bool(objective and objective.mask_token)
-                              ).vocab_size
-    except ConfigError as e:
-      errors.extend(e.errors)
-      tokens = 0
-    if vocab and vocab < tokens:
-      errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
-                    f"tokens; use 0 or at least {tokens}.")
+  elif vocab and vocab < tokens:
+    errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
+                  f"tokens; use 0 or at least {tokens}.")
   if datasets is not None:
     if d.name not in datasets:
       errors.append(f"data.name={d.name!r} is not a known dataset; available: "
