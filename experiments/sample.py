@@ -6,7 +6,8 @@ r"""Prints text sampled from the latest checkpoint of a run, decoded with a KV c
   python experiments/sample.py --workdir=/tmp/switch_small_lora --prompt="def " [--nomerge]
 
 A fine-tuning run's workdir (experiments/finetune.py) loads its base model with the
-fine-tuned parameters; LoRA adapters are merged unless ``--nomerge``.
+fine-tuned parameters; LoRA adapters are merged unless ``--nomerge``. Prompts are
+encoded and samples decoded with the run's ``data.tokenizer``.
 
 Each sample is printed as the prompt followed by its continuation. With
 ``--prompts_file`` (one prompt per line, ``\n`` inside a line is a newline, an empty
@@ -29,16 +30,16 @@ def _flags(flags):
   flags.DEFINE_string("prompts_file", None,
                       "File with one prompt per line, decoded as one batch "
                       "(replaces --prompt).")
-  flags.DEFINE_integer("length", 500, "Bytes to generate.")
+  flags.DEFINE_integer("length", 500, "Tokens to generate (bytes with the byte tokenizer).")
   flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
-  flags.DEFINE_integer("top_k", 40, "Sample among the k most likely bytes; 0 is off.")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of bytes with "
+  flags.DEFINE_integer("top_k", 40, "Sample among the k most likely tokens; 0 is off.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of tokens with "
                      "this much probability; 1 is off.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_bool("merge", True, "A fine-tuning run (experiments/finetune.py): fold "
                     "its LoRA adapters into the weights before decoding; --nomerge "
                     "decodes through the adapters (same numbers to float rounding).")
-  flags.DEFINE_integer("max_len", 0, "KV-cache length in bytes (prompt + continuation); "
+  flags.DEFINE_integer("max_len", 0, "KV-cache length in tokens (prompt + continuation); "
                        "longer samples slide a window. 0: the run's data.seq_len.")
 
 
@@ -59,7 +60,8 @@ def main(_, workdir):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from moe_jax.inference import decode  # pylint: disable=import-outside-toplevel
   from moe_jax.training import run_state  # pylint: disable=import-outside-toplevel
-  from moe_jax.data import ByteTokenizer  # pylint: disable=import-outside-toplevel
+  from moe_jax.data.tokenizer import check_vocab_fits  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
   from moe_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
   f = flags.FLAGS
@@ -75,18 +77,20 @@ def main(_, workdir):
     raise ConfigError(["--prompt and --prompts_file are exclusive; pass one."])
   texts = _read_prompts(f.prompts_file) if f.prompts_file is not None else [f.prompt]
   from moe_jax.training import objectives  # pylint: disable=import-outside-toplevel
-  objective = objectives.get_objective(run_state.load_config(workdir))
+  run_config = run_state.load_config(workdir)
+  objective = objectives.get_objective(run_config)
   if not objective.causal:
     raise ConfigError([f"--workdir={workdir!r} holds a model.objective={objective.name!r} "
                        "checkpoint: it attends bidirectionally to fill in masked bytes "
                        "and cannot generate text left to right; sample a causal_lm run."])
-  tokenizer = ByteTokenizer()
+  # The run's data.tokenizer (a relative path is read from the run's work directory).
+  tokenizer = build.tokenizer_of(run_config, workdir=workdir)
   from moe_jax.peft import finetune  # pylint: disable=import-outside-toplevel
   if finetune.is_finetune_run(workdir):
-    model, config, step = finetune.load_model(workdir, merge=f.merge,
-                                              vocab_size=tokenizer.vocab_size)
+    model, config, step = finetune.load_model(workdir, merge=f.merge)
   else:
-    model, config, step = run_state.load_model(workdir, vocab_size=tokenizer.vocab_size)
+    model, config, step = run_state.load_model(workdir)
+  check_vocab_fits(tokenizer, model.cfg.vocab_size, f"--workdir={workdir!r}")
   max_len = f.max_len or max(config.data.seq_len, 2)
   # Documents start after an EOS; a prompt longer than the cache keeps its end.
   prompts = [(tokenizer.encode(t) if t else [tokenizer.eos_id])[-max_len:] for t in texts]

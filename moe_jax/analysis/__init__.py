@@ -11,7 +11,8 @@ per job, all re-exported here so that ``from moe_jax import analysis`` reaches t
   ``[B, L, K]`` arrays read from the routing each layer sows under ``nnx.capture``).
 * :mod:`~moe_jax.analysis.categories`: :func:`char_labels`, :func:`word_class_labels`,
   :func:`script_role_labels`, :func:`speaker_labels` (per-byte categories of a play
-  script), :func:`routing_table` and :func:`mutual_information` (the expert
+  script), :func:`token_labels` (those per token of a subword tokenizer, the run's
+  ``data.tokenizer``), :func:`routing_table` and :func:`mutual_information` (the expert
   distribution of each category, and how much a category tells about the expert).
 * :mod:`~moe_jax.analysis.history`: :func:`load_history`, per-layer expert load over
   training from ``metrics.jsonl``.
@@ -30,7 +31,7 @@ from moe_jax.analysis.categories import (CHAR_CLASSES, SCRIPT_ROLES, WORD_CLASS_
                                          WORD_CLASSES, char_labels, mutual_information,
                                          normalize_rows, routing_table,
                                          script_role_labels, speaker_labels,
-                                         word_class_labels)
+                                         token_labels, word_class_labels)
 from moe_jax.analysis.collectives import (COLLECTIVE_OPS, Collective, hlo_collectives,
                                           moe_comm_bytes)
 from moe_jax.analysis.history import load_history
@@ -44,5 +45,5 @@ __all__ = [
     "experts_by_device", "hlo_collectives", "load_history", "moe_comm_bytes",
     "mutual_information", "normalize_rows", "path_str", "placed_bytes_per_device",
     "planned_bytes_per_device", "routing_table", "script_role_labels", "speaker_labels",
-    "trace_routing", "word_class_labels",
+    "token_labels", "trace_routing", "word_class_labels",
 ]

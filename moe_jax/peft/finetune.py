@@ -15,7 +15,9 @@ and what is evaluated:
 | ``full`` | every parameter (``finetune.targets`` must be unset or empty) |
 
 The run's config is the base run's with the fine-tuning file's training keys on top
-(steps, learning rate, batch size, data, ...); the model keys are always the base's.
+(steps, learning rate, batch size, data, ...); the model keys and ``data.tokenizer``
+are always the base's (a relative tokenizer path made absolute from the base run's
+work directory).
 ``workdir`` gets:
 
 * ``config.json`` (the merged config, with ``finetune``), ``finetune.json`` (base
@@ -158,9 +160,10 @@ def _require_init_from(init_from: str | None) -> None:
                        "run (experiments/train.py)."])
 
 
-def load_base(init_from: str, *, vocab_size: int = 259):
+def load_base(init_from: str, *, vocab_size: int | None = None):
   """``(model, config, step)`` of the pretraining run in ``init_from``; a scanned
-  run's model comes unrolled (``model.scan_layers=False``), as fine-tuning needs."""
+  run's model comes unrolled (``model.scan_layers=False``), as fine-tuning needs.
+  ``vocab_size`` None: the run's (:func:`~moe_jax.training.build.vocab_size_of`)."""
   _require_init_from(init_from)
   path = os.path.abspath(os.path.expanduser(init_from))
   if not os.path.isfile(os.path.join(path, "config.json")):
@@ -191,6 +194,11 @@ def run_config(ft_config, base_config, init_from: str) -> ml_collections.ConfigD
     if key in ("model", "moe", "mamba"):
       raise ConfigError([f"the fine-tuning config sets {key!r}; the model is the base "
                          "run's, so drop that section."])
+    if key == "data" and "tokenizer" in value and value.tokenizer != config.data.get(
+        "tokenizer", "byte"):
+      raise ConfigError([f"the fine-tuning config sets data.tokenizer={value.tokenizer!r};"
+                         " the model reads the base run's tokenizer "
+                         f"({config.data.get('tokenizer', 'byte')!r}), so drop that key."])
     if isinstance(value, ml_collections.ConfigDict) and key in config:
       for k, v in value.items():
         config[key][k] = v
@@ -202,6 +210,9 @@ def run_config(ft_config, base_config, init_from: str) -> ml_collections.ConfigD
   ft.esft.top_p = esft.resolved_top_p(ft.esft.score, ft.esft.top_p)
   config.finetune = ft
   config.finetune.init_from = os.path.abspath(os.path.expanduser(init_from))
+  # The base run's tokenizer, its relative path read from the base run's work directory.
+  config.data.tokenizer = build.tokenizer_of(base_config,
+                                             workdir=config.finetune.init_from).spec
   return config
 
 
@@ -342,14 +353,16 @@ def _finetune(ft_config, init_from, workdir, stop_at_step, preemption):
     with ft.unlocked():
       ft.esft_selected = recorded["plan"]["selected"]
 
+  tokenizer = build.tokenizer_of(config)
   data = data_lib.make_lm_datasets(
       config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
-      batch_size=config.batch_size, seed=config.seed)
+      batch_size=config.batch_size, seed=config.seed, tokenizer=tokenizer)
   old = None
   if ft.eval_old_domain:
     old = data_lib.make_lm_datasets(
         base_config.data.name, data_dir=config.data.data_dir,
-        seq_len=config.data.seq_len, batch_size=config.batch_size, seed=config.seed)
+        seq_len=config.data.seq_len, batch_size=config.batch_size, seed=config.seed,
+        tokenizer=tokenizer)
   score_batches = None
   if ft.method == "esft" and ft.get("esft_selected") is None:
     it = data.train_iter()
@@ -414,7 +427,7 @@ def is_finetune_run(workdir: str) -> bool:
   return os.path.isfile(os.path.join(workdir, INFO_FILE))
 
 
-def load_model(workdir: str, *, merge: bool = True, vocab_size: int = 259):
+def load_model(workdir: str, *, merge: bool = True, vocab_size: int | None = None):
   """``(model, config, step)`` of a fine-tuning run's latest checkpoint.
 
   The base model is rebuilt from the recorded pretraining run (which must still be at

@@ -68,12 +68,23 @@ def transformer_config(config, vocab_size: int) -> TransformerConfig:
                 causal=objectives.get_objective(config).causal)
 
 
-def vocab_size_of(config) -> int:
+def tokenizer_of(config, *, workdir: str | None = None):
+  """The tokenizer of ``config``'s ``data.tokenizer`` (absent in older configs:
+  "byte"), a relative path read from the run's ``workdir`` (None: the current
+  directory); the byte tokenizer carries MASK for masked LM. See
+  :func:`moe_jax.data.tokenizer.make_tokenizer`."""
+  # Imported here, like objectives.Objective.tokenizer: moe_jax.data pulls in TFDS.
+  from moe_jax.data.tokenizer import make_tokenizer  # pylint: disable=import-outside-toplevel
+  return make_tokenizer(config.data.get("tokenizer", "byte"), base_dir=workdir,
+                        mask_token=objectives.get_objective(config).mask_token)
+
+
+def vocab_size_of(config, *, workdir: str | None = None) -> int:
   """The embedding's rows: ``data.vocab_size``, or when it is 0 (or absent, in older
-  configs) the byte tokenizer's of the config's objective: 256 bytes + PAD/BOS/EOS,
-  + MASK for masked LM."""
-  return int(config.data.get("vocab_size", 0) or
-             objectives.get_objective(config).vocab_size)
+  configs) the vocabulary of :func:`tokenizer_of` (the byte tokenizer's: 256 bytes +
+  PAD/BOS/EOS = 259, + MASK = 260 for masked LM)."""
+  vocab = int(config.data.get("vocab_size", 0))
+  return vocab or tokenizer_of(config, workdir=workdir).vocab_size
 
 
 def make_model(config, *, vocab_size: int | None = None, seed: int | None = None

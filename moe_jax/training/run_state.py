@@ -24,7 +24,7 @@ from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import default_config
 from moe_jax.errors import TrainingError
 from moe_jax.layers.moe_layer import MoeLayer
-from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer
+from moe_jax.training.build import RNG_STREAMS, make_model, make_optimizer, vocab_size_of
 from moe_jax.layers.router_families import SelectionBias
 from moe_jax.models.scan import (BLOCKS, SCAN, ScanUnit, block_kinds, find_unit,
                                  stack_layers, unstack_layers)
@@ -266,9 +266,10 @@ def _update_known(node, values: dict) -> None:
 
 def load_model(workdir: str, *, vocab_size: int | None = None
                ) -> tuple[Transformer, Any, int]:
-  """``(model, config, step)`` from the latest readable checkpoint of a run."""
+  """``(model, config, step)`` from the latest readable checkpoint of a run
+  (``vocab_size`` None: :func:`~moe_jax.training.build.vocab_size_of` the run)."""
   config = load_config(workdir)
-  model = make_model(config, vocab_size=vocab_size)
+  model = make_model(config, vocab_size=vocab_size or vocab_size_of(config, workdir=workdir))
   tx, _ = make_optimizer(config)
   graphdef, params, rest = split_model(model)
   abstract = jax.eval_shape(lambda p, s: TrainState(

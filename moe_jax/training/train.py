@@ -56,7 +56,8 @@ from moe_jax.inference import decode
 from moe_jax.layers.moe_layer import MoeLayer
 from moe_jax.layers.router_families import set_training_step
 from moe_jax.training import depth_metrics, metric_schema, objectives
-from moe_jax.training.build import make_model, make_optimizer, model_info
+from moe_jax.training.build import (make_model, make_optimizer, model_info, tokenizer_of,
+                                    vocab_size_of)
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import check_config
 from moe_jax.training.evaluation import evaluate
@@ -499,12 +500,14 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None
 
 
 def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, Any]:
-  check_config(config, num_devices=None)
+  # A relative data.tokenizer path is read from the work directory.
+  tok_dir = os.path.abspath(os.path.expanduser(workdir))
+  check_config(config, num_devices=None, workdir=tok_dir)
   if config.distributed:
     from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
     sharding.initialize_distributed()
   check_config(config, num_devices=jax.device_count(),
-               process_count=jax.process_count())
+               process_count=jax.process_count(), workdir=tok_dir)
   workdir = prepare_workdir(workdir)
 
   from moe_jax import data as data_lib  # pylint: disable=import-outside-toplevel
@@ -520,10 +523,11 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
   data = data_lib.make_lm_datasets(
       config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
       batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      tokenizer=tokenizer_of(config, workdir=workdir))
   tokenizer = data.tokenizer
 
-  model = make_model(config)
+  model = make_model(config, vocab_size=vocab_size_of(config, workdir=workdir))
   info = dict(model_info(model, config.data.seq_len), objective=objective.name)
   routed = (f"top-{config.moe.top_k}" if config.moe.router == "topk" else
             f"{config.moe.router}, {_moe_layers(model)[0].experts_per_token:g} "
