@@ -61,9 +61,16 @@ def main(_, workdir):
     else:
       model, config, step = run_dir.read_run(workdir)
       family = hf.save(model, config, f.to_hf, family=f.family, dtype=f.dtype)
-      for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(workdir, name)):
-          shutil.copy(os.path.join(workdir, name), f.to_hf)
+      # The run's tokenizer.json (a fine-tuning run names its base run's) and the
+      # files beside it.
+      from moe_jax.data.tokenizer import resolve_tokenizer_path  # pylint: disable=import-outside-toplevel
+      scheme, path = resolve_tokenizer_path(config.data.get("tokenizer", "byte"),
+                                            base_dir=workdir)
+      if scheme == "hf" and path and os.path.isfile(path):
+        shutil.copy(path, os.path.join(f.to_hf, "tokenizer.json"))
+        for name in TOKENIZER_FILES[1:]:
+          if os.path.isfile(os.path.join(os.path.dirname(path), name)):
+            shutil.copy(os.path.join(os.path.dirname(path), name), f.to_hf)
       print(f"{workdir} (step {step}) -> {f.to_hf} ({family.model_type})")
   except (ConversionError, safetensors_io.CheckpointError) as e:
     fail(str(e))

@@ -1,0 +1,58 @@
+"""experiments/convert.py end to end: a Hugging Face directory into a run and back,
+bit for bit with its tokenizer, and its failures as one line without a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_jax.interop import safetensors_io
+from tests.subprocess_env import cpu_env, program_lines
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "hf", "olmoe")
+
+pytestmark = pytest.mark.xdist_group("hf_interop")
+
+
+def _convert(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "convert.py"),
+                         *args], capture_output=True, text=True, env=cpu_env(),
+                        cwd=ROOT, timeout=600, check=False)
+
+
+def test_into_a_run_and_back_is_bit_exact(tmp_path):
+  run, out = tmp_path / "run", tmp_path / "out"
+  done = _convert(f"--from_hf={FIXTURE}", f"--workdir={run}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  for name in ("config.json", "model_info.json", "tokenizer.json", "checkpoints"):
+    assert (run / name).exists(), name
+  assert '"tokenizer": "hf:tokenizer.json"' in (run / "config.json").read_text()
+  done = _convert(f"--to_hf={out}", f"--workdir={run}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  before, after = safetensors_io.Checkpoint(FIXTURE), safetensors_io.Checkpoint(str(out))
+  assert sorted(before.names) == sorted(after.names)
+  for name in before.names:
+    assert before.read(name).tobytes() == after.read(name).tobytes(), name
+  assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+  # Converting into the same run again would overwrite it: refused.
+  again = _convert(f"--from_hf={FIXTURE}", f"--workdir={run}")
+  assert again.returncode == 1
+  assert program_lines(again.stderr) == [
+      f"--workdir={str(run)!r} already holds a run; convert into a new directory (or "
+      "delete that one)."]
+
+
+def test_pickle_weights_fail_in_one_line(tmp_path):
+  src = tmp_path / "pickled"
+  src.mkdir()
+  (src / "config.json").write_text(open(os.path.join(FIXTURE, "config.json")).read())
+  (src / "pytorch_model.bin").write_bytes(b"never unpickled")
+  done = _convert(f"--from_hf={src}", f"--workdir={tmp_path / 'run'}")
+  assert done.returncode == 1
+  lines = program_lines(done.stderr)
+  assert len(lines) == 1 and "pickle-based" in lines[0], done.stderr[-2000:]
+  assert "Traceback" not in done.stderr
