@@ -64,6 +64,8 @@ PUBLISHED = {
         "Lieber et al. 2024, Table 1 / Sec. 3.1 (52B available, 12B active)"),
     "olmoe_1b_7b": Published(
         6.9e9, 1.3e9, 4096, "Muennighoff et al. 2024, Table 1 (6.9B total, 1.3B active)"),
+    "qwen3_30b_a3b": Published(
+        30.5e9, 3.3e9, 32768, "Qwen3 report, Table 2 (30.5B total, 3.3B activated)"),
 }
 
 

@@ -42,6 +42,7 @@ def get_config():
   m.norm = "rmsnorm"
   m.position = "rotary"
   m.rope_base = 1e6
+  m.norm_eps = 1e-5  # rms_norm_eps
   m.tie_embeddings = False
   m.moe_every = 1
   m.moe_offset = 0

@@ -18,8 +18,9 @@ Published sizes (Muennighoff et al. 2024, Table 1): 6.9B total, 1.3B active,
 embeddings included in both. ``tests/test_full_size_configs.py`` checks them with
 :func:`moe_jax.models.sizes.count_params` on an abstract model (no weights).
 
-Not modelled: OLMoE's RMSNorm on the queries and keys (``qk_norm``), 2 x 2048 scales
-per block, 65K parameters in all (0.001%); it belongs with the Hugging Face interop.
+OLMoE's RMSNorm over each token's whole query and key projections
+(``model.qk_norm="projection"``, 2 x 2048 scales per block) and its norm epsilon 1e-5
+are modelled, as ``moe_jax.interop.hf`` converts the real checkpoint.
 The library's data is byte-level: ``data.vocab_size`` =
 :data:`VOCAB_SIZE` gives the embedding the published vocabulary, whose first few
 hundred rows the byte tokenizer's ids use.
@@ -40,6 +41,8 @@ def get_config():
   m.d_ff = 1024  # every block is MoE: this is the experts' width (moe.d_ff=0)
   m.activation = "swiglu"
   m.norm = "rmsnorm"
+  m.norm_eps = 1e-5
+  m.qk_norm = "projection"
   m.position = "rotary"
   m.tie_embeddings = False
   m.moe_every = 1

@@ -259,8 +259,11 @@ def _lm_config(h: dict[str, Any], family: Family, dtype: str,
   moe.group_size = 0
   moe.jitter_noise = 0.0
   moe.expert_dropout = 0.0
+  # Hugging Face's balance loss counts all k choices and sums over them: moe_jax's
+  # with balance_choices="all" is that loss divided by k (docs/routing.md).
+  moe.balance_choices = "all"
   if "router_aux_loss_coef" in h:
-    moe.aux_loss_coef = float(h["router_aux_loss_coef"])
+    moe.aux_loss_coef = float(h["router_aux_loss_coef"]) * moe.top_k
   moe.z_loss_coef = float(h.get(family.z_loss_key, 0.0)) if family.z_loss_key else 0.0
   if family.shared_expert:
     width, expert = int(h["shared_expert_intermediate_size"]), moe.d_ff
@@ -297,7 +300,7 @@ def hf_config(config: ml_collections.ConfigDict, family: Family,
       family.experts_key[0]: moe.num_experts,
       family.expert_width_key: moe.d_ff or m.d_ff,
       "num_experts_per_tok": moe.top_k,
-      "router_aux_loss_coef": moe.aux_loss_coef,
+      "router_aux_loss_coef": moe.aux_loss_coef / max(moe.top_k, 1),
       "output_router_logits": False,
   }
   if family.dense_width_key:
