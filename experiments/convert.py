@@ -35,6 +35,27 @@ def _flags(flags):
                       "run's parameter dtype out).")
   flags.DEFINE_string("family", None, "Family to export as (default: the one that "
                       "expresses the model).")
+  flags.DEFINE_list("mesh", None, "--from_hf on a mesh: DATA,FSDP,EXPERT,MODEL axis "
+                    "sizes (their product: every device of every process). Each process "
+                    "reads only its devices' slices of the checkpoint and writes them; "
+                    "the run records the mesh. Default: one device.")
+
+
+def _mesh(sizes):
+  """The mesh of ``--mesh=DATA,FSDP,EXPERT,MODEL`` and its config keys."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+  try:
+    data, fsdp, expert, model = (int(v) for v in sizes)
+  except ValueError:
+    fail(f"--mesh={','.join(sizes)!r} must be four integers DATA,FSDP,EXPERT,MODEL.")
+  if min(data, fsdp, expert, model) < 1 or data * fsdp * expert * model != (
+      jax.device_count()):
+    fail(f"--mesh={','.join(sizes)}: the product of the axes must be the "
+         f"{jax.device_count()} devices, each axis >= 1.")
+  mesh = sharding.make_mesh(data, expert, model, fsdp=fsdp)
+  return mesh, {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert,
+                "mesh.model": model}
 
 
 def main(_, workdir):
@@ -49,10 +70,14 @@ def main(_, workdir):
   from moe_jax.interop.hf_families import ConversionError  # pylint: disable=import-outside-toplevel
   try:
     if f.from_hf:
-      model, config = hf.load(f.from_hf, f.dtype or "float32")
+      mesh, overrides = None, None
+      if f.mesh:
+        mesh, overrides = _mesh(f.mesh)
+      model, config = hf.load(f.from_hf, f.dtype or "float32", mesh=mesh,
+                              overrides=overrides)
       if os.path.isfile(os.path.join(f.from_hf, "tokenizer.json")):
         config.data.tokenizer = "hf:tokenizer.json"  # resolved against the run
-      path = run_dir.write_run(model, config, workdir)
+      path = run_dir.write_run(model, config, workdir, mesh=mesh)
       for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(f.from_hf, name)):
           shutil.copy(os.path.join(f.from_hf, name), path)

@@ -21,9 +21,11 @@ from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.run_state import to_checkpoint
 
 
-def write_run(model: nnx.Module, config, workdir: str) -> str:
+def write_run(model: nnx.Module, config, workdir: str, *, mesh=None) -> str:
   """Writes ``model`` and its LM ``config`` as a run in ``workdir`` (created) and
-  returns its absolute path.
+  returns its absolute path. ``mesh``: the mesh ``model`` is placed on (the optimizer
+  state follows its parameters, and every process writes its own shards); None: one
+  device.
 
   Raises:
     ConfigError: ``workdir`` already holds a run (its config.json or checkpoints),
@@ -37,17 +39,19 @@ def write_run(model: nnx.Module, config, workdir: str) -> str:
                        "directory (or delete that one)."])
   os.makedirs(workdir, exist_ok=True)
   tx, _ = make_optimizer(config)
-  state, _ = init_train_state(model, tx, seed=config.seed)
+  state, _ = init_train_state(model, tx, mesh, seed=config.seed)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
     checkpointer.save(0, to_checkpoint(state), meta={"converted": True})
   finally:
     checkpointer.close()
-  with open(os.path.join(workdir, "model_info.json"), "w", encoding="utf-8") as f:
-    json.dump(model_info(model, config.data.seq_len), f, indent=2)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "model_info.json"), "w", encoding="utf-8") as f:
+      json.dump(model_info(model, config.data.seq_len), f, indent=2)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
   return workdir
 
 

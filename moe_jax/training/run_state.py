@@ -276,6 +276,10 @@ def load_model(workdir: str, *, vocab_size: int | None = None
       step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
       rng=jax.random.key_data(jax.random.key(0)), model_state=s), params,
       model_state(model))
+  # Onto this process's first device, whatever mesh the run was saved from.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.keep_checkpoints)
   try:
