@@ -147,7 +147,33 @@ FAMILIES = {
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
         mlp_only_layers=[], rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # Multi-head latent attention with query compression, YaRN rotary scaling (factor
+    # 4 over 32 original positions, so the 16-token inputs already see the scaled
+    # frequencies and the softmax mscale), a dense first block, sigmoid routing over 4
+    # groups of 2 experts with 2 groups kept, a shared expert, routed_scaling_factor,
+    # interleaved rotary pairs, and one multi-token-prediction module (see MTP below).
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4, rope_interleave=True,
+        num_nextn_predict_layers=1, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})),
 }
+
+# DeepSeek-V3's multi-token-prediction module, which transformers does not run: its
+# weights sit beside the model as block `num_hidden_layers` (the released checkpoint's
+# `model.layers.61.*`), named as there: `embed_tokens` and `shared_head.head` (copies
+# of the model's embedding and lm_head), `enorm`, `hnorm`, `eh_proj` [M, 2M],
+# `shared_head.norm` and a whole decoder block (MoE). Its reference output is computed
+# here from transformers' own DeepseekV3 layer classes, as the released inference code
+# and vLLM compose them: h' = eh_proj(concat(enorm(emb(t[i+1])), hnorm(h[i]))), with h
+# the main model's last hidden state before its final norm; then the block at
+# positions 0..L-2; then shared_head.norm and the head: logits for t[i+2].
+MTP_FAMILIES = ("deepseek_v3",)
 
 ARRAYS = {
     "input_ids": "i32[2, 16]: the first 16 ids of the tokenizer applied to TEXTS (no "
@@ -167,6 +193,10 @@ ARRAYS = {
     "greedy": "i32[2, 16 + 8]: model.generate(input_ids, max_new_tokens=8, "
               "do_sample=False, use_cache=True, eos_token_id=None): the prompt followed by "
               "8 greedy tokens",
+    "mtp_logits": "deepseek_v3 only: f32[2, 15, vocab], the MTP module's logits "
+                  "(position i predicts token i+2; see MTP_FAMILIES in the script)",
+    "mtp_hidden_in": "deepseek_v3 only: f32[2, 16, hidden], the main model's last "
+                     "hidden state before its final norm (the MTP module's input)",
 }
 
 
@@ -188,7 +218,8 @@ def train_tokenizer() -> tokenizers.Tokenizer:
 
 
 def redraw(model: torch.nn.Module, seed: int) -> None:
-  """Re-draws every parameter (see the module docstring for the rule)."""
+  """Re-draws every parameter (see the module docstring for the rule), and DeepSeek's
+  routing bias buffers (`e_score_correction_bias`) 0.05 * N(0, 1)."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -197,16 +228,72 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
         p.copy_(1.0 + INIT_STD * noise)
       else:
         p.copy_(INIT_STD * noise)
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):
+        b.copy_(0.05 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
 
 
 def build(family: str, seed: int):
   config_cls, model_cls, extra = FAMILIES[family]
-  config = getattr(transformers, config_cls)(**COMMON, **extra)
+  config = getattr(transformers, config_cls)(**{**COMMON, **extra})
   config._attn_implementation = "eager"  # pylint: disable=protected-access
   torch.manual_seed(seed)
   model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
   redraw(model, seed)
   return model
+
+
+def mtp_module(model, seed: int) -> dict[str, torch.nn.Module]:
+  """DeepSeek-V3's MTP module for ``model`` (random, drawn as the model is)."""
+  config = model.config
+  mod = transformers.models.deepseek_v3.modeling_deepseek_v3
+  index = config.num_hidden_layers
+  parts = torch.nn.ModuleDict({
+      "block": mod.DeepseekV3DecoderLayer(config, layer_idx=index),
+      "enorm": mod.DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+      "hnorm": mod.DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+      "eh_proj": torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False),
+      "head_norm": mod.DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+  }).to(torch.float32).eval()
+  redraw(parts, seed + 1)
+  return parts
+
+
+def mtp_tensors(model, parts) -> dict[str, torch.Tensor]:
+  """The MTP module's tensors under the released checkpoint's names."""
+  p = f"model.layers.{model.config.num_hidden_layers}"
+  out = {f"{p}.{k}": v for k, v in parts["block"].state_dict().items()}
+  out.update({f"{p}.embed_tokens.weight": model.model.embed_tokens.weight,
+              f"{p}.enorm.weight": parts["enorm"].weight,
+              f"{p}.hnorm.weight": parts["hnorm"].weight,
+              f"{p}.eh_proj.weight": parts["eh_proj"].weight,
+              f"{p}.shared_head.norm.weight": parts["head_norm"].weight,
+              f"{p}.shared_head.head.weight": model.lm_head.weight})
+  return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def mtp_reference(model, parts, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+  """``mtp_logits`` f32[B, L-1, V] (position i predicts token i+2) and the main model's
+  last hidden state before its final norm, ``mtp_hidden_in`` f32[B, L, M]."""
+  ids = torch.from_numpy(input_ids.astype(np.int64))
+  captured = {}
+  hook = model.model.norm.register_forward_pre_hook(
+      lambda _, args: captured.setdefault("h", args[0].detach().clone()))
+  with torch.no_grad():
+    model(ids, use_cache=False)
+    hook.remove()
+    h = captured["h"]  # [B, L, M]
+    emb = model.model.embed_tokens(ids[:, 1:])
+    x = parts["eh_proj"](torch.cat([parts["enorm"](emb), parts["hnorm"](h[:, :-1])], -1))
+    length = x.shape[1]
+    positions = torch.arange(length)[None]
+    cos_sin = model.model.rotary_emb(x, positions)
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    y = parts["block"](x, attention_mask=mask, position_ids=positions,
+                       position_embeddings=cos_sin)
+    y = y[0] if isinstance(y, tuple) else y
+    logits = model.lm_head(parts["head_norm"](y))
+  return {"mtp_logits": logits.float().numpy(), "mtp_hidden_in": h.float().numpy()}
 
 
 def moe_layers(model) -> list[int]:
@@ -296,6 +383,14 @@ def main(argv=None) -> None:
     arrays = reference(model, input_ids)
     change = ablation(model, input_ids, arrays["logits"])
     model.save_pretrained(out, safe_serialization=True)
+    if family in MTP_FAMILIES:
+      parts = mtp_module(model, args.seed)
+      arrays.update(mtp_reference(model, parts, input_ids))
+      from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
+      weights = os.path.join(out, "model.safetensors")
+      tensors = load_file(weights)
+      tensors.update(mtp_tensors(model, parts))
+      save_file(tensors, weights, metadata={"format": "pt"})
     tok.save(os.path.join(out, "tokenizer.json"))
     save_npz(os.path.join(out, "reference.npz"), arrays)
     versions = {

@@ -143,7 +143,7 @@ FAMILIES: dict[str, Family] = {
         model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
         experts_key=("num_local_experts", "num_experts"), expert_width_key="moe_intermediate_size",
         dense_width_key="intermediate_size", norm_topk_key="norm_topk_prob",
-        norm_topk_default=True, sparse_layout=True, qk_norm="head", qkv_bias=False,
+        norm_topk_default=False, sparse_layout=True, qk_norm="head", qkv_bias=False,
         shared_expert=False, moe_prefix="mlp",
         expert_names=("gate_proj", "up_proj", "down_proj"),
         refused=_COMMON_REFUSED + (
@@ -194,7 +194,8 @@ def lm_config(hf_config: dict[str, Any], *, dtype: str = "float32",
   (``moe.dispatch="dropless"``, one group per sequence), so no token is dropped, as in
   the reference. The training keys (balance loss, z-loss) take the checkpoint's
   coefficients where it states them. ``data.vocab_size`` is the checkpoint's
-  vocabulary; ``data.seq_len`` is ``min(max_position_embeddings, 4096)``.
+  vocabulary; ``data.seq_len`` is its ``max_position_embeddings`` (the context; set a
+  shorter ``data.seq_len`` to fine-tune on shorter windows).
 
   Raises:
     ConversionError: an unknown family or an option moe_jax cannot express.
@@ -241,7 +242,7 @@ def _lm_config(h: dict[str, Any], family: Family, dtype: str,
     m.moe_every = int(h.get("decoder_sparse_step", 1) or 1)
     m.dense_layers = tuple(int(i) for i in h.get("mlp_only_layers") or ())
   c.data.vocab_size = int(h["vocab_size"])
-  c.data.seq_len = min(int(h.get("max_position_embeddings", 4096)), 4096)
+  c.data.seq_len = int(h.get("max_position_embeddings", 4096))
   moe = c.moe
   key = next((k for k in family.experts_key if k in h), None)
   if key is None:
@@ -361,7 +362,7 @@ def tensors(config: ml_collections.ConfigDict, family: Family,
       out.append(Tensor(b + ("ffn", "experts", attr),
                         tuple(f"{moe}.experts.{e}.{name}.weight" for e in experts),
                         TRANSPOSE, stacked=True))
-    if family.shared_expert:
+    if family.shared_expert and config.moe.num_shared_experts:
       shared = f"{moe}.shared_expert"
       out += [Tensor(b + ("ffn", "shared_experts", "wi_gate"),
                      (f"{shared}.gate_proj.weight",), TRANSPOSE),
