@@ -240,3 +240,27 @@ def test_sharded_checkpoint_and_mesh_load(tmp_path):
     np.testing.assert_array_equal(np.asarray(jax.device_get(var.get_value())),
                                   np.asarray(a[path].get_value()), err_msg=str(path))
   del ref
+
+
+def test_export_refuses_adapters_and_folds_them_once_merged(tmp_path):
+  """A LoRA-adapted model is refused until its adapters are merged; the merged export
+  reloads with the adapted model's logits, which differ from the base's."""
+  from moe_jax.layers import lora_adapters  # pylint: disable=import-outside-toplevel
+  from moe_jax.peft import lora  # pylint: disable=import-outside-toplevel
+  _, config = _loaded("olmoe")
+  model, _ = hf.load(os.path.join(FIXTURES, "olmoe"))
+  ids = _reference("olmoe")["input_ids"]
+  base = hf.forward_logits(model, ids)
+  lora.add_lora(model, ("attention", "experts"), rank=2, alpha=4.0)
+  rng = np.random.default_rng(0)
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+    var.set_value(jax.numpy.asarray(rng.normal(size=var.get_value().shape) * 0.3,
+                                    jax.numpy.float32))
+  adapted = hf.forward_logits(model, ids)
+  assert np.abs(adapted - base).max() > 0.1
+  with pytest.raises(ConversionError, match="no tensor"):
+    hf.save(model, config, str(tmp_path / "unmerged"))
+  assert lora_adapters.merge(model) > 0
+  hf.save(model, config, str(tmp_path / "merged"))
+  again, _ = hf.load(str(tmp_path / "merged"))
+  np.testing.assert_allclose(hf.forward_logits(again, ids), adapted, atol=1e-4, rtol=0)
