@@ -3,8 +3,9 @@ residual :class:`Block`.
 
 :class:`~moe_jax.models.model_config.TransformerConfig` describes the whole model
 (:mod:`moe_jax.models.transformer` builds it from these blocks). A block is ``x + mixer(norm(x))``, ``x + ffn(norm(x))``:
-the mixer is causal (or, for masked LM, bidirectional) self-attention with its KV cache
-or a Mamba mixer, built from :data:`MIXERS`; the FFN is an
+the mixer is causal (or, for masked LM, bidirectional) self-attention with its KV cache,
+multi-head latent attention (``model.mixer="mla"``, :mod:`moe_jax.models.mla`) or a
+Mamba mixer, built from :data:`MIXERS`; the FFN is an
 :class:`~moe_jax.layers.moe_layer.MoeLayer` or a
 :class:`~moe_jax.layers.experts.DenseFfn`, as the layer pattern says. Mixture-of-Depths'
 routed block (:mod:`moe_jax.models.mod`) builds on :class:`Block`.
@@ -266,7 +267,7 @@ class Attention(nnx.Module):
 
 
 class TokenMixer(Protocol):
-  """What a block's token mixer implements (attention, Mamba): training, and the
+  """What a block's token mixer implements (attention, MLA, Mamba): training, and the
   decode interface of :mod:`moe_jax.inference.decode` (its own state as nnx ``Cache``)."""
 
   def __call__(self, x: jax.Array, positions: jax.Array,
@@ -321,9 +322,10 @@ class Block(nnx.Module):
   """Pre-norm block: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
 
   The mixer (attention or Mamba, from :data:`MIXERS`) and the FFN (dense or MoE) are
-  the layer pattern's entry for ``index``. An attention block keeps the parameter
-  names ``attn_norm``/``attn`` of the all-attention model; a Mamba block has
-  ``mamba_norm``/``mamba``.
+  the layer pattern's entry for ``index``; the pattern's attention blocks build
+  ``cfg.mixer`` ("attention" or "mla"). An attention block keeps the parameter
+  names ``attn_norm``/``attn`` of the all-attention model (with MLA too); a Mamba
+  block has ``mamba_norm``/``mamba``.
   """
 
   def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
