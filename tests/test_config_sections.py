@@ -22,6 +22,7 @@ BUILDERS = {
     "model": ({}, lambda c: build.transformer_config(c, vocab_size=64)),
     "moe": ({"model.moe_every": 2}, build.moe_config),
     "mamba": ({"model.attn_layer_period": 2}, build.mamba_config),
+    "mla": ({"model.mixer": "mla"}, build.mla_config),
 }
 
 

@@ -69,6 +69,13 @@ VARIANTS = {
         "model.tie_embeddings": True}),
     "jamba_gqa_mod": ("jamba_small", {"model.num_kv_heads": 1, "model.mod_every": 2,
                                       "model.mod_predictor": "mlp"}),
+    "mla_mod": ("deepseek_small", {
+        "model.mixer": "mla", "mla.q_lora_rank": 8, "mla.kv_lora_rank": 8,
+        "mla.qk_nope_head_dim": 4, "mla.qk_rope_head_dim": 4, "mla.v_head_dim": 4,
+        "model.mod_every": 2}),
+    "jamba_mla": ("jamba_small", {
+        "model.mixer": "mla", "model.position": "rotary", "mla.kv_lora_rank": 8,
+        "mla.qk_nope_head_dim": 4, "mla.qk_rope_head_dim": 4, "mla.v_head_dim": 4}),
 }
 
 

@@ -3,8 +3,9 @@ residual :class:`Block`.
 
 :class:`~moe_jax.models.model_config.TransformerConfig` describes the whole model
 (:mod:`moe_jax.models.transformer` builds it from these blocks). A block is ``x + mixer(norm(x))``, ``x + ffn(norm(x))``:
-the mixer is causal (or, for masked LM, bidirectional) self-attention with its KV cache
-or a Mamba mixer, built from :data:`MIXERS`; the FFN is an
+the mixer is causal (or, for masked LM, bidirectional) self-attention with its KV cache,
+multi-head latent attention (``model.mixer="mla"``, :mod:`moe_jax.models.mla`) or a
+Mamba mixer, built from :data:`MIXERS`; the FFN is an
 :class:`~moe_jax.layers.moe_layer.MoeLayer` or a
 :class:`~moe_jax.layers.experts.DenseFfn`, as the layer pattern says. Mixture-of-Depths'
 routed block (:mod:`moe_jax.models.mod`) builds on :class:`Block`.
@@ -21,13 +22,15 @@ from flax import nnx
 
 from moe_jax.errors import ConfigError
 from moe_jax.layers.experts import DenseFfn, scaled_init
-from moe_jax.models.layer_pattern import ATTENTION, MAMBA, MOE
+from moe_jax.models.layer_pattern import ATTENTION, MAMBA, MLA, MOE
 from moe_jax.models.mamba import MambaMixer
 from moe_jax.layers.moe_layer import MoeAux, MoeLayer
 from moe_jax.layers.router_families import TokenContext
 from moe_jax.layers.lora_adapters import weight
 from moe_jax.layers.protocols import Flops, LoraWeight, param_size
+from moe_jax.models.mla import MultiHeadLatentAttention
 from moe_jax.models.model_config import TransformerConfig
+from moe_jax.models.rope import rope_table, rotary
 
 # Logical axis names of the parameters defined in this file (experts.py has the FFNs',
 # transformer.py the embeddings').
@@ -80,20 +83,6 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, axes: tuple[int, ...]
   h = x.astype(jnp.float32)
   h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=axes, keepdims=True) + eps)
   return (h * scale.astype(jnp.float32)).astype(x.dtype)
-
-
-def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """RoFormer rotary embedding (rotate-half form).
-
-  x: [B, L, N, D]; positions: i32[L] (shared by the rows) or i32[B, L] (per row).
-  """
-  half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # f32[D/2]
-  angle = positions.astype(jnp.float32)[..., None] * freq  # f32[(B,) L, D/2]
-  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]  # [(B,) L, 1, D/2]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -174,7 +163,9 @@ class Attention(nnx.Module):
           a.shape[-len(axes):]), cfg.norm_eps, axes) for a, name in ((q, "query"),
                                                                       (k, "key")))
     if cfg.position == "rotary":
-      q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+      inv_freq, factor = rope_table(cfg, cfg.head_dim)  # RoFormer's, or YaRN's
+      q, k = (rotary(a, positions, cfg.rope_base, inv_freq=inv_freq,
+                     attention_factor=factor) for a in (q, k))
     return q, k, v
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -276,7 +267,7 @@ class Attention(nnx.Module):
 
 
 class TokenMixer(Protocol):
-  """What a block's token mixer implements (attention, Mamba): training, and the
+  """What a block's token mixer implements (attention, MLA, Mamba): training, and the
   decode interface of :mod:`moe_jax.inference.decode` (its own state as nnx ``Cache``)."""
 
   def __call__(self, x: jax.Array, positions: jax.Array,
@@ -307,6 +298,9 @@ MIXERS: dict[str, MixerKind] = {
     ATTENTION: MixerKind("attn", lambda cfg, rngs: Attention(cfg, rngs=rngs)),
     MAMBA: MixerKind("mamba", lambda cfg, rngs: MambaMixer(
         cfg.mamba, dtype=cfg.compute_dtype, rngs=rngs)),
+    # Multi-head latent attention: what the pattern's attention blocks become with
+    # model.mixer="mla"; under "attn", so the block's paths stay attn_norm / attn.
+    MLA: MixerKind("attn", lambda cfg, rngs: MultiHeadLatentAttention(cfg, rngs=rngs)),
 }
 
 
@@ -328,18 +322,20 @@ class Block(nnx.Module):
   """Pre-norm block: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
 
   The mixer (attention or Mamba, from :data:`MIXERS`) and the FFN (dense or MoE) are
-  the layer pattern's entry for ``index``. An attention block keeps the parameter
-  names ``attn_norm``/``attn`` of the all-attention model; a Mamba block has
-  ``mamba_norm``/``mamba``.
+  the layer pattern's entry for ``index``; the pattern's attention blocks build
+  ``cfg.mixer`` ("attention" or "mla"). An attention block keeps the parameter
+  names ``attn_norm``/``attn`` of the all-attention model (with MLA too); a Mamba
+  block has ``mamba_norm``/``mamba``.
   """
 
   def __init__(self, cfg: TransformerConfig, index: int, *, rngs: nnx.Rngs):
     self.index = index
     kind = cfg.layers[index]
-    self.mixer_kind = kind.mixer
-    self.mixer_attr = MIXERS[kind.mixer].attr
+    # The pattern's attention blocks mix with model.mixer ("attention" or "mla").
+    self.mixer_kind = cfg.mixer if kind.mixer == ATTENTION else kind.mixer
+    self.mixer_attr = MIXERS[self.mixer_kind].attr
     setattr(self, f"{self.mixer_attr}_norm", Norm(cfg.d_model, cfg.norm, cfg.norm_eps))
-    setattr(self, self.mixer_attr, MIXERS[kind.mixer].build(cfg, rngs))
+    setattr(self, self.mixer_attr, MIXERS[self.mixer_kind].build(cfg, rngs))
     self.ffn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.is_moe = kind.ffn == MOE
     if self.is_moe:

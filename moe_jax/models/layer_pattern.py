@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 ATTENTION = "attention"
 MAMBA = "mamba"
+# What the attention blocks mix with under model.mixer="mla" (the pattern keeps ATTENTION).
+MLA = "mla"
 DENSE = "dense"
 MOE = "moe"
 

@@ -18,6 +18,8 @@ from moe_jax.routing.depth import depth_errors, is_routed_layer
 from moe_jax.models.layer_pattern import (MAMBA, MOE, LayerKind, layer_pattern,
                                           pattern_errors)
 from moe_jax.models.mamba import MambaConfig
+from moe_jax.models.mla import MlaConfig, validate_mla_config
+from moe_jax.models.rope import ROPE_SCALINGS
 from moe_jax.models.scan import scan_errors
 from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
@@ -28,6 +30,9 @@ NORMS = ("rmsnorm", "layernorm")
 # each whole projection (N * D values: OLMoE) or over each head (D values: Qwen3).
 QK_NORMS = ("none", "projection", "head")
 MODEL_DTYPES = ("float32", "bfloat16")  # compute dtypes of the model
+# model.mixer: what the layer pattern's attention blocks mix with (moe_jax/models/block.py
+# MIXERS): attention, or multi-head latent attention (moe_jax/models/mla.py).
+MIXER_NAMES = ("attention", "mla")
 
 # model.remat -> the jax.checkpoint policy of each block (None: jax.checkpoint's
 # default, which saves nothing); "none" does not wrap the blocks at all.
@@ -121,6 +126,24 @@ class TransformerConfig:
       (:mod:`moe_jax.models.scan`), so a deep model traces and compiles one unit; the
       values are the same as unrolled. The parameters of the unit are stacked
       (``scan/j`` with a leading ``[repeats]`` axis), so the checkpoint layout differs.
+    mixer: what the layer pattern's attention blocks mix with: "attention" or "mla"
+      (multi-head latent attention, :mod:`moe_jax.models.mla`, configured by ``mla``;
+      same block paths ``attn_norm``/``attn``). Mamba blocks stay Mamba.
+    mla: the MLA settings; needed when ``mixer="mla"`` (a run resolves it from the
+      ``mla`` section).
+    rope_scaling: "none" (RoFormer's frequencies) or "yarn" (YaRN, Peng et al. 2023,
+      as DeepSeek-V3; :mod:`moe_jax.models.rope`), for attention's and MLA's rotary
+      dims.
+    rope_factor: YaRN's context extension factor ``s`` (DeepSeek-V3: 40).
+    rope_original_max_len: the context the rotary base was trained for (Hugging Face
+      ``original_max_position_embeddings``; DeepSeek-V3: 4096).
+    yarn_beta_fast, yarn_beta_slow: the rotation counts that bound YaRN's ramp between
+      kept and interpolated frequencies (32 and 1).
+    yarn_mscale, yarn_mscale_all_dim: YaRN's magnitude scales (Hugging Face ``mscale``
+      and ``mscale_all_dim``; DeepSeek-V3: 1 and 1). The rotated queries and keys are
+      scaled by ``mscale(s, yarn_mscale) / mscale(s, yarn_mscale_all_dim)`` when both
+      are non-zero, else by ``mscale(s) = 0.1 ln(s) + 1``; MLA's softmax scale is
+      multiplied by ``mscale(s, yarn_mscale_all_dim)^2`` when it is non-zero.
   """
 
   vocab_size: int
@@ -156,6 +179,15 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   qk_norm: str = "none"
   qkv_bias: bool = False
+  mixer: str = "attention"
+  mla: MlaConfig | None = None
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 4096
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 1.0
+  yarn_mscale_all_dim: float = 0.0
 
   def __post_init__(self):
     if isinstance(self.dense_layers, list):  # a config read back from JSON
@@ -174,6 +206,10 @@ class TransformerConfig:
       raise ValueError("causal=False needs an all-attention model without "
                        "Mixture-of-Depths blocks (Mamba's scan and MoD's predictor "
                        "are causal).")
+    if self.mixer == "mla" and self.mla is None:
+      raise ValueError("mixer='mla' needs an MlaConfig in `mla`.")
+    for msg in validate_mla_config(self.mla) if self.mla is not None else ():
+      raise ValueError(f"mla.{msg}")
     if self.mamba is not None and self.mamba.d_model != self.d_model:
       raise ValueError(f"mamba.d_model={self.mamba.d_model} must equal d_model="
                        f"{self.d_model}.")
@@ -291,6 +327,41 @@ def validate_transformer_config(cfg, *, prefix: str = "",
   need("remat", cfg.remat in REMAT_POLICIES, "is unknown; use 'none', 'full' (recompute "
        "each block in the backward pass) or 'dots' (keep the matmuls without batch "
        "dimensions).")
+  errors.extend(_mixer_errors(cfg, p))
   if not errors:  # the unit is looked for in a valid pattern only
     errors.extend(scan_errors(cfg, prefix=p))
+  return errors
+
+
+def _mixer_errors(cfg, p: str) -> list[str]:
+  """``mixer`` and the rotary scaling keys (YaRN), one line each."""
+  errors = []
+
+  def need(name: str, ok: bool, fix: str):
+    value = getattr(cfg, name, None)
+    if not ok:
+      errors.append(f"{p}{name}={value!r} {fix}")
+
+  mixer = getattr(cfg, "mixer", "attention")
+  need("mixer", mixer in MIXER_NAMES, "is unknown; use 'attention' or 'mla' (multi-head "
+       "latent attention, configured by the mla.* keys).")
+  if mixer == "mla" and cfg.position != "rotary":
+    errors.append(f"{p}mixer='mla' needs rotary positions (its qk_rope_head_dim dims), "
+                  f"but {p}position={cfg.position!r}; use {p}position='rotary'.")
+  scaling = getattr(cfg, "rope_scaling", "none")
+  need("rope_scaling", scaling in ROPE_SCALINGS, "is unknown; use 'none' or 'yarn'.")
+  if scaling != "yarn":
+    return errors
+  factor = cfg.rope_factor
+  need("rope_factor", _is_real(factor) and factor >= 1,
+       "must be a number >= 1 with rope_scaling='yarn' (DeepSeek-V3: 40).")
+  need("rope_original_max_len", _is_int(cfg.rope_original_max_len)
+       and cfg.rope_original_max_len >= 1,
+       "must be a positive integer, the pre-YaRN context (DeepSeek-V3: 4096).")
+  for name in ("yarn_beta_fast", "yarn_beta_slow"):
+    need(name, _is_real(getattr(cfg, name)) and getattr(cfg, name) > 0,
+         "must be a number > 0 (YaRN: beta_fast 32, beta_slow 1).")
+  for name in ("yarn_mscale", "yarn_mscale_all_dim"):
+    need(name, _is_real(getattr(cfg, name)) and getattr(cfg, name) >= 0,
+         "must be a number >= 0 (DeepSeek-V3: 1).")
   return errors

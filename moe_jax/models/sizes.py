@@ -100,6 +100,9 @@ def flops_per_token(model: Any, seq_len: int) -> dict[str, int]:
     grouped-query attention's fewer KV heads shrink the key and value projections,
     counted with the weights, not this term); the context is ``seq_len``, or ``k`` in
     a routed block;
+  * multi-head latent attention (:mod:`moe_jax.models.mla`): 2 x its projections plus
+    ``2 * context * N * (Dn + Dr + Dv)`` (the training forward, keys and values
+    expanded; absorbed decoding costs differently and is not what is counted);
   * Mamba mixers: :func:`moe_jax.models.mamba.mixer_cost` (2 x the projection and conv
     weights plus ``6 * D_in * N`` for the scan; nothing grows with ``seq_len``);
   * routed experts: ``2 x k / (E + N)`` of their weights per token (``active``, as in

@@ -60,6 +60,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "model"),      # V of embeddings and output projection
     ("embed", "fsdp"),       # M, model width: the FSDP axis of every weight with M
     ("kv", None),            # per-head width
+    ("latent", None),        # multi-head latent attention's compressed widths
     ("norm", None),          # scale / bias of LayerNorm and RMSNorm
     ("length", None),        # L
     ("layers", None),        # the stacked blocks of a scanned model (model.scan_layers)

@@ -12,7 +12,7 @@ sharded like the weight (its logical axes).
 | ``router`` | :class:`~moe_jax.layers.moe_layer.Router` | kernel [M, E] -> [M, r], [r, E] (``noisy_topk``'s ``noise_kernel`` gets none and stays frozen) |
 | ``experts`` | :class:`~moe_jax.layers.experts.Experts` | wi, wi_gate [E, M, H] -> [E, M, r], [E, r, H]; wo [E, H, M] -> [E, H, r], [E, r, M] |
 | ``shared_experts`` | an MoE layer's shared :class:`~moe_jax.layers.experts.DenseFfn` | wi, wi_gate [M, H_s], wo [H_s, M] |
-| ``attention`` | :class:`~moe_jax.models.block.Attention` | query [M, N, D] -> [M, r], [r, N*D]; key, value [M, N_kv, D] -> [M, r], [r, N_kv*D] (grouped-query attention's N_kv KV heads); out [N, D, M] -> [N*D, r], [r, M] |
+| ``attention`` | :class:`~moe_jax.models.block.Attention` | query [M, N, D] -> [M, r], [r, N*D]; key, value [M, N_kv, D] -> [M, r], [r, N_kv*D] (grouped-query attention's N_kv KV heads); out [N, D, M] -> [N*D, r], [r, M]; :class:`~moe_jax.models.mla.MultiHeadLatentAttention`'s projections (``q_proj`` or ``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``, ``o_proj [N, Dv, M]``) |
 | ``dense_ffn`` | a block's dense :class:`~moe_jax.layers.experts.DenseFfn` | wi, wi_gate [M, H], wo [H, M] |
 
 Trainable parameters: a weight ``[*b, *in, *out]`` adds ``prod(b) * r * (K + N)``

