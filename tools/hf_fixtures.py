@@ -262,7 +262,20 @@ def mtp_module(model, seed: int) -> dict[str, torch.nn.Module]:
 def mtp_tensors(model, parts) -> dict[str, torch.Tensor]:
   """The MTP module's tensors under the released checkpoint's names."""
   p = f"model.layers.{model.config.num_hidden_layers}"
-  out = {f"{p}.{k}": v for k, v in parts["block"].state_dict().items()}
+  out = {}
+  for k, v in parts["block"].state_dict().items():
+    # transformers 5 keeps the experts fused in memory ([E, 2I, M] gate then up, and
+    # [E, M, I]); on disk, as save_pretrained writes the model's, one tensor per expert.
+    if k == "mlp.experts.gate_up_proj":
+      half = v.shape[1] // 2
+      for e in range(v.shape[0]):
+        out[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :half]
+        out[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, half:]
+    elif k == "mlp.experts.down_proj":
+      for e in range(v.shape[0]):
+        out[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e]
+    else:
+      out[f"{p}.{k}"] = v
   out.update({f"{p}.embed_tokens.weight": model.model.embed_tokens.weight,
               f"{p}.enorm.weight": parts["enorm"].weight,
               f"{p}.hnorm.weight": parts["hnorm"].weight,

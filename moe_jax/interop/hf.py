@@ -28,14 +28,19 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.interop import safetensors_io
-from moe_jax.interop.hf_families import (FAMILIES, IDENTITY, IN_HEADS, OUT_HEADS, ROW,
-                                         TRANSPOSE, ConversionError, Family, Tensor,
-                                         hf_config, lm_config, family_of, tensors)
+from moe_jax.interop.hf_families import (FAMILIES, Family, family_of, hf_config,
+                                         lm_config, tensors)
+from moe_jax.interop.hf_tensors import (IDENTITY, IN_HEADS, OUT_HEADS, ROW, TRANSPOSE,
+                                        ConversionError, Tensor)
 from moe_jax.layers.moe_config import DTYPES
+from moe_jax.layers.router_families import SelectionBias
 from moe_jax.training import build
 
 # Tensors a checkpoint may hold that are not parameters (old rotary caches).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What a checkpoint holds of a model: its parameters and the routers' selection biases
+# (DeepSeek-V3's e_score_correction_bias), which are routing state, not parameters.
+WEIGHTS = nnx.Any(nnx.Param, SelectionBias)
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -177,7 +182,7 @@ def load(path: str, dtype: str = "float32", *, mesh: jax.sharding.Mesh | None = 
   if mesh is not None:
     from moe_jax.models.param_sharding import shard_model  # pylint: disable=import-outside-toplevel
     shard_model(abstract, mesh)
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(abstract, WEIGHTS, ...)
   flat = _param_paths(params)
   table = tensors(config, family, abstract.cfg.is_moe_block)
   _check_coverage(table, flat)
@@ -196,7 +201,7 @@ def load(path: str, dtype: str = "float32", *, mesh: jax.sharding.Mesh | None = 
   # The rest (RNG streams, routing state) as a freshly built model has it: the
   # parameters' initialisers are dead code in this jit and are never run.
   fresh = dict(nnx.to_flat_state(
-      jax.jit(lambda: nnx.split(build.make_model(config), nnx.Param, ...)[2])()))
+      jax.jit(lambda: nnx.split(build.make_model(config), WEIGHTS, ...)[2])()))
   for path, var in nnx.to_flat_state(rest):
     value = var.get_value()
     sharding = getattr(value, "sharding", None) or device
@@ -229,15 +234,20 @@ def _forward_keys(config) -> dict[str, Any]:
   keys = {f"model.{k}": getattr(tcfg, k) for k in (
       "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "activation",
       "position", "norm", "norm_eps", "tie_embeddings", "rope_base", "qk_norm",
-      "qkv_bias", "mod_every", "causal")}
+      "qkv_bias", "mod_every", "causal", "mixer", "mla", "rope_scaling")}
+  if tcfg.rope_scaling != "none":
+    keys.update({f"model.{k}": getattr(tcfg, k) for k in (
+        "rope_factor", "rope_original_max_len", "yarn_beta_fast", "yarn_beta_slow",
+        "yarn_mscale", "yarn_mscale_all_dim")})
   keys["model.layer pattern"] = tuple(tcfg.layers)
   if any(kind.ffn == "dense" for kind in tcfg.layers):
     keys["model.d_ff"] = tcfg.d_ff
   if tcfg.moe is not None:
     keys.update({f"moe.{k}": getattr(tcfg.moe, k) for k in (
         "num_experts", "top_k", "d_ff", "activation", "router", "score_fn",
-        "normalize_gates", "expert_groups", "gate_scale", "num_shared_experts",
-        "shared_expert_gate", "noop_experts", "bias_update_rate")})
+        "normalize_gates", "expert_groups", "top_groups", "gate_scale",
+        "num_shared_experts", "shared_expert_gate", "noop_experts")})
+    keys["moe.selection bias"] = tcfg.moe.bias_update_rate > 0
   return keys
 
 
@@ -323,7 +333,7 @@ def save(model: nnx.Module, config, path: str, *, family: str | None = None,
   """
   fam = family_for(config, family)
   model = model.unrolled() if hasattr(model, "unrolled") else model
-  params = _param_paths(nnx.state(model, nnx.Param))
+  params = _param_paths(nnx.state(model, WEIGHTS))
   table = tensors(config, fam, model.cfg.is_moe_block)
   _check_coverage(table, params)
   out = {}

@@ -28,34 +28,9 @@ from typing import Any, Callable
 
 import ml_collections
 
-# How a moe_jax parameter is laid out relative to its tensor on disk.
-IDENTITY = "identity"      # the same array (norm scales, biases, the embedding)
-TRANSPOSE = "transpose"    # [out, in] on disk -> [in, out]
-IN_HEADS = "in_heads"      # [N * D, M] -> [M, N, D] (query, key, value)
-OUT_HEADS = "out_heads"    # [M, N * D] -> [N, D, M] (attention output)
-ROW = "row"                # [1, M] -> [M] (Qwen2-MoE's shared_expert_gate)
-LAYOUTS = (IDENTITY, TRANSPOSE, IN_HEADS, OUT_HEADS, ROW)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-  """One moe_jax parameter and where it lives on disk.
-
-  Attributes:
-    path: the parameter's path in the model's state (``("blocks", 0, "attn", "query")``).
-    names: the tensor names on disk; one, or one per expert for stacked experts (the
-      parameter is their stack along a new leading axis).
-    layout: one of :data:`LAYOUTS`, applied to each name's tensor.
-    heads: N for ``in_heads`` / ``out_heads`` (the head count of that projection).
-    stacked: the parameter stacks ``names`` (one per expert) along a new leading axis.
-  """
-
-  path: tuple
-  names: tuple[str, ...]
-  layout: str = IDENTITY
-  heads: int = 0
-  stacked: bool = False
-
+from moe_jax.interop import hf_deepseek
+from moe_jax.interop.hf_tensors import (IDENTITY, IN_HEADS, OUT_HEADS, ROW, TRANSPOSE,
+                                        ConversionError, Tensor)
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -82,6 +57,15 @@ class Family:
     refused: ``(key, allowed values, why)`` of config values this converter cannot
       express; a value outside ``allowed`` is refused with one line.
     extra: keys written to ``config.json`` on export as they are.
+    shared_prefix: the shared experts' module name under the MoE block.
+    shared_gated: the shared experts have Qwen2-MoE's sigmoid gate.
+    config_hook: ``(hf_config, lm_config, where)``, run after the common mapping, for
+      what only this family has (DeepSeek-V3: latent attention, YaRN, group-limited
+      sigmoid routing); ``hf_config_hook`` ``(lm_config, out)`` is its inverse.
+    attention_tensors: ``(config, block, layer name) -> [Tensor]`` of a block's
+      mixer, when it is not the grouped-query attention of the others.
+    router_tensors: ``(config, block, moe name) -> [Tensor]`` of a block's router
+      beyond its kernel (DeepSeek-V3's selection bias).
   """
 
   model_type: str
@@ -100,6 +84,12 @@ class Family:
   z_loss_key: str | None = None
   refused: tuple[tuple[str, tuple, str], ...] = ()
   extra: dict = dataclasses.field(default_factory=dict)
+  shared_prefix: str = "shared_expert"
+  shared_gated: bool = True
+  config_hook: Callable | None = None
+  hf_config_hook: Callable | None = None
+  attention_tensors: Callable | None = None
+  router_tensors: Callable | None = None
 
 
 _COMMON_REFUSED = (
@@ -149,11 +139,26 @@ FAMILIES: dict[str, Family] = {
         refused=_COMMON_REFUSED + (
             ("use_sliding_window", (False, None), "sliding-window attention"),),
         extra={"use_sliding_window": False, "attention_bias": False}),
+    "deepseek_v3": Family(
+        model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM",
+        experts_key=("n_routed_experts",), expert_width_key="moe_intermediate_size",
+        dense_width_key="intermediate_size", norm_topk_key="norm_topk_prob",
+        norm_topk_default=True, sparse_layout=False, qk_norm="none", qkv_bias=False,
+        shared_expert=True, moe_prefix="mlp",
+        expert_names=("gate_proj", "up_proj", "down_proj"),
+        refused=_COMMON_REFUSED[:2] + (
+            ("attention_bias", (False, None), "an attention output bias"),
+            ("quantization_config", (None,), "FP8 block-scaled weights (dequantise them "
+             "to bfloat16 first, e.g. with DeepSeek's fp8_cast_bf16.py)"),
+            ("topk_method", ("noaux_tc", None), "a routing method other than V3's"),
+            ("scoring_func", ("sigmoid", None), "scores other than sigmoid")),
+        shared_prefix="shared_experts", shared_gated=False,
+        config_hook=hf_deepseek.lm_keys, hf_config_hook=hf_deepseek.hf_keys,
+        attention_tensors=hf_deepseek.mla_tensors,
+        router_tensors=hf_deepseek.router_tensors,
+        extra={"attention_bias": False, "topk_method": "noaux_tc",
+               "scoring_func": "sigmoid"}),
 }
-
-
-class ConversionError(ValueError):
-  """A checkpoint or model this converter cannot convert; the message is one line."""
 
 
 def family_of(hf_config: dict[str, Any], where: str) -> Family:
@@ -180,7 +185,7 @@ def _refusals(family: Family, hf_config: dict[str, Any], where: str) -> None:
           f"{where}: {key}={hf_config.get(key)!r} asks for {what}, which moe_jax does "
           f"not implement for {family.model_type}; only {allowed[0]!r} converts.")
   rope = hf_config.get("rope_parameters") or {}
-  if rope.get("rope_type", "default") != "default":
+  if family.config_hook is None and rope.get("rope_type", "default") != "default":
     raise ConversionError(
         f"{where}: rope_parameters.rope_type={rope.get('rope_type')!r} asks for rotary "
         "scaling, which moe_jax does not implement here; only 'default' converts.")
@@ -266,7 +271,7 @@ def _lm_config(h: dict[str, Any], family: Family, dtype: str,
   if "router_aux_loss_coef" in h:
     moe.aux_loss_coef = float(h["router_aux_loss_coef"]) * moe.top_k
   moe.z_loss_coef = float(h.get(family.z_loss_key, 0.0)) if family.z_loss_key else 0.0
-  if family.shared_expert:
+  if family.shared_expert and family.shared_gated:
     width, expert = int(h["shared_expert_intermediate_size"]), moe.d_ff
     if width % expert:
       raise ConversionError(
@@ -275,6 +280,8 @@ def _lm_config(h: dict[str, Any], family: Family, dtype: str,
           "num_shared_experts x the expert width.")
     moe.num_shared_experts = width // expert
     moe.shared_expert_gate = width > 0
+  if family.config_hook is not None:
+    family.config_hook(h, c, where)
   return c
 
 
@@ -313,9 +320,11 @@ def hf_config(config: ml_collections.ConfigDict, family: Family,
     out["mlp_only_layers"] = sorted(int(i) for i in m.dense_layers)
   if family.z_loss_key:
     out[family.z_loss_key] = moe.z_loss_coef
-  if family.shared_expert:
+  if family.shared_expert and family.shared_gated:
     out["shared_expert_intermediate_size"] = moe.num_shared_experts * (moe.d_ff or m.d_ff)
   out.update(family.extra)
+  if family.hf_config_hook is not None:
+    family.hf_config_hook(config, out)
   return out
 
 
@@ -324,9 +333,6 @@ def tensors(config: ml_collections.ConfigDict, family: Family,
   """Every parameter of the (unscanned) model of ``config`` with its tensors on disk;
   ``is_moe(i)`` says whether block ``i`` has an MoE FFN."""
   m = config.model
-  heads = {"query": m.num_heads, "key": m.num_kv_heads or m.num_heads}
-  heads["value"] = heads["key"]
-  proj = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
   out = [Tensor(("embedding",), ("model.embed_tokens.weight",)),
          Tensor(("final_norm", "scale"), ("model.norm.weight",)),
          Tensor(("unembed",), ("lm_head.weight",), TRANSPOSE)]
@@ -336,18 +342,11 @@ def tensors(config: ml_collections.ConfigDict, family: Family,
     b = ("blocks", i)
     out += [Tensor(b + ("attn_norm", "scale"), (f"{layer}.input_layernorm.weight",)),
             Tensor(b + ("ffn_norm", "scale"),
-                   (f"{layer}.post_attention_layernorm.weight",)),
-            Tensor(b + ("attn", "out"), (f"{layer}.self_attn.o_proj.weight",), OUT_HEADS,
-                   heads["query"])]
-    for name in ("query", "key", "value"):
-      out.append(Tensor(b + ("attn", name), (f"{layer}.self_attn.{proj[name]}.weight",),
-                        IN_HEADS, heads[name]))
-      if m.qkv_bias:
-        out.append(Tensor(b + ("attn", f"{name}_bias"),
-                          (f"{layer}.self_attn.{proj[name]}.bias",)))
-    if m.qk_norm != "none":
-      out += [Tensor(b + ("attn", "query_norm"), (f"{layer}.self_attn.q_norm.weight",)),
-              Tensor(b + ("attn", "key_norm"), (f"{layer}.self_attn.k_norm.weight",))]
+                   (f"{layer}.post_attention_layernorm.weight",))]
+    if family.attention_tensors is not None:
+      out += family.attention_tensors(config, b, layer)
+    else:
+      out += _attention_tensors(config, b, layer)
     if not is_moe(i):
       mlp = f"{layer}.mlp"
       out += [Tensor(b + ("ffn", "wi_gate"), (f"{mlp}.gate_proj.weight",), TRANSPOSE),
@@ -358,18 +357,41 @@ def tensors(config: ml_collections.ConfigDict, family: Family,
     experts = range(config.moe.num_experts)
     out.append(Tensor(b + ("ffn", "router", "kernel"), (f"{moe}.gate.weight",),
                       TRANSPOSE))
+    if family.router_tensors is not None:
+      out += family.router_tensors(config, b, moe)
     for attr, name in (("wi_gate", gate), ("wi", up), ("wo", down)):
       out.append(Tensor(b + ("ffn", "experts", attr),
                         tuple(f"{moe}.experts.{e}.{name}.weight" for e in experts),
                         TRANSPOSE, stacked=True))
     if family.shared_expert and config.moe.num_shared_experts:
-      shared = f"{moe}.shared_expert"
+      shared = f"{moe}.{family.shared_prefix}"
       out += [Tensor(b + ("ffn", "shared_experts", "wi_gate"),
                      (f"{shared}.gate_proj.weight",), TRANSPOSE),
               Tensor(b + ("ffn", "shared_experts", "wi"), (f"{shared}.up_proj.weight",),
                      TRANSPOSE),
               Tensor(b + ("ffn", "shared_experts", "wo"),
-                     (f"{shared}.down_proj.weight",), TRANSPOSE),
-              Tensor(b + ("ffn", "shared_gate", "kernel"),
-                     (f"{moe}.shared_expert_gate.weight",), ROW)]
+                     (f"{shared}.down_proj.weight",), TRANSPOSE)]
+      if family.shared_gated:
+        out.append(Tensor(b + ("ffn", "shared_gate", "kernel"),
+                          (f"{moe}.shared_expert_gate.weight",), ROW))
+  return out
+
+
+def _attention_tensors(config, b: tuple, layer: str) -> list[Tensor]:
+  """Grouped-query attention's tensors (with the options of the families)."""
+  m = config.model
+  heads = {"query": m.num_heads, "key": m.num_kv_heads or m.num_heads}
+  heads["value"] = heads["key"]
+  proj = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+  out = [Tensor(b + ("attn", "out"), (f"{layer}.self_attn.o_proj.weight",), OUT_HEADS,
+                heads["query"])]
+  for name in ("query", "key", "value"):
+    out.append(Tensor(b + ("attn", name), (f"{layer}.self_attn.{proj[name]}.weight",),
+                      IN_HEADS, heads[name]))
+    if m.qkv_bias:
+      out.append(Tensor(b + ("attn", f"{name}_bias"),
+                        (f"{layer}.self_attn.{proj[name]}.bias",)))
+  if m.qk_norm != "none":
+    out += [Tensor(b + ("attn", "query_norm"), (f"{layer}.self_attn.q_norm.weight",)),
+            Tensor(b + ("attn", "key_norm"), (f"{layer}.self_attn.k_norm.weight",))]
   return out
