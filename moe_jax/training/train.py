@@ -60,6 +60,7 @@ from moe_jax.training.build import (make_model, make_optimizer, model_info, toke
                                     vocab_size_of)
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import check_config
+from moe_jax.training import evaluation
 from moe_jax.training.evaluation import evaluate
 from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir,
                                          say, train_line)
@@ -244,13 +245,11 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     out = m.forward(batch["inputs"], deterministic=True, token_mask=mask)
     logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
-    is_byte = (batch["targets"] < 256).astype(jnp.float32)
-    if "weights" in batch:
-      is_byte = is_byte * batch["weights"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    byte_nats, num_bytes = evaluation.byte_sums(ce, batch["targets"], batch.get("weights"),
+                                                batch.get("target_bytes"))
     moe = moe_summary(moe_aux)
-    sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
-            "bytes": jnp.sum(is_byte),
+    sums = {"nats": ce_sum, "tokens": count, "byte_nats": byte_nats, "bytes": num_bytes,
             **{k: moe[k] for k in metric_schema.eval_layer_means()},
             **depth_metrics.depth_eval_sums(out.depth_aux)}
     if out.depth_aux:  # the causal loss: routed blocks route with their predictors
@@ -376,11 +375,15 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
     params = _deep_merge(frozen, state.params)
     values: dict[str, Any] = {}
     for prefix, dataset in evals.items():
-      batches = objective.eval_batches(
-          sharding.shard_batch(b, mesh)
-          for b in dataset.eval_iter(num_steps=num_steps or None))
-      values.update({prefix + k: v for k, v in
-                     evaluate(score, params, batches).items()})
+      def batches(it):
+        return objective.eval_batches(sharding.shard_batch(b, mesh) for b in it)
+      # A mixture (moe_jax.data.streaming) is scored per source too: eval_loss/<source>.
+      parts = dataset.eval_parts() if hasattr(dataset, "eval_parts") else {}
+      line = (evaluation.evaluate_parts(score, params, {
+          name: batches(part.eval_iter(num_steps=num_steps or None))
+          for name, part in parts.items()}) if parts else
+              evaluate(score, params, batches(dataset.eval_iter(num_steps=num_steps or None))))
+      values.update({prefix + k: v for k, v in line.items()})
     summary["eval"] = writer.write("eval", step, values)
     if primary:
       pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f} ± "
@@ -394,13 +397,17 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
               disable=not (primary and config.progress_bar))
   first = True
   step = step0
+  shares = _ShareCounter(getattr(train_iter, "source_names", ()))
   last_saved = step0
   try:
     if eval_at_start and step0 == 0:
       run_eval(0)
     for step in range(step0 + 1, config.steps + 1):
       t0 = time.perf_counter()
-      batch = sharding.shard_batch(next(train_iter), mesh)
+      batch = next(train_iter)
+      if "source" in batch:  # a mixture's rows: data_share/<source> on the train lines
+        shares.add(batch.pop("source"))
+      batch = sharding.shard_batch(batch, mesh)
       state, metrics = train_step(state, batch, frozen)
       metrics = jax.device_get(metrics)
       dt = time.perf_counter() - t0
@@ -433,6 +440,7 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
           line["steps_per_sec"] = line["tokens_per_sec"] / tokens_per_step
         line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
         line["learning_rate"] = float(schedule(step - 1))
+        line.update(shares.line())
         summary["train"] = writer.write("train", step, line)
         acc = Accumulator()
       if step % config.eval_every == 0 or step == config.steps:
@@ -466,6 +474,26 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
   finally:
     writer.close()
   return summary
+
+
+class _ShareCounter:
+  """Rows per source of a mixture's batches -> ``data_share/<source>``, each source's
+  share of the tokens trained on since the last train line (no keys for one source)."""
+
+  def __init__(self, names):
+    self._names = list(names)
+    self._counts = np.zeros(len(self._names), np.int64)
+
+  def add(self, source) -> None:
+    self._counts += np.bincount(np.asarray(source).reshape(-1), minlength=len(self._names))
+
+  def line(self) -> dict[str, float]:
+    if not self._names:
+      return {}
+    total = max(int(self._counts.sum()), 1)
+    out = {f"data_share/{n}": float(c) / total for n, c in zip(self._names, self._counts)}
+    self._counts[:] = 0
+    return out
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -520,11 +548,21 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
       f.write(config.to_json(indent=2))
 
   objective = objectives.get_objective(config)
-  data = data_lib.make_lm_datasets(
-      config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
-      batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer=tokenizer_of(config, workdir=workdir))
+  if config.data.get("streaming", False) or config.data.get("mixture", ""):
+    from moe_jax.data import streaming  # pylint: disable=import-outside-toplevel
+    data = streaming.make_streaming_datasets(
+        config.data.name, mixture=config.data.get("mixture", ""),
+        data_dir=config.data.data_dir, seq_len=config.data.seq_len,
+        batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=tokenizer_of(config, workdir=workdir),
+        num_workers=config.data.get("num_workers", 0))
+  else:
+    data = data_lib.make_lm_datasets(
+        config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
+        batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=tokenizer_of(config, workdir=workdir))
   tokenizer = data.tokenizer
 
   model = make_model(config, vocab_size=vocab_size_of(config, workdir=workdir))
