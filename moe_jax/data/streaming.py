@@ -48,6 +48,7 @@ __all__ = [
     "load_pretokenized",
     "make_streaming_datasets",
     "parse_mixture",
+    "write_pretokenized",
 ]
 
 #: Prefix of a pretokenized source: ``"tokens:DIR"`` (``experiments/pretokenize.py``).
@@ -199,6 +200,9 @@ def document_stream(records: Sequence[Any], tokenizer: Tokenizer, *, seed: int |
   ds = ds.repeat(None)[process_index::process_count]
   it = ds.map(_Tokenize(recs, tokenizer)).to_iter_dataset(_READ_OPTIONS)
   if num_workers:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 
@@ -490,3 +494,35 @@ def make_streaming_datasets(
                     batch_size=int(batch_size), eval_batch_size=int(eval_batch_size),
                     seed=int(seed), process_index=int(process_index),
                     process_count=int(process_count), num_workers=int(num_workers))
+
+
+def write_pretokenized(name: str, tokenizer: Tokenizer, out: str, *, data_dir=None,
+                       records_per_shard: int = 10_000,
+                       source: TextSource | None = None) -> dict[str, Any]:
+  """Tokenizes source ``name``'s train and validation splits into ArrayRecord shards.
+
+  ``out/{split}.array_record-NNNNN-of-MMMMM`` hold one record per document, its token
+  ids as raw ``uint16`` (``uint32`` for vocabularies over 65536 ids) without EOS;
+  ``out/meta.json`` says the tokenizer, vocabulary, dtype and record counts. Documents
+  are read and written one at a time. Returns the meta dict. Read back as the source
+  ``"tokens:OUT"``.
+  """
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+  source = source or load_text_source(name, data_dir=data_dir)
+  dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
+  os.makedirs(out, exist_ok=True)
+  meta: dict[str, Any] = {"source": name, "tokenizer": tokenizer.spec,
+                          "vocab_size": tokenizer.vocab_size, "dtype": dtype, "records": {}}
+  for split, records in (("train", source.train), ("validation", source.eval)):
+    n = len(records)
+    shards = max(1, -(-n // records_per_shard))
+    for s in range(shards):
+      path = os.path.join(out, f"{split}.array_record-{s:05d}-of-{shards:05d}")
+      writer = ArrayRecordWriter(path, "group_size:1")
+      for i in range(s * records_per_shard, min(n, (s + 1) * records_per_shard)):
+        writer.write(tokenizer.encode(records[i]).astype(dtype).tobytes())
+      writer.close()
+    meta["records"][split] = n
+  with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=2)
+  return meta
