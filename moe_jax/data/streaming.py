@@ -395,6 +395,8 @@ class StreamData:
     tok = self.tokenizer
     return {"name": self.name, "seq_len": self.seq_len, "batch_size": self.batch_size,
             "process_count": self.process_count, "seed": self.seed,
+            # grain's state of a read with workers differs from one without.
+            "num_workers": self.num_workers,
             "tokenizer": "byte" if isinstance(tok, ByteTokenizer)
             else f"{tok.spec.partition(':')[0]}:{tok.vocab_size}"}
 
