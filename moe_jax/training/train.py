@@ -364,7 +364,7 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
 
   def save(step: int) -> None:
     checkpointer.save(step, to_checkpoint(state), data_iterator=train_iter, meta={
-        "accumulator": acc.state(), **(meta or {}),
+        "accumulator": acc.state(), **(meta or {}), **shares.state(),
         "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
 
   def run_eval(step: int) -> None:
@@ -397,7 +397,8 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
               disable=not (primary and config.progress_bar))
   first = True
   step = step0
-  shares = _ShareCounter(getattr(train_iter, "source_names", ()))
+  shares = _ShareCounter(getattr(train_iter, "source_names", ()),
+                         saved_meta.get("data_share_rows"))
   last_saved = step0
   try:
     if eval_at_start and step0 == 0:
@@ -480,9 +481,15 @@ class _ShareCounter:
   """Rows per source of a mixture's batches -> ``data_share/<source>``, each source's
   share of the tokens trained on since the last train line (no keys for one source)."""
 
-  def __init__(self, names):
+  def __init__(self, names, saved=None):
     self._names = list(names)
     self._counts = np.zeros(len(self._names), np.int64)
+    if saved is not None and len(saved) == len(self._names):  # resumed mid-interval
+      self._counts[:] = saved
+
+  def state(self) -> dict:
+    """The checkpoint meta's ``data_share_rows`` (none for one source)."""
+    return {"data_share_rows": self._counts.tolist()} if self._names else {}
 
   def add(self, source) -> None:
     self._counts += np.bincount(np.asarray(source).reshape(-1), minlength=len(self._names))
