@@ -2,7 +2,6 @@
 metrics on the train and eval lines."""
 
 import math
-import os
 
 import numpy as np
 import pytest

@@ -62,8 +62,8 @@ from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import check_config
 from moe_jax.training import evaluation
 from moe_jax.training.evaluation import evaluate
-from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir,
-                                         say, train_line)
+from moe_jax.training.loop_utils import (Accumulator, Preemption, ShareCounter, fmt,
+                                         prepare_workdir, say, train_line)
 from moe_jax.training.losses import lm_loss, moe_summary, token_mask, training_loss
 from moe_jax.training.metrics import MetricsWriter
 from moe_jax.models.scan import block_kinds, find_unit
@@ -397,7 +397,7 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
               disable=not (primary and config.progress_bar))
   first = True
   step = step0
-  shares = _ShareCounter(getattr(train_iter, "source_names", ()),
+  shares = ShareCounter(getattr(train_iter, "source_names", ()),
                          saved_meta.get("data_share_rows"))
   last_saved = step0
   try:
@@ -475,32 +475,6 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
   finally:
     writer.close()
   return summary
-
-
-class _ShareCounter:
-  """Rows per source of a mixture's batches -> ``data_share/<source>``, each source's
-  share of the tokens trained on since the last train line (no keys for one source)."""
-
-  def __init__(self, names, saved=None):
-    self._names = list(names)
-    self._counts = np.zeros(len(self._names), np.int64)
-    if saved is not None and len(saved) == len(self._names):  # resumed mid-interval
-      self._counts[:] = saved
-
-  def state(self) -> dict:
-    """The checkpoint meta's ``data_share_rows`` (none for one source)."""
-    return {"data_share_rows": self._counts.tolist()} if self._names else {}
-
-  def add(self, source) -> None:
-    self._counts += np.bincount(np.asarray(source).reshape(-1), minlength=len(self._names))
-
-  def line(self) -> dict[str, float]:
-    if not self._names:
-      return {}
-    total = max(int(self._counts.sum()), 1)
-    out = {f"data_share/{n}": float(c) / total for n, c in zip(self._names, self._counts)}
-    self._counts[:] = 0
-    return out
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
