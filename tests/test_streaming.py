@@ -272,3 +272,42 @@ def test_grain_workers_give_the_same_batches():
   np.testing.assert_array_equal(next(again)["inputs"], next(ref)["inputs"])
   with pytest.raises(ValueError, match="different pipeline"):
     _stream(_docs(40, seed=10)).train_iter().set_state(state)
+
+
+def _script(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_train_tokenizer_and_pretokenize_commands(tmp_path, capsys):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i, doc in enumerate(_docs(20, seed=11)):
+    (corpus / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
+  source = f"text:{corpus}/*.txt"
+  out = tmp_path / "bpe"
+  assert _script("train_tokenizer").main([f"--source={source}", "--vocab_size=300",
+                                          f"--out={out}"]) == 0
+  from moe_jax.data.tokenizer import make_tokenizer
+  tok = make_tokenizer(f"hf:{out / 'tokenizer.json'}")
+  assert tok.vocab_size == 300 and tok.decode(tok.encode("日 é ok")) == "日 é ok"
+  shards = tmp_path / "shards"
+  assert _script("pretokenize").main([f"--source={source}", f"--out={shards}",
+                                      f"--tokenizer=hf:{out / 'tokenizer.json'}"]) == 0
+  assert f"tokens:{shards}" in capsys.readouterr().out
+  kw = dict(seq_len=16, batch_size=4, seed=0, process_index=0, process_count=1,
+            tokenizer=tok)
+  a = streaming.make_streaming_datasets(source, **kw).train_iter()
+  b = streaming.make_streaming_datasets(f"tokens:{shards}", **kw).train_iter()
+  for _ in range(5):
+    np.testing.assert_array_equal(next(a)["inputs"], next(b)["inputs"])
+  # Shards of another vocabulary are refused in one line.
+  from moe_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="was tokenized with"):
+    streaming.make_streaming_datasets(f"tokens:{shards}", seq_len=16, batch_size=4,
+                                      process_index=0, process_count=1)
+  assert _script("train_tokenizer").main([f"--source={source}", "--vocab_size=10",
+                                          f"--out={out}"]) == 1
