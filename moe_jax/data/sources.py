@@ -223,6 +223,20 @@ def _split_bytes_at_tail(data: bytes, fraction: float) -> tuple[bytes, bytes]:
     return data[:cut], data[cut:]
 
 
+class _LocalFiles(Sequence[bytes]):
+    """Local files as a lazy sequence of their bytes, one document per file."""
+
+    def __init__(self, paths: Sequence[str]):
+        self._paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        with open(self._paths[index], "rb") as f:
+            return f.read()
+
+
 def _load_local_text_source(
     name: str, train_split: str | None, eval_split: str | None
 ) -> TextSource:
@@ -249,8 +263,9 @@ def _load_local_text_source(
         train_docs, eval_docs = [train_part], [eval_part]
     else:
         num_eval = max(1, round(len(paths) * TEXT_VALIDATION_FRACTION))
-        train_docs = [read(p) for p in paths[:-num_eval]]
-        eval_docs = [read(p) for p in paths[-num_eval:]]
+        # Read on access: the streaming pipeline reads one file at a time.
+        train_docs = _LocalFiles(paths[:-num_eval])
+        eval_docs = _LocalFiles(paths[-num_eval:])
     return TextSource(
         name=name, train_split="train", eval_split="validation", train=train_docs, eval=eval_docs
     )

@@ -117,6 +117,13 @@ def default_config() -> ml_collections.ConfigDict:
   # must fit in it).
   c.data.vocab_size = 0
   c.data.data_dir = config_dict.placeholder(str)  # None: the data module's default
+  # The streaming pipeline (moe_jax/data/streaming.py; docs/data.md): records read,
+  # tokenized (in num_workers grain processes) and packed on the fly. False: the
+  # in-memory pipeline. A mixture "SOURCE:WEIGHT,..." draws each sequence's source by
+  # weight (and implies streaming); "": data.name alone.
+  c.data.streaming = False
+  c.data.mixture = ""
+  c.data.num_workers = 0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
@@ -225,11 +232,42 @@ def dataset_name_error(name) -> str | None:
             f"'{sources.TEXT_PREFIX}<glob>'.")
   if name in sources.AVAILABLE_BUILTIN or name.startswith(sources.TEXT_PREFIX):
     return None
+  if name.startswith("tokens:"):  # pretokenized shards (experiments/pretokenize.py)
+    path = os.path.expanduser(name[len("tokens:"):])
+    return (None if os.path.isfile(os.path.join(path, "meta.json")) else
+            f"{path} holds no meta.json; write it with experiments/pretokenize.py.")
   try:
     sources.check_tfds_name(name)
   except ValueError as e:
     return str(e)
   return None
+
+
+def _streaming_errors(d, datasets) -> list[str]:
+  """``data.streaming``, ``data.num_workers`` and ``data.mixture`` (its form, weights
+  and sources), one line each."""
+  errors = []
+  if not isinstance(d.get("streaming", False), bool):
+    errors.append(f"data.streaming={d.get('streaming')!r} must be True or False.")
+  workers = d.get("num_workers", 0)
+  if not (_is_int(workers) and workers >= 0):
+    errors.append(f"data.num_workers={workers!r} must be a non-negative integer "
+                  "(0: read and tokenize in the training process).")
+  if d.get("mixture", ""):
+    from moe_jax.data.streaming import parse_mixture  # pylint: disable=import-outside-toplevel
+    try:
+      spec = parse_mixture(d.mixture)
+    except ConfigError as e:
+      return errors + e.errors
+    for name, _ in spec:
+      why = (None if name in datasets else "not a known dataset; available: "
+             f"{', '.join(datasets)}.") if datasets is not None else dataset_name_error(name)
+      if why:
+        errors.append(f"data.mixture={d.mixture!r}: source {name!r}: {why}")
+  elif str(d.get("name", "")).startswith("tokens:") and not d.get("streaming", False):
+    errors.append(f"data.name={d.name!r} (pretokenized shards) is read by the streaming "
+                  "pipeline only; set data.streaming=True.")
+  return errors
 
 
 def validate_config(config, *, num_devices: int | None = None,
@@ -384,6 +422,7 @@ def validate_config(config, *, num_devices: int | None = None,
   elif vocab and vocab < tokens:
     errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
                   f"tokens; use 0 or at least {tokens}.")
+  errors.extend(_streaming_errors(d, datasets))
   if datasets is not None:
     if d.name not in datasets:
       errors.append(f"data.name={d.name!r} is not a known dataset; available: "

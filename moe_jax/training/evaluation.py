@@ -11,10 +11,34 @@ import math
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from moe_jax.training import depth_metrics, metric_schema
 
-__all__ = ["batch_stderr", "evaluate"]
+__all__ = ["batch_stderr", "byte_sums", "evaluate", "evaluate_parts"]
+
+
+def byte_sums(ce, targets, weights=None, target_bytes=None):
+  """``(byte_nats, bytes)`` of one eval batch: the CE (nats) summed over the targets
+  that stand for text, and the UTF-8 bytes of those targets.
+
+  Args:
+    ce: f32[B, L] per-target cross-entropy.
+    targets: int32[B, L].
+    weights: f32[B, L] or None; padding has weight 0.
+    target_bytes: f32[B, L], the bytes each target stands for (the pipeline's
+      ``byte_table[targets]``), or None: the byte tokenizer's, 1 for ids below 256.
+
+  Targets of 0 bytes (EOS and the other special ids) count on neither side, so
+  ``byte_nats / bytes / ln 2`` is bits per byte of the original text, for any tokenizer.
+  """
+  if target_bytes is None:
+    target_bytes = (targets < 256).astype(jnp.float32)
+  is_text = (target_bytes > 0).astype(jnp.float32)
+  if weights is not None:
+    is_text = is_text * weights
+    target_bytes = target_bytes * weights
+  return jnp.sum(ce * is_text), jnp.sum(target_bytes)
 
 
 def batch_stderr(nats: Sequence[float], tokens: Sequence[float]) -> float:
@@ -51,10 +75,35 @@ def evaluate(eval_step, params, batches: Iterator[dict]) -> dict[str, float]:
   routes with its predictor, as sampling does; ``eval_loss`` uses the top-k) and
   per block ``eval_mod_predictor_accuracy`` and ``eval_mod_predicted_fraction``.
   """
+  return _line(_sums(eval_step, params, batches))
+
+
+def _sums(eval_step, params, batches) -> list[dict[str, float]]:
   per_batch: list[dict[str, float]] = []
   for batch in batches:
     out = jax.device_get(eval_step(params, batch))
     per_batch.append({k: float(v) for k, v in out.items()})
+  return per_batch
+
+
+def evaluate_parts(eval_step, params, parts: dict[str, Iterator[dict]]
+                   ) -> dict[str, float]:
+  """:func:`evaluate` of a mixture: the line over all the parts' batches together,
+  plus ``eval_loss/<part>`` and ``eval_bits_per_byte/<part>`` for each part."""
+  every: list[dict[str, float]] = []
+  extra: dict[str, float] = {}
+  for name, batches in parts.items():
+    per_batch = _sums(eval_step, params, batches)
+    every.extend(per_batch)
+    line = _line(per_batch)
+    if line:
+      extra[f"eval_loss/{name}"] = line["eval_loss"]
+      extra[f"eval_bits_per_byte/{name}"] = line["eval_bits_per_byte"]
+  line = _line(every)
+  return {**line, **extra} if line else {}
+
+
+def _line(per_batch: list[dict[str, float]]) -> dict[str, float]:
   if not per_batch:
     return {}
   tokens = [b["tokens"] for b in per_batch]

@@ -42,6 +42,32 @@ class Accumulator:
             "count": self.count, "time": self.time, "timed_tokens": self.timed_tokens}
 
 
+class ShareCounter:
+  """Rows per source of a mixture's batches -> ``data_share/<source>``, each source's
+  share of the tokens trained on since the last train line (no keys for one source)."""
+
+  def __init__(self, names, saved=None):
+    self._names = list(names)
+    self._counts = np.zeros(len(self._names), np.int64)
+    if saved is not None and len(saved) == len(self._names):  # resumed mid-interval
+      self._counts[:] = saved
+
+  def state(self) -> dict:
+    """The checkpoint meta's ``data_share_rows`` (none for one source)."""
+    return {"data_share_rows": self._counts.tolist()} if self._names else {}
+
+  def add(self, source) -> None:
+    self._counts += np.bincount(np.asarray(source).reshape(-1), minlength=len(self._names))
+
+  def line(self) -> dict[str, float]:
+    if not self._names:
+      return {}
+    total = max(int(self._counts.sum()), 1)
+    out = {f"data_share/{n}": float(c) / total for n, c in zip(self._names, self._counts)}
+    self._counts[:] = 0
+    return out
+
+
 def prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:

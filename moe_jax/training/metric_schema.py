@@ -28,6 +28,10 @@ NOOP = "noop"          # MoE blocks with MoDE's no-op experts (moe.noop_experts 
 MOD = "mod"            # the model has Mixture-of-Depths routed blocks
 LOOP = "loop"          # written by the training loop itself, not by the loss
 FINETUNE = "finetune"  # the fine-tuning loop only (moe_jax.peft.finetune)
+MIXTURE = "mixture"    # a data mixture (data.mixture): one key per source, <source>
+
+#: The placeholder of per-source keys, replaced by each source of ``data.mixture``.
+SOURCE = "<source>"
 
 
 def router(family: str) -> str:
@@ -113,6 +117,8 @@ TRAIN: tuple[Metric, ...] = (
     Metric("steps_per_sec", _T, FINETUNE, "`tokens_per_sec` in steps"),
     Metric("elapsed_sec", _T, LOOP, "wall time since the run first started"),
     Metric("learning_rate", _T, LOOP, "rate of the line's last step"),
+    Metric(f"data_share/{SOURCE}", _T, MIXTURE, "the source's share of the tokens "
+           "trained on over the interval"),
 )
 
 _E = "eval"
@@ -122,7 +128,8 @@ EVAL: tuple[Metric, ...] = (
            "batches"),
     Metric("eval_tokens", _E, ALWAYS, "scored target tokens"),
     Metric("eval_perplexity", _E, ALWAYS, "`exp(eval_loss)`"),
-    Metric("eval_bits_per_byte", _E, ALWAYS, "CE over byte targets, in bits"),
+    Metric("eval_bits_per_byte", _E, ALWAYS, "CE over the text targets (not EOS) per "
+           "UTF-8 byte they decode to, in bits, for any tokenizer"),
     Metric("eval_aux_loss", _E, ALWAYS, "`aux_loss`, token-weighted over batches",
            "mean"),
     Metric("eval_dropped_fraction", _E, ALWAYS, "`dropped_fraction`, token-weighted "
@@ -134,6 +141,10 @@ EVAL: tuple[Metric, ...] = (
            "per_layer"),
     Metric("eval_mod_predicted_fraction", _E, MOD, "per routed block, as in training",
            "per_layer"),
+    Metric(f"eval_loss/{SOURCE}", _E, MIXTURE, "`eval_loss` over the source's eval "
+           "documents"),
+    Metric(f"eval_bits_per_byte/{SOURCE}", _E, MIXTURE, "`eval_bits_per_byte` over the "
+           "source's eval documents"),
 )
 
 METRICS: tuple[Metric, ...] = TRAIN + EVAL
@@ -174,8 +185,13 @@ def emitted(config: Any, line: str = "train", *, finetune: bool = False
     on.add(MOD)
   if finetune:
     on.add(FINETUNE)
-  return tuple(m.name for m in METRICS
-               if m.line == line and on.intersection(m.when.split(",")))
+  mixture = config.get("data", {}).get("mixture", "") if hasattr(config, "get") else ""
+  sources = [e.strip().rpartition(":")[0] for e in mixture.split(",")] if mixture else []
+  if sources:
+    on.add(MIXTURE)
+  names = [m.name for m in METRICS if m.line == line and on.intersection(m.when.split(","))]
+  return tuple(n.replace(SOURCE, s) for n in names
+               for s in (sources if SOURCE in n else [SOURCE]))
 
 
 def markdown_table() -> str:

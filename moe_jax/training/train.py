@@ -60,9 +60,10 @@ from moe_jax.training.build import (make_model, make_optimizer, model_info, toke
                                     vocab_size_of)
 from moe_jax.training.checkpoint import Checkpointer
 from moe_jax.training.config import check_config
+from moe_jax.training import evaluation
 from moe_jax.training.evaluation import evaluate
-from moe_jax.training.loop_utils import (Accumulator, Preemption, fmt, prepare_workdir,
-                                         say, train_line)
+from moe_jax.training.loop_utils import (Accumulator, Preemption, ShareCounter, fmt,
+                                         prepare_workdir, say, train_line)
 from moe_jax.training.losses import lm_loss, moe_summary, token_mask, training_loss
 from moe_jax.training.metrics import MetricsWriter
 from moe_jax.models.scan import block_kinds, find_unit
@@ -244,13 +245,11 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
     out = m.forward(batch["inputs"], deterministic=True, token_mask=mask)
     logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
-    is_byte = (batch["targets"] < 256).astype(jnp.float32)
-    if "weights" in batch:
-      is_byte = is_byte * batch["weights"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    byte_nats, num_bytes = evaluation.byte_sums(ce, batch["targets"], batch.get("weights"),
+                                                batch.get("target_bytes"))
     moe = moe_summary(moe_aux)
-    sums = {"nats": ce_sum, "tokens": count, "byte_nats": jnp.sum(ce * is_byte),
-            "bytes": jnp.sum(is_byte),
+    sums = {"nats": ce_sum, "tokens": count, "byte_nats": byte_nats, "bytes": num_bytes,
             **{k: moe[k] for k in metric_schema.eval_layer_means()},
             **depth_metrics.depth_eval_sums(out.depth_aux)}
     if out.depth_aux:  # the causal loss: routed blocks route with their predictors
@@ -365,7 +364,7 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
 
   def save(step: int) -> None:
     checkpointer.save(step, to_checkpoint(state), data_iterator=train_iter, meta={
-        "accumulator": acc.state(), **(meta or {}),
+        "accumulator": acc.state(), **(meta or {}), **shares.state(),
         "elapsed_sec": elapsed_before + time.perf_counter() - t_start})
 
   def run_eval(step: int) -> None:
@@ -376,11 +375,15 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
     params = _deep_merge(frozen, state.params)
     values: dict[str, Any] = {}
     for prefix, dataset in evals.items():
-      batches = objective.eval_batches(
-          sharding.shard_batch(b, mesh)
-          for b in dataset.eval_iter(num_steps=num_steps or None))
-      values.update({prefix + k: v for k, v in
-                     evaluate(score, params, batches).items()})
+      def batches(it):
+        return objective.eval_batches(sharding.shard_batch(b, mesh) for b in it)
+      # A mixture (moe_jax.data.streaming) is scored per source too: eval_loss/<source>.
+      parts = dataset.eval_parts() if hasattr(dataset, "eval_parts") else {}
+      line = (evaluation.evaluate_parts(score, params, {
+          name: batches(part.eval_iter(num_steps=num_steps or None))
+          for name, part in parts.items()}) if parts else
+              evaluate(score, params, batches(dataset.eval_iter(num_steps=num_steps or None))))
+      values.update({prefix + k: v for k, v in line.items()})
     summary["eval"] = writer.write("eval", step, values)
     if primary:
       pbar.write(f"step {step}: eval_loss {values['eval_loss']:.4f} ± "
@@ -394,13 +397,18 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
               disable=not (primary and config.progress_bar))
   first = True
   step = step0
+  shares = ShareCounter(getattr(train_iter, "source_names", ()),
+                         saved_meta.get("data_share_rows"))
   last_saved = step0
   try:
     if eval_at_start and step0 == 0:
       run_eval(0)
     for step in range(step0 + 1, config.steps + 1):
       t0 = time.perf_counter()
-      batch = sharding.shard_batch(next(train_iter), mesh)
+      batch = next(train_iter)
+      if "source" in batch:  # a mixture's rows: data_share/<source> on the train lines
+        shares.add(batch.pop("source"))
+      batch = sharding.shard_batch(batch, mesh)
       state, metrics = train_step(state, batch, frozen)
       metrics = jax.device_get(metrics)
       dt = time.perf_counter() - t0
@@ -433,6 +441,7 @@ def run_training(model: nnx.Module, config, workdir: str, *, mesh, tx, schedule,
           line["steps_per_sec"] = line["tokens_per_sec"] / tokens_per_step
         line["elapsed_sec"] = elapsed_before + time.perf_counter() - t_start
         line["learning_rate"] = float(schedule(step - 1))
+        line.update(shares.line())
         summary["train"] = writer.write("train", step, line)
         acc = Accumulator()
       if step % config.eval_every == 0 or step == config.steps:
@@ -520,11 +529,21 @@ def _train_and_evaluate(config, workdir, stop_at_step, preemption) -> dict[str, 
       f.write(config.to_json(indent=2))
 
   objective = objectives.get_objective(config)
-  data = data_lib.make_lm_datasets(
-      config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
-      batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer=tokenizer_of(config, workdir=workdir))
+  if config.data.get("streaming", False) or config.data.get("mixture", ""):
+    from moe_jax.data import streaming  # pylint: disable=import-outside-toplevel
+    data = streaming.make_streaming_datasets(
+        config.data.name, mixture=config.data.get("mixture", ""),
+        data_dir=config.data.data_dir, seq_len=config.data.seq_len,
+        batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=tokenizer_of(config, workdir=workdir),
+        num_workers=config.data.get("num_workers", 0))
+  else:
+    data = data_lib.make_lm_datasets(
+        config.data.name, data_dir=config.data.data_dir, seq_len=config.data.seq_len,
+        batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        tokenizer=tokenizer_of(config, workdir=workdir))
   tokenizer = data.tokenizer
 
   model = make_model(config, vocab_size=vocab_size_of(config, workdir=workdir))
