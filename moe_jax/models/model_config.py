@@ -121,6 +121,12 @@ class TransformerConfig:
       (:mod:`moe_jax.models.scan`), so a deep model traces and compiles one unit; the
       values are the same as unrolled. The parameters of the unit are stacked
       (``scan/j`` with a leading ``[repeats]`` axis), so the checkpoint layout differs.
+    mtp_depth: D, multi-token prediction modules (DeepSeek-V3, Sec. 2.2;
+      :mod:`moe_jax.models.mtp`): module k predicts token ``i + k + 1`` at position i
+      from the shared embedding and output head; 0 (the default) is off (DeepSeek-V3:
+      1). Needs a causal model.
+    mtp_loss_coef: lambda, the MTP loss's weight: ``(lambda / D) * sum_k L^k`` is added
+      to the training loss (DeepSeek-V3: 0.3, then 0.1).
   """
 
   vocab_size: int
@@ -156,6 +162,8 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   qk_norm: str = "none"
   qkv_bias: bool = False
+  mtp_depth: int = 0
+  mtp_loss_coef: float = 0.3
 
   def __post_init__(self):
     if isinstance(self.dense_layers, list):  # a config read back from JSON
@@ -174,6 +182,9 @@ class TransformerConfig:
       raise ValueError("causal=False needs an all-attention model without "
                        "Mixture-of-Depths blocks (Mamba's scan and MoD's predictor "
                        "are causal).")
+    if not self.causal and self.mtp_depth:
+      raise ValueError(f"mtp_depth={self.mtp_depth} predicts later tokens, which needs "
+                       "causal=True; use mtp_depth=0.")
     if self.mamba is not None and self.mamba.d_model != self.d_model:
       raise ValueError(f"mamba.d_model={self.mamba.d_model} must equal d_model="
                        f"{self.d_model}.")
@@ -291,6 +302,10 @@ def validate_transformer_config(cfg, *, prefix: str = "",
   need("remat", cfg.remat in REMAT_POLICIES, "is unknown; use 'none', 'full' (recompute "
        "each block in the backward pass) or 'dots' (keep the matmuls without batch "
        "dimensions).")
+  need("mtp_depth", _is_int(cfg.mtp_depth) and cfg.mtp_depth >= 0,
+       "must be an integer >= 0 (0: no multi-token prediction; DeepSeek-V3: 1).")
+  need("mtp_loss_coef", _is_real(cfg.mtp_loss_coef) and cfg.mtp_loss_coef >= 0,
+       "must be a finite number >= 0 (DeepSeek-V3: 0.3, then 0.1).")
   if not errors:  # the unit is looked for in a valid pattern only
     errors.extend(scan_errors(cfg, prefix=p))
   return errors
