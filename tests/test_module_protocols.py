@@ -69,6 +69,9 @@ VARIANTS = {
         "model.tie_embeddings": True}),
     "jamba_gqa_mod": ("jamba_small", {"model.num_kv_heads": 1, "model.mod_every": 2,
                                       "model.mod_predictor": "mlp"}),
+    "mtp_moe": ("switch_small", {"model.mtp_depth": 2}),
+    "mtp_jamba": ("jamba_small", {"model.mtp_depth": 1}),
+    "mtp_scanned": ("dense_small", {"model.mtp_depth": 1, "model.scan_layers": True}),
 }
 
 
