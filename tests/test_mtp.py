@@ -78,9 +78,13 @@ def test_modules_match_a_hand_written_forward(tie):
   """Depth k at position i: eh_proj @ [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)], the
   block, its own norm, the shared head; h^0 is before the main final norm."""
   model = Transformer(model_config(mtp_depth=2, tie_embeddings=tie), rngs=nnx.Rngs(1))
-  for module in model.mtp:  # distinct norm scales, so swapping the norms shows
-    for norm, s in ((module.enorm, 0.5), (module.hnorm, 2.0), (module.norm, 1.5)):
-      norm.scale.set_value(norm.scale[...] * s + 0.1 * jnp.arange(16) / 16)
+  # Distinct, uneven norm scales, so that swapping the norms, or reading the hidden
+  # state after the main final norm, shows.
+  norms = [(model.final_norm, 0.7)] + [
+      (n, s) for module in model.mtp
+      for n, s in ((module.enorm, 0.5), (module.hnorm, 2.0), (module.norm, 1.5))]
+  for norm, s in norms:
+    norm.scale.set_value(norm.scale[...] * s + 0.5 * jnp.arange(16) / 16)
   tokens = batch()["inputs"]
   out = model.forward(tokens, deterministic=True)
   positions = jnp.arange(L)
