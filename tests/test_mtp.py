@@ -234,7 +234,8 @@ TINY = {"steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1,
         "model.d_model": 32, "model.num_heads": 2, "model.d_ff": 64,
         "model.moe_every": 2, "moe.num_experts": 4, "moe.group_size": 64,
         "data.seq_len": 32, "sample.length": 0, "model.mtp_depth": 2,
-        "model.mtp_loss_coef": 0.3, "moe.jitter_noise": 0.01, "model.dropout": 0.1}
+        "model.mtp_loss_coef": 0.3, "moe.jitter_noise": 0.01, "model.dropout": 0.1,
+        "grad_accum_steps": 2}
 
 
 def tiny_config():
