@@ -118,8 +118,12 @@ def lm_config(**overrides):
 
 
 def test_depth_zero_keeps_the_draws_and_lambda_zero_keeps_the_loss():
-  plain = build.make_model(lm_config(), vocab_size=V)
-  mtp = build.make_model(lm_config(**{"model.mtp_depth": 2, "model.mtp_loss_coef": 0.0}),
+  """Three blocks, the MoE one in the middle: the MTP blocks mirror the dense last
+  block, so with lambda = 0 nothing is added."""
+  three = {"model.num_layers": 3}
+  plain = build.make_model(lm_config(**three), vocab_size=V)
+  mtp = build.make_model(lm_config(**three, **{"model.mtp_depth": 2,
+                                                "model.mtp_loss_coef": 0.0}),
                          vocab_size=V)
   assert plain.mtp is None
   shared = nnx.state(plain, nnx.Param).to_pure_dict()
@@ -128,14 +132,14 @@ def test_depth_zero_keeps_the_draws_and_lambda_zero_keeps_the_loss():
   jax.tree.map(np.testing.assert_array_equal, shared,
                {k: v for k, v in with_mtp.items() if k != "mtp"})
   b = batch()
-  loss0, (m0, _) = losses.training_loss(lm_config())(plain, b)
+  loss0, (m0, _) = losses.training_loss(lm_config(**three))(plain, b)
   loss_mtp, (m1, _) = losses.training_loss(
-      lm_config(**{"model.mtp_depth": 2, "model.mtp_loss_coef": 0.0}))(mtp, b)
+      lm_config(**three, **{"model.mtp_depth": 2, "model.mtp_loss_coef": 0.0}))(mtp, b)
   np.testing.assert_array_equal(loss_mtp, loss0)
   assert m1["mtp_loss"] == 0.0 and m1["mtp_loss/depth_<k>"].shape == (2,)
   assert "mtp_loss" not in m0
   # lambda > 0 adds (lambda / D) * sum_k L^k.
-  coef = lm_config(**{"model.mtp_depth": 2, "model.mtp_loss_coef": 0.3})
+  coef = lm_config(**three, **{"model.mtp_depth": 2, "model.mtp_loss_coef": 0.3})
   loss3, (m3, _) = losses.training_loss(coef)(mtp, b)
   np.testing.assert_allclose(loss3, loss0 + 0.3 * np.mean(m3["mtp_loss/depth_<k>"]),
                              rtol=1e-6)
@@ -143,12 +147,44 @@ def test_depth_zero_keeps_the_draws_and_lambda_zero_keeps_the_loss():
   n_mtp = sum(x.size for x in jax.tree.leaves(with_mtp["mtp"]))
   cp, cm = sizes.count_params(plain), sizes.count_params(mtp)
   assert cm["mtp"] == n_mtp and cp["mtp"] == 0
-  assert cm["total"] - cp["total"] == n_mtp
-  # Their MoE blocks (mirroring the last block, an MoE one) count top_k / E experts.
+  assert cm["total"] - cp["total"] == n_mtp == cm["active"] - cp["active"]
+
+
+def test_moe_mtp_blocks_join_the_balance_losses_and_move_their_biases():
+  """Two blocks, the last one MoE: so are the MTP blocks. Their aux and z losses add
+  to the loss (moe.loss_reduction="sum"), under indices num_layers + k - 1, and their
+  selection biases move by their own choice counts; the metrics stay the main
+  blocks'."""
+  over = {"model.mtp_depth": 2, "model.mtp_loss_coef": 0.0}
+  plain = build.make_model(lm_config(), vocab_size=V)
+  mtp = build.make_model(lm_config(**over), vocab_size=V)
+  b = batch()
+  loss0, (m0, counts0) = losses.training_loss(lm_config())(plain, b)
+  loss1, (m1, counts1) = losses.training_loss(lm_config(**over))(mtp, b)
+  out = mtp.forward(b["inputs"], token_mask=b["weights"] > 0)
+  assert sorted(out.mtp_moe_aux) == [2, 3] and sorted(counts1) == [1, 2, 3]
+  c = lm_config().moe
+  extra = sum(c.aux_loss_coef * a.aux_loss + c.z_loss_coef * a.z_loss
+              for a in out.mtp_moe_aux.values())
+  np.testing.assert_allclose(loss1, loss0 + extra, rtol=1e-6)
+  assert float(extra) > 0
+  assert m1["aux_loss"] == m0["aux_loss"]  # the main block's metrics only
+  # Counts of the first choice per expert, per MTP block.
+  np.testing.assert_array_equal(np.asarray(counts1[1]), np.asarray(counts0[1]))
+  # Their MoE blocks (mirroring the last block) count top_k / E of their experts.
+  cp, cm = sizes.count_params(plain), sizes.count_params(mtp)
   mtp_experts = cm["experts"] - cp["experts"]
   assert mtp_experts == 2 * cp["experts"] > 0
-  top_k, num_experts = lm_config().moe.top_k, 4
-  assert cm["active"] - cp["active"] == n_mtp - mtp_experts * (num_experts - top_k) // 4
+  assert cm["active"] - cp["active"] == cm["mtp"] - mtp_experts * (4 - c.top_k) // 4
+  # DeepSeek-V3's selection bias: the MTP blocks' move by their own counts.
+  biased = build.make_model(lm_config(**over, **{"moe.bias_update_rate": 0.01}),
+                            vocab_size=V)
+  counts = {1: jnp.asarray([4.0, 0, 0, 0]), 2: jnp.asarray([0, 4.0, 0, 0]),
+            3: jnp.asarray([0, 0, 4.0, 0])}
+  biased.update_selection_biases(counts)
+  for k, module in enumerate(biased.mtp, start=1):
+    bias = np.asarray(module.block.ffn.selection_bias[...])
+    assert np.argmin(bias) == k and bias[k] < 0, bias  # the overloaded expert's drops
 
 
 def embedding_grad(config, model, b):

@@ -21,9 +21,11 @@ the hidden state. ``norm`` is the module's own final RMSNorm (DeepSeek-V3's
 The block is the model's own :class:`~moe_jax.models.block.Block` built as the last
 block of the layer pattern (``index = num_layers - 1``): its mixer (attention or Mamba)
 and FFN (dense or MoE) are the last main block's kinds. A Mixture-of-Depths routed last
-block gives a plain block here (every token runs the MTP block). The MTP blocks' MoE
-aux (balance and z losses, choice counts) is not added to the training loss and moves
-no selection bias.
+block gives a plain block here (every token runs the MTP block). An MoE MTP block
+reports its :class:`~moe_jax.layers.moe_layer.MoeAux` under the index ``num_layers + k
+- 1`` (:func:`mtp_index`, ``ModelOutput.mtp_moe_aux``): its balance and z losses join
+the main MoE layers' in the training loss and its choice counts move its selection
+bias, but the logged MoE metrics are the main blocks' only.
 
 Targets (:func:`mtp_targets`): with the batch's ``inputs`` ``t_0..t_{L-1}`` and
 ``targets`` ``t_1..t_L``, depth k's input token at position i is ``inputs[i + k]`` and
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.layers.experts import scaled_init
+from moe_jax.layers.moe_layer import MoeAux
 from moe_jax.layers.projection import project
 from moe_jax.layers.protocols import Flops, LoraWeight, param_size
 from moe_jax.layers.router_families import TokenContext
@@ -94,6 +97,12 @@ class MtpModule(nnx.Module):
     return project(x, self.eh_proj[...].astype(x.dtype))
 
 
+def mtp_index(cfg: TransformerConfig, k: int) -> int:
+  """The index that MTP depth k's block reports its MoE aux and choice counts under:
+  ``num_layers + k - 1``, after the main blocks'."""
+  return cfg.num_layers + k - 1
+
+
 def shift_left(x: jax.Array, k: int, fill) -> jax.Array:
   """[B, L, ...] -> [B, L, ...] with ``out[:, i] = x[:, i + k]`` for ``i < L - k`` and
   ``fill`` at the last ``k`` positions."""
@@ -122,21 +131,25 @@ def mtp_targets(targets: jax.Array, weights: jax.Array | None, k: int
 
 
 def mtp_forward(model, tokens: jax.Array, h: jax.Array, positions: jax.Array,
-                token_mask: jax.Array | None, run) -> tuple[jax.Array, ...]:
+                token_mask: jax.Array | None, run
+                ) -> tuple[tuple[jax.Array, ...], dict[int, MoeAux]]:
   """The D modules of ``model.mtp`` in sequence from the main model's last hidden
-  state ``h`` [B, L, M] (before the final norm) -> D logits f32[B, L, V], depth k's at
-  position i predicting ``t_{i+k+1}``. ``run(block, x, positions, token_mask,
-  context) -> (x, BlockAux)`` runs a block as the main model's forward does."""
-  logits = []
+  state ``h`` [B, L, M] (before the final norm) -> (D logits f32[B, L, V], depth k's at
+  position i predicting ``t_{i+k+1}``; ``{mtp_index: MoeAux}`` of the MoE MTP
+  blocks). ``run(block, x, positions, token_mask, context) -> (x, BlockAux)`` runs a
+  block as the main model's forward does."""
+  logits, moe_aux = [], {}
   embedding = model.embedding[...]
   for k, module in enumerate(model.mtp, start=1):
     shifted, mask = mtp_inputs(tokens, token_mask, k)
     emb = jnp.take(embedding, shifted, axis=0)
     x = module.project_inputs(h, emb)
-    h, _ = run(module.block, x, positions, mask, TokenContext(token_ids=shifted))
+    h, aux = run(module.block, x, positions, mask, TokenContext(token_ids=shifted))
+    if aux.moe is not None:
+      moe_aux[mtp_index(model.cfg, k)] = aux.moe
     logits.append(model.output(module.norm(h)))
-  return tuple(logits)
+  return tuple(logits), moe_aux
 
 
-__all__ = ["MTP_AXES", "MtpModule", "mtp_forward", "mtp_inputs",
+__all__ = ["MTP_AXES", "MtpModule", "mtp_forward", "mtp_index", "mtp_inputs",
            "mtp_targets", "shift_left"]

@@ -71,7 +71,7 @@ from moe_jax.layers.router_families import SelectionBias, TokenContext
 from moe_jax.models.block import Block, Norm, _param
 from moe_jax.models.model_config import REMAT_POLICIES, TransformerConfig
 from moe_jax.models.mod import RoutedBlock
-from moe_jax.models.mtp import MtpModule, mtp_forward
+from moe_jax.models.mtp import MtpModule, mtp_forward, mtp_index
 from moe_jax.models.scan import LAYERS_AXIS, ScanUnit, model_unit, unstack_layers
 
 # Logical axis names of the parameters defined in this file.
@@ -90,12 +90,15 @@ class ModelOutput:
     mtp_logits: D f32[B, L, V], the multi-token prediction modules' (depth k's at
       position i predicts token ``i + k + 1``); None without them (``mtp_depth=0``)
       or when not asked for.
+    mtp_moe_aux: ``{num_layers + k - 1: MoeAux}`` of the MoE blocks of the MTP modules
+      (:func:`~moe_jax.models.mtp.mtp_index`); empty without them.
   """
 
   logits: jax.Array
   moe_aux: dict[int, MoeAux]
   depth_aux: dict[int, Any]
   mtp_logits: tuple[jax.Array, ...] | None = None
+  mtp_moe_aux: dict[int, MoeAux] = dataclasses.field(default_factory=dict)
 
 
 class Transformer(nnx.Module):
@@ -188,11 +191,11 @@ class Transformer(nnx.Module):
         depth_aux[block.index] = aux.depth
     if self.cfg.scan_layers:
       x = self._run_scan(run, x, positions, token_mask, context, moe_aux, depth_aux)
-    mtp_logits = None
+    mtp_logits, mtp_moe_aux = None, {}
     if self.mtp is not None and with_mtp:
-      mtp_logits = mtp_forward(self, tokens, x, positions, token_mask, run)
+      mtp_logits, mtp_moe_aux = mtp_forward(self, tokens, x, positions, token_mask, run)
     return ModelOutput(logits=self.head(x), moe_aux=moe_aux, depth_aux=depth_aux,
-                       mtp_logits=mtp_logits)
+                       mtp_logits=mtp_logits, mtp_moe_aux=mtp_moe_aux)
 
   @property
   def unit(self) -> ScanUnit:
@@ -255,10 +258,14 @@ class Transformer(nnx.Module):
 
   def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
     """Moves each MoE block's selection bias (if it has one) by its f32[E] choice
-    counts, ``{block index: MoeAux.metrics["choice_counts"]}`` of one training step."""
+    counts, ``{block index: MoeAux.metrics["choice_counts"]}`` of one training step
+    (the MTP modules' blocks under :func:`~moe_jax.models.mtp.mtp_index`)."""
     for block in self.blocks:
       if block.is_moe and block.index in choice_counts:
         block.ffn.update_selection_bias(choice_counts[block.index])
+    for k, module in enumerate(self.mtp or (), start=1):
+      if module.block.is_moe and mtp_index(self.cfg, k) in choice_counts:
+        module.block.ffn.update_selection_bias(choice_counts[mtp_index(self.cfg, k)])
     if not self.cfg.scan_layers:
       return
     unit = self.unit

@@ -114,6 +114,8 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
     ce = ce_sum / jnp.maximum(count if num_targets is None else num_targets, 1.0)
     moe = dict(moe_summary(moe_aux), **depth_metrics.depth_summary(out.depth_aux))
     total = ce + scaled(mod_coef * depth_metrics.depth_loss(out.depth_aux), per_token)
+    # The MTP modules' MoE blocks are balanced as the main ones (not in the metrics).
+    moe_aux = {**moe_aux, **out.mtp_moe_aux}
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
       total = (total + scaled(aux_coef * reduce(jnp.stack([a.aux_loss for a in layers])))
