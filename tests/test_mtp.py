@@ -312,3 +312,27 @@ def test_tiny_run_logs_each_depth_resumes_exactly_and_decodes(tmp_path, jit_cach
   for prompt, tokens in zip(prompts, cached):
     assert tokens == decode.generate_uncached(model, prompt, 8, temperature=0.0,
                                               window=16)
+
+
+@pytest.mark.slow
+def test_mesh_run_matches_single_device(tmp_path, jit_cache):
+  """data x model x expert = 2 x 2 x 2 of the 8 test devices: the [2M, M] projection
+  splits its 2M rows over ``model``, the MTP MoE blocks' experts over ``expert``."""
+  del jit_cache
+  over = {"steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2,
+          "grad_accum_steps": 1, "model.dropout": 0.0, "moe.jitter_noise": 0.0,
+          "moe.group_size": 32}
+
+  def config(**mesh):
+    c = tiny_config()
+    set_keys(c, {**over, **mesh})
+    return c
+
+  single, meshed = str(tmp_path / "single"), str(tmp_path / "mesh")
+  train.train_and_evaluate(config(), single)
+  train.train_and_evaluate(config(**{"mesh.data": 2, "mesh.model": 2,
+                                     "mesh.expert": 2}), meshed)
+  keys = ("loss", "mtp_loss", "mtp_loss/depth_1", "mtp_loss/depth_2", "eval_loss")
+  a = [[r.get(k, 0.0) for k in keys] for r in read_metrics(single)]
+  b = [[r.get(k, 0.0) for k in keys] for r in read_metrics(meshed)]
+  np.testing.assert_allclose(a, b, rtol=2e-5)
