@@ -241,8 +241,10 @@ def test_scanned_model_equals_unrolled_with_mtp():
   tokens = batch()["inputs"]
   a = unrolled.forward(tokens, deterministic=True).mtp_logits
   b = scanned.forward(tokens, deterministic=True).mtp_logits
-  for x, y in zip(a, b):
+  c = scanned.unrolled().forward(tokens, deterministic=True).mtp_logits  # decoding's twin
+  for x, y, z in zip(a, b, c):
     np.testing.assert_allclose(x, y, atol=1e-5)
+    np.testing.assert_array_equal(z, x)
   assert sizes.count_params(scanned) == sizes.count_params(unrolled)
   assert (sizes.flops_per_token(unrolled, L)["total"]
           - sizes.flops_per_token(Transformer(model_config(num_layers=4), rngs=nnx.Rngs(3)),
