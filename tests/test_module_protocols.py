@@ -76,6 +76,9 @@ VARIANTS = {
     "jamba_mla": ("jamba_small", {
         "model.mixer": "mla", "model.position": "rotary", "mla.kv_lora_rank": 8,
         "mla.qk_nope_head_dim": 4, "mla.qk_rope_head_dim": 4, "mla.v_head_dim": 4}),
+    "mtp_moe": ("switch_small", {"model.mtp_depth": 2}),
+    "mtp_jamba": ("jamba_small", {"model.mtp_depth": 1}),
+    "mtp_scanned": ("dense_small", {"model.mtp_depth": 1, "model.scan_layers": True}),
 }
 
 

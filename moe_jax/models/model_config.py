@@ -144,6 +144,12 @@ class TransformerConfig:
       scaled by ``mscale(s, yarn_mscale) / mscale(s, yarn_mscale_all_dim)`` when both
       are non-zero, else by ``mscale(s) = 0.1 ln(s) + 1``; MLA's softmax scale is
       multiplied by ``mscale(s, yarn_mscale_all_dim)^2`` when it is non-zero.
+    mtp_depth: D, multi-token prediction modules (DeepSeek-V3, Sec. 2.2;
+      :mod:`moe_jax.models.mtp`): module k predicts token ``i + k + 1`` at position i
+      from the shared embedding and output head; 0 (the default) is off (DeepSeek-V3:
+      1). Needs a causal model.
+    mtp_loss_coef: lambda, the MTP loss's weight: ``(lambda / D) * sum_k L^k`` is added
+      to the training loss (DeepSeek-V3: 0.3, then 0.1).
   """
 
   vocab_size: int
@@ -188,6 +194,8 @@ class TransformerConfig:
   yarn_beta_slow: float = 1.0
   yarn_mscale: float = 1.0
   yarn_mscale_all_dim: float = 0.0
+  mtp_depth: int = 0
+  mtp_loss_coef: float = 0.3
 
   def __post_init__(self):
     if isinstance(self.dense_layers, list):  # a config read back from JSON
@@ -210,6 +218,9 @@ class TransformerConfig:
       raise ValueError("mixer='mla' needs an MlaConfig in `mla`.")
     for msg in validate_mla_config(self.mla) if self.mla is not None else ():
       raise ValueError(f"mla.{msg}")
+    if not self.causal and self.mtp_depth:
+      raise ValueError(f"mtp_depth={self.mtp_depth} predicts later tokens, which needs "
+                       "causal=True; use mtp_depth=0.")
     if self.mamba is not None and self.mamba.d_model != self.d_model:
       raise ValueError(f"mamba.d_model={self.mamba.d_model} must equal d_model="
                        f"{self.d_model}.")
@@ -328,6 +339,10 @@ def validate_transformer_config(cfg, *, prefix: str = "",
        "each block in the backward pass) or 'dots' (keep the matmuls without batch "
        "dimensions).")
   errors.extend(_mixer_errors(cfg, p))
+  need("mtp_depth", _is_int(cfg.mtp_depth) and cfg.mtp_depth >= 0,
+       "must be an integer >= 0 (0: no multi-token prediction; DeepSeek-V3: 1).")
+  need("mtp_loss_coef", _is_real(cfg.mtp_loss_coef) and cfg.mtp_loss_coef >= 0,
+       "must be a finite number >= 0 (DeepSeek-V3: 0.3, then 0.1).")
   if not errors:  # the unit is looked for in a valid pattern only
     errors.extend(scan_errors(cfg, prefix=p))
   return errors

@@ -33,11 +33,15 @@ def count_params(model: Any) -> dict[str, int]:
   included (and every Mamba mixer, and a Mixture-of-Depths routed block, whose
   weights every token it runs uses). ``router`` counts the MoE routers and the
   Mixture-of-Depths routers, ``predictor`` the MLP predictors of routed blocks
-  (``mod_predictor="mlp"``); both are in ``total`` and ``active``. The groups are the
-  modules' ``param_groups()``.
+  (``mod_predictor="mlp"``); both are in ``total`` and ``active``. ``mtp`` counts the
+  multi-token prediction modules (:mod:`moe_jax.models.mtp`; the embedding and output
+  head they share are the main model's), which are in ``total`` and ``active`` too, as
+  every token of a training step runs them: the main model alone is ``total - mtp``
+  (DeepSeek-V3 reports 671B main + 14B MTP). The groups are the modules'
+  ``param_groups()``.
   """
   model = _unrolled(model)
-  groups = {"experts": 0, "inactive": 0, "router": 0, "predictor": 0}
+  groups = {"experts": 0, "inactive": 0, "router": 0, "predictor": 0, "mtp": 0}
   for _, module in nnx.iter_modules(model):
     declare = getattr(module, "param_groups", None)
     for group, n in (declare() if declare is not None else {}).items():
@@ -45,7 +49,7 @@ def count_params(model: Any) -> dict[str, int]:
   total = param_size(model)
   return {"total": total, "active": total - groups["inactive"],
           "experts": groups["experts"], "router": groups["router"],
-          "predictor": groups["predictor"]}
+          "predictor": groups["predictor"], "mtp": groups["mtp"]}
 
 
 def _unrolled(model: Any) -> Any:

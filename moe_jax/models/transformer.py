@@ -30,6 +30,10 @@ Architecture (nanoGPT-sized, T5/Switch conventions):
   run it, and they come out as ``x + r * f(x)``; the others skip it. ``forward`` reports
   each routed block's :class:`~moe_jax.models.mod.DepthAux`;
 * separate input and output embeddings by default (tying is an option);
+* multi-token prediction (DeepSeek-V3, :mod:`moe_jax.models.mtp`): with ``mtp_depth``
+  D > 0 the model owns D modules ``mtp/0 .. mtp/D-1`` after the blocks (never
+  scanned), which share the embedding and output head; ``forward`` returns their
+  logits as ``ModelOutput.mtp_logits``;
 * ``remat`` (``model.remat``): ``forward`` wraps every block in ``nnx.remat`` with the
   policy of :data:`~moe_jax.models.model_config.REMAT_POLICIES` ("none" leaves them unwrapped).
 * ``scan_layers`` (``model.scan_layers``): the blocks after an unscanned prefix run as
@@ -67,6 +71,7 @@ from moe_jax.layers.router_families import SelectionBias, TokenContext
 from moe_jax.models.block import Block, Norm, _param
 from moe_jax.models.model_config import REMAT_POLICIES, TransformerConfig
 from moe_jax.models.mod import RoutedBlock
+from moe_jax.models.mtp import MtpModule, mtp_forward, mtp_index
 from moe_jax.models.scan import LAYERS_AXIS, ScanUnit, model_unit, unstack_layers
 
 # Logical axis names of the parameters defined in this file.
@@ -82,11 +87,18 @@ class ModelOutput:
     logits: f32[B, L, V].
     moe_aux: ``{block index: MoeAux}`` of the MoE blocks.
     depth_aux: ``{block index: DepthAux}`` of the Mixture-of-Depths routed blocks.
+    mtp_logits: D f32[B, L, V], the multi-token prediction modules' (depth k's at
+      position i predicts token ``i + k + 1``); None without them (``mtp_depth=0``)
+      or when not asked for.
+    mtp_moe_aux: ``{num_layers + k - 1: MoeAux}`` of the MoE blocks of the MTP modules
+      (:func:`~moe_jax.models.mtp.mtp_index`); empty without them.
   """
 
   logits: jax.Array
   moe_aux: dict[int, MoeAux]
   depth_aux: dict[int, Any]
+  mtp_logits: tuple[jax.Array, ...] | None = None
+  mtp_moe_aux: dict[int, MoeAux] = dataclasses.field(default_factory=dict)
 
 
 class Transformer(nnx.Module):
@@ -121,6 +133,10 @@ class Transformer(nnx.Module):
         scaled_init(cfg.init_scale)(rngs.params(), (cfg.d_model, cfg.vocab_size),
                                     jnp.float32),
         EMBED_AXES["unembed"]) if not cfg.tie_embeddings else None)
+    # Built last, so that the main model's draws are those of a model without them.
+    self.mtp = (nnx.List([MtpModule(cfg, k, rngs=rngs)
+                          for k in range(1, cfg.mtp_depth + 1)])
+                if cfg.mtp_depth else None)
 
   def flops_per_token(self, tokens: int) -> Flops:
     """The output projection, ``2 * M * V``, tied or not; the embedding lookup and
@@ -136,16 +152,17 @@ class Transformer(nnx.Module):
     ``token_mask`` (bool[B, L], optional) marks padding with False; MoE layers neither
     route it nor count it in their losses and metrics (causal attention already keeps
     trailing padding from affecting real tokens). ``use_predictor``: see
-    :meth:`forward`.
+    :meth:`forward`. The multi-token prediction modules do not run.
     """
     out = self.forward(tokens, deterministic=deterministic, token_mask=token_mask,
-                       use_predictor=use_predictor)
+                       use_predictor=use_predictor, with_mtp=False)
     return out.logits, out.moe_aux
 
   def forward(self, tokens: jax.Array, *, deterministic: bool = False,
               token_mask: jax.Array | None = None,
-              use_predictor: bool = False) -> ModelOutput:
-    """tokens: i32[B, L] -> :class:`ModelOutput` (logits, MoE and MoD aux).
+              use_predictor: bool = False, with_mtp: bool = True) -> ModelOutput:
+    """tokens: i32[B, L] -> :class:`ModelOutput` (logits, MoE and MoD aux, and the
+    multi-token prediction logits when the model has MTP modules and ``with_mtp``).
 
     Mixture-of-Depths routed blocks select each sequence's top-k tokens by router
     weight (training and evaluation; the choice looks at later tokens, see
@@ -174,7 +191,11 @@ class Transformer(nnx.Module):
         depth_aux[block.index] = aux.depth
     if self.cfg.scan_layers:
       x = self._run_scan(run, x, positions, token_mask, context, moe_aux, depth_aux)
-    return ModelOutput(logits=self.head(x), moe_aux=moe_aux, depth_aux=depth_aux)
+    mtp_logits, mtp_moe_aux = None, {}
+    if self.mtp is not None and with_mtp:
+      mtp_logits, mtp_moe_aux = mtp_forward(self, tokens, x, positions, token_mask, run)
+    return ModelOutput(logits=self.head(x), moe_aux=moe_aux, depth_aux=depth_aux,
+                       mtp_logits=mtp_logits, mtp_moe_aux=mtp_moe_aux)
 
   @property
   def unit(self) -> ScanUnit:
@@ -222,8 +243,13 @@ class Transformer(nnx.Module):
 
   def head(self, x: jax.Array) -> jax.Array:
     """[B, L, M] last hidden states -> f32[B, L, V] logits (final norm, unembedding)."""
+    return self.output(self.final_norm(x))
+
+  def output(self, x: jax.Array) -> jax.Array:
+    """[B, L, M] normed hidden states -> f32[B, L, V] logits: the output projection
+    (the unembedding, or the tied embedding over sqrt(M)), which the multi-token
+    prediction modules share."""
     cfg = self.cfg
-    x = self.final_norm(x)
     if self.unembed is None:
       kernel = self.embedding[...].T / jnp.sqrt(cfg.d_model)
     else:
@@ -232,10 +258,14 @@ class Transformer(nnx.Module):
 
   def update_selection_biases(self, choice_counts: dict[int, jax.Array]) -> None:
     """Moves each MoE block's selection bias (if it has one) by its f32[E] choice
-    counts, ``{block index: MoeAux.metrics["choice_counts"]}`` of one training step."""
+    counts, ``{block index: MoeAux.metrics["choice_counts"]}`` of one training step
+    (the MTP modules' blocks under :func:`~moe_jax.models.mtp.mtp_index`)."""
     for block in self.blocks:
       if block.is_moe and block.index in choice_counts:
         block.ffn.update_selection_bias(choice_counts[block.index])
+    for k, module in enumerate(self.mtp or (), start=1):
+      if module.block.is_moe and mtp_index(self.cfg, k) in choice_counts:
+        module.block.ffn.update_selection_bias(choice_counts[mtp_index(self.cfg, k)])
     if not self.cfg.scan_layers:
       return
     unit = self.unit

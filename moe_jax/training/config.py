@@ -487,6 +487,10 @@ def _objective_errors(config, moe_view) -> list[str]:
       errors.append(f"model.mod_every={m.mod_every!r} routes blocks with a causal "
                     f"predictor, which model.objective={name!r} has no use for; use "
                     "model.mod_every=0 or model.objective='causal_lm'.")
+    if m.get("mtp_depth", 0):
+      errors.append(f"model.mtp_depth={m.mtp_depth!r} predicts later tokens, which "
+                    f"model.objective={name!r} does not; use model.mtp_depth=0 or "
+                    "model.objective='causal_lm'.")
   priority = moe.get("batch_priority", False)
   if not isinstance(priority, bool):
     errors.append(f"moe.batch_priority={priority!r} must be True or False.")

@@ -99,7 +99,10 @@ def train_line(means: dict, moe_blocks: tuple[int, ...],
       if m.when == metric_schema.ALWAYS:
         raise KeyError(f"the step metrics lack {m.name!r}, which every train line has")
       continue
-    if m.layers == "per_layer":
+    if m.layers == "per_depth":  # multi-token prediction: one key per depth
+      line.update(zip(metric_schema.depth_keys(m.name, len(means[m.name])),
+                      means[m.name]))
+    elif m.layers == "per_layer":
       line[m.name] = per_layer(means[m.name],
                                mod_blocks if m.when == metric_schema.MOD else moe_blocks)
     else:

@@ -5,7 +5,8 @@ text into inputs, targets and weights); ``training_loss(config)(model, batch)`` 
 the training steps differentiate, for
 pretraining (:mod:`moe_jax.training.train`) and fine-tuning
 (:mod:`moe_jax.peft.finetune`) alike: CE plus the MoE layers' aux and z losses and the
-Mixture-of-Depths predictor loss, with the coefficients and reduction of the config. The
+Mixture-of-Depths predictor loss (and the multi-token prediction loss,
+:func:`mtp_loss`), with the coefficients and reduction of the config. The
 model sees the batch's real tokens (:func:`token_mask`) as the evaluation does: padding
 is neither attended to, routed, nor counted in any loss.
 """
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe_jax.models.mtp import mtp_targets
 from moe_jax.training import depth_metrics, metric_schema
 
 # How the per-layer aux and z losses enter the differentiated loss (moe.loss_reduction).
@@ -69,12 +71,28 @@ def moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
   return out
 
 
+def mtp_loss(mtp_logits: tuple[jax.Array, ...], targets: jax.Array,
+             weights: jax.Array | None, coef: float) -> dict[str, jax.Array]:
+  """Multi-token prediction (DeepSeek-V3, Sec. 2.2; :mod:`moe_jax.models.mtp`): from
+  the D depths' logits f32[B, L, V] and the batch's targets i32[B, L] (and weights),
+  ``{"mtp_loss": (coef / D) * sum_k L^k, "mtp_loss/depth_<k>": f32[D] the L^k}``, each
+  ``L^k`` the mean CE over depth k's weighted targets (:func:`mtp_targets`)."""
+  per_depth = []
+  for k, logits in enumerate(mtp_logits, start=1):
+    t, w = mtp_targets(targets, weights, k)
+    ce_sum, count = lm_loss(logits, t, w)
+    per_depth.append(ce_sum / jnp.maximum(count, 1.0))
+  per_depth = jnp.stack(per_depth)
+  return {"mtp_loss": coef * jnp.mean(per_depth), metric_schema.MTP_DEPTH_LOSS: per_depth}
+
+
 def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple]]:
   """``total, (metrics, choice_counts) = loss(model, batch)``: the differentiated
   training loss of the module docstring, on a model in training mode; ``metrics``
   holds CE as ``loss`` and the MoE summaries, ``choice_counts`` each MoE block's."""
   aux_coef, z_coef = config.moe.aux_loss_coef, config.moe.z_loss_coef
   mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
+  mtp_coef = config.model.get("mtp_loss_coef", 0.0)
   reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
 
   def loss(m, batch, *, num_targets=None, share=1.0, token_share=None):
@@ -83,8 +101,9 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
     ``num_targets`` (f32[], the global batch's target count) instead of this batch's
     own; the aux losses (means over routing groups, as many in every microbatch) are
     scaled by ``share`` (1 / the number of microbatches), the z-losses and predictor
-    BCEs (means over the real tokens) by ``token_share`` (f32[], this batch's share of
-    the global batch's real tokens; None: ``share``)."""
+    BCEs and the multi-token prediction loss (means over the real tokens or targets)
+    by ``token_share`` (f32[], this batch's share of the global batch's real tokens;
+    None: ``share``)."""
     def scaled(x, by=share):
       return x if isinstance(by, float) and by == 1.0 else by * x
 
@@ -95,11 +114,17 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
     ce = ce_sum / jnp.maximum(count if num_targets is None else num_targets, 1.0)
     moe = dict(moe_summary(moe_aux), **depth_metrics.depth_summary(out.depth_aux))
     total = ce + scaled(mod_coef * depth_metrics.depth_loss(out.depth_aux), per_token)
+    # The MTP modules' MoE blocks are balanced as the main ones (not in the metrics).
+    moe_aux = {**moe_aux, **out.mtp_moe_aux}
     if moe_aux:
       layers = [moe_aux[i] for i in sorted(moe_aux)]
       total = (total + scaled(aux_coef * reduce(jnp.stack([a.aux_loss for a in layers])))
                + scaled(z_coef * reduce(jnp.stack([a.z_loss for a in layers])),
                         per_token))
+    if out.mtp_logits:
+      mtp = mtp_loss(out.mtp_logits, batch["targets"], batch.get("weights"), mtp_coef)
+      total = total + scaled(mtp["mtp_loss"], per_token)
+      moe.update(mtp)
     choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
     return total, (dict(moe, loss=ce), choice_counts)
 

@@ -26,6 +26,7 @@ ALWAYS = "always"      # every run (dense models log 0 for the MoE losses)
 MOE = "moe"            # the model has MoE blocks
 NOOP = "noop"          # MoE blocks with MoDE's no-op experts (moe.noop_experts > 0)
 MOD = "mod"            # the model has Mixture-of-Depths routed blocks
+MTP = "mtp"            # the model has multi-token prediction modules (model.mtp_depth > 0)
 LOOP = "loop"          # written by the training loop itself, not by the loss
 FINETUNE = "finetune"  # the fine-tuning loop only (moe_jax.peft.finetune)
 MIXTURE = "mixture"    # a data mixture (data.mixture): one key per source, <source>
@@ -50,7 +51,9 @@ class Metric:
       :data:`LOOP`, :data:`FINETUNE` or ``router(family)``.
     layers: from the MoE layers' ``MoeAux`` (or the routed blocks' metrics for
       :data:`MOD`): ``"mean"`` over the layers, ``"per_layer"`` as ``{"layer_<i>":
-      value}`` by block index; None: not a per-layer metric.
+      value}`` by block index; ``"per_depth"``: one key per multi-token prediction
+      depth, the name's ``<k>`` replaced by 1..D (:func:`depth_keys`); None: not a
+      per-layer metric.
     microbatches: how gradient accumulation combines the microbatches' values:
       ``"sum"`` (CE, already each microbatch's share), ``"mean"`` (means over
       routing groups and their slots), ``"tokens"`` (means over real tokens, weighted
@@ -113,6 +116,10 @@ TRAIN: tuple[Metric, ...] = (
     Metric("mod_router_mean", _T, MOD, "mean router weight", "per_layer", "tokens"),
     Metric("mod_router_std", _T, MOD, "standard deviation of the router weights "
            "(pooled over microbatches)", "per_layer", "tokens"),
+    Metric("mtp_loss", _T, MTP, "multi-token prediction loss added to the training "
+           "loss, `(mtp_loss_coef / D) * sum_k` of the depths' CE", microbatches="tokens"),
+    Metric("mtp_loss/depth_<k>", _T, MTP, "CE of MTP depth k (predicting the token k + 1 "
+           "ahead), unscaled; k = 1 .. model.mtp_depth", "per_depth", "tokens"),
     Metric("tokens_per_sec", _T, LOOP, "training throughput over the interval"),
     Metric("steps_per_sec", _T, FINETUNE, "`tokens_per_sec` in steps"),
     Metric("elapsed_sec", _T, LOOP, "wall time since the run first started"),
@@ -149,6 +156,14 @@ EVAL: tuple[Metric, ...] = (
 
 METRICS: tuple[Metric, ...] = TRAIN + EVAL
 
+# The step metric holding the MTP depths' CE, f32[D] (a train line's per-depth keys).
+MTP_DEPTH_LOSS = "mtp_loss/depth_<k>"
+
+
+def depth_keys(name: str, depth: int) -> tuple[str, ...]:
+  """The line keys of a ``"per_depth"`` metric: ``name`` with ``<k>`` = 1 .. depth."""
+  return tuple(name.replace("<k>", str(k)) for k in range(1, depth + 1))
+
 # Keys on every line: which line, its step, and the writer's tags.
 LINE_KEYS = ("split", "step", "objective")
 
@@ -156,7 +171,7 @@ LINE_KEYS = ("split", "step", "objective")
 def moe_layer_metrics() -> tuple[Metric, ...]:
   """The train metrics read from the MoE layers' ``MoeAux`` (``aux_loss`` and
   ``z_loss`` its fields, the others its ``metrics``), in line order."""
-  return tuple(m for m in TRAIN if m.layers and m.when != MOD)
+  return tuple(m for m in TRAIN if m.layers and m.when not in (MOD, MTP))
 
 
 def eval_layer_means() -> tuple[str, ...]:
@@ -175,6 +190,7 @@ def emitted(config: Any, line: str = "train", *, finetune: bool = False
   :data:`LINE_KEYS`): what a test checks every line for."""
   has_moe = bool(config.model.get("moe_every", 0))
   has_mod = bool(config.model.get("mod_every", 0))
+  mtp_depth = config.model.get("mtp_depth", 0)
   on = {ALWAYS, LOOP}
   if has_moe:
     on.add(MOE)
@@ -183,13 +199,19 @@ def emitted(config: Any, line: str = "train", *, finetune: bool = False
       on.add(NOOP)
   if has_mod:
     on.add(MOD)
+  if mtp_depth:
+    on.add(MTP)
   if finetune:
     on.add(FINETUNE)
   mixture = config.get("data", {}).get("mixture", "") if hasattr(config, "get") else ""
   sources = [e.strip().rpartition(":")[0] for e in mixture.split(",")] if mixture else []
   if sources:
     on.add(MIXTURE)
-  names = [m.name for m in METRICS if m.line == line and on.intersection(m.when.split(","))]
+  names = []
+  for m in METRICS:
+    if m.line == line and on.intersection(m.when.split(",")):
+      names.extend(depth_keys(m.name, mtp_depth) if m.layers == "per_depth"
+                   else (m.name,))
   return tuple(n.replace(SOURCE, s) for n in names
                for s in (sources if SOURCE in n else [SOURCE]))
 

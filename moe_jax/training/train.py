@@ -242,7 +242,8 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict, dict], dict]:
   def eval_step(params, batch, model_state=None):  # pylint: disable=redefined-outer-name
     m = merge_model(graphdef, params, rest, model_state)
     mask = token_mask(batch)
-    out = m.forward(batch["inputs"], deterministic=True, token_mask=mask)
+    # The main model's loss only: the multi-token prediction modules do not run.
+    out = m.forward(batch["inputs"], deterministic=True, token_mask=mask, with_mtp=False)
     logits, moe_aux = out.logits, out.moe_aux
     ce_sum, count = lm_loss(logits, batch["targets"], batch.get("weights"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
