@@ -67,7 +67,7 @@ def main(_, workdir):
   if f.dtype not in (None, "float32", "bfloat16"):
     fail(f"--dtype={f.dtype!r} is not a model dtype; use float32 or bfloat16.")
   from moe_jax.interop import hf, run_dir, safetensors_io  # pylint: disable=import-outside-toplevel
-  from moe_jax.interop.hf_families import ConversionError  # pylint: disable=import-outside-toplevel
+  from moe_jax.interop.hf_tensors import ConversionError  # pylint: disable=import-outside-toplevel
   try:
     if f.from_hf:
       mesh, overrides = None, None

@@ -26,11 +26,12 @@ from flax import nnx
 
 from moe_jax.inference import decode
 from moe_jax.interop import hf, safetensors_io
-from moe_jax.interop.hf_families import ConversionError
+from moe_jax.interop.hf_tensors import ConversionError
+from moe_jax.layers.router_families import SelectionBias
 from moe_jax.training import build
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 TOLERANCE = 1e-4
 
 pytestmark = pytest.mark.xdist_group("hf_interop")
@@ -84,8 +85,8 @@ def _variant(config, model, **keys):
     section, name = key.split(".")
     changed[section][name] = value
   other = build.make_model(changed)
-  ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  theirs = nnx.state(other, nnx.Param)
+  ours = dict(nnx.to_flat_state(nnx.state(model, hf.WEIGHTS)))
+  theirs = nnx.state(other, hf.WEIGHTS)
   for path, var in nnx.to_flat_state(theirs):
     if path in ours and ours[path].get_value().shape == var.get_value().shape:
       var.set_value(ours[path].get_value())
@@ -108,6 +109,8 @@ MISTAKES = {
     "olmoe": ("eps", "gate_up", "norm_topk", "qk_norm"),
     "qwen2_moe": ("eps", "gate_up", "norm_topk", "qkv_bias", "shared_gate"),
     "qwen3_moe": ("eps", "gate_up", "norm_topk", "qk_norm"),
+    "deepseek_v3": ("eps", "gate_up", "norm_topk", "interleave", "yarn",
+                    "selection_bias", "gate_scale"),
 }
 
 
@@ -127,6 +130,17 @@ def _mistake(name, model, config):
     return _variant(config, model, **{"model.qkv_bias": False})
   if name == "shared_gate":
     return _variant(config, model, **{"moe.shared_expert_gate": False})
+  if name == "interleave":  # rotary over the halves instead of interleaved pairs
+    return _variant(config, model, **{"mla.rope_interleave": False})
+  if name == "yarn":  # YaRN's frequencies and mscale left out
+    return _variant(config, model, **{"model.rope_scaling": "none"})
+  if name == "gate_scale":  # routed_scaling_factor left out
+    return _variant(config, model, **{"moe.gate_scale": 1.0})
+  if name == "selection_bias":  # e_score_correction_bias not loaded
+    wrong = nnx.clone(model)
+    for _, var in nnx.to_flat_state(nnx.state(wrong, SelectionBias)):
+      var.set_value(jax.numpy.zeros_like(var.get_value()))
+    return wrong
   raise ValueError(name)
 
 
@@ -264,3 +278,15 @@ def test_export_refuses_adapters_and_folds_them_once_merged(tmp_path):
   hf.save(model, config, str(tmp_path / "merged"))
   again, _ = hf.load(str(tmp_path / "merged"))
   np.testing.assert_allclose(hf.forward_logits(again, ids), adapted, atol=1e-4, rtol=0)
+
+
+def test_deepseek_v3_mtp_module_matches_its_reference():
+  """The multi-token-prediction module stored beside DeepSeek-V3 (block
+  ``num_hidden_layers``) converts into ``mtp/0``, and its logits match the fixture's
+  reference, composed from transformers' own layer classes (tools/hf_fixtures.py)."""
+  model, config = _loaded("deepseek_v3")
+  assert config.model.mtp_depth == 1
+  ref = _reference("deepseek_v3")
+  out = model.forward(jax.numpy.asarray(ref["input_ids"]), deterministic=True)
+  mtp = np.asarray(out.mtp_logits[0])[:, :-1]  # the last position has no next token
+  np.testing.assert_allclose(mtp, ref["mtp_logits"], atol=TOLERANCE, rtol=0)

@@ -190,6 +190,8 @@ def load(path: str, dtype: str = "float32", *, mesh: jax.sharding.Mesh | None = 
                  path)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   for t in table:
+    if t.copy:
+      continue
     var = flat[t.path]
     value = var.get_value()
     sharding = getattr(value, "sharding", None) or device
@@ -234,7 +236,7 @@ def _forward_keys(config) -> dict[str, Any]:
   keys = {f"model.{k}": getattr(tcfg, k) for k in (
       "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "activation",
       "position", "norm", "norm_eps", "tie_embeddings", "rope_base", "qk_norm",
-      "qkv_bias", "mod_every", "causal", "mixer", "mla", "rope_scaling")}
+      "qkv_bias", "mod_every", "causal", "mixer", "mla", "rope_scaling", "mtp_depth")}
   if tcfg.rope_scaling != "none":
     keys.update({f"model.{k}": getattr(tcfg, k) for k in (
         "rope_factor", "rope_original_max_len", "yarn_beta_fast", "yarn_beta_slow",

@@ -83,6 +83,7 @@ def lm_keys(h: dict[str, Any], c, where: str) -> None:
   moe.bias_update_rate = BIAS_UPDATE_RATE
   moe.z_loss_coef = 0.0  # a softmax's penalty; V3 has none (and sigmoid refuses it)
   moe.aux_loss_coef = float(h.get("aux_loss_alpha", 1e-4))  # V3's sequence-wise alpha
+  m.mtp_depth = int(h.get("num_nextn_predict_layers") or 0)
 
 
 def hf_keys(config, out: dict[str, Any]) -> None:
@@ -105,6 +106,7 @@ def hf_keys(config, out: dict[str, Any]) -> None:
       "topk_group": moe.top_groups or 1,
       "routed_scaling_factor": moe.gate_scale,
       "aux_loss_alpha": moe.aux_loss_coef,
+      "num_nextn_predict_layers": m.get("mtp_depth", 0) or 0,
   })
   rope = {"rope_type": "default", "rope_theta": m.rope_base}
   if m.rope_scaling == "yarn":
@@ -139,3 +141,19 @@ def router_tensors(config, b: tuple, moe: str) -> list[Tensor]:
   """The router's selection bias (``e_score_correction_bias``), routing state."""
   del config
   return [Tensor(b + ("ffn", "selection_bias"), (f"{moe}.gate.e_score_correction_bias",))]
+
+
+def mtp_tensors(config, depth: int, layer: str, block: list[Tensor]) -> list[Tensor]:
+  """Multi-token-prediction module ``depth`` (moe_jax ``mtp/<depth>``), stored as block
+  ``num_hidden_layers + depth`` (the released checkpoint's ``model.layers.61``): its
+  block's tensors, ``enorm``, ``hnorm``, ``eh_proj`` [M, 2M] (embedding half first),
+  ``shared_head.norm``, and copies of the shared embedding and output head."""
+  del config
+  p = ("mtp", depth)
+  return block + [
+      Tensor(p + ("enorm", "scale"), (f"{layer}.enorm.weight",)),
+      Tensor(p + ("hnorm", "scale"), (f"{layer}.hnorm.weight",)),
+      Tensor(p + ("eh_proj",), (f"{layer}.eh_proj.weight",), TRANSPOSE),
+      Tensor(p + ("norm", "scale"), (f"{layer}.shared_head.norm.weight",)),
+      Tensor(("embedding",), (f"{layer}.embed_tokens.weight",), copy=True),
+      Tensor(("unembed",), (f"{layer}.shared_head.head.weight",), TRANSPOSE, copy=True)]

@@ -66,6 +66,8 @@ class Family:
       mixer, when it is not the grouped-query attention of the others.
     router_tensors: ``(config, block, moe name) -> [Tensor]`` of a block's router
       beyond its kernel (DeepSeek-V3's selection bias).
+    mtp_tensors: ``(config, depth, layer name, block tensors) -> [Tensor]`` of a
+      multi-token-prediction module, stored as block ``num_hidden_layers + depth``.
   """
 
   model_type: str
@@ -90,6 +92,7 @@ class Family:
   hf_config_hook: Callable | None = None
   attention_tensors: Callable | None = None
   router_tensors: Callable | None = None
+  mtp_tensors: Callable | None = None
 
 
 _COMMON_REFUSED = (
@@ -155,7 +158,7 @@ FAMILIES: dict[str, Family] = {
         shared_prefix="shared_experts", shared_gated=False,
         config_hook=hf_deepseek.lm_keys, hf_config_hook=hf_deepseek.hf_keys,
         attention_tensors=hf_deepseek.mla_tensors,
-        router_tensors=hf_deepseek.router_tensors,
+        router_tensors=hf_deepseek.router_tensors, mtp_tensors=hf_deepseek.mtp_tensors,
         extra={"attention_bias": False, "topk_method": "noaux_tc",
                "scoring_func": "sigmoid"}),
 }
@@ -336,44 +339,56 @@ def tensors(config: ml_collections.ConfigDict, family: Family,
   out = [Tensor(("embedding",), ("model.embed_tokens.weight",)),
          Tensor(("final_norm", "scale"), ("model.norm.weight",)),
          Tensor(("unembed",), ("lm_head.weight",), TRANSPOSE)]
-  gate, up, down = family.expert_names
   for i in range(m.num_layers):
-    layer = f"model.layers.{i}"
-    b = ("blocks", i)
-    out += [Tensor(b + ("attn_norm", "scale"), (f"{layer}.input_layernorm.weight",)),
-            Tensor(b + ("ffn_norm", "scale"),
-                   (f"{layer}.post_attention_layernorm.weight",))]
-    if family.attention_tensors is not None:
-      out += family.attention_tensors(config, b, layer)
-    else:
-      out += _attention_tensors(config, b, layer)
-    if not is_moe(i):
-      mlp = f"{layer}.mlp"
-      out += [Tensor(b + ("ffn", "wi_gate"), (f"{mlp}.gate_proj.weight",), TRANSPOSE),
-              Tensor(b + ("ffn", "wi"), (f"{mlp}.up_proj.weight",), TRANSPOSE),
-              Tensor(b + ("ffn", "wo"), (f"{mlp}.down_proj.weight",), TRANSPOSE)]
-      continue
-    moe = f"{layer}.{family.moe_prefix}"
-    experts = range(config.moe.num_experts)
-    out.append(Tensor(b + ("ffn", "router", "kernel"), (f"{moe}.gate.weight",),
-                      TRANSPOSE))
-    if family.router_tensors is not None:
-      out += family.router_tensors(config, b, moe)
-    for attr, name in (("wi_gate", gate), ("wi", up), ("wo", down)):
-      out.append(Tensor(b + ("ffn", "experts", attr),
-                        tuple(f"{moe}.experts.{e}.{name}.weight" for e in experts),
-                        TRANSPOSE, stacked=True))
-    if family.shared_expert and config.moe.num_shared_experts:
-      shared = f"{moe}.{family.shared_prefix}"
-      out += [Tensor(b + ("ffn", "shared_experts", "wi_gate"),
-                     (f"{shared}.gate_proj.weight",), TRANSPOSE),
-              Tensor(b + ("ffn", "shared_experts", "wi"), (f"{shared}.up_proj.weight",),
-                     TRANSPOSE),
-              Tensor(b + ("ffn", "shared_experts", "wo"),
-                     (f"{shared}.down_proj.weight",), TRANSPOSE)]
-      if family.shared_gated:
-        out.append(Tensor(b + ("ffn", "shared_gate", "kernel"),
-                          (f"{moe}.shared_expert_gate.weight",), ROW))
+    out += _block_tensors(config, family, ("blocks", i), f"model.layers.{i}",
+                          is_moe(i))
+  for j in range(m.get("mtp_depth", 0) or 0):
+    if family.mtp_tensors is None:
+      raise ConversionError(f"model.mtp_depth={m.mtp_depth}: {family.model_type} has no "
+                            "multi-token prediction modules; use model.mtp_depth=0.")
+    layer = f"model.layers.{m.num_layers + j}"
+    block = _block_tensors(config, family, ("mtp", j, "block"), layer,
+                           is_moe(m.num_layers - 1))
+    out += family.mtp_tensors(config, j, layer, block)
+  return out
+
+
+def _block_tensors(config, family: Family, b: tuple, layer: str,
+                   moe_block: bool) -> list[Tensor]:
+  """The tensors of one block (``b``: its path) stored under ``layer``."""
+  gate, up, down = family.expert_names
+  out = [Tensor(b + ("attn_norm", "scale"), (f"{layer}.input_layernorm.weight",)),
+         Tensor(b + ("ffn_norm", "scale"), (f"{layer}.post_attention_layernorm.weight",))]
+  if family.attention_tensors is not None:
+    out += family.attention_tensors(config, b, layer)
+  else:
+    out += _attention_tensors(config, b, layer)
+  if not moe_block:
+    mlp = f"{layer}.mlp"
+    return out + [
+        Tensor(b + ("ffn", "wi_gate"), (f"{mlp}.gate_proj.weight",), TRANSPOSE),
+        Tensor(b + ("ffn", "wi"), (f"{mlp}.up_proj.weight",), TRANSPOSE),
+        Tensor(b + ("ffn", "wo"), (f"{mlp}.down_proj.weight",), TRANSPOSE)]
+  moe = f"{layer}.{family.moe_prefix}"
+  experts = range(config.moe.num_experts)
+  out.append(Tensor(b + ("ffn", "router", "kernel"), (f"{moe}.gate.weight",), TRANSPOSE))
+  if family.router_tensors is not None:
+    out += family.router_tensors(config, b, moe)
+  for attr, name in (("wi_gate", gate), ("wi", up), ("wo", down)):
+    out.append(Tensor(b + ("ffn", "experts", attr),
+                      tuple(f"{moe}.experts.{e}.{name}.weight" for e in experts),
+                      TRANSPOSE, stacked=True))
+  if family.shared_expert and config.moe.num_shared_experts:
+    shared = f"{moe}.{family.shared_prefix}"
+    out += [Tensor(b + ("ffn", "shared_experts", "wi_gate"),
+                   (f"{shared}.gate_proj.weight",), TRANSPOSE),
+            Tensor(b + ("ffn", "shared_experts", "wi"), (f"{shared}.up_proj.weight",),
+                   TRANSPOSE),
+            Tensor(b + ("ffn", "shared_experts", "wo"), (f"{shared}.down_proj.weight",),
+                   TRANSPOSE)]
+    if family.shared_gated:
+      out.append(Tensor(b + ("ffn", "shared_gate", "kernel"),
+                        (f"{moe}.shared_expert_gate.weight",), ROW))
   return out
 
 

@@ -26,6 +26,9 @@ class Tensor:
     layout: one of :data:`LAYOUTS`, applied to each name's tensor.
     heads: N for ``in_heads`` / ``out_heads`` (the head count of that projection).
     stacked: the parameter stacks ``names`` (one per expert) along a new leading axis.
+    copy: the tensor on disk is a copy of a parameter that another entry reads
+      (DeepSeek-V3's MTP module keeps its own copies of the shared embedding and
+      output head): written on export, checked for its shape on import, not read.
   """
 
   path: tuple
@@ -33,6 +36,7 @@ class Tensor:
   layout: str = IDENTITY
   heads: int = 0
   stacked: bool = False
+  copy: bool = False
 
 
 class ConversionError(ValueError):
