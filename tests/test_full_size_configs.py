@@ -33,12 +33,15 @@ class Published:
   """A model's published sizes. ``total`` and ``active`` in parameters, the embedding
   included in both as each source counts it (``active``: every weight one token uses,
   input and output embeddings included); ``active=None``: no exact figure published.
-  ``context``: the model's context length (``model.max_len``)."""
+  ``context``: the model's context length (``model.max_len``). ``overrides``: config
+  keys set before counting, where the published figure leaves a part out (DeepSeek-V3's
+  671B is the main model, without its multi-token-prediction module)."""
 
   total: float
   active: float | None
   context: int
   source: str
+  overrides: tuple = ()
 
 
 PUBLISHED = {
@@ -66,6 +69,9 @@ PUBLISHED = {
         6.9e9, 1.3e9, 4096, "Muennighoff et al. 2024, Table 1 (6.9B total, 1.3B active)"),
     "qwen3_30b_a3b": Published(
         30.5e9, 3.3e9, 32768, "Qwen3 report, Table 2 (30.5B total, 3.3B activated)"),
+    "deepseek_v3_671b": Published(
+        671e9, 37e9, 4096, "DeepSeek-V3 report, Sec. 1 and 4.2 (671B total, 37B "
+        "activated, main model)", overrides=(("model.mtp_depth", 0),)),
 }
 
 
@@ -100,11 +106,19 @@ def counts(config, vocab_size):
   return {k: one[k] + (unit.repeats - 1) * (two[k] - one[k]) for k in one}
 
 
+def published_config(name):
+  """The shipped config ``name`` with its :class:`Published` overrides."""
+  config = load(name).get_config()
+  for key, value in PUBLISHED[name].overrides:
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
 @functools.lru_cache(maxsize=None)
 def published_model_counts(name):
   """``counts`` of the shipped config ``name`` at its published vocabulary."""
-  module = load(name)
-  return counts(module.get_config(), module.VOCAB_SIZE)
+  return counts(published_config(name), load(name).VOCAB_SIZE)
 
 
 def _encoder_decoder(n, config, vocab_size):
@@ -134,7 +148,7 @@ def test_config_is_valid_with_its_context_length(name):
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_total_and_active_match_the_published_sizes(name):
   module, published = load(name), PUBLISHED[name]
-  config = module.get_config()
+  config = published_config(name)
   n = published_model_counts(name)
   total, active = n["total"], n["active"]
   if name == "switch_base_128":
@@ -155,14 +169,19 @@ def test_active_flops_are_twice_the_active_weights_plus_attention(name):
   # free; a tied embedding is used once, as the output projection) plus 4 * L * N * D
   # per attention block for the scores and the mixing; Mamba's scan and the routers
   # (reported apart) are < 1%.
+  # Multi-head latent attention's scores and mixing: 2 * L * N * (Dn + Dr + Dv).
   module = load(name)
-  config = module.get_config()
+  config = published_config(name)
   n, m = published_model_counts(name), config.model
   lookup = 0 if m.tie_embeddings else module.VOCAB_SIZE * m.d_model
   attention_blocks = sum(kind.mixer == "attention" for kind in model_pattern(config))
   context = PUBLISHED[name].context
-  want = 2 * (n["active"] - lookup) + attention_blocks * 4 * context * m.num_heads * (
-      m.head_dim or m.d_model // m.num_heads)
+  if m.get("mixer", "attention") == "mla":
+    per_token = 2 * m.num_heads * (config.mla.qk_nope_head_dim + config.mla.qk_rope_head_dim
+                                   + config.mla.v_head_dim)
+  else:
+    per_token = 4 * m.num_heads * (m.head_dim or m.d_model // m.num_heads)
+  want = 2 * (n["active"] - lookup) + attention_blocks * context * per_token
   assert _error(n["flops_active"], want) < 0.01, (n["flops_active"], want)
 
 
@@ -192,3 +211,14 @@ def test_data_vocab_size_sets_the_embedding_rows():
   assert build.vocab_size_of(config) == 32000
   config.data.vocab_size = 0  # the byte tokenizer's
   assert build.vocab_size_of(config) == 259
+
+
+def test_deepseek_v3_mtp_module_is_the_published_14b_less_its_copies():
+  """Hugging Face's 685B = 671B + 14B counts the MTP module with its own copies of the
+  embedding and output head (2 x V x M); moe_jax's module shares them."""
+  module = load("deepseek_v3_671b")
+  config = module.get_config()
+  assert config.model.mtp_depth == 1
+  with_mtp = counts(config, module.VOCAB_SIZE)
+  copies = 2 * module.VOCAB_SIZE * config.model.d_model
+  assert _error(with_mtp["mtp"] + copies, 685e9 - 671e9) <= 0.05, with_mtp["mtp"]
