@@ -36,6 +36,7 @@ FULL_SIZE = {
     "jamba_v0_1": {"tokens": 2 ** 22, "seq_len": 4096},
     "olmoe_1b_7b": {"tokens": 2 ** 22, "seq_len": 4096},
     "qwen3_30b_a3b": {"tokens": 2 ** 22, "seq_len": 4096},
+    "deepseek_v3_671b": {"tokens": 2 ** 22, "seq_len": 4096},
 }
 DISPATCH_CONFIGS = ("switch_base_128", "mixtral_8x7b")
 DISPATCHES = (("einsum", {}), ("indices", {}),
