@@ -165,7 +165,53 @@ def _kept_ids(ids, vocab_size: int, special: frozenset[int]) -> list[int]:
     return [int(i) for i in flat if 0 <= i < vocab_size and int(i) not in special]
 
 
-class HfTokenizer:
+class _FileTokenizer:
+    """What the tokenizers read from a file share: the path, the vocabulary size, the
+    special ids found at construction (``_vocab_size``, ``_special``, ``bos_id``,
+    ``eos_id``) and what follows from them. Subclasses set ``scheme`` and implement
+    ``_encode_ids``, ``_decode_ids`` and ``_encode_batch_ids``."""
+
+    scheme: str = ""
+    path: str
+    bos_id: int | None
+    eos_id: int
+    _vocab_size: int
+    _special: frozenset[int]
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids (the largest id + 1)."""
+        return self._vocab_size
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self._special))
+
+    @property
+    def spec(self) -> str:
+        return f"{self.scheme}:{self.path}"
+
+    def encode(self, text: str | bytes, *, add_bos: bool = False,
+               add_eos: bool = False) -> np.ndarray:
+        """Encodes text (bytes are read as UTF-8) to a 1-D ``np.int32`` array."""
+        ids = np.asarray(self._encode_ids(_as_str(text)), np.int32)
+        return _with_specials(ids, self.bos_id, self.eos_id, add_bos=add_bos,
+                              add_eos=add_eos, name=repr(self))
+
+    def encode_batch(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
+        """:meth:`encode` of each text (no BOS/EOS)."""
+        return [np.asarray(ids, np.int32)
+                for ids in self._encode_batch_ids([_as_str(t) for t in texts])]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Decodes ids to a string, skipping special and out-of-range ids."""
+        return self._decode_ids(_kept_ids(ids, self._vocab_size, self._special))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
+
+
+class HfTokenizer(_FileTokenizer):
     """A Hugging Face ``tokenizer.json`` (``data.tokenizer="hf:PATH"``).
 
     Specials: a ``tokenizer_config.json`` next to the file decides each of
@@ -214,39 +260,16 @@ class HfTokenizer:
         self._special = frozenset(added | {self.eos_id, self.pad_id}
                                   | ({self.bos_id} if self.bos_id is not None else set()))
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids: the largest id of the vocabulary (added tokens included) + 1."""
-        return self._vocab_size
+    scheme = "hf"
 
-    @property
-    def special_ids(self) -> tuple[int, ...]:
-        return tuple(sorted(self._special))
+    def _encode_ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
 
-    @property
-    def spec(self) -> str:
-        return f"hf:{self.path}"
+    def _encode_batch_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-    def encode(self, text: str | bytes, *, add_bos: bool = False,
-               add_eos: bool = False) -> np.ndarray:
-        """Encodes text (bytes are read as UTF-8) to a 1-D ``np.int32`` array."""
-        ids = np.asarray(self._tok.encode(_as_str(text), add_special_tokens=False).ids,
-                         np.int32)
-        return _with_specials(ids, self.bos_id, self.eos_id, add_bos=add_bos,
-                              add_eos=add_eos, name=repr(self))
-
-    def encode_batch(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
-        """:meth:`encode` of each text (no BOS/EOS), in parallel."""
-        out = self._tok.encode_batch([_as_str(t) for t in texts], add_special_tokens=False)
-        return [np.asarray(e.ids, np.int32) for e in out]
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Decodes ids to a string, skipping special and out-of-range ids."""
-        return self._tok.decode(_kept_ids(ids, self._vocab_size, self._special),
-                                skip_special_tokens=False)
-
-    def __repr__(self) -> str:
-        return f"HfTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
 
 
 def _hf_config_specials(path: str) -> dict[str, str | None]:
@@ -263,7 +286,7 @@ def _hf_config_specials(path: str) -> dict[str, str | None]:
     return out
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_FileTokenizer):
     """A SentencePiece model (``data.tokenizer="spm:PATH"``).
 
     PAD, BOS and EOS are the model's own (``pad_id``/``bos_id``/``eos_id`` of its
@@ -292,37 +315,16 @@ class SentencePieceTokenizer:
         self._special = frozenset(control | {self.eos_id, self.pad_id}
                                   | ({self.bos_id} if self.bos_id is not None else set()))
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of pieces."""
-        return self._vocab_size
+    scheme = "spm"
 
-    @property
-    def special_ids(self) -> tuple[int, ...]:
-        return tuple(sorted(self._special))
+    def _encode_ids(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
 
-    @property
-    def spec(self) -> str:
-        return f"spm:{self.path}"
+    def _encode_batch_ids(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int)
 
-    def encode(self, text: str | bytes, *, add_bos: bool = False,
-               add_eos: bool = False) -> np.ndarray:
-        """Encodes text (bytes are read as UTF-8) to a 1-D ``np.int32`` array."""
-        ids = np.asarray(self._sp.encode(_as_str(text), out_type=int), np.int32)
-        return _with_specials(ids, self.bos_id, self.eos_id, add_bos=add_bos,
-                              add_eos=add_eos, name=repr(self))
-
-    def encode_batch(self, texts: Sequence[str | bytes]) -> list[np.ndarray]:
-        """:meth:`encode` of each text (no BOS/EOS)."""
-        out = self._sp.encode([_as_str(t) for t in texts], out_type=int)
-        return [np.asarray(ids, np.int32) for ids in out]
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Decodes ids to a string, skipping special and out-of-range ids."""
-        return self._sp.decode(_kept_ids(ids, self._vocab_size, self._special))
-
-    def __repr__(self) -> str:
-        return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
 
 
 Tokenizer = ByteTokenizer | HfTokenizer | SentencePieceTokenizer
