@@ -20,7 +20,8 @@ from moe_jax.inference import decode
 from moe_jax.layers import lora_adapters as lora
 from moe_jax.models import param_sharding, rope
 from moe_jax.models.block import Attention
-from moe_jax.models.mla import MlaConfig, MultiHeadLatentAttention
+from moe_jax.models.mla import MultiHeadLatentAttention
+from moe_jax.models.mla_config import MlaConfig
 from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.parallel import sharding

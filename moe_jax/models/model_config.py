@@ -18,7 +18,7 @@ from moe_jax.routing.depth import depth_errors, is_routed_layer
 from moe_jax.models.layer_pattern import (MAMBA, MOE, LayerKind, layer_pattern,
                                           pattern_errors)
 from moe_jax.models.mamba import MambaConfig
-from moe_jax.models.mla import MlaConfig, validate_mla_config
+from moe_jax.models.mla_config import MlaConfig, validate_mla_config
 from moe_jax.models.rope import ROPE_SCALINGS
 from moe_jax.models.scan import scan_errors
 from moe_jax.layers.experts import ACTIVATIONS

@@ -15,7 +15,7 @@ from moe_jax.training.config import (expert_activation, expert_d_ff, model_patte
                                      queue_order)
 from moe_jax.training.sections import SECTIONS, derive
 from moe_jax.models.layer_pattern import MAMBA, MLA
-from moe_jax.models.mla import MlaConfig
+from moe_jax.models.mla_config import MlaConfig
 from moe_jax.models.mamba import NO_WEIGHT_DECAY, MambaConfig
 from moe_jax.models.scan import SCAN
 from moe_jax.layers.moe_config import DTYPES, MoeConfig

@@ -30,7 +30,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.models.model_config import MODEL_DTYPES, TransformerConfig, validate_transformer_config
 from moe_jax.models.layer_pattern import MAMBA, layer_pattern
 from moe_jax.models.mamba import MambaConfig, validate_mamba_config
-from moe_jax.models.mla import MlaConfig, validate_mla_config
+from moe_jax.models.mla_config import MlaConfig, validate_mla_config
 from moe_jax.layers.experts import ACTIVATIONS
 from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
 from moe_jax.layers.router_families import ROUTERS, causality

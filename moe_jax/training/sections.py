@@ -19,7 +19,7 @@ from ml_collections import config_dict
 from moe_jax.layers.moe_config import MoeConfig
 from moe_jax.models.model_config import TransformerConfig
 from moe_jax.models.mamba import MambaConfig
-from moe_jax.models.mla import MlaConfig
+from moe_jax.models.mla_config import MlaConfig
 
 
 @dataclasses.dataclass(frozen=True)
