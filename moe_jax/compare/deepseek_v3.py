@@ -293,10 +293,12 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
   ranked = sorted(aggs, key=lambda a: a["loss"].mean)
   best = ranked[0]
   losers = [a["family"] for a in ranked[1:] if not _noise(a["loss"], best["loss"])]
+  behind = ("behind it (one seed: no spread to judge the gaps by)"
+            if settings["seeds"] == 1 else
+            "behind it by more than the seeds' combined standard deviation")
   out += ["", "## Losing rows", "",
           f"At equal steps the lowest final eval loss is `{best['family']}`'s; "
-          + (f"losing by more than the seeds' combined standard deviation: "
-             f"{', '.join(f'`{n}`' for n in losers)}." if losers else
+          + (f"{behind}: {', '.join(f'`{n}`' for n in losers)}." if losers else
              "no other row is behind it by more than the seeds' spread.")]
   timed = [a for a in aggs if a["loss_equal_time"]]
   if timed:
@@ -304,8 +306,7 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
     losers_t = [a["family"] for a in timed if a is not best_t
                 and not _noise(a["loss_equal_time"], best_t["loss_equal_time"])]
     out.append(f"At equal time ({budget:.0f} s) the lowest is `{best_t['family']}`'s; "
-               + (f"behind it by more than the seed spread: "
-                  f"{', '.join(f'`{n}`' for n in losers_t)}." if losers_t else
+               + (f"{behind}: {', '.join(f'`{n}`' for n in losers_t)}." if losers_t else
                   "no other row is behind it by more than the seeds' spread."))
   out += ["", "## MTP on and off (the main loss)", ""]
   for on, off in MTP_PAIRS:
