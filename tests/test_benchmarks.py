@@ -294,6 +294,27 @@ def test_decode_benchmark_writes_every_field(tmp_path):
   assert "| switch_small | 2 |" in text and "uncached ms/token" in text
 
 
+def test_mla_decode_benchmark_reads_the_cache_off_the_models(tmp_path):
+  # Cache values per token and block, by hand: deepseek_v3_small's MLA 64 + 32,
+  # deepseek_small's attention 2 x 4 heads x 64; V3-671B's 512 + 64 against 2 x 128 x
+  # 128. Timings are only checked to be there.
+  out, md = tmp_path / "mla.json", tmp_path / "mla.md"
+  _run_benchmark("mla_decode.py", "--cache_lens=6", "--new_tokens=2", "--repeats=1",
+                 "--batch=2", "--full_size_layers=4", f"--json={out}", f"--markdown={md}")
+  data = json.loads(out.read_text())
+  values = [r["values_per_token_per_block"] for r in data["cache"]]
+  assert values == [96, 512, 576, 32768]
+  assert [r["bytes_per_token_per_block"] for r in data["cache"]] == [
+      4 * v for v in values]  # float32 caches
+  assert data["cache"][0]["cache_variables"] == ["cached_latent", "cached_rope_key"]
+  (group,) = data["speed"]
+  assert [r["model"] for r in group] == ["MLA absorbed", "MLA expanded",
+                                         "MHA (deepseek_small)"]
+  for r in group:
+    assert r["cache_len"] == 6 and isinstance(r["decode_tokens_per_sec"], float)
+  assert "56.9x smaller" in md.read_text()
+
+
 @pytest.mark.slow
 def test_decode_benchmark_measures_a_trained_run(tmp_path):
   # A 2-step mod_small run shrunk to width 16; --workdirs loads its checkpoint and its

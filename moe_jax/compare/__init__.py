@@ -25,5 +25,7 @@ The comparisons, each with its own runs' fields, configs and report:
   (``experiments/switch_vs_dense.py``);
 * :mod:`~moe_jax.compare.finetune_grid` (rows in :mod:`~moe_jax.compare.finetune_rows`,
   report in :mod:`~moe_jax.compare.finetune_report`) -- the fine-tuning methods on a
-  domain shift (``experiments/compare_finetune.py``).
+  domain shift (``experiments/compare_finetune.py``);
+* :mod:`~moe_jax.compare.deepseek_v3` -- multi-head latent attention and multi-token
+  prediction on deepseek_small's MoE (``experiments/compare_deepseek_v3.py``).
 """
