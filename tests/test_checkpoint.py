@@ -108,3 +108,21 @@ def test_refuses_to_start_over_when_no_checkpoint_is_readable(tmp_path):
   _damage(directory, 5)
   with pytest.raises(CheckpointError, match="Refusing to start from scratch"):
     ckpt.restore(_abstract(_state(0)))
+
+
+def test_a_run_that_asks_for_another_layout_moves_no_checkpoint(tmp_path):
+  """Every step failing alike is a mismatch of the run, not damage: the checkpoints
+  stay where they are, and the error says nothing was moved."""
+  directory = str(tmp_path / "checkpoints")
+  ckpt = Checkpointer(directory, keep=3)
+  ckpt.save(1, _state(1))
+  ckpt.save(2, _state(2))
+  other = _state(0)
+  other["params"]["w"] = jnp.zeros((5, 4))  # a changed width
+  with pytest.raises(CheckpointError, match="nothing was moved"):
+    ckpt.restore(_abstract(other))
+  assert not os.path.exists(str(tmp_path / "checkpoints_corrupt"))
+  assert ckpt.all_steps() == [1, 2]
+  step, restored, _ = ckpt.restore(_abstract(_state(0)))  # the right config still resumes
+  assert step == 2
+  _assert_tree_equal(restored, _state(2))

@@ -9,9 +9,12 @@ Each step directory holds three items:
 
 Orbax writes a step into a temporary directory and renames it when complete, so a save
 cut short by a crash or a kill never looks like a checkpoint. A checkpoint that is
-complete but unreadable (damaged files) is moved to ``DIR/checkpoints_corrupt/`` with a
-warning and the previous one is tried; if none can be read, :class:`CheckpointError`
-refuses to start over a directory that holds saved progress.
+complete but unreadable is skipped with a warning and the previous one is tried. When
+an older one restores, the newer unreadable ones (damaged files) are moved to
+``DIR/checkpoints_corrupt/``; if none can be read, :class:`CheckpointError` refuses to
+start over a directory that holds saved progress, and moves nothing: a run whose
+config, mesh or data pipeline differs from the one that saved fails on every step
+alike, and its checkpoints are good.
 """
 
 from __future__ import annotations
@@ -116,20 +119,26 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        failures.append(f"step {step} ({reason})")
+        failures.append((step, reason))
         log.warning("Checkpoint at step %d in %s is unreadable (%s); falling back to "
                     "the previous one.", step, self.directory, reason)
-        self._quarantine(step)
         continue
+      # An older step restored into the same target, so the newer ones that failed
+      # are damaged, not incompatible with this run: move them out of the way.
+      for bad, _ in failures:
+        self._quarantine(bad)
       if data_iterator is not None and "data" in items and isinstance(
           items["data"], ocp.args.JsonRestore):
         data_iterator.set_state(restored["data"])
       return step, restored["state"], dict(restored["meta"] or {})
     if failures:
+      # Nothing restored: as likely a run that asks for another layout, mesh or data
+      # pipeline than it saved as damage, so every checkpoint is left where it is.
       raise CheckpointError(
-          f"No checkpoint in {self.directory} could be restored: {'; '.join(failures)}. "
-          "Refusing to start from scratch over saved progress; move the work directory "
-          "away (or delete it) to start a new run.")
+          f"No checkpoint in {self.directory} could be restored: "
+          f"{'; '.join(f'step {s} ({r})' for s, r in failures)}. Refusing to start "
+          "from scratch over saved progress (nothing was moved); resume with the "
+          "config the run was saved with, or use a new work directory.")
     return None
 
   def _saved_keys(self, step: int) -> frozenset[str]:
