@@ -100,6 +100,7 @@ def main(argv):
   if len(argv) > 1:
     fail(f"Unexpected arguments: {' '.join(argv[1:])}.")
   from moe_jax.planner import scale, scale_report  # pylint: disable=import-outside-toplevel
+  from moe_jax.planner.targets import CHIPS  # pylint: disable=import-outside-toplevel
   from moe_jax.training.config import set_keys  # pylint: disable=import-outside-toplevel
   from moe_jax.models.sizes import count_params  # pylint: disable=import-outside-toplevel
   for name in _CONFIGS.value:
@@ -146,12 +147,14 @@ def main(argv):
       for chip in _CHIPS.value:
         settled, known = search("train", name, chip)
         if "train" in _PARTS.value and not settled:
-          def make(devices, name=name, settings=settings):
+          params = params or _count(name, count_params)
+
+          def make(devices, name=name, settings=settings, params=params, chip=chip):
             c = base(name)
             return set_keys(c, scale.training_overrides(
-                c, devices, settings["tokens"], settings["seq_len"]))
-          params = params or _count(name, count_params)
-          scale.smallest_fit(make, chip, params, scale.TRAIN_STATE_BYTES,
+                c, devices, settings["tokens"], settings["seq_len"],
+                params["total"] - params["experts"], CHIPS[chip].hbm_bytes))
+          scale.smallest_fit(make, chip, params["total"], scale.TRAIN_STATE_BYTES,
                              log=tagged("train", name, chip), known=known)
         settled, known = search("serve", name, chip)
         if "serve" in _PARTS.value and not settled:
@@ -162,7 +165,7 @@ def main(argv):
             c = base(name)
             return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH))
           params = params or _count(name, count_params)
-          scale.smallest_fit(make_serve, chip, params, 2, log=tagged("serve", name, chip),
+          scale.smallest_fit(make_serve, chip, params["total"], 2, log=tagged("serve", name, chip),
                              known=known, mode="serve", serve_batch=SERVE_BATCH,
                              serve_len=context)
     if "dispatch" in _PARTS.value:
@@ -180,11 +183,13 @@ def main(argv):
             settings = FULL_SIZE[name]
 
             def make_d(devices, name=name, settings=settings, dispatch=dispatch,
-                       extra=extra):
+                       extra=extra, mesh=fit["mesh"]):
               c = base(name)
               set_keys(c, scale.training_overrides(c, devices, settings["tokens"],
                                                    settings["seq_len"]))
-              return set_keys(c, {"moe.dispatch": dispatch, **extra})
+              # The fitting plan's mesh, so the paths differ in dispatch alone.
+              return set_keys(c, {"moe.dispatch": dispatch, **extra,
+                                  **{f"mesh.{k}": v for k, v in mesh.items()}})
             row = scale._try(make_d, chip, fit["topology"])  # pylint: disable=protected-access
             tagged("dispatch", name, chip, {"dispatch": dispatch})(row)
     if "published" in _PARTS.value:
@@ -216,7 +221,7 @@ def _count(name, count_params):
   from moe_jax.training import build  # pylint: disable=import-outside-toplevel
   config = _load(name)
   model = nnx.eval_shape(lambda: build.make_model(config))
-  return count_params(model)["total"]
+  return count_params(model)
 
 
 INTRO = """# Scale plan: the full-size configs on v5p and H100, compiled on a CPU host

@@ -214,6 +214,15 @@ def test_the_mesh_rules():
                                               "model": 1}
   assert scale.choose_mesh(8, 4, 4096) == {"data": 1, "fsdp": 1, "expert": 4, "model": 1}
   assert scale.choose_mesh(128, 8, 768)["expert"] == 8
+  # X = D would replicate the dense weights: kept while their state is small, else
+  # the expert axis is halved so that fsdp = 2 splits them over every device.
+  hbm = 96 * 2 ** 30
+  assert scale.choose_mesh(256, 256, 7168, 0.2 * hbm, hbm)["fsdp"] == 1
+  assert scale.choose_mesh(256, 256, 7168, 2.0 * hbm, hbm) == {
+      "data": 1, "fsdp": 2, "expert": 128, "model": 1}
+  assert "half of gcd" in scale.mesh_reason(
+      scale.choose_mesh(256, 256, 7168, 2.0 * hbm, hbm), 256)
+  assert scale.choose_mesh(64, 512, 8192, 2.0 * hbm, hbm)["expert"] == 64  # fsdp > 1
   # fsdp must divide d_model: the remainder goes to data.
   assert scale.choose_mesh(1, 64, 96) == {"data": 2, "fsdp": 32, "expert": 1, "model": 1}
   # Serving: heads over model, then experts and fsdp within the batch's rows.

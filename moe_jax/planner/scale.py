@@ -13,7 +13,9 @@ scores, KV heads replicated over ``model``) will not fit higher up either.
 The mesh on ``D`` devices (:func:`choose_mesh`): the experts over ``expert``, as many
 shards as divide both E and D (each device holds E/X experts and their moments, and a
 dropless exchange crosses X devices); everything else ZeRO-3 over ``fsdp`` (weights,
-gradients and moments split D ways); the batch over all D devices; no tensor
+gradients and moments split D ways). When X = D leaves ``fsdp = 1``, the dense weights
+are replicated, unless their training state would pass a quarter of the HBM: then X is
+halved so that ``fsdp = 2`` splits them over every device; the batch over all D devices; no tensor
 parallelism (``model=1``), which the widths here do not need once FSDP splits them.
 """
 
@@ -36,11 +38,26 @@ LADDERS = {
 }
 # Bytes per parameter of the training state: fp32 weights and two fp32 Adam moments.
 TRAIN_STATE_BYTES = 12
+# The share of a device's HBM that the dense weights' training state may take
+# replicated (fsdp = 1) before the mesh gives up expert parallelism for ZeRO-3.
+REPLICATED_DENSE_LIMIT = 0.25
 
 
-def choose_mesh(num_experts: int, devices: int, d_model: int) -> dict[str, int]:
-  """``{data, fsdp, expert, model}`` for ``devices`` (see the module docstring)."""
+def choose_mesh(num_experts: int, devices: int, d_model: int,
+                dense_state_bytes: float = 0.0,
+                hbm_bytes: float = math.inf) -> dict[str, int]:
+  """``{data, fsdp, expert, model}`` for ``devices`` (see the module docstring).
+
+  ``dense_state_bytes`` is the training state of every weight that is not an expert's
+  (attention, dense FFNs, embeddings, shared experts). With ``fsdp == 1`` it would be
+  replicated on every device (:func:`moe_jax.parallel.sharding.fsdp_spec` splits it
+  over ``(fsdp, expert)`` only when ``fsdp > 1``), so when it passes
+  :data:`REPLICATED_DENSE_LIMIT` of ``hbm_bytes`` the expert axis is halved to give
+  ``fsdp = 2``, and ZeRO-3 then splits it over every device."""
   expert = math.gcd(max(num_experts, 1), devices)
+  if (expert == devices and expert > 1
+      and dense_state_bytes > REPLICATED_DENSE_LIMIT * hbm_bytes):
+    expert //= 2
   fsdp = devices // expert
   while fsdp > 1 and d_model % fsdp:  # fsdp splits M: keep it a divisor
     fsdp //= 2
@@ -48,7 +65,13 @@ def choose_mesh(num_experts: int, devices: int, d_model: int) -> dict[str, int]:
 
 
 def mesh_reason(mesh: dict[str, int], num_experts: int) -> str:
-  why = [f"expert={mesh['expert']}: gcd(E={num_experts}, devices)"]
+  devices = mesh["data"] * mesh["fsdp"] * mesh["expert"] * mesh["model"]
+  if mesh["expert"] < math.gcd(max(num_experts, 1), devices):
+    why = [f"expert={mesh['expert']}: half of gcd(E={num_experts}, devices), so that "
+           "fsdp splits the dense weights too (replicated, their state would pass "
+           f"{REPLICATED_DENSE_LIMIT:.0%} of HBM)"]
+  else:
+    why = [f"expert={mesh['expert']}: gcd(E={num_experts}, devices)"]
   if mesh["fsdp"] > 1:
     why.append(f"fsdp={mesh['fsdp']}: ZeRO-3 over the rest")
   if mesh["data"] > 1:
@@ -62,14 +85,17 @@ def _devices(chip: str, topology: str) -> int:
 
 
 def training_overrides(config, devices: int, global_tokens: int,
-                       seq_len: int) -> dict[str, Any]:
+                       seq_len: int, dense_params: float = 0.0,
+                       hbm_bytes: float = math.inf) -> dict[str, Any]:
   """The keys of a full-size training plan on ``devices``: bf16 compute over fp32
   weights, full rematerialisation, scanned layers, and ``global_tokens`` per step in
-  microbatches of one sequence per device (``grad_accum_steps``)."""
+  microbatches of one sequence per device (``grad_accum_steps``). ``dense_params``
+  (the weights that are not experts') and ``hbm_bytes`` choose between replicating
+  them and ZeRO-3 (:func:`choose_mesh`)."""
   sequences = max(devices, -(-global_tokens // seq_len))
   sequences = -(-sequences // devices) * devices
   mesh = choose_mesh(config.moe.num_experts if config.model.moe_every else 1, devices,
-                     config.model.d_model)
+                     config.model.d_model, dense_params * TRAIN_STATE_BYTES, hbm_bytes)
   return {"data.seq_len": seq_len, "batch_size": sequences,
           "grad_accum_steps": sequences // devices, "model.dtype": "bfloat16",
           "model.param_dtype": "float32", "model.remat": "full",
