@@ -239,7 +239,10 @@ compile it made is listed in the last column.
 
 Training plans: bf16 compute over fp32 weights and Adam moments, full
 rematerialisation, scanned layers, the global batch in microbatches of one sequence per
-device. Mesh: experts over `expert` (gcd(E, devices)), the rest ZeRO-3 over `fsdp`.
+device. Mesh: experts over `expert` (gcd(E, devices)), the rest ZeRO-3 over `fsdp`;
+where that leaves `fsdp` = 1 the dense weights are replicated, unless their training
+state would pass a quarter of the HBM: then `expert` is halved and `fsdp` = 2 splits
+them over every device.
 Serving plans: bf16 weights, batch 8, a 32K context (or the model's, if shorter), the
 prefill of the whole context and one decode step against the full KV cache."""
 
