@@ -30,8 +30,7 @@ from flax import nnx
 from moe_jax.interop import safetensors_io
 from moe_jax.interop.hf_families import (FAMILIES, Family, family_of, hf_config,
                                          lm_config, tensors)
-from moe_jax.interop.hf_tensors import (IDENTITY, IN_HEADS, OUT_HEADS, ROW, TRANSPOSE,
-                                        ConversionError, Tensor)
+from moe_jax.interop.hf_tensors import LAYOUTS, ConversionError, Tensor
 from moe_jax.layers.moe_config import DTYPES
 from moe_jax.layers.router_families import SelectionBias
 from moe_jax.training import build
@@ -71,53 +70,21 @@ def _bounds(index: tuple, shape: tuple[int, ...]) -> list[tuple[int, int]]:
   return out
 
 
-def _read_one(ckpt: safetensors_io.Checkpoint, name: str, layout: str, heads: int,
-              bounds: list[tuple[int, int]]) -> np.ndarray:
-  """The slice ``bounds`` of the moe_jax layout of tensor ``name``, reading only the
-  rows and columns it covers."""
-  s = [slice(a, b) for a, b in bounds]
-  if layout == IDENTITY:
-    return ckpt.read(name, tuple(s))
-  if layout == TRANSPOSE:  # [out, in] -> [in, out]
-    return ckpt.read(name, (s[1], s[0])).T
-  if layout == ROW:  # [1, M] -> [M]
-    return ckpt.read(name, (0, s[0]))
-  width = ckpt.shape(name)[0 if layout == IN_HEADS else 1] // heads  # D
-  if layout == IN_HEADS:  # [N * D, M] -> [M, N, D]
-    (n0, n1), (d0, d1) = bounds[1], bounds[2]
-    block = ckpt.read(name, (slice(n0 * width, n1 * width), s[0]))  # [n * D, m]
-    return block.T.reshape(block.shape[1], n1 - n0, width)[:, :, d0:d1]
-  if layout == OUT_HEADS:  # [M, N * D] -> [N, D, M]
-    (n0, n1), (d0, d1) = bounds[0], bounds[1]
-    block = ckpt.read(name, (s[2], slice(n0 * width, n1 * width)))  # [m, n * D]
-    return block.T.reshape(n1 - n0, width, block.shape[0])[:, d0:d1, :]
-  raise ValueError(f"unknown layout {layout!r}")
-
-
 def _read(ckpt: safetensors_io.Checkpoint, t: Tensor, shape: tuple[int, ...],
           index: tuple, dtype) -> np.ndarray:
   bounds = _bounds(index, shape)
+  read = LAYOUTS[t.layout].read
   if t.stacked:
     (e0, e1), rest = bounds[0], bounds[1:]
-    out = np.stack([_read_one(ckpt, t.names[e], t.layout, t.heads, rest)
-                    for e in range(e0, e1)])
+    out = np.stack([read(ckpt, t.names[e], rest, t.heads) for e in range(e0, e1)])
   else:
-    out = _read_one(ckpt, t.names[0], t.layout, t.heads, bounds)
+    out = read(ckpt, t.names[0], bounds, t.heads)
   return out.astype(dtype)
 
 
 def _disk_shape(t: Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
   """The shape each of ``t``'s tensors must have on disk for a parameter of ``shape``."""
-  one = shape[1:] if t.stacked else shape
-  if t.layout == TRANSPOSE:
-    return (one[1], one[0])
-  if t.layout == ROW:
-    return (1, one[0])
-  if t.layout == IN_HEADS:
-    return (one[1] * one[2], one[0])
-  if t.layout == OUT_HEADS:
-    return (one[2], one[0] * one[1])
-  return tuple(one)
+  return LAYOUTS[t.layout].disk_shape(shape[1:] if t.stacked else shape)
 
 
 def _check_tensors(ckpt: safetensors_io.Checkpoint, table: list[Tensor],
@@ -298,18 +265,7 @@ def family_for(config, family: str | None = None) -> Family:
 
 def _to_disk(t: Tensor, value: np.ndarray) -> dict[str, np.ndarray]:
   """``{name: tensor}`` of one parameter in the Hugging Face layout."""
-
-  def one(a):
-    if t.layout == TRANSPOSE:
-      return a.T
-    if t.layout == ROW:
-      return a[None]
-    if t.layout == IN_HEADS:  # [M, N, D] -> [N * D, M]
-      return a.reshape(a.shape[0], -1).T
-    if t.layout == OUT_HEADS:  # [N, D, M] -> [M, N * D]
-      return a.reshape(-1, a.shape[-1]).T
-    return a
-
+  one = LAYOUTS[t.layout].to_disk
   if t.stacked:
     return {name: np.ascontiguousarray(one(value[e])) for e, name in enumerate(t.names)}
   return {t.names[0]: np.ascontiguousarray(one(value))}
