@@ -58,6 +58,17 @@ def _mesh(sizes):
                 "mesh.model": model}
 
 
+def _copy_tokenizer(tokenizer_json: str, dst_dir: str) -> None:
+  """Copies ``tokenizer_json`` into ``dst_dir`` as tokenizer.json, and the other
+  :data:`TOKENIZER_FILES` beside it, each where it exists."""
+  if os.path.isfile(tokenizer_json):
+    shutil.copy(tokenizer_json, os.path.join(dst_dir, "tokenizer.json"))
+  for name in TOKENIZER_FILES[1:]:
+    src = os.path.join(os.path.dirname(tokenizer_json), name)
+    if os.path.isfile(src):
+      shutil.copy(src, dst_dir)
+
+
 def main(_, workdir):
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
@@ -78,9 +89,7 @@ def main(_, workdir):
       if os.path.isfile(os.path.join(f.from_hf, "tokenizer.json")):
         config.data.tokenizer = "hf:tokenizer.json"  # resolved against the run
       path = run_dir.write_run(model, config, workdir, mesh=mesh)
-      for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(f.from_hf, name)):
-          shutil.copy(os.path.join(f.from_hf, name), path)
+      _copy_tokenizer(os.path.join(f.from_hf, "tokenizer.json"), path)
       print(f"{f.from_hf} -> {path} ({config.model.num_layers} blocks, "
             f"{config.moe.num_experts} experts, top-{config.moe.top_k})")
     else:
@@ -91,11 +100,8 @@ def main(_, workdir):
       from moe_jax.data.tokenizer import resolve_tokenizer_path  # pylint: disable=import-outside-toplevel
       scheme, path = resolve_tokenizer_path(config.data.get("tokenizer", "byte"),
                                             base_dir=workdir)
-      if scheme == "hf" and path and os.path.isfile(path):
-        shutil.copy(path, os.path.join(f.to_hf, "tokenizer.json"))
-        for name in TOKENIZER_FILES[1:]:
-          if os.path.isfile(os.path.join(os.path.dirname(path), name)):
-            shutil.copy(os.path.join(os.path.dirname(path), name), f.to_hf)
+      if scheme == "hf" and path:
+        _copy_tokenizer(path, f.to_hf)
       print(f"{workdir} (step {step}) -> {f.to_hf} ({family.model_type})")
   except (ConversionError, safetensors_io.CheckpointError) as e:
     fail(str(e))

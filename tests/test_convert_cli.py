@@ -73,3 +73,15 @@ def test_converted_on_a_mesh_exports_on_one_device(tmp_path):
   assert sorted(before.names) == sorted(after.names)
   for name in before.names:
     assert before.read(name).tobytes() == after.read(name).tobytes(), name
+
+
+@pytest.mark.parametrize("mesh, says", [
+    ("2,x,1,1", "must be four integers DATA,FSDP,EXPERT,MODEL"),
+    ("3,1,1,1", "the product of the axes must be the 8 devices")])
+def test_a_bad_mesh_fails_in_one_line(tmp_path, mesh, says):
+  done = _convert(f"--from_hf={FIXTURE}", f"--workdir={tmp_path / 'run'}",
+                  f"--mesh={mesh}", devices=8)
+  assert done.returncode == 1
+  lines = program_lines(done.stderr)
+  assert len(lines) == 1 and says in lines[0], done.stderr[-2000:]
+  assert not (tmp_path / "run").exists()
