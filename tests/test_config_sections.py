@@ -140,13 +140,13 @@ def test_runs_saved_before_router_init_scale_load(tmp_path):
 
 def test_one_view_serves_the_moe_checks_and_the_causality_check(monkeypatch):
   built = []
-  real = config_lib._moe_view
+  real = config_lib.moe_view
 
   def counting(config):
     built.append(config)
     return real(config)
 
-  monkeypatch.setattr(config_lib, "_moe_view", counting)
+  monkeypatch.setattr(config_lib, "moe_view", counting)
   config = _set(default_config(), {"model.moe_every": 2, "moe.router": "expert_choice"})
   errors = validate_config(config, num_devices=1)
   assert any(e.startswith("moe.router='expert_choice' is not causal") for e in errors)

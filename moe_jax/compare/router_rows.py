@@ -144,7 +144,7 @@ def expert_shape(config, d_ff: int, num_experts: int) -> tuple[int, int]:
 def ffn_flops_per_token(config) -> float:
   """Forward FLOPs of the FFNs per token (2 per multiply-add), experts at the share a
   token visits: what the rows hold equal."""
-  from moe_jax.training.config import (expert_activation, expert_d_ff, model_pattern)  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config_views import (expert_activation, expert_d_ff, model_pattern)  # pylint: disable=import-outside-toplevel
   m = config.model
   def mats(activation):
     return 3 if activation == "swiglu" else 2

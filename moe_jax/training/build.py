@@ -11,8 +11,8 @@ import optax
 from flax import nnx
 
 from moe_jax.training import objectives
-from moe_jax.training.config import (expert_activation, expert_d_ff, model_pattern,
-                                     queue_order)
+from moe_jax.training.config_views import (expert_activation, expert_d_ff, model_pattern,
+                                           queue_order)
 from moe_jax.training.sections import SECTIONS, derive
 from moe_jax.models.layer_pattern import MAMBA, MLA
 from moe_jax.models.mla_config import MlaConfig

@@ -1,5 +1,6 @@
 """Experiment configuration: defaults, the module configs derived from them, and the one
-validation function.
+validation function (its multi-key parts in :mod:`moe_jax.training.config_checks`; what
+a config resolves to in :mod:`moe_jax.training.config_views`).
 
 ``experiments/configs/*.py`` start from :func:`default_config` and change what makes
 them differ. The ``model``, ``moe`` and ``mamba`` sections are built from the fields of
@@ -18,8 +19,6 @@ without a traceback.
 from __future__ import annotations
 
 import importlib.util
-import math
-import numbers
 import os
 from typing import Any, Mapping
 
@@ -28,14 +27,17 @@ from ml_collections import config_dict
 
 from moe_jax.errors import ConfigError
 from moe_jax.models.model_config import MODEL_DTYPES, TransformerConfig, validate_transformer_config
-from moe_jax.models.layer_pattern import MAMBA, layer_pattern
 from moe_jax.models.mamba import MambaConfig, validate_mamba_config
 from moe_jax.models.mla_config import MlaConfig, validate_mla_config
-from moe_jax.layers.experts import ACTIVATIONS
-from moe_jax.layers.moe_config import DTYPES, MoeConfig, validate_moe_config
-from moe_jax.layers.router_families import ROUTERS, causality
-from moe_jax.routing import QUEUE_ORDERS
-from moe_jax.training.sections import SECTIONS, SectionView, section
+from moe_jax.layers.moe_config import validate_moe_config
+from moe_jax.training.config_checks import (dataset_name_error, mesh_errors,
+                                            microbatch_group_errors, objective_errors,
+                                            routed_moe_errors, streaming_errors)
+# What a config resolves to; imported here too, as part of this module's interface.
+from moe_jax.training.config_views import (MOE_KEYS, QUEUE_ORDER_KEYS, expert_activation,  # pylint: disable=unused-import
+                                           expert_d_ff, is_int, is_real, model_pattern,
+                                           moe_view, pattern_keys, queue_order)
+from moe_jax.training.sections import SectionView, section
 
 OPTIMIZERS = ("adamw", "adafactor")
 LOSS_REDUCTIONS = ("sum", "mean")
@@ -139,137 +141,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-QUEUE_ORDER_KEYS = ("auto",) + QUEUE_ORDERS
-
-
-def queue_order(config) -> str:
-  """``moe.queue_order`` with ``"auto"`` resolved: ``"token_major"`` for a causal
-  objective (a token's routing then never depends on later tokens), ``"choice_major"``
-  for masked LM (GShard's order; it sees the whole sequence anyway). Configs saved
-  before the key existed get ``"choice_major"`` from
-  :func:`moe_jax.training.run_state.load_config`, the order they trained with."""
-  value = config.moe.get("queue_order", "auto")
-  if value != "auto":
-    return value
-  from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
-  objective = OBJECTIVES.get(config.model.get("objective", "causal_lm"))
-  return "choice_major" if objective is not None and not objective.causal else (
-      "token_major")
-
-
-# The MoE keys a run resolves from other LM keys, named as in the LM config.
-_MOE_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff", "dtype": "model.dtype",
-             "model_init_scale": "model.init_scale"}
-
-
-def _moe_view(config) -> SectionView:
-  """The MoE section seen as a MoeConfig, for :func:`validate_moe_config` and
-  :func:`causality`, its errors named by the LM keys."""
-  m, moe = config.model, config.moe
-  # A bad moe.queue_order is reported once, with "auto" among the choices.
-  order = moe.get("queue_order", "auto")
-  return SectionView(
-      MoeConfig, moe, d_model=m.d_model, d_ff=expert_d_ff(config),
-      # A bad model.activation is reported once, as a model key.
-      activation=moe.get("activation", "") or (
-          m.activation if m.activation in ACTIVATIONS else "relu"),
-      queue_order=queue_order(config) if order in QUEUE_ORDER_KEYS else "choice_major",
-      # A bad model.dtype is reported once, as a model key.
-      dtype=m.dtype if m.dtype in DTYPES else "float32",
-      # A bad model.init_scale is reported once, as a model key.
-      model_init_scale=m.init_scale if _is_real(m.init_scale) and m.init_scale > 0
-      else 1.0)
-
-
-def pattern_keys(model) -> tuple:
-  """``(attn_layer_period, attn_layer_offset, moe_every, moe_offset,
-  first_dense_layers, dense_layers)`` of a config's ``model`` section (keys missing
-  from older configs take the all-attention, ``moe_every - 1``, no-dense-block
-  defaults)."""
-  return (model.get("attn_layer_period", 1), model.get("attn_layer_offset", 0),
-          model.moe_every, model.get("moe_offset", None),
-          model.get("first_dense_layers", 0), tuple(model.get("dense_layers", ())))
-
-
-def model_pattern(config):
-  """The per-block ``(mixer, ffn)`` list of a config (:func:`layer_pattern`)."""
-  period, offset, every, moe_offset, first_dense, dense = pattern_keys(config.model)
-  return layer_pattern(config.model.num_layers, attn_layer_period=period,
-                       attn_layer_offset=offset, moe_every=every, moe_offset=moe_offset,
-                       first_dense_layers=first_dense, dense_layers=dense)
-
-
-def expert_d_ff(config):
-  """The width of each expert: ``moe.d_ff``, or ``model.d_ff`` when it is 0 (or bad,
-  which the config check reports as ``moe.d_ff``)."""
-  d_ff = config.moe.get("d_ff", 0)
-  return d_ff if _is_int(d_ff) and d_ff > 0 else config.model.d_ff
-
-
-def expert_activation(config) -> str:
-  """The experts' activation: ``moe.activation``, or ``model.activation`` when it is
-  "" (GLaM: gated GELU in the dense FFNs, plain GELU in the experts)."""
-  return config.moe.get("activation", "") or config.model.activation
-
-
-def dataset_name_error(name) -> str | None:
-  """Why the data module cannot serve ``name`` (listing what is available), or None."""
-  try:
-    from moe_jax.data import sources  # pylint: disable=import-outside-toplevel
-  except ImportError as e:  # pragma: no cover - the data package is part of moe_jax
-    return f"the data package cannot be imported ({e})"
-  if not isinstance(name, str) or not name:
-    return ("must name a dataset; available: "
-            f"{', '.join(sources.AVAILABLE_BUILTIN)}, a TFDS text dataset, or "
-            f"'{sources.TEXT_PREFIX}<glob>'.")
-  if name in sources.AVAILABLE_BUILTIN or name.startswith(sources.TEXT_PREFIX):
-    return None
-  if name.startswith("tokens:"):  # pretokenized shards (experiments/pretokenize.py)
-    path = os.path.expanduser(name[len("tokens:"):])
-    return (None if os.path.isfile(os.path.join(path, "meta.json")) else
-            f"{path} holds no meta.json; write it with experiments/pretokenize.py.")
-  try:
-    sources.check_tfds_name(name)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
-def _streaming_errors(d, datasets) -> list[str]:
-  """``data.streaming``, ``data.num_workers`` and ``data.mixture`` (its form, weights
-  and sources), one line each."""
-  errors = []
-  if not isinstance(d.get("streaming", False), bool):
-    errors.append(f"data.streaming={d.get('streaming')!r} must be True or False.")
-  workers = d.get("num_workers", 0)
-  if not (_is_int(workers) and workers >= 0):
-    errors.append(f"data.num_workers={workers!r} must be a non-negative integer "
-                  "(0: read and tokenize in the training process).")
-  if d.get("mixture", ""):
-    from moe_jax.data.streaming import parse_mixture  # pylint: disable=import-outside-toplevel
-    try:
-      spec = parse_mixture(d.mixture)
-    except ConfigError as e:
-      return errors + e.errors
-    for name, _ in spec:
-      why = (None if name in datasets else "not a known dataset; available: "
-             f"{', '.join(datasets)}.") if datasets is not None else dataset_name_error(name)
-      if why:
-        errors.append(f"data.mixture={d.mixture!r}: source {name!r}: {why}")
-  elif str(d.get("name", "")).startswith("tokens:") and not d.get("streaming", False):
-    errors.append(f"data.name={d.name!r} (pretokenized shards) is read by the streaming "
-                  "pipeline only; set data.streaming=True.")
-  return errors
-
-
 def validate_config(config, *, num_devices: int | None = None,
                     process_count: int = 1,
                     datasets: list[str] | None = None,
@@ -295,7 +166,7 @@ def validate_config(config, *, num_devices: int | None = None,
       errors.append(f"{key}={value!r} {fix}")
 
   def positive_int(key: str, value, fix: str = "must be a positive integer."):
-    need(key, _is_int(value) and value >= 1, fix)
+    need(key, is_int(value) and value >= 1, fix)
 
   for key in ("steps", "batch_size", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints"):
@@ -303,50 +174,50 @@ def validate_config(config, *, num_devices: int | None = None,
                  "with N >= 1.")
   accum = config.get("grad_accum_steps", 1)
   dp = config.mesh.data * config.mesh.fsdp * config.mesh.expert if all(
-      _is_int(config.mesh[k]) and config.mesh[k] >= 1
+      is_int(config.mesh[k]) and config.mesh[k] >= 1
       for k in ("data", "fsdp", "expert")) else 1
-  per_device = (config.batch_size // dp if _is_int(config.batch_size)
+  per_device = (config.batch_size // dp if is_int(config.batch_size)
                 and config.batch_size % dp == 0 else 0)  # else batch_size is reported
-  need("grad_accum_steps", _is_int(accum) and accum >= 1 and (
+  need("grad_accum_steps", is_int(accum) and accum >= 1 and (
       per_device < 1 or per_device % accum == 0),
        f"must be a positive integer that divides the per-device batch (batch_size / "
        f"(mesh.data*mesh.fsdp*mesh.expert) = {per_device}); pass "
        "--config.grad_accum_steps=N with N a divisor of it.")
-  need("eval_steps", _is_int(config.eval_steps) and config.eval_steps >= 0,
+  need("eval_steps", is_int(config.eval_steps) and config.eval_steps >= 0,
        "must be an integer >= 0 (0 evaluates the whole validation split).")
   final = config.get("final_eval_steps")
-  need("final_eval_steps", final is None or (_is_int(final) and final >= 0),
+  need("final_eval_steps", final is None or (is_int(final) and final >= 0),
        "must be None (as eval_steps) or an integer >= 0 (0: the whole validation "
        "split).")
-  need("seed", _is_int(config.seed), "must be an integer.")
-  need("learning_rate", _is_real(config.learning_rate) and config.learning_rate > 0,
+  need("seed", is_int(config.seed), "must be an integer.")
+  need("learning_rate", is_real(config.learning_rate) and config.learning_rate > 0,
        "must be a finite number > 0 (e.g. --config.learning_rate=1e-3).")
-  need("warmup_steps", _is_int(config.warmup_steps) and config.warmup_steps >= 0,
+  need("warmup_steps", is_int(config.warmup_steps) and config.warmup_steps >= 0,
        "must be an integer >= 0.")
-  if (_is_int(config.warmup_steps) and _is_int(config.steps)
+  if (is_int(config.warmup_steps) and is_int(config.steps)
       and config.warmup_steps >= config.steps > 0):
     errors.append(f"warmup_steps={config.warmup_steps} must be < steps={config.steps}; "
                   "lower --config.warmup_steps or raise --config.steps.")
   need("lr_end_fraction",
-       _is_real(config.lr_end_fraction) and 0 <= config.lr_end_fraction <= 1,
+       is_real(config.lr_end_fraction) and 0 <= config.lr_end_fraction <= 1,
        "must be in [0, 1].")
   need("optimizer", config.optimizer in OPTIMIZERS,
        f"is unknown; use one of {', '.join(OPTIMIZERS)}.")
-  need("weight_decay", _is_real(config.weight_decay) and config.weight_decay >= 0,
+  need("weight_decay", is_real(config.weight_decay) and config.weight_decay >= 0,
        "must be >= 0.")
-  need("grad_clip", _is_real(config.grad_clip) and config.grad_clip >= 0,
+  need("grad_clip", is_real(config.grad_clip) and config.grad_clip >= 0,
        "must be >= 0 (0 disables clipping).")
   for key in ("b1", "b2"):
-    need(key, _is_real(config[key]) and 0 <= config[key] < 1, "must be in [0, 1).")
+    need(key, is_real(config[key]) and 0 <= config[key] < 1, "must be in [0, 1).")
   need("distributed", isinstance(config.distributed, bool), "must be True or False.")
 
   m = config.model
   seq_len = config.data.seq_len
   errors.extend(validate_transformer_config(
       SectionView(TransformerConfig, m), prefix="model.",
-      seq_len=seq_len if _is_int(seq_len) else None))
+      seq_len=seq_len if is_int(seq_len) else None))
   coef = m.get("mod_aux_loss_coef", 0.0)
-  need("model.mod_aux_loss_coef", _is_real(coef) and coef >= 0,
+  need("model.mod_aux_loss_coef", is_real(coef) and coef >= 0,
        "must be a finite number >= 0 (the predictor's BCE weight; 0 leaves "
        "mod_predictor='router_bce' untrained).")
   need("model.param_dtype", m.get("param_dtype", "float32") in MODEL_DTYPES,
@@ -366,27 +237,27 @@ def validate_config(config, *, num_devices: int | None = None,
                   "model.scan_layers=False.")
 
   # MoE section: the MoE layer's own rules, with the keys prefixed as in the config.
-  moe_view = _moe_view(config)
-  for msg in validate_moe_config(moe_view):
+  view = moe_view(config)
+  for msg in validate_moe_config(view):
     key, rest = msg.split("=", 1)
-    errors.append(f"{_MOE_KEYS.get(key, 'moe.' + key)}={rest}")
+    errors.append(f"{MOE_KEYS.get(key, 'moe.' + key)}={rest}")
   for key in ("aux_loss_coef", "z_loss_coef"):
-    need(f"moe.{key}", _is_real(config.moe[key]) and config.moe[key] >= 0,
+    need(f"moe.{key}", is_real(config.moe[key]) and config.moe[key] >= 0,
          "must be a finite number >= 0.")
   # The z-loss squares logsumexp(logits), the normaliser of a softmax: on sigmoid
   # scores it only pushes every logit down (DeepSeek-V3 has no z-loss).
   z_coef, score_fn = config.moe.z_loss_coef, config.moe.get("score_fn", "softmax")
-  if score_fn == "sigmoid" and _is_real(z_coef) and z_coef > 0:
+  if score_fn == "sigmoid" and is_real(z_coef) and z_coef > 0:
     errors.append(f"moe.z_loss_coef={z_coef!r} with moe.score_fn='sigmoid': the z-loss "
                   "penalises logsumexp, the normaliser of a softmax, and on sigmoid "
                   "scores only pushes every logit down; set --config.moe.z_loss_coef=0 "
                   "or use moe.score_fn='softmax'.")
-  need("moe.d_ff", _is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
+  need("moe.d_ff", is_int(config.moe.d_ff) and config.moe.d_ff >= 0,
        "must be an integer >= 0 (0 is model.d_ff).")
   need("moe.queue_order", config.moe.get("queue_order", "auto") in QUEUE_ORDER_KEYS,
        f"is unknown; use one of {', '.join(map(repr, QUEUE_ORDER_KEYS))} "
        "(docs/routing.md).")
-  errors.extend(_objective_errors(config, moe_view))
+  errors.extend(objective_errors(config, view))
   need("moe.loss_reduction", config.moe.get("loss_reduction") in LOSS_REDUCTIONS,
        "is unknown; use 'sum' (per-layer losses summed, Switch) or 'mean'.")
 
@@ -394,7 +265,7 @@ def validate_config(config, *, num_devices: int | None = None,
   d_model = m.d_model
   mamba_view = SectionView(MambaConfig, config.mamba, init_scale=m.init_scale,
                      # A bad model.d_model is reported once, as a model key.
-                     d_model=d_model if _is_int(d_model) and d_model >= 1 else 1)
+                     d_model=d_model if is_int(d_model) and d_model >= 1 else 1)
   for msg in validate_mamba_config(mamba_view):
     key = msg.split("=", 1)[0]
     errors.append(("model." if key in ("d_model", "init_scale") else "mamba.") + msg)
@@ -416,13 +287,13 @@ def validate_config(config, *, num_devices: int | None = None,
     errors.extend(e.errors)
     tokens = 0
   vocab = d.get("vocab_size", 0)
-  if not (_is_int(vocab) and vocab >= 0):
+  if not (is_int(vocab) and vocab >= 0):
     errors.append(f"data.vocab_size={vocab!r} must be 0 (the tokenizer's vocabulary) "
                   "or a positive integer.")
   elif vocab and vocab < tokens:
     errors.append(f"data.vocab_size={vocab} is smaller than the tokenizer's {tokens} "
                   f"tokens; use 0 or at least {tokens}.")
-  errors.extend(_streaming_errors(d, datasets))
+  errors.extend(streaming_errors(d, datasets))
   if datasets is not None:
     if d.name not in datasets:
       errors.append(f"data.name={d.name!r} is not a known dataset; available: "
@@ -440,184 +311,23 @@ def validate_config(config, *, num_devices: int | None = None,
       errors.append(f"data.data_dir={d.data_dir!r} cannot be created ({parent} is not "
                     "writable); pick a writable directory.")
 
-  errors.extend(_routed_moe_errors(config))
-  errors.extend(_microbatch_group_errors(config, per_device, dp))
+  errors.extend(routed_moe_errors(config))
+  errors.extend(microbatch_group_errors(config, per_device, dp))
 
   mesh_ok = True
   for key in ("data", "fsdp", "expert", "model"):
-    if not (_is_int(config.mesh[key]) and config.mesh[key] >= 1):
+    if not (is_int(config.mesh[key]) and config.mesh[key] >= 1):
       mesh_ok = False
       errors.append(f"mesh.{key}={config.mesh[key]!r} must be a positive integer.")
   if mesh_ok:
-    errors.extend(_mesh_errors(config, num_devices, process_count))
+    errors.extend(mesh_errors(config, num_devices, process_count))
 
   s = config.sample
-  need("sample.length", _is_int(s.length) and s.length >= 0, "must be an integer >= 0.")
-  need("sample.temperature", _is_real(s.temperature) and s.temperature >= 0,
+  need("sample.length", is_int(s.length) and s.length >= 0, "must be an integer >= 0.")
+  need("sample.temperature", is_real(s.temperature) and s.temperature >= 0,
        "must be >= 0 (0 is greedy).")
-  need("sample.top_k", _is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
+  need("sample.top_k", is_int(s.top_k) and s.top_k >= 0, "must be >= 0 (0 is off).")
   return list(dict.fromkeys(errors))  # model.d_model etc. are also checked as MoE keys
-
-
-def _objective_errors(config, moe_view) -> list[str]:
-  """``model.objective``, and the routers that see later tokens of their group
-  (expert choice, ``moe.batch_priority``, choice-major queues with ``top_k > 1`` and a
-  capacity; :func:`moe_jax.layers.router_families.causality`): a causal LM needs
-  ``moe.allow_noncausal_routing`` for them, masked LM allows them."""
-  from moe_jax.training.objectives import OBJECTIVES  # pylint: disable=import-outside-toplevel
-  m, moe = config.model, config.moe
-  name = m.get("objective", "causal_lm")
-  objective = OBJECTIVES.get(name) if isinstance(name, str) else None
-  if objective is None:
-    return [f"model.objective={name!r} is unknown; use one of "
-            f"{', '.join(map(repr, OBJECTIVES))}."]
-  errors = []
-  if not objective.causal:
-    try:
-      mamba = any(kind.mixer == MAMBA for kind in model_pattern(config))
-    except (TypeError, ValueError):  # bad pattern keys are reported on their own
-      mamba = False
-    if mamba:
-      errors.append(f"model.objective={name!r} needs bidirectional attention in every "
-                    "block, but model.attn_layer_period="
-                    f"{m.get('attn_layer_period', 1)!r} makes some blocks Mamba (a "
-                    "causal scan); use model.attn_layer_period=1 or "
-                    "model.objective='causal_lm'.")
-    if m.get("mod_every", 0):
-      errors.append(f"model.mod_every={m.mod_every!r} routes blocks with a causal "
-                    f"predictor, which model.objective={name!r} has no use for; use "
-                    "model.mod_every=0 or model.objective='causal_lm'.")
-    if m.get("mtp_depth", 0):
-      errors.append(f"model.mtp_depth={m.mtp_depth!r} predicts later tokens, which "
-                    f"model.objective={name!r} does not; use model.mtp_depth=0 or "
-                    "model.objective='causal_lm'.")
-  priority = moe.get("batch_priority", False)
-  if not isinstance(priority, bool):
-    errors.append(f"moe.batch_priority={priority!r} must be True or False.")
-  if (m.moe_every and not objective.noncausal_routing
-      and not moe.allow_noncausal_routing and moe.router in ROUTERS
-      and isinstance(priority, bool)):
-    try:
-      reason = causality(moe_view)
-    except (TypeError, ValueError):  # bad sizes are reported on their own
-      reason = None
-    if reason is not None:
-      key = ("moe.router" if not ROUTERS[moe.router].tokens_choose else
-             "moe.batch_priority" if priority else "moe.queue_order")
-      fix = ("use --config.moe.queue_order=token_major (or auto), "
-             if key == "moe.queue_order" else "")
-      errors.append(
-          f"{key}={moe.get(key.split('.')[1])!r} is not causal: {reason}, so a causal LM "
-          f"trained with it cannot generate the same way; {fix}use "
-          "--config.model.objective=masked_lm, or set "
-          "--config.moe.allow_noncausal_routing=True to train it anyway.")
-  return errors
-
-
-def _routed_moe_errors(config) -> list[str]:
-  """An MoE layer in a Mixture-of-Depths routed block routes the ``B*k`` selected
-  tokens, ``k = ceil(mod_capacity * L)``: a fixed ``moe.group_size`` must split them
-  over the data-parallel devices too (``moe.group_size=0``, one group per sequence,
-  always does)."""
-  m, moe = config.model, config.moe
-  every, capacity = m.get("mod_every", 0), m.get("mod_capacity", 0.125)
-  batch, seq_len, size = config.batch_size, config.data.seq_len, moe.group_size
-  accum = config.get("grad_accum_steps", 1)
-  if _is_int(batch) and _is_int(accum) and accum > 1 and batch % accum == 0:
-    batch //= accum  # the MoE layers route one microbatch at a time
-  mesh = config.mesh
-  if not (_is_int(every) and every >= 2 and _is_real(capacity) and 0 < capacity <= 1
-          and all(_is_int(v) and v >= 1 for v in (batch, seq_len, size, mesh.data,
-                                                  mesh.fsdp, mesh.expert,
-                                                  m.num_layers))):
-    return []
-  try:
-    pattern = model_pattern(config)
-  except (TypeError, ValueError):  # bad pattern keys are reported on their own
-    return []
-  if not any(kind.ffn == "moe" and i % every == every - 1
-             for i, kind in enumerate(pattern)):
-    return []
-  k = math.ceil(capacity * seq_len - 1e-9)
-  tokens, dp = batch * k, mesh.data * mesh.fsdp * mesh.expert
-  group = min(size, tokens)
-  if k >= 1 and (tokens % group or (tokens // group) % dp):
-    return [f"moe.group_size={size} does not split the {tokens} tokens that the MoE "
-            f"layers of routed blocks see (B*k = {batch}*{k}, k = ceil(model.mod_capacity"
-            f" * {seq_len})) into a multiple of the {dp} data-parallel devices' worth of "
-            "groups; use moe.group_size=0 (one group per sequence)."]
-  return []
-
-
-def _microbatch_group_errors(config, per_device: int, dp: int) -> list[str]:
-  """With ``grad_accum_steps`` N > 1 the MoE layers route microbatches of
-  ``batch_size / N`` rows: a fixed ``moe.group_size`` must split their tokens over the
-  data-parallel devices as it splits the global batch's."""
-  accum, size, seq_len = (config.get("grad_accum_steps", 1), config.moe.group_size,
-                          config.data.seq_len)
-  if not (config.model.moe_every and per_device and _is_int(accum) and accum > 1
-          and per_device % accum == 0 and _is_int(size) and size >= 1
-          and _is_int(seq_len) and seq_len >= 1):
-    return []
-  group = min(size, per_device * dp * seq_len)  # the global batch's groups
-  tokens = per_device // accum * seq_len  # a microbatch's, per device
-  if tokens % group:
-    return [f"grad_accum_steps={accum} leaves {tokens} tokens per device in a "
-            f"microbatch, not a multiple of the {group}-token routing groups "
-            f"(moe.group_size={size}), so the microbatches would route in other groups "
-            "than the global batch; use fewer grad_accum_steps, a smaller "
-            "moe.group_size, or 0 (one group per sequence)."]
-  return []
-
-
-def _mesh_errors(config, num_devices, process_count) -> list[str]:
-  mesh = config.mesh
-  num_experts = config.moe.num_experts if config.model.moe_every else None
-  batch = config.batch_size if _is_int(config.batch_size) and config.batch_size > 0 else None
-  try:
-    from moe_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
-    validate_mesh = sharding.validate_mesh
-  except (ImportError, AttributeError):
-    validate_mesh = None
-  errors = []
-  size = mesh.data * mesh.fsdp * mesh.expert * mesh.model
-  if num_devices is not None and validate_mesh is not None:
-    seq_len = config.data.seq_len
-    seq_len = seq_len if _is_int(seq_len) and seq_len > 0 else None
-    group_size = config.moe.group_size if num_experts else None
-    if _is_int(group_size) and group_size == 0:
-      group_size = seq_len  # one group per sequence
-    if not (_is_int(group_size) and group_size >= 1):
-      group_size = None  # reported by the MoE rules
-    # Both hidden widths are split over the model axis: the dense FFNs' model.d_ff
-    # and, when set, the experts' moe.d_ff (0: the experts use model.d_ff).
-    d_ff, expert_width = config.model.d_ff, config.moe.get("d_ff", 0)
-    d_ff_ok = _is_int(d_ff) and d_ff >= 1
-    expert_width_set = num_experts and _is_int(expert_width) and expert_width >= 1
-    d_model = config.model.d_model
-    for msg in validate_mesh(num_devices=num_devices, data=mesh.data, expert=mesh.expert,
-                             model=mesh.model, num_experts=num_experts,
-                             global_batch=batch, seq_len=seq_len, group_size=group_size,
-                             d_ff=expert_width if expert_width_set else None,
-                             fsdp=mesh.fsdp,
-                             d_model=d_model if _is_int(d_model) and d_model >= 1
-                             else None):
-      errors.append(msg if msg.startswith("mesh.") else f"mesh: {msg}")
-    if d_ff_ok and d_ff % mesh.model:
-      errors.append(f"mesh: model.d_ff={d_ff} is not divisible by mesh.model="
-                    f"{mesh.model}; the FFN hidden width is split over the model axis.")
-  elif num_devices is not None:
-    if size != num_devices:
-      errors.append(f"mesh.data*mesh.fsdp*mesh.expert*mesh.model={size} must equal the "
-                    f"{num_devices} available device(s); change --config.mesh.*.")
-  # validate_mesh checks how the batch splits over the mesh; without it, check here.
-  shards = (process_count if validate_mesh
-            else mesh.data * mesh.fsdp * mesh.expert * process_count)
-  if batch and batch % shards:
-    errors.append(f"batch_size={batch} must be divisible by {shards} (the batch shards "
-                  "over mesh.data*mesh.fsdp*mesh.expert and the processes); change "
-                  "--config.batch_size.")
-  return errors
 
 
 def check_config(config, **kwargs) -> None:
