@@ -31,7 +31,7 @@ def write_run(model: nnx.Module, config, workdir: str, *, mesh=None) -> str:
     ConfigError: ``workdir`` already holds a run (its config.json or checkpoints),
       which this would overwrite.
   """
-  from moe_jax.training.train import init_train_state  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.steps import init_train_state  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(os.path.join(workdir, "config.json")) or os.path.exists(
       os.path.join(workdir, "checkpoints")):

@@ -3,7 +3,7 @@ compiled for a TPU or GPU target, and what the compiler says about it.
 
 :func:`plan` builds the model abstractly (``nnx.eval_shape``: no weight is
 allocated), places it on the config's mesh over the target's compile-only devices,
-lowers and compiles the real step (:func:`moe_jax.training.train.make_train_step`), and
+lowers and compiles the real step (:func:`moe_jax.training.steps.make_train_step`), and
 reads the compiled module: memory per device (``memory_analysis``), FLOPs, HBM traffic
 and collectives (:mod:`moe_jax.planner.hlo`). Every ``"auto"`` choice is resolved for
 the target (:func:`moe_jax.parallel.backend.compile_target`).
@@ -36,7 +36,7 @@ from moe_jax.planner.targets import Target
 from moe_jax.training import build
 from moe_jax.training.config import validate_config
 from moe_jax.training.run_state import TrainState, model_state, split_trainable
-from moe_jax.training.train import make_train_step
+from moe_jax.training.steps import make_train_step
 
 MODES = ("train", "serve")
 # What a compiler's refusal raises (jax.errors.JaxRuntimeError in jax >= 0.4.36).

@@ -1,6 +1,6 @@
 """Evaluation passes: per-batch sums into the eval line's values.
 
-:func:`moe_jax.training.train.make_eval_step` computes one batch's sums on device;
+:func:`moe_jax.training.steps.make_eval_step` computes one batch's sums on device;
 :func:`evaluate` runs it over an eval stream and turns the sums into ``eval_loss``, its
 standard error over batches (:func:`batch_stderr`), bits per byte and the MoE metrics.
 """
