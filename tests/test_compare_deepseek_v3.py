@@ -104,3 +104,15 @@ def test_settings_errors():
     deepseek_v3.resolve_settings("smoke", configs_dir=CONFIGS, rows=["mla"])
   with pytest.raises(ValueError, match="preset"):
     deepseek_v3.resolve_settings("large", configs_dir=CONFIGS)
+
+
+def test_the_equal_time_budget_leaves_no_run_without_a_loss():
+  """Seeds of one model can run at different speeds on a shared host: the budget is
+  the fastest run's time, so every run has an eval loss at it."""
+  def run(tokens_per_sec):  # 10 steps of 100 tokens, evaluated at steps 5 and 10
+    return {"steps": 10, "curve": [(5, 3.0), (10, 2.0)], "tokens_per_step": 100,
+            "tokens_per_sec": tokens_per_sec}
+  rows = [run(100.0), run(100 / 1.4), run(100 / 1.2)]  # 10 s, 14 s, 12 s
+  budget = deepseek_v3.equal_time_budget(rows)
+  assert budget == pytest.approx(10.0)
+  assert all(deepseek_v3.loss_at_time(r, budget) is not None for r in rows)

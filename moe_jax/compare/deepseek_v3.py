@@ -204,6 +204,13 @@ def loss_at_time(row: dict[str, Any], seconds: float) -> float | None:
   return None
 
 
+def equal_time_budget(rows: list[dict[str, Any]]) -> float:
+  """The equal-time budget: the training seconds of the fastest-finishing run, so
+  that every run has an eval loss at it (a model's mean over seeds would leave its
+  faster seed without one)."""
+  return min(_seconds(r, r["steps"]) for r in rows)
+
+
 def _noise(a: Stat, b: Stat) -> bool:
   if a.std is None or b.std is None:
     return False
@@ -238,9 +245,7 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
   threshold = -threshold if threshold < 0 else threshold
   for r in rows:
     add_threshold(r, threshold)
-  # Equal time: the training seconds of the fastest-finishing model (mean over seeds).
-  budget = min(statistics.fmean(_seconds(r, r["steps"]) for r in g)
-               for g in by_model.values())
+  budget = equal_time_budget(rows)
   for r in rows:
     r["equal_time_sec"] = budget
     r["eval_loss_at_equal_time"] = loss_at_time(r, budget)
@@ -285,7 +290,7 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
           "included where a row has one (it runs in training only; decoding costs the "
           "row without it). KV-cache values per token are summed over the blocks, read "
           "off the built model's cache variables (MTP modules keep no cache).",
-          "", f"Equal time: {budget:.0f} s of training, the fastest row's mean training "
+          "", f"Equal time: {budget:.0f} s of training, the fastest run's training "
           f"time; threshold: eval loss {threshold:.4f} ("
           + ("set with --threshold" if settings.get("threshold") is not None else
              f"`{BASELINE}`'s final eval loss, mean over seeds" if base else
