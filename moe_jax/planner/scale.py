@@ -13,10 +13,11 @@ scores, KV heads replicated over ``model``) will not fit higher up either.
 The mesh on ``D`` devices (:func:`choose_mesh`): the experts over ``expert``, as many
 shards as divide both E and D (each device holds E/X experts and their moments, and a
 dropless exchange crosses X devices); everything else ZeRO-3 over ``fsdp`` (weights,
-gradients and moments split D ways). When X = D leaves ``fsdp = 1``, the dense weights
-are replicated, unless their training state would pass a quarter of the HBM: then X is
-halved so that ``fsdp = 2`` splits them over every device; the batch over all D devices; no tensor
+gradients and moments split D ways); the batch over all D devices; no tensor
 parallelism (``model=1``), which the widths here do not need once FSDP splits them.
+When X = D leaves ``fsdp = 1``, the dense weights are replicated, unless their
+training state would pass a quarter of the HBM: then X is halved so that ``fsdp = 2``
+splits them over every device.
 """
 
 from __future__ import annotations
