@@ -46,13 +46,11 @@ def expert_load_by_source(model: nnx.Module,
   tokens = np.zeros(len(sources))
   for s, name in enumerate(sources):
     for batch in batches[name]:
-      routing = trace_routing(model, np.asarray(batch["inputs"]))
-      for path, layer in routing.items():
-        # [B, L] token weights (every token 1 without "weights").
-        weights = np.asarray(batch.get("weights", np.ones(layer.kept.shape[:-1])),
-                             np.float64)
-        if path == next(iter(routing)):
-          tokens[s] += weights.sum()
+      inputs = np.asarray(batch["inputs"])
+      # [B, L] token weights (every token 1 without "weights").
+      weights = np.asarray(batch.get("weights", np.ones(inputs.shape[:2])), np.float64)
+      tokens[s] += weights.sum()
+      for path, layer in trace_routing(model, inputs).items():
         table = counts.setdefault(path, np.zeros((len(sources), layer.num_experts)))
         # Every kept choice of a counted token is one token-slot of its expert.
         table += routing_table(np.full(layer.expert_index.shape, s), layer.expert_index,

@@ -266,8 +266,10 @@ def rows_by_variant(rows: Sequence[dict[str, Any]], runs: Sequence[AblationRun],
     switch, dense = ({s: done[name] for s in seeds
                       if (name := f"{run_prefix(v, m)}_s{s}") in done} for m in MODELS)
     paired = sorted(set(switch) & set(dense))
-    sources = sorted({src for s in paired for src in switch[s].get("eval_loss_by_source", {})
-                      if src in dense[s].get("eval_loss_by_source", {})})
+    # The sources every paired run of both models scored.
+    sources = sorted(set.intersection(*(
+        set(rows[s].get("eval_loss_by_source", {})) for rows in (switch, dense)
+        for s in paired))) if paired else []
     out.append({
         "variant": v, "what": VARIANTS[v].what, "switch": switch, "dense": dense,
         "margin": (Stat([dense[s]["final_eval_loss"] - switch[s]["final_eval_loss"]
