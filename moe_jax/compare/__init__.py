@@ -27,5 +27,7 @@ The comparisons, each with its own runs' fields, configs and report:
   report in :mod:`~moe_jax.compare.finetune_report`) -- the fine-tuning methods on a
   domain shift (``experiments/compare_finetune.py``);
 * :mod:`~moe_jax.compare.deepseek_v3` -- multi-head latent attention and multi-token
-  prediction on deepseek_small's MoE (``experiments/compare_deepseek_v3.py``).
+  prediction on deepseek_small's MoE (``experiments/compare_deepseek_v3.py``);
+* :mod:`~moe_jax.compare.tokenizer_grid` -- a BPE against bytes in bits per byte
+  (``experiments/compare_tokenizers.py``).
 """

@@ -106,6 +106,8 @@ def summarize_run(workdir: str, run: RunSpec, threshold: float | None = None
       "dropped_fraction_eval": float(final.get("eval_dropped_fraction", 0.0)),
       "elapsed_sec": float(train[-1]["elapsed_sec"]),
       "curve": [(l["step"], float(l["eval_loss"])) for l in evals],
+      "bpb_curve": [(l["step"], float(l["eval_bits_per_byte"])) for l in evals
+                    if "eval_bits_per_byte" in l],
       "elapsed_curve": [(l["step"], float(l["elapsed_sec"])) for l in train],
       "tokens_per_step": tokens_per_step, "seq_len": c.data.seq_len,
       "objective": c.model.get("objective", "causal_lm"),
@@ -140,6 +142,35 @@ def _interp(curve: Sequence[tuple[int, float]], step: float) -> float | None:
       return prev[1] + (v - prev[1]) * (step - prev[0]) / max(s - prev[0], 1e-9)
     prev = (s, v)
   return None
+
+
+def train_seconds(row: dict[str, Any], step: float) -> float:
+  """Training seconds to ``step``: at the row's ``seconds_per_step`` where a grid set
+  one (an interleaved benchmark's), else at its measured training tokens per second."""
+  if row.get("seconds_per_step"):
+    return step * row["seconds_per_step"]
+  return step * row["tokens_per_step"] / row["tokens_per_sec"]
+
+
+def value_at_time(row: dict[str, Any], seconds: float, curve: str = "curve"
+                  ) -> float | None:
+  """The run's ``curve`` (eval loss by default; ``"bpb_curve"``: bits per byte) at
+  ``seconds`` of training, interpolated linearly between its evaluations (None before
+  the first one or past the last)."""
+  pts = [(train_seconds(row, s), v) for s, v in row[curve]]
+  for (t0, v0), (t1, v1) in zip(pts, pts[1:]):
+    if t0 <= seconds <= t1:
+      return v0 + (v1 - v0) * (seconds - t0) / max(t1 - t0, 1e-12)
+  if pts and math.isclose(seconds, pts[-1][0]):
+    return pts[-1][1]
+  return None
+
+
+def equal_time_budget(rows: Sequence[dict[str, Any]]) -> float:
+  """The equal-time budget: the training seconds of the fastest-finishing run, so
+  that every run has a value at it (a model's mean over seeds would leave its faster
+  seed without one)."""
+  return min(train_seconds(r, r["steps"]) for r in rows)
 
 
 def default_threshold(rows: Sequence[dict[str, Any]], baseline: str = "dense"

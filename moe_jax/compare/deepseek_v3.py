@@ -30,7 +30,8 @@ import statistics
 from typing import Any, Callable
 
 from moe_jax.compare import grid, plots, runner
-from moe_jax.compare.aggregation import Stat, add_threshold, aggregate, summarize_run
+from moe_jax.compare.aggregation import (Stat, add_threshold, aggregate, equal_time_budget,
+                                         summarize_run, value_at_time)
 from moe_jax.compare.report import CSV_COLUMNS, run_section, stderr_cell, threshold_cell
 from moe_jax.compare.router_rows import load_row_config
 from moe_jax.compare.runner import RunSpec
@@ -186,29 +187,10 @@ def summarize(workdir: str, run: Dsv3Run) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------
 
 
-def _seconds(row: dict[str, Any], step: float) -> float:
-  """Training seconds to ``step`` at the run's measured steps per second (the plots'
-  time axis)."""
-  return step * row["tokens_per_step"] / row["tokens_per_sec"]
-
-
 def loss_at_time(row: dict[str, Any], seconds: float) -> float | None:
-  """The run's eval loss at ``seconds`` of training, interpolated linearly between its
-  evaluations (None before the first one or past the last)."""
-  pts = [(_seconds(row, s), l) for s, l in row["curve"]]
-  for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
-    if t0 <= seconds <= t1:
-      return l0 + (l1 - l0) * (seconds - t0) / max(t1 - t0, 1e-12)
-  if pts and math.isclose(seconds, pts[-1][0]):
-    return pts[-1][1]
-  return None
-
-
-def equal_time_budget(rows: list[dict[str, Any]]) -> float:
-  """The equal-time budget: the training seconds of the fastest-finishing run, so
-  that every run has an eval loss at it (a model's mean over seeds would leave its
-  faster seed without one)."""
-  return min(_seconds(r, r["steps"]) for r in rows)
+  """The run's eval loss at ``seconds`` of training (see
+  :func:`moe_jax.compare.aggregation.value_at_time`)."""
+  return value_at_time(row, seconds)
 
 
 def _noise(a: Stat, b: Stat) -> bool:

@@ -15,10 +15,10 @@ them in a work directory:
    ``report.md`` and plots (``Grid.report``), then ``results.csv``.
 
 The grids: :mod:`~moe_jax.compare.switch_vs_top2`, :mod:`~moe_jax.compare.routers`,
-:mod:`~moe_jax.compare.switch_vs_dense`, :mod:`~moe_jax.compare.finetune_grid` and
-:mod:`~moe_jax.compare.deepseek_v3`; the command lines are
-``experiments/{switch_vs_top2,compare_routers,switch_vs_dense,compare_finetune,
-compare_deepseek_v3}.py``.
+:mod:`~moe_jax.compare.switch_vs_dense`, :mod:`~moe_jax.compare.finetune_grid`,
+:mod:`~moe_jax.compare.deepseek_v3` and :mod:`~moe_jax.compare.tokenizer_grid`; the
+command lines are ``experiments/{switch_vs_top2,compare_routers,switch_vs_dense,
+compare_finetune,compare_deepseek_v3,compare_tokenizers}.py``.
 """
 
 from __future__ import annotations

@@ -177,7 +177,7 @@ OBJECTIVES: dict[str, Objective] = {
     "causal_lm": Objective(
         name="causal_lm", causal=True, noncausal_routing=False, mask_token=False,
         train_batch=_identity_batch, eval_batches=_identity_stream,
-        description="causal LM: next-byte prediction at every position"),
+        description="causal LM: next-token prediction at every position"),
     "masked_lm": Objective(
         name="masked_lm", causal=False, noncausal_routing=True, mask_token=True,
         train_batch=_masked_train_batch, eval_batches=_masked_eval_batches,
