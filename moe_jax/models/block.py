@@ -13,6 +13,7 @@ routed block (:mod:`moe_jax.models.mod`) builds on :class:`Block`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Protocol
 
 import flax.struct
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.errors import ConfigError
+from moe_jax.models.attention_kernel import blocked_attention
 from moe_jax.layers.experts import DenseFfn, scaled_init
 from moe_jax.models.layer_pattern import ATTENTION, MAMBA, MLA, MOE
 from moe_jax.models.mamba import MambaMixer
@@ -199,6 +201,22 @@ class Attention(nnx.Module):
         b, length, cfg.num_heads, cfg.head_dim)
     return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
 
+  def _attend_blocked(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                      q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """:meth:`_attend` under the causal-by-positions mask in tiles
+    (:func:`~moe_jax.models.attention_kernel.blocked_attention`, ``model.attention_kernel
+    ="blocked"``): q: [B, Q, N, D], k, v: [B, K, N_kv, D], q_pos: i32[B or 1, Q],
+    k_pos: i32[B or 1, K] (-1: empty) -> [B, Q, M]."""
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    b, length = q.shape[:2]
+    q = q.reshape(b, length, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
+    h = blocked_attention(q, k, v.astype(dtype), q_pos, k_pos,
+                          scale=1 / math.sqrt(cfg.head_dim), dtype=dtype,
+                          block=cfg.attention_block).reshape(
+                              b, length, cfg.num_heads, cfg.head_dim)
+    return jnp.einsum("BLND,NDM->BLM", h, weight(self, "out").astype(dtype))
+
   def __call__(self, x: jax.Array, positions: jax.Array,
                token_mask: jax.Array | None = None) -> jax.Array:
     """x: [B, L, M] -> [B, L, M]; positions: i32[L], or i32[B, L] per row.
@@ -213,6 +231,8 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, positions)
     if self.cfg.causal:
       pos = positions if positions.ndim == 2 else positions[None]
+      if self.cfg.attention_kernel == "blocked":
+        return self._attend_blocked(q, k, v, pos, pos)
       allowed = pos[:, None, :] <= pos[:, :, None]  # bool[B or 1, L, L]
     elif token_mask is None:
       allowed = jnp.ones((1, 1, x.shape[1]), jnp.bool_)  # bool[1, 1, L]
@@ -261,6 +281,8 @@ class Attention(nnx.Module):
     self.cached_key.set_value(cache_k)
     self.cached_value.set_value(cache_v)
     self.cached_positions.set_value(cache_pos)
+    if self.cfg.attention_kernel == "blocked":
+      return self._attend_blocked(q, cache_k, cache_v, positions, cache_pos)
     allowed = ((cache_pos[:, None, :] >= 0)
                & (cache_pos[:, None, :] <= positions[:, :, None]))  # bool[B, L, T]
     return self._attend(q, cache_k, cache_v, allowed)

@@ -49,6 +49,7 @@ from moe_jax.errors import ConfigError
 from moe_jax.layers.experts import scaled_init
 from moe_jax.layers.lora_adapters import weight
 from moe_jax.layers.protocols import Flops, LoraWeight
+from moe_jax.models.attention_kernel import blocked_attention
 from moe_jax.models.rope import rope_table, rotary, yarn_mscale
 
 if TYPE_CHECKING:
@@ -210,6 +211,38 @@ class MultiHeadLatentAttention(nnx.Module):
     h = jnp.einsum("BQNR,RND->BQND", o_lat, w_v)
     return jnp.einsum("BLND,NDM->BLM", h, weight(self, "o_proj").astype(dtype))
 
+  def _attend_blocked(self, q_nope, q_rope, c, k_rope, q_pos, k_pos, *,
+                      absorb: bool) -> jax.Array:
+    """:meth:`_attend` (or, with ``absorb``, :meth:`_attend_absorbed`) under the
+    causal-by-positions mask in tiles (``model.attention_kernel="blocked"``,
+    :func:`~moe_jax.models.attention_kernel.blocked_attention`): the no-rope and
+    rotary parts of the queries and keys are concatenated, so one dot gives their
+    summed scores. Expanded: N heads of ``Dn + Dr`` against keys ``[k_nope, k_rope]``;
+    absorbed: one latent key ``[c, k_rope]`` shared by the N heads (G = N), values
+    ``c``. q_pos: i32[B or 1, Q]; k_pos: i32[B or 1, K] (-1: empty)."""
+    cfg, m = self.cfg, self.cfg.mla
+    dtype = cfg.compute_dtype
+    kv_b = weight(self, "kv_b_proj").astype(dtype)  # [R, N, Dn + Dv]
+    w_k, w_v = kv_b[..., :m.qk_nope_head_dim], kv_b[..., m.qk_nope_head_dim:]
+    b, length, n = q_nope.shape[:3]
+    c, k_rope = c.astype(dtype), k_rope.astype(dtype)
+    if absorb:
+      q_lat = jnp.einsum("BQND,RND->BQNR", q_nope, w_k)
+      q = jnp.concatenate([q_lat, q_rope.astype(dtype)], -1)[:, :, None]  # H=1, G=N
+      k = jnp.concatenate([c, k_rope], -1)[:, :, None]
+      o_lat = blocked_attention(q, k, c[:, :, None], q_pos, k_pos, scale=self.scale,
+                                dtype=dtype, block=cfg.attention_block)[:, :, 0]
+      h = jnp.einsum("BQNR,RND->BQND", o_lat, w_v)
+    else:
+      k_nope = jnp.einsum("BKR,RND->BKND", c, w_k)
+      v = jnp.einsum("BKR,RND->BKND", c, w_v)
+      q = jnp.concatenate([q_nope, q_rope.astype(dtype)], -1)[:, :, :, None]  # G=1
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(
+          k_rope[:, :, None], (*k_nope.shape[:3], k_rope.shape[-1]))], -1)
+      h = blocked_attention(q, k, v, q_pos, k_pos, scale=self.scale, dtype=dtype,
+                            block=cfg.attention_block)[:, :, :, 0]
+    return jnp.einsum("BLND,NDM->BLM", h, weight(self, "o_proj").astype(dtype))
+
   def __call__(self, x: jax.Array, positions: jax.Array,
                token_mask: jax.Array | None = None) -> jax.Array:
     """x: [B, L, M] -> [B, L, M]; positions: i32[L] or i32[B, L]. Causal by
@@ -218,6 +251,8 @@ class MultiHeadLatentAttention(nnx.Module):
     q_nope, q_rope, c, k_rope = self._project(x, positions)
     if self.cfg.causal:
       pos = positions if positions.ndim == 2 else positions[None]
+      if self.cfg.attention_kernel == "blocked":
+        return self._attend_blocked(q_nope, q_rope, c, k_rope, pos, pos, absorb=False)
       allowed = pos[:, None, :] <= pos[:, :, None]  # bool[B or 1, L, L]
     elif token_mask is None:
       allowed = jnp.ones((1, 1, x.shape[1]), jnp.bool_)
@@ -263,6 +298,9 @@ class MultiHeadLatentAttention(nnx.Module):
     self.cached_latent.set_value(cache_c)
     self.cached_rope_key.set_value(cache_k)
     self.cached_positions.set_value(cache_pos)
+    if self.cfg.attention_kernel == "blocked":
+      return self._attend_blocked(q_nope, q_rope, cache_c, cache_k, positions, cache_pos,
+                                  absorb=self.cfg.mla.absorb)
     allowed = ((cache_pos[:, None, :] >= 0)
                & (cache_pos[:, None, :] <= positions[:, :, None]))  # bool[B, L, T]
     attend = self._attend_absorbed if self.cfg.mla.absorb else self._attend

