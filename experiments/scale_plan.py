@@ -125,8 +125,11 @@ def main(argv):
           if r["part"] not in ("train", "serve")}
 
   def search(part, name, chip):
-    """(settled, {topology: row}) of the compiles already made for one search."""
-    rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)]
+    """(settled, {topology: row}) of the compiles already made for one search (serving
+    rows of another attention kernel than today's belong to an earlier search)."""
+    rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)
+            and (part != "serve" or r.get("attention_kernel", "dense")
+                 == scale.SERVE_ATTENTION_KERNEL)]
     return scale.search_done(rows, chip), {r["topology"]: r for r in rows}
 
   def tagged(part, name, chip, extra=None):
@@ -165,7 +168,9 @@ def main(argv):
             c = base(name)
             return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH))
           params = params or _count(name, count_params)
-          scale.smallest_fit(make_serve, chip, params["total"], 2, log=tagged("serve", name, chip),
+          scale.smallest_fit(make_serve, chip, params["total"], 2,
+                             log=tagged("serve", name, chip, {
+                                 "attention_kernel": scale.SERVE_ATTENTION_KERNEL}),
                              known=known, mode="serve", serve_batch=SERVE_BATCH,
                              serve_len=context)
     if "dispatch" in _PARTS.value:

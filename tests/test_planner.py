@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax.errors import ConfigError
 from moe_jax.parallel import sharding
 from moe_jax.planner import compile as planner
-from moe_jax.planner import hlo
+from moe_jax.planner import hlo, scale_report
 from moe_jax.planner.targets import make_target, parse_target
 from moe_jax.training.config import load_config_file, set_keys
 from tests.subprocess_env import cpu_env, program_lines
@@ -250,3 +250,33 @@ def test_the_search_stops_when_more_devices_do_not_shrink_the_peak(monkeypatch):
   # Peaks 1500, 1000, 750, 625 GB on 1, 2, 4, 8 GPUs: 625 / 750 > 0.8 ends it.
   assert scale.answer(rows) is None and tried == ["1x1", "1x2", "1x4", "1x8"]
   assert scale.search_done(rows, "h100")
+
+
+def test_the_blocked_kernel_keeps_a_long_prefill_s_scores_out_of_memory():
+  """One row of 2,048 tokens, 4 heads: the dense kernel holds 4 x 2048^2 float32 scores
+  (64 MiB) at once, the blocked one 512-long tiles (4 MiB)."""
+  temps = {}
+  for kernel in ("dense", "blocked"):
+    config = _config("dense_small", **{"model.attention_kernel": kernel,
+                                       "model.num_layers": 2})
+    plan = planner.plan(config, make_target("h100:1x1"), mode="serve", serve_batch=1,
+                        serve_len=2048)
+    temps[kernel] = plan["prefill"]["memory"]["temp"]
+  assert temps["dense"] > 4 * 2048 ** 2 * 4
+  assert temps["blocked"] < temps["dense"] / 4, temps
+
+
+def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced():
+  def row(config, chip, topology, fits, kernel=None):
+    r = {"part": "serve", "config": config, "chip": chip, "topology": topology,
+         "devices": int(topology.split("x")[-1]), "fits": fits}
+    if kernel:
+      r["attention_kernel"] = kernel
+    return r
+  rows = [row("a", "h100", "1x4", False), row("a", "h100", "1x8", False),
+          row("a", "h100", "1x2", False, "blocked"), row("b", "h100", "1x4", False)]
+  current, old = scale_report.split_serving(rows)
+  assert current == [rows[2], rows[3]] and old == rows[:2]
+  text = scale_report.serve_table(rows, ["a", "b"], ["h100"])
+  assert "| a | h100 | none fits |" in text and "1x2 no" in text
+  assert "| a | h100 | none | 1x4 no, 1x8 no |" in text.split("Replaced searches")[1]

@@ -117,11 +117,18 @@ def serving_mesh(config, devices: int, batch: int) -> dict[str, int]:
   return {"data": 1, "fsdp": rest // expert, "expert": expert, "model": model}
 
 
+# The attention kernel of serving plans: a long prefill's dense score matrix
+# (B * N * L * L float32) does not fit any device at 32K (moe_jax/models/attention_kernel.py).
+SERVE_ATTENTION_KERNEL = "blocked"
+
+
 def serving_overrides(config, devices: int, batch: int) -> dict[str, Any]:
-  """bf16 weights and compute, scanned layers, :func:`serving_mesh`."""
+  """bf16 weights and compute, scanned layers, the blocked attention kernel
+  (:data:`SERVE_ATTENTION_KERNEL`), :func:`serving_mesh`."""
   mesh = serving_mesh(config, devices, batch)
   return {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
-          "model.scan_layers": True, **{f"mesh.{k}": v for k, v in mesh.items()}}
+          "model.scan_layers": True, "model.attention_kernel": SERVE_ATTENTION_KERNEL,
+          **{f"mesh.{k}": v for k, v in mesh.items()}}
 
 
 def _try(make_config: Callable[[int], Any], chip: str, topology: str,

@@ -81,17 +81,49 @@ def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
       "step bound (s)", "MFU bound"], cells)
 
 
+def _kernel(row) -> str:
+  """A serving row's attention kernel (rows from before the key: dense)."""
+  return row.get("attention_kernel", "dense")
+
+
+def split_serving(rows) -> tuple[list[dict], list[dict]]:
+  """(current, superseded) serving rows: per config and chip, the compiles of the
+  non-dense attention kernel where any exist, else the dense kernel's; superseded
+  are the dense-kernel rows of a config and chip that was searched again."""
+  serve = [r for r in rows if r["part"] == "serve"]
+  redone = {(r["config"], r["chip"]) for r in serve if _kernel(r) != "dense"}
+  old = [r for r in serve if (r["config"], r["chip"]) in redone and _kernel(r) == "dense"]
+  return [r for r in serve if not any(r is o for o in old)], old
+
+
 def serve_table(rows, configs, chips) -> str:
+  """The serving searches (the current kernel's; see :func:`split_serving`), then the
+  dense-kernel searches they replaced."""
+  current, old = split_serving(rows)
+
   def cells(r):
     b = r["bytes_per_device"]
-    return [f"{r['serve_batch']} x {human_count(r['serve_len'])}",
+    return [_kernel(r), f"{r['serve_batch']} x {human_count(r['serve_len'])}",
             f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_gib(b['peak'])}",
             f"{1e3 * r['step_s_bound']:.2f}",
             f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f}"]
 
-  return _search_table(rows, "serve", configs, chips, [
-      "batch x context", "weights / KV cache / peak per device (GiB)",
-      "decode step bound (ms)", "prefill compile + decode compile (s)"], cells)
+  table = _search_table(current, "serve", configs, chips, [
+      "attention kernel", "batch x context", "weights / KV cache / peak per device "
+      "(GiB)", "decode step bound (ms)", "prefill compile + decode compile (s)"], cells)
+  if not old:
+    return table
+  lines = ["", "", "Replaced searches, with the dense attention kernel (the whole score "
+           "matrix):", "", "| config | chip | smallest fit | compiles tried |",
+           "|---|---|---|---|"]
+  for config in configs:
+    for chip in chips:
+      tried = _tried(old, "serve", config, chip)
+      if tried:
+        fit = _fit_row(old, "serve", config, chip)
+        smallest = f"{fit['topology']} ({fit['devices']})" if fit else "none"
+        lines.append(f"| {config} | {chip} | {smallest} | {tried} |")
+  return table + "\n".join(lines)
 
 
 def dispatch_table(rows) -> str:
