@@ -168,7 +168,9 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
          f"{settings['seeds']} seed(s), the same init rule and data order. A step is "
          "the same number of tokens in both rows, so the BPE row reads more text per "
          "step. Bits per byte are of the eval text's UTF-8 bytes (the final eval scores "
-         f"the whole validation split). Training time is {time_axis}.", ""]
+         + ("the whole validation split" if settings["final_eval_steps"] == 0 else
+            f"{settings['final_eval_steps']} fixed batches")
+         + f"). Training time is {time_axis}.", ""]
   if "PARTIAL" in meta:
     out += [f"**PARTIAL**: {meta['PARTIAL']}.", ""]
   out += ["| row | tokenizer | vocab | params | active FLOPs/token | eval bytes/token | "
