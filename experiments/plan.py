@@ -36,6 +36,9 @@ def _flags(flags):
   flags.DEFINE_integer("serve_batch", 8, "Rows of the KV cache (--mode=serve).")
   flags.DEFINE_integer("serve_len", 0, "Context of the KV cache (--mode=serve; 0: "
                        "data.seq_len).")
+  flags.DEFINE_integer("serve_chunk", 0, "Prefill chunk per row (--mode=serve): the "
+                       "prefill compiled is one chunk against the full cache; 0: the "
+                       "whole context at once.")
   flags.DEFINE_string("json", None, "Write the plan as JSON to this path.")
 
 
@@ -51,7 +54,7 @@ def main(config, workdir):
     fail(f"--mode={fv.mode!r} is unknown; use train or serve.")
   target = make_target(fv.target, fv.slices)
   result = planner.plan(config, target, mode=fv.mode, serve_batch=fv.serve_batch,
-                        serve_len=fv.serve_len)
+                        serve_len=fv.serve_len, serve_chunk=fv.serve_chunk)
   print(format_plan(result), flush=True)
   if fv.json:
     os.makedirs(os.path.dirname(os.path.abspath(fv.json)), exist_ok=True)

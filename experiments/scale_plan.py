@@ -15,6 +15,7 @@ the rows already there, so an interrupted run resumes. Two processes with differ
 
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -127,9 +128,9 @@ def main(argv):
   def search(part, name, chip):
     """(settled, {topology: row}) of the compiles already made for one search (serving
     rows of another attention kernel than today's belong to an earlier search)."""
+    setting = (scale.SERVE_ATTENTION_KERNEL, _serve_chunk(name))
     rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)
-            and (part != "serve" or r.get("attention_kernel", "dense")
-                 == scale.SERVE_ATTENTION_KERNEL)]
+            and (part != "serve" or scale_report.serving_setting(r) == setting)]
     return scale.search_done(rows, chip), {r["topology"]: r for r in rows}
 
   def tagged(part, name, chip, extra=None):
@@ -161,8 +162,7 @@ def main(argv):
                              log=tagged("train", name, chip), known=known)
         settled, known = search("serve", name, chip)
         if "serve" in _PARTS.value and not settled:
-          c0 = base(name)
-          context = min(SERVE_CONTEXT, c0.data.seq_len)
+          context = _serve_context(name)
 
           def make_serve(devices, name=name):
             c = base(name)
@@ -172,7 +172,8 @@ def main(argv):
                              log=tagged("serve", name, chip, {
                                  "attention_kernel": scale.SERVE_ATTENTION_KERNEL}),
                              known=known, mode="serve", serve_batch=SERVE_BATCH,
-                             serve_len=context)
+                             serve_len=context,
+                             serve_chunk=_serve_chunk(name))
     if "dispatch" in _PARTS.value:
       rows = _rows(path)
       for name in DISPATCH_CONFIGS:
@@ -219,6 +220,18 @@ def main(argv):
       _OUT.value, rows, [c for c in FULL_SIZE if c in _CONFIGS.value], _CHIPS.value,
       intro=INTRO, notes=notes)
   print("wrote " + ", ".join(paths))
+
+
+def _serve_context(name) -> int:
+  """The serving context of a config: 32K, or its own when shorter."""
+  return min(SERVE_CONTEXT, _load(name).data.seq_len)
+
+
+def _serve_chunk(name) -> int:
+  """The serving plans' prefill chunk (:data:`moe_jax.planner.scale.SERVE_CHUNK`), or
+  the whole context when that is shorter."""
+  from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
+  return math.gcd(scale.SERVE_CHUNK, _serve_context(name))
 
 
 def _count(name, count_params):

@@ -51,6 +51,9 @@ def test_bad_serving_sizes_are_refused_before_anything_compiles():
   with pytest.raises(ConfigError, match="--serve_batch=0"):
     planner.plan(_config("switch_small"), make_target("h100:1x1"), mode="serve",
                  serve_batch=0)
+  with pytest.raises(ConfigError, match="--serve_chunk=100 must divide the context 256"):
+    planner.plan(_config("switch_small"), make_target("h100:1x1"), mode="serve",
+                 serve_len=256, serve_chunk=100)
 
 
 def test_the_mesh_fills_the_devices_with_data_parallelism():
@@ -252,31 +255,38 @@ def test_the_search_stops_when_more_devices_do_not_shrink_the_peak(monkeypatch):
   assert scale.search_done(rows, "h100")
 
 
-def test_the_blocked_kernel_keeps_a_long_prefill_s_scores_out_of_memory():
+def test_the_blocked_kernel_and_chunks_keep_a_long_prefill_out_of_memory():
   """One row of 2,048 tokens, 4 heads: the dense kernel holds 4 x 2048^2 float32 scores
-  (64 MiB) at once, the blocked one 512-long tiles (4 MiB)."""
+  (64 MiB) at once, the blocked one 512-long tiles (4 MiB); a prefill in chunks of
+  512 holds a chunk's activations."""
   temps = {}
-  for kernel in ("dense", "blocked"):
+  for kernel, chunk in (("dense", 0), ("blocked", 0), ("blocked", 512)):
     config = _config("dense_small", **{"model.attention_kernel": kernel,
                                        "model.num_layers": 2})
     plan = planner.plan(config, make_target("h100:1x1"), mode="serve", serve_batch=1,
-                        serve_len=2048)
-    temps[kernel] = plan["prefill"]["memory"]["temp"]
-  assert temps["dense"] > 4 * 2048 ** 2 * 4
-  assert temps["blocked"] < temps["dense"] / 4, temps
+                        serve_len=2048, serve_chunk=chunk)
+    temps[kernel, chunk] = plan["prefill"]["memory"]["temp"]
+  assert temps["dense", 0] > 4 * 2048 ** 2 * 4
+  assert temps["blocked", 0] < temps["dense", 0] / 4, temps
+  # A chunked prefill: 512 new tokens per call against the 2,048-slot cache.
+  assert plan["prefill"]["tokens_per_step"] == 512 and plan["prefill_chunks"] == 4
+  assert plan["serve_chunk"] == 512 and plan["serve_len"] == 2048
+  assert temps["blocked", 512] < temps["blocked", 0], temps
 
 
 def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced():
-  def row(config, chip, topology, fits, kernel=None):
-    r = {"part": "serve", "config": config, "chip": chip, "topology": topology,
-         "devices": int(topology.split("x")[-1]), "fits": fits}
-    if kernel:
-      r["attention_kernel"] = kernel
-    return r
-  rows = [row("a", "h100", "1x4", False), row("a", "h100", "1x8", False),
-          row("a", "h100", "1x2", False, "blocked"), row("b", "h100", "1x4", False)]
+  def row(config, topology, fits, **keys):  # rows of before the keys: dense, unchunked
+    return {"part": "serve", "config": config, "chip": "h100", "topology": topology,
+            "devices": int(topology.split("x")[-1]), "fits": fits, "serve_len": 32768,
+            **keys}
+  blocked = {"attention_kernel": "blocked", "serve_chunk": 32768}
+  chunked = {"attention_kernel": "blocked", "serve_chunk": 4096}
+  rows = [row("a", "1x4", False), row("a", "1x8", False), row("a", "1x4", False, **blocked),
+          row("b", "1x4", False), row("a", "1x2", False, **chunked)]
   current, old = scale_report.split_serving(rows)
-  assert current == [rows[2], rows[3]] and old == rows[:2]
+  assert current == [rows[3], rows[4]] and old == rows[:3]
   text = scale_report.serve_table(rows, ["a", "b"], ["h100"])
-  assert "| a | h100 | none fits |" in text and "1x2 no" in text
-  assert "| a | h100 | none | 1x4 no, 1x8 no |" in text.split("Replaced searches")[1]
+  now, before = text.split("Earlier searches")
+  assert "| a | h100 | none fits |" in now and "1x2 no" in now and "1x8" not in now
+  assert "| a | h100 | blocked | 32.77K | none | 1x4 no |" in before
+  assert "| a | h100 | dense | 32.77K | none | 1x4 no, 1x8 no |" in before

@@ -205,8 +205,12 @@ def _step_report(compiled, target: Target, model_flops: float, tokens: int,
 
 
 def plan(config, target: Target, *, mode: str = "train", serve_batch: int = 8,
-         serve_len: int = 0) -> dict[str, Any]:
+         serve_len: int = 0, serve_chunk: int = 0) -> dict[str, Any]:
   """Compiles the config's step for ``target`` and returns the plan's JSON dict.
+
+  Serving compiles the prefill of ``serve_chunk`` tokens per row (0: the whole
+  ``serve_len`` at once) against the full-length cache, the last chunk of a chunked
+  prefill (every chunk has its shapes), and one decode step.
 
   Raises:
     ConfigError: a bad config (every problem, one line each) or mesh.
@@ -217,6 +221,10 @@ def plan(config, target: Target, *, mode: str = "train", serve_batch: int = 8,
   if mode == "serve" and (serve_batch < 1 or serve_len < 0):
     raise ConfigError([f"--serve_batch={serve_batch} --serve_len={serve_len}: the batch "
                        "must be >= 1 and the context >= 0 (0: data.seq_len)."])
+  context = serve_len or config.data.seq_len
+  if mode == "serve" and (serve_chunk < 0 or (serve_chunk and context % serve_chunk)):
+    raise ConfigError([f"--serve_chunk={serve_chunk} must divide the context "
+                       f"{context}; use a divisor of it, or 0 to prefill it at once."])
   devices = len(target.devices)
   mesh_shape = resolve_mesh(config, devices)
   config = config.copy_and_resolve_references()
@@ -244,8 +252,8 @@ def plan(config, target: Target, *, mode: str = "train", serve_batch: int = 8,
     if mode == "train":
       out.update(_plan_train(config, target, mesh, model))
     else:
-      out.update(_plan_serve(config, target, mesh, model, serve_batch,
-                             serve_len or config.data.seq_len))
+      out.update(_plan_serve(config, target, mesh, model, serve_batch, context,
+                             serve_chunk or context))
   return out
 
 
@@ -285,7 +293,8 @@ def _cache_spec(shape, mesh) -> P:
   return P(*spec)
 
 
-def _plan_serve(config, target, mesh, model, batch: int, length: int) -> dict[str, Any]:
+def _plan_serve(config, target, mesh, model, batch: int, length: int,
+                chunk: int) -> dict[str, Any]:
   dtype = jnp.dtype(config.model.get("dtype", "float32"))
   vocab = build.vocab_size_of(config)
 
@@ -318,11 +327,12 @@ def _plan_serve(config, target, mesh, model, batch: int, length: int) -> dict[st
   cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
   grid = lambda dtype_, *shape: jax.ShapeDtypeStruct(shape, dtype_, sharding=rows)
   per_token = flops_per_token(model, length)
-  out: dict[str, Any] = {"serve_batch": batch, "serve_len": length}
+  out: dict[str, Any] = {"serve_batch": batch, "serve_len": length,
+                         "serve_chunk": chunk, "prefill_chunks": length // chunk}
   fits, peaks = True, []
   for name, fn, args, tokens in (
-      ("prefill", prefill, (grid(jnp.int32, batch, length), grid(jnp.int32, batch, length),
-                            grid(jnp.bool_, batch, length)), batch * length),
+      ("prefill", prefill, (grid(jnp.int32, batch, chunk), grid(jnp.int32, batch, chunk),
+                            grid(jnp.bool_, batch, chunk)), batch * chunk),
       ("decode", step, (grid(jnp.int32, batch), grid(jnp.int32, batch),
                         grid(jnp.bool_, batch)), batch)):
     jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=(None, cache_sharding))

@@ -120,6 +120,10 @@ def serving_mesh(config, devices: int, batch: int) -> dict[str, int]:
 # The attention kernel of serving plans: a long prefill's dense score matrix
 # (B * N * L * L float32) does not fit any device at 32K (moe_jax/models/attention_kernel.py).
 SERVE_ATTENTION_KERNEL = "blocked"
+# The prefill chunk of serving plans (tokens per row): the prompt goes through the
+# model 4,096 tokens at a time, each chunk attending to the cache, so the activations
+# (the MoE's token buffers above all) are a chunk's, not the whole context's.
+SERVE_CHUNK = 4096
 
 
 def serving_overrides(config, devices: int, batch: int) -> dict[str, Any]:

@@ -86,13 +86,19 @@ def _kernel(row) -> str:
   return row.get("attention_kernel", "dense")
 
 
+def serving_setting(row) -> tuple[str, int]:
+  """(attention kernel, prefill chunk) of a serving row; rows from before those keys
+  are dense and prefill the whole context (chunk = context)."""
+  return _kernel(row), row.get("serve_chunk") or row.get("serve_len", 0)
+
+
 def split_serving(rows) -> tuple[list[dict], list[dict]]:
-  """(current, superseded) serving rows: per config and chip, the compiles of the
-  non-dense attention kernel where any exist, else the dense kernel's; superseded
-  are the dense-kernel rows of a config and chip that was searched again."""
+  """(current, replaced) serving rows: per config and chip, the rows of its newest
+  search (the setting of its last row), and the rows of earlier searches of the same
+  config and chip with another setting."""
   serve = [r for r in rows if r["part"] == "serve"]
-  redone = {(r["config"], r["chip"]) for r in serve if _kernel(r) != "dense"}
-  old = [r for r in serve if (r["config"], r["chip"]) in redone and _kernel(r) == "dense"]
+  newest = {(r["config"], r["chip"]): serving_setting(r) for r in serve}
+  old = [r for r in serve if serving_setting(r) != newest[(r["config"], r["chip"])]]
   return [r for r in serve if not any(r is o for o in old)], old
 
 
@@ -103,26 +109,33 @@ def serve_table(rows, configs, chips) -> str:
 
   def cells(r):
     b = r["bytes_per_device"]
+    chunk = r.get("serve_chunk") or r["serve_len"]
     return [_kernel(r), f"{r['serve_batch']} x {human_count(r['serve_len'])}",
+            human_count(chunk),
             f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_gib(b['peak'])}",
             f"{1e3 * r['step_s_bound']:.2f}",
             f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f}"]
 
   table = _search_table(current, "serve", configs, chips, [
-      "attention kernel", "batch x context", "weights / KV cache / peak per device "
+      "attention kernel", "batch x context", "prefill chunk",
+      "weights / KV cache / peak per device "
       "(GiB)", "decode step bound (ms)", "prefill compile + decode compile (s)"], cells)
   if not old:
     return table
-  lines = ["", "", "Replaced searches, with the dense attention kernel (the whole score "
-           "matrix):", "", "| config | chip | smallest fit | compiles tried |",
-           "|---|---|---|---|"]
+  lines = ["", "", "Earlier searches, replaced by the ones above (the dense kernel holds "
+           "the whole score matrix; an unchunked prefill holds the whole context's "
+           "activations):", "",
+           "| config | chip | attention kernel | prefill chunk | smallest fit | "
+           "compiles tried |", "|---|---|---|---|---|---|"]
   for config in configs:
     for chip in chips:
-      tried = _tried(old, "serve", config, chip)
-      if tried:
-        fit = _fit_row(old, "serve", config, chip)
+      for setting in sorted({serving_setting(r) for r in old
+                             if (r["config"], r["chip"]) == (config, chip)}):
+        these = [r for r in old if serving_setting(r) == setting]
+        fit = _fit_row(these, "serve", config, chip)
         smallest = f"{fit['topology']} ({fit['devices']})" if fit else "none"
-        lines.append(f"| {config} | {chip} | {smallest} | {tried} |")
+        lines.append(f"| {config} | {chip} | {setting[0]} | {human_count(setting[1])} | "
+                     f"{smallest} | {_tried(these, 'serve', config, chip)} |")
   return table + "\n".join(lines)
 
 

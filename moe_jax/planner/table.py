@@ -27,8 +27,9 @@ def format_plan(p: dict[str, Any]) -> str:
   rows = [
       ("target", f"{p['target']} ({p['devices']} devices, {p['platform']})"),
       ("mesh", mesh),
-      ("mode", p["mode"] + (f" (batch {p['serve_batch']}, context {p['serve_len']})"
-                            if p["mode"] == "serve" else "")),
+      ("mode", p["mode"] + (f" (batch {p['serve_batch']}, context {p['serve_len']}, "
+                            f"prefill in {p['prefill_chunks']} chunk(s) of "
+                            f"{p['serve_chunk']})" if p["mode"] == "serve" else "")),
       ("params", f"{human_count(p['params_total'])} total, "
                  f"{human_count(p['params_active'])} active"),
       ("compile", f"{p['compile_s']:.1f} s"),
