@@ -183,14 +183,23 @@ class Decoder:
     batch_size: B, rows of the cache; smaller batches are filled with idle rows.
     max_len: cache length, the longest row before its window slides.
     prefill_len: P, the fixed padded prompt length (default ``max_len``).
+    prefill_chunk: run the prefill ``prefill_chunk`` columns at a time (a divisor of
+      P; 0: all P at once), each chunk writing its tokens to the cache and attending
+      to it, so each pass holds a chunk's activations. The same numbers as one pass for
+      attention, MLA, Mamba and dropless MoE; capacity-bounded MoE routing and
+      Mixture-of-Depths route each chunk's tokens as their own group.
     dtype: cache dtype (default the model's compute dtype).
     pad_id: token written on padding and after a row stops.
   """
 
   def __init__(self, model, *, batch_size: int, max_len: int,
-               prefill_len: int | None = None, dtype=None, pad_id: int = 0):
+               prefill_len: int | None = None, dtype=None, pad_id: int = 0,
+               prefill_chunk: int = 0):
     cfg = model.cfg
     prefill_len = max_len if prefill_len is None else prefill_len
+    if prefill_chunk < 0 or (prefill_chunk and prefill_len % prefill_chunk):
+      raise ValueError(f"prefill_chunk={prefill_chunk} must divide prefill_len="
+                       f"{prefill_len}; use a divisor of it, or 0 for one pass.")
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1.")
     if max_len < 2:
@@ -201,6 +210,7 @@ class Decoder:
       raise ValueError(f"max_len={max_len} exceeds the model's {cfg.max_len} learned "
                        f"positions; use max_len <= {cfg.max_len}.")
     self.batch_size, self.max_len, self.prefill_len = batch_size, max_len, prefill_len
+    self.prefill_chunk = prefill_chunk or prefill_len
     self.pad_id = pad_id
     # A scanned model decodes as its unrolled copy (the same arrays, one cache per block).
     view = nnx.merge(*nnx.split(model.unrolled()))  # new Variables, the same arrays
@@ -225,7 +235,11 @@ class Decoder:
         lambda c, e: jnp.where(reset.reshape((-1,) + (1,) * (c.ndim - 1)), e, c),
         cache, empty)
     model = nnx.merge(self._graphdef, params, cache, rest)
-    x = forward(model, tokens, positions, mask, prefill=True)
+    # Chunk by chunk, each writing its tokens to the cache and attending to it.
+    c = self.prefill_chunk
+    x = jnp.concatenate([forward(model, tokens[:, i:i + c], positions[:, i:i + c],
+                                 mask[:, i:i + c], prefill=True)
+                         for i in range(0, tokens.shape[1], c)], axis=1)
     rows = jnp.arange(x.shape[0])
     logits = model.head(x[rows, last][:, None])[:, 0]  # f32[B, V]
     token = sample_logits(logits, key, *sampling)
