@@ -95,3 +95,15 @@ def test_report_ranks_on_bits_per_byte_at_the_benchmarks_equal_time(tmp_path):
   assert "- At equal time (600 s): BPE 1.6000 against bytes 1.5000" in md
   assert "+0.1000" in md and "bytes lower" in md
   assert (tmp_path / "bits_per_byte.png").stat().st_size > 0
+
+
+def test_the_benchmark_reads_a_run_s_relative_tokenizer(tmp_path):
+  """The interleaved benchmark builds each model as its run did: the BPE row's
+  tokenizer path is relative to the run's directory, not to the current one."""
+  train_tokenizer.train_bpe(["to be or not to be"] * 20, 300, str(tmp_path / "bpe"))
+  settings = tokenizer_grid.resolve_settings(
+      "smoke", configs_dir=CONFIGS, bpe_tokenizer="bpe/tokenizer.json")
+  bpe = [r for r in tokenizer_grid.build_grid(settings) if r.row == "bpe"]
+  out = runner.measure_throughput(bpe, steps=1, rounds=1, log=lambda _: None,
+                                  workdir=str(tmp_path))
+  assert list(out) == ["bpe"] and out["bpe"][0] > 0

@@ -146,7 +146,8 @@ BENCH_FILE = "throughput_bench.json"
 
 
 def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
-                       log: Callable[[str], None] = print) -> dict[str, list[float]]:
+                       log: Callable[[str], None] = print,
+                       workdir: str | None = None) -> dict[str, list[float]]:
   """Training tokens/s of each model, measured in interleaved rounds.
 
   The runs' own throughput is measured hours apart, under whatever else the machine
@@ -154,6 +155,9 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
   timed for ``steps`` steps once per round, all models in turn, so a slow phase of the
   machine hits every model alike. Batches are random token ids: the step's cost does
   not depend on the data (capacity fixes the shapes).
+
+  ``workdir`` is the grid's: a run's relative ``data.tokenizer`` path is read from its
+  directory there, as in training.
 
   Returns:
     ``{model_name: [tokens/s of each round]}``.
@@ -170,7 +174,8 @@ def measure_throughput(runs: Sequence[RunSpec], *, steps: int, rounds: int,
     if name in models:
       continue
     c = run.config
-    model = build.make_model(c)
+    model = build.make_model(c, vocab_size=build.vocab_size_of(
+        c, workdir=run_dir(workdir, run) if workdir else None))
     tx, _ = build.make_optimizer(c)
     _, params, _ = run_state.split_model(model)
     state = run_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -222,7 +227,7 @@ def benchmark_once(runs: Sequence[RunSpec], workdir: str, *, steps: int,
   if not rounds or os.path.exists(path) or not all(is_done(workdir, r) for r in runs):
     return False
   log(f"Interleaved throughput benchmark: {rounds} rounds of {steps} steps per model.")
-  bench = measure_throughput(runs, steps=steps, rounds=rounds, log=log)
+  bench = measure_throughput(runs, steps=steps, rounds=rounds, log=log, workdir=workdir)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(bench, f, indent=1)
   return True
