@@ -189,8 +189,15 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
         f"{a['bpb_equal_time'].fmt('.4f') if a['bpb_equal_time'] else '—'} | "
         f"{a['tokens_per_sec'].fmt(',.0f')} | "
         f"{Stat(tps).fmt(',.0f') if tps else '—'} |")
-  out += ["", f"Equal time: {budget:.0f} s of training, the fastest run's training time.",
-          "", "## Which wins", ""]
+  out += ["", f"Equal time: {budget:.0f} s of training, the fastest run's training time."]
+  if settings["final_eval_steps"] != settings["eval_steps"]:
+    out += ["", f"The evaluations before the last score {settings['eval_steps'] or 'all'} "
+            "fixed batches, and a batch of BPE tokens holds more text than one of "
+            "bytes, so only the final evaluation (the same text for both rows) compares "
+            "exactly; an equal-time value that falls between a run's last two "
+            "evaluations interpolates between the two kinds (the step in the curves at "
+            "the last point is that change of eval set)."]
+  out += ["", "## Which wins", ""]
   if "byte" in by and "bpe" in by:
     for key, what in (("bits_per_byte", "equal steps"),
                       ("bpb_equal_time", f"equal time ({budget:.0f} s)")):
@@ -198,7 +205,8 @@ def report(workdir: str, runs, rows, settings: dict[str, Any],
       if a is None or b is None:
         continue
       paired = _paired(by, key)
-      spread = (f" (paired over seeds: {paired.fmt('+.4f')})" if paired else "")
+      spread = ("" if paired is None else f" (paired over seeds: {paired.mean:+.4f}"
+                + (f" ± {paired.std:.4f})" if paired.std is not None else ")"))
       noise = paired is not None and paired.std is not None and abs(paired.mean) < (
           paired.std)
       out.append(f"- At {what}: BPE {a.fmt('.4f')} against bytes {b.fmt('.4f')} bits "
