@@ -170,7 +170,8 @@ def main(argv):
           params = params or _count(name, count_params)
           scale.smallest_fit(make_serve, chip, params["total"], 2,
                              log=tagged("serve", name, chip, {
-                                 "attention_kernel": scale.SERVE_ATTENTION_KERNEL}),
+                                 "attention_kernel": scale.SERVE_ATTENTION_KERNEL,
+                                 "serve_chunk": _serve_chunk(name)}),
                              known=known, mode="serve", serve_batch=SERVE_BATCH,
                              serve_len=context,
                              serve_chunk=_serve_chunk(name))

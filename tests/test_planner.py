@@ -279,7 +279,7 @@ def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced()
     return {"part": "serve", "config": config, "chip": "h100", "topology": topology,
             "devices": int(topology.split("x")[-1]), "fits": fits, "serve_len": 32768,
             **keys}
-  blocked = {"attention_kernel": "blocked", "serve_chunk": 32768}
+  blocked = {"attention_kernel": "blocked"}  # the whole context at once
   chunked = {"attention_kernel": "blocked", "serve_chunk": 4096}
   rows = [row("a", "1x4", False), row("a", "1x8", False), row("a", "1x4", False, **blocked),
           row("b", "1x4", False), row("a", "1x2", False, **chunked)]
@@ -288,5 +288,9 @@ def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced()
   text = scale_report.serve_table(rows, ["a", "b"], ["h100"])
   now, before = text.split("Earlier searches")
   assert "| a | h100 | none fits |" in now and "1x2 no" in now and "1x8" not in now
-  assert "| a | h100 | blocked | 32.77K | none | 1x4 no |" in before
-  assert "| a | h100 | dense | 32.77K | none | 1x4 no, 1x8 no |" in before
+  assert "| a | h100 | blocked | whole context | none | 1x4 no |" in before
+  assert "| a | h100 | dense | whole context | none | 1x4 no, 1x8 no |" in before
+  # A failed TPU compile has no plan keys: its row still belongs to its search.
+  rows.append(row("b", "1x8", False))
+  del rows[-1]["serve_len"]
+  assert scale_report.split_serving(rows)[1] == rows[:3]

@@ -87,9 +87,13 @@ def _kernel(row) -> str:
 
 
 def serving_setting(row) -> tuple[str, int]:
-  """(attention kernel, prefill chunk) of a serving row; rows from before those keys
-  are dense and prefill the whole context (chunk = context)."""
-  return _kernel(row), row.get("serve_chunk") or row.get("serve_len", 0)
+  """(attention kernel, prefill chunk) of a serving row, chunk 0 for a prefill of the
+  whole context at once (rows from before these keys: dense, whole)."""
+  return _kernel(row), row.get("serve_chunk", 0)
+
+
+def _chunk(chunk: int) -> str:
+  return human_count(chunk) if chunk else "whole context"
 
 
 def split_serving(rows) -> tuple[list[dict], list[dict]]:
@@ -109,9 +113,8 @@ def serve_table(rows, configs, chips) -> str:
 
   def cells(r):
     b = r["bytes_per_device"]
-    chunk = r.get("serve_chunk") or r["serve_len"]
     return [_kernel(r), f"{r['serve_batch']} x {human_count(r['serve_len'])}",
-            human_count(chunk),
+            _chunk(r.get("serve_chunk", 0)),
             f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_gib(b['peak'])}",
             f"{1e3 * r['step_s_bound']:.2f}",
             f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f}"]
@@ -134,7 +137,7 @@ def serve_table(rows, configs, chips) -> str:
         these = [r for r in old if serving_setting(r) == setting]
         fit = _fit_row(these, "serve", config, chip)
         smallest = f"{fit['topology']} ({fit['devices']})" if fit else "none"
-        lines.append(f"| {config} | {chip} | {setting[0]} | {human_count(setting[1])} | "
+        lines.append(f"| {config} | {chip} | {setting[0]} | {_chunk(setting[1])} | "
                      f"{smallest} | {_tried(these, 'serve', config, chip)} |")
   return table + "\n".join(lines)
 
