@@ -1,7 +1,8 @@
 """The blocked attention kernel (moe_jax/models/attention_kernel.py,
 ``model.attention_kernel="blocked"``) against a direct softmax, and models built with
-it against the dense kernel: forward, gradients and cached decoding, for attention,
-grouped-query attention and MLA (expanded and absorbed)."""
+it against the dense kernel: forward, gradients and cached decoding with a chunked
+prefill (``Decoder(prefill_chunk=)``), for grouped-query attention (multi-head is its
+G = 1) and MLA (expanded and absorbed)."""
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,8 @@ def test_blocked_equals_a_direct_softmax(block):
 # grouped path.
 GQA = {"model.num_heads": 4, "model.num_kv_heads": 2, "model.moe_every": 0}
 MLA = {**MLA_KEYS, "model.moe_every": 0}
+# Dropless top-2 MoE in every block: a chunk's routing equals the one pass's.
+GQA_MOE = {**GQA, "model.moe_every": 1, "moe.top_k": 2, "moe.dispatch": "dropless"}
 MLA_ABSORBED = {**MLA, "mla.absorb": True}
 BLOCKED = {"model.attention_kernel": "blocked", "model.attention_block": 4}
 
@@ -78,18 +81,24 @@ def test_the_blocked_model_trains_as_the_dense_one(name, keys):
     np.testing.assert_allclose(g, dg, atol=2e-5, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("name,keys", [("gqa", GQA), ("mla_absorbed", MLA_ABSORBED)])
-def test_blocked_cached_decoding_equals_the_dense_one(name, keys):
+@pytest.mark.parametrize("name,keys,padding", [("gqa_moe", GQA_MOE, "left"),
+                                               ("mla_absorbed", MLA_ABSORBED, "right")])
+def test_blocked_chunked_decoding_equals_the_dense_one_pass_one(name, keys, padding):
+  """The blocked kernel with a prefill of 4 columns at a time (``prefill_chunk``: each
+  chunk writes the cache and attends to it) against the dense kernel's one pass."""
   out = {}
-  for kernel, extra in (("dense", {}), ("blocked", BLOCKED)):
+  for kernel, extra, chunk in (("dense", {}, 0), ("blocked", BLOCKED, 4)):
     model = make_model({**keys, **extra})
     decoder = decode.Decoder(model, batch_size=3, max_len=MAX_LEN,
-                             prefill_len=PREFILL_LEN)
-    out[kernel] = teacher_forced(decoder, "left")
+                             prefill_len=PREFILL_LEN, prefill_chunk=chunk)
+    out[kernel] = teacher_forced(decoder, padding)
   assert len(FORCED[0]) > 0
   for b in range(len(PROMPTS)):
     np.testing.assert_allclose(out["blocked"][b], out["dense"][b], atol=2e-5, rtol=0,
                                err_msg=f"{name} row {b}")
+  with pytest.raises(ValueError, match="prefill_chunk=5 must divide prefill_len=12"):
+    decode.Decoder(model, batch_size=3, max_len=MAX_LEN, prefill_len=PREFILL_LEN,
+                   prefill_chunk=5)
 
 
 def test_bad_kernel_settings_are_one_line_each():

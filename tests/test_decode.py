@@ -271,20 +271,3 @@ def test_a_step_of_few_tokens_gathers_only_the_chosen_experts():
   np.testing.assert_allclose(gathered, capacity, atol=1e-6, rtol=0)
   assert np.all(np.asarray(gathered[1]) == 0)  # the masked row
 
-
-def test_a_chunked_prefill_equals_one_pass():
-  """Mixtral-style (dropless MoE) with the blocked attention kernel: prefilling 4
-  columns at a time gives the one-pass logits, for either padding."""
-  model = make_model(MODELS["mixtral"], **{"model.attention_kernel": "blocked",
-                                           "model.attention_block": 4})
-  one = decode.Decoder(model, batch_size=3, max_len=MAX_LEN, prefill_len=PREFILL_LEN)
-  chunked = decode.Decoder(model, batch_size=3, max_len=MAX_LEN,
-                           prefill_len=PREFILL_LEN, prefill_chunk=4)
-  for padding in decode.PADDINGS:
-    expected, got = teacher_forced(one, padding), teacher_forced(chunked, padding)
-    for b in range(len(PROMPTS)):
-      np.testing.assert_allclose(got[b], expected[b], atol=2e-5, rtol=0,
-                                 err_msg=f"row {b}, {padding} padding")
-  with pytest.raises(ValueError, match="prefill_chunk=5 must divide prefill_len=12"):
-    decode.Decoder(model, batch_size=3, max_len=MAX_LEN, prefill_len=PREFILL_LEN,
-                   prefill_chunk=5)
