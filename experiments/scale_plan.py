@@ -262,8 +262,10 @@ device. Mesh: experts over `expert` (gcd(E, devices)), the rest ZeRO-3 over `fsd
 where that leaves `fsdp` = 1 the dense weights are replicated, unless their training
 state would pass a quarter of the HBM: then `expert` is halved and `fsdp` = 2 splits
 them over every device.
-Serving plans: bf16 weights, batch 8, a 32K context (or the model's, if shorter), the
-prefill of the whole context and one decode step against the full KV cache."""
+Serving plans: bf16 weights, batch 8, a 32K context (or the model's, if shorter), one
+chunk of a chunked prefill against the full KV cache and one decode step; the attention
+kernel and the prefill chunk are each row's (the searches made with the dense kernel
+and a whole-context prefill are listed below the table)."""
 
 
 if __name__ == "__main__":
