@@ -224,7 +224,6 @@ class MultiHeadLatentAttention(nnx.Module):
     dtype = cfg.compute_dtype
     kv_b = weight(self, "kv_b_proj").astype(dtype)  # [R, N, Dn + Dv]
     w_k, w_v = kv_b[..., :m.qk_nope_head_dim], kv_b[..., m.qk_nope_head_dim:]
-    b, length, n = q_nope.shape[:3]
     c, k_rope = c.astype(dtype), k_rope.astype(dtype)
     if absorb:
       q_lat = jnp.einsum("BQND,RND->BQNR", q_nope, w_k)
