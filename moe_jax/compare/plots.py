@@ -11,6 +11,8 @@ import os
 import statistics
 from typing import Any, Callable, Sequence
 
+from moe_jax.compare.aggregation import train_seconds
+
 
 def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float, *,
                 label: Callable[[dict[str, Any]], str],
@@ -43,7 +45,7 @@ def write_plots(outdir: str, aggs: Sequence[dict[str, Any]], threshold: float, *
       for i, (curve, row) in enumerate(zip(a["curves"], a["rows"])):
         xs = [s for s, _ in curve]
         if xkind == "time":
-          xs = [s * row["tokens_per_step"] / row["tokens_per_sec"] for s in xs]
+          xs = [train_seconds(row, s) for s in xs]
         ys = [l for _, l in curve]
         runs_xy.append((xs, ys))
         ax.plot(xs, ys, style, color=line_color, lw=1.2,

@@ -33,6 +33,7 @@ from moe_jax.compare.aggregation import (Stat, aggregate, equal_time_budget,
 from moe_jax.compare.report import CSV_COLUMNS, run_section, stderr_cell
 from moe_jax.compare.router_rows import load_row_config
 from moe_jax.compare.runner import RunSpec
+from moe_jax.training.config import set_keys
 
 ROWS = ("byte", "bpe")
 COLORS = {"byte": "tab:blue", "bpe": "tab:orange"}
@@ -83,9 +84,7 @@ def make_config(settings: dict[str, Any], row: str, seed: int):
   """The training config of one run: the config file, the preset's shape overrides and
   training settings, and the row's tokenizer."""
   c = load_row_config(settings["config"], settings["configs_dir"])
-  for key, value in settings["model_overrides"].items():
-    head, leaf = key.rsplit(".", 1)
-    c[head][leaf] = value
+  set_keys(c, settings["model_overrides"])
   grid.set_training(c, settings, seed)
   c.data.tokenizer = "byte" if row == "byte" else bpe_spec(settings)
   return c

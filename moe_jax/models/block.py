@@ -211,7 +211,7 @@ class Attention(nnx.Module):
     dtype = cfg.compute_dtype
     b, length = q.shape[:2]
     q = q.reshape(b, length, cfg.num_kv_heads, cfg.kv_groups, cfg.head_dim)
-    h = blocked_attention(q, k, v.astype(dtype), q_pos, k_pos,
+    h = blocked_attention(q, k, v, q_pos, k_pos,
                           scale=1 / math.sqrt(cfg.head_dim), dtype=dtype,
                           block=cfg.attention_block).reshape(
                               b, length, cfg.num_heads, cfg.head_dim)

@@ -102,13 +102,14 @@ def split_serving(rows) -> tuple[list[dict], list[dict]]:
   config and chip with another setting."""
   serve = [r for r in rows if r["part"] == "serve"]
   newest = {(r["config"], r["chip"]): serving_setting(r) for r in serve}
-  old = [r for r in serve if serving_setting(r) != newest[(r["config"], r["chip"])]]
-  return [r for r in serve if not any(r is o for o in old)], old
+  current = [r for r in serve if serving_setting(r) == newest[(r["config"], r["chip"])]]
+  return current, [r for r in serve
+                   if serving_setting(r) != newest[(r["config"], r["chip"])]]
 
 
 def serve_table(rows, configs, chips) -> str:
-  """The serving searches (the current kernel's; see :func:`split_serving`), then the
-  dense-kernel searches they replaced."""
+  """The serving searches (each config and chip's newest; see :func:`split_serving`),
+  then the earlier searches they replaced."""
   current, old = split_serving(rows)
 
   def cells(r):
