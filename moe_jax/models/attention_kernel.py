@@ -15,8 +15,10 @@ hold -1):
   Only ``[B, N, block, block]`` scores live at a time. Every block pair is computed,
   the masked ones above the diagonal included, so its FLOPs are those of the dense
   kernel (no causal skipping); the values equal the dense kernel's to float32
-  rounding. Each key step is rematerialised in the backward pass, so training keeps
-  the carries, not the scores.
+  rounding. Its backward pass (a ``custom_vjp``) keeps only the inputs, the output
+  and each query's log-sum-exp, and recomputes each tile's probabilities, as
+  FlashAttention-2 does (Dao 2023): training holds ``O(Q + K)`` per head, not
+  ``O(Q K)``.
 
 Shapes (STYLE.md's legend): ``q [B, Q, H, G, Dk]`` (``H`` key heads, ``G`` query heads
 per key head; ``G = 1`` for multi-head attention), ``k [B, K, H, Dk]``,
@@ -24,6 +26,8 @@ per key head; ``G = 1`` for multi-head attention), ``k [B, K, H, Dk]``,
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,26 @@ def _pad(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
   return jnp.pad(x, widths, constant_values=value)
+
+
+def _tiles(x: jax.Array, block: int, value) -> jax.Array:
+  """``[B, L, ...]`` padded to a multiple of ``block`` and cut into tiles, tiles
+  first: ``[L / block, B, block, ...]``."""
+  x = _pad(x, 1, block, value)
+  x = x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _untile(x: jax.Array, length: int) -> jax.Array:
+  """The inverse of :func:`_tiles`, padding dropped."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+def _visible(qpi: jax.Array, kpj: jax.Array) -> jax.Array:
+  """bool[B, 1, 1, bq, bk]: key ``kpj`` visible to query ``qpi`` (causal by position,
+  empty slots never)."""
+  return ((kpj[:, None, :] >= 0) & (kpj[:, None, :] <= qpi[:, :, None]))[:, None, None]
 
 
 def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
@@ -58,33 +82,29 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
   Returns:
     [B, Q, H, G, Dv].
   """
-  b, length = q.shape[:2]
-  h, g, dv = q.shape[2], q.shape[3], v.shape[-1]
-  q_pos = jnp.broadcast_to(q_pos, (b, length))
-  k_pos = jnp.broadcast_to(k_pos, (b, k.shape[1]))
+  b = q.shape[0]
+  q_pos = jnp.broadcast_to(q_pos, (b, q.shape[1])).astype(jnp.int32)
+  k_pos = jnp.broadcast_to(k_pos, (b, k.shape[1])).astype(jnp.int32)
+  return _flash(q, k, v, q_pos, k_pos, float(scale), jnp.dtype(dtype), int(block))
+
+
+def _forward(q, k, v, q_pos, k_pos, scale, dtype, block):
+  """``(out [B, Q, H, G, Dv], lse f32[B, Q, H, G])``: the output and each query's
+  log-sum-exp of its visible scores (0 where it sees no key)."""
+  b, length, h, g, _ = q.shape
+  dv = v.shape[-1]
   bq, bk = min(block, length), min(block, k.shape[1])
-  qs = _pad(q, 1, bq, 0)
-  qps = _pad(q_pos, 1, bq, -1)
-  ks, vs = _pad(k, 1, bk, 0), _pad(v, 1, bk, 0)
-  kps = _pad(k_pos, 1, bk, -1)
-  nq, nk = qs.shape[1] // bq, ks.shape[1] // bk
-  # Tiles first: [n, B, block, ...].
-  qs = jnp.moveaxis(qs.reshape(b, nq, bq, *qs.shape[2:]), 1, 0)
-  qps = jnp.moveaxis(qps.reshape(b, nq, bq), 1, 0)
-  ks = jnp.moveaxis(ks.reshape(b, nk, bk, *ks.shape[2:]), 1, 0)
-  vs = jnp.moveaxis(vs.reshape(b, nk, bk, *vs.shape[2:]), 1, 0)
-  kps = jnp.moveaxis(kps.reshape(b, nk, bk), 1, 0)
+  ks, vs, kps = _tiles(k, bk, 0), _tiles(v, bk, 0), _tiles(k_pos, bk, -1)
 
   def query_tile(args):
     qi, qpi = args  # [B, bq, H, G, Dk], i32[B, bq]
 
-    @jax.checkpoint
     def key_step(carry, tile):
       m, l, acc = carry  # f32[B, H, G, bq], f32[B, H, G, bq], f32[B, bq, H, G, Dv]
       kj, vj, kpj = tile
       s = jnp.einsum("BQHGD,BKHD->BHGQK", qi, kj,
                      preferred_element_type=jnp.float32) * scale
-      ok = ((kpj[:, None, :] >= 0) & (kpj[:, None, :] <= qpi[:, :, None]))[:, None, None]
+      ok = _visible(qpi, kpj)
       s = jnp.where(ok, s, _MIN)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
@@ -98,12 +118,73 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array
     init = (jnp.full((b, h, g, bq), _MIN, jnp.float32),
             jnp.zeros((b, h, g, bq), jnp.float32),
             jnp.zeros((b, bq, h, g, dv), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(key_step, init, (ks, vs, kps))
+    (m, l, acc), _ = jax.lax.scan(key_step, init, (ks, vs, kps))
+    seen = l > 0
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     l = jnp.moveaxis(l, -1, 1)[..., None]  # [B, bq, H, G, 1]
-    return (acc / jnp.where(l > 0, l, 1.0)).astype(dtype)
+    return (acc / jnp.where(l > 0, l, 1.0)).astype(dtype), jnp.moveaxis(lse, -1, 1)
 
-  out = jax.lax.map(query_tile, (qs, qps))  # [nq, B, bq, H, G, Dv]
-  return jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, h, g, dv)[:, :length]
+  out, lse = jax.lax.map(query_tile, (_tiles(q, bq, 0), _tiles(q_pos, bq, -1)))
+  return _untile(out, length), _untile(lse, length)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, q_pos, k_pos, scale, dtype, block):
+  return _forward(q, k, v, q_pos, k_pos, scale, dtype, block)[0]
+
+
+def _flash_fwd(q, k, v, q_pos, k_pos, scale, dtype, block):
+  out, lse = _forward(q, k, v, q_pos, k_pos, scale, dtype, block)
+  return out, (q, k, v, q_pos, k_pos, out, lse)
+
+
+def _flash_bwd(scale, dtype, block, residuals, d_out):
+  """The backward pass tile by tile from the saved output and log-sum-exp (as in
+  FlashAttention-2, Dao 2023): each tile's probabilities are recomputed,
+  ``dS = P * (dP - rowsum(dO * O))``, so no ``[Q, K]`` matrix is held. A scan over
+  query tiles accumulates ``dK`` and ``dV`` in float32; within it, a scan over key
+  tiles accumulates the tile's ``dQ``."""
+  q, k, v, q_pos, k_pos, out, lse = residuals
+  b, length, h, g, dk = q.shape
+  bq, bk = min(block, length), min(block, k.shape[1])
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  ks, vs, kps = _tiles(k, bk, 0), _tiles(v, bk, 0), _tiles(k_pos, bk, -1)
+
+  def query_tile(carry, args):
+    dks, dvs = carry  # f32[nk, B, bk, H, Dk], f32[nk, B, bk, H, Dv]
+    qi, qpi, doi, lsei, deltai = args
+    lsei, deltai = (jnp.moveaxis(x, 1, -1) for x in (lsei, deltai))  # [B, H, G, bq]
+
+    def key_step(dqi, tile):
+      kj, vj, kpj = tile
+      s = jnp.einsum("BQHGD,BKHD->BHGQK", qi, kj,
+                     preferred_element_type=jnp.float32) * scale
+      p = jnp.where(_visible(qpi, kpj), jnp.exp(s - lsei[..., None]), 0.0)
+      dvj = jnp.einsum("BHGQK,BQHGD->BKHD", p.astype(dtype), doi.astype(dtype),
+                       preferred_element_type=jnp.float32)
+      dp = jnp.einsum("BQHGD,BKHD->BHGQK", doi.astype(dtype), vj.astype(dtype),
+                      preferred_element_type=jnp.float32)
+      ds = (p * (dp - deltai[..., None]) * scale).astype(q.dtype)
+      dqi = dqi + jnp.einsum("BHGQK,BKHD->BQHGD", ds, kj,
+                             preferred_element_type=jnp.float32)
+      dkj = jnp.einsum("BHGQK,BQHGD->BKHD", ds, qi, preferred_element_type=jnp.float32)
+      return dqi, (dkj, dvj)
+
+    dqi, (dkt, dvt) = jax.lax.scan(key_step, jnp.zeros(qi.shape, jnp.float32),
+                                   (ks, vs, kps))
+    return (dks + dkt, dvs + dvt), dqi
+
+  init = (jnp.zeros(ks.shape, jnp.float32),
+          jnp.zeros((*vs.shape[:-1], v.shape[-1]), jnp.float32))
+  (dks, dvs), dqs = jax.lax.scan(
+      query_tile, init,
+      (_tiles(q, bq, 0), _tiles(q_pos, bq, -1), _tiles(d_out, bq, 0),
+       _tiles(lse, bq, 0), _tiles(delta, bq, 0)))
+  return (_untile(dqs, length).astype(q.dtype), _untile(dks, k.shape[1]).astype(k.dtype),
+          _untile(dvs, v.shape[1]).astype(v.dtype), None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def kernel_errors(kernel, block, prefix: str = "") -> list[str]:
