@@ -338,3 +338,29 @@ def test_mesh_run_matches_single_device(tmp_path, jit_cache):
   a = [[r.get(k, 0.0) for k in keys] for r in read_metrics(single)]
   b = [[r.get(k, 0.0) for k in keys] for r in read_metrics(meshed)]
   np.testing.assert_allclose(a, b, rtol=2e-5)
+
+
+@pytest.mark.parametrize("chunk", [3, L])
+def test_the_chunked_loss_equals_the_whole_one(chunk):
+  """``loss_chunk``: the logits made and scored 3 positions at a time (L = 8: a
+  padded last chunk) give the main and MTP losses and gradients of the whole
+  ``[B, L, V]`` logits, padding included."""
+  over = {"model.mtp_depth": 2, "model.mtp_loss_coef": 0.3}
+  model = build.make_model(lm_config(**over), vocab_size=V)
+  b = batch()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def run(config):
+    def f(p):
+      return losses.training_loss(config)(nnx.merge(graphdef, p, rest), b)
+    (total, (metrics, _)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return total, metrics, jax.tree.leaves(grads)
+
+  whole, whole_m, whole_g = run(lm_config(**over))
+  got, got_m, got_g = run(lm_config(**over, **{"loss_chunk": chunk}))
+  np.testing.assert_allclose(got, whole, rtol=1e-6)
+  np.testing.assert_allclose(got_m["mtp_loss/depth_<k>"], whole_m["mtp_loss/depth_<k>"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(got_m["loss"], whole_m["loss"], rtol=1e-6)
+  for g, e in zip(got_g, whole_g):
+    np.testing.assert_allclose(g, e, atol=1e-6, rtol=1e-5)

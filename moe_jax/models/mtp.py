@@ -131,14 +131,15 @@ def mtp_targets(targets: jax.Array, weights: jax.Array | None, k: int
 
 
 def mtp_forward(model, tokens: jax.Array, h: jax.Array, positions: jax.Array,
-                token_mask: jax.Array | None, run
+                token_mask: jax.Array | None, run, logits: bool = True
                 ) -> tuple[tuple[jax.Array, ...], dict[int, MoeAux]]:
   """The D modules of ``model.mtp`` in sequence from the main model's last hidden
   state ``h`` [B, L, M] (before the final norm) -> (D logits f32[B, L, V], depth k's at
   position i predicting ``t_{i+k+1}``; ``{mtp_index: MoeAux}`` of the MoE MTP
   blocks). ``run(block, x, positions, token_mask, context) -> (x, BlockAux)`` runs a
-  block as the main model's forward does."""
-  logits, moe_aux = [], {}
+  block as the main model's forward does. ``logits=False``: each depth's normed
+  hidden states [B, L, M] instead of its logits."""
+  outs, moe_aux = [], {}
   embedding = model.embedding[...]
   for k, module in enumerate(model.mtp, start=1):
     shifted, mask = mtp_inputs(tokens, token_mask, k)
@@ -147,8 +148,9 @@ def mtp_forward(model, tokens: jax.Array, h: jax.Array, positions: jax.Array,
     h, aux = run(module.block, x, positions, mask, TokenContext(token_ids=shifted))
     if aux.moe is not None:
       moe_aux[mtp_index(model.cfg, k)] = aux.moe
-    logits.append(model.output(module.norm(h)))
-  return tuple(logits), moe_aux
+    normed = module.norm(h)
+    outs.append(model.output(normed) if logits else normed)
+  return tuple(outs), moe_aux
 
 
 __all__ = ["MTP_AXES", "MtpModule", "mtp_forward", "mtp_index", "mtp_inputs",

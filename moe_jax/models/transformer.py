@@ -84,7 +84,8 @@ class ModelOutput:
   """:meth:`Transformer.forward`'s result.
 
   Attributes:
-    logits: f32[B, L, V].
+    logits: f32[B, L, V]; None when :meth:`Transformer.forward` was asked for the
+      hidden states instead (``logits=False``).
     moe_aux: ``{block index: MoeAux}`` of the MoE blocks.
     depth_aux: ``{block index: DepthAux}`` of the Mixture-of-Depths routed blocks.
     mtp_logits: D f32[B, L, V], the multi-token prediction modules' (depth k's at
@@ -92,13 +93,17 @@ class ModelOutput:
       or when not asked for.
     mtp_moe_aux: ``{num_layers + k - 1: MoeAux}`` of the MoE blocks of the MTP modules
       (:func:`~moe_jax.models.mtp.mtp_index`); empty without them.
+    hidden: [B, L, M], the final normed hidden states, what :meth:`Transformer.output`
+      projects to ``logits`` (``logits=False`` only; then ``mtp_logits`` hold the MTP
+      modules' normed states, [B, L, M] each, likewise).
   """
 
-  logits: jax.Array
+  logits: jax.Array | None
   moe_aux: dict[int, MoeAux]
   depth_aux: dict[int, Any]
   mtp_logits: tuple[jax.Array, ...] | None = None
   mtp_moe_aux: dict[int, MoeAux] = dataclasses.field(default_factory=dict)
+  hidden: jax.Array | None = None
 
 
 class Transformer(nnx.Module):
@@ -160,9 +165,14 @@ class Transformer(nnx.Module):
 
   def forward(self, tokens: jax.Array, *, deterministic: bool = False,
               token_mask: jax.Array | None = None,
-              use_predictor: bool = False, with_mtp: bool = True) -> ModelOutput:
+              use_predictor: bool = False, with_mtp: bool = True,
+              logits: bool = True) -> ModelOutput:
     """tokens: i32[B, L] -> :class:`ModelOutput` (logits, MoE and MoD aux, and the
     multi-token prediction logits when the model has MTP modules and ``with_mtp``).
+    ``logits=False`` stops before the output projection: the result holds the normed
+    hidden states instead (``hidden``, and the MTP modules' in ``mtp_logits``), for a
+    loss that projects them a chunk at a time (``loss_chunk``,
+    :func:`moe_jax.training.losses.chunked_lm_loss`).
 
     Mixture-of-Depths routed blocks select each sequence's top-k tokens by router
     weight (training and evaluation; the choice looks at later tokens, see
@@ -193,7 +203,12 @@ class Transformer(nnx.Module):
       x = self._run_scan(run, x, positions, token_mask, context, moe_aux, depth_aux)
     mtp_logits, mtp_moe_aux = None, {}
     if self.mtp is not None and with_mtp:
-      mtp_logits, mtp_moe_aux = mtp_forward(self, tokens, x, positions, token_mask, run)
+      mtp_logits, mtp_moe_aux = mtp_forward(self, tokens, x, positions, token_mask, run,
+                                            logits=logits)
+    if not logits:
+      return ModelOutput(logits=None, moe_aux=moe_aux, depth_aux=depth_aux,
+                         mtp_logits=mtp_logits, mtp_moe_aux=mtp_moe_aux,
+                         hidden=self.final_norm(x))
     return ModelOutput(logits=self.head(x), moe_aux=moe_aux, depth_aux=depth_aux,
                        mtp_logits=mtp_logits, mtp_moe_aux=mtp_moe_aux)
 

@@ -57,6 +57,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Microbatches per step: forward and backward run on batch_size / N rows at a time
   # and the gradients add up to one update (docs/training.md).
   c.grad_accum_steps = 1
+  # Sequence positions per chunk of the training loss's output projection and
+  # cross-entropy: 0 computes the f32[B, L, V] logits at once; N projects and scores
+  # N positions of every row at a time and recomputes each chunk's logits in the
+  # backward pass, so only f32[B, N, V] are held (docs/training.md, "Memory").
+  c.loss_chunk = 0
   c.seed = 0
   c.learning_rate = 2e-3
   c.warmup_steps = 50
@@ -183,6 +188,9 @@ def validate_config(config, *, num_devices: int | None = None,
        f"must be a positive integer that divides the per-device batch (batch_size / "
        f"(mesh.data*mesh.fsdp*mesh.expert) = {per_device}); pass "
        "--config.grad_accum_steps=N with N a divisor of it.")
+  need("loss_chunk", is_int(config.get("loss_chunk", 0)) and config.get("loss_chunk", 0) >= 0,
+       "must be an integer >= 0: 0 for the whole sequence's logits at once, N for N "
+       "positions per chunk (--config.loss_chunk=1024).")
   need("eval_steps", is_int(config.eval_steps) and config.eval_steps >= 0,
        "must be an integer >= 0 (0 evaluates the whole validation split).")
   final = config.get("final_eval_steps")

@@ -6,7 +6,9 @@ the training steps differentiate, for
 pretraining (:mod:`moe_jax.training.train`) and fine-tuning
 (:mod:`moe_jax.peft.finetune`) alike: CE plus the MoE layers' aux and z losses and the
 Mixture-of-Depths predictor loss (and the multi-token prediction loss,
-:func:`mtp_loss`), with the coefficients and reduction of the config. The
+:func:`mtp_loss`), with the coefficients and reduction of the config; with
+``loss_chunk`` > 0 the logits are made and scored a chunk of positions at a time
+(:func:`chunked_lm_loss`). The
 model sees the batch's real tokens (:func:`token_mask`) as the evaluation does: padding
 is neither attended to, routed, nor counted in any loss.
 """
@@ -36,6 +38,44 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = N
     weights = jnp.ones_like(ce)
   weights = weights.astype(jnp.float32)
   return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def chunked_lm_loss(project: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                    targets: jax.Array, weights: jax.Array | None, chunk: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """:func:`lm_loss` of ``project(hidden)`` computed ``chunk`` positions of every row
+  at a time (a scan; the last chunk padded with weight 0). Each chunk's logits are
+  recomputed in the backward pass (``jax.checkpoint``), so f32[B, chunk, V] logits
+  are held instead of f32[B, L, V].
+
+  Args:
+    project: [B, n, M] normed hidden states -> f32[B, n, V] logits (the model's
+      ``output``).
+    hidden: [B, L, M]; targets: i32[B, L]; weights: [B, L] or None (all 1).
+    chunk: positions per chunk, >= 1.
+  """
+  b, length = targets.shape
+  w = jnp.ones((b, length), jnp.float32) if weights is None else weights.astype(
+      jnp.float32)
+  n = -(-length // chunk)
+  pad = n * chunk - length
+
+  def pieces(x, value=0):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def piece(h, t, wt):
+    return lm_loss(project(h), t, wt)
+
+  def step(total, xs):
+    ce_sum, count = piece(*xs)
+    return (total[0] + ce_sum, total[1] + count), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce_sum, count), _ = jax.lax.scan(step, (zero, zero),
+                                    (pieces(hidden), pieces(targets), pieces(w)))
+  return ce_sum, count
 
 
 def token_mask(batch: dict) -> jax.Array | None:
@@ -72,15 +112,20 @@ def moe_summary(moe_aux: dict) -> dict[str, jax.Array]:
 
 
 def mtp_loss(mtp_logits: tuple[jax.Array, ...], targets: jax.Array,
-             weights: jax.Array | None, coef: float) -> dict[str, jax.Array]:
+             weights: jax.Array | None, coef: float, *,
+             project: Callable[[jax.Array], jax.Array] | None = None,
+             chunk: int = 0) -> dict[str, jax.Array]:
   """Multi-token prediction (DeepSeek-V3, Sec. 2.2; :mod:`moe_jax.models.mtp`): from
   the D depths' logits f32[B, L, V] and the batch's targets i32[B, L] (and weights),
   ``{"mtp_loss": (coef / D) * sum_k L^k, "mtp_loss/depth_<k>": f32[D] the L^k}``, each
-  ``L^k`` the mean CE over depth k's weighted targets (:func:`mtp_targets`)."""
+  ``L^k`` the mean CE over depth k's weighted targets (:func:`mtp_targets`). With
+  ``chunk`` > 0, ``mtp_logits`` are the depths' normed hidden states instead, which
+  ``project`` maps to logits ``chunk`` positions at a time (:func:`chunked_lm_loss`)."""
   per_depth = []
   for k, logits in enumerate(mtp_logits, start=1):
     t, w = mtp_targets(targets, weights, k)
-    ce_sum, count = lm_loss(logits, t, w)
+    ce_sum, count = (chunked_lm_loss(project, logits, t, w, chunk) if chunk
+                     else lm_loss(logits, t, w))
     per_depth.append(ce_sum / jnp.maximum(count, 1.0))
   per_depth = jnp.stack(per_depth)
   return {"mtp_loss": coef * jnp.mean(per_depth), metric_schema.MTP_DEPTH_LOSS: per_depth}
@@ -94,6 +139,7 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
   mod_coef = config.model.get("mod_aux_loss_coef", 0.0)
   mtp_coef = config.model.get("mtp_loss_coef", 0.0)
   reduce = LOSS_REDUCTIONS[config.moe.loss_reduction]
+  chunk = config.get("loss_chunk", 0)
 
   def loss(m, batch, *, num_targets=None, share=1.0, token_share=None):
     """``num_targets``, ``share`` and ``token_share`` serve gradient accumulation, so
@@ -108,9 +154,14 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
       return x if isinstance(by, float) and by == 1.0 else by * x
 
     per_token = share if token_share is None else token_share
-    out = m.forward(batch["inputs"], deterministic=False, token_mask=token_mask(batch))
+    out = m.forward(batch["inputs"], deterministic=False, token_mask=token_mask(batch),
+                    logits=not chunk)
     moe_aux = out.moe_aux
-    ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
+    if chunk:
+      ce_sum, count = chunked_lm_loss(m.output, out.hidden, batch["targets"],
+                                      batch.get("weights"), chunk)
+    else:
+      ce_sum, count = lm_loss(out.logits, batch["targets"], batch.get("weights"))
     ce = ce_sum / jnp.maximum(count if num_targets is None else num_targets, 1.0)
     moe = dict(moe_summary(moe_aux), **depth_metrics.depth_summary(out.depth_aux))
     total = ce + scaled(mod_coef * depth_metrics.depth_loss(out.depth_aux), per_token)
@@ -122,7 +173,8 @@ def training_loss(config) -> Callable[[nnx.Module, dict], tuple[jax.Array, tuple
                + scaled(z_coef * reduce(jnp.stack([a.z_loss for a in layers])),
                         per_token))
     if out.mtp_logits:
-      mtp = mtp_loss(out.mtp_logits, batch["targets"], batch.get("weights"), mtp_coef)
+      mtp = mtp_loss(out.mtp_logits, batch["targets"], batch.get("weights"), mtp_coef,
+                     project=m.output, chunk=chunk)
       total = total + scaled(mtp["mtp_loss"], per_token)
       moe.update(mtp)
     choice_counts = {i: a.metrics["choice_counts"] for i, a in moe_aux.items()}
