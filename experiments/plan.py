@@ -46,6 +46,7 @@ def main(config, workdir):
   del workdir
   from absl import flags  # pylint: disable=import-outside-toplevel
   from moe_jax.planner import compile as planner  # pylint: disable=import-outside-toplevel
+  from moe_jax.planner.memory_report import describe  # pylint: disable=import-outside-toplevel
   from moe_jax.planner.table import format_plan  # pylint: disable=import-outside-toplevel
   from moe_jax.planner.targets import make_target, parse_target  # pylint: disable=import-outside-toplevel
   fv = flags.FLAGS
@@ -62,11 +63,14 @@ def main(config, workdir):
       json.dump(result, f, indent=1)
   if not result["fits"]:
     b = result["bytes_per_device"]
+    largest = result.get("largest_buffers")
+    largest = f"; its largest buffer is {describe(largest[0])}" if largest else ""
     fail(f"{fv.target}: the step's peak {b['peak'] / 2**30:.2f} GiB exceeds the chip's "
          f"{b['hbm'] / 2**30:.2f} GiB HBM per device by "
-         f"{(b['peak'] - b['hbm']) / 2**30:.2f} GiB; shard it over more devices "
-         "(--config.mesh.fsdp), recompute activations (--config.model.remat=full) or "
-         "lower --config.batch_size.")
+         f"{(b['peak'] - b['hbm']) / 2**30:.2f} GiB{largest}; shard it over more "
+         "devices (--config.mesh.fsdp), recompute activations (--config.model.remat="
+         "full), tile attention (--config.model.attention_kernel=blocked), chunk the "
+         "loss (--config.loss_chunk) or lower --config.batch_size.")
 
 
 if __name__ == "__main__":

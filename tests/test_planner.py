@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax.errors import ConfigError
 from moe_jax.parallel import sharding
 from moe_jax.planner import compile as planner
-from moe_jax.planner import hlo, scale_report
+from moe_jax.planner import hlo, memory_report, scale_report
 from moe_jax.planner.targets import make_target, parse_target
 from moe_jax.training.config import load_config_file, set_keys
 from tests.subprocess_env import cpu_env, program_lines
@@ -119,6 +119,10 @@ def _assert_complete(plan, target):
   assert 0.8 < plan["flops_per_step"] / plan["flops_per_step_model"] < 1.5
   assert 0 < plan["mfu_bound"] <= 1
   assert "all-reduce" in plan["collectives"]  # the data-parallel gradient sum
+  # The compiler's memory report: largest first, each no larger than the peak.
+  sizes = [buf["bytes"] for buf in plan["largest_buffers"]]
+  assert sizes and sizes == sorted(sizes, reverse=True) and sizes[0] <= b["peak"]
+  assert hlo.shape_bytes(plan["largest_buffers"][0]["value"]) <= 1.01 * sizes[0]
 
 
 @pytest.mark.parametrize("target", ["v5e:2x2", "h100:1x8"])
@@ -167,6 +171,39 @@ def test_an_oversized_step_exits_1_with_one_line_naming_the_hbm():
   assert "Traceback" not in proc.stderr + proc.stdout
   assert len(lines) == 1, lines
   assert "GiB HBM" in lines[0] and "over" in lines[0] and "mesh.fsdp" in lines[0]
+  # 32 experts' 4096 x 16384 float32 kernels (their gradients or Adam moments).
+  assert "its largest buffer is f32[32,4096,16384] (8.0 GiB)" in lines[0] or (
+      "its largest buffer is f32[32,16384,4096] (8.0 GiB)" in lines[0]), lines[0]
+
+
+REPORT = """Memory Space: default (color=0)
+Total bytes: 3221225472 (3.00GiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    2.00GiB( 67%);    2.00GiB;  1024;                3; bf16[2,3], 2×f32[8,64,1024,1024]
+    3.00GiB(100%);    1.00GiB;  0;                1; (f32[4], s32[2]), bf16[4,128,1024,1024]
+    3.00GiB(100%);  512.00KiB;  0;                1; f32[8,16384]
+
+Memory Space: host (color=5)
+Total bytes: 8589934592 (8.00GiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    8.00GiB(100%);    8.00GiB;  0;                1; f32[2147483648]
+"""
+
+
+def test_the_memory_report_is_read_from_the_device_space_largest_first(tmp_path):
+  (tmp_path / "m.after_optimizations-memory-usage-report.txt").write_text(REPORT)
+  (tmp_path / "helper-memory-usage-report.txt").write_text(
+      "Memory Space: default (color=0)\nTotal bytes: 16 (16B)\n")
+  got = memory_report.largest_buffers(str(tmp_path), top=2)
+  assert got == [
+      {"bytes": 2 * 2 ** 30, "value": "f32[8,64,1024,1024]",
+       "shapes": ["bf16[2,3]", "f32[8,64,1024,1024]"]},
+      {"bytes": 2 ** 30, "value": "bf16[4,128,1024,1024]",
+       "shapes": ["(f32[4], s32[2])", "bf16[4,128,1024,1024]"]}]
+  assert memory_report.describe(got[0]) == "f32[8,64,1024,1024] (2.0 GiB)"
+  assert memory_report.largest_buffers(str(tmp_path / "none")) == []
 
 
 def test_serving_plans_the_kv_cache_at_its_batch_and_context():
@@ -199,7 +236,7 @@ def test_the_search_ends_on_a_fitting_rung_next_to_a_failing_one(monkeypatch):
     return {"chip": chip, "topology": topology, "devices": devices,
             "fits": devices >= need}
 
-  monkeypatch.setattr(scale, "_try", fake_try)
+  monkeypatch.setattr(scale, "try_plan", fake_try)
   # The analytic start (state / devices <= HBM / 2) is 2x2x2 here; the search climbs.
   rows = scale.smallest_fit(None, "v5p", params_total=40e9, bytes_per_param=12)
   assert scale.answer(rows)["topology"] == "2x4x4"  # 32 chips
@@ -248,7 +285,7 @@ def test_the_search_stops_when_more_devices_do_not_shrink_the_peak(monkeypatch):
     return {"chip": chip, "topology": topology, "devices": devices, "fits": False,
             "bytes_per_device": {"peak": peak}}
 
-  monkeypatch.setattr(scale, "_try", fake_try)
+  monkeypatch.setattr(scale, "try_plan", fake_try)
   rows = scale.smallest_fit(None, "h100", params_total=1e9, bytes_per_param=2)
   # Peaks 1500, 1000, 750, 625 GB on 1, 2, 4, 8 GPUs: 625 / 750 > 0.8 ends it.
   assert scale.answer(rows) is None and tried == ["1x1", "1x2", "1x4", "1x8"]
@@ -294,3 +331,20 @@ def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced()
   rows.append(row("b", "1x8", False))
   del rows[-1]["serve_len"]
   assert scale_report.split_serving(rows)[1] == rows[:3]
+
+
+def test_published_setups_show_each_variant_and_its_largest_buffer():
+  buffers = [{"bytes": 72 * 2 ** 30, "value": "f32[36,8,4,4096,4096]", "shapes": []}]
+  base = {"part": "published", "chip": "v5p", "topology": "4x4x4", "reported": "55% MFU"}
+  rows = [{**base, "setup": "mix_v5p", "variant": "dense attention", "fits": False,
+           "peak_needed": 224.4 * 2 ** 30, "largest_buffers": buffers},
+          {**base, "setup": "mix_v5p_blocked", "variant": "blocked attention",
+           "fits": True, "devices": 64, "flops_per_step": 3.0, "flops_per_step_model": 2.0,
+           "mfu_bound": 0.5, "largest_buffers": [],
+           "bytes_per_device": {"peak": 80 * 2 ** 30, "hbm": 95 * 2 ** 30}}]
+  text = scale_report.published_table(rows)
+  assert ("| mix_v5p | dense attention | v5p:4x4x4 | no | 224.4 / - | "
+          "f32[36,8,4,4096,4096] (72.0 GiB) | - | - |") in text
+  assert ("| mix_v5p | blocked attention | v5p:4x4x4 (64) | yes | 80.0 / 95.0 | - | "
+          "1.50 | 50% |") in text
+  assert text.count("- `mix_v5p`: 55% MFU") == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from moe_jax.inference import decode
 from moe_jax.models.param_sharding import shard_model
 from moe_jax.models.sizes import count_params, flops_per_token
 from moe_jax.parallel import backend, optimizer_sharding, sharding
-from moe_jax.planner import hlo
+from moe_jax.planner import hlo, memory_report
 from moe_jax.planner.targets import Target
 from moe_jax.training import build
 from moe_jax.training.config import validate_config
@@ -45,10 +46,13 @@ MESH_KEYS = ("data", "fsdp", "expert", "model")
 
 
 class PlanError(ConfigError):
-  """The step does not compile or does not fit: one line with the cause and a knob."""
+  """The step does not compile or does not fit: one line with the cause and a knob;
+  ``buffers``: the compiler's largest buffers, when it reported them
+  (:func:`moe_jax.planner.memory_report.largest_buffers`)."""
 
-  def __init__(self, message: str):
+  def __init__(self, message: str, buffers: list[dict] | None = None):
     super().__init__([message])
+    self.buffers = buffers or []
 
 
 def resolve_mesh(config, num_devices: int) -> dict[str, int]:
@@ -110,37 +114,52 @@ def _abstract_train_state(model, tx, mesh):
 
 
 def _compile(fn, args, what: str, target: Target):
-  """``(compiled, seconds)``; the compiler's refusal becomes one PlanError line."""
+  """``(compiled, seconds, largest buffers)``; the compiler's refusal becomes one
+  PlanError line. The compiler dumps into a temporary folder, for its memory usage
+  report (:mod:`moe_jax.planner.memory_report`), which an OOM's line quotes too."""
   start = time.perf_counter()
   try:
     lowered = fn.lower(*args)
   except ValueError as e:  # a layout the model's own checks refuse while tracing
     raise PlanError(f"{what} on {target.name}: {' '.join(str(e).split())[:400]}"
                     ) from None
-  try:
-    compiled = lowered.compile()
-  except _COMPILER_ERRORS as e:
-    msg = " ".join(str(e).split())
-    if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg.lower():
-      m = re.search(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)",
-                    msg)
-      if m:
-        scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-        need = float(m.group(1)) * scale[m.group(2)]
-        have = float(m.group(3)) * scale[m.group(4)]
-        detail = (f"needs {need / 2**30:.2f} GiB of its {have / 2**30:.2f} GiB HBM "
-                  f"({(need - have) / 2**30:.2f} GiB over)")
-      else:
-        detail = "does not fit its HBM"
-      raise PlanError(
-          f"{what} on {target.name}: the step {detail} per device; shard it over more "
-          "devices (--config.mesh.fsdp), recompute activations (--config.model.remat="
-          "full) or lower --config.batch_size.") from None
-    first = msg[:400]
-    raise PlanError(f"{what} on {target.name}: the compiler refuses the step "
-                    f"({first}); try another --config.moe.dispatch or "
-                    "--config.moe.ragged_exchange, or another topology.") from None
-  return compiled, time.perf_counter() - start
+  with tempfile.TemporaryDirectory(prefix="moe_jax_plan_") as dump:
+    try:
+      compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+      error = None
+    except _COMPILER_ERRORS as e:
+      error = " ".join(str(e).split())
+    buffers = memory_report.largest_buffers(dump)
+  if error is not None:
+    _refused(error, what, target, buffers)
+  return compiled, time.perf_counter() - start, buffers
+
+
+def _refused(msg: str, what: str, target: Target, buffers: list[dict]):
+  """Raises the PlanError line of a compiler's refusal ``msg``."""
+  if "RESOURCE_EXHAUSTED" in msg or "exceeds available" in msg.lower():
+    m = re.search(r"\(([0-9.]+)([KMGT]?)\) exceeds available HBM \(([0-9.]+)([KMGT]?)\)",
+                  msg)
+    if m:
+      scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+      need = float(m.group(1)) * scale[m.group(2)]
+      have = float(m.group(3)) * scale[m.group(4)]
+      detail = (f"needs {need / 2**30:.2f} GiB of its {have / 2**30:.2f} GiB HBM "
+                f"({(need - have) / 2**30:.2f} GiB over)")
+    else:
+      detail = "does not fit its HBM"
+    largest = (f"; its largest buffer is {memory_report.describe(buffers[0])}"
+               if buffers else "")
+    raise PlanError(
+        f"{what} on {target.name}: the step {detail} per device{largest}; shard it "
+        "over more devices (--config.mesh.fsdp), recompute activations "
+        "(--config.model.remat=full), tile attention (--config.model."
+        "attention_kernel=blocked), chunk the loss (--config.loss_chunk) or lower "
+        "--config.batch_size.", buffers)
+  first = msg[:400]
+  raise PlanError(f"{what} on {target.name}: the compiler refuses the step "
+                  f"({first}); try another --config.moe.dispatch or "
+                  "--config.moe.ragged_exchange, or another topology.")
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -268,8 +287,9 @@ def _plan_train(config, target, mesh, model) -> dict[str, Any]:
   tokens = config.batch_size * config.data.seq_len
   per_token = flops_per_token(model, config.data.seq_len)
   model_flops = 3.0 * (per_token["active"] + per_token["router"]) * tokens
-  compiled, seconds = _compile(step, (state, batch), "train step", target)
+  compiled, seconds, buffers = _compile(step, (state, batch), "train step", target)
   report = _step_report(compiled, target, model_flops, tokens, seconds)
+  report["largest_buffers"] = buffers
   mem = report["memory"]
   report["bytes_per_device"] = {
       "params": _shard_bytes(state.params), "optimizer": _shard_bytes(state.opt_state),
@@ -336,10 +356,11 @@ def _plan_serve(config, target, mesh, model, batch: int, length: int,
       ("decode", step, (grid(jnp.int32, batch), grid(jnp.int32, batch),
                         grid(jnp.bool_, batch)), batch)):
     jitted = jax.jit(fn, donate_argnums=(2,), out_shardings=(None, cache_sharding))
-    compiled, seconds = _compile(jitted, (params, rest, cache) + args,
-                                 f"serve {name} step", target)
+    compiled, seconds, buffers = _compile(jitted, (params, rest, cache) + args,
+                                          f"serve {name} step", target)
     flops = (per_token["active"] + per_token["router"]) * tokens
     report = _step_report(compiled, target, flops, tokens, seconds)
+    report["largest_buffers"] = buffers
     report["fits"] = report["memory"]["peak"] <= target.hbm_per_device
     fits &= report["fits"]
     peaks.append(report["memory"]["peak"])
@@ -348,6 +369,9 @@ def _plan_serve(config, target, mesh, model, batch: int, length: int,
   out.update({k: v for k, v in out["decode"].items() if k != "fits"})
   out["compile_s"] = out["prefill"]["compile_s"] + out["decode"]["compile_s"]
   out["fits"] = fits
+  # The buffers of the step with the larger peak (the prefill, as a rule).
+  out["largest_buffers"] = max((out["prefill"], out["decode"]),
+                               key=lambda r: r["memory"]["peak"])["largest_buffers"]
   out["bytes_per_device"] = {
       "params": _shard_bytes(params), "optimizer": 0, "kv_cache": _shard_bytes(cache),
       "temp": max(out["prefill"]["memory"]["temp"], out["decode"]["memory"]["temp"]),

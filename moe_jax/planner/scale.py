@@ -138,7 +138,7 @@ def serving_overrides(config, devices: int, batch: int) -> dict[str, Any]:
           **{f"mesh.{k}": v for k, v in mesh.items()}}
 
 
-def _try(make_config: Callable[[int], Any], chip: str, topology: str,
+def try_plan(make_config: Callable[[int], Any], chip: str, topology: str,
          **plan_kwargs) -> dict[str, Any]:
   """One compile; a refusal or an OOM becomes a row with ``fits`` False."""
   target = make_target(f"{chip}:{topology}")
@@ -148,7 +148,7 @@ def _try(make_config: Callable[[int], Any], chip: str, topology: str,
   try:
     row.update(plan(config, target, **plan_kwargs))
   except PlanError as e:  # does not fit, or the compiler refuses the step
-    row.update({"fits": False, "error": str(e)})
+    row.update({"fits": False, "error": str(e), "largest_buffers": e.buffers})
     need = re.search(r"needs ([0-9.]+) GiB", str(e))
     if need:  # the TPU compiler's own figure for the peak
       row["peak_needed"] = float(need.group(1)) * 2 ** 30
@@ -176,7 +176,7 @@ def smallest_fit(make_config: Callable[[int], Any], chip: str, params_total: flo
     if ladder[i] in known:
       row = known[ladder[i]]
     else:
-      row = _try(make_config, chip, ladder[i], **plan_kwargs)
+      row = try_plan(make_config, chip, ladder[i], **plan_kwargs)
       row["rung"] = i
       log(row)
     rows.append(row)

@@ -163,24 +163,39 @@ def dispatch_table(rows) -> str:
   return "\n".join(lines)
 
 
+def _largest(r) -> str:
+  buffers = r.get("largest_buffers") or []
+  return (f"{buffers[0]['value']} ({buffers[0]['bytes'] / 2 ** 30:.1f} GiB)"
+          if buffers else "-")
+
+
 def published_table(rows) -> str:
-  head = ("| published setup | topology | fits | peak / HBM per device (GiB) | compiled "
-          "FLOPs / model | our MFU bound | reported |\n|" + "---|" * 7)
+  head = ("| published setup | variant | topology | fits | peak / HBM per device (GiB) | "
+          "largest buffer | compiled FLOPs / model | our MFU bound |\n|" + "---|" * 8)
   lines = [head]
-  if not any(r["part"] == "published" for r in rows):
+  published = [r for r in rows if r["part"] == "published"]
+  if not published:
     return ("None was compiled in this run (`python experiments/scale_plan.py "
             "--parts=published`).")
-  for r in (r for r in rows if r["part"] == "published"):
+  reported = {}
+  for r in published:
+    setup = r["setup"].split("_blocked")[0]
+    reported[setup] = r["reported"]
+    variant = r.get("variant", "dense attention")
     if "flops_per_step" not in r:
-      lines.append(f"| {r['setup']} | {r['chip']}:{r['topology']} | no | - | - | - | "
-                   f"{r['reported']} ({r.get('error', '')[:160]}) |")
+      need = r.get("peak_needed")
+      need = _gib(need) if need else "-"
+      lines.append(f"| {setup} | {variant} | {r['chip']}:{r['topology']} | no | "
+                   f"{need} / - | {_largest(r)} | - | - |")
       continue
     b = r["bytes_per_device"]
     lines.append(
-        f"| {r['setup']} | {r['chip']}:{r['topology']} ({r['devices']}) | "
+        f"| {setup} | {variant} | {r['chip']}:{r['topology']} ({r['devices']}) | "
         f"{'yes' if r['fits'] else 'no'} | {_gib(b['peak'])} / {_gib(b['hbm'])} | "
-        f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | "
-        f"{100 * (r['mfu_bound'] or 0):.0f}% | {r['reported']} |")
+        f"{_largest(r)} | {r['flops_per_step'] / r['flops_per_step_model']:.2f} | "
+        f"{100 * (r['mfu_bound'] or 0):.0f}% |")
+  lines.append("")
+  lines.extend(f"- `{k}`: {v}" for k, v in reported.items())
   return "\n".join(lines)
 
 

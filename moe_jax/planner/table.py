@@ -48,5 +48,8 @@ def format_plan(p: dict[str, Any]) -> str:
   ]
   for kind, c in p["collectives"].items():
     rows.append((f"  {kind}", f"{c['count']} x, {human_bytes(c['bytes'])} / device"))
+  for i, buf in enumerate(p.get("largest_buffers") or []):
+    rows.append(("largest buffers" if i == 0 else "", f"{human_bytes(buf['bytes'])}  "
+                 f"{buf['value']}"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
