@@ -160,3 +160,26 @@ def test_blocked_training_holds_no_score_matrix():
                                                    dtype=jnp.float32, block=128))
   assert dense >= scores
   assert blocked < scores / 8, (blocked, scores)
+
+
+def test_scanned_rematerialised_layers_keep_no_mask_of_every_tile():
+  """In scanned, rematerialised layers the masks (functions of the positions alone)
+  were once computed for every tile pair ahead of the loops and kept: a
+  ``pred[nq, nk, ...]`` array (18 GiB in Mixtral's step at 36 x 4,096 tokens). The
+  lowered gradient holds no boolean array of more than a tile mask's five axes
+  ``[B, H, G, bq, bk]``."""
+  import re  # pylint: disable=import-outside-toplevel
+  model = make_model({**GQA, **BLOCKED, "model.scan_layers": True, "model.remat": "full",
+                      "model.num_layers": 4})
+  tokens = jnp.zeros((2, 12), jnp.int32)  # 3 x 3 tiles of 4
+  graphdef, state = nnx.split(model)
+
+  def grads(state):
+    return nnx.grad(lambda m: jnp.mean(m(tokens, deterministic=True)[0]))(
+        nnx.merge(graphdef, state))
+
+  text = jax.jit(grads).lower(state).as_text()
+  shapes = re.findall(r"tensor<([0-9x]+)xi1>", text)
+  assert "2x2x2x4x4" in shapes  # a tile's mask: B, H = 2 KV heads, G = 2, 4 x 4
+  assert max(len(s.split("x")) for s in shapes) <= 5, [
+      s for s in shapes if len(s.split("x")) > 5]
