@@ -37,7 +37,10 @@ FULL_SIZE = {
     "jamba_v0_1": {"tokens": 2 ** 22, "seq_len": 4096},
     "olmoe_1b_7b": {"tokens": 2 ** 22, "seq_len": 4096},
     "qwen3_30b_a3b": {"tokens": 2 ** 22, "seq_len": 4096},
-    "deepseek_v3_671b": {"tokens": 2 ** 22, "seq_len": 4096},
+    # Served experts first (planner.scale.SERVING_MESHES): with tensor parallelism
+    # alone every device holds all 8 rows' MoE buffers, 117-125 GiB per H100 on 64 to
+    # 128 of them; with expert=8, model=8 a 64-H100 prefill chunk peaks at 50.7 GiB.
+    "deepseek_v3_671b": {"tokens": 2 ** 22, "seq_len": 4096, "serve_mesh": "expert"},
 }
 DISPATCH_CONFIGS = ("switch_base_128", "mixtral_8x7b")
 DISPATCHES = (("einsum", {}), ("indices", {}),
@@ -143,7 +146,8 @@ def main(argv):
   def search(part, name, chip):
     """(settled, {topology: row}) of the compiles already made for one search (serving
     rows of another attention kernel than today's belong to an earlier search)."""
-    setting = (scale.SERVE_ATTENTION_KERNEL, _serve_chunk(name))
+    setting = (scale.SERVE_ATTENTION_KERNEL, _serve_chunk(name),
+               FULL_SIZE[name].get("serve_mesh", "tensor"))
     rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)
             and (part != "serve" or scale_report.serving_setting(r) == setting)]
     return scale.search_done(rows, chip), {r["topology"]: r for r in rows}
@@ -179,14 +183,17 @@ def main(argv):
         if "serve" in _PARTS.value and not settled:
           context = _serve_context(name)
 
-          def make_serve(devices, name=name):
+          rule = settings.get("serve_mesh", "tensor")
+
+          def make_serve(devices, name=name, rule=rule):
             c = base(name)
-            return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH))
+            return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH, rule))
           params = params or _count(name, count_params)
           scale.smallest_fit(make_serve, chip, params["total"], 2,
                              log=tagged("serve", name, chip, {
                                  "attention_kernel": scale.SERVE_ATTENTION_KERNEL,
-                                 "serve_chunk": _serve_chunk(name)}),
+                                 "serve_chunk": _serve_chunk(name),
+                                 "serve_mesh": rule}),
                              known=known, mode="serve", serve_batch=SERVE_BATCH,
                              serve_len=context,
                              serve_chunk=_serve_chunk(name))

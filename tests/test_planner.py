@@ -267,10 +267,16 @@ def test_the_mesh_rules():
   assert scale.choose_mesh(1, 64, 96) == {"data": 2, "fsdp": 32, "expert": 1, "model": 1}
   # Serving: heads over model, then experts and fsdp within the batch's rows.
   config = _config("mixtral_small")
-  mesh = scale.serving_mesh(config, 16, 8)
+  mesh = scale.tensor_serving_mesh(config, 16, 8)
   assert mesh["model"] == config.model.num_heads and (
       mesh["fsdp"] * mesh["expert"] * mesh["model"] == 16)
   assert 8 % (mesh["fsdp"] * mesh["expert"]) == 0
+  # Experts first: E = 8 experts over 8 of the 16 devices (one row each), the heads
+  # over the other 2.
+  assert config.moe.num_experts == 8 and config.model.num_heads % 2 == 0
+  assert scale.expert_serving_mesh(config, 16, 8) == {
+      "data": 1, "fsdp": 1, "expert": 8, "model": 2}
+  assert scale.expert_serving_mesh(config, 16, 4)["expert"] == 4  # the batch bounds it
 
 
 def test_the_search_stops_when_more_devices_do_not_shrink_the_peak(monkeypatch):
@@ -325,12 +331,17 @@ def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced()
   text = scale_report.serve_table(rows, ["a", "b"], ["h100"])
   now, before = text.split("Earlier searches")
   assert "| a | h100 | none fits |" in now and "1x2 no" in now and "1x8" not in now
-  assert "| a | h100 | blocked | whole context | none | 1x4 no |" in before
-  assert "| a | h100 | dense | whole context | none | 1x4 no, 1x8 no |" in before
+  assert "| a | h100 | blocked | whole context | tensor first | none | 1x4 no |" in before
+  assert ("| a | h100 | dense | whole context | tensor first | none | 1x4 no, 1x8 no |"
+          in before)
   # A failed TPU compile has no plan keys: its row still belongs to its search.
   rows.append(row("b", "1x8", False))
   del rows[-1]["serve_len"]
   assert scale_report.split_serving(rows)[1] == rows[:3]
+  # A search with another serving mesh replaces the tensor-parallel one.
+  rows.append(row("b", "1x2", True, **chunked, serve_mesh="expert"))
+  current, old = scale_report.split_serving(rows)
+  assert rows[3] in old and current[-1] is rows[-1]
 
 
 def test_published_setups_show_each_variant_and_its_largest_buffer():

@@ -104,17 +104,34 @@ def training_overrides(config, devices: int, global_tokens: int,
           **{f"mesh.{k}": v for k, v in mesh.items()}}
 
 
-def serving_mesh(config, devices: int, batch: int) -> dict[str, int]:
-  """The serving mesh on ``devices`` for ``batch`` rows: tensor parallelism over
-  ``model`` as far as the heads allow (every weight split along heads, H or V, the
-  batch whole on each device), then the experts over ``expert`` and the rest over
-  ``fsdp``, both batch axes, so their product must divide ``batch`` (the MoE groups
-  are never split across devices)."""
+def tensor_serving_mesh(config, devices: int, batch: int) -> dict[str, int]:
+  """Tensor parallelism first: over ``model`` as far as the heads allow (every
+  weight split along heads, H or V, the batch whole on each device), then the
+  experts over ``expert`` and the rest over ``fsdp``, both batch axes, so their
+  product must divide ``batch`` (the MoE groups are never split across devices)."""
   model = math.gcd(devices, config.model.num_heads)
   rest = devices // model
   experts = config.moe.num_experts if config.model.moe_every else 1
   expert = math.gcd(math.gcd(rest, experts), batch)
   return {"data": 1, "fsdp": rest // expert, "expert": expert, "model": model}
+
+
+def expert_serving_mesh(config, devices: int, batch: int) -> dict[str, int]:
+  """Expert parallelism first: the experts over ``expert``, as many shards as divide
+  E, the devices and ``batch`` (the axis splits the batch's rows too, so each device
+  routes its own rows' tokens and the MoE layers exchange them), then tensor
+  parallelism over ``model`` as far as the heads allow, the rest over ``fsdp``.
+  Tensor parallelism alone keeps every row's activations on every device: the MoE
+  token buffers of a prefill chunk do not shrink with the devices."""
+  experts = config.moe.num_experts if config.model.moe_every else 1
+  expert = math.gcd(math.gcd(devices, experts), batch)
+  model = math.gcd(devices // expert, config.model.num_heads)
+  return {"data": 1, "fsdp": devices // (expert * model), "expert": expert,
+          "model": model}
+
+
+# Serving meshes by name (scale_plan's per-config choice; rows carry the name).
+SERVING_MESHES = {"tensor": tensor_serving_mesh, "expert": expert_serving_mesh}
 
 
 # The attention kernel of serving plans: a long prefill's dense score matrix
@@ -129,10 +146,11 @@ SERVE_ATTENTION_KERNEL = "blocked"
 SERVE_CHUNK = 1024
 
 
-def serving_overrides(config, devices: int, batch: int) -> dict[str, Any]:
+def serving_overrides(config, devices: int, batch: int,
+                      mesh_rule: str = "tensor") -> dict[str, Any]:
   """bf16 weights and compute, scanned layers, the blocked attention kernel
-  (:data:`SERVE_ATTENTION_KERNEL`), :func:`serving_mesh`."""
-  mesh = serving_mesh(config, devices, batch)
+  (:data:`SERVE_ATTENTION_KERNEL`), the mesh of :data:`SERVING_MESHES` ``[mesh_rule]``."""
+  mesh = SERVING_MESHES[mesh_rule](config, devices, batch)
   return {"model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
           "model.scan_layers": True, "model.attention_kernel": SERVE_ATTENTION_KERNEL,
           **{f"mesh.{k}": v for k, v in mesh.items()}}

@@ -86,10 +86,11 @@ def _kernel(row) -> str:
   return row.get("attention_kernel", "dense")
 
 
-def serving_setting(row) -> tuple[str, int]:
-  """(attention kernel, prefill chunk) of a serving row, chunk 0 for a prefill of the
-  whole context at once (rows from before these keys: dense, whole)."""
-  return _kernel(row), row.get("serve_chunk", 0)
+def serving_setting(row) -> tuple[str, int, str]:
+  """(attention kernel, prefill chunk, serving mesh rule) of a serving row, chunk 0
+  for a prefill of the whole context at once (rows from before these keys: dense,
+  whole, ``"tensor"``; planner.scale.SERVING_MESHES)."""
+  return _kernel(row), row.get("serve_chunk", 0), row.get("serve_mesh", "tensor")
 
 
 def _chunk(chunk: int) -> str:
@@ -129,8 +130,8 @@ def serve_table(rows, configs, chips) -> str:
   lines = ["", "", "Earlier searches, replaced by the ones above (the dense kernel holds "
            "the whole score matrix; an unchunked prefill holds the whole context's "
            "activations):", "",
-           "| config | chip | attention kernel | prefill chunk | smallest fit | "
-           "compiles tried |", "|---|---|---|---|---|---|"]
+           "| config | chip | attention kernel | prefill chunk | serving mesh | "
+           "smallest fit | compiles tried |", "|---|---|---|---|---|---|---|"]
   for config in configs:
     for chip in chips:
       for setting in sorted({serving_setting(r) for r in old
@@ -139,7 +140,8 @@ def serve_table(rows, configs, chips) -> str:
         fit = _fit_row(these, "serve", config, chip)
         smallest = f"{fit['topology']} ({fit['devices']})" if fit else "none"
         lines.append(f"| {config} | {chip} | {setting[0]} | {_chunk(setting[1])} | "
-                     f"{smallest} | {_tried(these, 'serve', config, chip)} |")
+                     f"{setting[2]} first | {smallest} | "
+                     f"{_tried(these, 'serve', config, chip)} |")
   return table + "\n".join(lines)
 
 
