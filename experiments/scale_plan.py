@@ -39,7 +39,7 @@ FULL_SIZE = {
     "qwen3_30b_a3b": {"tokens": 2 ** 22, "seq_len": 4096},
     # Served experts first (planner.scale.SERVING_MESHES): with tensor parallelism
     # alone every device holds all 8 rows' MoE buffers, 117-125 GiB per H100 on 64 to
-    # 128 of them; with expert=8, model=8 a 64-H100 prefill chunk peaks at 50.7 GiB.
+    # 128 of them; with expert=8, model=8 a 64-H100 plan peaks at 48.8 GiB.
     "deepseek_v3_671b": {"tokens": 2 ** 22, "seq_len": 4096, "serve_mesh": "expert"},
 }
 DISPATCH_CONFIGS = ("switch_base_128", "mixtral_8x7b")
@@ -283,8 +283,14 @@ state would pass a quarter of the HBM: then `expert` is halved and `fsdp` = 2 sp
 them over every device.
 Serving plans: bf16 weights, batch 8, a 32K context (or the model's, if shorter), one
 chunk of a chunked prefill against the full KV cache and one decode step; the attention
-kernel and the prefill chunk are each row's (the searches made with the dense kernel
-and a whole-context prefill are listed below the table)."""
+kernel, the prefill chunk and the serving mesh rule are each row's (the searches made
+with other settings are listed below the table).
+
+Peaks marked * are arguments + outputs + temporaries - aliased bytes, from rows compiled
+before the planner read the compiler's own peak; on TPU that sum overstates the peak
+(Mixtral's v5p-128 step: 126.5 against 84.3 GiB), since the temporaries overlap in
+time. The TPU compiler refuses a step that does not fit, so a TPU row that compiled
+fits by the compiler's plan even where its starred peak says otherwise."""
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ def _assert_complete(plan, target):
   assert 0.8 < plan["flops_per_step"] / plan["flops_per_step_model"] < 1.5
   assert 0 < plan["mfu_bound"] <= 1
   assert "all-reduce" in plan["collectives"]  # the data-parallel gradient sum
+  # The peak is the compiler's own (TPU: its temporaries overlap in time).
+  assert plan["memory"]["peak_source"] == "compiler" and plan["memory"]["peak"] == b["peak"]
   # The compiler's memory report: largest first, each no larger than the peak.
   sizes = [buf["bytes"] for buf in plan["largest_buffers"]]
   assert sizes and sizes == sorted(sizes, reverse=True) and sizes[0] <= b["peak"]

@@ -20,6 +20,17 @@ def _gib(n) -> str:
   return "-" if n is None else f"{n / GiB:.1f}"
 
 
+# Marks a peak that is arguments + outputs + temp - alias rather than the compiler's
+# own (rows compiled before the planner read it; on TPU that sum overstates the peak).
+SUM_PEAK_MARK = "*"
+
+
+def _peak_cell(r) -> str:
+  memory = r.get("memory") or r.get("prefill", {}).get("memory") or {}
+  mark = "" if memory.get("peak_source") == "compiler" else SUM_PEAK_MARK
+  return f"{_gib(r['bytes_per_device']['peak'])}{mark}"
+
+
 def _a2a(row) -> float:
   c = row.get("collectives", {})
   return sum(v["bytes"] for k, v in c.items() if "all-to-all" in k)
@@ -70,7 +81,7 @@ def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
     b = r["bytes_per_device"]
     return [r.get("mesh_reason", ""), human_count(r["tokens_per_step"]),
             f"{_gib(b['params'])} / {_gib(b['optimizer'])} / {_gib(b['temp'])} / "
-            f"{_gib(b['peak'])}", human_count(r["flops_per_step"]),
+            f"{_peak_cell(r)}", human_count(r["flops_per_step"]),
             human_count(r["flops_per_step_model"]), human_bytes(_a2a(r)),
             f"{r['compile_s']:.0f}", f"{r['step_s_bound']:.3g}",
             f"{100 * (r['mfu_bound'] or 0):.0f}%"]
@@ -117,7 +128,7 @@ def serve_table(rows, configs, chips) -> str:
     b = r["bytes_per_device"]
     return [_kernel(r), f"{r['serve_batch']} x {human_count(r['serve_len'])}",
             _chunk(r.get("serve_chunk", 0)),
-            f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_gib(b['peak'])}",
+            f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_peak_cell(r)}",
             f"{1e3 * r['step_s_bound']:.2f}",
             f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f}"]
 
@@ -160,7 +171,7 @@ def dispatch_table(rows) -> str:
         f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
         f"{human_count(r['flops_per_step'])} | "
         f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | {human_bytes(_a2a(r))} | "
-        f"{_gib(b['temp'])} / {_gib(b['peak'])} | {'yes' if r['fits'] else 'no'} | "
+        f"{_gib(b['temp'])} / {_peak_cell(r)} | {'yes' if r['fits'] else 'no'} | "
         f"{r.get('error', '')[:160]} |")
   return "\n".join(lines)
 
@@ -193,7 +204,7 @@ def published_table(rows) -> str:
     b = r["bytes_per_device"]
     lines.append(
         f"| {setup} | {variant} | {r['chip']}:{r['topology']} ({r['devices']}) | "
-        f"{'yes' if r['fits'] else 'no'} | {_gib(b['peak'])} / {_gib(b['hbm'])} | "
+        f"{'yes' if r['fits'] else 'no'} | {_peak_cell(r)} / {_gib(b['hbm'])} | "
         f"{_largest(r)} | {r['flops_per_step'] / r['flops_per_step_model']:.2f} | "
         f"{100 * (r['mfu_bound'] or 0):.0f}% |")
   lines.append("")
