@@ -60,8 +60,8 @@ def chunked_lm_loss(project: Callable[[jax.Array], jax.Array], hidden: jax.Array
   n = -(-length // chunk)
   pad = n * chunk - length
 
-  def pieces(x, value=0):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+  def pieces(x):  # [B, L, ...] -> [n, B, chunk, ...], zero-padded
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
   @jax.checkpoint
