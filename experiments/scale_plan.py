@@ -39,7 +39,8 @@ FULL_SIZE = {
     "qwen3_30b_a3b": {"tokens": 2 ** 22, "seq_len": 4096},
     # Served experts first (planner.scale.SERVING_MESHES): with tensor parallelism
     # alone every device holds all 8 rows' MoE buffers, 117-125 GiB per H100 on 64 to
-    # 128 of them; with expert=8, model=8 a 64-H100 plan peaks at 48.8 GiB.
+    # 128 of them; with expert=8, model=8 a 64-H100 plan peaks at 48.8 GiB (at its
+    # 4K context).
     "deepseek_v3_671b": {"tokens": 2 ** 22, "seq_len": 4096, "serve_mesh": "expert"},
 }
 DISPATCH_CONFIGS = ("switch_base_128", "mixtral_8x7b")
