@@ -353,11 +353,14 @@ def test_published_setups_show_each_variant_and_its_largest_buffer():
            "peak_needed": 224.4 * 2 ** 30, "largest_buffers": buffers},
           {**base, "setup": "mix_v5p_blocked", "variant": "blocked attention",
            "fits": True, "devices": 64, "flops_per_step": 3.0, "flops_per_step_model": 2.0,
-           "mfu_bound": 0.5, "largest_buffers": [],
+           "mfu_bound": 0.5, "largest_buffers": [], "memory": {"peak_source": "compiler"},
            "bytes_per_device": {"peak": 80 * 2 ** 30, "hbm": 95 * 2 ** 30}}]
   text = scale_report.published_table(rows)
   assert ("| mix_v5p | dense attention | v5p:4x4x4 | no | 224.4 / - | "
           "f32[36,8,4,4096,4096] (72.0 GiB) | - | - |") in text
   assert ("| mix_v5p | blocked attention | v5p:4x4x4 (64) | yes | 80.0 / 95.0 | - | "
           "1.50 | 50% |") in text
+  # A peak summed from the temporaries (no compiler peak) is starred.
+  del rows[1]["memory"]
+  assert "| yes | 80.0* / 95.0 |" in scale_report.published_table(rows)
   assert text.count("- `mix_v5p`: 55% MFU") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from moe_jax.planner import memory_report
 from moe_jax.planner.table import human_bytes, human_count
 
 GiB = 2 ** 30
@@ -178,8 +179,7 @@ def dispatch_table(rows) -> str:
 
 def _largest(r) -> str:
   buffers = r.get("largest_buffers") or []
-  return (f"{buffers[0]['value']} ({buffers[0]['bytes'] / 2 ** 30:.1f} GiB)"
-          if buffers else "-")
+  return memory_report.describe(buffers[0]) if buffers else "-"
 
 
 def published_table(rows) -> str:
@@ -192,7 +192,7 @@ def published_table(rows) -> str:
             "--parts=published`).")
   reported = {}
   for r in published:
-    setup = r["setup"].split("_blocked")[0]
+    setup = r["setup"].split("_blocked")[0]  # the variants' keys add _blocked...
     reported[setup] = r["reported"]
     variant = r.get("variant", "dense attention")
     if "flops_per_step" not in r:
