@@ -154,7 +154,7 @@ def _flash_bwd(scale, dtype, block, residuals, d_out):
   query tiles accumulates ``dK`` and ``dV`` in float32; within it, a scan over key
   tiles accumulates the tile's ``dQ``."""
   q, k, v, q_pos, k_pos, out, lse = residuals
-  b, length, h, g, dk = q.shape
+  length = q.shape[1]
   bq, bk = min(block, length), min(block, k.shape[1])
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
   ks, vs, kps = _tiles(k, bk, 0), _tiles(v, bk, 0), _tiles(k_pos, bk, -1)
@@ -183,8 +183,7 @@ def _flash_bwd(scale, dtype, block, residuals, d_out):
                                    (ks, vs, kps))
     return (dks + dkt, dvs + dvt), dqi
 
-  init = (jnp.zeros(ks.shape, jnp.float32),
-          jnp.zeros((*vs.shape[:-1], v.shape[-1]), jnp.float32))
+  init = (jnp.zeros(ks.shape, jnp.float32), jnp.zeros(vs.shape, jnp.float32))
   (dks, dvs), dqs = jax.lax.scan(
       query_tile, init,
       (_tiles(q, bq, 0), _tiles(q_pos, bq, -1), _tiles(d_out, bq, 0),
