@@ -88,7 +88,7 @@ PUBLISHED_VARIANTS = {
                          {"model.attention_kernel": "blocked", "loss_chunk": 1024}),
 }
 PUBLISHED = {
-    key + suffix: {**setup, "variant": variant,
+    key + suffix: {**setup, "setup": key, "variant": variant,
                    "overrides": {**setup["overrides"], **extra}}
     for key, setup in _PUBLISHED_SETUPS.items()
     for suffix, (variant, extra) in PUBLISHED_VARIANTS.items()}
@@ -145,12 +145,15 @@ def main(argv):
           if r["part"] not in ("train", "serve")}
 
   def search(part, name, chip):
-    """(settled, {topology: row}) of the compiles already made for one search (serving
-    rows of another attention kernel than today's belong to an earlier search)."""
-    setting = (scale.SERVE_ATTENTION_KERNEL, _serve_chunk(name),
-               FULL_SIZE[name].get("serve_mesh", "tensor"))
+    """(settled, {topology: row}) of the compiles already made for one search (rows
+    of another setting than today's, scale_report.SETTINGS, belong to an earlier
+    search)."""
+    setting = ((scale.SERVE_ATTENTION_KERNEL, _serve_chunk(name),
+                FULL_SIZE[name].get("serve_mesh", "tensor")) if part == "serve" else
+               (scale.TRAIN_ATTENTION_KERNEL,
+                scale.train_loss_chunk(FULL_SIZE[name]["seq_len"])))
     rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)
-            and (part != "serve" or scale_report.serving_setting(r) == setting)]
+            and scale_report.SETTINGS[part](r) == setting]
     return scale.search_done(rows, chip), {r["topology"]: r for r in rows}
 
   def tagged(part, name, chip, extra=None):
@@ -179,7 +182,10 @@ def main(argv):
                 c, devices, settings["tokens"], settings["seq_len"],
                 params["total"] - params["experts"], CHIPS[chip].hbm_bytes))
           scale.smallest_fit(make, chip, params["total"], scale.TRAIN_STATE_BYTES,
-                             log=tagged("train", name, chip), known=known)
+                             log=tagged("train", name, chip, {
+                                 "attention_kernel": scale.TRAIN_ATTENTION_KERNEL,
+                                 "loss_chunk": scale.train_loss_chunk(
+                                     settings["seq_len"])}), known=known)
         settled, known = search("serve", name, chip)
         if "serve" in _PARTS.value and not settled:
           context = _serve_context(name)
@@ -204,7 +210,8 @@ def main(argv):
         if name not in _CONFIGS.value:
           continue
         for chip in _CHIPS.value:
-          fit = scale_report._fit_row(rows, "train", name, chip)  # pylint: disable=protected-access
+          fit = scale_report._fit_row(  # pylint: disable=protected-access
+              scale_report.split_searches(rows, "train")[0], "train", name, chip)
           if fit is None:
             continue
           for dispatch, extra in DISPATCHES:
@@ -221,13 +228,15 @@ def main(argv):
               return set_keys(c, {"moe.dispatch": dispatch, **extra,
                                   **{f"mesh.{k}": v for k, v in mesh.items()}})
             row = scale.try_plan(make_d, chip, fit["topology"])
-            tagged("dispatch", name, chip, {"dispatch": dispatch})(row)
+            tagged("dispatch", name, chip, {
+                "dispatch": dispatch,
+                "attention_kernel": scale.TRAIN_ATTENTION_KERNEL})(row)
     if "published" in _PARTS.value:
       for key, setup in PUBLISHED.items():
         if ("published", setup["config"], setup["target"].split(":")[0], key) in done:
           continue
         chip, topology = setup["target"].split(":")
-        row = {"chip": chip, "topology": topology, "setup": key,
+        row = {"chip": chip, "topology": topology, "setup": setup["setup"],
                "variant": setup["variant"], "reported": setup["reported"],
                "reported_mfu": setup["reported_mfu"]}
         row.update(scale.try_plan(

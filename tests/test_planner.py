@@ -281,6 +281,17 @@ def test_the_mesh_rules():
   assert scale.expert_serving_mesh(config, 16, 4)["expert"] == 4  # the batch bounds it
 
 
+def test_training_plans_use_the_blocked_kernel_and_a_loss_chunk_within_the_sequence():
+  from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
+  from moe_jax.training.config import check_config  # pylint: disable=import-outside-toplevel
+  config = _config("mixtral_small")
+  keys = scale.training_overrides(config, 8, 2 ** 14, 512)
+  assert keys["model.attention_kernel"] == "blocked" and keys["loss_chunk"] == 512
+  assert scale.training_overrides(config, 8, 2 ** 14, 4096)["loss_chunk"] == 1024
+  assert keys["batch_size"] == 32 and keys["grad_accum_steps"] == 4
+  check_config(set_keys(config, keys), num_devices=8)  # the keys are valid together
+
+
 def test_the_search_stops_when_more_devices_do_not_shrink_the_peak(monkeypatch):
   from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
   tried = []
@@ -328,7 +339,7 @@ def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced()
   chunked = {"attention_kernel": "blocked", "serve_chunk": 4096}
   rows = [row("a", "1x4", False), row("a", "1x8", False), row("a", "1x4", False, **blocked),
           row("b", "1x4", False), row("a", "1x2", False, **chunked)]
-  current, old = scale_report.split_serving(rows)
+  current, old = scale_report.split_searches(rows, "serve")
   assert current == [rows[3], rows[4]] and old == rows[:3]
   text = scale_report.serve_table(rows, ["a", "b"], ["h100"])
   now, before = text.split("Earlier searches")
@@ -339,11 +350,35 @@ def test_serving_reports_the_blocked_searches_and_the_dense_ones_they_replaced()
   # A failed TPU compile has no plan keys: its row still belongs to its search.
   rows.append(row("b", "1x8", False))
   del rows[-1]["serve_len"]
-  assert scale_report.split_serving(rows)[1] == rows[:3]
+  assert scale_report.split_searches(rows, "serve")[1] == rows[:3]
   # A search with another serving mesh replaces the tensor-parallel one.
   rows.append(row("b", "1x2", True, **chunked, serve_mesh="expert"))
-  current, old = scale_report.split_serving(rows)
+  current, old = scale_report.split_searches(rows, "serve")
   assert rows[3] in old and current[-1] is rows[-1]
+
+
+def test_training_reports_the_blocked_searches_and_the_dense_ones_they_replaced():
+  def row(topology, fits, **keys):  # rows of before the keys: dense, whole logits
+    r = {"part": "train", "config": "a", "chip": "v5p", "topology": topology,
+         "devices": 4 * int(topology.split("x")[-1]), "fits": fits, **keys}
+    if fits:
+      r.update({"mesh": {"data": 1, "fsdp": r["devices"], "expert": 1, "model": 1},
+                "tokens_per_step": 8, "flops_per_step": 3.0, "flops_per_step_model": 2.0,
+                "compile_s": 1.0, "step_s_bound": 1.0, "mfu_bound": 0.5,
+                "bytes_per_device": {k: 2 ** 30 for k in
+                                     ("params", "optimizer", "temp", "peak", "hbm")}})
+    return r
+  blocked = {"attention_kernel": "blocked", "loss_chunk": 1024}
+  rows = [row("2x2x4", False), row("2x2x8", True), row("2x2x2", False, **blocked),
+          row("2x2x4", True, **blocked)]
+  current, old = scale_report.split_searches(rows, "train")
+  assert current == rows[2:] and old == rows[:2]
+  now, before = scale_report.train_table(rows, ["a"], ["v5p"]).split("Earlier searches")
+  assert "| a | v5p | 2x2x4 (16) | fsdp16 |" in now and "| blocked | 1024 |" in now
+  assert "2x2x2 no, 2x2x4 fits |" in now and "2x2x8" not in now
+  assert "| a | v5p | dense | whole | 2x2x8 (32) | 2x2x4 no, 2x2x8 fits |" in before
+  # Until a config's search is made again, its newest search is the current one.
+  assert scale_report.split_searches(rows[:2], "train") == (rows[:2], [])
 
 
 def test_published_setups_show_each_variant_and_its_largest_buffer():
@@ -351,7 +386,7 @@ def test_published_setups_show_each_variant_and_its_largest_buffer():
   base = {"part": "published", "chip": "v5p", "topology": "4x4x4", "reported": "55% MFU"}
   rows = [{**base, "setup": "mix_v5p", "variant": "dense attention", "fits": False,
            "peak_needed": 224.4 * 2 ** 30, "largest_buffers": buffers},
-          {**base, "setup": "mix_v5p_blocked", "variant": "blocked attention",
+          {**base, "setup": "mix_v5p", "variant": "blocked attention",
            "fits": True, "devices": 64, "flops_per_step": 3.0, "flops_per_step_model": 2.0,
            "mfu_bound": 0.5, "largest_buffers": [], "memory": {"peak_source": "compiler"},
            "bytes_per_device": {"peak": 80 * 2 ** 30, "hbm": 95 * 2 ** 30}}]

@@ -85,14 +85,27 @@ def _devices(chip: str, topology: str) -> int:
   return math.prod(int(d) for d in topology.split("x")) * per_chip
 
 
+# The attention kernel of training plans: the dense kernel's score matrix (one
+# sequence's B * N * L * L float32, saved for the backward pass) was the largest
+# buffer of Grok-1's 8K step (12 GiB per v5p chip) and 72 GiB of MaxText's Mixtral
+# recipe; the blocked kernel keeps a tile's (moe_jax/models/attention_kernel.py), as
+# the flash kernels of MaxText and Megatron-Core do.
+TRAIN_ATTENTION_KERNEL = "blocked"
+# The loss chunk of training plans (positions per chunk, ``loss_chunk``): the logits
+# (L * V float32 per sequence, 4 GiB at Grok-1's 8K x 131K) are made a chunk at a
+# time, and remade in the backward pass.
+TRAIN_LOSS_CHUNK = 1024
+
+
 def training_overrides(config, devices: int, global_tokens: int,
                        seq_len: int, dense_params: float = 0.0,
                        hbm_bytes: float = math.inf) -> dict[str, Any]:
   """The keys of a full-size training plan on ``devices``: bf16 compute over fp32
-  weights, full rematerialisation, scanned layers, and ``global_tokens`` per step in
-  microbatches of one sequence per device (``grad_accum_steps``). ``dense_params``
-  (the weights that are not experts') and ``hbm_bytes`` choose between replicating
-  them and ZeRO-3 (:func:`choose_mesh`)."""
+  weights, full rematerialisation, scanned layers, the blocked attention kernel and a
+  chunked loss (:data:`TRAIN_ATTENTION_KERNEL`, :func:`train_loss_chunk`), and
+  ``global_tokens`` per step in microbatches of one sequence per device
+  (``grad_accum_steps``). ``dense_params`` (the weights that are not experts') and
+  ``hbm_bytes`` choose between replicating them and ZeRO-3 (:func:`choose_mesh`)."""
   sequences = max(devices, -(-global_tokens // seq_len))
   sequences = -(-sequences // devices) * devices
   mesh = choose_mesh(config.moe.num_experts if config.model.moe_every else 1, devices,
@@ -100,8 +113,15 @@ def training_overrides(config, devices: int, global_tokens: int,
   return {"data.seq_len": seq_len, "batch_size": sequences,
           "grad_accum_steps": sequences // devices, "model.dtype": "bfloat16",
           "model.param_dtype": "float32", "model.remat": "full",
-          "model.scan_layers": True,
+          "model.scan_layers": True, "model.attention_kernel": TRAIN_ATTENTION_KERNEL,
+          "loss_chunk": train_loss_chunk(seq_len),
           **{f"mesh.{k}": v for k, v in mesh.items()}}
+
+
+def train_loss_chunk(seq_len: int) -> int:
+  """:data:`TRAIN_LOSS_CHUNK`, or the whole sequence when that divides it (a chunk
+  longer than the sequence would only pad)."""
+  return math.gcd(TRAIN_LOSS_CHUNK, seq_len)
 
 
 def tensor_serving_mesh(config, devices: int, batch: int) -> dict[str, int]:

@@ -77,25 +77,15 @@ def _search_table(rows, part: str, configs, chips, columns: Sequence[str],
   return "\n".join(lines)
 
 
-def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
-  def cells(r):
-    b = r["bytes_per_device"]
-    return [r.get("mesh_reason", ""), human_count(r["tokens_per_step"]),
-            f"{_gib(b['params'])} / {_gib(b['optimizer'])} / {_gib(b['temp'])} / "
-            f"{_peak_cell(r)}", human_count(r["flops_per_step"]),
-            human_count(r["flops_per_step_model"]), human_bytes(_a2a(r)),
-            f"{r['compile_s']:.0f}", f"{r['step_s_bound']:.3g}",
-            f"{100 * (r['mfu_bound'] or 0):.0f}%"]
-
-  return _search_table(rows, "train", configs, chips, [
-      "why", "tokens/step", "params / optimizer / temp / peak per device (GiB)",
-      "FLOPs/step compiled", "FLOPs/step model", "all-to-all / device", "compile (s)",
-      "step bound (s)", "MFU bound"], cells)
-
-
 def _kernel(row) -> str:
-  """A serving row's attention kernel (rows from before the key: dense)."""
+  """A row's attention kernel (rows from before the key: dense)."""
   return row.get("attention_kernel", "dense")
+
+
+def training_setting(row) -> tuple[str, int]:
+  """(attention kernel, loss chunk) of a training row, chunk 0 for the whole logits
+  at once (rows from before these keys: dense, 0)."""
+  return _kernel(row), row.get("loss_chunk", 0)
 
 
 def serving_setting(row) -> tuple[str, int, str]:
@@ -105,30 +95,81 @@ def serving_setting(row) -> tuple[str, int, str]:
   return _kernel(row), row.get("serve_chunk", 0), row.get("serve_mesh", "tensor")
 
 
-def _chunk(chunk: int) -> str:
-  return human_count(chunk) if chunk else "whole context"
+# The setting of a search, by part: a search made with another setting is an earlier
+# one, which the report lists below the current.
+SETTINGS = {"train": training_setting, "serve": serving_setting}
 
 
-def split_serving(rows) -> tuple[list[dict], list[dict]]:
-  """(current, replaced) serving rows: per config and chip, the rows of its newest
+def split_searches(rows, part: str) -> tuple[list[dict], list[dict]]:
+  """(current, replaced) rows of ``part``: per config and chip, the rows of its newest
   search (the setting of its last row), and the rows of earlier searches of the same
   config and chip with another setting."""
-  serve = [r for r in rows if r["part"] == "serve"]
-  newest = {(r["config"], r["chip"]): serving_setting(r) for r in serve}
-  current = [r for r in serve if serving_setting(r) == newest[(r["config"], r["chip"])]]
-  return current, [r for r in serve
-                   if serving_setting(r) != newest[(r["config"], r["chip"])]]
+  setting = SETTINGS[part]
+  these = [r for r in rows if r["part"] == part]
+  newest = {(r["config"], r["chip"]): setting(r) for r in these}
+  current = [r for r in these if setting(r) == newest[(r["config"], r["chip"])]]
+  return current, [r for r in these if setting(r) != newest[(r["config"], r["chip"])]]
+
+
+def _chunk(chunk: int, whole: str) -> str:
+  return str(chunk) if chunk else whole
+
+
+def _earlier(old, part, configs, chips, columns, cells, intro) -> str:
+  """The earlier searches of ``part``: per config, chip and setting, the smallest fit
+  and the compiles tried; ``cells(setting)`` are the setting's columns."""
+  if not old:
+    return ""
+  lines = ["", "", intro, "", "| config | chip | " + " | ".join(columns) +
+           " | smallest fit | compiles tried |", "|" + "---|" * (len(columns) + 4)]
+  for config in configs:
+    for chip in chips:
+      for setting in sorted({SETTINGS[part](r) for r in old
+                             if (r["config"], r["chip"]) == (config, chip)}):
+        these = [r for r in old if SETTINGS[part](r) == setting]
+        fit = _fit_row(these, part, config, chip)
+        smallest = f"{fit['topology']} ({fit['devices']})" if fit else "none"
+        lines.append(f"| {config} | {chip} | " + " | ".join(cells(setting)) +
+                     f" | {smallest} | {_tried(these, part, config, chip)} |")
+  return "\n".join(lines)
+
+
+def train_table(rows, configs: Sequence[str], chips: Sequence[str]) -> str:
+  """The training searches (each config and chip's newest; see
+  :func:`split_searches`), then the earlier searches they replaced."""
+  current, old = split_searches(rows, "train")
+
+  def cells(r):
+    b = r["bytes_per_device"]
+    return [r.get("mesh_reason", ""), _kernel(r),
+            _chunk(r.get("loss_chunk", 0), "whole"), human_count(r["tokens_per_step"]),
+            f"{_gib(b['params'])} / {_gib(b['optimizer'])} / {_gib(b['temp'])} / "
+            f"{_peak_cell(r)}", _largest(r), human_count(r["flops_per_step"]),
+            human_count(r["flops_per_step_model"]), human_bytes(_a2a(r)),
+            f"{r['compile_s']:.0f}", f"{r['step_s_bound']:.3g}",
+            f"{100 * (r['mfu_bound'] or 0):.0f}%"]
+
+  table = _search_table(current, "train", configs, chips, [
+      "why", "attention kernel", "loss chunk", "tokens/step",
+      "params / optimizer / temp / peak per device (GiB)", "largest buffer",
+      "FLOPs/step compiled", "FLOPs/step model", "all-to-all / device", "compile (s)",
+      "step bound (s)", "MFU bound"], cells)
+  return table + _earlier(
+      old, "train", configs, chips, ["attention kernel", "loss chunk"],
+      lambda s: [s[0], _chunk(s[1], "whole")],
+      "Earlier searches, replaced by the ones above (the dense kernel saves each "
+      "sequence's whole score matrix; an unchunked loss holds its whole logits):")
 
 
 def serve_table(rows, configs, chips) -> str:
-  """The serving searches (each config and chip's newest; see :func:`split_serving`),
+  """The serving searches (each config and chip's newest; see :func:`split_searches`),
   then the earlier searches they replaced."""
-  current, old = split_serving(rows)
+  current, old = split_searches(rows, "serve")
 
   def cells(r):
     b = r["bytes_per_device"]
     return [_kernel(r), f"{r['serve_batch']} x {human_count(r['serve_len'])}",
-            _chunk(r.get("serve_chunk", 0)),
+            _chunk(r.get("serve_chunk", 0), "whole context"),
             f"{_gib(b['params'])} / {_gib(b['kv_cache'])} / {_peak_cell(r)}",
             f"{1e3 * r['step_s_bound']:.2f}",
             f"{r['prefill']['compile_s']:.0f} + {r['decode']['compile_s']:.0f}"]
@@ -137,40 +178,28 @@ def serve_table(rows, configs, chips) -> str:
       "attention kernel", "batch x context", "prefill chunk",
       "weights / KV cache / peak per device "
       "(GiB)", "decode step bound (ms)", "prefill compile + decode compile (s)"], cells)
-  if not old:
-    return table
-  lines = ["", "", "Earlier searches, replaced by the ones above (the dense kernel holds "
-           "the whole score matrix; an unchunked prefill holds the whole context's "
-           "activations):", "",
-           "| config | chip | attention kernel | prefill chunk | serving mesh | "
-           "smallest fit | compiles tried |", "|---|---|---|---|---|---|---|"]
-  for config in configs:
-    for chip in chips:
-      for setting in sorted({serving_setting(r) for r in old
-                             if (r["config"], r["chip"]) == (config, chip)}):
-        these = [r for r in old if serving_setting(r) == setting]
-        fit = _fit_row(these, "serve", config, chip)
-        smallest = f"{fit['topology']} ({fit['devices']})" if fit else "none"
-        lines.append(f"| {config} | {chip} | {setting[0]} | {_chunk(setting[1])} | "
-                     f"{setting[2]} first | {smallest} | "
-                     f"{_tried(these, 'serve', config, chip)} |")
-  return table + "\n".join(lines)
+  return table + _earlier(
+      old, "serve", configs, chips, ["attention kernel", "prefill chunk", "serving mesh"],
+      lambda s: [s[0], _chunk(s[1], "whole context"), f"{s[2]} first"],
+      "Earlier searches, replaced by the ones above (the dense kernel holds the whole "
+      "score matrix; an unchunked prefill holds the whole context's activations):")
 
 
 def dispatch_table(rows) -> str:
-  head = ("| config | chip | topology | dispatch | compiled FLOPs/step | / model | "
-          "all-to-all / device | temp / peak (GiB) | fits | error |\n|" + "---|" * 10)
+  head = ("| config | chip | topology | dispatch | attention kernel | compiled FLOPs/step "
+          "| / model | all-to-all / device | temp / peak (GiB) | fits | error |\n|" +
+          "---|" * 11)
   lines = [head]
   for r in sorted((r for r in rows if r["part"] == "dispatch"),
                   key=lambda r: (r["config"], r["chip"], r["dispatch"])):
     if "flops_per_step" not in r:
       lines.append(f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
-                   f"- | - | - | - | no | {r.get('error', '')[:160]} |")
+                   f"{_kernel(r)} | - | - | - | - | no | {r.get('error', '')[:160]} |")
       continue
     b = r["bytes_per_device"]
     lines.append(
         f"| {r['config']} | {r['chip']} | {r['topology']} | {r['dispatch']} | "
-        f"{human_count(r['flops_per_step'])} | "
+        f"{_kernel(r)} | {human_count(r['flops_per_step'])} | "
         f"{r['flops_per_step'] / r['flops_per_step_model']:.2f} | {human_bytes(_a2a(r))} | "
         f"{_gib(b['temp'])} / {_peak_cell(r)} | {'yes' if r['fits'] else 'no'} | "
         f"{r.get('error', '')[:160]} |")
@@ -192,7 +221,7 @@ def published_table(rows) -> str:
             "--parts=published`).")
   reported = {}
   for r in published:
-    setup = r["setup"].split("_blocked")[0]  # the variants' keys add _blocked...
+    setup = r["setup"]
     reported[setup] = r["reported"]
     variant = r.get("variant", "dense attention")
     if "flops_per_step" not in r:
@@ -218,6 +247,7 @@ def memory_figure(rows, configs, chips, path: str) -> str:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows = split_searches(rows, "train")[0]
   labels, params, opt, other, hbm = [], [], [], [], []
   for config in configs:
     for chip in chips:
