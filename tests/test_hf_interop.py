@@ -77,6 +77,25 @@ def test_load_then_save_is_bit_exact(family, tmp_path):
                                 hf.forward_logits(model, ref["input_ids"]))
 
 
+def test_load_traces_the_model_once_and_keeps_a_fresh_models_rng_state(monkeypatch):
+  made, make_model = [], build.make_model
+
+  def counted(config, **kwargs):
+    made.append(config)
+    return make_model(config, **kwargs)
+  monkeypatch.setattr(hf.build, "make_model", counted)
+  model, config = hf.load(os.path.join(FIXTURES, "olmoe"))
+  assert len(made) == 1
+  monkeypatch.undo()
+  fresh = nnx.split(build.make_model(config), hf.WEIGHTS, ...)[2]
+  got = nnx.split(model, hf.WEIGHTS, ...)[2]
+  assert jax.tree.structure(got) == jax.tree.structure(fresh)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(fresh)):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(a, b)
+
+
 def _variant(config, model, **keys):
   """The model of ``config`` with ``keys`` changed, holding ``model``'s parameters
   wherever the paths still exist."""

@@ -145,7 +145,7 @@ def load(path: str, dtype: str = "float32", *, mesh: jax.sharding.Mesh | None = 
     from moe_jax.training.config import set_keys  # pylint: disable=import-outside-toplevel
     set_keys(config, overrides)
   ckpt = safetensors_io.Checkpoint(path)
-  abstract = nnx.eval_shape(lambda: build.make_model(config))
+  abstract = _weightless_model(config)
   if mesh is not None:
     from moe_jax.models.param_sharding import shard_model  # pylint: disable=import-outside-toplevel
     shard_model(abstract, mesh)
@@ -167,15 +167,27 @@ def load(path: str, dtype: str = "float32", *, mesh: jax.sharding.Mesh | None = 
         tuple(value.shape), sharding,
         lambda index, t=t, shape=tuple(value.shape), d=np_dtype: _read(
             ckpt, t, shape, index, d)))
-  # The rest (RNG streams, routing state) as a freshly built model has it: the
-  # parameters' initialisers are dead code in this jit and are never run.
-  fresh = dict(nnx.to_flat_state(
-      jax.jit(lambda: nnx.split(build.make_model(config), WEIGHTS, ...)[2])()))
-  for path, var in nnx.to_flat_state(rest):
-    value = var.get_value()
-    sharding = getattr(value, "sharding", None) or device
-    var.set_value(jax.device_put(fresh[tuple(path)].get_value(), sharding))
   return nnx.merge(graphdef, params, rest), config
+
+
+def _weightless_model(config) -> nnx.Module:
+  """The model of ``config`` with abstract weights (``jax.ShapeDtypeStruct``, filled
+  from the checkpoint) and the rest (RNG streams, routing state) as a freshly built
+  model has it, from one trace of its construction: the weights' initialisers are
+  dead code in that jit and never run."""
+  made = {}
+
+  def rest_of_model():
+    graphdef, weights, rest = nnx.split(build.make_model(config), WEIGHTS, ...)
+    made["graphdef"] = graphdef
+    made["weights"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                   weights)
+    return rest
+
+  rest = jax.jit(rest_of_model)()
+  # Rebuilt here, so that they belong to this trace level and can be filled.
+  weights = jax.tree.map(lambda a: a, made["weights"])
+  return nnx.merge(made["graphdef"], weights, rest)
 
 
 def _check_coverage(table: list[Tensor], flat: dict[tuple, Any]) -> None:
