@@ -381,6 +381,29 @@ def test_training_reports_the_blocked_searches_and_the_dense_ones_they_replaced(
   assert scale_report.split_searches(rows[:2], "train") == (rows[:2], [])
 
 
+def test_serving_rules_are_compared_at_the_current_searchs_fit():
+  def row(part, topology, fits, rule, peak, **keys):
+    r = {"part": part, "config": "a", "chip": "h100", "topology": topology,
+         "devices": int(topology.split("x")[-1]), "fits": fits, "serve_mesh": rule,
+         "attention_kernel": "blocked", "serve_chunk": 1024, **keys}
+    if peak is not None:
+      r.update({"mesh": {"data": 1, "fsdp": 1, "expert": 1, "model": r["devices"]},
+                "step_s_bound": 0.002, "memory": {"peak_source": "compiler"},
+                "bytes_per_device": {"peak": peak * 2 ** 30}})
+    return r
+  search = [row("serve", "1x2", False, "tensor", 90.0), row("serve", "1x4", True, "tensor", 46.0)]
+  other = row("serve_rule", "1x4", True, "expert", 52.5)
+  assert "None was compiled" in scale_report.serve_rules_table(search)
+  text = scale_report.serve_rules_table(search + [other])
+  assert ("| a | h100 | 1x4 | tensor first | model4: 46.0 GiB, decode bound 2.00 ms | "
+          "expert first | model4: 52.5 GiB, decode bound 2.00 ms |") in text
+  # A rule compiled against an earlier fit (another topology) is not compared.
+  stale = row("serve_rule", "1x8", False, "expert", None, peak_needed=99 * 2 ** 30)
+  assert "1x8" not in scale_report.serve_rules_table(search + [stale])
+  assert "does not fit (99.0 GiB)" in scale_report.serve_rules_table(
+      search[:1] + [row("serve", "1x8", True, "tensor", 40.0), stale])
+
+
 def test_published_setups_show_each_variant_and_its_largest_buffer():
   buffers = [{"bytes": 72 * 2 ** 30, "value": "f32[36,8,4,4096,4096]", "shapes": []}]
   base = {"part": "published", "chip": "v5p", "topology": "4x4x4", "reported": "55% MFU"}

@@ -185,6 +185,34 @@ def serve_table(rows, configs, chips) -> str:
       "score matrix; an unchunked prefill holds the whole context's activations):")
 
 
+def serve_rules_table(rows) -> str:
+  """Each serving fit (the current search's) against the other serving mesh rules
+  compiled at its topology and setting (``part`` "serve_rule")."""
+  current = split_searches(rows, "serve")[0]
+  others = [r for r in rows if r["part"] == "serve_rule"]
+  if not others:
+    return ("None was compiled in this run (`python experiments/scale_plan.py "
+            "--parts=serve_rules`).")
+
+  def cell(r):
+    if "bytes_per_device" not in r:
+      need = r.get("peak_needed")
+      return f"does not fit ({_gib(need)} GiB)" if need else "does not compile"
+    return (f"{_mesh(r)}: {_peak_cell(r)} GiB, decode bound "
+            f"{1e3 * r['step_s_bound']:.2f} ms{'' if r['fits'] else ' (does not fit)'}")
+
+  lines = ["| config | chip | topology | the search's rule | its plan | other rule | "
+           "its plan |", "|" + "---|" * 7]
+  for r in sorted(others, key=lambda r: (r["config"], r["chip"])):
+    fit = _fit_row(current, "serve", r["config"], r["chip"])
+    if fit is None or fit["topology"] != r["topology"]:
+      continue  # compiled against an earlier search's fit
+    lines.append(f"| {r['config']} | {r['chip']} | {r['topology']} | "
+                 f"{fit.get('serve_mesh', 'tensor')} first | {cell(fit)} | "
+                 f"{r['serve_mesh']} first | {cell(r)} |")
+  return "\n".join(lines)
+
+
 def dispatch_table(rows) -> str:
   head = ("| config | chip | topology | dispatch | attention kernel | compiled FLOPs/step "
           "| / model | all-to-all / device | temp / peak (GiB) | fits | error |\n|" +
@@ -287,6 +315,7 @@ def write_report(outdir: str, rows: list[dict[str, Any]], configs, chips, *,
       "## Training: the smallest fitting topology\n\n" + train_table(rows, configs, chips),
       "![memory per device](memory.png)",
       "## Serving: bf16 weights, KV cache\n\n" + serve_table(rows, configs, chips),
+      "## Serving mesh rules compared\n\n" + serve_rules_table(rows),
       "## Dispatch paths compared\n\n" + dispatch_table(rows),
       "## Published setups planned as published\n\n" + published_table(rows),
       notes])
