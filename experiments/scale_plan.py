@@ -32,7 +32,9 @@ FULL_SIZE = {
     "switch_base_128": {"tokens": 2 ** 20, "seq_len": 512},
     "glam_1_2t": {"tokens": 2 ** 20, "seq_len": 1024},
     "mixtral_8x7b": {"tokens": 2 ** 22, "seq_len": 4096},
-    "grok_1": {"tokens": 2 ** 22, "seq_len": 8192},
+    # Served experts first: at its 16-GPU fit, 48.5 GiB per device against tensor
+    # parallelism's 74.8 (the report's serving mesh rules compared).
+    "grok_1": {"tokens": 2 ** 22, "seq_len": 8192, "serve_mesh": "expert"},
     "deepseek_moe_16b": {"tokens": 2 ** 22, "seq_len": 4096},
     "jamba_v0_1": {"tokens": 2 ** 22, "seq_len": 4096},
     "olmoe_1b_7b": {"tokens": 2 ** 22, "seq_len": 4096},
@@ -79,11 +81,29 @@ _PUBLISHED_SETUPS = {
                     "capacity factor 1.25 of K = 2 choices per token, our 2.5; "
                     "remat with offloads, which we replace by full remat)",
         "reported_mfu": 302.3 / 918},
+    # MaxText's DeepSeek guide gives this as an example pre-training command, with no
+    # measurement. Its dense matmul without a capacity runs every expert over every
+    # token (32x the routed FLOPs at E = 256, K = 8), which this project has no path
+    # for: planned with the dropless path, the counterpart of its megablox one.
+    "maxtext_deepseek3_671b_v5p_256": {
+        "config": "deepseek_v3_671b", "target": "v5p:4x4x8",
+        "overrides": {"data.seq_len": 1024, "batch_size": 4 * 128, "mesh.fsdp": 128,
+                      "mesh.expert": 1, "mesh.data": 1, "model.dtype": "bfloat16",
+                      "model.param_dtype": "bfloat16", "moment_dtype": "bfloat16",
+                      "model.remat": "full", "model.scan_layers": True,
+                      "model.mtp_depth": 0, "moe.dispatch": "dropless"},
+        "variants": ("_blocked",),  # MaxText's attention=flash
+        "reported": "an example command, no measurement (MaxText "
+                    "tests/end_to_end/tpu/deepseek/Run_DeepSeek.md, pre-training on "
+                    "v5p-256: per_device_batch_size 4, seq 1024, ici_fsdp_parallelism "
+                    "128, attention flash, bf16 weights and moments, no MTP, dense "
+                    "matmul without a capacity, which we replace by dropless)",
+        "reported_mfu": None},
 }
-# Each setup compiled three ways: with this project's default dense attention; with
-# the blocked kernel, which stands in for the flash kernel (splash attention) that
-# MaxText uses on TPU by default; and with the loss chunked as well (loss_chunk; no
-# MaxText default does that).
+# Each setup compiled three ways (or those of its "variants"): with this project's
+# default dense attention; with the blocked kernel, which stands in for the flash
+# kernel (splash attention) that MaxText uses on TPU by default; and with the loss
+# chunked as well (loss_chunk; no MaxText default does that).
 PUBLISHED_VARIANTS = {
     "": ("dense attention", {}),
     "_blocked": ("blocked attention", {"model.attention_kernel": "blocked"}),
@@ -94,7 +114,8 @@ PUBLISHED = {
     key + suffix: {**setup, "setup": key, "variant": variant,
                    "overrides": {**setup["overrides"], **extra}}
     for key, setup in _PUBLISHED_SETUPS.items()
-    for suffix, (variant, extra) in PUBLISHED_VARIANTS.items()}
+    for suffix, (variant, extra) in PUBLISHED_VARIANTS.items()
+    if suffix in setup.get("variants", PUBLISHED_VARIANTS)}
 
 _OUT = flags.DEFINE_string("out", "docs/results/scale_plan", "Output folder.")
 _PARTS = flags.DEFINE_list("parts", ["train", "serve", "dispatch", "published",
@@ -145,8 +166,7 @@ def main(argv):
           f"compile={row.get('compile_s', 0)}s {row.get('error', '')[:120]}", flush=True)
 
   previous = _rows(path)
-  done = {(r["part"], r["config"], r["chip"], r.get("dispatch") or r.get("serve_mesh", ""))
-          for r in previous
+  done = {(r["part"], r["config"], r["chip"], r.get("dispatch", "")) for r in previous
           if r["part"] not in ("train", "serve")}
 
   def search(part, name, chip):
@@ -243,10 +263,12 @@ def main(argv):
       for name in _CONFIGS.value:
         for chip in _CHIPS.value:
           fit = scale_report._fit_row(current, "serve", name, chip)  # pylint: disable=protected-access
-          for rule in scale.SERVING_MESHES:
+          for rule, mesh_of in scale.SERVING_MESHES.items():
             if (fit is None or rule == fit.get("serve_mesh", "tensor")
-                or ("serve_rule", name, chip, rule) in done):
-              continue
+                or any(scale_report.serving_setting(r)[2] == rule
+                       for r in scale_report.other_rules(_rows(path), fit))
+                or mesh_of(base(name), fit["devices"], SERVE_BATCH) == fit["mesh"]):
+              continue  # nothing to compare, compiled already, or the same mesh
 
             def make_rule(devices, name=name, rule=rule):
               c = base(name)

@@ -387,21 +387,35 @@ def test_serving_rules_are_compared_at_the_current_searchs_fit():
          "devices": int(topology.split("x")[-1]), "fits": fits, "serve_mesh": rule,
          "attention_kernel": "blocked", "serve_chunk": 1024, **keys}
     if peak is not None:
-      r.update({"mesh": {"data": 1, "fsdp": 1, "expert": 1, "model": r["devices"]},
+      d = r["devices"]
+      r.update({"mesh": {"data": 1, "fsdp": 1, "expert": d if rule == "expert" else 1,
+                         "model": d if rule == "tensor" else 1},
                 "step_s_bound": 0.002, "memory": {"peak_source": "compiler"},
                 "bytes_per_device": {"peak": peak * 2 ** 30}})
     return r
   search = [row("serve", "1x2", False, "tensor", 90.0), row("serve", "1x4", True, "tensor", 46.0)]
   other = row("serve_rule", "1x4", True, "expert", 52.5)
-  assert "None was compiled" in scale_report.serve_rules_table(search)
+  assert "No other mesh rule" in scale_report.serve_rules_table(search)
   text = scale_report.serve_rules_table(search + [other])
   assert ("| a | h100 | 1x4 | tensor first | model4: 46.0 GiB, decode bound 2.00 ms | "
-          "expert first | model4: 52.5 GiB, decode bound 2.00 ms |") in text
+          "expert first | expert4: 52.5 GiB, decode bound 2.00 ms |") in text
   # A rule compiled against an earlier fit (another topology) is not compared.
   stale = row("serve_rule", "1x8", False, "expert", None, peak_needed=99 * 2 ** 30)
   assert "1x8" not in scale_report.serve_rules_table(search + [stale])
   assert "does not fit (99.0 GiB)" in scale_report.serve_rules_table(
       search[:1] + [row("serve", "1x8", True, "tensor", 40.0), stale])
+  # A search made again with the other rule is compared with the earlier search's
+  # compile at its topology; the same rule is never compared with itself.
+  again = [row("serve", "1x4", True, "expert", 40.0), row("serve", "1x2", False, "expert", 90.0)]
+  text = scale_report.serve_rules_table(search + [other] + again)
+  assert ("| a | h100 | 1x4 | expert first | expert4: 40.0 GiB, decode bound 2.00 ms | "
+          "tensor first | model4: 46.0 GiB, decode bound 2.00 ms |") in text
+  assert text.count("| a | h100 |") == 1
+  # On one device both rules give the same mesh: nothing to compare.
+  one = [row("serve", "1x1", True, "tensor", 9.0), row("serve_rule", "1x1", True, "expert", 9.0)]
+  for r in one:
+    r["mesh"] = {"data": 1, "fsdp": 1, "expert": 1, "model": 1}
+  assert "No other mesh rule" in scale_report.serve_rules_table(one)
 
 
 def test_published_setups_show_each_variant_and_its_largest_buffer():

@@ -119,8 +119,9 @@ def training_overrides(config, devices: int, global_tokens: int,
 
 
 def train_loss_chunk(seq_len: int) -> int:
-  """:data:`TRAIN_LOSS_CHUNK`, or the whole sequence when that divides it (a chunk
-  longer than the sequence would only pad)."""
+  """:data:`TRAIN_LOSS_CHUNK` positions, or fewer so that chunks tile ``seq_len``
+  (the largest divisor of both: a sequence of 512 is one chunk of 512, whose logits
+  are still remade in the backward pass rather than kept)."""
   return math.gcd(TRAIN_LOSS_CHUNK, seq_len)
 
 

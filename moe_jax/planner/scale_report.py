@@ -185,14 +185,28 @@ def serve_table(rows, configs, chips) -> str:
       "score matrix; an unchunked prefill holds the whole context's activations):")
 
 
+def other_rules(rows, fit) -> list[dict]:
+  """The compiles of ``fit``'s config, chip and topology with its kernel and prefill
+  chunk but another serving mesh rule (``part`` "serve_rule", or an earlier search's
+  "serve" row)."""
+  kernel, chunk, rule = serving_setting(fit)
+  return [r for r in rows if r["part"] in ("serve", "serve_rule")
+          and (r["config"], r["chip"], r["topology"]) ==
+          (fit["config"], fit["chip"], fit["topology"])
+          and serving_setting(r)[:2] == (kernel, chunk) and serving_setting(r)[2] != rule]
+
+
 def serve_rules_table(rows) -> str:
   """Each serving fit (the current search's) against the other serving mesh rules
-  compiled at its topology and setting (``part`` "serve_rule")."""
+  compiled at its topology with its kernel and prefill chunk (:func:`other_rules`)."""
   current = split_searches(rows, "serve")[0]
-  others = [r for r in rows if r["part"] == "serve_rule"]
-  if not others:
-    return ("None was compiled in this run (`python experiments/scale_plan.py "
-            "--parts=serve_rules`).")
+  fits = [_fit_row(current, "serve", config, chip)
+          for config, chip in sorted({(r["config"], r["chip"]) for r in current})]
+  pairs = [(fit, r) for fit in fits if fit is not None for r in other_rules(rows, fit)
+           if r.get("mesh") != fit["mesh"]]  # one device: the rules give the same mesh
+  if not pairs:
+    return ("No other mesh rule was compiled at a serving fit's topology (`python "
+            "experiments/scale_plan.py --parts=serve_rules`).")
 
   def cell(r):
     if "bytes_per_device" not in r:
@@ -203,13 +217,10 @@ def serve_rules_table(rows) -> str:
 
   lines = ["| config | chip | topology | the search's rule | its plan | other rule | "
            "its plan |", "|" + "---|" * 7]
-  for r in sorted(others, key=lambda r: (r["config"], r["chip"])):
-    fit = _fit_row(current, "serve", r["config"], r["chip"])
-    if fit is None or fit["topology"] != r["topology"]:
-      continue  # compiled against an earlier search's fit
-    lines.append(f"| {r['config']} | {r['chip']} | {r['topology']} | "
-                 f"{fit.get('serve_mesh', 'tensor')} first | {cell(fit)} | "
-                 f"{r['serve_mesh']} first | {cell(r)} |")
+  for fit, r in pairs:
+    lines.append(f"| {fit['config']} | {fit['chip']} | {fit['topology']} | "
+                 f"{serving_setting(fit)[2]} first | {cell(fit)} | "
+                 f"{serving_setting(r)[2]} first | {cell(r)} |")
   return "\n".join(lines)
 
 
