@@ -4,8 +4,8 @@ serving fits) and the dispatch paths compared, every number from a compile for t
 topology on this host (no accelerator).
 
   python experiments/scale_plan.py [--out=docs/results/scale_plan]
-      [--parts=train,serve,dispatch] [--configs=mixtral_8x7b,...] [--chips=v5p,h100]
-      [--report_only]
+      [--parts=train,serve,dispatch,published,serve_rules]
+      [--configs=mixtral_8x7b,...] [--chips=v5p,h100] [--report_only]
 
 Each compile appends one JSON row to OUT/rows.jsonl as it finishes, and a re-run skips
 the rows already there, so an interrupted run resumes. Two processes with different
@@ -334,15 +334,16 @@ fp32 training state would take half the HBM and walks the ladder of topologies
 compile it made is listed in the last column.
 
 Training plans: bf16 compute over fp32 weights and Adam moments, full
-rematerialisation, scanned layers, the global batch in microbatches of one sequence per
+rematerialisation, scanned layers, the blocked attention kernel, the loss in chunks of
+1,024 positions (or the sequence), the global batch in microbatches of one sequence per
 device. Mesh: experts over `expert` (gcd(E, devices)), the rest ZeRO-3 over `fsdp`;
 where that leaves `fsdp` = 1 the dense weights are replicated, unless their training
 state would pass a quarter of the HBM: then `expert` is halved and `fsdp` = 2 splits
 them over every device.
 Serving plans: bf16 weights, batch 8, a 32K context (or the model's, if shorter), one
 chunk of a chunked prefill against the full KV cache and one decode step; the attention
-kernel, the prefill chunk and the serving mesh rule are each row's (the searches made
-with other settings are listed below the table).
+kernel, the prefill chunk and the serving mesh rule are each row's. Searches made with
+other settings are listed below each table.
 
 Peaks marked * are arguments + outputs + temporaries - aliased bytes, from rows compiled
 before the planner read the compiler's own peak; on TPU that sum overstates the peak
