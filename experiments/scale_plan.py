@@ -9,8 +9,9 @@ topology on this host (no accelerator).
 
 Each compile appends one JSON row to OUT/rows.jsonl as it finishes, and a re-run skips
 the rows already there, so an interrupted run resumes. Two processes with different
---parts can share OUT. README.md and memory.png are rewritten from all rows at the end
-(or alone with --report_only).
+--parts can share OUT. README.md and memory.png are rewritten from all rows (every
+config and chip, whatever --configs and --chips chose to compile) at the end, or alone
+with --report_only.
 """
 
 import importlib.util
@@ -295,9 +296,9 @@ def main(argv):
   rows = _rows(path)
   intro_path = os.path.join(_OUT.value, "notes.md")
   notes = open(intro_path, encoding="utf-8").read() if os.path.exists(intro_path) else ""
-  paths = scale_report.write_report(
-      _OUT.value, rows, [c for c in FULL_SIZE if c in _CONFIGS.value], _CHIPS.value,
-      intro=INTRO, notes=notes)
+  # The report covers every row: --configs and --chips choose what to compile.
+  paths = scale_report.write_report(_OUT.value, rows, list(FULL_SIZE),
+                                    list(scale.LADDERS), intro=INTRO, notes=notes)
   print("wrote " + ", ".join(paths))
 
 
