@@ -55,13 +55,22 @@ SERVE_BATCH, SERVE_CONTEXT = 8, 32768
 # Published setups planned as published (MaxText's own Mixtral recipes), with what
 # their sources report. The overrides follow each recipe's flags; MaxText's defaults
 # fill the rest (pure FSDP: ici_fsdp_parallelism=-1; remat full; megablox dropless).
+def _maxtext_fsdp(devices: int, per_device: int, seq_len: int,
+                  extra: dict | None = None) -> dict:
+  """A MaxText recipe's keys: ``per_device`` sequences of ``seq_len`` per device in one
+  microbatch, pure FSDP over all ``devices``, bf16 weights and Adam moments, full
+  remat, scanned layers; then ``extra``."""
+  return {"data.seq_len": seq_len, "batch_size": per_device * devices,
+          "mesh.fsdp": devices, "mesh.expert": 1, "mesh.data": 1,
+          "model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
+          "moment_dtype": "bfloat16", "model.remat": "full", "model.scan_layers": True,
+          **(extra or {})}
+
+
 _PUBLISHED_SETUPS = {
     "maxtext_mixtral_8x7b_v5p_128": {
         "config": "mixtral_8x7b", "target": "v5p:4x4x4",
-        "overrides": {"data.seq_len": 4096, "batch_size": 36 * 64, "mesh.fsdp": 64,
-                      "mesh.expert": 1, "mesh.data": 1, "model.dtype": "bfloat16",
-                      "model.param_dtype": "bfloat16", "moment_dtype": "bfloat16",
-                      "model.remat": "full", "model.scan_layers": True},
+        "overrides": _maxtext_fsdp(64, 36, 4096),
         "reported": "54.89% MFU, 251.94 TFLOP/s per chip on v5p-128 (MaxText "
                     "tests/end_to_end/tpu/mixtral/Run_Mixtral.md; recipe: tpu-recipes "
                     "training/v5p/Mixtral-8X7B-Maxtext, per_device_batch_size 36, seq "
@@ -69,14 +78,11 @@ _PUBLISHED_SETUPS = {
         "reported_mfu": 0.5489},
     "maxtext_mixtral_8x7b_dropped_v6e_256": {
         "config": "mixtral_8x7b", "target": "v6e:16x16",
-        "overrides": {"data.seq_len": 4096, "batch_size": 12 * 256, "mesh.fsdp": 256,
-                      "mesh.expert": 1, "mesh.data": 1, "model.dtype": "bfloat16",
-                      "model.param_dtype": "bfloat16", "moment_dtype": "bfloat16",
-                      "model.remat": "full", "model.scan_layers": True,
-                      # MaxText's capacity counts each token's top_k choices
-                      # (ceil(L * K / E) * 1.25 slots per sequence); this project's
-                      # does not (routing.expert_capacity), so 1.25 there is 2.5 here.
-                      "moe.dispatch": "einsum", "moe.capacity_factor": 2.5},
+        # MaxText's capacity counts each token's top_k choices (ceil(L * K / E) *
+        # 1.25 slots per sequence); this project's does not (routing.expert_capacity),
+        # so 1.25 there is 2.5 here.
+        "overrides": _maxtext_fsdp(256, 12, 4096, {"moe.dispatch": "einsum",
+                                                   "moe.capacity_factor": 2.5}),
         "reported": "13.484 s/step, 302.3 TFLOP/s per device (32.9% of v6e's 918) on "
                     "v6e-256 (tpu-recipes training/trillium/Mixtral-8x7B-MaxText; "
                     "MaxText mixtral_8x7b_dropped: per_device_batch_size 12, seq 4096, "
@@ -89,11 +95,8 @@ _PUBLISHED_SETUPS = {
     # for: planned with the dropless path, the counterpart of its megablox one.
     "maxtext_deepseek3_671b_v5p_256": {
         "config": "deepseek_v3_671b", "target": "v5p:4x4x8",
-        "overrides": {"data.seq_len": 1024, "batch_size": 4 * 128, "mesh.fsdp": 128,
-                      "mesh.expert": 1, "mesh.data": 1, "model.dtype": "bfloat16",
-                      "model.param_dtype": "bfloat16", "moment_dtype": "bfloat16",
-                      "model.remat": "full", "model.scan_layers": True,
-                      "model.mtp_depth": 0, "moe.dispatch": "dropless"},
+        "overrides": _maxtext_fsdp(128, 4, 1024, {"model.mtp_depth": 0,
+                                                  "moe.dispatch": "dropless"}),
         "variants": ("_blocked",),  # MaxText's attention=flash
         "reported": "an example command, no measurement (MaxText "
                     "tests/end_to_end/tpu/deepseek/Run_DeepSeek.md, pre-training on "
