@@ -178,10 +178,7 @@ def main(argv):
     """(settled, {topology: row}) of the compiles already made for one search (rows
     of another setting than today's, scale_report.SETTINGS, belong to an earlier
     search)."""
-    setting = ((scale.SERVE_ATTENTION_KERNEL, _serve_chunk(name),
-                FULL_SIZE[name].get("serve_mesh", "tensor")) if part == "serve" else
-               (scale.TRAIN_ATTENTION_KERNEL,
-                scale.train_loss_chunk(FULL_SIZE[name]["seq_len"])))
+    setting = scale_report.SETTINGS[part](_setting_keys(part, name))
     rows = [r for r in previous if (r["part"], r["config"], r["chip"]) == (part, name, chip)
             and scale_report.SETTINGS[part](r) == setting]
     return scale.search_done(rows, chip), {r["topology"]: r for r in rows}
@@ -212,10 +209,8 @@ def main(argv):
                 c, devices, settings["tokens"], settings["seq_len"],
                 params["total"] - params["experts"], CHIPS[chip].hbm_bytes))
           scale.smallest_fit(make, chip, params["total"], scale.TRAIN_STATE_BYTES,
-                             log=tagged("train", name, chip, {
-                                 "attention_kernel": scale.TRAIN_ATTENTION_KERNEL,
-                                 "loss_chunk": scale.train_loss_chunk(
-                                     settings["seq_len"])}), known=known)
+                             log=tagged("train", name, chip,
+                                        _setting_keys("train", name)), known=known)
         settled, known = search("serve", name, chip)
         if "serve" in _PARTS.value and not settled:
           context = _serve_context(name)
@@ -227,10 +222,8 @@ def main(argv):
             return set_keys(c, scale.serving_overrides(c, devices, SERVE_BATCH, rule))
           params = params or _count(name, count_params)
           scale.smallest_fit(make_serve, chip, params["total"], 2,
-                             log=tagged("serve", name, chip, {
-                                 "attention_kernel": scale.SERVE_ATTENTION_KERNEL,
-                                 "serve_chunk": _serve_chunk(name),
-                                 "serve_mesh": rule}),
+                             log=tagged("serve", name, chip,
+                                        _setting_keys("serve", name)),
                              known=known, mode="serve", serve_batch=SERVE_BATCH,
                              serve_len=context,
                              serve_chunk=_serve_chunk(name))
@@ -264,14 +257,15 @@ def main(argv):
     if "serve_rules" in _PARTS.value:
       # Each serving fit compiled again with the other serving mesh rules, at the same
       # topology and setting: which rule needs less memory per device.
-      current = scale_report.split_searches(_rows(path), "serve")[0]
+      rows = _rows(path)
+      current = scale_report.split_searches(rows, "serve")[0]
       for name in _CONFIGS.value:
         for chip in _CHIPS.value:
           fit = scale_report._fit_row(current, "serve", name, chip)  # pylint: disable=protected-access
           for rule, mesh_of in scale.SERVING_MESHES.items():
             if (fit is None or rule == fit.get("serve_mesh", "tensor")
                 or any(scale_report.serving_setting(r)[2] == rule
-                       for r in scale_report.other_rules(_rows(path), fit))
+                       for r in scale_report.other_rules(rows, fit))
                 or mesh_of(base(name), fit["devices"], SERVE_BATCH) == fit["mesh"]):
               continue  # nothing to compare, compiled already, or the same mesh
 
@@ -281,9 +275,8 @@ def main(argv):
             row = scale.try_plan(make_rule, chip, fit["topology"], mode="serve",
                                  serve_batch=SERVE_BATCH, serve_len=_serve_context(name),
                                  serve_chunk=_serve_chunk(name))
-            tagged("serve_rule", name, chip, {
-                "attention_kernel": scale.SERVE_ATTENTION_KERNEL,
-                "serve_chunk": _serve_chunk(name), "serve_mesh": rule})(row)
+            tagged("serve_rule", name, chip,
+                   {**_setting_keys("serve", name), "serve_mesh": rule})(row)
     if "published" in _PARTS.value:
       for key, setup in PUBLISHED.items():
         if ("published", setup["config"], setup["target"].split(":")[0], key) in done:
@@ -303,6 +296,18 @@ def main(argv):
   paths = scale_report.write_report(_OUT.value, rows, list(FULL_SIZE),
                                     list(scale.LADDERS), intro=INTRO, notes=notes)
   print("wrote " + ", ".join(paths))
+
+
+def _setting_keys(part, name) -> dict:
+  """The keys of today's setting for ``part``'s searches of config ``name``, which tag
+  their rows (scale_report.SETTINGS reads them back)."""
+  from moe_jax.planner import scale  # pylint: disable=import-outside-toplevel
+  if part == "serve":
+    return {"attention_kernel": scale.SERVE_ATTENTION_KERNEL,
+            "serve_chunk": _serve_chunk(name),
+            "serve_mesh": FULL_SIZE[name].get("serve_mesh", "tensor")}
+  return {"attention_kernel": scale.TRAIN_ATTENTION_KERNEL,
+          "loss_chunk": scale.train_loss_chunk(FULL_SIZE[name]["seq_len"])}
 
 
 def _serve_context(name) -> int:
