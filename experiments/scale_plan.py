@@ -156,6 +156,10 @@ def main(argv):
   for name in _CONFIGS.value:
     if name not in FULL_SIZE:
       fail(f"--configs: {name!r} is not one of {', '.join(FULL_SIZE)}.")
+  parts = ("train", "serve", "dispatch", "published", "serve_rules")
+  for part in _PARTS.value:
+    if part not in parts:
+      fail(f"--parts: {part!r} is not one of {', '.join(parts)}.")
   for chip in _CHIPS.value:
     if chip not in scale.LADDERS:
       fail(f"--chips: {chip!r} has no ladder; use {', '.join(scale.LADDERS)}.")
